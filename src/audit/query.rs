@@ -1,0 +1,399 @@
+//! `mpc-gateway audit query PATH...` (DESIGN.md §4, issue 3): finds records by tenant,
+//! MPC name glob, event, reason, status and time, and prints them as an aligned table,
+//! as JSON Lines (the matching lines verbatim, for `jq`), or as counts per tenant and
+//! reason (`--summary`).
+//!
+//! Files are streamed line by line with a 1 MiB cap per line; a malformed, non-UTF-8 or
+//! over-long line is skipped with a warning naming file and line. `--since` and
+//! `--until` are inclusive and take RFC 3339 or an age like `30m`, `1h`, `2d`
+//! (s, m, h, d, w), meaning that long before now. Exit 0, or 2 on a usage or I/O error.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+use super::source::{self, LineReader, SourceError};
+
+/// Output of `audit query`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned columns for a terminal.
+    Table,
+    /// The matching lines verbatim, as JSON Lines.
+    Json,
+}
+
+/// Arguments of `mpc-gateway audit query`.
+#[derive(clap::Args, Debug)]
+pub struct QueryArgs {
+    /// Audit files, or directories whose files with `.jsonl` in their name are read.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Only records of this tenant (exact).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only records whose MPC name matches this glob (`*` any run, `?` one character,
+    /// case-sensitive).
+    #[arg(long, value_name = "GLOB")]
+    pub mpc: Option<String>,
+    /// Only records of this event.
+    #[arg(long, value_parser = ["denied", "forward", "result"])]
+    pub event: Option<String>,
+    /// Only records with this reason (a problem slug, or `ended`).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only records with this status (what the caller got).
+    #[arg(long)]
+    pub status: Option<u16>,
+    /// Only records at or after TIME: RFC 3339 or an age like 30m, 1h, 2d.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only records at or before TIME: RFC 3339 or an age like 30m, 1h, 2d.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+    /// Print counts per tenant and reason of the selected records instead of the records.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+/// Runs `audit query` and returns the process exit code.
+pub fn run_query(args: &QueryArgs) -> ExitCode {
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut warn = io::stderr();
+    let result = query(args, OffsetDateTime::now_utc(), &mut out, &mut warn);
+    let result = result.and_then(|()| out.flush().map_err(Failure::Output));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`| head`) is not an error of ours.
+        Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(f) => {
+            let _ = writeln!(warn, "audit query: {f}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Why a query stopped.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Usage(String),
+    Source(SourceError),
+    Output(io::Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Usage(m) => f.write_str(m),
+            Failure::Source(e) => write!(f, "{e}"),
+            Failure::Output(e) => write!(f, "cannot write output: {e}"),
+        }
+    }
+}
+
+impl From<SourceError> for Failure {
+    fn from(e: SourceError) -> Self {
+        Failure::Source(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Output(e)
+    }
+}
+
+/// The fields a query looks at; everything else in the line is ignored.
+#[derive(Deserialize)]
+struct Row {
+    ts: String,
+    event: String,
+    request_id: String,
+    tenant: Option<String>,
+    mpc: Option<String>,
+    status: Option<u16>,
+    reason: Option<String>,
+    upstream_status: Option<u16>,
+    duration_ms: Option<u64>,
+}
+
+/// The selection, with times resolved.
+struct Filter<'a> {
+    args: &'a QueryArgs,
+    since: Option<OffsetDateTime>,
+    until: Option<OffsetDateTime>,
+}
+
+impl Filter<'_> {
+    fn matches(&self, row: &Row, ts: OffsetDateTime) -> bool {
+        let a = self.args;
+        a.tenant.as_ref().map_or(true, |t| row.tenant.as_ref() == Some(t))
+            && a.mpc.as_ref().map_or(true, |g| row.mpc.as_deref().is_some_and(|m| glob_match(g, m)))
+            && a.event.as_ref().map_or(true, |e| row.event == *e)
+            && a.reason.as_ref().map_or(true, |r| row.reason.as_ref() == Some(r))
+            && a.status.map_or(true, |s| row.status == Some(s))
+            && self.since.map_or(true, |s| ts >= s)
+            && self.until.map_or(true, |u| ts <= u)
+    }
+}
+
+/// The whole query against explicit output streams and a fixed "now" (for tests).
+pub(crate) fn query(
+    args: &QueryArgs,
+    now: OffsetDateTime,
+    out: &mut dyn Write,
+    warn: &mut dyn Write,
+) -> Result<(), Failure> {
+    let filter = Filter {
+        args,
+        since: resolve_time(args.since.as_deref(), now, "--since")?,
+        until: resolve_time(args.until.as_deref(), now, "--until")?,
+    };
+    let files = source::collect(&args.paths)?;
+    let mut sink = Sink::new(args.format, args.summary);
+    sink.start(out)?;
+    for path in &files {
+        let mut lines = LineReader::open(path)?;
+        while let Some(line) = lines.next_line()? {
+            let skip = |why: &str| format!("audit query: warning: {}:{}: skipped: {why}", path.display(), line.no);
+            let parsed = if line.too_long {
+                Err("line longer than 1 MiB".to_string())
+            } else {
+                parse_row(line.bytes)
+            };
+            match parsed {
+                Ok((row, ts)) if filter.matches(&row, ts) => sink.record(out, line.bytes, &row)?,
+                Ok(_) => {}
+                // A line that is only a torn tail is expected after a crash; still say so.
+                Err(why) => writeln!(warn, "{}", skip(&why))?,
+            }
+        }
+    }
+    sink.finish(out)
+}
+
+fn parse_row(bytes: &[u8]) -> Result<(Row, OffsetDateTime), String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_string())?;
+    let row: Row = serde_json::from_str(text).map_err(|e| format!("not an audit record: {e}"))?;
+    let ts = OffsetDateTime::parse(&row.ts, &Rfc3339)
+        .map_err(|_| format!("ts {:?} is not RFC 3339", row.ts))?;
+    Ok((row, ts))
+}
+
+/// `None` for no bound; RFC 3339 or an age before `now`.
+fn resolve_time(
+    arg: Option<&str>,
+    now: OffsetDateTime,
+    flag: &str,
+) -> Result<Option<OffsetDateTime>, Failure> {
+    let Some(s) = arg else {
+        return Ok(None);
+    };
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(Some(t));
+    }
+    parse_age(s)
+        .and_then(|age| now.checked_sub(age))
+        .map(Some)
+        .ok_or_else(|| {
+            Failure::Usage(format!(
+                "{flag} {s:?}: expected RFC 3339 (e.g. 2026-11-26T09:03:32Z) or an age like 30m, 1h, 2d"
+            ))
+        })
+}
+
+/// `90s`, `30m`, `1h`, `2d`, `1w`.
+fn parse_age(s: &str) -> Option<Duration> {
+    let unit = s.chars().last()?;
+    let number = &s[..s.len() - unit.len_utf8()];
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: i64 = number.parse().ok()?;
+    let seconds_per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        'w' => 604_800,
+        _ => return None,
+    };
+    n.checked_mul(seconds_per).map(Duration::seconds)
+}
+
+/// `*` matches any run of characters (also none), `?` exactly one, anything else itself.
+pub(crate) fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    // Where the last `*` was, and how much of the text it has swallowed so far.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Where selected records go.
+enum Sink {
+    Json,
+    Table,
+    Summary {
+        json: bool,
+        counts: BTreeMap<(Option<String>, Option<String>), u64>,
+    },
+}
+
+/// Table columns: header and width (the last column is not padded).
+const COLUMNS: [(&str, usize); 9] = [
+    ("TS", 24),
+    ("EVENT", 7),
+    ("REQUEST_ID", 36),
+    ("TENANT", 16),
+    ("MPC", 24),
+    ("STATUS", 6),
+    ("REASON", 29),
+    ("UPSTREAM", 8),
+    ("DURATION_MS", 0),
+];
+
+impl Sink {
+    fn new(format: OutputFormat, summary: bool) -> Self {
+        match (format, summary) {
+            (f, true) => Sink::Summary {
+                json: f == OutputFormat::Json,
+                counts: BTreeMap::new(),
+            },
+            (OutputFormat::Json, false) => Sink::Json,
+            (OutputFormat::Table, false) => Sink::Table,
+        }
+    }
+
+    fn start(&self, out: &mut dyn Write) -> io::Result<()> {
+        if let Sink::Table = self {
+            let headers: Vec<String> = COLUMNS.iter().map(|(h, _)| h.to_string()).collect();
+            write_row(out, &headers)?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, out: &mut dyn Write, raw: &[u8], row: &Row) -> io::Result<()> {
+        match self {
+            Sink::Json => {
+                out.write_all(raw)?;
+                out.write_all(b"\n")
+            }
+            Sink::Table => write_row(out, &table_cells(row)),
+            Sink::Summary { counts, .. } => {
+                *counts
+                    .entry((row.tenant.clone(), row.reason.clone()))
+                    .or_insert(0) += 1;
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self, out: &mut dyn Write) -> Result<(), Failure> {
+        if let Sink::Summary { json, counts } = self {
+            if json {
+                summary_json(out, &counts)?;
+            } else {
+                summary_table(out, &counts)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn table_cells(row: &Row) -> Vec<String> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let num = |v: Option<u64>| v.map_or_else(|| "-".into(), |n| n.to_string());
+    vec![
+        row.ts.clone(),
+        row.event.clone(),
+        row.request_id.clone(),
+        opt(&row.tenant),
+        opt(&row.mpc),
+        num(row.status.map(u64::from)),
+        opt(&row.reason),
+        num(row.upstream_status.map(u64::from)),
+        num(row.duration_ms),
+    ]
+}
+
+fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {
+    let mut line = String::new();
+    for (i, (cell, (_, width))) in cells.iter().zip(COLUMNS).enumerate() {
+        if i > 0 {
+            line.push_str("  ");
+        }
+        let cell = printable(cell);
+        if width == 0 {
+            line.push_str(&cell);
+        } else {
+            line.push_str(&fit(&cell, width));
+        }
+    }
+    writeln!(out, "{}", line.trim_end())
+}
+
+/// Control characters (terminal escapes in a hostile value) are shown as `?`.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+/// Pads to `width` characters, or cuts with `…` so that columns stay aligned.
+fn fit(s: &str, width: usize) -> String {
+    let len = s.chars().count();
+    if len <= width {
+        return format!("{s:<width$}");
+    }
+    let mut cut: String = s.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+type Counts = BTreeMap<(Option<String>, Option<String>), u64>;
+
+fn summary_table(out: &mut dyn Write, counts: &Counts) -> io::Result<()> {
+    let show = |v: &Option<String>| printable(v.as_deref().unwrap_or("-"));
+    let tw = counts.keys().map(|(t, _)| show(t).chars().count()).fold(6, usize::max);
+    let rw = counts.keys().map(|(_, r)| show(r).chars().count()).fold(6, usize::max);
+    writeln!(out, "{:<tw$}  {:<rw$}  COUNT", "TENANT", "REASON")?;
+    for ((tenant, reason), n) in counts {
+        writeln!(out, "{:<tw$}  {:<rw$}  {n}", show(tenant), show(reason))?;
+    }
+    writeln!(out, "total {}", counts.values().sum::<u64>())
+}
+
+fn summary_json(out: &mut dyn Write, counts: &Counts) -> io::Result<()> {
+    for ((tenant, reason), n) in counts {
+        let line = serde_json::json!({"tenant": tenant, "reason": reason, "count": n});
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

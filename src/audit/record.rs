@@ -1,0 +1,219 @@
+//! One audit record: the event callers hand to the writer ([`AuditEvent`]) and the exact
+//! member order, formatting and size limits of a line (DESIGN.md §3, contract).
+//!
+//! The writer adds `seq`, `ts`, `prev` and `hash`; everything else comes from the caller.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// The raw request target is recorded with at most this many bytes.
+pub const MAX_PATH_BYTES: usize = 256;
+
+/// Every member of a line, in the contract order.
+pub(crate) const MEMBERS: [&str; 19] = [
+    "seq",
+    "ts",
+    "event",
+    "request_id",
+    "tenant",
+    "token_fp",
+    "client",
+    "method",
+    "path",
+    "mpc",
+    "account",
+    "status",
+    "reason",
+    "upstream_status",
+    "plivo_api_id",
+    "attempts",
+    "duration_ms",
+    "prev",
+    "hash",
+];
+
+/// What a record is about. `denied` and `result` are terminal; `forward` is written
+/// before the upstream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// The request was not forwarded (whatever the status). The default, because it is
+    /// the terminal record of every request that never reached the upstream.
+    #[default]
+    Denied,
+    /// Written and acknowledged before the upstream call.
+    Forward,
+    /// The terminal record of a forwarded request.
+    Result,
+}
+
+impl EventKind {
+    /// The wire name (`denied` | `forward` | `result`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Denied => "denied",
+            EventKind::Forward => "forward",
+            EventKind::Result => "result",
+        }
+    }
+}
+
+/// A record as the gateway knows it; the writer assigns `seq`, `ts`, `prev` and `hash`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub event: EventKind,
+    pub request_id: String,
+    pub tenant: Option<String>,
+    /// First 12 hex digits of the presented credential's SHA-256; never the credential.
+    pub token_fp: Option<String>,
+    /// Peer `ip:port`.
+    pub client: Option<String>,
+    pub method: String,
+    /// Raw request target; the writer keeps at most [`MAX_PATH_BYTES`] bytes.
+    pub path: String,
+    pub mpc: Option<String>,
+    pub account: Option<String>,
+    /// What the caller got.
+    pub status: Option<u16>,
+    /// The problem slug, or `ended` on success.
+    pub reason: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub plivo_api_id: Option<String>,
+    pub attempts: Option<u32>,
+    pub duration_ms: Option<u64>,
+}
+
+/// A line without its `hash` member. Field order here IS the contract order: serde
+/// serializes struct fields in declaration order, and the hash covers these exact bytes.
+#[derive(Serialize)]
+pub(crate) struct Body<'a> {
+    seq: u64,
+    ts: &'a str,
+    event: EventKind,
+    request_id: &'a str,
+    tenant: Option<&'a str>,
+    token_fp: Option<&'a str>,
+    client: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    mpc: Option<&'a str>,
+    account: Option<&'a str>,
+    status: Option<u16>,
+    reason: Option<&'a str>,
+    upstream_status: Option<u16>,
+    plivo_api_id: Option<&'a str>,
+    attempts: Option<u32>,
+    duration_ms: Option<u64>,
+    prev: &'a str,
+}
+
+impl<'a> Body<'a> {
+    pub(crate) fn new(seq: u64, ts: &'a str, prev: &'a str, ev: &'a AuditEvent) -> Self {
+        Body {
+            seq,
+            ts,
+            event: ev.event,
+            request_id: &ev.request_id,
+            tenant: ev.tenant.as_deref(),
+            token_fp: ev.token_fp.as_deref(),
+            client: ev.client.as_deref(),
+            method: &ev.method,
+            path: truncate_on_char_boundary(&ev.path, MAX_PATH_BYTES),
+            mpc: ev.mpc.as_deref(),
+            account: ev.account.as_deref(),
+            status: ev.status,
+            reason: ev.reason.as_deref(),
+            upstream_status: ev.upstream_status,
+            plivo_api_id: ev.plivo_api_id.as_deref(),
+            attempts: ev.attempts,
+            duration_ms: ev.duration_ms,
+            prev,
+        }
+    }
+}
+
+/// The longest prefix of `s` that has at most `max` bytes and ends on a char boundary.
+pub(crate) fn truncate_on_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The current UTC time cut to whole milliseconds, the resolution of `ts`.
+pub(crate) fn now_ms() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    let millis = now.nanosecond() / 1_000_000 * 1_000_000;
+    now.replace_nanosecond(millis).unwrap_or(now)
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T09:03:32.123Z`. Written by hand
+/// because it cannot fail, unlike a format description.
+pub(crate) fn format_ts(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn ts_has_milliseconds_and_z() {
+        let t = datetime!(2026-11-26 09:03:32.123456 UTC);
+        assert_eq!(format_ts(t), "2026-11-26T09:03:32.123Z");
+        let t = datetime!(2026-01-02 03:04:05 +02:00);
+        assert_eq!(format_ts(t), "2026-01-02T01:04:05.000Z");
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate_on_char_boundary("abc", 5), "abc");
+        assert_eq!(truncate_on_char_boundary("abcdef", 3), "abc");
+        // "ä" is two bytes: cutting at 2 would split it.
+        assert_eq!(truncate_on_char_boundary("aä", 2), "a");
+        let long = "ä".repeat(200);
+        let cut = truncate_on_char_boundary(&long, MAX_PATH_BYTES);
+        assert_eq!(cut.len(), 256);
+    }
+
+    #[test]
+    fn event_kind_wire_names() {
+        for (k, s) in [
+            (EventKind::Denied, "\"denied\""),
+            (EventKind::Forward, "\"forward\""),
+            (EventKind::Result, "\"result\""),
+        ] {
+            assert_eq!(serde_json::to_string(&k).ok().as_deref(), Some(s));
+            assert_eq!(format!("\"{}\"", k.as_str()), s);
+        }
+    }
+
+    #[test]
+    fn body_members_are_in_contract_order() {
+        let ev = AuditEvent::default();
+        let body = Body::new(1, "t", "p", &ev);
+        let json = serde_json::to_string(&body).unwrap_or_default();
+        let mut at = 0;
+        for name in &MEMBERS[..MEMBERS.len() - 1] {
+            let key = format!("\"{name}\":");
+            let found = json[at..].find(&key).map(|i| i + at);
+            assert!(found.is_some(), "{name} missing or out of order in {json}");
+            at = found.unwrap_or(0);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Start-up recovery of the chain (DESIGN.md §3, "Restarts"): cut a torn last line of the
+//! live file (a crash mid-write) with a warning, then find the last complete record —
+//! in the live file, or in the newest rotated sibling when the live file is empty or
+//! missing — so that `seq` and `prev` continue from it.
+//!
+//! Recovery only reads the tail of files; it never loads a whole file.
+
+use std::fs::{File, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::chain::{self, GENESIS};
+use super::segment::rotated_siblings;
+use super::writer::AuditError;
+
+/// A record longer than this is not one the writer produced.
+const MAX_RECORD: u64 = 1 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+/// Where the chain continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChainHead {
+    pub(crate) next_seq: u64,
+    pub(crate) prev: String,
+    pub(crate) last_ts: Option<OffsetDateTime>,
+}
+
+impl ChainHead {
+    fn genesis() -> Self {
+        ChainHead {
+            next_seq: 1,
+            prev: GENESIS.to_string(),
+            last_ts: None,
+        }
+    }
+}
+
+/// Repairs the live file's tail and returns where the chain continues.
+pub(crate) fn recover(live: &Path) -> Result<ChainHead, AuditError> {
+    let io_err = |op: &'static str| {
+        move |source: io::Error| AuditError::Io {
+            op,
+            path: live.to_path_buf(),
+            source,
+        }
+    };
+    let kept = match OpenOptions::new().read(true).write(true).open(live) {
+        Ok(file) => {
+            enforce_owner_only(&file, live).map_err(io_err("set mode 0600 on"))?;
+            cut_torn_tail(&file, live).map_err(io_err("repair"))?
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err("open")(e)),
+    };
+    if kept > 0 {
+        let file = File::open(live).map_err(io_err("read"))?;
+        return head_from_line(&file, kept, live);
+    }
+    from_rotated(live)
+}
+
+/// The contract wants mode 0600; a file created by hand (or by an older version) with a
+/// wider mode is narrowed rather than refused, with a warning.
+fn enforce_owner_only(file: &File, path: &Path) -> io::Result<()> {
+    let mode = file.metadata()?.permissions().mode() & 0o777;
+    if mode != 0o600 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "audit log had a mode other than 0600; setting 0600");
+        file.set_permissions(Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Cuts everything after the last newline (a torn record) and returns the kept length.
+fn cut_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    if len == 0 || last_byte(file, len)? == b'\n' {
+        return Ok(len);
+    }
+    let kept = newline_before(file, len, 0)?.unwrap_or(0);
+    tracing::warn!(
+        path = %path.display(),
+        cut_bytes = len - kept,
+        "audit log ended with a torn record (crash mid-write); cutting it off"
+    );
+    file.set_len(kept)?;
+    file.sync_all()?;
+    Ok(kept)
+}
+
+fn last_byte(file: &File, len: u64) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, len - 1)?;
+    Ok(b[0])
+}
+
+/// Position just after the last `\n` in `file[floor..end]`, scanning backwards.
+fn newline_before(file: &File, end: u64, floor: u64) -> io::Result<Option<u64>> {
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut hi = end;
+    while hi > floor {
+        let lo = hi.saturating_sub(CHUNK).max(floor);
+        let n = (hi - lo) as usize;
+        file.read_exact_at(&mut buf[..n], lo)?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(lo + i as u64 + 1));
+        }
+        hi = lo;
+    }
+    Ok(None)
+}
+
+/// Parses the complete line that ends (with its newline) at `end`.
+fn head_from_line(file: &File, end: u64, path: &Path) -> Result<ChainHead, AuditError> {
+    let io_err = |source| AuditError::Io {
+        op: "read",
+        path: path.to_path_buf(),
+        source,
+    };
+    let line_end = end - 1; // exclude the newline
+    let floor = line_end.saturating_sub(MAX_RECORD);
+    let start = match newline_before(file, line_end, floor).map_err(io_err)? {
+        Some(s) => s,
+        None if floor == 0 => 0,
+        None => return Err(corrupt(path, "its last line is longer than 1 MiB")),
+    };
+    let mut line = vec![0u8; (line_end - start) as usize];
+    file.read_exact_at(&mut line, start).map_err(io_err)?;
+    parse_head(&line).map_err(|why| corrupt(path, why))
+}
+
+#[derive(Deserialize)]
+struct Tail {
+    seq: u64,
+    ts: String,
+}
+
+fn parse_head(line: &[u8]) -> Result<ChainHead, &'static str> {
+    let (_, hash) = chain::unseal(line).ok_or("its last line does not end with a hash member")?;
+    let tail: Tail =
+        serde_json::from_slice(line).map_err(|_| "its last line is not a valid audit record")?;
+    if tail.seq == 0 {
+        return Err("its last record has seq 0");
+    }
+    Ok(ChainHead {
+        next_seq: tail.seq.saturating_add(1),
+        prev: hash.to_string(),
+        last_ts: OffsetDateTime::parse(&tail.ts, &Rfc3339).ok(),
+    })
+}
+
+fn corrupt(path: &Path, why: &str) -> AuditError {
+    AuditError::Corrupt {
+        path: path.to_path_buf(),
+        detail: why.to_string(),
+    }
+}
+
+/// The live file is empty or missing: continue from the newest rotated sibling that
+/// holds a complete record, or start a new chain when there is none.
+fn from_rotated(live: &Path) -> Result<ChainHead, AuditError> {
+    let siblings = rotated_siblings(live).map_err(|source| AuditError::Io {
+        op: "list the directory of",
+        path: live.to_path_buf(),
+        source,
+    })?;
+    for (_, path) in siblings {
+        let io_err = |source| AuditError::Io {
+            op: "read",
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        if len == 0 {
+            continue;
+        }
+        // Rotated files are fsynced before the rename, so a torn tail here means outside
+        // interference; rotated files are never modified, only read past.
+        let end = match last_byte(&file, len).map_err(io_err)? {
+            b'\n' => len,
+            _ => {
+                tracing::warn!(path = %path.display(), "rotated audit file ends with a torn line; continuing from its last complete record");
+                match newline_before(&file, len, 0).map_err(io_err)? {
+                    Some(e) => e,
+                    None => continue,
+                }
+            }
+        };
+        return head_from_line(&file, end, &path);
+    }
+    Ok(ChainHead::genesis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn sealed(seq: u64, prev: &str) -> (String, String) {
+        let body = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00.000Z","prev":"{prev}"}}"#);
+        let h = chain::ChainHasher::Plain.digest_hex(body.as_bytes());
+        let mut out = Vec::new();
+        chain::seal_into(body.as_bytes(), &h, &mut out);
+        (String::from_utf8(out).unwrap_or_default(), h)
+    }
+
+    #[test]
+    fn missing_file_and_no_siblings_is_genesis() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let head = recover(&dir.path().join("audit.jsonl")).expect("recover");
+        assert_eq!(head, ChainHead::genesis());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_chain_continues_from_last_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let (l1, _) = sealed(1, GENESIS);
+        let (l2, h2) = sealed(2, "a");
+        let mut f = std::fs::File::create(&path).expect("create");
+        write!(f, "{l1}{l2}{{\"seq\":3,\"ts\":\"20").expect("write");
+        drop(f);
+        let head = recover(&path).expect("recover");
+        assert_eq!(head.next_seq, 3);
+        assert_eq!(head.prev, h2);
+        assert!(head.last_ts.is_some());
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, format!("{l1}{l2}"));
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn empty_live_file_continues_from_newest_rotated_sibling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l1, _) = sealed(1, GENESIS);
+        let (l7, h7) = sealed(7, "b");
+        std::fs::write(dir.path().join("audit.jsonl.00000000000000000001"), &l1).expect("w");
+        std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), &l7).expect("w");
+        std::fs::write(&live, "only a torn line").expect("w");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        assert_eq!(std::fs::metadata(&live).expect("meta").len(), 0);
+    }
+
+    #[test]
+    fn corrupt_last_record_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        std::fs::write(&live, "not json at all\n").expect("w");
+        let err = recover(&live).expect_err("must refuse");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+    }
+}

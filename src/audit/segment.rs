@@ -1,0 +1,213 @@
+//! File-system plumbing of the writer: opening the live file (mode 0600, append-only),
+//! the seam that lets tests inject write and fsync failures, directory fsyncs, and the
+//! names of rotated files.
+//!
+//! Rotated files are named `<live file name>.<last seq, 20 digits>`, so they start with
+//! the live file's name and sort by seq as plain strings.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Number of digits of the seq suffix of a rotated file.
+pub(crate) const ROTATED_DIGITS: usize = 20;
+
+/// The live file as the writer uses it. A trait only so that tests can make writes and
+/// fsyncs fail the way a full disk does.
+pub(crate) trait LiveFile: Send {
+    /// Appends all of `bytes` at the end of the file (the file is opened `O_APPEND`).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// fsync of data and metadata.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// Opens the live file for the writer; returns the handle, its current length and
+/// whether the file was created by this call (then the directory needs an fsync).
+pub(crate) trait Opener: Send + Sync {
+    fn open(&self, path: &Path) -> io::Result<Opened>;
+}
+
+pub(crate) struct Opened {
+    pub(crate) file: Box<dyn LiveFile>,
+    pub(crate) len: u64,
+    pub(crate) created: bool,
+}
+
+/// The production opener: a real file.
+pub(crate) struct FsOpener;
+
+impl Opener for FsOpener {
+    fn open(&self, path: &Path) -> io::Result<Opened> {
+        let (file, created) = open_append(path)?;
+        let len = file.metadata()?.len();
+        Ok(Opened {
+            file: Box::new(FsFile(file)),
+            len,
+            created,
+        })
+    }
+}
+
+struct FsFile(File);
+
+impl LiveFile for FsFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+/// Opens `path` for appending with mode 0600, creating it when missing. Tries
+/// `create_new` first so that the caller knows whether a directory entry was added.
+pub(crate) fn open_append(path: &Path) -> io::Result<(File, bool)> {
+    let mut opts = OpenOptions::new();
+    opts.append(true).mode(0o600);
+    match opts.clone().create_new(true).open(path) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((opts.open(path)?, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// fsync of a directory, so that a rename or a new file in it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub(crate) fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Where the live file goes when it is rotated after the record `last_seq`.
+pub(crate) fn rotated_path(live: &Path, last_seq: u64) -> PathBuf {
+    let mut name: OsString = live.file_name().map(OsString::from).unwrap_or_default();
+    name.push(format!(".{last_seq:0width$}", width = ROTATED_DIGITS));
+    live.with_file_name(name)
+}
+
+/// The seq in a rotated file's name, when `name` is `<live_name>.<20 digits>`.
+pub(crate) fn rotated_seq(live_name: &str, name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(live_name)?.strip_prefix('.')?;
+    if digits.len() != ROTATED_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Rotated siblings of the live file, newest (highest seq) first.
+pub(crate) fn rotated_siblings(live: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let dir = parent_dir(live);
+    let Some(live_name) = live.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(seq) = name.to_str().and_then(|n| rotated_seq(live_name, n)) else {
+            continue;
+        };
+        if entry.file_type()?.is_file() {
+            found.push((seq, entry.path()));
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(found)
+}
+
+#[cfg(test)]
+pub(crate) mod fault {
+    //! A live file whose writes and fsyncs can be made to fail on demand, like a full disk.
+
+    use super::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+
+    /// No fault.
+    pub(crate) const NONE: u8 = 0;
+    /// `append` writes half of the bytes, then fails with ENOSPC.
+    pub(crate) const PARTIAL_WRITE: u8 = 1;
+    /// `sync` fails with EIO.
+    pub(crate) const SYNC: u8 = 2;
+
+    #[derive(Clone, Default)]
+    pub(crate) struct Faults(pub(crate) Arc<AtomicU8>);
+
+    impl Faults {
+        pub(crate) fn set(&self, mode: u8) {
+            self.0.store(mode, Ordering::SeqCst);
+        }
+        fn get(&self) -> u8 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    pub(crate) struct FaultyOpener(pub(crate) Faults);
+
+    impl Opener for FaultyOpener {
+        fn open(&self, path: &Path) -> io::Result<Opened> {
+            let (file, created) = open_append(path)?;
+            let len = file.metadata()?.len();
+            Ok(Opened {
+                file: Box::new(FaultyFile(file, self.0.clone())),
+                len,
+                created,
+            })
+        }
+    }
+
+    struct FaultyFile(File, Faults);
+
+    impl LiveFile for FaultyFile {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            if self.1.get() == PARTIAL_WRITE {
+                self.0.write_all(&bytes[..bytes.len() / 2])?;
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.0.write_all(bytes)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            if self.1.get() == SYNC {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.0.sync_all()
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_start_with_live_name_and_sort_by_seq() {
+        let live = Path::new("/x/audit.jsonl");
+        let a = rotated_path(live, 9);
+        let b = rotated_path(live, 10);
+        assert_eq!(
+            a,
+            Path::new("/x/audit.jsonl.00000000000000000009").to_path_buf()
+        );
+        assert!(a < b);
+        assert_eq!(rotated_seq("audit.jsonl", "audit.jsonl.00000000000000000010"), Some(10));
+        assert_eq!(rotated_seq("audit.jsonl", "audit.jsonl.10"), None);
+        assert_eq!(rotated_seq("audit.jsonl", "other.jsonl.00000000000000000010"), None);
+        assert_eq!(parent_dir(Path::new("audit.jsonl")), PathBuf::from("."));
+    }
+}

@@ -1,0 +1,480 @@
+//! `mpc-gateway audit verify PATH...` (DESIGN.md §4, issue 3): proves that nothing was
+//! removed from or altered in an audit log, or names the first record where it was.
+//!
+//! Checks per record: valid UTF-8 JSON object, exactly the contract members in the
+//! contract order with the right types, the hash recomputed from the raw line bytes (the
+//! final `,"hash":"<64 hex>"}` replaced by `}`; nothing is re-serialized), `prev` equal
+//! to the previous record's `hash`, and `seq` continuing by one. Files are read as a
+//! stream, ordered by the seq of their first record (see the `source` module for how
+//! directories are expanded).
+//!
+//! Exit codes: 0 chain intact; 1 tampering or a broken chain (file, line and what broke
+//! go to stdout); 2 usage or I/O error, and also a key problem — a keyed log checked
+//! without `--hmac-key-env`, with the wrong key, or an unkeyed log checked with one —
+//! because that is a wrong invocation, not evidence of tampering; 3 intact except a torn
+//! final line of the last file (a crash mid-write).
+//!
+//! When the set does not start at seq 1 (older files removed by retention), the chain is
+//! verified from its first record on and the summary says so on a second line.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use secrecy::SecretSlice;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::chain::{self, ChainHasher, GENESIS};
+use super::record::MEMBERS;
+use super::source::{self, Line, LineReader, SourceError};
+
+/// Arguments of `mpc-gateway audit verify`.
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Audit files, or directories whose files with `.jsonl` in their name are checked
+    /// (the live file and its rotated siblings).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Environment variable holding the HMAC key of a keyed log (used as-is, like the
+    /// `{env: NAME}` form of `audit.hmac_key`).
+    #[arg(long, value_name = "NAME")]
+    pub hmac_key_env: Option<String>,
+}
+
+/// Runs `audit verify`, printing the verdict, and returns the process exit code.
+pub fn run_verify(args: &VerifyArgs) -> ExitCode {
+    let report = execute(args);
+    // Output errors (a closed pipe) cannot change the verdict; the exit code carries it.
+    if !report.stdout.is_empty() {
+        let _ = std::io::stdout().lock().write_all(report.stdout.as_bytes());
+    }
+    if !report.stderr.is_empty() {
+        let _ = std::io::stderr().lock().write_all(report.stderr.as_bytes());
+    }
+    ExitCode::from(report.code)
+}
+
+/// What `run_verify` prints and returns; separate so tests can look at it.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) code: u8,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+pub(crate) fn execute(args: &VerifyArgs) -> Report {
+    let hasher = match key_from_env(args.hmac_key_env.as_deref()) {
+        Ok(h) => h,
+        Err(msg) => return usage(msg),
+    };
+    let files = match source::collect(&args.paths) {
+        Ok(f) => f,
+        Err(e) => return usage(e.to_string()),
+    };
+    match verify_files(&files, &hasher) {
+        Ok(verdict) => render(&verdict),
+        Err(e) => usage(e.to_string()),
+    }
+}
+
+fn usage(msg: String) -> Report {
+    Report {
+        code: 2,
+        stdout: String::new(),
+        stderr: format!("audit verify: {msg}\n"),
+    }
+}
+
+fn key_from_env(name: Option<&str>) -> Result<ChainHasher, String> {
+    let Some(name) = name else {
+        return Ok(ChainHasher::Plain);
+    };
+    let value: OsString = std::env::var_os(name)
+        .ok_or_else(|| format!("environment variable {name} (--hmac-key-env) is not set"))?;
+    let bytes = value.into_vec();
+    if bytes.is_empty() {
+        return Err(format!(
+            "environment variable {name} (--hmac-key-env) is empty"
+        ));
+    }
+    Ok(ChainHasher::new(Some(SecretSlice::from(bytes))))
+}
+
+/// A place in the set of files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) file: PathBuf,
+    pub(crate) line: u64,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Intact {
+        records: u64,
+        files: usize,
+        first_seq: Option<u64>,
+    },
+    Torn {
+        records: u64,
+        files: usize,
+        at: Location,
+        why: String,
+    },
+    Broken {
+        at: Location,
+        what: String,
+    },
+    KeyProblem {
+        at: Location,
+        what: String,
+    },
+}
+
+fn render(v: &Verdict) -> Report {
+    let (code, stdout, stderr) = match v {
+        Verdict::Intact {
+            records,
+            files,
+            first_seq,
+        } => {
+            let mut out = format!("verified {records} records in {files} files, chain intact\n");
+            if let Some(s) = first_seq.filter(|s| *s > 1) {
+                out.push_str(&format!(
+                    "note: the chain starts at seq {s}, not 1: earlier records are not in the given files (removed by retention?), so the link to them was not checked\n"
+                ));
+            }
+            (0, out, String::new())
+        }
+        Verdict::Torn {
+            records,
+            files,
+            at,
+            why,
+        } => (
+            3,
+            format!("{at}: torn final line ({why}): an incomplete write, e.g. a crash mid-write, not tampering; the {records} records before it in {files} files verify, chain intact\n"),
+            String::new(),
+        ),
+        Verdict::Broken { at, what } => (1, format!("{at}: {what}\nchain broken\n"), String::new()),
+        Verdict::KeyProblem { at, what } => (2, String::new(), format!("audit verify: {at}: {what}\n")),
+    };
+    Report {
+        code,
+        stdout,
+        stderr,
+    }
+}
+
+/// Verifies `files` (already in chain order) as one chain.
+pub(crate) fn verify_files(files: &[PathBuf], hasher: &ChainHasher) -> Result<Verdict, SourceError> {
+    let mut chain = Chain::new(hasher);
+    for (i, path) in files.iter().enumerate() {
+        let last_file = i + 1 == files.len();
+        let mut lines = LineReader::open(path)?;
+        while let Some(line) = lines.next_line()? {
+            let at = Location {
+                file: path.clone(),
+                line: line.no,
+            };
+            let verdict = match parse_line(&line) {
+                Ok(rec) => chain.push(at, rec),
+                Err(Bad::Unreadable(why)) if last_file && lines.at_eof()? => {
+                    Some(chain.torn(at, why, files.len()))
+                }
+                Err(Bad::Unreadable(what) | Bad::Invalid(what)) => {
+                    Some(Verdict::Broken { at, what })
+                }
+            };
+            if let Some(v) = verdict {
+                return Ok(v);
+            }
+        }
+    }
+    Ok(chain.finish(files.len()))
+}
+
+/// Why a line is not a record.
+enum Bad {
+    /// Cannot be read as a record at all (what a torn write leaves behind).
+    Unreadable(String),
+    /// Reads as JSON but is not a well-formed record (never the result of a torn write).
+    Invalid(String),
+}
+
+/// A line that is a well-formed record.
+struct Parsed {
+    seq: u64,
+    prev: String,
+    /// The hashed bytes: the line with its hash member replaced by `}`.
+    body: Vec<u8>,
+    claimed: String,
+}
+
+fn parse_line(line: &Line<'_>) -> Result<Parsed, Bad> {
+    if line.too_long {
+        return Err(Bad::Unreadable("malformed: line longer than 1 MiB".into()));
+    }
+    if !line.terminated {
+        return Err(Bad::Unreadable("malformed: no newline at the end of the line".into()));
+    }
+    let text = std::str::from_utf8(line.bytes)
+        .map_err(|_| Bad::Unreadable("malformed: not valid UTF-8".into()))?;
+    let members = serde_json::from_str::<Members>(text)
+        .map_err(|e| Bad::Unreadable(format!("malformed JSON: {e}")))?;
+    let (seq, prev) = check_members(&members.0).map_err(Bad::Invalid)?;
+    let (body, claimed) = chain::unseal(line.bytes).ok_or_else(|| {
+        Bad::Invalid("the line does not end with the hash member in canonical form".into())
+    })?;
+    Ok(Parsed {
+        seq,
+        prev,
+        body,
+        claimed: claimed.to_string(),
+    })
+}
+
+/// A JSON object's members in document order (serde_json's own map would sort them).
+struct Members(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct InOrder;
+        impl<'de> Visitor<'de> for InOrder {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut out = Vec::with_capacity(MEMBERS.len());
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    out.push(entry);
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(InOrder)
+    }
+}
+
+/// Checks member names, order and types; returns `seq` and `prev`.
+fn check_members(members: &[(String, Value)]) -> Result<(u64, String), String> {
+    check_names(members)?;
+    let mut seq = 0;
+    let mut prev = String::new();
+    for (name, value) in members {
+        check_type(name, value)?;
+        match name.as_str() {
+            "seq" => seq = value.as_u64().unwrap_or(0),
+            "prev" => prev = value.as_str().unwrap_or_default().to_string(),
+            _ => {}
+        }
+    }
+    Ok((seq, prev))
+}
+
+fn check_names(members: &[(String, Value)]) -> Result<(), String> {
+    let names = members.iter().map(|(n, _)| n.as_str());
+    let Some((i, (found, expected))) = names
+        .map(Some)
+        .chain(std::iter::repeat(None))
+        .zip(MEMBERS.iter().copied().map(Some).chain(std::iter::repeat(None)))
+        .take(members.len().max(MEMBERS.len()))
+        .enumerate()
+        .find(|(_, (f, e))| f != e)
+    else {
+        return Ok(());
+    };
+    Err(match (found, expected) {
+        (None, Some(e)) => format!("wrong members: missing member `{e}`"),
+        (Some(f), None) => format!("wrong members: unexpected member `{f}` after `hash`"),
+        (Some(f), Some(_)) if !MEMBERS.contains(&f) => {
+            format!("wrong members: unexpected member `{f}`")
+        }
+        (Some(f), Some(e)) => format!(
+            "wrong member order: member {} is `{f}`, expected `{e}`",
+            i + 1
+        ),
+        (None, None) => String::from("wrong members"),
+    })
+}
+
+fn check_type(name: &str, v: &Value) -> Result<(), String> {
+    let ok = match name {
+        "seq" => v.as_u64().is_some_and(|s| s >= 1),
+        "ts" => v
+            .as_str()
+            .is_some_and(|s| OffsetDateTime::parse(s, &Rfc3339).is_ok()),
+        "event" => matches!(v.as_str(), Some("denied" | "forward" | "result")),
+        "request_id" | "method" | "path" => v.is_string(),
+        "status" | "upstream_status" => v.is_null() || v.as_u64().is_some_and(|n| n <= 65_535),
+        "attempts" => v.is_null() || v.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)),
+        "duration_ms" => v.is_null() || v.is_u64(),
+        "prev" | "hash" => v.as_str().is_some_and(chain::is_hash_hex),
+        _ => v.is_null() || v.is_string(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("malformed record: member `{name}` has a wrong type or value"))
+    }
+}
+
+/// The running state of the chain across files.
+struct Chain<'h> {
+    hasher: &'h ChainHasher,
+    records: u64,
+    first_seq: Option<u64>,
+    last: Option<(u64, String)>,
+    /// The first record's hash did not match. Tampering, or a key problem? The next
+    /// record decides: if its hash fails too while its link holds, it is the key.
+    suspect: Option<(Location, Vec<u8>, String)>,
+}
+
+impl<'h> Chain<'h> {
+    fn new(hasher: &'h ChainHasher) -> Self {
+        Chain {
+            hasher,
+            records: 0,
+            first_seq: None,
+            last: None,
+            suspect: None,
+        }
+    }
+
+    /// Adds one record; `Some` when the verification ends here.
+    fn push(&mut self, at: Location, rec: Parsed) -> Option<Verdict> {
+        let hash_ok = self.hasher.digest_hex(&rec.body) == rec.claimed;
+        let link_problems = self.link_problems(&rec);
+        if let Some(suspect) = self.suspect.take() {
+            if !hash_ok && link_problems.is_empty() {
+                return Some(self.key_problem(suspect));
+            }
+            return Some(Verdict::Broken {
+                at: suspect.0,
+                what: "hash mismatch: the record was altered".into(),
+            });
+        }
+        let mut problems = link_problems;
+        if !hash_ok {
+            if self.records == 0 && problems.is_empty() {
+                self.suspect = Some((at.clone(), rec.body.clone(), rec.claimed.clone()));
+            } else {
+                problems.insert(0, "hash mismatch: the record was altered".into());
+            }
+        }
+        if !problems.is_empty() {
+            return Some(Verdict::Broken {
+                at,
+                what: problems.join("; "),
+            });
+        }
+        self.records += 1;
+        self.first_seq.get_or_insert(rec.seq);
+        self.last = Some((rec.seq, rec.claimed));
+        None
+    }
+
+    fn link_problems(&self, rec: &Parsed) -> Vec<String> {
+        let mut problems = Vec::new();
+        match &self.last {
+            None if rec.seq == 1 && rec.prev != GENESIS => {
+                problems.push("broken link: the first record (seq 1) must have a prev of 64 zeros".into());
+            }
+            None => {}
+            Some((seq, hash)) => {
+                let expected = seq.saturating_add(1);
+                if rec.seq != expected {
+                    problems.push(format!("seq gap: expected seq {expected}, found {}", rec.seq));
+                }
+                if rec.prev != *hash {
+                    problems.push("broken link: prev is not the hash of the previous record".into());
+                }
+            }
+        }
+        problems
+    }
+
+    /// The first records fail the hash while their links hold: the key is the problem.
+    fn key_problem(&self, (at, body, claimed): (Location, Vec<u8>, String)) -> Verdict {
+        Verdict::KeyProblem {
+            at,
+            what: self.key_hint(&body, &claimed),
+        }
+    }
+
+    fn key_hint(&self, body: &[u8], claimed: &str) -> String {
+        if !self.hasher.is_keyed() {
+            return "hashes do not match plain SHA-256: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into();
+        }
+        if ChainHasher::Plain.digest_hex(body) == claimed {
+            return "this log is not HMAC-keyed (plain SHA-256 matches); run without --hmac-key-env".into();
+        }
+        "hashes do not match with the given key: wrong HMAC key (or the log is keyed with another key)".into()
+    }
+
+    /// A torn final line: exit 3 only if all before it holds.
+    fn torn(&mut self, at: Location, why: String, files: usize) -> Verdict {
+        if let Some(v) = self.unresolved_suspect() {
+            return v;
+        }
+        Verdict::Torn {
+            records: self.records,
+            files,
+            at,
+            why,
+        }
+    }
+
+    fn finish(mut self, files: usize) -> Verdict {
+        if let Some(v) = self.unresolved_suspect() {
+            return v;
+        }
+        Verdict::Intact {
+            records: self.records,
+            files,
+            first_seq: self.first_seq,
+        }
+    }
+
+    /// Only one record, and its hash fails: say what it may be, without deciding.
+    fn unresolved_suspect(&mut self) -> Option<Verdict> {
+        let (at, body, claimed) = self.suspect.take()?;
+        if self.hasher.is_keyed() && ChainHasher::Plain.digest_hex(&body) == claimed {
+            return Some(self.key_problem((at, body, claimed)));
+        }
+        let hint = if self.hasher.is_keyed() {
+            "or the HMAC key is wrong"
+        } else {
+            "or this log is HMAC-keyed: pass --hmac-key-env NAME"
+        };
+        Some(Verdict::Broken {
+            at,
+            what: format!("hash mismatch: the record was altered ({hint})"),
+        })
+    }
+}
+
+/// For tests elsewhere in the module: verify one directory or file set.
+#[cfg(test)]
+pub(crate) fn verify_paths(paths: &[&std::path::Path], key: Option<&[u8]>) -> Verdict {
+    let hasher = ChainHasher::new(key.map(|k| SecretSlice::from(k.to_vec())));
+    let owned: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
+    let files = source::collect(&owned).expect("collect");
+    verify_files(&files, &hasher).expect("verify")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,536 @@
+//! The durable audit writer (DESIGN.md §3, contract).
+//!
+//! [`AuditLog`] is a cheap handle; the work happens on one dedicated OS thread (not a
+//! tokio task, so a slow disk never stalls the async runtime). Appends travel over a
+//! channel with a oneshot acknowledgement; the thread takes the first waiting record,
+//! drains whatever else is queued (group commit), serializes the batch, issues one
+//! `write` and — with [`Fsync::Always`] — one fsync, and only then acknowledges.
+//!
+//! A failed write or fsync is undone (the file is cut back to its length before the
+//! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
+//! log reports not writable until a later write or a periodic probe succeeds.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{oneshot, watch};
+
+use super::chain::{self, ChainHasher};
+use super::record::{self, AuditEvent, Body};
+use super::recover::{recover, ChainHead};
+use super::segment::{self, FsOpener, LiveFile, Opener};
+use super::{AuditSettings, Fsync};
+
+/// Upper bound of one group commit, so one batch cannot grow without limit.
+const MAX_BATCH: usize = 512;
+/// How often a not-writable log checks whether the disk accepts writes again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Size of the probe write: large enough to notice a full disk.
+const PROBE_BYTES: usize = 4096;
+
+/// Why the audit log could not open, write or close.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log: cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log: directory {} does not exist (it is not created automatically)", dir.display())]
+    MissingDirectory { dir: PathBuf },
+    #[error("audit log: {} is not a directory", dir.display())]
+    NotADirectory { dir: PathBuf },
+    #[error("audit log: {} does not name a file", path.display())]
+    InvalidPath { path: PathBuf },
+    #[error("audit log: {} cannot be continued: {detail}; check it with `mpc-gateway audit verify` and move it aside to start a new file", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("audit log: a record could not be serialized: {detail}")]
+    Encode { detail: String },
+    #[error("audit log is closed")]
+    Closed,
+    #[error("audit log: the writer thread has stopped")]
+    WriterGone,
+    #[error("audit log: final flush of {} failed: {detail}", path.display())]
+    CloseFailed { path: PathBuf, detail: String },
+}
+
+/// A record waiting for the writer, and where to report its fate.
+struct Request {
+    event: AuditEvent,
+    ack: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// `None` while running; the final flush's outcome once the writer stopped.
+type Outcome = Option<Result<(), String>>;
+
+/// Cheap, cloneable handle to the audit writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// `None` once closed. Dropping the last sender is what tells the writer to finish.
+    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    writable: Arc<AtomicBool>,
+    done: watch::Receiver<Outcome>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.shared.path)
+            .field("writable", &self.is_writable())
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating with mode 0600, creating parent dirs is NOT done: a missing dir is
+    /// an error), recovers the chain (continues seq/prev from the last complete record,
+    /// also from the newest rotated sibling when the live file is empty or missing), cuts
+    /// a torn last line with a `tracing::warn!`, and starts the dedicated writer thread.
+    /// Callable from inside or outside a tokio runtime (it never blocks on async work).
+    pub fn open(settings: AuditSettings) -> Result<AuditLog, AuditError> {
+        Self::open_with(settings, Box::new(FsOpener))
+    }
+
+    pub(crate) fn open_with(
+        settings: AuditSettings,
+        opener: Box<dyn Opener>,
+    ) -> Result<AuditLog, AuditError> {
+        let AuditSettings {
+            path,
+            fsync,
+            rotate_bytes,
+            hmac_key,
+        } = settings;
+        let dir = existing_dir(&path)?;
+        let head = recover(&path)?;
+        let writable = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer {
+            path: path.clone(),
+            dir,
+            fsync,
+            rotate_bytes,
+            hasher: ChainHasher::new(hmac_key),
+            opener,
+            file: None,
+            len: 0,
+            undo_to: None,
+            next_seq: head.next_seq,
+            prev: head.prev,
+            last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            writable: writable.clone(),
+            buf: Vec::new(),
+        };
+        writer.ensure_open().map_err(|source| AuditError::Io {
+            op: "open",
+            path: path.clone(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done) = watch::channel(None);
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx, done_tx))
+            .map_err(|source| AuditError::Io {
+                op: "start the writer thread for",
+                path: path.clone(),
+                source,
+            })?;
+        Ok(AuditLog {
+            shared: Arc::new(Shared {
+                path,
+                tx: Mutex::new(Some(tx)),
+                writable,
+                done,
+            }),
+        })
+    }
+
+    /// Appends one record; resolves only after it is written (and, with
+    /// [`Fsync::Always`], after an fsync covering it). Returns the record's seq.
+    ///
+    /// Dropping the future after it was polled once does not withdraw the record.
+    pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        let (ack, acked) = oneshot::channel();
+        self.send(Request { event, ack })?;
+        acked.await.map_err(|_| AuditError::WriterGone)?
+    }
+
+    fn send(&self, req: Request) -> Result<(), AuditError> {
+        let guard = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let tx = guard.as_ref().ok_or(AuditError::Closed)?;
+        tx.send(req).map_err(|_| AuditError::WriterGone)
+    }
+
+    /// False after a failed write, until a later write (or a probe) succeeds; false
+    /// after [`close`](Self::close).
+    pub fn is_writable(&self) -> bool {
+        self.shared.writable.load(Ordering::SeqCst)
+    }
+
+    /// Flushes and fsyncs everything accepted so far, then stops the writer. Idempotent:
+    /// later calls wait for and return the same outcome. Appends after close fail.
+    pub async fn close(&self) -> Result<(), AuditError> {
+        let sender = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // The writer drains the channel and finishes once every sender is gone.
+        drop(sender);
+        let mut done = self.shared.done.clone();
+        let outcome = done
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| AuditError::WriterGone)?
+            .clone();
+        match outcome {
+            Some(Ok(())) => Ok(()),
+            Some(Err(detail)) => Err(AuditError::CloseFailed {
+                path: self.shared.path.clone(),
+                detail,
+            }),
+            None => Err(AuditError::WriterGone),
+        }
+    }
+}
+
+/// The directory that must already hold the audit file.
+fn existing_dir(path: &Path) -> Result<PathBuf, AuditError> {
+    if path.file_name().is_none() {
+        return Err(AuditError::InvalidPath {
+            path: path.to_path_buf(),
+        });
+    }
+    let dir = segment::parent_dir(path);
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(dir),
+        Ok(_) => Err(AuditError::NotADirectory { dir }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AuditError::MissingDirectory { dir }),
+        Err(source) => Err(AuditError::Io {
+            op: "inspect",
+            path: dir,
+            source,
+        }),
+    }
+}
+
+/// Used by `check-config`: verifies that the directory of `path` exists and is writable
+/// (creates and removes a temporary file), and that an existing audit file can be opened
+/// for appending. Writes nothing to the audit file itself.
+pub fn check_writable(path: &Path) -> Result<(), AuditError> {
+    let dir = existing_dir(path)?;
+    let probe = dir.join(format!(
+        ".mpc-gateway-audit-check.{}.{}",
+        std::process::id(),
+        OffsetDateTime::now_utc().unix_timestamp_nanos()
+    ));
+    let io_err = |op, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| AuditError::Io { op, path: p, source }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(io_err("create a file in", &dir))?;
+    std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io_err("open for appending", path))?;
+    }
+    Ok(())
+}
+
+/// State owned by the writer thread.
+struct Writer {
+    path: PathBuf,
+    dir: PathBuf,
+    fsync: Fsync,
+    rotate_bytes: u64,
+    hasher: ChainHasher,
+    opener: Box<dyn Opener>,
+    /// `None` after a rotation whose new file could not be created yet.
+    file: Option<Box<dyn LiveFile>>,
+    /// Length of the live file as far as committed records go.
+    len: u64,
+    /// A failed batch that could not be cut off yet: cut to this length before writing.
+    undo_to: Option<u64>,
+    next_seq: u64,
+    prev: String,
+    /// Never goes backwards, so `ts` is monotonic with `seq` even if the clock steps back.
+    last_ts: OffsetDateTime,
+    writable: Arc<AtomicBool>,
+    buf: Vec<u8>,
+}
+
+/// The encoded batch: per request, its seq or why it could not be encoded.
+struct Encoded {
+    outcomes: Vec<Result<u64, AuditError>>,
+    next_seq: u64,
+    prev: String,
+    last_ts: OffsetDateTime,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Request>, done: watch::Sender<Outcome>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = self.next_request(&rx) {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+        let outcome = self.finish();
+        self.writable.store(false, Ordering::SeqCst);
+        done.send_replace(Some(outcome));
+    }
+
+    /// Blocks for the next record; while not writable, wakes up every second to probe.
+    /// `None` once every sender is gone and the channel is drained.
+    fn next_request(&mut self, rx: &Receiver<Request>) -> Option<Request> {
+        loop {
+            if self.writable.load(Ordering::SeqCst) {
+                return rx.recv().ok();
+            }
+            match rx.recv_timeout(PROBE_INTERVAL) {
+                Ok(req) => return Some(req),
+                Err(RecvTimeoutError::Timeout) => self.probe(),
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Writes one batch and acknowledges every request in it.
+    fn commit(&mut self, batch: &mut Vec<Request>) {
+        let encoded = self.encode(batch);
+        let result = if self.buf.is_empty() {
+            Ok(())
+        } else {
+            self.write_batch()
+        };
+        match result {
+            Ok(()) => {
+                self.next_seq = encoded.next_seq;
+                self.prev = encoded.prev;
+                self.last_ts = encoded.last_ts;
+                self.set_writable(true);
+                for (req, outcome) in batch.drain(..).zip(encoded.outcomes) {
+                    let _ = req.ack.send(outcome); // the caller may have gone away
+                }
+                self.maybe_rotate();
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
+                self.set_writable(false);
+                for req in batch.drain(..) {
+                    let _ = req.ack.send(Err(self.io_error("write", &e)));
+                }
+            }
+        }
+    }
+
+    /// Serializes the batch into `self.buf`, chaining from the committed state without
+    /// changing it (a failed write must not advance `seq` or `prev`).
+    fn encode(&mut self, batch: &[Request]) -> Encoded {
+        self.buf.clear();
+        let mut seq = self.next_seq;
+        let mut prev = self.prev.clone();
+        let mut last_ts = self.last_ts;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for req in batch {
+            let ts = record::now_ms().max(last_ts);
+            let ts_text = record::format_ts(ts);
+            match serde_json::to_vec(&Body::new(seq, &ts_text, &prev, &req.event)) {
+                Ok(body) => {
+                    let hash = self.hasher.digest_hex(&body);
+                    chain::seal_into(&body, &hash, &mut self.buf);
+                    outcomes.push(Ok(seq));
+                    seq += 1;
+                    prev = hash;
+                    last_ts = ts;
+                }
+                Err(e) => outcomes.push(Err(AuditError::Encode {
+                    detail: e.to_string(),
+                })),
+            }
+        }
+        Encoded {
+            outcomes,
+            next_seq: seq,
+            prev,
+            last_ts,
+        }
+    }
+
+    /// One write (and one fsync with `Fsync::Always`) of `self.buf`; on failure the file
+    /// is cut back so that no partial line remains.
+    fn write_batch(&mut self) -> io::Result<()> {
+        self.ensure_open()?;
+        let start = self.len;
+        let always = self.fsync == Fsync::Always;
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("live file is not open"));
+        };
+        let written = file
+            .append(&self.buf)
+            .and_then(|()| if always { file.sync() } else { Ok(()) });
+        match written {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.undo(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// Cuts the live file back to `len`; if even that fails, remembers to do it before
+    /// the next write so that no record ever follows a partial line.
+    fn undo(&mut self, len: u64) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        match file.truncate(len) {
+            Ok(()) => {
+                let _ = file.sync(); // best effort: the disk is already failing
+                self.undo_to = None;
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot cut a failed audit write back; will retry before the next write");
+                self.undo_to = Some(len);
+                self.file = None; // reopen: the handle may be what is broken
+            }
+        }
+    }
+
+    /// Opens the live file when it is not open, finishing a pending undo first, and
+    /// fsyncs the directory when the file had to be created.
+    fn ensure_open(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            let opened = self.opener.open(&self.path)?;
+            if opened.created {
+                segment::sync_dir(&self.dir)?;
+            }
+            self.file = Some(opened.file);
+            self.len = opened.len;
+        }
+        if let (Some(len), Some(file)) = (self.undo_to, self.file.as_mut()) {
+            file.truncate(len)?;
+            file.sync()?;
+            self.len = len;
+            self.undo_to = None;
+        }
+        Ok(())
+    }
+
+    /// Checks whether the disk takes writes again: appends 4 KiB of spaces, fsyncs and
+    /// cuts them off again. Never leaves bytes behind (a crash in between leaves a tail
+    /// without newline, which start-up cuts like any torn line).
+    fn probe(&mut self) {
+        if let Err(e) = self.ensure_open() {
+            tracing::debug!(path = %self.path.display(), error = %e, "audit log still not writable");
+            return;
+        }
+        let start = self.len;
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let wrote = file.append(&[b' '; PROBE_BYTES]).and_then(|()| file.sync());
+        // Cut unconditionally: a failed append may still have left some bytes.
+        let cut = file.truncate(start).and_then(|()| file.sync());
+        if cut.is_err() {
+            self.undo_to = Some(start);
+            self.file = None;
+        }
+        match wrote.and(cut) {
+            Ok(()) => self.set_writable(true),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "audit log still not writable");
+            }
+        }
+    }
+
+    fn set_writable(&self, ok: bool) {
+        let was = self.writable.swap(ok, Ordering::SeqCst);
+        if ok && !was {
+            tracing::info!(path = %self.path.display(), "audit log is writable again");
+        }
+    }
+
+    /// Rotates once the live file reached `rotate_bytes`. A failed rotation is logged and
+    /// retried after the next write; the records already written are safe either way.
+    fn maybe_rotate(&mut self) {
+        if self.len < self.rotate_bytes {
+            return;
+        }
+        if let Err(e) = self.rotate() {
+            tracing::error!(path = %self.path.display(), error = %e, "audit log rotation failed; will retry after the next write");
+        }
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let last_seq = self.next_seq.saturating_sub(1);
+        let target = segment::rotated_path(&self.path, last_seq);
+        if target.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", target.display()),
+            ));
+        }
+        if let Some(file) = self.file.as_mut() {
+            file.sync()?;
+        }
+        std::fs::rename(&self.path, &target)?;
+        // From here on the records are in `target`; the next ones go to a fresh file.
+        self.file = None;
+        self.len = 0;
+        self.undo_to = None;
+        segment::sync_dir(&self.dir)?;
+        tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
+        self.ensure_open()
+    }
+
+    /// The final flush on close: fsync the file and its directory.
+    fn finish(&mut self) -> Result<(), String> {
+        if let Some(file) = self.file.as_mut() {
+            file.sync().map_err(|e| e.to_string())?;
+        }
+        segment::sync_dir(&self.dir).map_err(|e| e.to_string())
+    }
+
+    fn io_error(&self, op: &'static str, e: &io::Error) -> AuditError {
+        AuditError::Io {
+            op,
+            path: self.path.clone(),
+            source: io::Error::new(e.kind(), e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

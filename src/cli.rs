@@ -1,0 +1,172 @@
+//! The command line (contract §4): `serve`, `check-config`, `demo`, `token new|hash`,
+//! `audit verify|query`, and the standalone `simulator` used by the benchmark.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use rand::RngCore;
+
+use crate::audit::query::{run_query, QueryArgs};
+use crate::audit::verify::{run_verify, VerifyArgs};
+use crate::auth::TokenHash;
+use crate::config::Config;
+use crate::simulator::{run_standalone, SimulatorArgs};
+
+const DEFAULT_CONFIG: &str = "config/gateway.yaml";
+
+#[derive(Debug, Parser)]
+#[command(name = "mpc-gateway", version, about = "Ends Plivo multiparty calls for internal services, holding the credentials so they don't have to")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ConfigArg),
+    /// Validate the config (secrets resolve, audit directory writable); exit 0 when valid.
+    CheckConfig(ConfigArg),
+    /// Run the gateway against the built-in Plivo simulator on loopback.
+    Demo,
+    /// Mint or hash caller tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Verify or query audit logs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Run the Plivo simulator alone (for benchmarks).
+    #[command(hide = true)]
+    Simulator(SimulatorArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// Path of the YAML config file.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token (line 1) and its sha256: line for the config (line 2).
+    New,
+    /// Read a token on stdin and print its sha256: line.
+    Hash,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every hash-chain link; exit 0 only if the chain holds.
+    Verify(VerifyArgs),
+    /// Select audit records.
+    Query(QueryArgs),
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(arg) => report(crate::server::run_serve(arg.config)),
+        Command::CheckConfig(arg) => check_config(&arg.config),
+        Command::Demo => report(crate::demo::run()),
+        Command::Token(TokenCommand::New) => token_new(),
+        Command::Token(TokenCommand::Hash) => token_hash(),
+        Command::Audit(AuditCommand::Verify(args)) => run_verify(&args),
+        Command::Audit(AuditCommand::Query(args)) => run_query(&args),
+        Command::Simulator(args) => report(
+            crate::server::build_runtime(1)
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(run_standalone(args))),
+        ),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{}: invalid configuration:\n{err}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(err) = crate::audit::check_writable(&config.audit.path) {
+        eprintln!("{}: audit.path: {err}", path.display());
+        return ExitCode::FAILURE;
+    }
+    if let Err(err) = crate::upstream::PlivoClient::new(&config.upstream) {
+        eprintln!("{}: upstream: {err}", path.display());
+        return ExitCode::FAILURE;
+    }
+    print!("{}", config.summary());
+    println!("{}: configuration OK", path.display());
+    ExitCode::SUCCESS
+}
+
+fn token_new() -> ExitCode {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = format!(
+        "mpcgw_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let hash = TokenHash::of(token.as_bytes()).to_config_string();
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{token}\n{hash}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+fn token_hash() -> ExitCode {
+    let mut input = Vec::new();
+    if let Err(err) = std::io::stdin().lock().read_to_end(&mut input) {
+        eprintln!("error: cannot read the token from stdin: {err}");
+        return ExitCode::from(2);
+    }
+    let token = strip_one_newline(&input);
+    if token.is_empty() {
+        eprintln!("error: no token on stdin");
+        return ExitCode::from(2);
+    }
+    println!("{}", TokenHash::of(token).to_config_string());
+    ExitCode::SUCCESS
+}
+
+/// `echo token |` adds one newline (`\r\n` on some terminals); strip exactly that.
+fn strip_one_newline(input: &[u8]) -> &[u8] {
+    let input = input.strip_suffix(b"\n").unwrap_or(input);
+    input.strip_suffix(b"\r").unwrap_or(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_exactly_one_trailing_newline() {
+        assert_eq!(strip_one_newline(b"abc\n"), b"abc");
+        assert_eq!(strip_one_newline(b"abc\r\n"), b"abc");
+        assert_eq!(strip_one_newline(b"abc\n\n"), b"abc\n");
+        assert_eq!(strip_one_newline(b"abc"), b"abc");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,503 @@
+//! Configuration: one YAML file, parsed into [`raw`] types (unknown keys rejected, every
+//! error with its key path), then validated and resolved (secrets read) into [`Config`]
+//! in one place. `check-config`, start-up and SIGHUP all go through [`Config::load`].
+
+pub mod raw;
+pub mod secret;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use rustls::pki_types::CertificateDer;
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
+
+use crate::audit::{AuditSettings, Fsync};
+use crate::auth::{NamePattern, TokenHash};
+use crate::rate_limit::RateLimit;
+use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream};
+use secret::ValueSource;
+
+/// Smallest `audit.rotate_bytes` accepted: below this, rotation would churn on every record.
+const MIN_ROTATE_BYTES: u64 = 1024;
+const MAX_MPC_PATTERN_CHARS: usize = 128;
+
+/// A validated configuration with every secret resolved.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub worker_threads: usize,
+    pub accounts: BTreeMap<String, Account>,
+    pub upstream: UpstreamSettings,
+    pub tenants: BTreeMap<String, Tenant>,
+    pub audit: AuditSettings,
+    pub log: LogSettings,
+}
+
+/// A Plivo account or subaccount and the credentials only the gateway holds.
+pub struct Account {
+    pub auth_id: String,
+    pub auth_token: SecretString,
+    pub rate_limit: RateLimit,
+}
+
+pub struct UpstreamSettings {
+    pub base_url: BaseUrl,
+    pub ca_file: Option<PathBuf>,
+    /// Extra trust anchors read from `ca_file`, added to the webpki roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+}
+
+/// Where Plivo is: scheme and authority only, never a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl std::fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+pub struct Tenant {
+    pub tokens: Vec<TokenHash>,
+    pub allow: Vec<NamePattern>,
+    pub rate_limit: RateLimit,
+    pub account: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Everything that can be wrong with a config file, each with its key path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{}", join_lines(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One invalid value: `tenants.billing.rate_limit.burst: expected a positive integer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+fn join_lines(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads, parses, validates and resolves the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        Config::try_from(parse_raw(text)?)
+    }
+
+    /// A human summary for `check-config`: shapes and counts, never a secret or hash.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "listen: {}", self.listen);
+        let _ = writeln!(out, "admin_listen: {}", self.admin_listen);
+        let _ = writeln!(out, "upstream: {}", self.upstream.base_url);
+        for (name, account) in &self.accounts {
+            let _ = writeln!(
+                out,
+                "account {name}: rate limit {}/s burst {}",
+                account.rate_limit.per_second, account.rate_limit.burst
+            );
+        }
+        for (name, tenant) in &self.tenants {
+            let allow: Vec<&str> = tenant.allow.iter().map(NamePattern::as_str).collect();
+            let _ = writeln!(
+                out,
+                "tenant {name}: {} token(s), account {}, allow {:?}, rate limit {}/s burst {}",
+                tenant.tokens.len(),
+                tenant.account,
+                allow,
+                tenant.rate_limit.per_second,
+                tenant.rate_limit.burst
+            );
+        }
+        let _ = writeln!(
+            out,
+            "audit: {} (fsync {:?}, rotate at {} bytes, {})",
+            self.audit.path.display(),
+            self.audit.fsync,
+            self.audit.rotate_bytes,
+            if self.audit.hmac_key.is_some() {
+                "HMAC-keyed chain"
+            } else {
+                "SHA-256 chain"
+            }
+        );
+        out
+    }
+}
+
+/// Parses YAML into the raw types, naming the key path of the first error.
+pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path.is_empty() || path == "." {
+            ConfigError::Parse(inner.to_string())
+        } else {
+            ConfigError::Parse(format!("{path}: {inner}"))
+        }
+    })
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut errors = Errors::default();
+        let accounts = validate_accounts(&raw.accounts, &mut errors);
+        let upstream = validate_upstream(&raw.upstream, &mut errors);
+        let tenants = validate_tenants(&raw.tenants, &raw.accounts, &mut errors);
+        let audit = validate_audit(&raw.audit, &mut errors);
+        let log = validate_log(&raw.log, &mut errors);
+        match (upstream, audit, log) {
+            (Some(upstream), Some(audit), Some(log)) if errors.0.is_empty() => Ok(Config {
+                listen: raw.listen,
+                admin_listen: raw.admin_listen,
+                shutdown_grace: raw.shutdown_grace.0,
+                worker_threads: raw.worker_threads,
+                accounts,
+                upstream,
+                tenants,
+                audit,
+                log,
+            }),
+            _ => Err(ConfigError::Invalid(errors.0)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl std::fmt::Display) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.to_string(),
+        });
+    }
+}
+
+fn rate_limit(raw: RawRateLimit) -> RateLimit {
+    // PositiveInt already guarantees >= 1; the fallback can never be taken.
+    let non_zero = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+    RateLimit {
+        per_second: non_zero(raw.per_second.0),
+        burst: non_zero(raw.burst.0),
+    }
+}
+
+fn validate_accounts(
+    raw: &BTreeMap<String, RawAccount>,
+    errors: &mut Errors,
+) -> BTreeMap<String, Account> {
+    if raw.is_empty() {
+        errors.push("accounts", "at least one account is required");
+    }
+    let mut accounts = BTreeMap::new();
+    for (name, account) in raw {
+        let path = format!("accounts.{name}");
+        let auth_id = match account.auth_id.resolve_plain() {
+            Ok(id) if is_valid_auth_id(&id) => Some(id),
+            Ok(_) => {
+                errors.push(
+                    format!("{path}.auth_id"),
+                    "expected 1-64 ASCII letters and digits",
+                );
+                None
+            }
+            Err(err) => {
+                errors.push(format!("{path}.auth_id"), err);
+                None
+            }
+        };
+        let auth_token = account
+            .auth_token
+            .resolve_secret()
+            .map_err(|err| errors.push(format!("{path}.auth_token"), err))
+            .ok();
+        if let (Some(auth_id), Some(auth_token)) = (auth_id, auth_token) {
+            accounts.insert(
+                name.clone(),
+                Account {
+                    auth_id,
+                    auth_token,
+                    rate_limit: rate_limit(account.rate_limit),
+                },
+            );
+        }
+    }
+    accounts
+}
+
+/// Auth ids go into the upstream URL path, so they must be plain alphanumerics.
+fn is_valid_auth_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamSettings> {
+    let base_url = parse_base_url(&raw.base_url)
+        .map_err(|msg| errors.push("upstream.base_url", msg))
+        .ok();
+    let extra_roots = match &raw.ca_file {
+        None => Some(Vec::new()),
+        Some(path) => read_ca_file(path)
+            .map_err(|msg| errors.push("upstream.ca_file", msg))
+            .ok(),
+    };
+    for (key, value) in [
+        ("upstream.connect_timeout", raw.connect_timeout.0),
+        ("upstream.timeout", raw.timeout.0),
+    ] {
+        if value.is_zero() {
+            errors.push(key, "must be greater than zero");
+        }
+    }
+    if raw.max_attempts.0 > 10 {
+        errors.push("upstream.max_attempts", "expected at most 10 attempts");
+    }
+    Some(UpstreamSettings {
+        base_url: base_url?,
+        ca_file: raw.ca_file.clone(),
+        extra_roots: extra_roots?,
+        connect_timeout: raw.connect_timeout.0,
+        timeout: raw.timeout.0,
+        max_attempts: raw.max_attempts.0,
+    })
+}
+
+/// `https://host[:port]`, or `http://` to a loopback host only (the simulator): the
+/// credentials must never cross a network in the clear.
+fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|err| format!("not a valid URL: {err}"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or("expected an absolute URL like https://api.plivo.com")?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or("expected an absolute URL like https://api.plivo.com")?;
+    if authority.as_str().contains('@') {
+        return Err("must not contain credentials".into());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("expected scheme and host only, without a path or query".into());
+    }
+    if scheme == Scheme::HTTPS {
+        return Ok(BaseUrl { scheme, authority });
+    }
+    if scheme == Scheme::HTTP && is_loopback_host(authority.host()) {
+        return Ok(BaseUrl { scheme, authority });
+    }
+    Err("must be https (plain http is allowed only to a loopback address)".into())
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn validate_tenants(
+    raw: &BTreeMap<String, RawTenant>,
+    accounts: &BTreeMap<String, RawAccount>,
+    errors: &mut Errors,
+) -> BTreeMap<String, Tenant> {
+    if raw.is_empty() {
+        errors.push("tenants", "at least one tenant is required");
+    }
+    let mut owner_of: HashMap<TokenHash, &str> = HashMap::new();
+    let mut tenants = BTreeMap::new();
+    for (name, tenant) in raw {
+        let path = format!("tenants.{name}");
+        if !is_valid_tenant_name(name) {
+            errors.push(
+                &path,
+                "tenant names are 1-64 characters of letters, digits, '-', '_' and '.'",
+            );
+        }
+        let tokens = validate_tokens(&path, name, &tenant.tokens, &mut owner_of, errors);
+        let allow = validate_allow(&path, &tenant.allow, errors);
+        if !accounts.contains_key(&tenant.account) {
+            errors.push(
+                format!("{path}.account"),
+                format!("no account named {:?} in accounts", tenant.account),
+            );
+        }
+        tenants.insert(
+            name.clone(),
+            Tenant {
+                tokens,
+                allow,
+                rate_limit: rate_limit(tenant.rate_limit),
+                account: tenant.account.clone(),
+            },
+        );
+    }
+    tenants
+}
+
+/// Tenant names appear in metrics labels and audit records: keep them boring.
+fn is_valid_tenant_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn validate_tokens<'a>(
+    path: &str,
+    tenant: &'a str,
+    raw: &[String],
+    owner_of: &mut HashMap<TokenHash, &'a str>,
+    errors: &mut Errors,
+) -> Vec<TokenHash> {
+    if raw.is_empty() {
+        errors.push(format!("{path}.tokens"), "at least one token hash is required");
+    }
+    let mut tokens = Vec::new();
+    for (index, text) in raw.iter().enumerate() {
+        let key = format!("{path}.tokens[{index}]");
+        match text.parse::<TokenHash>() {
+            Ok(hash) => {
+                if let Some(other) = owner_of.insert(hash, tenant) {
+                    errors.push(key, format!("the same token hash is also listed for tenant {other}"));
+                } else {
+                    tokens.push(hash);
+                }
+            }
+            Err(err) => errors.push(key, err),
+        }
+    }
+    tokens
+}
+
+fn validate_allow(path: &str, raw: &[String], errors: &mut Errors) -> Vec<NamePattern> {
+    if raw.is_empty() {
+        errors.push(format!("{path}.allow"), "at least one name pattern is required");
+    }
+    let mut patterns = Vec::new();
+    for (index, pattern) in raw.iter().enumerate() {
+        let chars = pattern.chars().count();
+        if chars == 0 || chars > MAX_MPC_PATTERN_CHARS {
+            errors.push(
+                format!("{path}.allow[{index}]"),
+                "expected a pattern of 1-128 characters",
+            );
+        } else {
+            patterns.push(NamePattern::new(pattern));
+        }
+    }
+    patterns
+}
+
+fn validate_audit(raw: &raw::RawAudit, errors: &mut Errors) -> Option<AuditSettings> {
+    if raw.path.as_os_str().is_empty() {
+        errors.push("audit.path", "must not be empty");
+    }
+    if raw.rotate_bytes < MIN_ROTATE_BYTES {
+        errors.push(
+            "audit.rotate_bytes",
+            format!("expected at least {MIN_ROTATE_BYTES} bytes"),
+        );
+    }
+    let hmac_key = match &raw.hmac_key {
+        None => Some(None),
+        Some(source) => resolve_key(source)
+            .map(Some)
+            .map_err(|err| errors.push("audit.hmac_key", err))
+            .ok(),
+    };
+    Some(AuditSettings {
+        path: raw.path.clone(),
+        fsync: match raw.fsync {
+            raw::RawFsync::Always => Fsync::Always,
+            raw::RawFsync::Never => Fsync::Never,
+        },
+        rotate_bytes: raw.rotate_bytes,
+        hmac_key: hmac_key?,
+    })
+}
+
+fn resolve_key(source: &ValueSource) -> Result<SecretSlice<u8>, secret::ResolveError> {
+    let secret = source.resolve_secret()?;
+    Ok(SecretSlice::from(secret.expose_secret().as_bytes().to_vec()))
+}
+
+fn validate_log(raw: &raw::RawLog, errors: &mut Errors) -> Option<LogSettings> {
+    match tracing_subscriber::EnvFilter::try_new(&raw.level) {
+        Ok(_) => Some(LogSettings {
+            format: raw.format,
+            level: raw.level.clone(),
+        }),
+        Err(err) => {
+            errors.push("log.level", format!("not a valid level or filter: {err}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

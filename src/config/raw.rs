@@ -1,0 +1,242 @@
+//! The configuration file exactly as written: serde types with unknown keys rejected and
+//! defaults filled in. Nothing here is trusted; [`super::Config`] validates it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use super::secret::ValueSource;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+    #[serde(default)]
+    pub worker_threads: usize,
+    pub accounts: BTreeMap<String, RawAccount>,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    pub tenants: BTreeMap<String, RawTenant>,
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    pub auth_id: ValueSource,
+    pub auth_token: ValueSource,
+    #[serde(default = "default_account_rate_limit")]
+    pub rate_limit: RawRateLimit,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: PositiveInt,
+    pub burst: PositiveInt,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: PositiveInt,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            base_url: default_base_url(),
+            ca_file: None,
+            connect_timeout: default_connect_timeout(),
+            timeout: default_timeout(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub tokens: Vec<String>,
+    pub allow: Vec<String>,
+    #[serde(default = "default_tenant_rate_limit")]
+    pub rate_limit: RawRateLimit,
+    #[serde(default = "default_account_name")]
+    pub account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub fsync: RawFsync,
+    #[serde(default = "default_rotate_bytes")]
+    pub rotate_bytes: u64,
+    #[serde(default)]
+    pub hmac_key: Option<ValueSource>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawFsync {
+    #[default]
+    Always,
+    Never,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// How operational log lines are written.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Pretty,
+}
+
+/// A duration written the humantime way (`500ms`, `2s`, `1m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|err| {
+                de::Error::custom(format!(
+                    "expected a duration like 500ms, 2s or 1m, got {text:?} ({err})"
+                ))
+            })
+    }
+}
+
+/// An integer of at least 1, with an error message that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositiveInt(pub u32);
+
+impl<'de> Deserialize<'de> for PositiveInt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PositiveIntVisitor)
+    }
+}
+
+struct PositiveIntVisitor;
+
+impl Visitor<'_> for PositiveIntVisitor {
+    type Value = PositiveInt;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a positive integer")
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<PositiveInt, E> {
+        match u32::try_from(value) {
+            Ok(v) if v >= 1 => Ok(PositiveInt(v)),
+            _ => Err(E::custom(format!(
+                "expected a positive integer, got {value}"
+            ))),
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<PositiveInt, E> {
+        match u64::try_from(value) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!(
+                "expected a positive integer, got {value}"
+            ))),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<PositiveInt, E> {
+        Err(E::custom(format!(
+            "expected a positive integer, got {value}"
+        )))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<PositiveInt, E> {
+        Err(E::custom(format!(
+            "expected a positive integer, got {value:?}"
+        )))
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+fn default_account_rate_limit() -> RawRateLimit {
+    RawRateLimit {
+        per_second: PositiveInt(50),
+        burst: PositiveInt(50),
+    }
+}
+/// A tenant without its own limit is held only by its account's limit.
+fn default_tenant_rate_limit() -> RawRateLimit {
+    default_account_rate_limit()
+}
+fn default_base_url() -> String {
+    "https://api.plivo.com".to_owned()
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_max_attempts() -> PositiveInt {
+    PositiveInt(3)
+}
+fn default_account_name() -> String {
+    "default".to_owned()
+}
+fn default_rotate_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}

@@ -1,0 +1,196 @@
+//! Config loading tests on inline YAML.
+
+use super::*;
+use secrecy::ExposeSecret;
+
+/// A temp dir holding secret files, and a YAML template whose `{dir}` points at it.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("token"), "plivo-secret\n").expect("write");
+        std::fs::write(dir.path().join("key"), "audit-key").expect("write");
+        Fixture { dir }
+    }
+
+    fn yaml(&self, body: &str) -> String {
+        body.replace("{dir}", &self.dir.path().display().to_string())
+    }
+
+    fn load(&self, body: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(&self.yaml(body))
+    }
+}
+
+const MINIMAL: &str = r#"
+accounts:
+  default:
+    auth_id: MAXXXXXXXXXXXXXXXXXX
+    auth_token: {file: "{dir}/token"}
+tenants:
+  billing:
+    tokens: ["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    allow: ["billing-*"]
+    rate_limit: {per_second: 5, burst: 10}
+audit:
+  path: "{dir}/audit.jsonl"
+"#;
+
+fn messages(err: ConfigError) -> String {
+    err.to_string()
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let fixture = Fixture::new();
+    let config = fixture.load(MINIMAL).expect("valid");
+    assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+    assert_eq!(config.upstream.base_url.to_string(), "https://api.plivo.com");
+    assert_eq!(config.upstream.connect_timeout, Duration::from_secs(2));
+    assert_eq!(config.upstream.timeout, Duration::from_secs(10));
+    assert_eq!(config.upstream.max_attempts, 3);
+    let account = &config.accounts["default"];
+    assert_eq!(account.auth_token.expose_secret(), "plivo-secret");
+    assert_eq!(account.rate_limit.per_second.get(), 50);
+    assert_eq!(account.rate_limit.burst.get(), 50);
+    let tenant = &config.tenants["billing"];
+    assert_eq!(tenant.account, "default");
+    assert_eq!(tenant.rate_limit.burst.get(), 10);
+    assert_eq!(config.audit.fsync, Fsync::Always);
+    assert_eq!(config.audit.rotate_bytes, 104_857_600);
+    assert!(config.audit.hmac_key.is_none());
+    assert_eq!(config.log.format, LogFormat::Json);
+}
+
+#[test]
+fn the_example_config_in_the_repo_parses() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/gateway.yaml"))
+        .expect("config/gateway.yaml exists");
+    parse_raw(&text).expect("config/gateway.yaml parses");
+}
+
+#[test]
+fn unknown_key_is_reported_with_its_path() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace("    allow:", "    allwo: [x]\n    allow:");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.starts_with("tenants.billing: unknown field `allwo`"), "{err}");
+}
+
+#[test]
+fn non_positive_burst_names_the_key() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace("burst: 10", "burst: 0");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.starts_with("tenants.billing.rate_limit.burst: expected a positive integer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let fixture = Fixture::new();
+    let yaml = format!("{MINIMAL}upstream:\n  timeout: soon\n");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.starts_with("upstream.timeout: expected a duration"), "{err}");
+}
+
+#[test]
+fn literal_secret_is_a_config_error() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace("{file: \"{dir}/token\"}", "hunter2");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("accounts.default.auth_token: a secret must come from"), "{err}");
+    assert!(!err.contains("hunter2"));
+}
+
+#[test]
+fn missing_secret_file_and_env_are_reported() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL
+        .replace("{dir}/token", "{dir}/missing")
+        .replace("MAXXXXXXXXXXXXXXXXXX", "{env: MPC_GATEWAY_TEST_UNSET_AUTH_ID}");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("accounts.default.auth_token: cannot read"), "{err}");
+    assert!(
+        err.contains("accounts.default.auth_id: environment variable MPC_GATEWAY_TEST_UNSET_AUTH_ID"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_token_hash_and_unknown_account_are_all_reported() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL
+        .replace("sha256:2c26", "sha256:XX26")
+        .replace("    rate_limit: {per_second: 5", "    account: nope\n    rate_limit: {per_second: 5");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("tenants.billing.tokens[0]: expected \"sha256:\""), "{err}");
+    assert!(err.contains("tenants.billing.account: no account named \"nope\""), "{err}");
+}
+
+#[test]
+fn same_token_for_two_tenants_is_refused() {
+    let fixture = Fixture::new();
+    let second_tenant = "  other:\n    tokens: [\"sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\"]\n    allow: [\"*\"]\naudit:";
+    let yaml = MINIMAL.replace("audit:", second_tenant);
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.contains("tenants.other.tokens[0]: the same token hash is also listed for tenant billing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn base_url_rules() {
+    assert!(parse_base_url("https://api.plivo.com").is_ok());
+    assert!(parse_base_url("https://localhost:8443/").is_ok());
+    assert!(parse_base_url("http://127.0.0.1:8000").is_ok());
+    assert!(parse_base_url("http://[::1]:8000").is_ok());
+    assert!(parse_base_url("http://localhost:8000").is_ok());
+    assert!(parse_base_url("http://api.plivo.com").is_err());
+    assert!(parse_base_url("https://api.plivo.com/v1").is_err());
+    assert!(parse_base_url("https://u:p@api.plivo.com").is_err());
+    assert!(parse_base_url("api.plivo.com").is_err());
+    assert!(parse_base_url("ftp://api.plivo.com").is_err());
+}
+
+#[test]
+fn rotate_bytes_below_minimum_is_an_error() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace(
+        "  path: \"{dir}/audit.jsonl\"",
+        "  path: \"{dir}/audit.jsonl\"\n  rotate_bytes: 100",
+    );
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("audit.rotate_bytes: expected at least 1024"), "{err}");
+}
+
+#[test]
+fn hmac_key_from_file_is_trimmed_bytes() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace(
+        "  path: \"{dir}/audit.jsonl\"",
+        "  path: \"{dir}/audit.jsonl\"\n  hmac_key: {file: \"{dir}/key\"}\n  fsync: never",
+    );
+    let config = fixture.load(&yaml).expect("valid");
+    let key = config.audit.hmac_key.expect("key");
+    assert_eq!(key.expose_secret(), b"audit-key");
+    assert_eq!(config.audit.fsync, Fsync::Never);
+}
+
+#[test]
+fn summary_holds_no_secret_or_hash() {
+    let fixture = Fixture::new();
+    let config = fixture.load(MINIMAL).expect("valid");
+    let summary = config.summary();
+    assert!(summary.contains("tenant billing: 1 token(s)"));
+    assert!(!summary.contains("plivo-secret"));
+    assert!(!summary.contains("2c26b46b"));
+}

@@ -1,0 +1,86 @@
+//! `mpc-gateway demo`: the real gateway in front of the built-in Plivo simulator, both on
+//! loopback, so anyone can watch an MPC being ended without Plivo credentials.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use rand::RngCore;
+
+use crate::config::{BaseUrl, Config};
+use crate::server::{build_runtime, RunningGateway, StartOptions};
+use crate::simulator::{generate_pki, Liveness, SimTls, Simulator, SimulatorConfig};
+
+const DEMO_CONFIG: &str = "config/demo.yaml";
+/// The token whose hash is in config/demo.yaml. It opens nothing but the demo.
+pub const DEMO_TOKEN: &str = "mpcgw_demo_token_for_the_simulator_only";
+const DEMO_AUTH_ID: &str = "MADEMO0000SIMULATOR0";
+
+pub fn run() -> anyhow::Result<()> {
+    let auth_token = random_secret();
+    // The config names these variables; set them before any thread exists.
+    std::env::set_var("MPC_GATEWAY_DEMO_AUTH_ID", DEMO_AUTH_ID);
+    std::env::set_var("MPC_GATEWAY_DEMO_AUTH_TOKEN", &auth_token);
+    let mut config = Config::load(Path::new(DEMO_CONFIG))
+        .with_context(|| format!("loading {DEMO_CONFIG} (run the demo from the repository root)"))?;
+    crate::telemetry::init_tracing(&config.log);
+    if let Some(dir) = config.audit.path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the audit directory {}", dir.display()))?;
+    }
+    let runtime = build_runtime(0)?;
+    runtime.block_on(async move {
+        let pki = generate_pki(&["localhost", "127.0.0.1"]).context("making the simulator's CA")?;
+        let mut sim_config = SimulatorConfig::new(DEMO_AUTH_ID, auth_token);
+        sim_config.tls = Some(SimTls {
+            cert_chain_pem: pki.server_cert_pem.clone(),
+            key_pem: pki.server_key_pem.clone(),
+        });
+        sim_config.liveness = Liveness::AllNames { forget_ended: false };
+        sim_config.record = false;
+        let simulator = Simulator::start(sim_config).await.context("starting the simulator")?;
+        point_at_simulator(&mut config, &simulator, &pki.ca_cert_pem)?;
+        let running = RunningGateway::start(&config, StartOptions::default())
+            .await
+            .context("starting the gateway")?;
+        print_instructions(&running, &simulator, &config);
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        running.shutdown().await?;
+        simulator.shutdown().await;
+        Ok(())
+    })
+}
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn point_at_simulator(config: &mut Config, simulator: &Simulator, ca_pem: &str) -> anyhow::Result<()> {
+    let uri: http::Uri = simulator.base_url().parse().context("simulator URL")?;
+    config.upstream.base_url = BaseUrl {
+        scheme: uri.scheme().cloned().context("simulator URL has no scheme")?,
+        authority: uri.authority().cloned().context("simulator URL has no host")?,
+    };
+    config.upstream.extra_roots = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the simulator's CA")?;
+    Ok(())
+}
+
+fn print_instructions(running: &RunningGateway, simulator: &Simulator, config: &Config) {
+    let addr = running.local_addr();
+    println!();
+    println!("mpc-gateway demo is running (Ctrl-C to stop)");
+    println!("  gateway    http://{addr}   (admin: http://{}/metrics)", running.admin_addr());
+    println!("  simulator  {}   (stands in for api.plivo.com, over TLS)", simulator.base_url());
+    println!("  audit log  {}", config.audit.path.display());
+    println!();
+    println!("End an MPC through the gateway (any name starting with demo-; a second call gives 404):");
+    println!("  curl -i -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{addr}/mpc/demo-standup/end");
+    println!();
+    println!("Then check the audit chain:");
+    println!("  cargo run --release -- audit verify {}", config.audit.path.display());
+    println!();
+}

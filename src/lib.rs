@@ -1,0 +1,26 @@
+//! mpc-gateway: the only holder of the Plivo credentials. Internal services ask it to end
+//! a multiparty call (MPC); it authenticates, authorizes, rate-limits and audits the
+//! request before it sends the authenticated DELETE to Plivo.
+//!
+//! The request path, in order, lives in [`gateway`]; everything else is one concern per
+//! module.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod mpc_name;
+pub mod problem;
+pub mod rate_limit;
+pub mod request_id;
+pub mod server;
+pub mod simulator;
+pub mod telemetry;
+pub mod upstream;
+
+/// The version sent upstream in `User-Agent: mpc-gateway/{version}`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,292 @@
+//! The one place where a refusal or failure becomes an HTTP status, a problem slug and an
+//! RFC 9457 `application/problem+json` body.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::mpc_name::InvalidMpcName;
+
+/// Why a request was not answered with success. Each variant has exactly one status and
+/// one slug.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("the request is malformed: {0}")]
+    BadRequest(&'static str),
+    #[error("the request line is longer than 8 KiB")]
+    UriTooLong,
+    #[error("the request headers are larger than 32 KiB")]
+    HeadersTooLarge,
+    #[error("no such route")]
+    NotFound,
+    #[error("only POST is allowed here")]
+    MethodNotAllowed,
+    #[error("the request body is larger than 4 KiB")]
+    PayloadTooLarge,
+    #[error("a valid Bearer token is required")]
+    Unauthenticated,
+    #[error("{0}")]
+    InvalidMpcName(InvalidMpcName),
+    #[error("this tenant may not end that MPC")]
+    Forbidden,
+    #[error("the {limit} rate limit is exhausted")]
+    RateLimited {
+        limit: &'static str,
+        retry_after: u64,
+        policy: String,
+        state: String,
+    },
+    #[error("the audit log cannot be written; the request was not forwarded")]
+    AuditUnavailable,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("{}", upstream_detail("Plivo has no active MPC by that name", .api_id, .error))]
+    MpcNotFound {
+        api_id: Option<String>,
+        error: Option<String>,
+    },
+    #[error("{}", upstream_detail("Plivo rate-limited the account", .api_id, &None))]
+    UpstreamRateLimited {
+        retry_after: u64,
+        api_id: Option<String>,
+    },
+    #[error("{}", upstream_detail("Plivo rejected the gateway's credentials", .api_id, &None))]
+    UpstreamCredentialsRejected { api_id: Option<String> },
+    #[error("{}", upstream_detail(&format!("Plivo answered {status}"), .api_id, .error))]
+    UpstreamError {
+        status: u16,
+        api_id: Option<String>,
+        error: Option<String>,
+    },
+    #[error("Plivo could not be reached")]
+    UpstreamUnavailable,
+    #[error("Plivo did not answer in time")]
+    UpstreamTimeout,
+}
+
+fn upstream_detail(what: &str, api_id: &Option<String>, error: &Option<String>) -> String {
+    let mut detail = what.to_owned();
+    if let Some(error) = error {
+        detail.push_str(&format!(": {error}"));
+    }
+    if let Some(api_id) = api_id {
+        detail.push_str(&format!(" (api_id {api_id})"));
+    }
+    detail
+}
+
+impl Problem {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Problem::BadRequest(_) | Problem::InvalidMpcName(_) => StatusCode::BAD_REQUEST,
+            Problem::UriTooLong => StatusCode::URI_TOO_LONG,
+            Problem::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Problem::NotFound | Problem::MpcNotFound { .. } => StatusCode::NOT_FOUND,
+            Problem::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Problem::Forbidden => StatusCode::FORBIDDEN,
+            Problem::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Problem::AuditUnavailable
+            | Problem::ShuttingDown
+            | Problem::UpstreamRateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::UpstreamCredentialsRejected { .. }
+            | Problem::UpstreamError { .. }
+            | Problem::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The problem slug: `type` is `urn:mpc-gateway:<slug>`; also the audit `reason`.
+    pub fn slug(&self) -> &'static str {
+        match self {
+            Problem::BadRequest(_) => "bad-request",
+            Problem::UriTooLong => "uri-too-long",
+            Problem::HeadersTooLarge => "request-header-fields-too-large",
+            Problem::NotFound => "not-found",
+            Problem::MethodNotAllowed => "method-not-allowed",
+            Problem::PayloadTooLarge => "payload-too-large",
+            Problem::Unauthenticated => "unauthenticated",
+            Problem::InvalidMpcName(_) => "invalid-mpc-name",
+            Problem::Forbidden => "forbidden",
+            Problem::RateLimited { .. } => "rate-limited",
+            Problem::AuditUnavailable => "audit-unavailable",
+            Problem::ShuttingDown => "shutting-down",
+            Problem::MpcNotFound { .. } => "mpc-not-found",
+            Problem::UpstreamRateLimited { .. } => "upstream-rate-limited",
+            Problem::UpstreamCredentialsRejected { .. } => "upstream-credentials-rejected",
+            Problem::UpstreamError { .. } => "upstream-error",
+            Problem::UpstreamUnavailable => "upstream-unavailable",
+            Problem::UpstreamTimeout => "upstream-timeout",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Problem::BadRequest(_) => "Bad request",
+            Problem::UriTooLong => "Request line too long",
+            Problem::HeadersTooLarge => "Request headers too large",
+            Problem::NotFound => "Not found",
+            Problem::MethodNotAllowed => "Method not allowed",
+            Problem::PayloadTooLarge => "Payload too large",
+            Problem::Unauthenticated => "Unauthenticated",
+            Problem::InvalidMpcName(_) => "Invalid MPC name",
+            Problem::Forbidden => "Forbidden",
+            Problem::RateLimited { .. } => "Rate limited",
+            Problem::AuditUnavailable => "Audit log unavailable",
+            Problem::ShuttingDown => "Shutting down",
+            Problem::MpcNotFound { .. } => "MPC not found",
+            Problem::UpstreamRateLimited { .. } => "Upstream rate limited",
+            Problem::UpstreamCredentialsRejected { .. } => "Upstream rejected credentials",
+            Problem::UpstreamError { .. } => "Upstream error",
+            Problem::UpstreamUnavailable => "Upstream unavailable",
+            Problem::UpstreamTimeout => "Upstream timeout",
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Problem::RateLimited { retry_after, .. }
+            | Problem::UpstreamRateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Plivo's `api_id`, when Plivo answered.
+    pub fn plivo_api_id(&self) -> Option<&str> {
+        match self {
+            Problem::MpcNotFound { api_id, .. }
+            | Problem::UpstreamRateLimited { api_id, .. }
+            | Problem::UpstreamCredentialsRejected { api_id }
+            | Problem::UpstreamError { api_id, .. } => api_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection must not be reused after this answer.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Problem::BadRequest(_) | Problem::ShuttingDown)
+    }
+
+    /// Builds the full response: status, problem body and the headers this problem needs.
+    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
+        let body = ProblemBody {
+            kind: format!("urn:mpc-gateway:{}", self.slug()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.to_string(),
+            request_id,
+            retry_after: self.retry_after(),
+        };
+        // Serializing plain strings and integers cannot fail; an empty body would still be
+        // a valid refusal should it ever happen.
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(bytes)));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        match self {
+            Problem::Unauthenticated => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Problem::MethodNotAllowed => {
+                headers.insert(ALLOW, HeaderValue::from_static("POST"));
+            }
+            Problem::RateLimited { policy, state, .. } => {
+                insert_text(headers, "ratelimit-policy", policy);
+                insert_text(headers, "ratelimit", state);
+            }
+            _ => {}
+        }
+        if self.closes_connection() {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+fn insert_text(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+#[derive(Serialize)]
+struct ProblemBody<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'static str,
+    status: u16,
+    detail: String,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(response: Response<Full<Bytes>>) -> serde_json::Value {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("full body")
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_body_and_headers() {
+        let response = Problem::Unauthenticated.to_response("req-1");
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
+        let body = body_json(response).await;
+        assert_eq!(body["type"], "urn:mpc-gateway:unauthenticated");
+        assert_eq!(body["status"], 401);
+        assert_eq!(body["request_id"], "req-1");
+        assert!(body.get("retry_after").is_none());
+    }
+
+    #[tokio::test]
+    async fn rate_limited_carries_retry_after_in_header_and_body() {
+        let problem = Problem::RateLimited {
+            limit: "tenant",
+            retry_after: 2,
+            policy: "\"tenant\";q=10;w=2".into(),
+            state: "\"tenant\";r=0;t=2".into(),
+        };
+        let response = problem.to_response("r");
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[RETRY_AFTER], "2");
+        assert_eq!(response.headers()["ratelimit-policy"], "\"tenant\";q=10;w=2");
+        assert_eq!(response.headers()["ratelimit"], "\"tenant\";r=0;t=2");
+        assert_eq!(body_json(response).await["retry_after"], 2);
+    }
+
+    #[test]
+    fn upstream_detail_carries_plivo_ids_only() {
+        let problem = Problem::MpcNotFound {
+            api_id: Some("abc".into()),
+            error: Some("not found".into()),
+        };
+        assert_eq!(
+            problem.to_string(),
+            "Plivo has no active MPC by that name: not found (api_id abc)"
+        );
+        assert_eq!(problem.status(), 404);
+        assert_eq!(Problem::UpstreamTimeout.status(), 504);
+        assert_eq!(Problem::MethodNotAllowed.to_response("r").headers()[ALLOW], "POST");
+    }
+}

@@ -1,0 +1,368 @@
+//! Per-tenant and per-account GCRA limits (governor), the `RateLimit`/`RateLimit-Policy`
+//! header values of draft-ietf-httpapi-ratelimit-headers, and the limiter set that keeps
+//! its state across config reloads. The clock is injectable so tests never sleep.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, Reference};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{NotUntil, Quota, RateLimiter};
+
+/// A configured limit: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl RateLimit {
+    fn quota(&self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+
+    /// `w` of the policy header: the window in which the whole burst replenishes.
+    fn window_secs(&self) -> u32 {
+        self.burst.get().div_ceil(self.per_second.get())
+    }
+}
+
+/// Which of the two limits a decision came from; also the policy name in the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    Tenant,
+    Account,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Tenant => "tenant",
+            LimitKind::Account => "account",
+        }
+    }
+}
+
+/// The clock the limiters read. Production uses the monotonic clock; tests use a manual
+/// one they advance by hand.
+#[derive(Debug, Clone)]
+pub enum LimiterClock {
+    Monotonic { origin: Instant },
+    Manual(ManualClock),
+}
+
+impl LimiterClock {
+    pub fn monotonic() -> LimiterClock {
+        LimiterClock::Monotonic {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Clock for LimiterClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        match self {
+            LimiterClock::Monotonic { origin } => Nanos::from(origin.elapsed()),
+            LimiterClock::Manual(manual) => Nanos::from(manual.nanos.load(Ordering::Acquire)),
+        }
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    nanos: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::AcqRel);
+    }
+}
+
+/// The outcome of one check, with what the response headers need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed {
+        remaining: u32,
+        reset_secs: u64,
+    },
+    Refused {
+        retry_after_secs: u64,
+    },
+}
+
+type GcraLimiter = RateLimiter<NotKeyed, InMemoryState, LimiterClock, StateInformationMiddleware>;
+
+/// One GCRA bucket (one tenant or one account).
+#[derive(Debug)]
+pub struct Limiter {
+    kind: LimitKind,
+    limit: RateLimit,
+    clock: LimiterClock,
+    gcra: GcraLimiter,
+}
+
+impl Limiter {
+    pub fn new(kind: LimitKind, limit: RateLimit, clock: LimiterClock) -> Limiter {
+        let gcra = RateLimiter::direct_with_clock(limit.quota(), clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Limiter {
+            kind,
+            limit,
+            clock,
+            gcra,
+        }
+    }
+
+    pub fn kind(&self) -> LimitKind {
+        self.kind
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    pub fn check(&self) -> Decision {
+        match self.gcra.check() {
+            Ok(snapshot) => self.allowed(&snapshot),
+            Err(not_until) => self.refused(&not_until),
+        }
+    }
+
+    fn allowed(&self, snapshot: &StateSnapshot) -> Decision {
+        let remaining = snapshot.remaining_burst_capacity();
+        // With no burst left, the next request is admitted once one more cell has
+        // replenished, which is at most one emission interval away.
+        let reset_secs = if remaining > 0 {
+            0
+        } else {
+            ceil_secs(self.limit.quota().replenish_interval())
+        };
+        Decision::Allowed {
+            remaining,
+            reset_secs,
+        }
+    }
+
+    fn refused(&self, not_until: &NotUntil<Nanos>) -> Decision {
+        let now = self.clock.now();
+        let wait = not_until.earliest_possible().duration_since(now);
+        Decision::Refused {
+            retry_after_secs: ceil_secs(Duration::from(wait)).max(1),
+        }
+    }
+
+    /// `RateLimit-Policy: "<kind>";q=<burst>;w=<window>`.
+    pub fn policy_header(&self) -> String {
+        format!(
+            "\"{}\";q={};w={}",
+            self.kind.as_str(),
+            self.limit.burst,
+            self.limit.window_secs()
+        )
+    }
+
+    /// `RateLimit: "<kind>";r=<remaining>;t=<seconds>` for a decision of this limiter.
+    pub fn state_header(&self, decision: Decision) -> String {
+        let (remaining, reset) = match decision {
+            Decision::Allowed {
+                remaining,
+                reset_secs,
+            } => (remaining, reset_secs),
+            Decision::Refused { retry_after_secs } => (0, retry_after_secs),
+        };
+        format!("\"{}\";r={remaining};t={reset}", self.kind.as_str())
+    }
+}
+
+fn ceil_secs(duration: Duration) -> u64 {
+    let secs = duration.as_secs();
+    if duration.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    }
+}
+
+/// Every tenant's and every account's limiter, by name.
+#[derive(Debug, Default)]
+pub struct LimiterSet {
+    tenants: HashMap<String, Arc<Limiter>>,
+    accounts: HashMap<String, Arc<Limiter>>,
+}
+
+impl LimiterSet {
+    /// Builds the limiters for a (re)loaded config. A limiter whose limit did not change
+    /// is carried over from `previous`, so a reload neither resets nor refills anyone.
+    pub fn rebuild<'a>(
+        previous: Option<&LimiterSet>,
+        tenants: impl IntoIterator<Item = (&'a str, RateLimit)>,
+        accounts: impl IntoIterator<Item = (&'a str, RateLimit)>,
+        clock: &LimiterClock,
+    ) -> LimiterSet {
+        let carry = |kind: LimitKind, name: &str, limit: RateLimit| {
+            let old = previous.and_then(|set| set.map(kind).get(name));
+            match old {
+                Some(limiter) if limiter.limit == limit => Arc::clone(limiter),
+                _ => Arc::new(Limiter::new(kind, limit, clock.clone())),
+            }
+        };
+        LimiterSet {
+            tenants: tenants
+                .into_iter()
+                .map(|(name, limit)| (name.to_owned(), carry(LimitKind::Tenant, name, limit)))
+                .collect(),
+            accounts: accounts
+                .into_iter()
+                .map(|(name, limit)| (name.to_owned(), carry(LimitKind::Account, name, limit)))
+                .collect(),
+        }
+    }
+
+    fn map(&self, kind: LimitKind) -> &HashMap<String, Arc<Limiter>> {
+        match kind {
+            LimitKind::Tenant => &self.tenants,
+            LimitKind::Account => &self.accounts,
+        }
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&Arc<Limiter>> {
+        self.tenants.get(name)
+    }
+
+    pub fn account(&self, name: &str) -> Option<&Arc<Limiter>> {
+        self.accounts.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second: NonZeroU32::new(per_second).expect("non-zero"),
+            burst: NonZeroU32::new(burst).expect("non-zero"),
+        }
+    }
+
+    fn manual() -> (ManualClock, LimiterClock) {
+        let manual = ManualClock::default();
+        (manual.clone(), LimiterClock::Manual(manual))
+    }
+
+    #[test]
+    fn burst_then_refusal_then_replenish() {
+        let (time, clock) = manual();
+        let limiter = Limiter::new(LimitKind::Tenant, limit(5, 3), clock);
+        assert_eq!(
+            limiter.check(),
+            Decision::Allowed {
+                remaining: 2,
+                reset_secs: 0
+            }
+        );
+        assert_eq!(
+            limiter.check(),
+            Decision::Allowed {
+                remaining: 1,
+                reset_secs: 0
+            }
+        );
+        assert_eq!(
+            limiter.check(),
+            Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            }
+        );
+        assert_eq!(
+            limiter.check(),
+            Decision::Refused {
+                retry_after_secs: 1
+            }
+        );
+        time.advance(Duration::from_millis(200));
+        assert!(matches!(limiter.check(), Decision::Allowed { .. }));
+        assert!(matches!(limiter.check(), Decision::Refused { .. }));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let (time, clock) = manual();
+        // One request per second, burst 1: after using it, the wait is a full second.
+        let limiter = Limiter::new(LimitKind::Account, limit(1, 1), clock);
+        assert!(matches!(limiter.check(), Decision::Allowed { .. }));
+        time.advance(Duration::from_millis(100));
+        assert_eq!(
+            limiter.check(),
+            Decision::Refused {
+                retry_after_secs: 1
+            }
+        );
+        time.advance(Duration::from_millis(900));
+        assert!(matches!(limiter.check(), Decision::Allowed { .. }));
+    }
+
+    #[test]
+    fn header_values() {
+        let (_, clock) = manual();
+        let limiter = Limiter::new(LimitKind::Tenant, limit(5, 10), clock);
+        assert_eq!(limiter.policy_header(), "\"tenant\";q=10;w=2");
+        let decision = limiter.check();
+        assert_eq!(limiter.state_header(decision), "\"tenant\";r=9;t=0");
+        assert_eq!(
+            limiter.state_header(Decision::Refused {
+                retry_after_secs: 3
+            }),
+            "\"tenant\";r=0;t=3"
+        );
+    }
+
+    #[test]
+    fn rebuild_keeps_state_of_unchanged_limits_only() {
+        let (_, clock) = manual();
+        let first = LimiterSet::rebuild(
+            None,
+            [("a", limit(1, 1)), ("b", limit(1, 1))],
+            [("default", limit(50, 50))],
+            &clock,
+        );
+        assert!(matches!(
+            first.tenant("a").expect("a").check(),
+            Decision::Allowed { .. }
+        ));
+        assert!(matches!(
+            first.tenant("b").expect("b").check(),
+            Decision::Allowed { .. }
+        ));
+        let second = LimiterSet::rebuild(
+            Some(&first),
+            [("a", limit(1, 1)), ("b", limit(2, 2))],
+            [("default", limit(50, 50))],
+            &clock,
+        );
+        // a kept its exhausted bucket; b changed and starts fresh.
+        assert!(matches!(
+            second.tenant("a").expect("a").check(),
+            Decision::Refused { .. }
+        ));
+        assert!(matches!(
+            second.tenant("b").expect("b").check(),
+            Decision::Allowed { .. }
+        ));
+        assert!(Arc::ptr_eq(
+            first.account("default").expect("acct"),
+            second.account("default").expect("acct")
+        ));
+    }
+}

@@ -1,0 +1,381 @@
+//! The listeners: the data listener (HTTP/1.1 and h2c, hardened against slow and
+//! oversized input) serving [`Gateway`], the admin listener, graceful drain, and the
+//! `serve` command's signal handling (SIGHUP reload, SIGTERM/SIGINT drain).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tower::ServiceBuilder;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::admin;
+use crate::audit::{AuditError, AuditLog};
+use crate::config::{Config, ConfigError};
+use crate::gateway::{ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
+use crate::rate_limit::LimiterClock;
+use crate::request_id::RequestIdLayer;
+use crate::telemetry::Metrics;
+use crate::upstream::UpstreamBuildError;
+
+/// A client must send its whole request head within this time (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections beyond this wait in the kernel's accept queue instead of costing memory.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Hyper's read buffer: room for the longest request line and header block the contract
+/// allows, so the gateway (not hyper) decides between 414 and 431 below this size.
+const MAX_HEAD_BYTES: usize = MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES + 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the audit log: {0}")]
+    Audit(#[from] AuditError),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamBuildError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamBuildError),
+}
+
+/// Knobs tests turn; production uses the defaults.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub limiter_clock: LimiterClock,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            limiter_clock: LimiterClock::monotonic(),
+        }
+    }
+}
+
+/// A started gateway: both listeners bound and serving.
+pub struct RunningGateway {
+    gateway: Gateway,
+    local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    stop_accepting: watch::Sender<bool>,
+    data_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    shutdown_grace: Duration,
+    settings_at_start: RestartOnlySettings,
+}
+
+/// Settings a reload cannot change (they need a restart); compared to warn about it.
+#[derive(PartialEq, Eq)]
+struct RestartOnlySettings {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    audit: String,
+    worker_threads: usize,
+}
+
+impl RestartOnlySettings {
+    fn of(config: &Config) -> RestartOnlySettings {
+        RestartOnlySettings {
+            listen: config.listen,
+            admin_listen: config.admin_listen,
+            audit: format!(
+                "{}|{:?}|{}|{}",
+                config.audit.path.display(),
+                config.audit.fsync,
+                config.audit.rotate_bytes,
+                config.audit.hmac_key.is_some()
+            ),
+            worker_threads: config.worker_threads,
+        }
+    }
+}
+
+impl RunningGateway {
+    /// Opens the audit log, binds both listeners and starts serving.
+    pub async fn start(config: &Config, options: StartOptions) -> Result<RunningGateway, StartError> {
+        let audit = AuditLog::open(clone_audit_settings(config))?;
+        let metrics = Arc::new(Metrics::new());
+        let gateway = Gateway::new(config, audit, metrics, options.limiter_clock)?;
+        let data = bind(config.listen).await?;
+        let admin = bind(config.admin_listen).await?;
+        let local_addr = local_addr(&data, config.listen)?;
+        let admin_addr = local_addr_of(&admin, config.admin_listen)?;
+        let (stop_accepting, stopped) = watch::channel(false);
+        let data_task = tokio::spawn(serve_data(
+            data,
+            gateway.clone(),
+            stopped,
+            config.shutdown_grace,
+        ));
+        let admin_task = tokio::spawn(admin::serve(admin, gateway.clone()));
+        tracing::info!(%local_addr, %admin_addr, "mpc-gateway listening");
+        Ok(RunningGateway {
+            gateway,
+            local_addr,
+            admin_addr,
+            stop_accepting,
+            data_task,
+            admin_task,
+            shutdown_grace: config.shutdown_grace,
+            settings_at_start: RestartOnlySettings::of(config),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Re-reads the config file and its secrets; on any error the running config stays.
+    pub fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
+        let result = Config::load(path)
+            .map_err(ReloadError::from)
+            .and_then(|config| self.reload(&config));
+        self.gateway.metrics().config_reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(err) => tracing::error!(error = %err, "configuration reload failed; keeping the running configuration"),
+        }
+        result
+    }
+
+    fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        if RestartOnlySettings::of(config) != self.settings_at_start {
+            tracing::warn!("listen, admin_listen, worker_threads and audit settings take effect only after a restart");
+        }
+        self.gateway.reload(config)?;
+        Ok(())
+    }
+
+    /// Drains: readiness fails at once, the listener stops accepting, in-flight requests
+    /// get up to `shutdown_grace`, then the audit log is flushed and fsynced.
+    pub async fn shutdown(self) -> Result<(), AuditError> {
+        self.gateway.start_draining();
+        let _ = self.stop_accepting.send(true);
+        let grace = self.shutdown_grace;
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.data_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after shutdown_grace; closing them");
+        }
+        let closed = self.gateway.audit().close().await;
+        self.admin_task.abort();
+        closed
+    }
+}
+
+fn clone_audit_settings(config: &Config) -> crate::audit::AuditSettings {
+    use secrecy::ExposeSecret;
+    crate::audit::AuditSettings {
+        path: config.audit.path.clone(),
+        fsync: config.audit.fsync,
+        rotate_bytes: config.audit.rotate_bytes,
+        hmac_key: config
+            .audit
+            .hmac_key
+            .as_ref()
+            .map(|key| secrecy::SecretSlice::from(key.expose_secret().to_vec())),
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    local_addr_of(listener, addr)
+}
+
+fn local_addr_of(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(256)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+async fn serve_data(
+    listener: TcpListener,
+    gateway: Gateway,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let builder = http_builder();
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => permit,
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = permit else { break };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), data_service(&gateway, peer))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let metrics = Arc::clone(gateway.metrics());
+        tokio::spawn(async move {
+            metrics.connection_opened();
+            if let Err(err) = connection.await {
+                record_connection_error(&metrics, err.as_ref());
+            }
+            metrics.connection_closed();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("shutdown_grace elapsed with requests still in flight");
+        }
+    }
+}
+
+/// The data listener's per-connection service, in request order.
+fn data_service(
+    gateway: &Gateway,
+    peer: SocketAddr,
+) -> TowerToHyperService<
+    impl tower::Service<
+            Request<Incoming>,
+            Response = http::Response<http_body_util::Full<bytes::Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone,
+> {
+    let gateway = gateway.clone();
+    let stack = ServiceBuilder::new()
+        .layer(RequestIdLayer)
+        .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+        .service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ClientAddr(peer));
+            let gateway = gateway.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+        });
+    TowerToHyperService::new(stack)
+}
+
+/// Counts what the HTTP layer refused before a request reached the gateway.
+fn record_connection_error(metrics: &Metrics, err: &(dyn std::error::Error + 'static)) {
+    let kind = match err.downcast_ref::<hyper::Error>() {
+        Some(e) if e.is_parse_too_large() => "too-large",
+        Some(e) if e.is_parse() => "malformed",
+        Some(e) if e.is_timeout() => "header-timeout",
+        Some(_) => "io",
+        None => "other",
+    };
+    metrics.http_rejected(kind);
+    tracing::debug!(kind, error = %err, "connection ended with an error");
+}
+
+/// `mpc-gateway serve`: runs until SIGTERM/SIGINT; SIGHUP reloads.
+pub fn run_serve(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    crate::telemetry::init_tracing(&config.log);
+    let runtime = build_runtime(config.worker_threads)?;
+    runtime.block_on(serve_until_signalled(config, config_path))
+}
+
+/// A multi-threaded runtime with `worker_threads` workers (0 = one per CPU).
+pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let running = RunningGateway::start(&config, StartOptions::default()).await?;
+    drop(config);
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                let _ = running.reload_from(&config_path);
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("draining");
+    running.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects to an address; used by tests and the demo to wait for a listener.
+pub async fn wait_for_listener(addr: SocketAddr, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}

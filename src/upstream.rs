@@ -1,0 +1,447 @@
+//! The call to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` over a
+//! pooled rustls client, with a per-attempt connect timeout, one deadline over all
+//! attempts, jittered exponential backoff on connect errors and 502/503/504, and the
+//! mapping of Plivo's answer to what the caller gets.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
+
+use crate::config::{Account, BaseUrl, UpstreamSettings};
+use crate::mpc_name::MpcName;
+use crate::problem::Problem;
+
+/// Plivo's error bodies are small; anything bigger is not worth reading.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The credentials of one Plivo account, ready to put on the wire.
+#[derive(Clone)]
+pub struct AccountCredentials {
+    auth_id: String,
+    authorization: HeaderValue,
+}
+
+impl AccountCredentials {
+    pub fn new(account: &Account) -> AccountCredentials {
+        let pair = format!("{}:{}", account.auth_id, account.auth_token.expose_secret());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        // Base64 output is always a valid header value.
+        let mut authorization = HeaderValue::from_str(&format!("Basic {encoded}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        authorization.set_sensitive(true);
+        AccountCredentials {
+            auth_id: account.auth_id.clone(),
+            authorization,
+        }
+    }
+
+    pub fn auth_id(&self) -> &str {
+        &self.auth_id
+    }
+}
+
+impl fmt::Debug for AccountCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccountCredentials")
+            .field("auth_id", &self.auth_id)
+            .field("authorization", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What happened upstream, for the reply, the audit record and the metrics.
+#[derive(Debug)]
+pub struct UpstreamReport {
+    pub outcome: Result<(), Problem>,
+    /// Plivo's status of the last attempt, `None` when no answer came.
+    pub status: Option<u16>,
+    pub attempts: u32,
+}
+
+impl UpstreamReport {
+    pub fn api_id(&self) -> Option<&str> {
+        self.outcome.as_ref().err().and_then(Problem::plivo_api_id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBuildError {
+    #[error("cannot build the TLS client: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot use the trust anchor in upstream.ca_file: {0}")]
+    CaFile(String),
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+pub struct PlivoClient {
+    client: HttpsClient,
+    base_url: BaseUrl,
+    user_agent: HeaderValue,
+    timeout: Duration,
+    max_attempts: u32,
+}
+
+/// One attempt's result, before the retry decision.
+enum Attempt {
+    Answered {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// Refused, reset or timed out while connecting: worth another attempt.
+    Retriable,
+    /// TLS failure or anything else: another attempt would fail the same way.
+    Fatal,
+}
+
+impl PlivoClient {
+    pub fn new(settings: &UpstreamSettings) -> Result<PlivoClient, UpstreamBuildError> {
+        let tls = client_tls_config(settings)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Ok(PlivoClient {
+            client,
+            base_url: settings.base_url.clone(),
+            user_agent: HeaderValue::from_static(concat!(
+                "mpc-gateway/",
+                env!("CARGO_PKG_VERSION")
+            )),
+            timeout: settings.timeout,
+            max_attempts: settings.max_attempts,
+        })
+    }
+
+    /// The exact upstream URL for ending `name` on an account.
+    pub fn end_url(&self, auth_id: &str, name: &MpcName) -> String {
+        format!(
+            "{}/v1/Account/{auth_id}/MultiPartyCall/name_{}/",
+            self.base_url,
+            name.upstream_encoded()
+        )
+    }
+
+    /// Ends the MPC, retrying as the contract allows, never past `timeout`.
+    pub async fn end_mpc(&self, account: &AccountCredentials, name: &MpcName) -> UpstreamReport {
+        let url = self.end_url(&account.auth_id, name);
+        let deadline = Instant::now() + self.timeout;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let attempt = tokio::time::timeout_at(deadline, self.attempt(&url, account)).await;
+            let Ok(attempt) = attempt else {
+                return report(Err(Problem::UpstreamTimeout), None, attempts);
+            };
+            let retry = attempts < self.max_attempts && is_retriable(&attempt);
+            if !retry {
+                return conclude(attempt, attempts);
+            }
+            let backoff = backoff_delay(attempts);
+            if Instant::now() + backoff >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return report(Err(Problem::UpstreamTimeout), None, attempts);
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn attempt(&self, url: &str, account: &AccountCredentials) -> Attempt {
+        let request = Request::builder()
+            .method(Method::DELETE)
+            .uri(url)
+            .header(AUTHORIZATION, account.authorization.clone())
+            .header(USER_AGENT, self.user_agent.clone())
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .body(Empty::new());
+        let Ok(request) = request else {
+            return Attempt::Fatal;
+        };
+        match self.client.request(request).await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let body = match Limited::new(body, MAX_ERROR_BODY).collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    // The status is what matters; a broken error body is not worth a retry.
+                    Err(_) => Bytes::new(),
+                };
+                Attempt::Answered {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                }
+            }
+            Err(err) => classify_error(&err),
+        }
+    }
+}
+
+fn client_tls_config(settings: &UpstreamSettings) -> Result<rustls::ClientConfig, UpstreamBuildError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in &settings.extra_roots {
+        roots
+            .add(cert.clone())
+            .map_err(|err| UpstreamBuildError::CaFile(err.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn is_retriable(attempt: &Attempt) -> bool {
+    match attempt {
+        Attempt::Answered { status, .. } => matches!(status.as_u16(), 502..=504),
+        Attempt::Retriable => true,
+        Attempt::Fatal => false,
+    }
+}
+
+/// Full jitter between half and all of an exponentially growing delay.
+fn backoff_delay(attempts_so_far: u32) -> Duration {
+    let exponent = attempts_so_far.saturating_sub(1).min(16);
+    let ceiling = FIRST_BACKOFF.saturating_mul(1 << exponent).min(MAX_BACKOFF);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
+}
+
+fn classify_error(err: &hyper_util::client::legacy::Error) -> Attempt {
+    if caused_by_tls(err) {
+        return Attempt::Fatal;
+    }
+    if err.is_connect() || caused_by_reset(err) {
+        return Attempt::Retriable;
+    }
+    Attempt::Fatal
+}
+
+/// Walks the error chain; `io::Error` hides its payload from `source()`, so look inside.
+fn error_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    let mut chain = Vec::new();
+    let mut current = Some(err);
+    while let Some(e) = current {
+        chain.push(e);
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            chain.push(inner);
+        }
+        current = e.source();
+    }
+    chain
+}
+
+fn caused_by_tls(err: &hyper_util::client::legacy::Error) -> bool {
+    error_chain(err).iter().any(|e| e.is::<rustls::Error>())
+}
+
+fn caused_by_reset(err: &hyper_util::client::legacy::Error) -> bool {
+    error_chain(err).iter().any(|e| {
+        let reset_io = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        });
+        let closed_early = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled());
+        reset_io || closed_early
+    })
+}
+
+fn report(outcome: Result<(), Problem>, status: Option<u16>, attempts: u32) -> UpstreamReport {
+    UpstreamReport {
+        outcome,
+        status,
+        attempts,
+    }
+}
+
+/// Maps the last attempt to the caller's outcome (contract: "Mapping to the caller").
+fn conclude(attempt: Attempt, attempts: u32) -> UpstreamReport {
+    let (status, headers, body) = match attempt {
+        Attempt::Answered {
+            status,
+            headers,
+            body,
+        } => (status, headers, body),
+        Attempt::Retriable | Attempt::Fatal => {
+            return report(Err(Problem::UpstreamUnavailable), None, attempts)
+        }
+    };
+    let PlivoBody { api_id, error } = PlivoBody::parse(&body);
+    let code = status.as_u16();
+    let outcome = match code {
+        200..=299 => Ok(()),
+        404 => Err(Problem::MpcNotFound { api_id, error }),
+        429 => Err(Problem::UpstreamRateLimited {
+            retry_after: retry_after_secs(&headers),
+            api_id,
+        }),
+        401 | 403 => {
+            tracing::error!(
+                status = code,
+                "Plivo rejected the gateway's credentials; check the account's auth_id and auth_token"
+            );
+            Err(Problem::UpstreamCredentialsRejected { api_id })
+        }
+        _ => Err(Problem::UpstreamError {
+            status: code,
+            api_id,
+            error,
+        }),
+    };
+    report(outcome, Some(code), attempts)
+}
+
+/// Plivo's `Retry-After` in whole seconds (at least 1), else 1.
+fn retry_after_secs(headers: &HeaderMap) -> u64 {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(1, |secs| secs.max(1))
+}
+
+/// The two members of a Plivo error body worth passing on.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PlivoBody {
+    api_id: Option<String>,
+    error: Option<String>,
+}
+
+impl PlivoBody {
+    const MAX_FIELD: usize = 256;
+
+    fn parse(body: &[u8]) -> PlivoBody {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+            return PlivoBody::default();
+        };
+        let field = |key: &str| {
+            map.get(key)
+                .and_then(|v| v.as_str())
+                .map(|s| s.chars().take(Self::MAX_FIELD).collect::<String>())
+        };
+        PlivoBody {
+            api_id: field("api_id"),
+            error: field("error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16, headers: &[(&'static str, &'static str)], body: &str) -> Attempt {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        Attempt::Answered {
+            status: StatusCode::from_u16(status).expect("status"),
+            headers: map,
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn maps_plivo_answers() {
+        assert!(conclude(answered(204, &[], ""), 1).outcome.is_ok());
+        let not_found = conclude(
+            answered(404, &[], r#"{"api_id":"a1","error":"not found"}"#),
+            1,
+        );
+        assert_eq!(
+            not_found.outcome,
+            Err(Problem::MpcNotFound {
+                api_id: Some("a1".into()),
+                error: Some("not found".into())
+            })
+        );
+        assert_eq!(not_found.api_id(), Some("a1"));
+        let limited = conclude(answered(429, &[("retry-after", "7")], ""), 1);
+        assert_eq!(limited.outcome.err().and_then(|p| p.retry_after()), Some(7));
+        let limited = conclude(answered(429, &[], ""), 1);
+        assert_eq!(limited.outcome.err().and_then(|p| p.retry_after()), Some(1));
+        for status in [401, 403] {
+            let rejected = conclude(answered(status, &[], ""), 1);
+            assert_eq!(
+                rejected.outcome.err().map(|p| p.slug()),
+                Some("upstream-credentials-rejected")
+            );
+        }
+        for status in [400, 500, 503] {
+            let failed = conclude(answered(status, &[], "not json"), 3);
+            assert_eq!(failed.outcome.err().map(|p| p.slug()), Some("upstream-error"));
+        }
+        let gone = conclude(Attempt::Retriable, 3);
+        assert_eq!(gone.outcome.err().map(|p| p.slug()), Some("upstream-unavailable"));
+        assert_eq!(gone.status, None);
+    }
+
+    #[test]
+    fn only_connect_errors_and_gateway_statuses_retry() {
+        assert!(is_retriable(&Attempt::Retriable));
+        assert!(!is_retriable(&Attempt::Fatal));
+        for status in [502, 503, 504] {
+            assert!(is_retriable(&answered(status, &[], "")));
+        }
+        for status in [204, 404, 429, 500, 401] {
+            assert!(!is_retriable(&answered(status, &[], "")));
+        }
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for _ in 0..100 {
+            let first = backoff_delay(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = backoff_delay(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            assert!(backoff_delay(30) <= MAX_BACKOFF);
+        }
+    }
+
+    #[test]
+    fn plivo_body_fields_are_bounded() {
+        let long = "x".repeat(1000);
+        let body = format!(r#"{{"api_id":"{long}","error":5}}"#);
+        let parsed = PlivoBody::parse(body.as_bytes());
+        assert_eq!(parsed.api_id.map(|s| s.len()), Some(256));
+        assert_eq!(parsed.error, None);
+        assert_eq!(PlivoBody::parse(b"\xff"), PlivoBody::default());
+    }
+}
