@@ -74,7 +74,10 @@ fn answer(gateway: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match readiness(gateway) {
             Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: {why}\n"),
+            ),
         },
         _ => {
             let mut response = text(StatusCode::OK, &gateway.metrics().encode());

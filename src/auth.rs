@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(hash.to_config_string(), good);
         assert!(good.to_uppercase().parse::<TokenHash>().is_err());
         assert!("sha256:abc".parse::<TokenHash>().is_err());
-        assert!(good.trim_start_matches("sha256:").parse::<TokenHash>().is_err());
+        assert!(good
+            .trim_start_matches("sha256:")
+            .parse::<TokenHash>()
+            .is_err());
     }
 
     #[test]

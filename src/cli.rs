@@ -18,7 +18,11 @@ use crate::simulator::{run_standalone, SimulatorArgs};
 const DEFAULT_CONFIG: &str = "config/gateway.yaml";
 
 #[derive(Debug, Parser)]
-#[command(name = "mpc-gateway", version, about = "Ends Plivo multiparty calls for internal services, holding the credentials so they don't have to")]
+#[command(
+    name = "mpc-gateway",
+    version,
+    about = "Ends Plivo multiparty calls for internal services, holding the credentials so they don't have to"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

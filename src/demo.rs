@@ -21,8 +21,9 @@ pub fn run() -> anyhow::Result<()> {
     // The config names these variables; set them before any thread exists.
     std::env::set_var("MPC_GATEWAY_DEMO_AUTH_ID", DEMO_AUTH_ID);
     std::env::set_var("MPC_GATEWAY_DEMO_AUTH_TOKEN", &auth_token);
-    let mut config = Config::load(Path::new(DEMO_CONFIG))
-        .with_context(|| format!("loading {DEMO_CONFIG} (run the demo from the repository root)"))?;
+    let mut config = Config::load(Path::new(DEMO_CONFIG)).with_context(|| {
+        format!("loading {DEMO_CONFIG} (run the demo from the repository root)")
+    })?;
     crate::telemetry::init_tracing(&config.log);
     if let Some(dir) = config.audit.path.parent() {
         std::fs::create_dir_all(dir)
@@ -36,15 +37,21 @@ pub fn run() -> anyhow::Result<()> {
             cert_chain_pem: pki.server_cert_pem.clone(),
             key_pem: pki.server_key_pem.clone(),
         });
-        sim_config.liveness = Liveness::AllNames { forget_ended: false };
+        sim_config.liveness = Liveness::AllNames {
+            forget_ended: false,
+        };
         sim_config.record = false;
-        let simulator = Simulator::start(sim_config).await.context("starting the simulator")?;
+        let simulator = Simulator::start(sim_config)
+            .await
+            .context("starting the simulator")?;
         point_at_simulator(&mut config, &simulator, &pki.ca_cert_pem)?;
         let running = RunningGateway::start(&config, StartOptions::default())
             .await
             .context("starting the gateway")?;
         print_instructions(&running, &simulator, &config);
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
         running.shutdown().await?;
         simulator.shutdown().await;
         Ok(())
@@ -57,11 +64,21 @@ fn random_secret() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn point_at_simulator(config: &mut Config, simulator: &Simulator, ca_pem: &str) -> anyhow::Result<()> {
+fn point_at_simulator(
+    config: &mut Config,
+    simulator: &Simulator,
+    ca_pem: &str,
+) -> anyhow::Result<()> {
     let uri: http::Uri = simulator.base_url().parse().context("simulator URL")?;
     config.upstream.base_url = BaseUrl {
-        scheme: uri.scheme().cloned().context("simulator URL has no scheme")?,
-        authority: uri.authority().cloned().context("simulator URL has no host")?,
+        scheme: uri
+            .scheme()
+            .cloned()
+            .context("simulator URL has no scheme")?,
+        authority: uri
+            .authority()
+            .cloned()
+            .context("simulator URL has no host")?,
     };
     config.upstream.extra_roots = rustls_pemfile::certs(&mut ca_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -73,14 +90,25 @@ fn print_instructions(running: &RunningGateway, simulator: &Simulator, config: &
     let addr = running.local_addr();
     println!();
     println!("mpc-gateway demo is running (Ctrl-C to stop)");
-    println!("  gateway    http://{addr}   (admin: http://{}/metrics)", running.admin_addr());
-    println!("  simulator  {}   (stands in for api.plivo.com, over TLS)", simulator.base_url());
+    println!(
+        "  gateway    http://{addr}   (admin: http://{}/metrics)",
+        running.admin_addr()
+    );
+    println!(
+        "  simulator  {}   (stands in for api.plivo.com, over TLS)",
+        simulator.base_url()
+    );
     println!("  audit log  {}", config.audit.path.display());
     println!();
-    println!("End an MPC through the gateway (any name starting with demo-; a second call gives 404):");
+    println!(
+        "End an MPC through the gateway (any name starting with demo-; a second call gives 404):"
+    );
     println!("  curl -i -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{addr}/mpc/demo-standup/end");
     println!();
     println!("Then check the audit chain:");
-    println!("  cargo run --release -- audit verify {}", config.audit.path.display());
+    println!(
+        "  cargo run --release -- audit verify {}",
+        config.audit.path.display()
+    );
     println!();
 }

@@ -60,7 +60,9 @@ struct TenantPolicy {
 
 impl TenantPolicy {
     fn may_end(&self, name: &MpcName) -> bool {
-        self.allow.iter().any(|pattern| pattern.matches(name.as_str()))
+        self.allow
+            .iter()
+            .any(|pattern| pattern.matches(name.as_str()))
     }
 }
 
@@ -110,8 +112,14 @@ impl Runtime {
             .collect();
         let limiters = LimiterSet::rebuild(
             previous.map(|runtime| &runtime.limiters),
-            config.tenants.iter().map(|(n, t)| (n.as_str(), t.rate_limit)),
-            config.accounts.iter().map(|(n, a)| (n.as_str(), a.rate_limit)),
+            config
+                .tenants
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.rate_limit)),
+            config
+                .accounts
+                .iter()
+                .map(|(n, a)| (n.as_str(), a.rate_limit)),
             clock,
         );
         let upstream_fingerprint = UpstreamFingerprint::of(&config.upstream);
@@ -209,7 +217,12 @@ impl Gateway {
             Ok(admitted) => admitted,
             Err(problem) => return self.deny(trail, problem).await,
         };
-        if let Err(err) = self.inner.audit.append(trail.event(EventKind::Forward)).await {
+        if let Err(err) = self
+            .inner
+            .audit
+            .append(trail.event(EventKind::Forward))
+            .await
+        {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
             self.inner.metrics.audit_failure();
             return self.deny(trail, Problem::AuditUnavailable).await;
@@ -242,7 +255,10 @@ impl Gateway {
         let tenant = authenticate(runtime, &parts.headers, trail)?;
         let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
         trail.mpc = Some(name.as_str().to_owned());
-        let policy = runtime.tenants.get(&*tenant).ok_or(Problem::Unauthenticated)?;
+        let policy = runtime
+            .tenants
+            .get(&*tenant)
+            .ok_or(Problem::Unauthenticated)?;
         if !policy.may_end(&name) {
             return Err(Problem::Forbidden);
         }
@@ -291,7 +307,12 @@ impl Gateway {
     async fn deny(&self, mut trail: Trail, problem: Problem) -> Response<Full<Bytes>> {
         trail.status = Some(problem.status().as_u16());
         trail.reason = Some(problem.slug());
-        let problem = match self.inner.audit.append(trail.event(EventKind::Denied)).await {
+        let problem = match self
+            .inner
+            .audit
+            .append(trail.event(EventKind::Denied))
+            .await
+        {
             Ok(_) => problem,
             Err(err) => {
                 tracing::error!(request_id = %trail.request_id, error = %err, "audit denied record failed");
@@ -317,7 +338,12 @@ impl Gateway {
         trail.plivo_api_id = report.api_id().map(str::to_owned);
         trail.attempts = Some(report.attempts);
         self.inner.metrics.upstream_answer(report.status);
-        if let Err(err) = self.inner.audit.append(trail.event(EventKind::Result)).await {
+        if let Err(err) = self
+            .inner
+            .audit
+            .append(trail.event(EventKind::Result))
+            .await
+        {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit result record failed after forwarding");
             self.inner.metrics.audit_failure();
         }
@@ -530,9 +556,15 @@ mod tests {
         assert_eq!(route(&Method::POST, "/mpc/abc/end"), Ok("abc"));
         assert_eq!(route(&Method::POST, "/mpc//end"), Ok(""));
         assert_eq!(route(&Method::POST, "/mpc/a%2Fb/end"), Ok("a%2Fb"));
-        assert_eq!(route(&Method::GET, "/mpc/abc/end"), Err(Problem::MethodNotAllowed));
+        assert_eq!(
+            route(&Method::GET, "/mpc/abc/end"),
+            Err(Problem::MethodNotAllowed)
+        );
         assert_eq!(route(&Method::POST, "/mpc/a/b/end"), Err(Problem::NotFound));
-        assert_eq!(route(&Method::POST, "/mpc/abc/end/"), Err(Problem::NotFound));
+        assert_eq!(
+            route(&Method::POST, "/mpc/abc/end/"),
+            Err(Problem::NotFound)
+        );
         assert_eq!(route(&Method::POST, "/mpc/abc"), Err(Problem::NotFound));
         assert_eq!(route(&Method::DELETE, "/"), Err(Problem::NotFound));
     }
@@ -547,7 +579,9 @@ mod tests {
             check_framing(&Method::POST, &uri, &headers),
             Err(Problem::BadRequest(_))
         ));
-        let long: http::Uri = format!("/mpc/{}/end", "a".repeat(8200)).parse().expect("uri");
+        let long: http::Uri = format!("/mpc/{}/end", "a".repeat(8200))
+            .parse()
+            .expect("uri");
         assert_eq!(
             check_framing(&Method::POST, &long, &HeaderMap::new()),
             Err(Problem::UriTooLong)

@@ -270,7 +270,10 @@ mod tests {
         let response = problem.to_response("r");
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()[RETRY_AFTER], "2");
-        assert_eq!(response.headers()["ratelimit-policy"], "\"tenant\";q=10;w=2");
+        assert_eq!(
+            response.headers()["ratelimit-policy"],
+            "\"tenant\";q=10;w=2"
+        );
         assert_eq!(response.headers()["ratelimit"], "\"tenant\";r=0;t=2");
         assert_eq!(body_json(response).await["retry_after"], 2);
     }
@@ -287,6 +290,9 @@ mod tests {
         );
         assert_eq!(problem.status(), 404);
         assert_eq!(Problem::UpstreamTimeout.status(), 504);
-        assert_eq!(Problem::MethodNotAllowed.to_response("r").headers()[ALLOW], "POST");
+        assert_eq!(
+            Problem::MethodNotAllowed.to_response("r").headers()[ALLOW],
+            "POST"
+        );
     }
 }

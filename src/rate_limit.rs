@@ -91,13 +91,8 @@ impl ManualClock {
 /// The outcome of one check, with what the response headers need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Allowed {
-        remaining: u32,
-        reset_secs: u64,
-    },
-    Refused {
-        retry_after_secs: u64,
-    },
+    Allowed { remaining: u32, reset_secs: u64 },
+    Refused { retry_after_secs: u64 },
 }
 
 type GcraLimiter = RateLimiter<NotKeyed, InMemoryState, LimiterClock, StateInformationMiddleware>;

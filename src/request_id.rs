@@ -39,7 +39,8 @@ impl RequestId {
 
 fn acceptable(value: &HeaderValue) -> Option<&str> {
     let bytes = value.as_bytes();
-    let visible = (1..=MAX_LEN).contains(&bytes.len()) && bytes.iter().all(|b| (0x21..=0x7e).contains(b));
+    let visible =
+        (1..=MAX_LEN).contains(&bytes.len()) && bytes.iter().all(|b| (0x21..=0x7e).contains(b));
     if visible {
         value.to_str().ok()
     } else {

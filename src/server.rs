@@ -113,7 +113,10 @@ impl RestartOnlySettings {
 
 impl RunningGateway {
     /// Opens the audit log, binds both listeners and starts serving.
-    pub async fn start(config: &Config, options: StartOptions) -> Result<RunningGateway, StartError> {
+    pub async fn start(
+        config: &Config,
+        options: StartOptions,
+    ) -> Result<RunningGateway, StartError> {
         let audit = AuditLog::open(clone_audit_settings(config))?;
         let metrics = Arc::new(Metrics::new());
         let gateway = Gateway::new(config, audit, metrics, options.limiter_clock)?;
@@ -162,7 +165,9 @@ impl RunningGateway {
         self.gateway.metrics().config_reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!("configuration reloaded"),
-            Err(err) => tracing::error!(error = %err, "configuration reload failed; keeping the running configuration"),
+            Err(err) => {
+                tracing::error!(error = %err, "configuration reload failed; keeping the running configuration")
+            }
         }
         result
     }

@@ -154,7 +154,9 @@ impl Metrics {
 
     pub fn upstream_answer(&self, status: Option<u16>) {
         let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
-        self.upstream.get_or_create(&UpstreamLabels { status }).inc();
+        self.upstream
+            .get_or_create(&UpstreamLabels { status })
+            .inc();
     }
 
     pub fn rate_limited(&self, tenant: &str, limit: &str) {
@@ -240,7 +242,10 @@ mod tests {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
         assert_eq!(
-            sample(&text, "mpc_gateway_requests_total{tenant=\"billing\",reason=\"ended\"}"),
+            sample(
+                &text,
+                "mpc_gateway_requests_total{tenant=\"billing\",reason=\"ended\"}"
+            ),
             Some(1.0)
         );
     }

@@ -203,7 +203,9 @@ impl PlivoClient {
     }
 }
 
-fn client_tls_config(settings: &UpstreamSettings) -> Result<rustls::ClientConfig, UpstreamBuildError> {
+fn client_tls_config(
+    settings: &UpstreamSettings,
+) -> Result<rustls::ClientConfig, UpstreamBuildError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in &settings.extra_roots {
@@ -212,12 +214,11 @@ fn client_tls_config(settings: &UpstreamSettings) -> Result<rustls::ClientConfig
             .map_err(|err| UpstreamBuildError::CaFile(err.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    // ALPN is left to hyper-rustls, which sets it from the enabled HTTP versions.
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 fn is_retriable(attempt: &Attempt) -> bool {
@@ -246,16 +247,20 @@ fn classify_error(err: &hyper_util::client::legacy::Error) -> Attempt {
     Attempt::Fatal
 }
 
-/// Walks the error chain; `io::Error` hides its payload from `source()`, so look inside.
+/// Walks the error chain. `io::Error::source()` skips the error it wraps, so step into
+/// an `io::Error`'s payload explicitly (hyper-rustls nests them two deep).
 fn error_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
     let mut chain = Vec::new();
     let mut current = Some(err);
     while let Some(e) = current {
         chain.push(e);
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            chain.push(inner);
-        }
-        current = e.source();
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
     }
     chain
 }
@@ -405,10 +410,16 @@ mod tests {
         }
         for status in [400, 500, 503] {
             let failed = conclude(answered(status, &[], "not json"), 3);
-            assert_eq!(failed.outcome.err().map(|p| p.slug()), Some("upstream-error"));
+            assert_eq!(
+                failed.outcome.err().map(|p| p.slug()),
+                Some("upstream-error")
+            );
         }
         let gone = conclude(Attempt::Retriable, 3);
-        assert_eq!(gone.outcome.err().map(|p| p.slug()), Some("upstream-unavailable"));
+        assert_eq!(
+            gone.outcome.err().map(|p| p.slug()),
+            Some("upstream-unavailable")
+        );
         assert_eq!(gone.status, None);
     }
 

@@ -97,7 +97,10 @@ mod tests {
         let mut line = Vec::new();
         seal_into(body, &h, &mut line);
         let text = String::from_utf8(line.clone()).unwrap_or_default();
-        assert_eq!(text, format!("{{\"seq\":1,\"prev\":\"x\",\"hash\":\"{h}\"}}\n"));
+        assert_eq!(
+            text,
+            format!("{{\"seq\":1,\"prev\":\"x\",\"hash\":\"{h}\"}}\n")
+        );
         let (b, claimed) = unseal(&line[..line.len() - 1]).unwrap_or_default();
         assert_eq!(b, body);
         assert_eq!(claimed, h);

@@ -136,10 +136,16 @@ struct Filter<'a> {
 impl Filter<'_> {
     fn matches(&self, row: &Row, ts: OffsetDateTime) -> bool {
         let a = self.args;
-        a.tenant.as_ref().map_or(true, |t| row.tenant.as_ref() == Some(t))
-            && a.mpc.as_ref().map_or(true, |g| row.mpc.as_deref().is_some_and(|m| glob_match(g, m)))
+        a.tenant
+            .as_ref()
+            .map_or(true, |t| row.tenant.as_ref() == Some(t))
+            && a.mpc.as_ref().map_or(true, |g| {
+                row.mpc.as_deref().is_some_and(|m| glob_match(g, m))
+            })
             && a.event.as_ref().map_or(true, |e| row.event == *e)
-            && a.reason.as_ref().map_or(true, |r| row.reason.as_ref() == Some(r))
+            && a.reason
+                .as_ref()
+                .map_or(true, |r| row.reason.as_ref() == Some(r))
             && a.status.map_or(true, |s| row.status == Some(s))
             && self.since.map_or(true, |s| ts >= s)
             && self.until.map_or(true, |u| ts <= u)
@@ -164,7 +170,13 @@ pub(crate) fn query(
     for path in &files {
         let mut lines = LineReader::open(path)?;
         while let Some(line) = lines.next_line()? {
-            let skip = |why: &str| format!("audit query: warning: {}:{}: skipped: {why}", path.display(), line.no);
+            let skip = |why: &str| {
+                format!(
+                    "audit query: warning: {}:{}: skipped: {why}",
+                    path.display(),
+                    line.no
+                )
+            };
             let parsed = if line.too_long {
                 Err("line longer than 1 MiB".to_string())
             } else {
@@ -360,7 +372,9 @@ fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {
 
 /// Control characters (terminal escapes in a hostile value) are shown as `?`.
 fn printable(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Pads to `width` characters, or cuts with `…` so that columns stay aligned.
@@ -378,8 +392,14 @@ type Counts = BTreeMap<(Option<String>, Option<String>), u64>;
 
 fn summary_table(out: &mut dyn Write, counts: &Counts) -> io::Result<()> {
     let show = |v: &Option<String>| printable(v.as_deref().unwrap_or("-"));
-    let tw = counts.keys().map(|(t, _)| show(t).chars().count()).fold(6, usize::max);
-    let rw = counts.keys().map(|(_, r)| show(r).chars().count()).fold(6, usize::max);
+    let tw = counts
+        .keys()
+        .map(|(t, _)| show(t).chars().count())
+        .fold(6, usize::max);
+    let rw = counts
+        .keys()
+        .map(|(_, r)| show(r).chars().count())
+        .fold(6, usize::max);
     writeln!(out, "{:<tw$}  {:<rw$}  COUNT", "TENANT", "REASON")?;
     for ((tenant, reason), n) in counts {
         writeln!(out, "{:<tw$}  {:<rw$}  {n}", show(tenant), show(reason))?;

@@ -124,7 +124,7 @@ pub(crate) fn rotated_siblings(live: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
             found.push((seq, entry.path()));
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     Ok(found)
 }
 
@@ -205,9 +205,15 @@ mod tests {
             Path::new("/x/audit.jsonl.00000000000000000009").to_path_buf()
         );
         assert!(a < b);
-        assert_eq!(rotated_seq("audit.jsonl", "audit.jsonl.00000000000000000010"), Some(10));
+        assert_eq!(
+            rotated_seq("audit.jsonl", "audit.jsonl.00000000000000000010"),
+            Some(10)
+        );
         assert_eq!(rotated_seq("audit.jsonl", "audit.jsonl.10"), None);
-        assert_eq!(rotated_seq("audit.jsonl", "other.jsonl.00000000000000000010"), None);
+        assert_eq!(
+            rotated_seq("audit.jsonl", "other.jsonl.00000000000000000010"),
+            None
+        );
         assert_eq!(parent_dir(Path::new("audit.jsonl")), PathBuf::from("."));
     }
 }

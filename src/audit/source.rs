@@ -64,8 +64,9 @@ pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
             });
         }
     }
-    files.sort();
-    files.dedup();
+    // The same file named twice (`dir` and `dir/audit.jsonl`) is read once.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     let mut keyed = Vec::with_capacity(files.len());
     for f in files {
         let key = first_seq(&f)?;
@@ -251,6 +252,8 @@ mod tests {
             .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
             .collect();
         assert_eq!(names, ["audit.jsonl.00000000000000000004", "audit.jsonl"]);
+        let twice = collect(&[d.to_path_buf(), d.join("audit.jsonl")]).expect("collect");
+        assert_eq!(twice.len(), 2, "a file named twice is read once");
         let err = collect(&[d.join("missing")]).expect_err("missing");
         assert!(err.to_string().contains("missing"), "{err}");
     }

@@ -119,6 +119,8 @@ impl std::fmt::Display for Location {
     }
 }
 
+const ALTERED: &str = "hash mismatch: the record was altered";
+
 /// The outcome of a verification.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -179,7 +181,10 @@ fn render(v: &Verdict) -> Report {
 }
 
 /// Verifies `files` (already in chain order) as one chain.
-pub(crate) fn verify_files(files: &[PathBuf], hasher: &ChainHasher) -> Result<Verdict, SourceError> {
+pub(crate) fn verify_files(
+    files: &[PathBuf],
+    hasher: &ChainHasher,
+) -> Result<Verdict, SourceError> {
     let mut chain = Chain::new(hasher);
     for (i, path) in files.iter().enumerate() {
         let last_file = i + 1 == files.len();
@@ -228,7 +233,9 @@ fn parse_line(line: &Line<'_>) -> Result<Parsed, Bad> {
         return Err(Bad::Unreadable("malformed: line longer than 1 MiB".into()));
     }
     if !line.terminated {
-        return Err(Bad::Unreadable("malformed: no newline at the end of the line".into()));
+        return Err(Bad::Unreadable(
+            "malformed: no newline at the end of the line".into(),
+        ));
     }
     let text = std::str::from_utf8(line.bytes)
         .map_err(|_| Bad::Unreadable("malformed: not valid UTF-8".into()))?;
@@ -290,7 +297,13 @@ fn check_names(members: &[(String, Value)]) -> Result<(), String> {
     let Some((i, (found, expected))) = names
         .map(Some)
         .chain(std::iter::repeat(None))
-        .zip(MEMBERS.iter().copied().map(Some).chain(std::iter::repeat(None)))
+        .zip(
+            MEMBERS
+                .iter()
+                .copied()
+                .map(Some)
+                .chain(std::iter::repeat(None)),
+        )
         .take(members.len().max(MEMBERS.len()))
         .enumerate()
         .find(|(_, (f, e))| f != e)
@@ -328,7 +341,9 @@ fn check_type(name: &str, v: &Value) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("malformed record: member `{name}` has a wrong type or value"))
+        Err(format!(
+            "malformed record: member `{name}` has a wrong type or value"
+        ))
     }
 }
 
@@ -338,8 +353,8 @@ struct Chain<'h> {
     records: u64,
     first_seq: Option<u64>,
     last: Option<(u64, String)>,
-    /// The first record's hash did not match. Tampering, or a key problem? The next
-    /// record decides: if its hash fails too while its link holds, it is the key.
+    /// The first record's hash did not match. Tampering, or a key problem? The rest of
+    /// the set decides: if every hash fails while every link holds, it is the key.
     suspect: Option<(Location, Vec<u8>, String)>,
 }
 
@@ -357,22 +372,21 @@ impl<'h> Chain<'h> {
     /// Adds one record; `Some` when the verification ends here.
     fn push(&mut self, at: Location, rec: Parsed) -> Option<Verdict> {
         let hash_ok = self.hasher.digest_hex(&rec.body) == rec.claimed;
-        let link_problems = self.link_problems(&rec);
-        if let Some(suspect) = self.suspect.take() {
-            if !hash_ok && link_problems.is_empty() {
-                return Some(self.key_problem(suspect));
+        let mut problems = self.link_problems(&rec);
+        if let Some(suspect) = &self.suspect {
+            // One matching hash, or any broken link, shows that the hash mode is right:
+            // then the first record's mismatch is an alteration.
+            if hash_ok || !problems.is_empty() {
+                return Some(Verdict::Broken {
+                    at: suspect.0.clone(),
+                    what: ALTERED.into(),
+                });
             }
-            return Some(Verdict::Broken {
-                at: suspect.0,
-                what: "hash mismatch: the record was altered".into(),
-            });
-        }
-        let mut problems = link_problems;
-        if !hash_ok {
+        } else if !hash_ok {
             if self.records == 0 && problems.is_empty() {
                 self.suspect = Some((at.clone(), rec.body.clone(), rec.claimed.clone()));
             } else {
-                problems.insert(0, "hash mismatch: the record was altered".into());
+                problems.insert(0, ALTERED.into());
             }
         }
         if !problems.is_empty() {
@@ -391,23 +405,29 @@ impl<'h> Chain<'h> {
         let mut problems = Vec::new();
         match &self.last {
             None if rec.seq == 1 && rec.prev != GENESIS => {
-                problems.push("broken link: the first record (seq 1) must have a prev of 64 zeros".into());
+                problems.push(
+                    "broken link: the first record (seq 1) must have a prev of 64 zeros".into(),
+                );
             }
             None => {}
             Some((seq, hash)) => {
                 let expected = seq.saturating_add(1);
                 if rec.seq != expected {
-                    problems.push(format!("seq gap: expected seq {expected}, found {}", rec.seq));
+                    problems.push(format!(
+                        "seq gap: expected seq {expected}, found {}",
+                        rec.seq
+                    ));
                 }
                 if rec.prev != *hash {
-                    problems.push("broken link: prev is not the hash of the previous record".into());
+                    problems
+                        .push("broken link: prev is not the hash of the previous record".into());
                 }
             }
         }
         problems
     }
 
-    /// The first records fail the hash while their links hold: the key is the problem.
+    /// All hashes fail while all links hold: the key is the problem, not the records.
     fn key_problem(&self, (at, body, claimed): (Location, Vec<u8>, String)) -> Verdict {
         Verdict::KeyProblem {
             at,
@@ -417,12 +437,12 @@ impl<'h> Chain<'h> {
 
     fn key_hint(&self, body: &[u8], claimed: &str) -> String {
         if !self.hasher.is_keyed() {
-            return "hashes do not match plain SHA-256: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into();
+            return "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into();
         }
         if ChainHasher::Plain.digest_hex(body) == claimed {
             return "this log is not HMAC-keyed (plain SHA-256 matches); run without --hmac-key-env".into();
         }
-        "hashes do not match with the given key: wrong HMAC key (or the log is keyed with another key)".into()
+        "no hash matches with the given key while every link holds: wrong HMAC key (or the log is keyed with another key)".into()
     }
 
     /// A torn final line: exit 3 only if all before it holds.
@@ -449,10 +469,12 @@ impl<'h> Chain<'h> {
         }
     }
 
-    /// Only one record, and its hash fails: say what it may be, without deciding.
+    /// Every hash of the set failed while every link held: a key problem when there
+    /// were at least two records; with only one, say what it may be without deciding.
     fn unresolved_suspect(&mut self) -> Option<Verdict> {
         let (at, body, claimed) = self.suspect.take()?;
-        if self.hasher.is_keyed() && ChainHasher::Plain.digest_hex(&body) == claimed {
+        let plain_matches = ChainHasher::Plain.digest_hex(&body) == claimed;
+        if self.records >= 2 || (self.hasher.is_keyed() && plain_matches) {
             return Some(self.key_problem((at, body, claimed)));
         }
         let hint = if self.hasher.is_keyed() {
@@ -462,7 +484,7 @@ impl<'h> Chain<'h> {
         };
         Some(Verdict::Broken {
             at,
-            what: format!("hash mismatch: the record was altered ({hint})"),
+            what: format!("{ALTERED} ({hint})"),
         })
     }
 }

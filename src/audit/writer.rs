@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, ChainHasher};
 use super::record::{self, AuditEvent, Body};
-use super::recover::{recover, ChainHead};
+use super::recover::recover;
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 
@@ -243,7 +243,11 @@ pub fn check_writable(path: &Path) -> Result<(), AuditError> {
     ));
     let io_err = |op, p: &Path| {
         let p = p.to_path_buf();
-        move |source| AuditError::Io { op, path: p, source }
+        move |source| AuditError::Io {
+            op,
+            path: p,
+            source,
+        }
     };
     std::fs::OpenOptions::new()
         .write(true)

@@ -178,13 +178,22 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
-        let inner = err.into_inner();
+        let message = err.into_inner().to_string();
         if path.is_empty() || path == "." {
-            ConfigError::Parse(inner.to_string())
-        } else {
-            ConfigError::Parse(format!("{path}: {inner}"))
+            return ConfigError::Parse(message);
         }
+        let message = strip_yaml_path(&message, &path);
+        ConfigError::Parse(format!("{path}: {message}"))
     })
+}
+
+/// serde_yaml prefixes its own (sometimes shorter) key path; keep only the message so
+/// the exact path from serde_path_to_error leads.
+fn strip_yaml_path<'a>(message: &'a str, path: &str) -> &'a str {
+    match message.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(' ') && path.starts_with(prefix) => rest,
+        _ => message,
+    }
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -350,7 +359,8 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let pem =
+        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?;
@@ -415,7 +425,10 @@ fn validate_tokens<'a>(
     errors: &mut Errors,
 ) -> Vec<TokenHash> {
     if raw.is_empty() {
-        errors.push(format!("{path}.tokens"), "at least one token hash is required");
+        errors.push(
+            format!("{path}.tokens"),
+            "at least one token hash is required",
+        );
     }
     let mut tokens = Vec::new();
     for (index, text) in raw.iter().enumerate() {
@@ -423,7 +436,10 @@ fn validate_tokens<'a>(
         match text.parse::<TokenHash>() {
             Ok(hash) => {
                 if let Some(other) = owner_of.insert(hash, tenant) {
-                    errors.push(key, format!("the same token hash is also listed for tenant {other}"));
+                    errors.push(
+                        key,
+                        format!("the same token hash is also listed for tenant {other}"),
+                    );
                 } else {
                     tokens.push(hash);
                 }
@@ -436,7 +452,10 @@ fn validate_tokens<'a>(
 
 fn validate_allow(path: &str, raw: &[String], errors: &mut Errors) -> Vec<NamePattern> {
     if raw.is_empty() {
-        errors.push(format!("{path}.allow"), "at least one name pattern is required");
+        errors.push(
+            format!("{path}.allow"),
+            "at least one name pattern is required",
+        );
     }
     let mut patterns = Vec::new();
     for (index, pattern) in raw.iter().enumerate() {
@@ -483,7 +502,9 @@ fn validate_audit(raw: &raw::RawAudit, errors: &mut Errors) -> Option<AuditSetti
 
 fn resolve_key(source: &ValueSource) -> Result<SecretSlice<u8>, secret::ResolveError> {
     let secret = source.resolve_secret()?;
-    Ok(SecretSlice::from(secret.expose_secret().as_bytes().to_vec()))
+    Ok(SecretSlice::from(
+        secret.expose_secret().as_bytes().to_vec(),
+    ))
 }
 
 fn validate_log(raw: &raw::RawLog, errors: &mut Errors) -> Option<LogSettings> {

@@ -168,7 +168,9 @@ mod tests {
         let env = ValueSource::Env("MPC_GATEWAY_TEST_SURELY_UNSET".into());
         assert_eq!(
             env.resolve_secret().err(),
-            Some(ResolveError::MissingEnv("MPC_GATEWAY_TEST_SURELY_UNSET".into()))
+            Some(ResolveError::MissingEnv(
+                "MPC_GATEWAY_TEST_SURELY_UNSET".into()
+            ))
         );
         let file = ValueSource::File("/nonexistent/token".into());
         assert!(matches!(

@@ -50,7 +50,10 @@ fn minimal_config_gets_defaults() {
     assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
     assert_eq!(config.shutdown_grace, Duration::from_secs(20));
-    assert_eq!(config.upstream.base_url.to_string(), "https://api.plivo.com");
+    assert_eq!(
+        config.upstream.base_url.to_string(),
+        "https://api.plivo.com"
+    );
     assert_eq!(config.upstream.connect_timeout, Duration::from_secs(2));
     assert_eq!(config.upstream.timeout, Duration::from_secs(10));
     assert_eq!(config.upstream.max_attempts, 3);
@@ -79,7 +82,10 @@ fn unknown_key_is_reported_with_its_path() {
     let fixture = Fixture::new();
     let yaml = MINIMAL.replace("    allow:", "    allwo: [x]\n    allow:");
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
-    assert!(err.starts_with("tenants.billing: unknown field `allwo`"), "{err}");
+    assert!(
+        err.starts_with("tenants.billing.allwo: unknown field `allwo`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -98,7 +104,10 @@ fn bad_duration_names_the_key() {
     let fixture = Fixture::new();
     let yaml = format!("{MINIMAL}upstream:\n  timeout: soon\n");
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
-    assert!(err.starts_with("upstream.timeout: expected a duration"), "{err}");
+    assert!(
+        err.starts_with("upstream.timeout: expected a duration"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,20 +115,29 @@ fn literal_secret_is_a_config_error() {
     let fixture = Fixture::new();
     let yaml = MINIMAL.replace("{file: \"{dir}/token\"}", "hunter2");
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
-    assert!(err.contains("accounts.default.auth_token: a secret must come from"), "{err}");
+    assert!(
+        err.contains("accounts.default.auth_token: a secret must come from"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"));
 }
 
 #[test]
 fn missing_secret_file_and_env_are_reported() {
     let fixture = Fixture::new();
-    let yaml = MINIMAL
-        .replace("{dir}/token", "{dir}/missing")
-        .replace("MAXXXXXXXXXXXXXXXXXX", "{env: MPC_GATEWAY_TEST_UNSET_AUTH_ID}");
+    let yaml = MINIMAL.replace("{dir}/token", "{dir}/missing").replace(
+        "MAXXXXXXXXXXXXXXXXXX",
+        "{env: MPC_GATEWAY_TEST_UNSET_AUTH_ID}",
+    );
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
-    assert!(err.contains("accounts.default.auth_token: cannot read"), "{err}");
     assert!(
-        err.contains("accounts.default.auth_id: environment variable MPC_GATEWAY_TEST_UNSET_AUTH_ID"),
+        err.contains("accounts.default.auth_token: cannot read"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "accounts.default.auth_id: environment variable MPC_GATEWAY_TEST_UNSET_AUTH_ID"
+        ),
         "{err}"
     );
 }
@@ -127,12 +145,19 @@ fn missing_secret_file_and_env_are_reported() {
 #[test]
 fn bad_token_hash_and_unknown_account_are_all_reported() {
     let fixture = Fixture::new();
-    let yaml = MINIMAL
-        .replace("sha256:2c26", "sha256:XX26")
-        .replace("    rate_limit: {per_second: 5", "    account: nope\n    rate_limit: {per_second: 5");
+    let yaml = MINIMAL.replace("sha256:2c26", "sha256:XX26").replace(
+        "    rate_limit: {per_second: 5",
+        "    account: nope\n    rate_limit: {per_second: 5",
+    );
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
-    assert!(err.contains("tenants.billing.tokens[0]: expected \"sha256:\""), "{err}");
-    assert!(err.contains("tenants.billing.account: no account named \"nope\""), "{err}");
+    assert!(
+        err.contains("tenants.billing.tokens[0]: expected \"sha256:\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("tenants.billing.account: no account named \"nope\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -142,7 +167,9 @@ fn same_token_for_two_tenants_is_refused() {
     let yaml = MINIMAL.replace("audit:", second_tenant);
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
     assert!(
-        err.contains("tenants.other.tokens[0]: the same token hash is also listed for tenant billing"),
+        err.contains(
+            "tenants.other.tokens[0]: the same token hash is also listed for tenant billing"
+        ),
         "{err}"
     );
 }
@@ -169,7 +196,10 @@ fn rotate_bytes_below_minimum_is_an_error() {
         "  path: \"{dir}/audit.jsonl\"\n  rotate_bytes: 100",
     );
     let err = messages(fixture.load(&yaml).err().expect("invalid"));
-    assert!(err.contains("audit.rotate_bytes: expected at least 1024"), "{err}");
+    assert!(
+        err.contains("audit.rotate_bytes: expected at least 1024"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,0 +1,315 @@
+//! `audit verify` tests: intact, tampered, deleted and torn logs, keys, bad input.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::audit::record::{AuditEvent, EventKind};
+use crate::audit::{AuditLog, AuditSettings, Fsync};
+
+/// Writes `n` records with the real writer; returns the live file's path.
+fn write_log(dir: &Path, n: usize, key: Option<&[u8]>, rotate_bytes: u64) -> PathBuf {
+    let path = dir.join("audit.jsonl");
+    let settings = AuditSettings {
+        path: path.clone(),
+        fsync: Fsync::Never,
+        rotate_bytes,
+        hmac_key: key.map(|k| SecretSlice::from(k.to_vec())),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let log = AuditLog::open(settings).expect("open");
+        for i in 0..n {
+            let ev = AuditEvent {
+                event: EventKind::Denied,
+                request_id: format!("req-{i}"),
+                method: "POST".into(),
+                path: "/mpc/x/end".into(),
+                status: Some(403),
+                reason: Some("forbidden".into()),
+                ..AuditEvent::default()
+            };
+            log.append(ev).await.expect("append");
+        }
+        log.close().await.expect("close");
+    });
+    path
+}
+
+fn edit_lines(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
+    let text = std::fs::read_to_string(path).expect("read");
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    f(&mut lines);
+    let mut out = lines.join("\n");
+    out.push('\n');
+    std::fs::write(path, out).expect("write");
+}
+
+fn args(paths: &[&Path], key_env: Option<&str>) -> VerifyArgs {
+    VerifyArgs {
+        paths: paths.iter().map(|p| p.to_path_buf()).collect(),
+        hmac_key_env: key_env.map(String::from),
+    }
+}
+
+fn broken_at(v: &Verdict) -> (u64, &str) {
+    match v {
+        Verdict::Broken { at, what } => (at.line, what.as_str()),
+        other => panic!("expected broken, got {other:?}"),
+    }
+}
+
+#[test]
+fn intact_log_exits_0_with_summary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 5, None, 1 << 20);
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "verified 5 records in 1 files, chain intact\n");
+    assert_eq!(execute(&args(&[&live], None)).code, 0);
+}
+
+#[test]
+fn tampered_byte_exits_1_naming_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 5, None, 1 << 20);
+    edit_lines(&live, |l| l[2] = l[2].replace("forbidden", "forbiddem"));
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("audit.jsonl:3: hash mismatch"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn tampered_first_record_is_tampering_not_a_key_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 3, None, 1 << 20);
+    edit_lines(&live, |l| l[0] = l[0].replace("req-0", "req-X"));
+    let v = verify_paths(&[dir.path()], None);
+    assert_eq!(broken_at(&v).0, 1);
+    assert!(broken_at(&v).1.contains("hash mismatch"));
+}
+
+#[test]
+fn first_two_records_altered_is_tampering_not_a_key_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 4, None, 1 << 20);
+    edit_lines(&live, |l| {
+        l[0] = l[0].replace("req-0", "req-X");
+        l[1] = l[1].replace("req-1", "req-Y");
+    });
+    let v = verify_paths(&[dir.path()], None);
+    assert_eq!(broken_at(&v), (1, "hash mismatch: the record was altered"));
+}
+
+#[test]
+fn deleted_line_is_a_seq_gap_and_broken_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 5, None, 1 << 20);
+    edit_lines(&live, |l| {
+        l.remove(2);
+    });
+    let v = verify_paths(&[dir.path()], None);
+    let (line, what) = broken_at(&v);
+    assert_eq!(line, 3);
+    assert!(what.contains("seq gap: expected seq 3, found 4"), "{what}");
+    assert!(what.contains("broken link"), "{what}");
+}
+
+#[test]
+fn reordered_members_are_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 2, None, 1 << 20);
+    edit_lines(&live, |l| {
+        l[1] = l[1].replacen("{\"seq\":2,\"ts\":", "{\"ts\":", 1);
+        l[1] = l[1].replacen(",\"event\"", ",\"seq\":2,\"event\"", 1);
+    });
+    let v = verify_paths(&[dir.path()], None);
+    let (line, what) = broken_at(&v);
+    assert_eq!(line, 2);
+    assert!(what.contains("wrong member order"), "{what}");
+}
+
+#[test]
+fn torn_tail_exits_3_and_torn_line_elsewhere_is_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 4, None, 1 << 20);
+    let mut bytes = std::fs::read(&live).expect("read");
+    bytes.extend_from_slice(br#"{"seq":5,"ts":"2026-01"#);
+    std::fs::write(&live, &bytes).expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stdout.contains("audit.jsonl:5: torn final line"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("the 4 records before it"), "{}", r.stdout);
+
+    // The same torn line followed by more data is not a crash artefact.
+    bytes.extend_from_slice(b"\n{}\n");
+    std::fs::write(&live, &bytes).expect("write");
+    assert_eq!(execute(&args(&[dir.path()], None)).code, 1);
+}
+
+#[test]
+fn rotated_set_verifies_and_retention_gap_is_noted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 60, None, 2048);
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.starts_with("verified 60 records in "),
+        "{}",
+        r.stdout
+    );
+
+    let mut files = source::collect(&[dir.path().to_path_buf()]).expect("collect");
+    assert!(files.len() >= 3);
+    std::fs::remove_file(files.remove(0)).expect("retention");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("note: the chain starts at seq"),
+        "{}",
+        r.stdout
+    );
+
+    // A missing middle file breaks the chain.
+    std::fs::remove_file(&files[0]).expect("remove middle");
+    assert_eq!(
+        execute(&args(&[dir.path()], None)).code,
+        0,
+        "still a suffix"
+    );
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    write_log(dir2.path(), 60, None, 2048);
+    let files2 = source::collect(&[dir2.path().to_path_buf()]).expect("collect");
+    std::fs::remove_file(&files2[1]).expect("remove middle");
+    let r = execute(&args(&[dir2.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("seq gap"), "{}", r.stdout);
+}
+
+#[test]
+fn keyed_log_needs_the_key_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 3, Some(b"k3y"), 1 << 20);
+    let env = "MPC_GATEWAY_TEST_VERIFY_KEY_A";
+    std::env::set_var(env, "k3y");
+    assert_eq!(execute(&args(&[dir.path()], Some(env))).code, 0);
+
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("appears to be HMAC-keyed; pass --hmac-key-env"),
+        "{}",
+        r.stderr
+    );
+
+    let wrong = "MPC_GATEWAY_TEST_VERIFY_KEY_B";
+    std::env::set_var(wrong, "other");
+    let r = execute(&args(&[dir.path()], Some(wrong)));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("wrong HMAC key"), "{}", r.stderr);
+
+    let r = execute(&args(&[dir.path()], Some("MPC_GATEWAY_TEST_VERIFY_UNSET")));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("is not set"), "{}", r.stderr);
+}
+
+#[test]
+fn unkeyed_log_checked_with_a_key_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 1, None, 1 << 20);
+    match verify_paths(&[dir.path()], Some(b"k")) {
+        Verdict::KeyProblem { what, .. } => assert!(what.contains("not HMAC-keyed"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    // A single keyed record without the key cannot be told apart: hint, exit 1.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 1, Some(b"k"), 1 << 20);
+    let v = verify_paths(&[dir.path()], None);
+    let (_, what) = broken_at(&v);
+    assert!(what.contains("--hmac-key-env"), "{what}");
+}
+
+#[test]
+fn bad_input_never_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // Empty file: nothing to break.
+    let empty = d.join("empty.jsonl");
+    std::fs::write(&empty, b"").expect("w");
+    assert_eq!(
+        execute(&args(&[&empty], None)).stdout,
+        "verified 0 records in 1 files, chain intact\n"
+    );
+
+    let live = write_log(d, 3, None, 1 << 20);
+    let good = std::fs::read(&live).expect("read");
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "binary",
+            b"\xff\xfe\x00garbage\n".to_vec(),
+            "not valid UTF-8",
+        ),
+        ("json", b"{\"seq\":\n".to_vec(), "malformed JSON"),
+        ("array", b"[1,2]\n".to_vec(), "malformed JSON"),
+        (
+            "huge",
+            [vec![b'x'; 2 << 20], b"\n".to_vec()].concat(),
+            "longer than 1 MiB",
+        ),
+    ];
+    for (name, bad, expect) in cases {
+        // Bad line in the middle: tampering (exit 1) naming the line.
+        let mut bytes = bad.clone();
+        bytes.extend_from_slice(&good);
+        let f = d.join(format!("{name}.jsonl"));
+        std::fs::write(&f, &bytes).expect("w");
+        let r = execute(&args(&[&f], None));
+        assert_eq!(r.code, 1, "{name}: {r:?}");
+        assert!(
+            r.stdout.contains(&format!("{name}.jsonl:1: ")),
+            "{name}: {}",
+            r.stdout
+        );
+        assert!(r.stdout.contains(expect), "{name}: {}", r.stdout);
+        // The same as the very last line: what a crash can leave, exit 3.
+        let mut bytes = good.clone();
+        bytes.extend_from_slice(&bad);
+        std::fs::write(&f, &bytes).expect("w");
+        assert_eq!(execute(&args(&[&f], None)).code, 3, "{name}");
+    }
+
+    let r = execute(&args(&[&d.join("missing.jsonl")], None));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("missing.jsonl"), "{}", r.stderr);
+    let nothing = tempfile::tempdir().expect("tempdir");
+    let r = execute(&args(&[nothing.path()], None));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no audit files"), "{}", r.stderr);
+}
+
+#[test]
+fn cli_arguments_parse() {
+    use clap::{CommandFactory, Parser};
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        v: VerifyArgs,
+    }
+    Cli::command().debug_assert();
+    let cli = Cli::try_parse_from(["verify", "d", "--hmac-key-env", "K"]).expect("parse");
+    assert_eq!(cli.v.hmac_key_env.as_deref(), Some("K"));
+    assert!(
+        Cli::try_parse_from(["verify"]).is_err(),
+        "a PATH is required"
+    );
+}

@@ -1,0 +1,403 @@
+//! Writer tests: exact line format, chain, HMAC, restart, torn tail, rotation under
+//! concurrency, failure handling and close.
+
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use secrecy::SecretSlice;
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::audit::chain::GENESIS;
+use crate::audit::record::EventKind;
+use crate::audit::segment::fault::{self, Faults, FaultyOpener};
+use crate::audit::verify::{verify_paths, Verdict};
+
+fn settings(path: &Path, fsync: Fsync, rotate_bytes: u64) -> AuditSettings {
+    AuditSettings {
+        path: path.to_path_buf(),
+        fsync,
+        rotate_bytes,
+        hmac_key: None,
+    }
+}
+
+fn event(i: usize) -> AuditEvent {
+    AuditEvent {
+        event: EventKind::Forward,
+        request_id: format!("req-{i}"),
+        tenant: Some("billing".into()),
+        method: "POST".into(),
+        path: format!("/mpc/billing-{i}/end"),
+        mpc: Some(format!("billing-{i}")),
+        ..AuditEvent::default()
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("read log")
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn member(line: &str, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+    v.get(name).cloned().unwrap_or(serde_json::Value::Null)
+}
+
+fn intact(dir: &Path, key: Option<&[u8]>) -> u64 {
+    match verify_paths(&[dir], key) {
+        Verdict::Intact { records, .. } => records,
+        other => panic!("chain not intact: {other:?}"),
+    }
+}
+
+/// Expected line for `body` sealed with plain SHA-256.
+fn sealed(body: &str) -> (String, String) {
+    let hash = hex::encode(Sha256::digest(body.as_bytes()));
+    let line = format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]);
+    (line, hash)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_have_contract_member_order_and_exact_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("open");
+    let forward = AuditEvent {
+        event: EventKind::Forward,
+        request_id: "r1".into(),
+        tenant: Some("billing".into()),
+        token_fp: Some("abcdef012345".into()),
+        client: Some("127.0.0.1:5555".into()),
+        method: "POST".into(),
+        path: "/mpc/a%20b/end".into(),
+        mpc: Some("a b \"ä\"".into()),
+        account: Some("default".into()),
+        ..AuditEvent::default()
+    };
+    let result = AuditEvent {
+        event: EventKind::Result,
+        status: Some(204),
+        reason: Some("ended".into()),
+        upstream_status: Some(204),
+        plivo_api_id: Some("api-1".into()),
+        attempts: Some(1),
+        duration_ms: Some(12),
+        ..forward.clone()
+    };
+    assert_eq!(log.append(forward).await.expect("append"), 1);
+    assert_eq!(log.append(result).await.expect("append"), 2);
+    log.close().await.expect("close");
+
+    let got = lines(&path);
+    assert_eq!(got.len(), 2);
+    let ts1 = member(&got[0], "ts");
+    let ts1 = ts1.as_str().expect("ts");
+    assert_eq!(ts1.len(), 24, "{ts1}");
+    assert!(ts1.ends_with('Z') && ts1.as_bytes()[19] == b'.', "{ts1}");
+    let body1 = format!(
+        r#"{{"seq":1,"ts":"{ts1}","event":"forward","request_id":"r1","tenant":"billing","token_fp":"abcdef012345","client":"127.0.0.1:5555","method":"POST","path":"/mpc/a%20b/end","mpc":"a b \"ä\"","account":"default","status":null,"reason":null,"upstream_status":null,"plivo_api_id":null,"attempts":null,"duration_ms":null,"prev":"{GENESIS}"}}"#
+    );
+    let (line1, hash1) = sealed(&body1);
+    assert_eq!(got[0], line1);
+
+    let ts2 = member(&got[1], "ts");
+    let ts2 = ts2.as_str().expect("ts");
+    assert!(ts2 >= ts1, "ts must be monotonic with seq");
+    let body2 = format!(
+        r#"{{"seq":2,"ts":"{ts2}","event":"result","request_id":"r1","tenant":"billing","token_fp":"abcdef012345","client":"127.0.0.1:5555","method":"POST","path":"/mpc/a%20b/end","mpc":"a b \"ä\"","account":"default","status":204,"reason":"ended","upstream_status":204,"plivo_api_id":"api-1","attempts":1,"duration_ms":12,"prev":"{hash1}"}}"#
+    );
+    assert_eq!(got[1], sealed(&body2).0);
+
+    let mode = std::fs::metadata(&path).expect("meta").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    assert_eq!(intact(dir.path(), None), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn path_is_cut_to_256_bytes_on_a_char_boundary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let ev = AuditEvent {
+        path: format!("/{}", "ä".repeat(300)),
+        ..event(0)
+    };
+    log.append(ev).await.expect("append");
+    log.close().await.expect("close");
+    let p = member(&lines(&path)[0], "path");
+    let p = p.as_str().expect("path");
+    assert_eq!(p.len(), 255, "1 + 127 two-byte chars");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hmac_mode_keys_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let mut s = settings(&path, Fsync::Always, 1 << 20);
+    s.hmac_key = Some(SecretSlice::from(b"s3cret".to_vec()));
+    let log = AuditLog::open(s).expect("open");
+    for i in 0..3 {
+        log.append(event(i)).await.expect("append");
+    }
+    log.close().await.expect("close");
+
+    let first = &lines(&path)[0];
+    let (body, claimed) = crate::audit::chain::unseal(first.as_bytes()).expect("sealed");
+    let mac = <Hmac<Sha256> as Mac>::new_from_slice(b"s3cret").expect("key");
+    assert_eq!(
+        claimed,
+        hex::encode(mac.chain_update(&body).finalize().into_bytes())
+    );
+    assert_eq!(intact(dir.path(), Some(b"s3cret")), 3);
+    assert!(matches!(
+        verify_paths(&[dir.path()], None),
+        Verdict::KeyProblem { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seq_continues_across_reopen_and_torn_tail_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("open");
+    for i in 0..3 {
+        log.append(event(i)).await.expect("append");
+    }
+    log.close().await.expect("close");
+    let complete = std::fs::read(&path).expect("read");
+
+    // A crash mid-write leaves part of a line.
+    let mut torn = complete.clone();
+    torn.extend_from_slice(br#"{"seq":4,"ts":"2026-"#);
+    std::fs::write(&path, &torn).expect("write torn");
+
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("reopen");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        complete,
+        "torn tail cut"
+    );
+    assert_eq!(log.append(event(3)).await.expect("append"), 4);
+    assert_eq!(log.append(event(4)).await.expect("append"), 5);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 5);
+}
+
+/// Runs `tasks` concurrent appenders of `per_task` records each; returns all seqs.
+async fn hammer(log: &AuditLog, tasks: usize, per_task: usize) -> Vec<u64> {
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::with_capacity(per_task);
+            for i in 0..per_task {
+                seqs.push(log.append(event(t * per_task + i)).await.expect("append"));
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.expect("task"));
+    }
+    all.sort_unstable();
+    all
+}
+
+fn rotated_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x != "jsonl"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_continues_the_chain_without_loss_under_concurrency() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 16 * 1024)).expect("open");
+    let seqs = hammer(&log, 8, 250).await;
+    log.close().await.expect("close");
+    assert_eq!(
+        seqs,
+        (1..=2000).collect::<Vec<u64>>(),
+        "every seq exactly once"
+    );
+
+    let rotated = rotated_files(dir.path());
+    assert!(
+        rotated.len() >= 10,
+        "expected many rotations, got {}",
+        rotated.len()
+    );
+    for file in &rotated {
+        // The suffix names the last seq in the file.
+        let name = file.file_name().and_then(|n| n.to_str()).expect("name");
+        let suffix: u64 = name
+            .rsplit('.')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("seq");
+        let last = lines(file).pop().expect("non-empty");
+        assert_eq!(member(&last, "seq").as_u64(), Some(suffix));
+        assert!(std::fs::metadata(file).expect("meta").len() >= 16 * 1024);
+    }
+    assert_eq!(intact(dir.path(), None), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_commit_with_fsync_always_and_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 4096)).expect("open");
+    let seqs = hammer(&log, 8, 25).await;
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+    log.close().await.expect("close");
+    // Restart after rotation continues the same chain from the rotated files.
+    let log = AuditLog::open(settings(&path, Fsync::Always, 4096)).expect("reopen");
+    assert_eq!(log.append(event(0)).await.expect("append"), 201);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 201);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn empty_live_file_after_rotation_continues_from_rotated_sibling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
+    let mut n = 0;
+    while std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 0 || n == 0 {
+        n += 1;
+        log.append(event(n)).await.expect("append");
+    }
+    log.close().await.expect("close");
+    assert_eq!(std::fs::metadata(&path).expect("live").len(), 0);
+    std::fs::remove_file(&path).expect("remove live"); // also a missing live file works
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
+    assert_eq!(log.append(event(0)).await.expect("append"), n as u64 + 1);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), n as u64 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_write_leaves_no_partial_line_and_does_not_advance_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Always, 1 << 20),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    log.append(event(0)).await.expect("append");
+    log.append(event(1)).await.expect("append");
+    let before = std::fs::read(&path).expect("read");
+
+    for mode in [fault::PARTIAL_WRITE, fault::SYNC] {
+        faults.set(mode);
+        let err = log.append(event(2)).await.expect_err("must fail");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        assert!(!log.is_writable());
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "no partial line"
+        );
+    }
+
+    faults.set(fault::NONE);
+    assert_eq!(
+        log.append(event(2)).await.expect("append"),
+        3,
+        "seq not advanced"
+    );
+    assert!(
+        log.is_writable(),
+        "a successful append restores writability"
+    );
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probe_restores_writability_without_leaving_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Never, 1 << 20),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    log.append(event(0)).await.expect("append");
+    let before = std::fs::read(&path).expect("read");
+    faults.set(fault::PARTIAL_WRITE);
+    log.append(event(1)).await.expect_err("must fail");
+    assert!(!log.is_writable());
+    faults.set(fault::NONE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while !log.is_writable() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(log.is_writable(), "probe should succeed");
+    assert_eq!(std::fs::read(&path).expect("read"), before);
+    log.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_is_idempotent_and_later_appends_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("open");
+    let other = log.clone();
+    log.append(event(0)).await.expect("append");
+    log.close().await.expect("close");
+    other.close().await.expect("second close");
+    assert!(matches!(
+        other.append(event(1)).await,
+        Err(AuditError::Closed)
+    ));
+    assert!(!log.is_writable());
+    assert_eq!(lines(&path).len(), 1);
+}
+
+#[test]
+fn open_works_outside_a_runtime_and_drop_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    assert_eq!(rt.block_on(log.append(event(0))).expect("append"), 1);
+    assert!(format!("{log:?}").contains("audit.jsonl"));
+    drop(log);
+    assert_eq!(lines(&path).len(), 1);
+}
+
+#[test]
+fn missing_directory_is_an_error_and_check_writable_reports_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nope").join("audit.jsonl");
+    let err = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect_err("missing dir");
+    assert!(matches!(err, AuditError::MissingDirectory { .. }), "{err}");
+    assert!(err.to_string().contains("nope"), "{err}");
+    assert!(check_writable(&path).is_err());
+    let ok = dir.path().join("audit.jsonl");
+    check_writable(&ok).expect("writable");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("list").count(),
+        0,
+        "probe removed"
+    );
+}

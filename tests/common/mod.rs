@@ -1,0 +1,426 @@
+//! Test harness: a TLS Plivo simulator with a CA made for the test, the real gateway on
+//! 127.0.0.1:0 configured to use it, a plain-HTTP client, and audit-log readers that
+//! recompute the hash chain independently of the gateway's code.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mpc_gateway::config::Config;
+use mpc_gateway::rate_limit::{LimiterClock, ManualClock};
+use mpc_gateway::server::{RunningGateway, StartOptions};
+use mpc_gateway::simulator::{generate_pki, Liveness, Simulator, SimulatorConfig, TestPki};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const AUTH_ID: &str = "MAXXXXXXXXXXXXXXXXXX";
+pub const AUTH_TOKEN: &str = "test-plivo-token-not-real";
+/// A second account whose credentials the simulator does not know: Plivo answers 401.
+pub const SECOND_AUTH_ID: &str = "SAYYYYYYYYYYYYYYYYYY";
+pub const SECOND_AUTH_TOKEN: &str = "stale-plivo-token-not-real";
+pub const BILLING_TOKEN: &str = "billing-token-for-tests";
+pub const OPS_TOKEN: &str = "ops-token-for-tests";
+pub const STALE_TENANT_TOKEN: &str = "second-account-token-for-tests";
+pub const HMAC_KEY: &str = "audit-hmac-key-for-tests";
+
+pub fn token_hash(token: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+/// What a test may change about the gateway's config.
+#[derive(Clone)]
+pub struct Options {
+    pub tenant_limit: (u32, u32),
+    pub account_limit: (u32, u32),
+    pub connect_timeout: &'static str,
+    pub timeout: &'static str,
+    pub max_attempts: u32,
+    pub hmac: bool,
+    pub fsync: &'static str,
+    pub rotate_bytes: u64,
+    /// Audit file location; default is inside the harness's temp dir.
+    pub audit_path: Option<PathBuf>,
+    /// Overrides the simulator's URL (e.g. a closed port).
+    pub base_url: Option<String>,
+    /// Trust the simulator's CA (false: the upstream certificate is untrusted).
+    pub trust_simulator: bool,
+    pub liveness: Liveness,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tenant_limit: (100, 100),
+            account_limit: (1000, 1000),
+            connect_timeout: "500ms",
+            timeout: "3s",
+            max_attempts: 3,
+            hmac: false,
+            fsync: "always",
+            rotate_bytes: 100 * 1024 * 1024,
+            audit_path: None,
+            base_url: None,
+            trust_simulator: true,
+            liveness: Liveness::AllNames {
+                forget_ended: false,
+            },
+        }
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub pki: TestPki,
+    pub sim: Simulator,
+    pub gateway: Option<RunningGateway>,
+    pub clock: ManualClock,
+    pub audit_path: PathBuf,
+    pub config_path: PathBuf,
+    pub options: Options,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A response as the caller saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|err| panic!("body is not JSON ({err}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts status, problem type and the fields every problem body carries.
+    pub fn assert_problem(&self, status: u16, slug: &str) {
+        assert_eq!(self.status, status, "status; body {:?}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+        let body = self.json();
+        assert_eq!(body["type"], format!("urn:mpc-gateway:{slug}"), "{body}");
+        assert_eq!(body["status"], status);
+        assert!(body["title"].is_string() && body["detail"].is_string());
+        assert_eq!(
+            body["request_id"].as_str(),
+            self.header("x-request-id"),
+            "request_id in body and header"
+        );
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
+        let mut sim_config = SimulatorConfig::new(AUTH_ID, AUTH_TOKEN);
+        sim_config.tls = Some(pki.server_tls());
+        sim_config.liveness = options.liveness;
+        let sim = Simulator::start(sim_config).await.expect("simulator");
+        let audit_path = options
+            .audit_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("audit.jsonl"));
+        let config_path = dir.path().join("gateway.yaml");
+        let clock = ManualClock::default();
+        let mut harness = Harness {
+            dir,
+            pki,
+            sim,
+            gateway: None,
+            clock,
+            audit_path,
+            config_path,
+            options,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        harness.write_files();
+        let config = Config::load(&harness.config_path).expect("test config is valid");
+        let gateway = RunningGateway::start(
+            &config,
+            StartOptions {
+                limiter_clock: LimiterClock::Manual(harness.clock.clone()),
+            },
+        )
+        .await
+        .expect("gateway starts");
+        harness.gateway = Some(gateway);
+        harness
+    }
+
+    fn write_files(&self) {
+        let dir = self.dir.path();
+        std::fs::write(dir.join("plivo-token"), format!("{AUTH_TOKEN}\n")).expect("write");
+        std::fs::write(dir.join("second-token"), SECOND_AUTH_TOKEN).expect("write");
+        std::fs::write(dir.join("hmac-key"), HMAC_KEY).expect("write");
+        let ca_path = dir.join("ca.pem");
+        let ca_pem = if self.options.trust_simulator {
+            self.pki.ca_cert_pem.clone()
+        } else {
+            generate_pki(&["localhost"]).expect("other pki").ca_cert_pem
+        };
+        std::fs::write(&ca_path, ca_pem).expect("write");
+        std::fs::write(&self.config_path, self.config_yaml()).expect("write");
+    }
+
+    pub fn config_yaml(&self) -> String {
+        let o = &self.options;
+        let dir = self.dir.path().display();
+        let base_url = o.base_url.clone().unwrap_or_else(|| self.sim.base_url());
+        let hmac = if o.hmac {
+            format!("  hmac_key: {{file: \"{dir}/hmac-key\"}}\n")
+        } else {
+            String::new()
+        };
+        format!(
+            r#"listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+shutdown_grace: 2s
+accounts:
+  default:
+    auth_id: {AUTH_ID}
+    auth_token: {{file: "{dir}/plivo-token"}}
+    rate_limit: {{per_second: {}, burst: {}}}
+  second:
+    auth_id: {SECOND_AUTH_ID}
+    auth_token: {{file: "{dir}/second-token"}}
+upstream:
+  base_url: {base_url}
+  ca_file: "{dir}/ca.pem"
+  connect_timeout: {}
+  timeout: {}
+  max_attempts: {}
+tenants:
+  billing:
+    tokens: ["{}"]
+    allow: ["billing-*"]
+    rate_limit: {{per_second: {}, burst: {}}}
+  ops:
+    tokens: ["{}"]
+    allow: ["*"]
+  stale:
+    tokens: ["{}"]
+    allow: ["*"]
+    account: second
+audit:
+  path: "{}"
+  fsync: {}
+  rotate_bytes: {}
+{hmac}log:
+  format: json
+  level: warn
+"#,
+            o.account_limit.0,
+            o.account_limit.1,
+            o.connect_timeout,
+            o.timeout,
+            o.max_attempts,
+            token_hash(BILLING_TOKEN),
+            o.tenant_limit.0,
+            o.tenant_limit.1,
+            token_hash(OPS_TOKEN),
+            token_hash(STALE_TENANT_TOKEN),
+            self.audit_path.display(),
+            o.fsync,
+            o.rotate_bytes,
+        )
+    }
+
+    pub fn running(&self) -> &RunningGateway {
+        self.gateway.as_ref().expect("gateway running")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running().local_addr()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running().admin_addr()
+    }
+
+    /// Sends one request; `headers` are added as given.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr()));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(request))
+            .await
+            .expect("gateway answered within 15 s")
+            .expect("gateway answered");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// `POST /mpc/{segment}/end` with a Bearer token.
+    pub async fn end(&self, segment: &str, token: &str) -> Reply {
+        let auth = format!("Bearer {token}");
+        self.send(
+            Method::POST,
+            &format!("/mpc/{segment}/end"),
+            &[("authorization", &auth)],
+            b"",
+        )
+        .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        let request = Request::builder()
+            .uri(format!("http://{}{path}", self.admin_addr()))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = self.client.request(request).await.expect("admin answered");
+        let (parts, body) = response.into_parts();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
+    }
+
+    /// The audit records written so far, parsed.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        read_records(&self.audit_path)
+    }
+
+    /// Recomputes the chain of the audit file; panics on any broken link.
+    pub fn assert_chain(&self) -> usize {
+        let key = self.options.hmac.then_some(HMAC_KEY.as_bytes());
+        assert_chain(&[self.audit_path.clone()], key)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| serde_json::from_str(line).expect("audit line is JSON"))
+        .collect()
+}
+
+pub const MEMBERS: [&str; 19] = [
+    "seq",
+    "ts",
+    "event",
+    "request_id",
+    "tenant",
+    "token_fp",
+    "client",
+    "method",
+    "path",
+    "mpc",
+    "account",
+    "status",
+    "reason",
+    "upstream_status",
+    "plivo_api_id",
+    "attempts",
+    "duration_ms",
+    "prev",
+    "hash",
+];
+
+/// Checks member order, seq continuity, prev links and each hash (SHA-256, or
+/// HMAC-SHA256 with `key`), across `files` in order. Returns the number of records.
+pub fn assert_chain(files: &[PathBuf], key: Option<&[u8]>) -> usize {
+    let mut prev = "0".repeat(64);
+    let mut expected_seq = 1u64;
+    let mut count = 0;
+    for file in files {
+        let text = std::fs::read_to_string(file).expect("read audit file");
+        assert!(text.is_empty() || text.ends_with('\n'), "torn last line");
+        for (index, line) in text.lines().enumerate() {
+            let at = format!("{}:{}", file.display(), index + 1);
+            let value: serde_json::Value = serde_json::from_str(line).expect("JSON");
+            let members: Vec<&str> = value
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(members, MEMBERS, "member order at {at}");
+            assert_eq!(value["seq"], expected_seq, "seq at {at}");
+            assert_eq!(value["prev"], prev.as_str(), "prev link at {at}");
+            let hash = value["hash"].as_str().expect("hash").to_owned();
+            let suffix = format!(",\"hash\":\"{hash}\"}}");
+            let unhashed = format!(
+                "{}}}",
+                line.strip_suffix(&suffix)
+                    .expect("line ends with the hash member")
+            );
+            let computed = match key {
+                Some(key) => {
+                    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("key");
+                    mac.update(unhashed.as_bytes());
+                    hex::encode(mac.finalize().into_bytes())
+                }
+                None => hex::encode(Sha256::digest(unhashed.as_bytes())),
+            };
+            assert_eq!(computed, hash, "hash at {at}");
+            prev = hash;
+            expected_seq += 1;
+            count += 1;
+        }
+    }
+    count
+}
+
+/// The Basic header the gateway must send for the default account.
+pub fn expected_basic() -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{AUTH_TOKEN}"))
+    )
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until the server
+/// closes it or `wait` passes.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
