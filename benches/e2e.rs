@@ -1,0 +1,2 @@
+//! End-to-end benchmark (placeholder replaced by the benchmark work).
+fn main() {}
