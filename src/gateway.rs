@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::auth::{bearer_token, Identity, NamePattern, TokenDirectory};
@@ -30,6 +31,7 @@ use crate::problem::Problem;
 use crate::rate_limit::{Decision, Limiter, LimiterClock, LimiterSet};
 use crate::request_id::RequestId;
 use crate::telemetry::Metrics;
+use crate::tls::ClientCertificate;
 use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError, UpstreamReport};
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
@@ -46,6 +48,10 @@ pub struct ClientAddr(pub SocketAddr);
 /// Everything derived from one version of the config; swapped whole on reload.
 struct Runtime {
     tokens: TokenDirectory,
+    /// Client-certificate SAN → tenant (`client_cert_sans`).
+    sans: HashMap<String, Arc<str>>,
+    /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
+    tls: Option<TlsAcceptor>,
     tenants: HashMap<String, TenantPolicy>,
     accounts: HashMap<String, AccountCredentials>,
     limiters: LimiterSet,
@@ -91,11 +97,15 @@ impl Runtime {
         clock: &LimiterClock,
     ) -> Result<Runtime, UpstreamBuildError> {
         let mut tokens = TokenDirectory::default();
+        let mut sans = HashMap::new();
         let mut tenants = HashMap::new();
         for (name, tenant) in &config.tenants {
             let shared: Arc<str> = Arc::from(name.as_str());
             for hash in &tenant.tokens {
                 tokens.insert(*hash, Arc::clone(&shared));
+            }
+            for san in &tenant.client_cert_sans {
+                sans.insert(san.clone(), Arc::clone(&shared));
             }
             tenants.insert(
                 name.clone(),
@@ -131,6 +141,11 @@ impl Runtime {
         };
         Ok(Runtime {
             tokens,
+            sans,
+            tls: config
+                .listen_tls
+                .as_ref()
+                .map(|tls| TlsAcceptor::from(Arc::clone(&tls.server_config))),
             tenants,
             accounts,
             limiters,
@@ -204,6 +219,11 @@ impl Gateway {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
+    /// The TLS acceptor new data connections use, if the listener speaks TLS.
+    pub fn tls_acceptor(&self) -> Option<TlsAcceptor> {
+        self.inner.runtime.load().tls.clone()
+    }
+
     /// Serves one request end to end. Never fails: every outcome is a response.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
     where
@@ -252,7 +272,8 @@ impl Gateway {
         check_framing(&parts.method, &parts.uri, &parts.headers)?;
         let segment = route(&parts.method, parts.uri.path())?;
         read_bounded_body(&parts.headers, body).await?;
-        let tenant = authenticate(runtime, &parts.headers, trail)?;
+        let certificate = parts.extensions.get::<ClientCertificate>();
+        let tenant = authenticate(runtime, &parts.headers, certificate, trail)?;
         let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
         trail.mpc = Some(name.as_str().to_owned());
         let policy = runtime
@@ -437,29 +458,69 @@ where
     }
 }
 
-/// Bearer token → tenant. Records the tenant and token fingerprint on the trail.
+/// Client certificate and/or Bearer token → tenant. Records the tenant and fingerprint
+/// (the certificate's when it authenticated the tenant, else the token's) on the trail.
 fn authenticate(
     runtime: &Runtime,
     headers: &HeaderMap,
+    certificate: Option<&ClientCertificate>,
     trail: &mut Trail,
 ) -> Result<Arc<str>, Problem> {
+    let token = identify_bearer(runtime, headers);
+    let by_certificate = certificate.and_then(|cert| tenant_of_certificate(runtime, cert));
+    let (tenant, fingerprint) = match (by_certificate, &token) {
+        // A certificate that names a tenant decides; a token sent as well must agree.
+        (Some((tenant, cert_fp)), Identity::Anonymous) => (Some(tenant), Some(cert_fp)),
+        (
+            Some((tenant, cert_fp)),
+            Identity::Tenant {
+                tenant: token_tenant,
+                ..
+            },
+        ) if *token_tenant == tenant => (Some(tenant), Some(cert_fp)),
+        (Some((_, cert_fp)), _) => (None, Some(cert_fp)),
+        (
+            None,
+            Identity::Tenant {
+                tenant,
+                fingerprint,
+            },
+        ) => (Some(Arc::clone(tenant)), Some(fingerprint.clone())),
+        (None, identity) => (None, identity.fingerprint().map(str::to_owned)),
+    };
+    trail.token_fp = fingerprint;
+    let tenant = tenant.ok_or(Problem::Unauthenticated)?;
+    trail.tenant = Some(tenant.to_string());
+    Ok(tenant)
+}
+
+fn identify_bearer(runtime: &Runtime, headers: &HeaderMap) -> Identity {
     let mut values = headers.get_all(AUTHORIZATION).iter();
-    let identity = match (values.next(), values.next()) {
+    match (values.next(), values.next()) {
         (Some(value), None) => match bearer_token(value.as_bytes()) {
             Some(token) => runtime.tokens.identify(token),
             None => Identity::Anonymous,
         },
         // None, or several Authorization headers: ambiguous, so nobody.
         _ => Identity::Anonymous,
-    };
-    trail.token_fp = identity.fingerprint().map(str::to_owned);
-    match identity {
-        Identity::Tenant { tenant, .. } => {
-            trail.tenant = Some(tenant.to_string());
-            Ok(tenant)
-        }
-        Identity::Anonymous | Identity::Unknown { .. } => Err(Problem::Unauthenticated),
     }
+}
+
+/// The one tenant whose `client_cert_sans` lists a SAN of the certificate; a certificate
+/// naming several tenants authenticates none.
+fn tenant_of_certificate(
+    runtime: &Runtime,
+    certificate: &ClientCertificate,
+) -> Option<(Arc<str>, String)> {
+    let mut found: Option<&Arc<str>> = None;
+    for san in &certificate.sans {
+        match (runtime.sans.get(san), found) {
+            (Some(tenant), Some(previous)) if tenant != previous => return None,
+            (Some(tenant), _) => found = Some(tenant),
+            (None, _) => {}
+        }
+    }
+    found.map(|tenant| (Arc::clone(tenant), certificate.fingerprint.clone()))
 }
 
 /// What the audit record and the metrics need to know about one request, filled in as

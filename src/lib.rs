@@ -20,6 +20,7 @@ pub mod request_id;
 pub mod server;
 pub mod simulator;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 /// The version sent upstream in `User-Agent: mpc-gateway/{version}`.

@@ -28,6 +28,7 @@ use crate::gateway::{ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LI
 use crate::rate_limit::LimiterClock;
 use crate::request_id::RequestIdLayer;
 use crate::telemetry::Metrics;
+use crate::tls::ClientCertificate;
 use crate::upstream::UpstreamBuildError;
 
 /// A client must send its whole request head within this time (slowloris).
@@ -57,6 +58,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Upstream(#[from] UpstreamBuildError),
+    #[error("listen_tls cannot be turned on or off by a reload; restart the gateway")]
+    TlsModeChanged,
 }
 
 /// Knobs tests turn; production uses the defaults.
@@ -92,6 +95,7 @@ struct RestartOnlySettings {
     admin_listen: SocketAddr,
     audit: String,
     worker_threads: usize,
+    tls: bool,
 }
 
 impl RestartOnlySettings {
@@ -107,6 +111,7 @@ impl RestartOnlySettings {
                 config.audit.hmac_key.is_some()
             ),
             worker_threads: config.worker_threads,
+            tls: config.listen_tls.is_some(),
         }
     }
 }
@@ -122,7 +127,7 @@ impl RunningGateway {
         let gateway = Gateway::new(config, audit, metrics, options.limiter_clock)?;
         let data = bind(config.listen).await?;
         let admin = bind(config.admin_listen).await?;
-        let local_addr = local_addr(&data, config.listen)?;
+        let local_addr = local_addr_of(&data, config.listen)?;
         let admin_addr = local_addr_of(&admin, config.admin_listen)?;
         let (stop_accepting, stopped) = watch::channel(false);
         let data_task = tokio::spawn(serve_data(
@@ -173,6 +178,9 @@ impl RunningGateway {
     }
 
     fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        if config.listen_tls.is_some() != self.settings_at_start.tls {
+            return Err(ReloadError::TlsModeChanged);
+        }
         if RestartOnlySettings::of(config) != self.settings_at_start {
             tracing::warn!("listen, admin_listen, worker_threads and audit settings take effect only after a restart");
         }
@@ -218,10 +226,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    local_addr_of(listener, addr)
-}
-
 fn local_addr_of(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
     listener
         .local_addr()
@@ -251,7 +255,7 @@ async fn serve_data(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let builder = http_builder();
+    let builder = Arc::new(http_builder());
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -274,16 +278,16 @@ async fn serve_data(
             }
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), data_service(&gateway, peer))
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let metrics = Arc::clone(gateway.metrics());
+        let connection = Connection {
+            gateway: gateway.clone(),
+            builder: Arc::clone(&builder),
+            watcher: graceful.watcher(),
+            peer,
+        };
         tokio::spawn(async move {
+            let metrics = Arc::clone(connection.gateway.metrics());
             metrics.connection_opened();
-            if let Err(err) = connection.await {
-                record_connection_error(&metrics, err.as_ref());
-            }
+            connection.serve(stream).await;
             metrics.connection_closed();
             drop(permit);
         });
@@ -297,10 +301,65 @@ async fn serve_data(
     }
 }
 
+/// One accepted data connection.
+struct Connection {
+    gateway: Gateway,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Plain HTTP, or TLS first when `listen_tls` is set; the acceptor is read per
+    /// connection so certificates re-read on SIGHUP apply to new connections only.
+    async fn serve(self, stream: TcpStream) {
+        let metrics = Arc::clone(self.gateway.metrics());
+        let result = match self.gateway.tls_acceptor() {
+            None => self.serve_http(TokioIo::new(stream), None).await,
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let certificate =
+                            ClientCertificate::from_peer(tls.get_ref().1.peer_certificates());
+                        self.serve_http(TokioIo::new(tls), certificate).await
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
+                        metrics.http_rejected("tls-handshake");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        metrics.http_rejected("tls-handshake");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(err) = result {
+            record_connection_error(&metrics, err.as_ref());
+        }
+    }
+
+    async fn serve_http<I>(
+        self,
+        io: I,
+        certificate: Option<ClientCertificate>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let service = data_service(&self.gateway, self.peer, certificate);
+        let connection = self.builder.serve_connection(io, service).into_owned();
+        self.watcher.watch(connection).await
+    }
+}
+
 /// The data listener's per-connection service, in request order.
 fn data_service(
     gateway: &Gateway,
     peer: SocketAddr,
+    certificate: Option<ClientCertificate>,
 ) -> TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
@@ -315,6 +374,9 @@ fn data_service(
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
         .service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ClientAddr(peer));
+            if let Some(certificate) = &certificate {
+                request.extensions_mut().insert(certificate.clone());
+            }
             let gateway = gateway.clone();
             async move { Ok::<_, Infallible>(gateway.handle(request).await) }
         });

@@ -29,6 +29,10 @@ use crate::problem::Problem;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Calls to Plivo in flight at once. Plivo allows 60 requests/s per account, so more
+/// than this means Plivo is slow; callers then wait (within `timeout`) instead of piling
+/// up sockets.
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// The credentials of one Plivo account, ready to put on the wire.
 #[derive(Clone)]
@@ -96,6 +100,7 @@ pub struct PlivoClient {
     user_agent: HeaderValue,
     timeout: Duration,
     max_attempts: u32,
+    in_flight: tokio::sync::Semaphore,
 }
 
 /// One attempt's result, before the retry decision.
@@ -137,6 +142,7 @@ impl PlivoClient {
             )),
             timeout: settings.timeout,
             max_attempts: settings.max_attempts,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
     }
 
@@ -153,6 +159,11 @@ impl PlivoClient {
     pub async fn end_mpc(&self, account: &AccountCredentials, name: &MpcName) -> UpstreamReport {
         let url = self.end_url(&account.auth_id, name);
         let deadline = Instant::now() + self.timeout;
+        // Waiting for a slot counts against the same deadline as the call itself.
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await
+        else {
+            return report(Err(Problem::UpstreamTimeout), None, 0);
+        };
         let mut attempts = 0;
         loop {
             attempts += 1;

@@ -407,10 +407,24 @@ fn summary_table(out: &mut dyn Write, counts: &Counts) -> io::Result<()> {
     writeln!(out, "total {}", counts.values().sum::<u64>())
 }
 
+/// One `--summary --format json` line; a struct so the member order does not depend on
+/// serde_json's `preserve_order` feature.
+#[derive(serde::Serialize)]
+struct SummaryLine<'a> {
+    tenant: Option<&'a str>,
+    reason: Option<&'a str>,
+    count: u64,
+}
+
 fn summary_json(out: &mut dyn Write, counts: &Counts) -> io::Result<()> {
     for ((tenant, reason), n) in counts {
-        let line = serde_json::json!({"tenant": tenant, "reason": reason, "count": n});
-        writeln!(out, "{line}")?;
+        let line = SummaryLine {
+            tenant: tenant.as_deref(),
+            reason: reason.as_deref(),
+            count: *n,
+        };
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use crate::audit::{AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
 use crate::rate_limit::RateLimit;
+use crate::tls::{load_listen_tls, ListenTls};
 use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream};
 use secret::ValueSource;
 
@@ -33,6 +34,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub worker_threads: usize,
+    /// When set, `listen` speaks TLS only.
+    pub listen_tls: Option<ListenTls>,
     pub accounts: BTreeMap<String, Account>,
     pub upstream: UpstreamSettings,
     pub tenants: BTreeMap<String, Tenant>,
@@ -72,6 +75,8 @@ impl std::fmt::Display for BaseUrl {
 
 pub struct Tenant {
     pub tokens: Vec<TokenHash>,
+    /// URI or DNS SANs of client certificates that authenticate this tenant.
+    pub client_cert_sans: Vec<String>,
     pub allow: Vec<NamePattern>,
     pub rate_limit: RateLimit,
     pub account: String,
@@ -135,7 +140,23 @@ impl Config {
     /// A human summary for `check-config`: shapes and counts, never a secret or hash.
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "listen: {}", self.listen);
+        let _ = writeln!(
+            out,
+            "listen: {}{}",
+            self.listen,
+            match &self.listen_tls {
+                None => String::new(),
+                Some(tls) if tls.client_ca_file.is_some() => format!(
+                    " (TLS, client certificates {})",
+                    if tls.require_client_cert {
+                        "required"
+                    } else {
+                        "optional"
+                    }
+                ),
+                Some(_) => " (TLS)".to_owned(),
+            }
+        );
         let _ = writeln!(out, "admin_listen: {}", self.admin_listen);
         let _ = writeln!(out, "upstream: {}", self.upstream.base_url);
         for (name, account) in &self.accounts {
@@ -206,21 +227,44 @@ impl TryFrom<RawConfig> for Config {
         let tenants = validate_tenants(&raw.tenants, &raw.accounts, &mut errors);
         let audit = validate_audit(&raw.audit, &mut errors);
         let log = validate_log(&raw.log, &mut errors);
-        match (upstream, audit, log) {
-            (Some(upstream), Some(audit), Some(log)) if errors.0.is_empty() => Ok(Config {
-                listen: raw.listen,
-                admin_listen: raw.admin_listen,
-                shutdown_grace: raw.shutdown_grace.0,
-                worker_threads: raw.worker_threads,
-                accounts,
-                upstream,
-                tenants,
-                audit,
-                log,
-            }),
+        let listen_tls = validate_listen_tls(raw.listen_tls.as_ref(), &mut errors);
+        match (upstream, audit, log, listen_tls) {
+            (Some(upstream), Some(audit), Some(log), Some(listen_tls)) if errors.0.is_empty() => {
+                Ok(Config {
+                    listen: raw.listen,
+                    admin_listen: raw.admin_listen,
+                    shutdown_grace: raw.shutdown_grace.0,
+                    worker_threads: raw.worker_threads,
+                    listen_tls,
+                    accounts,
+                    upstream,
+                    tenants,
+                    audit,
+                    log,
+                })
+            }
             _ => Err(ConfigError::Invalid(errors.0)),
         }
     }
+}
+
+/// `Some(None)` when TLS is off, `None` when its settings are invalid.
+fn validate_listen_tls(
+    raw: Option<&raw::RawListenTls>,
+    errors: &mut Errors,
+) -> Option<Option<ListenTls>> {
+    let Some(raw) = raw else {
+        return Some(None);
+    };
+    load_listen_tls(
+        &raw.cert_file,
+        &raw.key_file,
+        raw.client_ca_file.as_deref(),
+        raw.require_client_cert,
+    )
+    .map(Some)
+    .map_err(|msg| errors.push("listen_tls", msg))
+    .ok()
 }
 
 #[derive(Default)]
@@ -379,6 +423,7 @@ fn validate_tenants(
         errors.push("tenants", "at least one tenant is required");
     }
     let mut owner_of: HashMap<TokenHash, &str> = HashMap::new();
+    let mut san_owner: HashMap<&str, &str> = HashMap::new();
     let mut tenants = BTreeMap::new();
     for (name, tenant) in raw {
         let path = format!("tenants.{name}");
@@ -388,8 +433,25 @@ fn validate_tenants(
                 "tenant names are 1-64 characters of letters, digits, '-', '_' and '.'",
             );
         }
+        if tenant.tokens.is_empty() && tenant.client_cert_sans.is_empty() {
+            errors.push(
+                format!("{path}.tokens"),
+                "at least one token hash (or client_cert_sans) is required",
+            );
+        }
         let tokens = validate_tokens(&path, name, &tenant.tokens, &mut owner_of, errors);
         let allow = validate_allow(&path, &tenant.allow, errors);
+        for (index, san) in tenant.client_cert_sans.iter().enumerate() {
+            let key = format!("{path}.client_cert_sans[{index}]");
+            if san.is_empty() {
+                errors.push(key, "must not be empty");
+            } else if let Some(other) = san_owner.insert(san, name) {
+                errors.push(
+                    key,
+                    format!("the same SAN is also listed for tenant {other}"),
+                );
+            }
+        }
         if !accounts.contains_key(&tenant.account) {
             errors.push(
                 format!("{path}.account"),
@@ -400,6 +462,7 @@ fn validate_tenants(
             name.clone(),
             Tenant {
                 tokens,
+                client_cert_sans: tenant.client_cert_sans.clone(),
                 allow,
                 rate_limit: rate_limit(tenant.rate_limit),
                 account: tenant.account.clone(),

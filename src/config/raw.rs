@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub shutdown_grace: HumanDuration,
     #[serde(default)]
     pub worker_threads: usize,
+    #[serde(default)]
+    pub listen_tls: Option<RawListenTls>,
     pub accounts: BTreeMap<String, RawAccount>,
     #[serde(default)]
     pub upstream: RawUpstream,
@@ -30,6 +32,17 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,12 +91,15 @@ impl Default for RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
+    #[serde(default)]
     pub tokens: Vec<String>,
     pub allow: Vec<String>,
     #[serde(default = "default_tenant_rate_limit")]
     pub rate_limit: RawRateLimit,
     #[serde(default = "default_account_name")]
     pub account: String,
+    #[serde(default)]
+    pub client_cert_sans: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -323,7 +323,7 @@ audit:
     /// Recomputes the chain of the audit file; panics on any broken link.
     pub fn assert_chain(&self) -> usize {
         let key = self.options.hmac.then_some(HMAC_KEY.as_bytes());
-        assert_chain(&[self.audit_path.clone()], key)
+        assert_chain(std::slice::from_ref(&self.audit_path), key)
     }
 
     pub async fn shutdown(mut self) {

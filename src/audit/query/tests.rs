@@ -242,7 +242,7 @@ total 5
     let (out, _) = run(&a);
     assert_eq!(
         out,
-        "{\"count\":1,\"reason\":\"ended\",\"tenant\":\"billing\"}\n"
+        "{\"tenant\":\"billing\",\"reason\":\"ended\",\"count\":1}\n"
     );
 }
 

@@ -1,0 +1,227 @@
+//! TLS on the data listener (`listen_tls`): loading and checking the server certificate
+//! and key, optional client-certificate verification against `client_ca_file`, and the
+//! identity (SANs, fingerprint) of a verified client certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Validated `listen_tls` settings with the rustls server config built from them.
+#[derive(Clone)]
+pub struct ListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    pub require_client_cert: bool,
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+/// Builds the server TLS config from files; every error names the file and the problem.
+pub fn load_listen_tls(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+    require_client_cert: bool,
+) -> Result<ListenTls, String> {
+    let chain = read_certs(cert_file)?;
+    check_validity(cert_file, &chain[0])?;
+    let key = read_key(key_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|err| format!("{}: unusable private key: {err}", key_file.display()))?;
+    CertifiedKey::new(chain.clone(), signing_key)
+        .keys_match()
+        .map_err(|err| {
+            format!(
+                "{} does not match the certificate in {}: {err}",
+                key_file.display(),
+                cert_file.display()
+            )
+        })?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|err| format!("TLS versions: {err}"))?;
+    let builder = match client_ca_file {
+        Some(ca_file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(ca_file)? {
+                roots
+                    .add(cert)
+                    .map_err(|err| format!("{}: {err}", ca_file.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|err| format!("{}: {err}", ca_file.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None if require_client_cert => {
+            return Err("require_client_cert needs client_ca_file".to_owned());
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|err| format!("{}: {err}", cert_file.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(ListenTls {
+        cert_file: cert_file.to_owned(),
+        key_file: key_file.to_owned(),
+        client_ca_file: client_ca_file.map(Path::to_owned),
+        require_client_cert,
+        server_config: Arc::new(config),
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem =
+        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem =
+        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?
+        .ok_or_else(|| format!("{} holds no private key", path.display()))
+}
+
+/// An expired or not-yet-valid server certificate is a config error, not a surprise for
+/// every client.
+fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), String> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|err| format!("{}: cannot parse the certificate: {err}", path.display()))?;
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        return Err(format!(
+            "{}: the certificate is valid only from {} to {}",
+            path.display(),
+            validity.not_before,
+            validity.not_after
+        ));
+    }
+    Ok(())
+}
+
+/// A client certificate the TLS handshake verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// URI and DNS subject alternative names.
+    pub sans: Vec<String>,
+    /// First 12 hex digits of the certificate's SHA-256.
+    pub fingerprint: String,
+}
+
+impl ClientCertificate {
+    /// Reads the end-entity certificate of a verified peer chain.
+    pub fn from_peer(chain: Option<&[CertificateDer<'_>]>) -> Option<ClientCertificate> {
+        let leaf = chain?.first()?;
+        let fingerprint = hex::encode(&Sha256::digest(leaf.as_ref())[..6]);
+        let (_, parsed) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+        let sans = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        GeneralName::URI(uri) => Some((*uri).to_owned()),
+                        GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(ClientCertificate { sans, fingerprint })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulator::generate_pki;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn loads_a_matching_pair_and_refuses_mismatches_and_expired_certs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_pki(&["localhost"]).expect("pki");
+        let other = generate_pki(&["localhost"]).expect("pki");
+        let cert = write(dir.path(), "cert.pem", &pki.server_cert_pem);
+        let key = write(dir.path(), "key.pem", &pki.server_key_pem);
+        let other_key = write(dir.path(), "other.pem", &other.server_key_pem);
+        let ca = write(dir.path(), "ca.pem", &pki.ca_cert_pem);
+        assert!(load_listen_tls(&cert, &key, None, false).is_ok());
+        assert!(load_listen_tls(&cert, &key, Some(&ca), true).is_ok());
+        let mismatch = load_listen_tls(&cert, &other_key, None, false)
+            .err()
+            .expect("mismatch");
+        assert!(mismatch.contains("does not match"), "{mismatch}");
+        let expired = pki
+            .issue_expired_server_cert(&["localhost"])
+            .expect("expired");
+        let expired_cert = write(dir.path(), "expired.pem", &expired.cert_pem);
+        let expired_key = write(dir.path(), "expired-key.pem", &expired.key_pem);
+        let err = load_listen_tls(&expired_cert, &expired_key, None, false)
+            .err()
+            .expect("expired");
+        assert!(err.contains("valid only from"), "{err}");
+        let err = load_listen_tls(&cert, &key, None, true)
+            .err()
+            .expect("needs CA");
+        assert!(err.contains("client_ca_file"), "{err}");
+        let missing = load_listen_tls(&dir.path().join("nope.pem"), &key, None, false).err();
+        assert!(missing.is_some_and(|e| e.contains("cannot read")));
+    }
+
+    #[test]
+    fn reads_uri_and_dns_sans_and_fingerprints() {
+        let pki = generate_pki(&["localhost"]).expect("pki");
+        let client = pki
+            .issue_client_cert(&["spiffe://prod/ns/billing/sa/api", "billing.internal"])
+            .expect("client cert");
+        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("pem");
+        let identity = ClientCertificate::from_peer(Some(&der)).expect("identity");
+        assert_eq!(
+            identity.sans,
+            vec![
+                "spiffe://prod/ns/billing/sa/api".to_owned(),
+                "billing.internal".to_owned()
+            ]
+        );
+        assert_eq!(
+            identity.fingerprint,
+            hex::encode(&Sha256::digest(der[0].as_ref())[..6])
+        );
+        assert_eq!(ClientCertificate::from_peer(None), None);
+    }
+}
