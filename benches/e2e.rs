@@ -1,2 +1,1342 @@
-//! End-to-end benchmark (placeholder replaced by the benchmark work).
-fn main() {}
+//! End-to-end benchmark: `cargo bench --bench e2e` (issue 5).
+//!
+//! Starts the Plivo simulator and the gateway as separate processes of the release binary
+//! on 127.0.0.1, pinned with `taskset` (this load generator on CPU 0, gateway and simulator
+//! on CPU 1), drives them with an in-process hyper client (one current-thread tokio
+//! runtime) and prints one markdown table plus a machine description on stdout. Progress
+//! and diagnostics go to stderr. See `benches/README.md` for what each column means.
+//!
+//! Environment knobs: `E2E_SECONDS` (closed-loop duration, default 10), `E2E_FIXED_SECONDS`
+//! (each fixed-rate run, default 5), `E2E_ROWS` (comma-separated subset of row ids:
+//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync`).
+//!
+//! Safety: every child process is registered and killed when its guard drops, at the end of
+//! `main`, and from the panic hook (the bench profile inherits `panic = "abort"`, so drops do
+//! not run on a panic). All traffic goes to 127.0.0.1; every loop is bounded by a count and
+//! a deadline.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rand::RngCore as _;
+use sha2::Digest as _;
+use tokio::net::TcpStream;
+
+const AUTH_ID: &str = "MABENCHE2E0000000001";
+const CONNECTIONS: usize = 64;
+const FIXED_RATES: [u64; 2] = [2_000, 10_000];
+const WARMUP: Duration = Duration::from_millis(1_000);
+/// How long a fixed-rate run may take to drain after its last scheduled send.
+const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+/// Upper bound on requests per connection in one closed-loop run (a count bound on top of
+/// the deadline).
+const MAX_PER_CONNECTION: u64 = 10_000_000;
+const PINNED_ENV: &str = "E2E_PINNED_CHILD";
+
+// ---------------------------------------------------------------------------------------
+// Child process registry: killed on drop, at exit and from the panic hook.
+// ---------------------------------------------------------------------------------------
+
+static CHILD_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn register(pid: u32) {
+    CHILD_PIDS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(pid);
+}
+
+fn unregister(pid: u32) {
+    CHILD_PIDS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|p| *p != pid);
+}
+
+/// Last-resort cleanup (panic hook): SIGKILL every registered child by its pid.
+fn kill_registered() {
+    let pids: Vec<u32> = CHILD_PIDS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain(..)
+        .collect();
+    for pid in pids {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A spawned gateway or simulator; SIGKILLed and reaped on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    /// Last lines of its stderr, for error reports.
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn tail(&self) -> String {
+        let tail = self
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn ensure_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited early ({status}); stderr:\n{}",
+                self.name,
+                self.tail()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unregister(self.child.id());
+    }
+}
+
+/// Spawns `bin args` pinned to `cpu` (via taskset when available). Stdout and stderr are
+/// read by threads: the first stdout line and every stderr line matching `stderr_marker`
+/// are sent on the returned channel; the rest is drained so pipes never fill.
+fn spawn(
+    name: &'static str,
+    bin: &Path,
+    args: &[String],
+    envs: &[(&str, &str)],
+    cpu: Option<u32>,
+    stderr_marker: Option<&'static str>,
+) -> anyhow::Result<(Proc, mpsc::Receiver<String>)> {
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    register(child.id());
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    let proc = Proc {
+        name,
+        child,
+        stderr_tail: Arc::clone(&stderr_tail),
+    };
+    let (tx, rx) = mpsc::channel();
+    if let Some(stdout) = stdout {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut first = true;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if first {
+                    let _ = tx.send(line);
+                    first = false;
+                }
+            }
+        });
+    }
+    if let Some(stderr) = stderr {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if stderr_marker.is_some_and(|m| line.contains(m)) {
+                    let _ = tx.send(line.clone());
+                }
+                let mut tail = stderr_tail.lock().unwrap_or_else(PoisonError::into_inner);
+                if tail.len() >= 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+    }
+    Ok((proc, rx))
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc readings
+// ---------------------------------------------------------------------------------------
+
+/// utime + stime of a process (all threads), in clock ticks.
+fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11).ok_or_else(|| anyhow!("no utime"))?.parse()?;
+    let stime: u64 = fields.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
+    Ok(utime + stime)
+}
+
+/// A `Vm*:` line of /proc/<pid>/status, in KiB.
+fn status_kib(pid: &str, key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+// ---------------------------------------------------------------------------------------
+// Small blocking HTTP/1.1 client for the admin listener (readiness, metrics)
+// ---------------------------------------------------------------------------------------
+
+fn admin_get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let mut stream = StdTcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.take(64 << 20).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status line from {addr}{path}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+// ---------------------------------------------------------------------------------------
+// Load generation
+// ---------------------------------------------------------------------------------------
+
+type Conn = SendRequest<Empty<Bytes>>;
+
+/// Unique MPC names across the whole benchmark.
+static NEXT_NAME: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    /// `Host` header value.
+    host: String,
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// `Authorization` header value (Bearer for the gateway, Basic for the simulator).
+    authorization: String,
+    direct: bool,
+}
+
+impl Target {
+    fn request(&self) -> anyhow::Result<Request<Empty<Bytes>>> {
+        let n = NEXT_NAME.fetch_add(1, Ordering::Relaxed);
+        let (method, uri) = if self.direct {
+            (
+                Method::DELETE,
+                format!("/v1/Account/{AUTH_ID}/MultiPartyCall/name_bench-{n}/"),
+            )
+        } else {
+            (Method::POST, format!("/mpc/bench-{n}/end"))
+        };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(hyper::header::HOST, &self.host)
+            .header(hyper::header::AUTHORIZATION, &self.authorization);
+        if !self.direct {
+            builder = builder.header(hyper::header::CONTENT_LENGTH, "0");
+        }
+        Ok(builder.body(Empty::new())?)
+    }
+
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        match &self.tls {
+            None => {
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                Ok(sender)
+            }
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+                let tls = connector.connect(name, tcp).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(conn);
+                Ok(sender)
+            }
+        }
+    }
+}
+
+/// One request on one connection: the status, or an error.
+async fn exchange(conn: &mut Conn, request: Request<Empty<Bytes>>) -> anyhow::Result<StatusCode> {
+    conn.ready().await?;
+    let response = conn.send_request(request).await?;
+    let status = response.status();
+    response.into_body().collect().await?;
+    Ok(status)
+}
+
+#[derive(Default)]
+struct PhaseResult {
+    ok: u64,
+    bad_status: u64,
+    errors: u64,
+    first_problem: Option<String>,
+    /// Nanoseconds; for fixed-rate runs measured from the intended send time.
+    latencies: Vec<u64>,
+    elapsed: Duration,
+    /// Fixed rate only: how long after the last scheduled send the last answer came.
+    drain: Duration,
+    timed_out: bool,
+}
+
+impl PhaseResult {
+    fn merge(&mut self, other: PhaseResult) {
+        self.ok += other.ok;
+        self.bad_status += other.bad_status;
+        self.errors += other.errors;
+        if self.first_problem.is_none() {
+            self.first_problem = other.first_problem;
+        }
+        self.latencies.extend(other.latencies);
+        self.timed_out |= other.timed_out;
+    }
+
+    fn record(&mut self, outcome: anyhow::Result<StatusCode>, latency: Duration) {
+        match outcome {
+            Ok(StatusCode::NO_CONTENT) => {
+                self.ok += 1;
+                self.latencies.push(latency.as_nanos() as u64);
+            }
+            Ok(status) => {
+                self.bad_status += 1;
+                self.first_problem
+                    .get_or_insert_with(|| format!("status {status}"));
+            }
+            Err(err) => {
+                self.errors += 1;
+                self.first_problem.get_or_insert_with(|| format!("{err:#}"));
+            }
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.ok + self.bad_status + self.errors
+    }
+
+    fn clean(&self) -> bool {
+        self.bad_status == 0 && self.errors == 0 && !self.timed_out
+    }
+
+    fn percentile_ms(&mut self, q: f64) -> Option<f64> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        self.latencies.sort_unstable();
+        let n = self.latencies.len();
+        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+        Some(self.latencies[rank - 1] as f64 / 1e6)
+    }
+}
+
+/// Closed loop: each connection sends its next request as soon as the previous answer is
+/// read, until `duration` has passed.
+async fn closed_loop(
+    conns: Vec<Conn>,
+    target: &Target,
+    duration: Duration,
+) -> (Vec<Conn>, PhaseResult) {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conn in conns {
+        let target = target.clone();
+        tasks.spawn(async move {
+            let mut result = PhaseResult::default();
+            let mut sent = 0u64;
+            while sent < MAX_PER_CONNECTION && Instant::now() < deadline {
+                sent += 1;
+                let begin = Instant::now();
+                let outcome = match target.request() {
+                    Ok(request) => exchange(&mut conn, request).await,
+                    Err(err) => Err(err),
+                };
+                let failed = outcome.is_err();
+                result.record(outcome, begin.elapsed());
+                if failed {
+                    break; // the connection is unusable; the run is already invalid
+                }
+            }
+            (conn, result)
+        });
+    }
+    let mut conns = Vec::new();
+    let mut total = PhaseResult::default();
+    let hard_limit = duration + Duration::from_secs(30);
+    while let Ok(Some(joined)) = tokio::time::timeout(
+        hard_limit.saturating_sub(started.elapsed()),
+        tasks.join_next(),
+    )
+    .await
+    {
+        if let Ok((conn, result)) = joined {
+            conns.push(conn);
+            total.merge(result);
+        }
+    }
+    if !tasks.is_empty() {
+        total.timed_out = true;
+        tasks.abort_all();
+    }
+    total.elapsed = started.elapsed();
+    (conns, total)
+}
+
+/// Fixed rate, coordinated-omission corrected: request `i` is due at `t0 + i/rate`; it
+/// takes the next idle connection (FIFO), and its latency runs from the due time to the
+/// end of the answer, so time spent queued behind a slow answer is counted. The
+/// dispatcher spins (yielding to the runtime) rather than sleeping, because tokio's timer
+/// has 1 ms granularity; CPU 0 belongs to the load generator anyway.
+async fn fixed_rate(
+    conns: Vec<Conn>,
+    target: &Target,
+    rate: u64,
+    duration: Duration,
+) -> (Vec<Conn>, PhaseResult) {
+    let slots = conns.len();
+    let pool = Arc::new(Mutex::new(conns));
+    let idle = Arc::new(tokio::sync::Semaphore::new(slots));
+    let count = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let interval_ns = 1e9 / rate as f64;
+    let t0 = Instant::now() + Duration::from_millis(5);
+    let spin_limit = t0 + duration + Duration::from_secs(5);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut result = PhaseResult::default();
+    let mut i = 0u64;
+    while i < count {
+        let due = t0 + Duration::from_nanos((i as f64 * interval_ns) as u64);
+        let now = Instant::now();
+        if now > spin_limit {
+            result.timed_out = true;
+            break;
+        }
+        if now < due {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let pool = Arc::clone(&pool);
+        let idle = Arc::clone(&idle);
+        let target = target.clone();
+        tasks.spawn(async move {
+            let Ok(_permit) = idle.acquire().await else {
+                return (Err(anyhow!("semaphore closed")), Duration::ZERO);
+            };
+            let taken = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let Some(mut conn) = taken else {
+                return (Err(anyhow!("no idle connection")), Duration::ZERO);
+            };
+            let outcome = match target.request() {
+                Ok(request) => exchange(&mut conn, request).await,
+                Err(err) => Err(err),
+            };
+            let latency = due.elapsed();
+            pool.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
+            (outcome, latency)
+        });
+        i += 1;
+    }
+    let last_due = Instant::now();
+    let drain_deadline = last_due + DRAIN_LIMIT;
+    while let Ok(Some(joined)) = tokio::time::timeout(
+        drain_deadline.saturating_duration_since(Instant::now()),
+        tasks.join_next(),
+    )
+    .await
+    {
+        match joined {
+            Ok((outcome, latency)) => result.record(outcome, latency),
+            Err(err) => result.record(Err(anyhow!("task: {err}")), Duration::ZERO),
+        }
+    }
+    if !tasks.is_empty() {
+        result.timed_out = true;
+        result
+            .first_problem
+            .get_or_insert_with(|| format!("{} requests still open after the drain", tasks.len()));
+        tasks.abort_all();
+    }
+    result.drain = last_due.elapsed();
+    result.elapsed = t0.elapsed();
+    let conns = std::mem::take(&mut *pool.lock().unwrap_or_else(PoisonError::into_inner));
+    (conns, result)
+}
+
+// ---------------------------------------------------------------------------------------
+// Rows
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    SimHttp,
+    SimTls,
+    GwHttp,
+    GwTls,
+    GwTlsFsync,
+}
+
+impl Kind {
+    const ALL: [Kind; 5] = [
+        Kind::SimHttp,
+        Kind::SimTls,
+        Kind::GwHttp,
+        Kind::GwTls,
+        Kind::GwTlsFsync,
+    ];
+
+    fn id(self) -> &'static str {
+        match self {
+            Kind::SimHttp => "sim-http",
+            Kind::SimTls => "sim-tls",
+            Kind::GwHttp => "gw-http",
+            Kind::GwTls => "gw-tls",
+            Kind::GwTlsFsync => "gw-tls-fsync",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::SimHttp => "simulator direct, HTTP (floor)",
+            Kind::SimTls => "simulator direct, TLS",
+            Kind::GwHttp => "gateway, HTTP upstream, audit fsync: never",
+            Kind::GwTls => "gateway, TLS upstream, audit fsync: never",
+            Kind::GwTlsFsync => "gateway, TLS upstream, audit fsync: always",
+        }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Kind::SimTls | Kind::GwTls | Kind::GwTlsFsync)
+    }
+
+    fn gateway(self) -> bool {
+        matches!(self, Kind::GwHttp | Kind::GwTls | Kind::GwTlsFsync)
+    }
+}
+
+struct RowResult {
+    kind: Kind,
+    closed_rps: f64,
+    closed_p50: Option<f64>,
+    closed_p99: Option<f64>,
+    loadgen_cpu_pct: f64,
+    fixed: Vec<(u64, Option<f64>, Option<f64>, Option<f64>, Duration)>,
+    /// CPU µs/request of the process under test (gateway, or the simulator for direct rows).
+    cpu_us: f64,
+    /// Simulator CPU µs/request in gateway rows.
+    sim_cpu_us: Option<f64>,
+    /// CPU µs/request of the process under test during the 2,000/s run.
+    cpu_us_at_2k: f64,
+    peak_rss_mib: f64,
+    idle_rss_mib: f64,
+    ready_ms: f64,
+    sent: u64,
+    checks: Vec<String>,
+    valid: bool,
+}
+
+struct Env {
+    bin: PathBuf,
+    pinned: bool,
+    ticks: u64,
+    closed: Duration,
+    fixed: Duration,
+    pki_dir: PathBuf,
+    pki: mpc_gateway::simulator::TestPki,
+    sim_token: String,
+    caller_token: String,
+    audit_key: String,
+}
+
+fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+fn client_tls(pki: &mpc_gateway::simulator::TestPki) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(pki.root_store()?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+fn start_simulator(env: &Env, tls: bool) -> anyhow::Result<(Proc, String, Duration)> {
+    let mut args: Vec<String> = [
+        "simulator",
+        "--listen",
+        "127.0.0.1:0",
+        "--auth-id",
+        AUTH_ID,
+        "--auth-token-env",
+        "E2E_SIM_TOKEN",
+        "--forget-ended",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if tls {
+        args.push("--tls-cert".into());
+        args.push(env.pki_dir.join("server.pem").display().to_string());
+        args.push("--tls-key".into());
+        args.push(env.pki_dir.join("server-key.pem").display().to_string());
+    }
+    let spawned_at = Instant::now();
+    let (mut proc, lines) = spawn(
+        "simulator",
+        &env.bin,
+        &args,
+        &[("E2E_SIM_TOKEN", &env.sim_token)],
+        env.pinned.then_some(1),
+        None,
+    )?;
+    let line = lines
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("simulator did not start; stderr:\n{}", proc.tail()))?;
+    let ready = spawned_at.elapsed();
+    proc.ensure_alive()?;
+    let base_url = line
+        .strip_prefix("simulator listening on ")
+        .ok_or_else(|| anyhow!("unexpected simulator output: {line:?}"))?
+        .trim()
+        .to_owned();
+    Ok((proc, base_url, ready))
+}
+
+fn port_of(base_url: &str) -> anyhow::Result<u16> {
+    base_url
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| anyhow!("no port in {base_url}"))
+}
+
+fn gateway_config(env: &Env, dir: &Path, base_url: &str, tls: bool, fsync: &str) -> String {
+    let token_hash = hex::encode(sha2::Sha256::digest(env.caller_token.as_bytes()));
+    let ca = if tls {
+        format!("\"{}\"", env.pki_dir.join("ca.pem").display())
+    } else {
+        "null".to_owned()
+    };
+    format!(
+        r#"# generated by benches/e2e.rs
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+shutdown_grace: 1s
+worker_threads: 1
+accounts:
+  default:
+    auth_id: {AUTH_ID}
+    auth_token: {{env: E2E_PLIVO_TOKEN}}
+    rate_limit: {{per_second: 1000000, burst: 1000000}}
+upstream:
+  base_url: {base_url}
+  ca_file: {ca}
+  connect_timeout: 2s
+  timeout: 10s
+  max_attempts: 3
+tenants:
+  bench:
+    tokens: ["sha256:{token_hash}"]
+    allow: ["bench-*"]
+    rate_limit: {{per_second: 1000000, burst: 1000000}}
+audit:
+  path: "{audit}"
+  fsync: {fsync}
+  rotate_bytes: 104857600
+  hmac_key: {{env: E2E_AUDIT_KEY}}
+log:
+  format: json
+  # warn, plus the one info line that reports the bound addresses
+  level: "warn,mpc_gateway::server=info"
+"#,
+        audit = dir.join("audit.jsonl").display(),
+    )
+}
+
+struct Gateway {
+    proc: Proc,
+    local: SocketAddr,
+    admin: SocketAddr,
+    ready: Duration,
+}
+
+fn start_gateway(env: &Env, config_path: &Path) -> anyhow::Result<Gateway> {
+    let args = vec![
+        "serve".to_owned(),
+        "--config".to_owned(),
+        config_path.display().to_string(),
+    ];
+    let spawned_at = Instant::now();
+    let (mut proc, lines) = spawn(
+        "gateway",
+        &env.bin,
+        &args,
+        &[
+            ("E2E_PLIVO_TOKEN", &env.sim_token),
+            ("E2E_AUDIT_KEY", &env.audit_key),
+        ],
+        env.pinned.then_some(1),
+        Some("mpc-gateway listening"),
+    )?;
+    let line = lines
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("gateway did not start; stderr:\n{}", proc.tail()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("parsing {line:?}"))?;
+    let field = |name: &str| -> anyhow::Result<SocketAddr> {
+        let value = json
+            .get(name)
+            .or_else(|| json.get("fields").and_then(|f| f.get(name)))
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| anyhow!("no {name} in {line:?}"))?;
+        Ok(value.parse()?)
+    };
+    let local = field("local_addr")?;
+    let admin = field("admin_addr")?;
+    let poll_deadline = spawned_at + Duration::from_secs(10);
+    loop {
+        if let Ok((200, _)) = admin_get(admin, "/readyz", Duration::from_secs(1)) {
+            break;
+        }
+        proc.ensure_alive()?;
+        if Instant::now() > poll_deadline {
+            bail!("gateway not ready within 10 s; stderr:\n{}", proc.tail());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let ready = spawned_at.elapsed();
+    Ok(Gateway {
+        proc,
+        local,
+        admin,
+        ready,
+    })
+}
+
+/// Sums every `mpc_gateway_upstream_requests_total{status=...}` series.
+fn upstream_counts(metrics: &str) -> (f64, f64) {
+    let mut ok = 0.0;
+    let mut all = 0.0;
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("mpc_gateway_upstream_requests_total{") {
+            let value: f64 = rest
+                .rsplit_once(' ')
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0.0);
+            all += value;
+            if rest.starts_with("status=\"204\"}") {
+                ok += value;
+            }
+        }
+    }
+    (ok, all)
+}
+
+/// Counts, over every audit file in `dir` (rotated ones included): result records,
+/// result records with status 204, and records with `"attempts":1` (only result records
+/// carry a number there).
+fn audit_counts(dir: &Path) -> anyhow::Result<(u64, u64, u64, u64)> {
+    let (mut lines, mut results, mut ok, mut single) = (0, 0, 0, 0);
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_audit = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("audit.jsonl"));
+        if !is_audit {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        for line in text.lines() {
+            lines += 1;
+            if line.contains("\"event\":\"result\"") {
+                results += 1;
+                if line.contains("\"status\":204,") {
+                    ok += 1;
+                }
+                if line.contains("\"attempts\":1,") {
+                    single += 1;
+                }
+            }
+        }
+    }
+    Ok((lines, results, ok, single))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Result<RowResult> {
+    eprintln!("== {}", kind.label());
+    let dir = tempfile::Builder::new().prefix("mpc-e2e-").tempdir()?;
+    let (sim, base_url, sim_ready) = start_simulator(env, kind.tls())?;
+    let sim_pid = sim.pid().to_string();
+    let sim_port = port_of(&base_url)?;
+    let tls_connector = if kind.tls() {
+        Some(client_tls(&env.pki)?)
+    } else {
+        None
+    };
+
+    let mut gateway = None;
+    let (target, pid, ready) = if kind.gateway() {
+        let config = gateway_config(
+            env,
+            dir.path(),
+            &base_url,
+            kind.tls(),
+            if kind == Kind::GwTlsFsync {
+                "always"
+            } else {
+                "never"
+            },
+        );
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, config)?;
+        let gw = start_gateway(env, &config_path)?;
+        let target = Target {
+            addr: gw.local,
+            host: gw.local.to_string(),
+            tls: None,
+            authorization: format!("Bearer {}", env.caller_token),
+            direct: false,
+        };
+        let pid = gw.proc.pid().to_string();
+        let ready = gw.ready;
+        gateway = Some(gw);
+        (target, pid, ready)
+    } else {
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{AUTH_ID}:{}", env.sim_token));
+        let target = Target {
+            addr: SocketAddr::from(([127, 0, 0, 1], sim_port)),
+            host: format!(
+                "{}:{sim_port}",
+                if kind.tls() { "localhost" } else { "127.0.0.1" }
+            ),
+            tls: tls_connector,
+            authorization: format!("Basic {basic}"),
+            direct: true,
+        };
+        // "Ready" for the simulator: its listening line, then a TCP connect succeeds.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while StdTcpStream::connect(target.addr).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        (target, sim_pid.clone(), sim_ready)
+    };
+    let idle_rss = status_kib(&pid, "VmRSS:")?;
+
+    let mut sent = 0u64;
+    let mut all_clean = true;
+    let mut checks = Vec::new();
+    let mut problems = Vec::new();
+
+    // Connections (kept alive across every phase), then a warm-up that also fills the
+    // gateway's upstream pool and TLS sessions.
+    let conns = rt.block_on(async {
+        let mut conns = Vec::with_capacity(CONNECTIONS);
+        for _ in 0..CONNECTIONS {
+            conns.push(target.connect().await?);
+        }
+        anyhow::Ok(conns)
+    })?;
+    let (conns, warm) = rt.block_on(closed_loop(conns, &target, WARMUP));
+    sent += warm.total();
+    all_clean &= warm.clean();
+    if let Some(p) = &warm.first_problem {
+        problems.push(format!("warm-up: {p}"));
+    }
+
+    // Closed loop.
+    let self_pid = std::process::id().to_string();
+    let (cpu0, sim0, me0) = (
+        cpu_ticks(&pid)?,
+        cpu_ticks(&sim_pid)?,
+        cpu_ticks(&self_pid)?,
+    );
+    let (conns, mut closed) = rt.block_on(closed_loop(conns, &target, env.closed));
+    let (cpu1, sim1, me1) = (
+        cpu_ticks(&pid)?,
+        cpu_ticks(&sim_pid)?,
+        cpu_ticks(&self_pid)?,
+    );
+    sent += closed.total();
+    all_clean &= closed.clean();
+    if let Some(p) = &closed.first_problem {
+        problems.push(format!("closed loop: {p}"));
+    }
+    let per_req_us = |ticks: u64, n: u64| -> f64 {
+        if n == 0 {
+            0.0
+        } else {
+            ticks as f64 * 1e6 / env.ticks as f64 / n as f64
+        }
+    };
+    let closed_rps = closed.ok as f64 / closed.elapsed.as_secs_f64();
+    let cpu_us = per_req_us(cpu1 - cpu0, closed.ok);
+    let sim_cpu_us = kind.gateway().then(|| per_req_us(sim1 - sim0, closed.ok));
+    let loadgen_cpu_pct =
+        (me1 - me0) as f64 / env.ticks as f64 / closed.elapsed.as_secs_f64() * 100.0;
+    eprintln!(
+        "   closed loop: {:.0} req/s, {} ok, process CPU {cpu_us:.1} µs/req, load generator CPU {loadgen_cpu_pct:.0}%",
+        closed_rps, closed.ok
+    );
+
+    // Fixed rates.
+    let mut fixed = Vec::new();
+    let mut conns = conns;
+    let mut cpu_us_at_2k = 0.0;
+    for rate in FIXED_RATES {
+        let c0 = cpu_ticks(&pid)?;
+        let (back, mut run) = rt.block_on(fixed_rate(conns, &target, rate, env.fixed));
+        let c1 = cpu_ticks(&pid)?;
+        conns = back;
+        if rate == 2_000 {
+            cpu_us_at_2k = per_req_us(c1 - c0, run.ok);
+        }
+        sent += run.total();
+        all_clean &= run.clean();
+        if let Some(p) = &run.first_problem {
+            problems.push(format!("{rate}/s: {p}"));
+        }
+        let (p50, p99, p999) = (
+            run.percentile_ms(0.50),
+            run.percentile_ms(0.99),
+            run.percentile_ms(0.999),
+        );
+        eprintln!(
+            "   {rate}/s: {} ok in {:.2} s (drain {:.1} ms), p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+            run.ok,
+            run.elapsed.as_secs_f64(),
+            run.drain.as_secs_f64() * 1e3,
+            p50.unwrap_or(f64::NAN),
+            p99.unwrap_or(f64::NAN),
+            p999.unwrap_or(f64::NAN)
+        );
+        fixed.push((rate, p50, p99, p999, run.drain));
+    }
+    drop(conns);
+    let closed_p50 = closed.percentile_ms(0.50);
+    let closed_p99 = closed.percentile_ms(0.99);
+    let peak_rss = status_kib(&pid, "VmHWM:")?;
+
+    // Verification.
+    let mut valid = all_clean;
+    checks.push(format!(
+        "load generator: {sent} requests sent, every answer 204: {all_clean}"
+    ));
+    if let Some(mut gw) = gateway.take() {
+        gw.proc.ensure_alive()?;
+        let (status, metrics) = admin_get(gw.admin, "/metrics", Duration::from_secs(5))?;
+        let (ok, all) = upstream_counts(&metrics);
+        let ok_matches = status == 200 && ok as u64 == sent && all as u64 == sent;
+        checks.push(format!(
+            "gateway /metrics: upstream_requests_total{{status=\"204\"}} = {ok}, all statuses = {all} (expected {sent}): {}",
+            if ok_matches { "match" } else { "MISMATCH" }
+        ));
+        valid &= ok_matches;
+        // Stop the gateway before reading its audit files (fsync: never is written, not
+        // necessarily flushed to disk, but it is in the page cache either way).
+        drop(gw);
+        let (lines, results, results_204, single_attempt) = audit_counts(dir.path())?;
+        let audit_ok = results == sent && results_204 == sent && single_attempt == sent;
+        checks.push(format!(
+            "audit log: {lines} records, {results} result records, {results_204} with status 204, {single_attempt} with attempts = 1 (expected {sent} each): {}",
+            if audit_ok { "match" } else { "MISMATCH" }
+        ));
+        valid &= audit_ok;
+    } else {
+        checks.push(format!(
+            "simulator answered all {sent} requests 204 itself (it is the server under load)"
+        ));
+    }
+    for p in &problems {
+        checks.push(format!("problem: {p}"));
+    }
+    drop(sim);
+    Ok(RowResult {
+        kind,
+        closed_rps,
+        closed_p50,
+        closed_p99,
+        loadgen_cpu_pct,
+        fixed,
+        cpu_us,
+        sim_cpu_us,
+        cpu_us_at_2k,
+        peak_rss_mib: mib(peak_rss),
+        idle_rss_mib: mib(idle_rss),
+        ready_ms: ready.as_secs_f64() * 1e3,
+        sent,
+        checks,
+        valid,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------
+
+fn machine_description(pinned: bool) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let rustc = Command::new("rustc")
+        .arg("-V")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    format!(
+        "- date: {date}\n- nproc: {cpus}\n- CPU: {model}\n- kernel: {kernel}\n- memory: {mem}\n- {rustc}\n- pinning: {}\n",
+        if pinned {
+            "taskset: load generator CPU 0; gateway + simulator CPU 1"
+        } else {
+            "NONE (taskset missing): all processes unpinned"
+        }
+    )
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
+}
+
+fn report(rows: &[RowResult], env: &Env) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| setup | req/s closed-loop (64 conns, {}s) | p50 / p99 ms @2k/s | p50 / p99 ms @10k/s | CPU µs/req | peak RSS MiB | idle RSS MiB | ready ms | valid |",
+        env.closed.as_secs_f64()
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
+    for row in rows {
+        let fixed: Vec<String> = row
+            .fixed
+            .iter()
+            .map(|(_, p50, p99, _, _)| format!("{} / {}", fmt_ms(*p50), fmt_ms(*p99)))
+            .collect();
+        let cpu = match row.sim_cpu_us {
+            Some(sim) => format!("{:.1} (sim {:.1})", row.cpu_us, sim),
+            None => format!("{:.1}", row.cpu_us),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            row.kind.label(),
+            row.closed_rps,
+            fixed.first().map_or("-", String::as_str),
+            fixed.get(1).map_or("-", String::as_str),
+            cpu,
+            row.peak_rss_mib,
+            row.idle_rss_mib,
+            row.ready_ms,
+            if row.valid { "yes" } else { "**NO**" }
+        );
+    }
+    out
+}
+
+fn details(rows: &[RowResult]) -> String {
+    let mut out = String::new();
+    for row in rows {
+        let _ = writeln!(out, "- {} ({}):", row.kind.label(), row.kind.id());
+        let _ = writeln!(
+            out,
+            "  - closed loop: latency p50 {} ms, p99 {} ms; load generator CPU {:.0}%; CPU µs/req at 2,000/s: {:.1}",
+            fmt_ms(row.closed_p50),
+            fmt_ms(row.closed_p99),
+            row.loadgen_cpu_pct,
+            row.cpu_us_at_2k
+        );
+        for (rate, _, _, p999, drain) in &row.fixed {
+            let _ = writeln!(
+                out,
+                "  - {rate}/s: p99.9 {} ms; last answer {:.1} ms after the last scheduled send",
+                fmt_ms(*p999),
+                drain.as_secs_f64() * 1e3
+            );
+        }
+        for check in &row.checks {
+            let _ = writeln!(out, "  - {check}");
+        }
+        let _ = writeln!(out, "  - requests counted: {}", row.sent);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------------------
+
+fn env_secs(name: &str, default: f64) -> anyhow::Result<Duration> {
+    match std::env::var(name) {
+        Ok(v) => {
+            let secs: f64 = v.parse().with_context(|| format!("{name}={v:?}"))?;
+            if !(0.1..=600.0).contains(&secs) {
+                bail!("{name} must be between 0.1 and 600");
+            }
+            Ok(Duration::from_secs_f64(secs))
+        }
+        Err(_) => Ok(Duration::from_secs_f64(default)),
+    }
+}
+
+fn have_taskset() -> bool {
+    Command::new("taskset")
+        .arg("-c")
+        .arg("0")
+        .arg("true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `cargo build --release --bin mpc-gateway`, so the measured binary matches the sources.
+fn build_release() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building: {cargo} build --release --bin mpc-gateway");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--bin", "mpc-gateway"])
+        .current_dir(manifest_dir())
+        .stdin(Stdio::null())
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release failed ({status})");
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("target"));
+    let bin = target_dir.join("release").join("mpc-gateway");
+    if !bin.is_file() {
+        bail!("{} missing after the build", bin.display());
+    }
+    Ok(bin)
+}
+
+fn run(pinned: bool) -> anyhow::Result<bool> {
+    let bin = match std::env::var_os("E2E_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => build_release()?,
+    };
+    let closed = env_secs("E2E_SECONDS", 10.0)?;
+    let fixed = env_secs("E2E_FIXED_SECONDS", 5.0)?;
+    let wanted: Vec<Kind> = match std::env::var("E2E_ROWS") {
+        Ok(list) => {
+            let ids: Vec<&str> = list.split(',').map(str::trim).collect();
+            for id in &ids {
+                if !Kind::ALL.iter().any(|k| k.id() == *id) {
+                    bail!("E2E_ROWS: unknown row {id:?}");
+                }
+            }
+            Kind::ALL
+                .into_iter()
+                .filter(|k| ids.contains(&k.id()))
+                .collect()
+        }
+        Err(_) => Kind::ALL.to_vec(),
+    };
+
+    let pki_dir = tempfile::Builder::new().prefix("mpc-e2e-pki-").tempdir()?;
+    let pki = mpc_gateway::simulator::generate_pki(&["localhost", "127.0.0.1"])?;
+    std::fs::write(pki_dir.path().join("ca.pem"), &pki.ca_cert_pem)?;
+    std::fs::write(pki_dir.path().join("server.pem"), &pki.server_cert_pem)?;
+    std::fs::write(pki_dir.path().join("server-key.pem"), &pki.server_key_pem)?;
+
+    let env = Env {
+        bin,
+        pinned,
+        ticks: clock_ticks_per_second(),
+        closed,
+        fixed,
+        pki_dir: pki_dir.path().to_owned(),
+        pki,
+        sim_token: random_token(""),
+        caller_token: random_token("mpcgw_bench_"),
+        audit_key: random_token(""),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    for kind in wanted {
+        rows.push(run_row(&env, &rt, kind).with_context(|| kind.label())?);
+    }
+    drop(rt);
+
+    let mut out = String::new();
+    let _ = writeln!(out, "## mpc-gateway end-to-end benchmark\n");
+    out.push_str(&report(&rows, &env));
+    let _ = writeln!(out, "\nMachine:\n\n{}", machine_description(pinned));
+    let _ = writeln!(out, "Details and checks:\n\n{}", details(&rows));
+    print!("{out}");
+    std::io::stdout().flush()?;
+    Ok(rows.iter().all(|r| r.valid))
+}
+
+fn main() -> ExitCode {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        kill_registered();
+        previous(info);
+    }));
+
+    let pinned_child = std::env::var_os(PINNED_ENV).is_some();
+    if !pinned_child && std::env::var_os("E2E_BIN").is_none() {
+        // Build once, unpinned (both cores), then re-exec pinned to CPU 0.
+        match build_release() {
+            Ok(bin) => std::env::set_var("E2E_BIN", bin),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let pinned = if pinned_child {
+        true
+    } else if have_taskset() {
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(err) => {
+                eprintln!("error: cannot find my own executable: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let status = Command::new("taskset")
+            .arg("-c")
+            .arg("0")
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            .env(PINNED_ENV, "1")
+            .status();
+        return match status {
+            Ok(s) if s.success() => ExitCode::SUCCESS,
+            Ok(s) => {
+                eprintln!("error: pinned benchmark run failed ({s})");
+                ExitCode::FAILURE
+            }
+            Err(err) => {
+                eprintln!("error: cannot re-exec under taskset: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    } else {
+        eprintln!("warning: taskset not found; running unpinned");
+        false
+    };
+
+    let outcome = run(pinned);
+    kill_registered();
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("error: at least one run did not validate (see the table)");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -17,6 +17,7 @@ pub mod mpc_name;
 pub mod problem;
 pub mod rate_limit;
 pub mod request_id;
+pub mod routes;
 pub mod server;
 pub mod simulator;
 pub mod telemetry;

@@ -69,6 +69,33 @@ impl MpcName {
     }
 }
 
+/// An MPC uuid as Plivo writes it: 8-4-4-4-12 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MpcUuid(String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the MPC uuid is not of the form 8-4-4-4-12 hex digits")]
+pub struct InvalidMpcUuid;
+
+impl MpcUuid {
+    pub fn parse(text: &str) -> Result<MpcUuid, InvalidMpcUuid> {
+        let groups: Vec<&str> = text.split('-').collect();
+        let lengths_ok = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+        let hex_ok = groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+        if lengths_ok && hex_ok {
+            Ok(MpcUuid(text.to_owned()))
+        } else {
+            Err(InvalidMpcUuid)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Debug for MpcName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MpcName({:?})", self.0)
@@ -131,6 +158,22 @@ mod tests {
         assert_eq!(MpcName::new(&"a".repeat(129)), Err(InvalidMpcName::TooLong));
         assert!(MpcName::new(&"ä".repeat(128)).is_ok());
         assert_eq!(MpcName::new(&"ä".repeat(129)), Err(InvalidMpcName::TooLong));
+    }
+
+    #[test]
+    fn uuids() {
+        assert!(MpcUuid::parse("12345678-90ab-cdef-1234-567890abcdef").is_ok());
+        assert!(MpcUuid::parse("12345678-90AB-CDEF-1234-567890ABCDEF").is_ok());
+        for bad in [
+            "",
+            "12345678-90ab-cdef-1234-567890abcde",
+            "12345678-90ab-cdef-1234-567890abcdeg",
+            "1234567890abcdef1234567890abcdef",
+            "12345678-90ab-cdef-1234-567890abcdef-",
+            "../../x",
+        ] {
+            assert_eq!(MpcUuid::parse(bad), Err(InvalidMpcUuid), "{bad}");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::mpc_name::InvalidMpcName;
+use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid};
+use crate::routes::Flavor;
 
 /// Why a request was not answered with success. Each variant has exactly one status and
 /// one slug.
@@ -21,14 +22,16 @@ pub enum Problem {
     HeadersTooLarge,
     #[error("no such route")]
     NotFound,
-    #[error("only POST is allowed here")]
-    MethodNotAllowed,
+    #[error("only {allow} is allowed here")]
+    MethodNotAllowed { allow: &'static str },
     #[error("the request body is larger than 4 KiB")]
     PayloadTooLarge,
-    #[error("a valid Bearer token is required")]
+    #[error("valid credentials are required")]
     Unauthenticated,
     #[error("{0}")]
     InvalidMpcName(InvalidMpcName),
+    #[error("{0}")]
+    InvalidMpcUuid(InvalidMpcUuid),
     #[error("this tenant may not end that MPC")]
     Forbidden,
     #[error("the {limit} rate limit is exhausted")]
@@ -40,6 +43,8 @@ pub enum Problem {
     },
     #[error("the audit log cannot be written; the request was not forwarded")]
     AuditUnavailable,
+    #[error("the shared rate-limit store is unavailable")]
+    RateLimitStoreUnavailable,
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error("{}", upstream_detail("Plivo has no active MPC by that name", .api_id, .error))]
@@ -80,16 +85,19 @@ fn upstream_detail(what: &str, api_id: &Option<String>, error: &Option<String>) 
 impl Problem {
     pub fn status(&self) -> StatusCode {
         match self {
-            Problem::BadRequest(_) | Problem::InvalidMpcName(_) => StatusCode::BAD_REQUEST,
+            Problem::BadRequest(_) | Problem::InvalidMpcName(_) | Problem::InvalidMpcUuid(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Problem::UriTooLong => StatusCode::URI_TOO_LONG,
             Problem::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Problem::NotFound | Problem::MpcNotFound { .. } => StatusCode::NOT_FOUND,
-            Problem::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Problem::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::Unauthenticated => StatusCode::UNAUTHORIZED,
             Problem::Forbidden => StatusCode::FORBIDDEN,
             Problem::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Problem::AuditUnavailable
+            | Problem::RateLimitStoreUnavailable
             | Problem::ShuttingDown
             | Problem::UpstreamRateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Problem::UpstreamCredentialsRejected { .. }
@@ -106,13 +114,15 @@ impl Problem {
             Problem::UriTooLong => "uri-too-long",
             Problem::HeadersTooLarge => "request-header-fields-too-large",
             Problem::NotFound => "not-found",
-            Problem::MethodNotAllowed => "method-not-allowed",
+            Problem::MethodNotAllowed { .. } => "method-not-allowed",
             Problem::PayloadTooLarge => "payload-too-large",
             Problem::Unauthenticated => "unauthenticated",
             Problem::InvalidMpcName(_) => "invalid-mpc-name",
+            Problem::InvalidMpcUuid(_) => "invalid-mpc-uuid",
             Problem::Forbidden => "forbidden",
             Problem::RateLimited { .. } => "rate-limited",
             Problem::AuditUnavailable => "audit-unavailable",
+            Problem::RateLimitStoreUnavailable => "rate-limit-store-unavailable",
             Problem::ShuttingDown => "shutting-down",
             Problem::MpcNotFound { .. } => "mpc-not-found",
             Problem::UpstreamRateLimited { .. } => "upstream-rate-limited",
@@ -129,13 +139,15 @@ impl Problem {
             Problem::UriTooLong => "Request line too long",
             Problem::HeadersTooLarge => "Request headers too large",
             Problem::NotFound => "Not found",
-            Problem::MethodNotAllowed => "Method not allowed",
+            Problem::MethodNotAllowed { .. } => "Method not allowed",
             Problem::PayloadTooLarge => "Payload too large",
             Problem::Unauthenticated => "Unauthenticated",
             Problem::InvalidMpcName(_) => "Invalid MPC name",
+            Problem::InvalidMpcUuid(_) => "Invalid MPC uuid",
             Problem::Forbidden => "Forbidden",
             Problem::RateLimited { .. } => "Rate limited",
             Problem::AuditUnavailable => "Audit log unavailable",
+            Problem::RateLimitStoreUnavailable => "Rate-limit store unavailable",
             Problem::ShuttingDown => "Shutting down",
             Problem::MpcNotFound { .. } => "MPC not found",
             Problem::UpstreamRateLimited { .. } => "Upstream rate limited",
@@ -150,6 +162,7 @@ impl Problem {
         match self {
             Problem::RateLimited { retry_after, .. }
             | Problem::UpstreamRateLimited { retry_after, .. } => Some(*retry_after),
+            Problem::RateLimitStoreUnavailable => Some(1),
             _ => None,
         }
     }
@@ -170,35 +183,30 @@ impl Problem {
         matches!(self, Problem::BadRequest(_) | Problem::ShuttingDown)
     }
 
-    /// Builds the full response: status, problem body and the headers this problem needs.
-    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
-        let body = ProblemBody {
-            kind: format!("urn:mpc-gateway:{}", self.slug()),
-            title: self.title(),
-            status: self.status().as_u16(),
-            detail: self.to_string(),
-            request_id,
-            retry_after: self.retry_after(),
+    /// Builds the full response: status, body in the route's style, and the headers this
+    /// problem needs.
+    pub fn to_response(&self, request_id: &str, flavor: Flavor) -> Response<Full<Bytes>> {
+        let (content_type, body) = match flavor {
+            Flavor::Native => ("application/problem+json", self.problem_body(request_id)),
+            Flavor::Plivo => ("application/json", self.plivo_body(request_id)),
         };
-        // Serializing plain strings and integers cannot fail; an empty body would still be
-        // a valid refusal should it ever happen.
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let mut response = Response::new(Full::new(Bytes::from(bytes)));
+        let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         if let Some(seconds) = self.retry_after() {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         match self {
             Problem::Unauthenticated => {
-                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                let scheme = match flavor {
+                    Flavor::Native => "Bearer",
+                    Flavor::Plivo => "Basic realm=\"mpc-gateway\"",
+                };
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
             }
-            Problem::MethodNotAllowed => {
-                headers.insert(ALLOW, HeaderValue::from_static("POST"));
+            Problem::MethodNotAllowed { allow } => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
             Problem::RateLimited { policy, state, .. } => {
                 insert_text(headers, "ratelimit-policy", policy);
@@ -211,12 +219,41 @@ impl Problem {
         }
         response
     }
+
+    /// RFC 9457 body. Serializing plain strings and integers cannot fail; an empty body
+    /// would still be a valid refusal should it ever happen.
+    fn problem_body(&self, request_id: &str) -> Vec<u8> {
+        let body = ProblemBody {
+            kind: format!("urn:mpc-gateway:{}", self.slug()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.to_string(),
+            request_id,
+            retry_after: self.retry_after(),
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// Plivo's error shape: the SDKs turn `error` into their exception message.
+    fn plivo_body(&self, request_id: &str) -> Vec<u8> {
+        let body = PlivoErrorBody {
+            api_id: request_id,
+            error: self.to_string(),
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
 }
 
 fn insert_text(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
     }
+}
+
+#[derive(Serialize)]
+struct PlivoErrorBody<'a> {
+    api_id: &'a str,
+    error: String,
 }
 
 #[derive(Serialize)]
@@ -248,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn unauthenticated_body_and_headers() {
-        let response = Problem::Unauthenticated.to_response("req-1");
+        let response = Problem::Unauthenticated.to_response("req-1", Flavor::Native);
         assert_eq!(response.status(), 401);
         assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
@@ -267,7 +304,7 @@ mod tests {
             policy: "\"tenant\";q=10;w=2".into(),
             state: "\"tenant\";r=0;t=2".into(),
         };
-        let response = problem.to_response("r");
+        let response = problem.to_response("r", Flavor::Native);
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()[RETRY_AFTER], "2");
         assert_eq!(
@@ -290,9 +327,24 @@ mod tests {
         );
         assert_eq!(problem.status(), 404);
         assert_eq!(Problem::UpstreamTimeout.status(), 504);
+        let not_allowed = Problem::MethodNotAllowed { allow: "POST" };
         assert_eq!(
-            Problem::MethodNotAllowed.to_response("r").headers()[ALLOW],
+            not_allowed.to_response("r", Flavor::Native).headers()[ALLOW],
             "POST"
         );
+    }
+
+    #[tokio::test]
+    async fn plivo_flavour_has_api_id_and_error() {
+        let response = Problem::Unauthenticated.to_response("req-9", Flavor::Plivo);
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(
+            response.headers()[WWW_AUTHENTICATE],
+            "Basic realm=\"mpc-gateway\""
+        );
+        let body = body_json(response).await;
+        assert_eq!(body["api_id"], "req-9");
+        assert_eq!(body["error"], "valid credentials are required");
     }
 }

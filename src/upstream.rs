@@ -22,7 +22,7 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
 use crate::config::{Account, BaseUrl, UpstreamSettings};
-use crate::mpc_name::MpcName;
+use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
 
 /// Plivo's error bodies are small; anything bigger is not worth reading.
@@ -67,6 +67,24 @@ impl fmt::Debug for AccountCredentials {
             .field("authorization", &"<redacted>")
             .finish()
     }
+}
+
+/// Which MPC a call addresses: by friendly name or by uuid.
+#[derive(Debug, Clone, Copy)]
+pub enum MpcRef<'a> {
+    Name(&'a MpcName),
+    Uuid(&'a MpcUuid),
+}
+
+/// The outcome of reading an MPC by uuid.
+#[derive(Debug)]
+pub enum Lookup {
+    Found {
+        name: String,
+        attempts: u32,
+        status: Option<u16>,
+    },
+    Failed(UpstreamReport),
 }
 
 /// What happened upstream, for the reply, the audit record and the metrics.
@@ -146,47 +164,96 @@ impl PlivoClient {
         })
     }
 
-    /// The exact upstream URL for ending `name` on an account.
-    pub fn end_url(&self, auth_id: &str, name: &MpcName) -> String {
-        format!(
-            "{}/v1/Account/{auth_id}/MultiPartyCall/name_{}/",
-            self.base_url,
-            name.upstream_encoded()
-        )
+    /// The exact upstream URL of an MPC on an account.
+    pub fn mpc_url(&self, auth_id: &str, mpc: MpcRef<'_>) -> String {
+        match mpc {
+            MpcRef::Name(name) => format!(
+                "{}/v1/Account/{auth_id}/MultiPartyCall/name_{}/",
+                self.base_url,
+                name.upstream_encoded()
+            ),
+            MpcRef::Uuid(uuid) => format!(
+                "{}/v1/Account/{auth_id}/MultiPartyCall/uuid_{}/",
+                self.base_url,
+                uuid.as_str()
+            ),
+        }
     }
 
     /// Ends the MPC, retrying as the contract allows, never past `timeout`.
-    pub async fn end_mpc(&self, account: &AccountCredentials, name: &MpcName) -> UpstreamReport {
-        let url = self.end_url(&account.auth_id, name);
+    pub async fn end_mpc(&self, account: &AccountCredentials, mpc: MpcRef<'_>) -> UpstreamReport {
+        let url = self.mpc_url(&account.auth_id, mpc);
+        match self.call(Method::DELETE, &url, account).await {
+            Ok((attempt, attempts)) => conclude(attempt, attempts),
+            Err(timed_out) => timed_out,
+        }
+    }
+
+    /// Reads an MPC by uuid to learn its friendly name (for authorization).
+    pub async fn lookup_name(&self, account: &AccountCredentials, uuid: &MpcUuid) -> Lookup {
+        let url = self.mpc_url(&account.auth_id, MpcRef::Uuid(uuid));
+        let (attempt, attempts) = match self.call(Method::GET, &url, account).await {
+            Ok(done) => done,
+            Err(timed_out) => return Lookup::Failed(timed_out),
+        };
+        let name = match &attempt {
+            Attempt::Answered { status, body, .. } if status.is_success() => friendly_name(body),
+            _ => None,
+        };
+        let report = conclude(attempt, attempts);
+        match (name, report.outcome.is_ok()) {
+            (Some(name), true) => Lookup::Found {
+                name,
+                attempts,
+                status: report.status,
+            },
+            (None, true) => Lookup::Failed(UpstreamReport {
+                outcome: Err(Problem::UpstreamError {
+                    status: report.status.unwrap_or(200),
+                    api_id: None,
+                    error: Some("the MPC has no friendly_name".to_owned()),
+                }),
+                ..report
+            }),
+            (_, false) => Lookup::Failed(report),
+        }
+    }
+
+    /// Sends `method url` with retries; `Err` carries the timeout report.
+    async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        account: &AccountCredentials,
+    ) -> Result<(Attempt, u32), UpstreamReport> {
         let deadline = Instant::now() + self.timeout;
         // Waiting for a slot counts against the same deadline as the call itself.
         let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await
         else {
-            return report(Err(Problem::UpstreamTimeout), None, 0);
+            return Err(report(Err(Problem::UpstreamTimeout), None, 0));
         };
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let attempt = tokio::time::timeout_at(deadline, self.attempt(&url, account)).await;
-            let Ok(attempt) = attempt else {
-                return report(Err(Problem::UpstreamTimeout), None, attempts);
+            let attempt = self.attempt(method.clone(), url, account);
+            let Ok(attempt) = tokio::time::timeout_at(deadline, attempt).await else {
+                return Err(report(Err(Problem::UpstreamTimeout), None, attempts));
             };
-            let retry = attempts < self.max_attempts && is_retriable(&attempt);
-            if !retry {
-                return conclude(attempt, attempts);
+            if attempts >= self.max_attempts || !is_retriable(&attempt) {
+                return Ok((attempt, attempts));
             }
             let backoff = backoff_delay(attempts);
             if Instant::now() + backoff >= deadline {
                 tokio::time::sleep_until(deadline).await;
-                return report(Err(Problem::UpstreamTimeout), None, attempts);
+                return Err(report(Err(Problem::UpstreamTimeout), None, attempts));
             }
             tokio::time::sleep(backoff).await;
         }
     }
 
-    async fn attempt(&self, url: &str, account: &AccountCredentials) -> Attempt {
+    async fn attempt(&self, method: Method, url: &str, account: &AccountCredentials) -> Attempt {
         let request = Request::builder()
-            .method(Method::DELETE)
+            .method(method)
             .uri(url)
             .header(AUTHORIZATION, account.authorization.clone())
             .header(USER_AGENT, self.user_agent.clone())
@@ -349,6 +416,19 @@ fn retry_after_secs(headers: &HeaderMap) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(1, |secs| secs.max(1))
+}
+
+/// `friendly_name` of Plivo's MPC object (also accepted under `objects[0]`, the list form).
+fn friendly_name(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value
+        .get("objects")
+        .and_then(|objects| objects.get(0))
+        .unwrap_or(&value);
+    object
+        .get("friendly_name")
+        .and_then(|name| name.as_str())
+        .map(str::to_owned)
 }
 
 /// The two members of a Plivo error body worth passing on.

@@ -21,7 +21,8 @@ use crate::audit::{AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
 use crate::rate_limit::RateLimit;
 use crate::tls::{load_listen_tls, ListenTls};
-use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream};
+pub use raw::OnStoreError;
+use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream, StoreKind};
 use secret::ValueSource;
 
 /// Smallest `audit.rotate_bytes` accepted: below this, rotation would churn on every record.
@@ -36,6 +37,7 @@ pub struct Config {
     pub worker_threads: usize,
     /// When set, `listen` speaks TLS only.
     pub listen_tls: Option<ListenTls>,
+    pub rate_limit_store: RateLimitStoreSettings,
     pub accounts: BTreeMap<String, Account>,
     pub upstream: UpstreamSettings,
     pub tenants: BTreeMap<String, Tenant>,
@@ -77,9 +79,28 @@ pub struct Tenant {
     pub tokens: Vec<TokenHash>,
     /// URI or DNS SANs of client certificates that authenticate this tenant.
     pub client_cert_sans: Vec<String>,
+    /// The virtual auth id the official SDKs present as Basic username on the
+    /// Plivo-compatible route.
+    pub sdk_auth_id: Option<String>,
     pub allow: Vec<NamePattern>,
     pub rate_limit: RateLimit,
     pub account: String,
+}
+
+/// Where limiter state lives: this process, or Redis shared by every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitStoreSettings {
+    Local,
+    Redis(RedisStoreSettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStoreSettings {
+    /// `redis://host:port/db` (or `rediss://`); may carry a password, so never logged.
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,14 +249,18 @@ impl TryFrom<RawConfig> for Config {
         let audit = validate_audit(&raw.audit, &mut errors);
         let log = validate_log(&raw.log, &mut errors);
         let listen_tls = validate_listen_tls(raw.listen_tls.as_ref(), &mut errors);
-        match (upstream, audit, log, listen_tls) {
-            (Some(upstream), Some(audit), Some(log), Some(listen_tls)) if errors.0.is_empty() => {
+        let rate_limit_store = validate_store(&raw.rate_limit_store, &mut errors);
+        match (upstream, audit, log, listen_tls, rate_limit_store) {
+            (Some(upstream), Some(audit), Some(log), Some(listen_tls), Some(rate_limit_store))
+                if errors.0.is_empty() =>
+            {
                 Ok(Config {
                     listen: raw.listen,
                     admin_listen: raw.admin_listen,
                     shutdown_grace: raw.shutdown_grace.0,
                     worker_threads: raw.worker_threads,
                     listen_tls,
+                    rate_limit_store,
                     accounts,
                     upstream,
                     tenants,
@@ -244,6 +269,41 @@ impl TryFrom<RawConfig> for Config {
                 })
             }
             _ => Err(ConfigError::Invalid(errors.0)),
+        }
+    }
+}
+
+fn validate_store(
+    raw: &raw::RawRateLimitStore,
+    errors: &mut Errors,
+) -> Option<RateLimitStoreSettings> {
+    match raw.kind {
+        StoreKind::Local => Some(RateLimitStoreSettings::Local),
+        StoreKind::Redis => {
+            let Some(url) = raw.url.clone() else {
+                errors.push("rate_limit_store.url", "required when kind is redis");
+                return None;
+            };
+            if let Err(err) = redis::Client::open(url.as_str()) {
+                // The URL may hold a password: report the problem, not the value.
+                errors.push(
+                    "rate_limit_store.url",
+                    format!("not a valid Redis URL ({})", err.category()),
+                );
+                return None;
+            }
+            if raw.timeout.0.is_zero() {
+                errors.push("rate_limit_store.timeout", "must be greater than zero");
+            }
+            if raw.key_prefix.is_empty() {
+                errors.push("rate_limit_store.key_prefix", "must not be empty");
+            }
+            Some(RateLimitStoreSettings::Redis(RedisStoreSettings {
+                url,
+                key_prefix: raw.key_prefix.clone(),
+                timeout: raw.timeout.0,
+                on_error: raw.on_error,
+            }))
         }
     }
 }
@@ -424,6 +484,7 @@ fn validate_tenants(
     }
     let mut owner_of: HashMap<TokenHash, &str> = HashMap::new();
     let mut san_owner: HashMap<&str, &str> = HashMap::new();
+    let mut sdk_owner: HashMap<&str, &str> = HashMap::new();
     let mut tenants = BTreeMap::new();
     for (name, tenant) in raw {
         let path = format!("tenants.{name}");
@@ -441,6 +502,20 @@ fn validate_tenants(
         }
         let tokens = validate_tokens(&path, name, &tenant.tokens, &mut owner_of, errors);
         let allow = validate_allow(&path, &tenant.allow, errors);
+        if let Some(id) = &tenant.sdk_auth_id {
+            let key = format!("{path}.sdk_auth_id");
+            if !is_valid_sdk_auth_id(id) {
+                errors.push(
+                    key,
+                    "expected 20 characters: MA or SA followed by 18 upper-case letters or digits (as the SDKs require)",
+                );
+            } else if let Some(other) = sdk_owner.insert(id, name) {
+                errors.push(
+                    key,
+                    format!("the same sdk_auth_id is also used by tenant {other}"),
+                );
+            }
+        }
         for (index, san) in tenant.client_cert_sans.iter().enumerate() {
             let key = format!("{path}.client_cert_sans[{index}]");
             if san.is_empty() {
@@ -463,6 +538,7 @@ fn validate_tenants(
             Tenant {
                 tokens,
                 client_cert_sans: tenant.client_cert_sans.clone(),
+                sdk_auth_id: tenant.sdk_auth_id.clone(),
                 allow,
                 rate_limit: rate_limit(tenant.rate_limit),
                 account: tenant.account.clone(),
@@ -470,6 +546,15 @@ fn validate_tenants(
         );
     }
     tenants
+}
+
+/// What Python, Java and Ruby SDKs accept as an auth id.
+fn is_valid_sdk_auth_id(id: &str) -> bool {
+    id.len() == 20
+        && (id.starts_with("MA") || id.starts_with("SA"))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 /// Tenant names appear in metrics labels and audit records: keep them boring.

@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub worker_threads: usize,
     #[serde(default)]
     pub listen_tls: Option<RawListenTls>,
+    #[serde(default)]
+    pub rate_limit_store: RawRateLimitStore,
     pub accounts: BTreeMap<String, RawAccount>,
     #[serde(default)]
     pub upstream: RawUpstream,
@@ -43,6 +45,55 @@ pub struct RawListenTls {
     pub client_ca_file: Option<PathBuf>,
     #[serde(default)]
     pub require_client_cert: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimitStore {
+    #[serde(default)]
+    pub kind: StoreKind,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_store_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default)]
+    pub on_error: OnStoreError,
+}
+
+impl Default for RawRateLimitStore {
+    fn default() -> Self {
+        RawRateLimitStore {
+            kind: StoreKind::default(),
+            url: None,
+            key_prefix: default_key_prefix(),
+            timeout: default_store_timeout(),
+            on_error: OnStoreError::default(),
+        }
+    }
+}
+
+/// Where limiter state lives.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// What a request gets when the shared store fails or is slower than its timeout.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Fall back to this replica's own limiter.
+    #[default]
+    Local,
+    /// Refuse with 503 rate-limit-store-unavailable.
+    Deny,
+    /// Admit without RateLimit headers.
+    Allow,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +151,8 @@ pub struct RawTenant {
     pub account: String,
     #[serde(default)]
     pub client_cert_sans: Vec<String>,
+    #[serde(default)]
+    pub sdk_auth_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +305,12 @@ fn default_account_name() -> String {
 }
 fn default_rotate_bytes() -> u64 {
     100 * 1024 * 1024
+}
+fn default_key_prefix() -> String {
+    "mpc-gateway".to_owned()
+}
+fn default_store_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(50))
 }
 fn default_log_level() -> String {
     "info".to_owned()

@@ -1,16 +1,23 @@
-//! The request path of `POST /mpc/{name}/end`, in contract order:
+//! The request path, in contract order:
 //!
 //! ```text
 //! drain ─▶ framing (400/414/431) ─▶ route (404/405) ─▶ body size (413)
-//!   ─▶ authenticate (401) ─▶ name (400) ─▶ authorize (403) ─▶ tenant limit (429)
+//!   ─▶ authenticate (401) ─▶ name or uuid (400) ─▶ authorize (403) ─▶ tenant limit (429)
 //!   ─▶ account limit (429) ─▶ audit "forward" (503) ─▶ upstream ─▶ audit "result"
 //! ```
+//!
+//! By uuid the name is only known from Plivo, so authorization moves after the lookup:
+//! `… uuid (400) ─▶ limits (the account counts twice) ─▶ forward ─▶ GET ─▶ authorize (403)
+//! ─▶ DELETE ─▶ result`.
 //!
 //! The first check that fails decides the reply; every request ends with exactly one
 //! terminal audit record (`denied` or `result`). [`Gateway::admit`] holds the checks,
 //! [`Gateway::handle`] the audit and upstream steps around them.
 
-use std::collections::HashMap;
+mod identify;
+mod runtime;
+mod trail;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,142 +25,31 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
-use crate::audit::{AuditEvent, AuditLog, EventKind};
-use crate::auth::{bearer_token, Identity, NamePattern, TokenDirectory};
-use crate::config::{Config, UpstreamSettings};
-use crate::mpc_name::MpcName;
+use crate::audit::{AuditLog, EventKind};
+use crate::config::Config;
+use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
-use crate::rate_limit::{Decision, Limiter, LimiterClock, LimiterSet};
-use crate::request_id::RequestId;
+use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock};
+use crate::routes::{route, Target};
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
-use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError, UpstreamReport};
+use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamBuildError, UpstreamReport};
+use runtime::Runtime;
+use trail::Trail;
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BLOCK_BYTES: usize = 32 * 1024;
-/// The raw request target kept in an audit record.
-const MAX_AUDIT_PATH_BYTES: usize = 256;
 
 /// The peer of the connection a request came on, put in its extensions by the server.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
-
-/// Everything derived from one version of the config; swapped whole on reload.
-struct Runtime {
-    tokens: TokenDirectory,
-    /// Client-certificate SAN → tenant (`client_cert_sans`).
-    sans: HashMap<String, Arc<str>>,
-    /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
-    tls: Option<TlsAcceptor>,
-    tenants: HashMap<String, TenantPolicy>,
-    accounts: HashMap<String, AccountCredentials>,
-    limiters: LimiterSet,
-    upstream: Arc<PlivoClient>,
-    upstream_fingerprint: UpstreamFingerprint,
-}
-
-struct TenantPolicy {
-    allow: Vec<NamePattern>,
-    account: String,
-}
-
-impl TenantPolicy {
-    fn may_end(&self, name: &MpcName) -> bool {
-        self.allow
-            .iter()
-            .any(|pattern| pattern.matches(name.as_str()))
-    }
-}
-
-/// What decides whether the upstream client (and its connection pool) can be kept.
-#[derive(PartialEq, Eq)]
-struct UpstreamFingerprint(String);
-
-impl UpstreamFingerprint {
-    fn of(settings: &UpstreamSettings) -> UpstreamFingerprint {
-        let roots: Vec<&[u8]> = settings.extra_roots.iter().map(|c| c.as_ref()).collect();
-        UpstreamFingerprint(format!(
-            "{}|{:?}|{:?}|{}|{:?}",
-            settings.base_url,
-            settings.connect_timeout,
-            settings.timeout,
-            settings.max_attempts,
-            roots
-        ))
-    }
-}
-
-impl Runtime {
-    fn build(
-        config: &Config,
-        previous: Option<&Runtime>,
-        clock: &LimiterClock,
-    ) -> Result<Runtime, UpstreamBuildError> {
-        let mut tokens = TokenDirectory::default();
-        let mut sans = HashMap::new();
-        let mut tenants = HashMap::new();
-        for (name, tenant) in &config.tenants {
-            let shared: Arc<str> = Arc::from(name.as_str());
-            for hash in &tenant.tokens {
-                tokens.insert(*hash, Arc::clone(&shared));
-            }
-            for san in &tenant.client_cert_sans {
-                sans.insert(san.clone(), Arc::clone(&shared));
-            }
-            tenants.insert(
-                name.clone(),
-                TenantPolicy {
-                    allow: tenant.allow.clone(),
-                    account: tenant.account.clone(),
-                },
-            );
-        }
-        let accounts = config
-            .accounts
-            .iter()
-            .map(|(name, account)| (name.clone(), AccountCredentials::new(account)))
-            .collect();
-        let limiters = LimiterSet::rebuild(
-            previous.map(|runtime| &runtime.limiters),
-            config
-                .tenants
-                .iter()
-                .map(|(n, t)| (n.as_str(), t.rate_limit)),
-            config
-                .accounts
-                .iter()
-                .map(|(n, a)| (n.as_str(), a.rate_limit)),
-            clock,
-        );
-        let upstream_fingerprint = UpstreamFingerprint::of(&config.upstream);
-        let upstream = match previous {
-            Some(old) if old.upstream_fingerprint == upstream_fingerprint => {
-                Arc::clone(&old.upstream)
-            }
-            _ => Arc::new(PlivoClient::new(&config.upstream)?),
-        };
-        Ok(Runtime {
-            tokens,
-            sans,
-            tls: config
-                .listen_tls
-                .as_ref()
-                .map(|tls| TlsAcceptor::from(Arc::clone(&tls.server_config))),
-            tenants,
-            accounts,
-            limiters,
-            upstream,
-            upstream_fingerprint,
-        })
-    }
-}
 
 /// The gateway's shared state; cheap to clone into every connection.
 #[derive(Clone)]
@@ -169,10 +65,19 @@ struct Inner {
     clock: LimiterClock,
 }
 
-/// A request that passed every check and may be forwarded.
+/// What a request that passed every check asks to end.
+enum Mpc {
+    Name(MpcName),
+    /// Authorized only once Plivo has told us the name.
+    Uuid {
+        uuid: MpcUuid,
+        tenant: Arc<str>,
+    },
+}
+
 struct Admitted {
     account: AccountCredentials,
-    name: MpcName,
+    mpc: Mpc,
 }
 
 impl Gateway {
@@ -230,9 +135,8 @@ impl Gateway {
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let started = Instant::now();
         let runtime = self.inner.runtime.load_full();
-        let mut trail = Trail::new(&request, started);
+        let mut trail = Trail::new(&request, Instant::now());
         let admitted = match self.admit(&runtime, request, &mut trail).await {
             Ok(admitted) => admitted,
             Err(problem) => return self.deny(trail, problem).await,
@@ -247,10 +151,18 @@ impl Gateway {
             self.inner.metrics.audit_failure();
             return self.deny(trail, Problem::AuditUnavailable).await;
         }
-        let report = runtime
-            .upstream
-            .end_mpc(&admitted.account, &admitted.name)
-            .await;
+        let report = match &admitted.mpc {
+            Mpc::Name(name) => {
+                let call = runtime
+                    .upstream
+                    .end_mpc(&admitted.account, MpcRef::Name(name));
+                call.await
+            }
+            Mpc::Uuid { uuid, tenant } => {
+                self.end_by_uuid(&runtime, &admitted.account, uuid, tenant, &mut trail)
+                    .await
+            }
+        };
         self.conclude(trail, report).await
     }
 
@@ -270,19 +182,34 @@ impl Gateway {
         }
         let (parts, body) = request.into_parts();
         check_framing(&parts.method, &parts.uri, &parts.headers)?;
-        let segment = route(&parts.method, parts.uri.path())?;
+        let route = route(&parts.method, &parts.uri)?;
         read_bounded_body(&parts.headers, body).await?;
         let certificate = parts.extensions.get::<ClientCertificate>();
-        let tenant = authenticate(runtime, &parts.headers, certificate, trail)?;
-        let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
-        trail.mpc = Some(name.as_str().to_owned());
+        let tenant = identify::authenticate(runtime, &parts.headers, certificate, &route, trail)?;
         let policy = runtime
             .tenants
             .get(&*tenant)
             .ok_or(Problem::Unauthenticated)?;
-        if !policy.may_end(&name) {
-            return Err(Problem::Forbidden);
-        }
+        let (mpc, upstream_calls) = match route.target {
+            Target::Name(segment) => {
+                let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
+                trail.mpc = Some(name.as_str().to_owned());
+                if !policy.may_end(name.as_str()) {
+                    return Err(Problem::Forbidden);
+                }
+                (Mpc::Name(name), 1)
+            }
+            Target::Uuid(text) => {
+                let uuid = MpcUuid::parse(text).map_err(Problem::InvalidMpcUuid)?;
+                (
+                    Mpc::Uuid {
+                        uuid,
+                        tenant: Arc::clone(&tenant),
+                    },
+                    2,
+                )
+            }
+        };
         trail.account = Some(policy.account.clone());
         let account = runtime
             .accounts
@@ -290,8 +217,46 @@ impl Gateway {
             .ok_or(Problem::Forbidden)?
             .clone();
         self.limit(runtime.limiters.tenant(&tenant), trail)?;
-        self.limit(runtime.limiters.account(&policy.account), trail)?;
-        Ok(Admitted { account, name })
+        // A by-uuid request makes two Plivo calls, so it costs the account two.
+        for _ in 0..upstream_calls {
+            self.limit(runtime.limiters.account(&policy.account), trail)?;
+        }
+        Ok(Admitted { account, mpc })
+    }
+
+    /// Reads the MPC to learn its name, authorizes that name, then ends it by uuid.
+    async fn end_by_uuid(
+        &self,
+        runtime: &Runtime,
+        account: &AccountCredentials,
+        uuid: &MpcUuid,
+        tenant: &str,
+        trail: &mut Trail,
+    ) -> UpstreamReport {
+        let (name, lookup_attempts, lookup_status) =
+            match runtime.upstream.lookup_name(account, uuid).await {
+                Lookup::Found {
+                    name,
+                    attempts,
+                    status,
+                } => (name, attempts, status),
+                Lookup::Failed(report) => return report,
+            };
+        trail.mpc = Some(name.clone());
+        let allowed = runtime
+            .tenants
+            .get(tenant)
+            .is_some_and(|policy| policy.may_end(&name));
+        if !allowed {
+            return UpstreamReport {
+                outcome: Err(Problem::Forbidden),
+                status: lookup_status,
+                attempts: lookup_attempts,
+            };
+        }
+        let mut report = runtime.upstream.end_mpc(account, MpcRef::Uuid(uuid)).await;
+        report.attempts += lookup_attempts;
+        report
     }
 
     /// Applies one limiter. A missing limiter (impossible after validation) refuses.
@@ -301,7 +266,7 @@ impl Gateway {
         };
         match limiter.check() {
             decision @ Decision::Allowed { .. } => {
-                if limiter.kind() == crate::rate_limit::LimitKind::Tenant {
+                if limiter.kind() == LimitKind::Tenant {
                     trail.rate_headers =
                         Some((limiter.policy_header(), limiter.state_header(decision)));
                 }
@@ -341,7 +306,7 @@ impl Gateway {
                 Problem::AuditUnavailable
             }
         };
-        let response = problem.to_response(&trail.request_id);
+        let response = problem.to_response(&trail.request_id, trail.flavor);
         self.respond(&trail, problem.slug(), response)
     }
 
@@ -350,7 +315,7 @@ impl Gateway {
     async fn conclude(&self, mut trail: Trail, report: UpstreamReport) -> Response<Full<Bytes>> {
         let response = match &report.outcome {
             Ok(()) => no_content(),
-            Err(problem) => problem.to_response(&trail.request_id),
+            Err(problem) => problem.to_response(&trail.request_id, trail.flavor),
         };
         let reason = report.outcome.as_ref().err().map_or("ended", Problem::slug);
         trail.status = Some(response.status().as_u16());
@@ -425,19 +390,6 @@ fn check_framing(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Resul
     Ok(())
 }
 
-/// `POST /mpc/{segment}/end`; the segment is returned still percent-encoded.
-fn route<'a>(method: &Method, path: &'a str) -> Result<&'a str, Problem> {
-    let segment = path
-        .strip_prefix("/mpc/")
-        .and_then(|rest| rest.strip_suffix("/end"))
-        .filter(|segment| !segment.contains('/'))
-        .ok_or(Problem::NotFound)?;
-    if method != Method::POST {
-        return Err(Problem::MethodNotAllowed);
-    }
-    Ok(segment)
-}
-
 /// Reads and discards the body, refusing one over [`MAX_BODY_BYTES`].
 async fn read_bounded_body<B>(headers: &HeaderMap, body: B) -> Result<(), Problem>
 where
@@ -458,177 +410,9 @@ where
     }
 }
 
-/// Client certificate and/or Bearer token → tenant. Records the tenant and fingerprint
-/// (the certificate's when it authenticated the tenant, else the token's) on the trail.
-fn authenticate(
-    runtime: &Runtime,
-    headers: &HeaderMap,
-    certificate: Option<&ClientCertificate>,
-    trail: &mut Trail,
-) -> Result<Arc<str>, Problem> {
-    let token = identify_bearer(runtime, headers);
-    let by_certificate = certificate.and_then(|cert| tenant_of_certificate(runtime, cert));
-    let (tenant, fingerprint) = match (by_certificate, &token) {
-        // A certificate that names a tenant decides; a token sent as well must agree.
-        (Some((tenant, cert_fp)), Identity::Anonymous) => (Some(tenant), Some(cert_fp)),
-        (
-            Some((tenant, cert_fp)),
-            Identity::Tenant {
-                tenant: token_tenant,
-                ..
-            },
-        ) if *token_tenant == tenant => (Some(tenant), Some(cert_fp)),
-        (Some((_, cert_fp)), _) => (None, Some(cert_fp)),
-        (
-            None,
-            Identity::Tenant {
-                tenant,
-                fingerprint,
-            },
-        ) => (Some(Arc::clone(tenant)), Some(fingerprint.clone())),
-        (None, identity) => (None, identity.fingerprint().map(str::to_owned)),
-    };
-    trail.token_fp = fingerprint;
-    let tenant = tenant.ok_or(Problem::Unauthenticated)?;
-    trail.tenant = Some(tenant.to_string());
-    Ok(tenant)
-}
-
-fn identify_bearer(runtime: &Runtime, headers: &HeaderMap) -> Identity {
-    let mut values = headers.get_all(AUTHORIZATION).iter();
-    match (values.next(), values.next()) {
-        (Some(value), None) => match bearer_token(value.as_bytes()) {
-            Some(token) => runtime.tokens.identify(token),
-            None => Identity::Anonymous,
-        },
-        // None, or several Authorization headers: ambiguous, so nobody.
-        _ => Identity::Anonymous,
-    }
-}
-
-/// The one tenant whose `client_cert_sans` lists a SAN of the certificate; a certificate
-/// naming several tenants authenticates none.
-fn tenant_of_certificate(
-    runtime: &Runtime,
-    certificate: &ClientCertificate,
-) -> Option<(Arc<str>, String)> {
-    let mut found: Option<&Arc<str>> = None;
-    for san in &certificate.sans {
-        match (runtime.sans.get(san), found) {
-            (Some(tenant), Some(previous)) if tenant != previous => return None,
-            (Some(tenant), _) => found = Some(tenant),
-            (None, _) => {}
-        }
-    }
-    found.map(|tenant| (Arc::clone(tenant), certificate.fingerprint.clone()))
-}
-
-/// What the audit record and the metrics need to know about one request, filled in as
-/// the request moves along the path.
-struct Trail {
-    started: Instant,
-    request_id: String,
-    client: Option<String>,
-    method: String,
-    path: String,
-    tenant: Option<String>,
-    token_fp: Option<String>,
-    mpc: Option<String>,
-    account: Option<String>,
-    status: Option<u16>,
-    reason: Option<&'static str>,
-    upstream_status: Option<u16>,
-    plivo_api_id: Option<String>,
-    attempts: Option<u32>,
-    rate_headers: Option<(String, String)>,
-}
-
-impl Trail {
-    fn new<B>(request: &Request<B>, started: Instant) -> Trail {
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(RequestId::fresh);
-        Trail {
-            started,
-            request_id: request_id.as_str().to_owned(),
-            client: request
-                .extensions()
-                .get::<ClientAddr>()
-                .map(|addr| addr.0.to_string()),
-            method: request.method().as_str().to_owned(),
-            path: truncate_on_char(&request.uri().to_string(), MAX_AUDIT_PATH_BYTES),
-            tenant: None,
-            token_fp: None,
-            mpc: None,
-            account: None,
-            status: None,
-            reason: None,
-            upstream_status: None,
-            plivo_api_id: None,
-            attempts: None,
-            rate_headers: None,
-        }
-    }
-
-    fn event(&self, kind: EventKind) -> AuditEvent {
-        let duration_ms = match kind {
-            EventKind::Forward => None,
-            _ => Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
-        };
-        AuditEvent {
-            event: kind,
-            request_id: self.request_id.clone(),
-            tenant: self.tenant.clone(),
-            token_fp: self.token_fp.clone(),
-            client: self.client.clone(),
-            method: self.method.clone(),
-            path: self.path.clone(),
-            mpc: self.mpc.clone(),
-            account: self.account.clone(),
-            status: self.status,
-            reason: self.reason.map(str::to_owned),
-            upstream_status: self.upstream_status,
-            plivo_api_id: self.plivo_api_id.clone(),
-            attempts: self.attempts,
-            duration_ms,
-        }
-    }
-}
-
-fn truncate_on_char(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes() {
-        assert_eq!(route(&Method::POST, "/mpc/abc/end"), Ok("abc"));
-        assert_eq!(route(&Method::POST, "/mpc//end"), Ok(""));
-        assert_eq!(route(&Method::POST, "/mpc/a%2Fb/end"), Ok("a%2Fb"));
-        assert_eq!(
-            route(&Method::GET, "/mpc/abc/end"),
-            Err(Problem::MethodNotAllowed)
-        );
-        assert_eq!(route(&Method::POST, "/mpc/a/b/end"), Err(Problem::NotFound));
-        assert_eq!(
-            route(&Method::POST, "/mpc/abc/end/"),
-            Err(Problem::NotFound)
-        );
-        assert_eq!(route(&Method::POST, "/mpc/abc"), Err(Problem::NotFound));
-        assert_eq!(route(&Method::DELETE, "/"), Err(Problem::NotFound));
-    }
 
     #[test]
     fn framing_refusals() {
@@ -659,12 +443,5 @@ mod tests {
             check_framing(&Method::POST, &uri, &big),
             Err(Problem::HeadersTooLarge)
         );
-    }
-
-    #[test]
-    fn audit_path_is_cut_on_a_char_boundary() {
-        assert_eq!(truncate_on_char("abc", 256), "abc");
-        let long = format!("{}ä", "a".repeat(255));
-        assert_eq!(truncate_on_char(&long, 256).len(), 255);
     }
 }

@@ -1,0 +1,152 @@
+//! Who is calling: a verified client certificate and/or a Bearer token on the native
+//! routes; HTTP Basic (`sdk_auth_id` : token) on the Plivo-compatible route. Records the
+//! tenant and the fingerprint of what authenticated it on the trail.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+
+use crate::auth::{bearer_token, Identity};
+use crate::problem::Problem;
+use crate::routes::{Flavor, Route};
+use crate::tls::ClientCertificate;
+
+use super::runtime::Runtime;
+use super::trail::Trail;
+
+pub(super) fn authenticate(
+    runtime: &Runtime,
+    headers: &HeaderMap,
+    certificate: Option<&ClientCertificate>,
+    route: &Route<'_>,
+    trail: &mut Trail,
+) -> Result<Arc<str>, Problem> {
+    let (tenant, fingerprint) = match route.flavor {
+        Flavor::Native => by_certificate_or_bearer(runtime, headers, certificate),
+        Flavor::Plivo => by_basic(runtime, headers, route.path_auth_id),
+    };
+    trail.token_fp = fingerprint;
+    let tenant = tenant.ok_or(Problem::Unauthenticated)?;
+    trail.tenant = Some(tenant.to_string());
+    Ok(tenant)
+}
+
+type Authenticated = (Option<Arc<str>>, Option<String>);
+
+/// A certificate that names a tenant decides (its fingerprint is recorded); a token sent
+/// as well must name the same tenant. Without such a certificate the token decides.
+fn by_certificate_or_bearer(
+    runtime: &Runtime,
+    headers: &HeaderMap,
+    certificate: Option<&ClientCertificate>,
+) -> Authenticated {
+    let token = match single_authorization(headers).and_then(bearer_token) {
+        Some(token) => runtime.tokens.identify(token),
+        None => Identity::Anonymous,
+    };
+    let by_certificate = certificate.and_then(|cert| tenant_of_certificate(runtime, cert));
+    match (by_certificate, &token) {
+        (Some((tenant, cert_fp)), Identity::Anonymous) => (Some(tenant), Some(cert_fp)),
+        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. }) if *other == tenant => {
+            (Some(tenant), Some(cert_fp))
+        }
+        (Some((_, cert_fp)), _) => (None, Some(cert_fp)),
+        (
+            None,
+            Identity::Tenant {
+                tenant,
+                fingerprint,
+            },
+        ) => (Some(Arc::clone(tenant)), Some(fingerprint.clone())),
+        (None, identity) => (None, identity.fingerprint().map(str::to_owned)),
+    }
+}
+
+/// `Authorization: Basic base64(sdk_auth_id:token)`; the username must be the tenant's
+/// `sdk_auth_id` and equal `{auth_id}` in the path.
+fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) -> Authenticated {
+    let Some((username, password)) = single_authorization(headers).and_then(basic_credentials)
+    else {
+        return (None, None);
+    };
+    let identity = runtime.tokens.identify(password.as_bytes());
+    let fingerprint = identity.fingerprint().map(str::to_owned);
+    let Identity::Tenant { tenant, .. } = identity else {
+        return (None, fingerprint);
+    };
+    let sdk_auth_id = runtime
+        .tenants
+        .get(&*tenant)
+        .and_then(|policy| policy.sdk_auth_id.as_deref());
+    if sdk_auth_id == Some(username.as_str()) && path_auth_id == Some(username.as_str()) {
+        (Some(tenant), fingerprint)
+    } else {
+        (None, fingerprint)
+    }
+}
+
+/// The one `Authorization` header; several are ambiguous and count as none.
+fn single_authorization(headers: &HeaderMap) -> Option<&[u8]> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => Some(value.as_bytes()),
+        _ => None,
+    }
+}
+
+fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
+    let text = std::str::from_utf8(header).ok()?;
+    let (scheme, encoded) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (username, password) = decoded.split_once(':')?;
+    Some((username.to_owned(), password.to_owned()))
+}
+
+/// The one tenant whose `client_cert_sans` lists a SAN of the certificate; a certificate
+/// naming several tenants authenticates none.
+fn tenant_of_certificate(
+    runtime: &Runtime,
+    certificate: &ClientCertificate,
+) -> Option<(Arc<str>, String)> {
+    let mut found: Option<&Arc<str>> = None;
+    for san in &certificate.sans {
+        match (runtime.sans.get(san), found) {
+            (Some(tenant), Some(previous)) if tenant != previous => return None,
+            (Some(tenant), _) => found = Some(tenant),
+            (None, _) => {}
+        }
+    }
+    found.map(|tenant| (Arc::clone(tenant), certificate.fingerprint.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_parse() {
+        let header = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("MAX:tok:with:colons")
+        );
+        assert_eq!(
+            basic_credentials(header.as_bytes()),
+            Some(("MAX".to_owned(), "tok:with:colons".to_owned()))
+        );
+        assert_eq!(basic_credentials(b"Bearer abc"), None);
+        assert_eq!(basic_credentials(b"Basic !!!"), None);
+        let no_colon = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("x")
+        );
+        assert_eq!(basic_credentials(no_colon.as_bytes()), None);
+    }
+}

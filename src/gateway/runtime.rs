@@ -1,0 +1,125 @@
+//! Everything the request path derives from one version of the config: token and SAN
+//! directories, tenant policies, account credentials, limiters, the upstream client and
+//! the listener's TLS acceptor. Built on start and on every reload, then swapped whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{NamePattern, TokenDirectory};
+use crate::config::{Config, UpstreamSettings};
+use crate::rate_limit::{LimiterClock, LimiterSet};
+use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
+
+/// Everything derived from one version of the config; swapped whole on reload.
+pub(super) struct Runtime {
+    pub(super) tokens: TokenDirectory,
+    /// Client-certificate SAN → tenant (`client_cert_sans`).
+    pub(super) sans: HashMap<String, Arc<str>>,
+    /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) tenants: HashMap<String, TenantPolicy>,
+    pub(super) accounts: HashMap<String, AccountCredentials>,
+    pub(super) limiters: LimiterSet,
+    pub(super) upstream: Arc<PlivoClient>,
+    upstream_fingerprint: UpstreamFingerprint,
+}
+
+pub(super) struct TenantPolicy {
+    pub(super) allow: Vec<NamePattern>,
+    pub(super) account: String,
+    /// Basic username of this tenant on the Plivo-compatible route.
+    pub(super) sdk_auth_id: Option<String>,
+}
+
+impl TenantPolicy {
+    /// Whether any `allow` pattern matches the MPC's friendly name.
+    pub(super) fn may_end(&self, name: &str) -> bool {
+        self.allow.iter().any(|pattern| pattern.matches(name))
+    }
+}
+
+/// What decides whether the upstream client (and its connection pool) can be kept.
+#[derive(PartialEq, Eq)]
+struct UpstreamFingerprint(String);
+
+impl UpstreamFingerprint {
+    fn of(settings: &UpstreamSettings) -> UpstreamFingerprint {
+        let roots: Vec<&[u8]> = settings.extra_roots.iter().map(|c| c.as_ref()).collect();
+        UpstreamFingerprint(format!(
+            "{}|{:?}|{:?}|{}|{:?}",
+            settings.base_url,
+            settings.connect_timeout,
+            settings.timeout,
+            settings.max_attempts,
+            roots
+        ))
+    }
+}
+
+impl Runtime {
+    pub(super) fn build(
+        config: &Config,
+        previous: Option<&Runtime>,
+        clock: &LimiterClock,
+    ) -> Result<Runtime, UpstreamBuildError> {
+        let mut tokens = TokenDirectory::default();
+        let mut sans = HashMap::new();
+        let mut tenants = HashMap::new();
+        for (name, tenant) in &config.tenants {
+            let shared: Arc<str> = Arc::from(name.as_str());
+            for hash in &tenant.tokens {
+                tokens.insert(*hash, Arc::clone(&shared));
+            }
+            for san in &tenant.client_cert_sans {
+                sans.insert(san.clone(), Arc::clone(&shared));
+            }
+            tenants.insert(
+                name.clone(),
+                TenantPolicy {
+                    allow: tenant.allow.clone(),
+                    account: tenant.account.clone(),
+                    sdk_auth_id: tenant.sdk_auth_id.clone(),
+                },
+            );
+        }
+        let accounts = config
+            .accounts
+            .iter()
+            .map(|(name, account)| (name.clone(), AccountCredentials::new(account)))
+            .collect();
+        let limiters = LimiterSet::rebuild(
+            previous.map(|runtime| &runtime.limiters),
+            config
+                .tenants
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.rate_limit)),
+            config
+                .accounts
+                .iter()
+                .map(|(n, a)| (n.as_str(), a.rate_limit)),
+            clock,
+        );
+        let upstream_fingerprint = UpstreamFingerprint::of(&config.upstream);
+        let upstream = match previous {
+            Some(old) if old.upstream_fingerprint == upstream_fingerprint => {
+                Arc::clone(&old.upstream)
+            }
+            _ => Arc::new(PlivoClient::new(&config.upstream)?),
+        };
+        Ok(Runtime {
+            tokens,
+            sans,
+            tls: config
+                .listen_tls
+                .as_ref()
+                .map(|tls| TlsAcceptor::from(Arc::clone(&tls.server_config))),
+            tenants,
+            accounts,
+            limiters,
+            upstream,
+            upstream_fingerprint,
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! The trail of one request: what its audit record and metrics need, filled in as the
+//! request moves along the path.
+
+use std::time::Instant;
+
+use http::Request;
+
+use crate::audit::{AuditEvent, EventKind};
+use crate::request_id::RequestId;
+use crate::routes::{flavor_of, Flavor};
+
+use super::ClientAddr;
+
+/// The raw request target kept in an audit record.
+const MAX_AUDIT_PATH_BYTES: usize = 256;
+
+/// What the audit record and the metrics need to know about one request, filled in as
+/// the request moves along the path.
+pub(super) struct Trail {
+    pub(super) started: Instant,
+    /// How replies to this request are shaped.
+    pub(super) flavor: Flavor,
+    pub(super) request_id: String,
+    pub(super) client: Option<String>,
+    pub(super) method: String,
+    pub(super) path: String,
+    pub(super) tenant: Option<String>,
+    pub(super) token_fp: Option<String>,
+    pub(super) mpc: Option<String>,
+    pub(super) account: Option<String>,
+    pub(super) status: Option<u16>,
+    pub(super) reason: Option<&'static str>,
+    pub(super) upstream_status: Option<u16>,
+    pub(super) plivo_api_id: Option<String>,
+    pub(super) attempts: Option<u32>,
+    pub(super) rate_headers: Option<(String, String)>,
+}
+
+impl Trail {
+    pub(super) fn new<B>(request: &Request<B>, started: Instant) -> Trail {
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(RequestId::fresh);
+        Trail {
+            started,
+            flavor: flavor_of(request.uri().path()),
+            request_id: request_id.as_str().to_owned(),
+            client: request
+                .extensions()
+                .get::<ClientAddr>()
+                .map(|addr| addr.0.to_string()),
+            method: request.method().as_str().to_owned(),
+            path: truncate_on_char(&request.uri().to_string(), MAX_AUDIT_PATH_BYTES),
+            tenant: None,
+            token_fp: None,
+            mpc: None,
+            account: None,
+            status: None,
+            reason: None,
+            upstream_status: None,
+            plivo_api_id: None,
+            attempts: None,
+            rate_headers: None,
+        }
+    }
+
+    pub(super) fn event(&self, kind: EventKind) -> AuditEvent {
+        let duration_ms = match kind {
+            EventKind::Forward => None,
+            _ => Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        };
+        AuditEvent {
+            event: kind,
+            request_id: self.request_id.clone(),
+            tenant: self.tenant.clone(),
+            token_fp: self.token_fp.clone(),
+            client: self.client.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            mpc: self.mpc.clone(),
+            account: self.account.clone(),
+            status: self.status,
+            reason: self.reason.map(str::to_owned),
+            upstream_status: self.upstream_status,
+            plivo_api_id: self.plivo_api_id.clone(),
+            attempts: self.attempts,
+            duration_ms,
+        }
+    }
+}
+
+fn truncate_on_char(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_path_is_cut_on_a_char_boundary() {
+        assert_eq!(truncate_on_char("abc", 256), "abc");
+        let long = format!("{}ä", "a".repeat(255));
+        assert_eq!(truncate_on_char(&long, 256).len(), 255);
+    }
+}

@@ -1,0 +1,361 @@
+//! Limiter state shared by every replica, in Redis (DESIGN §7 "Rate limits shared by all
+//! replicas").
+//!
+//! Each check is one atomic Lua script that reads the Redis server's `TIME`, so replicas
+//! whose clocks disagree still share one timeline. The script is governor's GCRA
+//! transcribed (same emission interval, same tolerance, same fresh-bucket rule), so a
+//! bucket in Redis gives the same [`Decision`]s as this replica's own [`super::Limiter`]
+//! for the same [`RateLimit`].
+//!
+//! The connection is a [`ConnectionManager`], created lazily: start-up never waits for
+//! Redis, and a dropped connection is replaced in the background. Every check is bounded
+//! by the configured `timeout`; what to do when it fails is the caller's `on_error`.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{ceil_secs, Decision, LimitKind, RateLimit};
+use crate::config::RedisStoreSettings;
+
+/// GCRA with governor's semantics, in integer microseconds of the Redis server's clock.
+///
+/// KEYS[1]: the bucket. ARGV[1]: emission interval T (µs, >= 1). ARGV[2]: tolerance
+/// TAU = T * (burst - 1) (µs). The stored value is the bucket's theoretical arrival time
+/// (TAT). Reply: `{1, remaining burst}` when admitted, `{0, wait in µs}` when refused.
+///
+/// Lua numbers are doubles: microsecond timestamps (~1.7e15) stay exact below 2^53, while
+/// nanoseconds would not. Numbers are written with `%.0f` because Lua's default `%.14g`
+/// formatting would round a 16-digit timestamp.
+const GCRA_SCRIPT: &str = r"
+local t = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local stored = redis.call('GET', KEYS[1])
+-- A missing (or unreadable) bucket is a full one: governor starts a fresh key at TAT = now.
+local tat = (stored and tonumber(stored)) or now
+-- No admitted request can leave TAT beyond now + TAU + T. A larger value means the server
+-- clock stepped back (e.g. a failover) or the limit was lowered; cap it so that a bucket
+-- is never locked for longer than one full refill.
+if tat > now + tau + t then
+  tat = now + tau + t
+end
+local earliest = tat - tau
+if now < earliest then
+  return {0, earliest - now}
+end
+local new_tat = math.max(tat, now) + t
+-- Once TAT is in the past the bucket behaves exactly like a missing key, so it may vanish
+-- then: the expiry is the time until the bucket is full again.
+local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
+return {1, math.floor((now + tau + t - new_tat) / t)}
+";
+
+/// Longest wait for a new connection (TCP, TLS, AUTH, SELECT). Longer than a check's
+/// `timeout` on purpose: a reconnect runs in the background and may outlive many checks.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// After the connection is found broken, checks fail at once for this long instead of
+/// each waiting on (and re-triggering) a connection attempt: a dead Redis then costs the
+/// request path nothing, and is probed a few times a second rather than once per request.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// Why a shared check gave no decision. Messages never contain the URL or its password.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rate-limit store did not answer in time")]
+    Timeout,
+    #[error("rate-limit store is unreachable; reconnecting")]
+    Unavailable,
+    #[error("rate-limit store error: {0}")]
+    Redis(String),
+    #[error("rate-limit store reply not understood: {0}")]
+    Reply(String),
+    #[error("rate-limit store settings: {0}")]
+    Config(String),
+}
+
+/// A GCRA limiter whose buckets live in Redis. Cheap to clone; clones share the
+/// connection.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    manager: ConnectionManager,
+    script: Script,
+    key_prefix: String,
+    timeout: Duration,
+    origin: Instant,
+    /// Milliseconds since `origin` before which checks fail without trying Redis.
+    paused_until_ms: AtomicU64,
+    /// Strings to scrub from error messages: the URL and the password inside it.
+    secrets: Vec<String>,
+}
+
+// Hand-written: the connection manager's Debug would print the connection info.
+impl fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("key_prefix", &self.inner.key_prefix)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimiter {
+    /// Prepares the shared limiter without waiting for Redis: the connection is made in
+    /// the background (and on first use), and until it works `check` returns `Err`.
+    /// Fails only on settings that can never work (an unparsable URL) or when called
+    /// outside a Tokio runtime.
+    pub fn new(settings: &RedisStoreSettings) -> Result<RedisLimiter, StoreError> {
+        let secrets = secrets_of(&settings.url);
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Config("the Redis limiter must be created inside the Tokio runtime".into())
+        })?;
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|err| StoreError::Config(redact(&err.to_string(), &secrets)))?;
+        // No retries inside the manager: a failed connection attempt must surface at once
+        // so checks fall back instead of waiting out a backoff; `RECONNECT_PAUSE` paces
+        // the next attempt instead.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(settings.timeout));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|err| StoreError::Config(redact(&err.to_string(), &secrets)))?;
+        let script = Script::new(GCRA_SCRIPT);
+
+        // Connect and load the script now, in the background, so the first request does
+        // not pay for the handshake. A failure here is not an error: checks report it.
+        let warm_manager = manager.clone();
+        let warm_script = script.clone();
+        runtime.spawn(async move {
+            let mut connection = warm_manager;
+            if let Err(err) = warm_script
+                .prepare_invoke()
+                .load_async(&mut connection)
+                .await
+            {
+                tracing::debug!(kind = ?err.kind(), "rate-limit store not reachable at start");
+            }
+        });
+
+        Ok(RedisLimiter {
+            inner: Arc::new(Inner {
+                manager,
+                script,
+                key_prefix: settings.key_prefix.clone(),
+                timeout: settings.timeout,
+                origin: Instant::now(),
+                paused_until_ms: AtomicU64::new(0),
+                secrets,
+            }),
+        })
+    }
+
+    /// The Redis key of one bucket: `{key_prefix}:{kind}:{name}`.
+    pub fn key(&self, kind: LimitKind, name: &str) -> String {
+        format!("{}:{}:{}", self.inner.key_prefix, kind.as_str(), name)
+    }
+
+    /// One atomic check-and-update of the shared bucket, with the same meaning and the
+    /// same `Decision` values as the local limiter. Slower than `timeout` is
+    /// `Err(StoreError::Timeout)`; the request may still have been counted in Redis.
+    pub async fn check(
+        &self,
+        kind: LimitKind,
+        name: &str,
+        limit: RateLimit,
+    ) -> Result<Decision, StoreError> {
+        if self.paused() {
+            return Err(StoreError::Unavailable);
+        }
+        let quota = limit.quota();
+        let interval = quota.replenish_interval();
+        // governor floors the interval to whole nanoseconds and then clamps it to at least
+        // one; the same here in microseconds (the resolution of Redis' TIME).
+        let t_us = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let tau_us = t_us.saturating_mul(u64::from(limit.burst.get() - 1));
+        let key = self.key(kind, name);
+
+        let mut connection = self.inner.manager.clone();
+        let call = async {
+            self.inner
+                .script
+                .key(&key)
+                .arg(t_us)
+                .arg(tau_us)
+                .invoke_async::<Vec<i64>>(&mut connection)
+                .await
+        };
+        let reply = match tokio::time::timeout(self.inner.timeout, call).await {
+            Err(_elapsed) => return Err(StoreError::Timeout),
+            Ok(Err(err)) => return Err(self.failed(&err)),
+            Ok(Ok(reply)) => reply,
+        };
+        decision_from(&reply, limit, interval)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.inner.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn paused(&self) -> bool {
+        self.now_ms() < self.inner.paused_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Turns a client error into a `StoreError`, pausing checks when the connection
+    /// itself is broken (the manager is already reconnecting by then).
+    fn failed(&self, err: &RedisError) -> StoreError {
+        if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
+            let pause = u64::try_from(RECONNECT_PAUSE.as_millis()).unwrap_or(u64::MAX);
+            self.inner
+                .paused_until_ms
+                .store(self.now_ms().saturating_add(pause), Ordering::Relaxed);
+        }
+        StoreError::Redis(redact(&err.to_string(), &self.inner.secrets))
+    }
+}
+
+/// Maps the script's reply to the local limiter's `Decision`.
+fn decision_from(
+    reply: &[i64],
+    limit: RateLimit,
+    interval: Duration,
+) -> Result<Decision, StoreError> {
+    match *reply {
+        [1, remaining] => {
+            let remaining = u32::try_from(remaining)
+                .ok()
+                .filter(|r| *r < limit.burst.get())
+                .ok_or_else(|| StoreError::Reply(format!("remaining {remaining}")))?;
+            // As the local limiter: with no burst left, the next request is admitted one
+            // emission interval from now at the latest.
+            let reset_secs = if remaining > 0 {
+                0
+            } else {
+                ceil_secs(interval)
+            };
+            Ok(Decision::Allowed {
+                remaining,
+                reset_secs,
+            })
+        }
+        [0, wait_us] => {
+            let wait_us =
+                u64::try_from(wait_us).map_err(|_| StoreError::Reply(format!("wait {wait_us}")))?;
+            Ok(Decision::Refused {
+                retry_after_secs: ceil_secs(Duration::from_micros(wait_us)).max(1),
+            })
+        }
+        _ => Err(StoreError::Reply(format!("{} values", reply.len()))),
+    }
+}
+
+/// The URL and the password inside it (raw and percent-decoded), for scrubbing.
+fn secrets_of(url: &str) -> Vec<String> {
+    let mut secrets = vec![url.to_owned()];
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    if let Some((userinfo, _host)) = authority.rsplit_once('@') {
+        let password = userinfo.split_once(':').map_or(userinfo, |(_, p)| p);
+        if !password.is_empty() {
+            secrets.push(password.to_owned());
+            let decoded = percent_encoding::percent_decode_str(password)
+                .decode_utf8_lossy()
+                .into_owned();
+            if decoded != password {
+                secrets.push(decoded);
+            }
+        }
+    }
+    secrets
+}
+
+/// Client messages are not known to quote the URL, but a leaked password would be costly:
+/// scrub anyway.
+fn redact(message: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|secret| !secret.is_empty())
+        .fold(message.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), "[redacted]")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn limit(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second: NonZeroU32::new(per_second).expect("non-zero"),
+            burst: NonZeroU32::new(burst).expect("non-zero"),
+        }
+    }
+
+    #[test]
+    fn replies_map_like_the_local_limiter() {
+        let l = limit(2, 3);
+        let t = Duration::from_millis(500);
+        assert_eq!(
+            decision_from(&[1, 2], l, t).expect("ok"),
+            Decision::Allowed {
+                remaining: 2,
+                reset_secs: 0
+            }
+        );
+        assert_eq!(
+            decision_from(&[1, 0], l, t).expect("ok"),
+            Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            }
+        );
+        assert_eq!(
+            decision_from(&[0, 1], l, t).expect("ok"),
+            Decision::Refused {
+                retry_after_secs: 1
+            }
+        );
+        assert_eq!(
+            decision_from(&[0, 1_000_001], l, t).expect("ok"),
+            Decision::Refused {
+                retry_after_secs: 2
+            }
+        );
+        assert!(decision_from(&[1, 3], l, t).is_err());
+        assert!(decision_from(&[0, -1], l, t).is_err());
+        assert!(decision_from(&[7], l, t).is_err());
+    }
+
+    #[test]
+    fn secrets_are_scrubbed() {
+        let url = "redis://user:p%40ss@redis.internal:6379/0";
+        let secrets = secrets_of(url);
+        let text = redact(
+            &format!("failed for {url}: p%40ss / p@ss rejected"),
+            &secrets,
+        );
+        assert!(!text.contains("p%40ss") && !text.contains("p@ss"), "{text}");
+        assert!(text.contains("rejected"));
+        assert_eq!(secrets_of("redis://127.0.0.1:6379/0").len(), 1);
+        let bare = secrets_of("redis://:only-password@127.0.0.1/");
+        assert!(bare.iter().any(|s| s == "only-password"));
+    }
+}

@@ -1,0 +1,777 @@
+//! The real binary (DESIGN.md §4 and §5): `token new|hash`, `check-config`, `serve` as a
+//! process driven by signals, and `audit verify` on the log that `serve` wrote.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{assert_chain, read_records, token_hash};
+use mpc_gateway::simulator::{Fault, Simulator, SimulatorConfig};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mpc-gateway");
+const AUTH_ID: &str = "MAQQQQQQQQQQQQQQQQQQ";
+const PLIVO_TOKEN: &str = "cli-test-plivo-token-not-real";
+const CALLER_TOKEN: &str = "cli-test-caller-token";
+const HMAC_KEY: &str = "cli-test-hmac-key-not-real";
+/// Every child process is bounded by this.
+const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------
+// Running the binary
+// ---------------------------------------------------------------------------------------
+
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("RUST_LOG");
+    command
+}
+
+/// Runs to completion with `stdin`, killing the child if it takes longer than
+/// [`PROCESS_TIMEOUT`].
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = command(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mpc-gateway");
+    let mut input = child.stdin.take().expect("stdin");
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let stdout = collect(child.stdout.take().expect("stdout"));
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    let status = wait_bounded(&mut child, PROCESS_TIMEOUT).unwrap_or_else(|| {
+        panic!("mpc-gateway {args:?} did not finish within {PROCESS_TIMEOUT:?}")
+    });
+    let _ = writer.join();
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = pipe.read_to_end(&mut out);
+        out
+    })
+}
+
+/// Waits for the child at most `within`; kills it (by its own handle) on timeout.
+fn wait_bounded(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn sha256_line(token: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(token)))
+}
+
+// ---------------------------------------------------------------------------------------
+// token new / token hash
+// ---------------------------------------------------------------------------------------
+
+fn token_new() -> (String, String) {
+    let out = run(&["token", "new"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "two lines: {stdout:?}");
+    (lines[0].to_owned(), lines[1].to_owned())
+}
+
+#[test]
+fn token_new_prints_a_fresh_token_and_its_hash_line() {
+    let (token, hash) = token_new();
+    assert!(token.len() >= 32, "a token with enough entropy: {token}");
+    assert!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "printable, no spaces: {token:?}"
+    );
+    let digest = hash.strip_prefix("sha256:").expect("sha256: prefix");
+    assert_eq!(digest.len(), 64);
+    assert!(digest
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    assert_eq!(hash, sha256_line(token.as_bytes()));
+
+    let (other, other_hash) = token_new();
+    assert_ne!(token, other, "two runs give two tokens");
+    assert_ne!(hash, other_hash);
+
+    // The two commands agree.
+    let out = run(&["token", "hash"], format!("{token}\n").as_bytes());
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim_end(), hash);
+}
+
+#[test]
+fn token_hash_strips_one_trailing_newline() {
+    let abc = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    for input in [&b"abc\n"[..], b"abc\r\n", b"abc"] {
+        let out = run(&["token", "hash"], input);
+        assert!(out.status.success(), "{input:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{abc}\n"), "{input:?}");
+    }
+}
+
+#[test]
+fn token_hash_refuses_an_empty_token() {
+    for input in [&b""[..], b"\n", b"\r\n"] {
+        let out = run(&["token", "hash"], input);
+        assert!(!out.status.success(), "{input:?} must fail");
+        assert!(out.stdout.is_empty(), "no hash printed for {input:?}");
+        let stderr = text(&out.stderr).to_lowercase();
+        assert!(
+            stderr.contains("token") && (stderr.contains("no ") || stderr.contains("empty")),
+            "a clear error for {input:?}: {stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Config files
+// ---------------------------------------------------------------------------------------
+
+/// A directory with secret files, an audit directory and a config file.
+struct ConfigDir {
+    dir: tempfile::TempDir,
+}
+
+impl ConfigDir {
+    fn new() -> ConfigDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("plivo-token"), format!("{PLIVO_TOKEN}\n")).expect("write");
+        std::fs::write(dir.path().join("hmac-key"), HMAC_KEY).expect("write");
+        std::fs::create_dir(dir.path().join("audit")).expect("mkdir");
+        ConfigDir { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.path().join("gateway.yaml")
+    }
+
+    fn audit_path(&self) -> PathBuf {
+        self.path().join("audit").join("audit.jsonl")
+    }
+
+    fn yaml(&self, base_url: &str, allow: &str) -> String {
+        let dir = self.path().display();
+        format!(
+            r#"listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+shutdown_grace: 5s
+accounts:
+  default:
+    auth_id: {AUTH_ID}
+    auth_token: {{file: "{dir}/plivo-token"}}
+    rate_limit: {{per_second: 100, burst: 100}}
+upstream:
+  base_url: {base_url}
+  connect_timeout: 1s
+  timeout: 5s
+  max_attempts: 2
+tenants:
+  billing:
+    tokens: ["{}"]
+    allow: [{allow}]
+    rate_limit: {{per_second: 10, burst: 20}}
+audit:
+  path: "{dir}/audit/audit.jsonl"
+  fsync: always
+  hmac_key: {{file: "{dir}/hmac-key"}}
+log:
+  format: json
+  level: info
+"#,
+            token_hash(CALLER_TOKEN)
+        )
+    }
+
+    fn write(&self, yaml: &str) {
+        std::fs::write(self.config_path(), yaml).expect("write config");
+    }
+
+    fn check(&self, yaml: &str) -> Output {
+        self.write(yaml);
+        let config = self.config_path();
+        run(
+            &[
+                "check-config",
+                "--config",
+                config.to_str().expect("UTF-8 path"),
+            ],
+            b"",
+        )
+    }
+}
+
+fn replaced(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} not in the config template");
+    text.replace(from, to)
+}
+
+const BASE: &str = "https://api.plivo.com";
+const ALLOW: &str = "\"billing-*\"";
+
+#[test]
+fn check_config_accepts_a_valid_config_and_prints_no_secret() {
+    let c = ConfigDir::new();
+    let out = c.check(&c.yaml(BASE, ALLOW));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout {stdout}\nstderr {stderr}");
+    assert!(
+        stdout.contains("billing"),
+        "the summary names the tenant: {stdout}"
+    );
+    let hash = token_hash(CALLER_TOKEN);
+    for secret in [
+        PLIVO_TOKEN,
+        HMAC_KEY,
+        CALLER_TOKEN,
+        &hash[..],
+        &hash["sha256:".len()..],
+        &hash["sha256:".len().."sha256:".len() + 12],
+    ] {
+        assert!(!stdout.contains(secret), "summary holds a secret: {stdout}");
+        assert!(!stderr.contains(secret), "stderr holds a secret: {stderr}");
+    }
+    assert!(
+        !c.audit_path().exists(),
+        "check-config does not create the audit file"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(c.path().join("audit"))
+        .expect("read audit dir")
+        .collect();
+    assert!(leftovers.is_empty(), "no probe file left behind");
+}
+
+#[test]
+fn check_config_names_the_key_path_of_each_error() {
+    let c = ConfigDir::new();
+    let good = c.yaml(BASE, ALLOW);
+    let dir = c.path().display().to_string();
+    std::fs::write(c.path().join("a-file"), "not a directory").expect("write");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "unknown key",
+            replaced(&good, "    allow:", "    alow: [\"x\"]\n    allow:"),
+            vec!["tenants.billing.alow", "unknown field"],
+        ),
+        (
+            "unknown top-level key",
+            format!("{good}listen_port: 8080\n"),
+            vec!["listen_port"],
+        ),
+        (
+            "burst 0",
+            replaced(&good, "burst: 20", "burst: 0"),
+            vec!["tenants.billing.rate_limit.burst"],
+        ),
+        (
+            "literal auth_token",
+            replaced(
+                &good,
+                &format!("{{file: \"{dir}/plivo-token\"}}"),
+                "\"literal-plivo-secret\"",
+            ),
+            vec!["accounts.default.auth_token"],
+        ),
+        (
+            "literal hmac_key",
+            replaced(
+                &good,
+                &format!("{{file: \"{dir}/hmac-key\"}}"),
+                "literal-hmac-secret",
+            ),
+            vec!["audit.hmac_key"],
+        ),
+        (
+            "missing secret file",
+            replaced(&good, "/plivo-token\"", "/no-such-token\""),
+            vec!["accounts.default.auth_token", "no-such-token"],
+        ),
+        (
+            "audit dir missing",
+            replaced(&good, "/audit/audit.jsonl", "/no-such-dir/audit.jsonl"),
+            vec!["audit.path"],
+        ),
+        (
+            "audit dir is a file",
+            replaced(&good, "/audit/audit.jsonl", "/a-file/audit.jsonl"),
+            vec!["audit.path"],
+        ),
+        (
+            "bad duration",
+            replaced(&good, "timeout: 5s", "timeout: soon"),
+            vec!["upstream.timeout"],
+        ),
+        ("broken YAML", format!("{good}\n  : [unclosed\n"), vec![]),
+    ];
+    for (what, yaml, expected) in &cases {
+        let out = c.check(yaml);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{what}: must fail; stderr {stderr}");
+        assert!(!stderr.trim().is_empty(), "{what}: an error is printed");
+        for needle in expected {
+            assert!(
+                stderr.contains(needle),
+                "{what}: {needle:?} not in {stderr}"
+            );
+        }
+        for secret in [
+            "literal-plivo-secret",
+            "literal-hmac-secret",
+            PLIVO_TOKEN,
+            HMAC_KEY,
+        ] {
+            assert!(!stderr.contains(secret), "{what}: secret in {stderr}");
+            assert!(
+                !text(&out.stdout).contains(secret),
+                "{what}: secret on stdout"
+            );
+        }
+    }
+
+    let missing = c.path().join("absent.yaml");
+    let out = run(
+        &["check-config", "--config", missing.to_str().expect("UTF-8")],
+        b"",
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("absent.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// serve as a process
+// ---------------------------------------------------------------------------------------
+
+/// A Plivo simulator (plain HTTP on loopback) on its own runtime.
+struct Sim {
+    sim: Simulator,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Sim {
+    fn start() -> Sim {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let sim = runtime
+            .block_on(Simulator::start(SimulatorConfig::new(AUTH_ID, PLIVO_TOKEN)))
+            .expect("simulator");
+        Sim {
+            sim,
+            _runtime: runtime,
+        }
+    }
+
+    fn base_url(&self) -> String {
+        self.sim.base_url()
+    }
+}
+
+/// `mpc-gateway serve` as a child process, killed on drop if it still runs.
+struct Served {
+    child: Child,
+    local: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Served {
+    fn start(config: &Path) -> Served {
+        let mut child = command(&["serve", "--config", config.to_str().expect("UTF-8")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (lines_tx, lines): (_, Receiver<String>) = mpsc::channel();
+        let kept = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                kept.lock().expect("log").push(line.clone());
+                let _ = lines_tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (local, admin) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "serve did not log its addresses within 15 s; log:\n{}",
+                        log.lock().expect("log").join("\n")
+                    );
+                }
+            };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let field = |name: &str| {
+                value[name]
+                    .as_str()
+                    .or_else(|| value["fields"][name].as_str())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            };
+            if let (Some(local), Some(admin)) = (field("local_addr"), field("admin_addr")) {
+                break (local, admin);
+            }
+        };
+        Served {
+            child,
+            local,
+            admin,
+            log,
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the exit (bounded) and returns the status.
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        match wait_bounded(&mut self.child, within) {
+            Some(status) => status,
+            None => panic!(
+                "serve did not exit within {within:?}; log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    fn metrics(&self) -> String {
+        http(self.admin, "GET", "/metrics", None).1
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One request on a fresh connection (closed after the answer): status and body.
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    try_http(addr, method, path, token)
+        .unwrap_or_else(|err| panic!("{method} {path} on {addr}: {err}"))
+}
+
+fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let answer = text(&answer);
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn end(served: &Served, name: &str) -> (u16, String) {
+    http(
+        served.local,
+        "POST",
+        &format!("/mpc/{name}/end"),
+        Some(CALLER_TOKEN),
+    )
+}
+
+fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn reloads(served: &Served, result: &str) -> f64 {
+    mpc_gateway::telemetry::sample(
+        &served.metrics(),
+        &format!("mpc_gateway_config_reloads_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn serve_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
+    let sim = Sim::start();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let mut served = Served::start(&c.config_path());
+    assert_eq!(http(served.admin, "GET", "/readyz", None).0, 200);
+
+    assert_eq!(end(&served, "billing-1").0, 204);
+    assert_eq!(sim.sim.request_count(), 1);
+    assert_eq!(end(&served, "sales-1").0, 403);
+
+    // SIGHUP with a widened allow list: the change applies, the process keeps running.
+    c.write(&c.yaml(&sim.base_url(), "\"billing-*\", \"sales-*\""));
+    served.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&served, "ok") >= 1.0),
+        "reload counted; log:\n{}",
+        served.log_text()
+    );
+    assert!(served.is_running(), "SIGHUP does not stop the process");
+    assert_eq!(end(&served, "sales-2").0, 204);
+
+    // SIGHUP with a broken config: counted, logged, the running config keeps serving.
+    c.write(&replaced(
+        &c.yaml(&sim.base_url(), ALLOW),
+        "burst: 20",
+        "burst: 0",
+    ));
+    served.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&served, "error") >= 1.0),
+        "failed reload counted"
+    );
+    assert!(served.is_running());
+    assert_eq!(
+        end(&served, "sales-3").0,
+        204,
+        "the widened config still runs"
+    );
+    assert!(
+        served
+            .log_text()
+            .contains("tenants.billing.rate_limit.burst"),
+        "the reload error names the key path:\n{}",
+        served.log_text()
+    );
+
+    served.signal("TERM");
+    let status = served.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "log:\n{}", served.log_text());
+    assert!(
+        try_http(served.admin, "GET", "/healthz", None).is_err(),
+        "nothing listens after exit"
+    );
+
+    let records = read_records(&c.audit_path());
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        7,
+        "2 + 1 + 2 + 2 records: {records:?}"
+    );
+    let last = records.last().expect("records");
+    assert_eq!(last["event"], "result");
+    assert_eq!(last["mpc"], "sales-3");
+    assert_eq!(last["status"], 204);
+
+    let log = served.log_text();
+    for secret in [PLIVO_TOKEN, HMAC_KEY, CALLER_TOKEN] {
+        assert!(!log.contains(secret), "the operational log holds a secret");
+    }
+}
+
+#[test]
+fn sigterm_lets_a_slow_in_flight_request_finish() {
+    let sim = Sim::start();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let mut served = Served::start(&c.config_path());
+    let local = served.local;
+    assert_eq!(end(&served, "billing-1").0, 204);
+
+    sim.sim
+        .push_fault(Fault::Delay(Duration::from_millis(1500)));
+    let in_flight = std::thread::spawn(move || {
+        try_http(local, "POST", "/mpc/billing-slow/end", Some(CALLER_TOKEN))
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || sim.sim.request_count() >= 2),
+        "the simulator received the slow request"
+    );
+    served.signal("TERM");
+
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            matches!(try_http(served.admin, "GET", "/readyz", None), Ok((503, _)))
+        }),
+        "/readyz turns 503 at once and the admin listener stays up while draining"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            TcpStream::connect_timeout(&local, Duration::from_millis(500)).is_err()
+        }),
+        "the data listener stops accepting"
+    );
+    assert!(!in_flight.is_finished(), "still in flight while draining");
+
+    let (status, body) = in_flight
+        .join()
+        .expect("request thread")
+        .expect("the in-flight request got an answer");
+    assert_eq!(status, 204, "{body}");
+    let exit = served.wait_exit(Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", served.log_text());
+
+    let records = read_records(&c.audit_path());
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        4
+    );
+    let last = records.last().expect("records");
+    assert_eq!(last["event"], "result");
+    assert_eq!(last["path"], "/mpc/billing-slow/end");
+    assert_eq!(last["status"], 204);
+}
+
+// ---------------------------------------------------------------------------------------
+// audit verify
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
+    let sim = Sim::start();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let mut served = Served::start(&c.config_path());
+    assert_eq!(end(&served, "billing-1").0, 204);
+    assert_eq!(end(&served, "billing-1").0, 404);
+    assert_eq!(end(&served, "other-1").0, 403);
+    served.signal("INT");
+    assert_eq!(served.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        5
+    );
+
+    let audit = c.audit_path();
+    let audit_arg = audit.to_str().expect("UTF-8");
+    let key_env = "MPC_GATEWAY_CLI_TEST_AUDIT_KEY";
+    let verify = |args: &[&str]| {
+        let mut all = vec!["audit", "verify"];
+        all.extend_from_slice(args);
+        let mut child = command(&all)
+            .env(key_env, HMAC_KEY)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn verify");
+        let stdout = collect(child.stdout.take().expect("stdout"));
+        let stderr = collect(child.stderr.take().expect("stderr"));
+        let status = wait_bounded(&mut child, PROCESS_TIMEOUT).expect("verify finished");
+        (
+            status.code(),
+            text(&stdout.join().expect("stdout")),
+            text(&stderr.join().expect("stderr")),
+        )
+    };
+
+    let (code, stdout, stderr) = verify(&[audit_arg, "--hmac-key-env", key_env]);
+    assert_eq!(code, Some(0), "stdout {stdout}\nstderr {stderr}");
+    let audit_dir = c.path().join("audit");
+    let (code, stdout, stderr) = verify(&[
+        audit_dir.to_str().expect("UTF-8"),
+        "--hmac-key-env",
+        key_env,
+    ]);
+    assert_eq!(code, Some(0), "directory form: {stdout}\n{stderr}");
+
+    // A copy with one record altered: tampering, reported by file and line.
+    let tampered = c.path().join("tampered.jsonl");
+    let original = std::fs::read_to_string(&audit).expect("read audit");
+    let mut lines: Vec<String> = original.lines().map(str::to_owned).collect();
+    assert!(lines[3].contains("\"status\":404"), "{}", lines[3]);
+    lines[3] = lines[3].replace("\"status\":404", "\"status\":204");
+    std::fs::write(&tampered, lines.join("\n") + "\n").expect("write");
+    let (code, stdout, stderr) =
+        verify(&[tampered.to_str().expect("UTF-8"), "--hmac-key-env", key_env]);
+    assert_eq!(code, Some(1), "stdout {stdout}\nstderr {stderr}");
+    let report = format!("{stdout}{stderr}");
+    assert!(
+        report.contains("tampered.jsonl:4"),
+        "names the file and line 4: {report}"
+    );
+}

@@ -1,0 +1,742 @@
+//! Operating the gateway as a sidecar (DESIGN.md §5, issue 4): readiness, metrics after a
+//! known sequence of requests, reload (success, failure, secret rotation, limiter state),
+//! graceful drain with a slow in-flight request, the slowloris header timeout, and the
+//! fail-closed audit log on a full disk. In-process, on the harness in `tests/common`.
+
+mod common;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mpc_gateway::server::HEADER_READ_TIMEOUT;
+use mpc_gateway::simulator::Fault;
+use mpc_gateway::telemetry::sample;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+async fn metrics_text(h: &Harness) -> String {
+    let reply = h.admin_get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8(reply.body.to_vec()).expect("metrics are UTF-8")
+}
+
+/// The value of one series; panics with the whole exposition when it is absent.
+fn value(text: &str, series: &str) -> f64 {
+    sample(text, series).unwrap_or_else(|| panic!("series {series} missing in\n{text}"))
+}
+
+/// A complete `POST /mpc/{name}/end` on its own connection, closed after the answer.
+fn post_end(name: &str, token: &str) -> String {
+    format!(
+        "POST /mpc/{name}/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// `GET path` on the admin listener over a fresh connection; the status, if any answer.
+async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange(admin, request.as_bytes(), Duration::from_secs(3)).await;
+    status_of(&answer)
+}
+
+/// Polls `condition` every 20 ms until it holds or `within` passes.
+async fn eventually<F, Fut>(within: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_config(h: &Harness, yaml: &str) {
+    std::fs::write(&h.config_path, yaml).expect("write config");
+}
+
+/// `text.replace(from, to)`, asserting that `from` was there (so a changed harness
+/// template cannot silently turn a test into a no-op).
+fn replaced(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} not in the config template");
+    text.replace(from, to)
+}
+
+// ---------------------------------------------------------------------------------------
+// Readiness
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_when_draining_while_health_stays_200() {
+    let h = Harness::start().await;
+    let health = h.admin_get("/healthz").await;
+    assert_eq!(health.status, 200);
+    let ready = h.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{:?}", ready.body);
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+
+    h.running().gateway().start_draining();
+    let ready = h.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "draining: not ready");
+    assert_eq!(
+        h.admin_get("/healthz").await.status,
+        200,
+        "draining: still alive"
+    );
+
+    // A request that still arrives while draining is refused, closes its connection, is
+    // audited and not forwarded.
+    let reply = h.end("billing-2", BILLING_TOKEN).await;
+    reply.assert_problem(503, "shutting-down");
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert_eq!(h.sim.request_count(), 1, "nothing forwarded while draining");
+    let record = h.records().pop().expect("record");
+    assert_eq!(record["event"], "denied");
+    assert_eq!(record["reason"], "shutting-down");
+    assert_eq!(record["status"], 503);
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_sequence_exactly() {
+    let h = Harness::with(Options {
+        tenant_limit: (1, 2),
+        ..Options::default()
+    })
+    .await;
+    let before = metrics_text(&h).await;
+    assert_eq!(
+        sample(&before, "mpc_gateway_request_duration_seconds_count"),
+        Some(0.0)
+    );
+
+    // 2 successes, 2 × 401 (none, unknown), 1 × 403, 1 tenant 429, 1 upstream 404.
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    assert_eq!(h.end("billing-2", BILLING_TOKEN).await.status, 204);
+    let anonymous = h
+        .send(http::Method::POST, "/mpc/billing-3/end", &[], b"")
+        .await;
+    anonymous.assert_problem(401, "unauthenticated");
+    h.end("billing-3", "unknown-token-value-xyz")
+        .await
+        .assert_problem(401, "unauthenticated");
+    h.end("sales-1", BILLING_TOKEN)
+        .await
+        .assert_problem(403, "forbidden");
+    h.end("billing-3", BILLING_TOKEN)
+        .await
+        .assert_problem(429, "rate-limited");
+    h.end("billing-1", OPS_TOKEN)
+        .await
+        .assert_problem(404, "mpc-not-found");
+
+    let reply = h.admin_get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    let content_type = reply.header("content-type").unwrap_or_default().to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4")
+            || content_type.starts_with("application/openmetrics-text"),
+        "a Prometheus exposition content type: {content_type}"
+    );
+    let text = String::from_utf8(reply.body.to_vec()).expect("UTF-8");
+
+    let requests = |tenant: &str, reason: &str| {
+        value(
+            &text,
+            &format!("mpc_gateway_requests_total{{tenant=\"{tenant}\",reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(requests("billing", "ended"), 2.0);
+    // Refused before (or at) authentication: the tenant label is empty, never the token.
+    assert_eq!(requests("", "unauthenticated"), 2.0);
+    assert_eq!(requests("billing", "forbidden"), 1.0);
+    assert_eq!(requests("billing", "rate-limited"), 1.0);
+    assert_eq!(requests("ops", "mpc-not-found"), 1.0);
+    let request_series = text
+        .lines()
+        .filter(|l| l.starts_with("mpc_gateway_requests_total{"))
+        .count();
+    assert_eq!(request_series, 5, "no other request series:\n{text}");
+    assert!(!text.contains("unknown-token-value-xyz"));
+    assert!(!text.contains(BILLING_TOKEN));
+
+    assert_eq!(
+        value(&text, "mpc_gateway_upstream_requests_total{status=\"204\"}"),
+        2.0
+    );
+    assert_eq!(
+        value(&text, "mpc_gateway_upstream_requests_total{status=\"404\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"account\"}"
+        ),
+        None
+    );
+    assert_eq!(
+        value(&text, "mpc_gateway_request_duration_seconds_count"),
+        7.0
+    );
+    assert_eq!(value(&text, "mpc_gateway_audit_failures_total"), 0.0);
+    assert!(
+        text.contains("mpc_gateway_request_duration_seconds_bucket{le=\"+Inf\"} 7"),
+        "{text}"
+    );
+    assert_eq!(h.sim.request_count(), 3, "2 successes + 1 ended-twice");
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reload
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_good_config_and_keeps_serving_on_a_broken_one() {
+    let h = Harness::start().await;
+    h.end("sales-1", BILLING_TOKEN)
+        .await
+        .assert_problem(403, "forbidden");
+
+    let original = h.config_yaml();
+    let widened = replaced(
+        &original,
+        r#"allow: ["billing-*"]"#,
+        r#"allow: ["billing-*", "sales-*"]"#,
+    );
+    write_config(&h, &widened);
+    h.running()
+        .reload_from(&h.config_path)
+        .expect("good config reloads");
+    assert_eq!(
+        h.end("sales-2", BILLING_TOKEN).await.status,
+        204,
+        "the new allow rule applies"
+    );
+
+    // Each broken config is refused as a whole; the running config keeps serving.
+    let broken: Vec<(&str, String, Option<&str>)> = vec![
+        ("bad YAML", format!("{widened}\n  : [unclosed\n"), None),
+        (
+            "unknown key",
+            replaced(
+                &widened,
+                r#"allow: ["billing-*", "sales-*"]"#,
+                "allow: [\"*\"]\n    alow: [\"x\"]",
+            ),
+            Some("tenants.billing.alow"),
+        ),
+        (
+            "missing secret file",
+            replaced(&widened, "/plivo-token\"", "/no-such-token\""),
+            Some("accounts.default.auth_token"),
+        ),
+    ];
+    for (what, yaml, key_path) in &broken {
+        write_config(&h, yaml);
+        let err = h
+            .running()
+            .reload_from(&h.config_path)
+            .expect_err(what)
+            .to_string();
+        if let Some(key_path) = key_path {
+            assert!(err.contains(key_path), "{what}: {err}");
+        }
+        assert!(!err.contains(AUTH_TOKEN), "{what}: secret in error");
+        assert_eq!(
+            h.end("sales-3", BILLING_TOKEN).await.status,
+            204,
+            "{what}: the running config still allows sales-*"
+        );
+        h.end("other-1", BILLING_TOKEN)
+            .await
+            .assert_problem(403, "forbidden");
+        // Re-arm sales-3 on the simulator for the next round.
+        h.sim.add_mpc("sales-3");
+    }
+
+    // The secret file itself vanishing (a secret volume being re-mounted) is also an error.
+    write_config(&h, &widened);
+    let token_file = h.dir.path().join("plivo-token");
+    std::fs::remove_file(&token_file).expect("remove token file");
+    let err = h
+        .running()
+        .reload_from(&h.config_path)
+        .expect_err("missing token file");
+    assert!(
+        err.to_string().contains("accounts.default.auth_token"),
+        "{err}"
+    );
+    assert_eq!(
+        h.end("billing-9", BILLING_TOKEN).await.status,
+        204,
+        "the token already loaded keeps working"
+    );
+    std::fs::write(&token_file, AUTH_TOKEN).expect("restore token");
+
+    let text = metrics_text(&h).await;
+    assert_eq!(
+        value(&text, "mpc_gateway_config_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "mpc_gateway_config_reloads_total{result=\"error\"}"),
+        4.0
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_plivo_token_is_used_by_the_next_upstream_call_after_reload() {
+    let h = Harness::start().await;
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    let token_file = h.dir.path().join("plivo-token");
+
+    std::fs::write(&token_file, "rotated-but-wrong-token\n").expect("write");
+    assert_eq!(
+        h.end("billing-2", BILLING_TOKEN).await.status,
+        204,
+        "no re-read before the reload"
+    );
+    h.running()
+        .reload_from(&h.config_path)
+        .expect("reload with the new token");
+    let reply = h.end("billing-3", BILLING_TOKEN).await;
+    reply.assert_problem(502, "upstream-credentials-rejected");
+    let sent = h.sim.requests().pop().expect("forwarded");
+    let wrong = format!(
+        "Basic {}",
+        base64_encode(&format!("{AUTH_ID}:rotated-but-wrong-token"))
+    );
+    assert_eq!(sent.header("authorization"), Some(wrong.as_str()));
+    assert!(!String::from_utf8_lossy(&reply.body).contains("rotated-but-wrong-token"));
+
+    std::fs::write(&token_file, format!("  {AUTH_TOKEN}\n")).expect("write");
+    h.running()
+        .reload_from(&h.config_path)
+        .expect("reload with the right token");
+    assert_eq!(h.end("billing-3", BILLING_TOKEN).await.status, 204);
+    let sent = h.sim.requests().pop().expect("forwarded");
+    assert_eq!(
+        sent.header("authorization"),
+        Some(expected_basic().as_str())
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_state_survives_a_reload_unless_the_limit_changed() {
+    let mut h = Harness::with(Options {
+        tenant_limit: (1, 1),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    h.end("billing-2", BILLING_TOKEN)
+        .await
+        .assert_problem(429, "rate-limited");
+
+    // Same limits (and an unrelated change): the exhausted bucket is kept.
+    let same = replaced(
+        &h.config_yaml(),
+        r#"allow: ["billing-*"]"#,
+        r#"allow: ["billing-*", "extra-*"]"#,
+    );
+    write_config(&h, &same);
+    h.running().reload_from(&h.config_path).expect("reload");
+    h.end("billing-2", BILLING_TOKEN)
+        .await
+        .assert_problem(429, "rate-limited");
+    assert_eq!(h.end("ops-1", OPS_TOKEN).await.status, 204);
+
+    // A changed limit starts a fresh bucket.
+    h.options.tenant_limit = (1, 2);
+    write_config(&h, &h.config_yaml());
+    h.running().reload_from(&h.config_path).expect("reload");
+    let reply = h.end("billing-2", BILLING_TOKEN).await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert_eq!(reply.header("ratelimit-policy"), Some("\"tenant\";q=2;w=2"));
+    assert_eq!(h.sim.request_count(), 3);
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Drain
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connections() {
+    let mut h = Harness::start().await;
+    let addr = h.addr();
+    let admin = h.admin_addr();
+
+    // An idle kept-alive connection that has already served one request.
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    let keep_alive = format!(
+        "POST /mpc/billing-0/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    );
+    idle.write_all(keep_alive.as_bytes()).await.expect("write");
+    let first = read_one_response_head(&mut idle).await;
+    assert!(first.starts_with("HTTP/1.1 204"), "{first}");
+
+    h.sim.push_fault(Fault::Delay(Duration::from_millis(1500)));
+    let in_flight = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            post_end("billing-slow", BILLING_TOKEN).as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            h.sim.request_count() >= 2
+        })
+        .await,
+        "the simulator received the slow request"
+    );
+
+    let gateway = h.gateway.take().expect("gateway");
+    let shutdown = tokio::spawn(gateway.shutdown());
+
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            TcpStream::connect(addr).await.is_err()
+        })
+        .await,
+        "new connections are refused once shutdown started"
+    );
+    assert_eq!(
+        admin_status(admin, "/readyz").await,
+        Some(503),
+        "not ready while draining"
+    );
+    assert_eq!(
+        admin_status(admin, "/healthz").await,
+        Some(200),
+        "alive while draining"
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request was still in flight when the listener closed"
+    );
+
+    // The idle connection is either closed or answers 503 shutting-down with close.
+    let again = format!(
+        "POST /mpc/billing-late/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    );
+    let _ = idle.write_all(again.as_bytes()).await;
+    let mut late = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut late)).await;
+    let late = String::from_utf8_lossy(&late).into_owned();
+    if !late.is_empty() {
+        assert!(late.starts_with("HTTP/1.1 503"), "{late}");
+        assert!(late.contains("urn:mpc-gateway:shutting-down"), "{late}");
+        assert!(late.to_ascii_lowercase().contains("connection: close"));
+    }
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("in-flight request finished")
+        .expect("task");
+    assert_eq!(status_of(&answer), Some(204), "{answer}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown finished within grace")
+        .expect("task")
+        .expect("clean shutdown");
+    assert_eq!(
+        h.sim.request_count(),
+        2,
+        "the late request was not forwarded"
+    );
+
+    let records = h.records();
+    let slow: Vec<_> = records
+        .iter()
+        .filter(|r| r["path"] == "/mpc/billing-slow/end")
+        .collect();
+    assert_eq!(slow.len(), 2, "forward and result for the slow request");
+    assert_eq!(slow[0]["event"], "forward");
+    assert_eq!(slow[1]["event"], "result");
+    assert_eq!(slow[1]["status"], 204);
+    assert_eq!(slow[1]["reason"], "ended");
+    assert!(records.iter().all(|r| r["path"] != "/mpc/billing-late/end"
+        || (r["event"] == "denied" && r["reason"] == "shutting-down")));
+    h.assert_chain();
+}
+
+/// Reads until the end of one response head plus its (empty or Content-Length) body.
+async fn read_one_response_head(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&buf).contains("\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut chunk))
+            .await
+            .expect("response within 5 s")
+            .expect("read");
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Slowloris
+// ---------------------------------------------------------------------------------------
+
+/// Waits (at most 15 s) for the server to close `stream`; returns how long that took.
+async fn time_until_closed(stream: &mut TcpStream, started: Instant) -> Duration {
+    let mut buf = [0u8; 512];
+    let mut received = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        outcome.is_ok(),
+        "the server still held the connection after 15 s (header timeout is {HEADER_READ_TIMEOUT:?}); received {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert!(
+        !String::from_utf8_lossy(&received).contains(" 204"),
+        "a partial request was answered as a success"
+    );
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_partial_head_is_closed_by_the_header_timeout() {
+    let h = Harness::start().await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(h.addr()).await.expect("connect");
+    stream
+        .write_all(
+            format!(
+                "POST /mpc/billing-1/end HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {BILLING_TOKEN}\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    let took = time_until_closed(&mut stream, started).await;
+    assert!(
+        took >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {took:?}, before the header timeout: something else closed it"
+    );
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    assert!(
+        h.records().is_empty(),
+        "no audit record for an unparsed request"
+    );
+    let text = metrics_text(&h).await;
+    assert_eq!(
+        sample(&text, "mpc_gateway_request_duration_seconds_count"),
+        Some(0.0)
+    );
+    // What the HTTP layer refuses is counted in a metric instead of the audit log.
+    let series = "mpc_gateway_http_rejected_total{kind=\"header-timeout\"}";
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sample(&metrics_text(&h).await, series) == Some(1.0)
+        })
+        .await,
+        "{series} counted once:\n{}",
+        metrics_text(&h).await
+    );
+    h.shutdown().await;
+}
+
+/// A connection that sends nothing at all has not completed its headers either; it must
+/// not be held forever (4096 such connections would stop the gateway from accepting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_by_the_header_timeout() {
+    let h = Harness::start().await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(h.addr()).await.expect("connect");
+    let took = time_until_closed(&mut silent, started).await;
+    assert!(
+        took >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 0);
+    assert!(h.records().is_empty());
+    h.shutdown().await;
+}
+
+/// Bytes that could still begin the HTTP/2 preface (`PRI * HTTP/2.0...`), then nothing:
+/// the same slowloris, one step further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_preface_is_closed_by_the_header_timeout() {
+    let h = Harness::start().await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(h.addr()).await.expect("connect");
+    stream.write_all(b"PRI * HTTP/2").await.expect("write");
+    let took = time_until_closed(&mut stream, started).await;
+    assert!(
+        took >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 0);
+    assert!(h.records().is_empty());
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit fail-closed on a full disk
+// ---------------------------------------------------------------------------------------
+
+/// A tiny tmpfs, unmounted on drop (also when the test panics).
+struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    fn mount(path: &Path, size: &str) -> TmpfsMount {
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run mount: {err}"));
+        assert!(
+            output.status.success(),
+            "mounting a tmpfs at {} failed (this test needs root, as in CI): {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        TmpfsMount {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a writer thread closing its file): detach it lazily.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// Writes `path` until the filesystem is full; asserts it really ended with ENOSPC.
+fn fill_filesystem(path: &Path) {
+    let mut file = std::fs::File::create(path).expect("create filler");
+    let chunk = vec![0x5au8; 16 * 1024];
+    let err = loop {
+        if let Err(err) = file.write_all(&chunk) {
+            break err;
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(28), "expected ENOSPC, got {err}");
+    // Top up whatever page is left, byte by byte.
+    while file.write_all(&[0x5a]).is_ok() {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_fails_closed_and_recovers_when_space_returns() {
+    let mount_dir = tempfile::tempdir().expect("tempdir");
+    let mount = TmpfsMount::mount(mount_dir.path(), "256k");
+    let audit_path = mount.path.join("audit.jsonl");
+    let h = Harness::with(Options {
+        audit_path: Some(audit_path.clone()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(h.admin_get("/readyz").await.status, 200);
+
+    let filler = mount.path.join("filler");
+    fill_filesystem(&filler);
+
+    let reply = h.end("billing-1", BILLING_TOKEN).await;
+    reply.assert_problem(503, "audit-unavailable");
+    assert_eq!(
+        h.sim.request_count(),
+        0,
+        "not forwarded without a forward record"
+    );
+    let ready = h.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    assert_eq!(h.admin_get("/healthz").await.status, 200);
+    let text = metrics_text(&h).await;
+    assert!(value(&text, "mpc_gateway_audit_failures_total") >= 1.0);
+    // A refusal needs its denied record too: with the disk full it is 503 as well.
+    h.end("sales-1", BILLING_TOKEN)
+        .await
+        .assert_problem(503, "audit-unavailable");
+    assert_eq!(h.sim.request_count(), 0);
+
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            h.admin_get("/readyz").await.status == 200
+        })
+        .await,
+        "ready again within 10 s of space returning"
+    );
+    let reply = h.end("billing-2", BILLING_TOKEN).await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert_eq!(h.sim.request_count(), 1);
+
+    let records = h.records();
+    assert_eq!(
+        records.len(),
+        2,
+        "only the request after recovery: {records:?}"
+    );
+    assert_eq!(records[0]["event"], "forward");
+    assert_eq!(records[1]["event"], "result");
+    assert!(records.iter().all(|r| r["mpc"] == "billing-2"));
+    assert_eq!(h.assert_chain(), 2);
+    h.shutdown().await;
+    drop(mount);
+}
