@@ -31,6 +31,8 @@ pub const BILLING_TOKEN: &str = "billing-token-for-tests";
 pub const OPS_TOKEN: &str = "ops-token-for-tests";
 pub const STALE_TENANT_TOKEN: &str = "second-account-token-for-tests";
 pub const HMAC_KEY: &str = "audit-hmac-key-for-tests";
+/// The billing tenant's virtual auth id on the Plivo-compatible route.
+pub const BILLING_SDK_AUTH_ID: &str = "MABILLING00000000001";
 
 pub fn token_hash(token: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
@@ -215,6 +217,7 @@ tenants:
   billing:
     tokens: ["{}"]
     allow: ["billing-*"]
+    sdk_auth_id: {BILLING_SDK_AUTH_ID}
     rate_limit: {{per_second: {}, burst: {}}}
   ops:
     tokens: ["{}"]

@@ -1,0 +1,323 @@
+//! The Plivo-compatible route (`DELETE /v1/Account/{auth_id}/MultiPartyCall/…`, HTTP
+//! Basic with the tenant's `sdk_auth_id`) and ending an MPC by uuid on both routes.
+
+mod common;
+
+use base64::Engine as _;
+use common::*;
+use http::Method;
+use mpc_gateway::simulator::{Fault, Liveness};
+
+fn basic(username: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+    )
+}
+
+fn sdk_path(auth_id: &str, mpc: &str) -> String {
+    format!("/v1/Account/{auth_id}/MultiPartyCall/{mpc}/")
+}
+
+async fn sdk_delete(h: &Harness, path: &str, auth: &str, body: &[u8]) -> Reply {
+    h.send(
+        Method::DELETE,
+        path,
+        &[
+            ("authorization", auth),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await
+}
+
+fn assert_plivo_error(reply: &Reply, status: u16) {
+    assert_eq!(reply.status, status, "{:?}", reply.body);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let body = reply.json();
+    assert_eq!(body["api_id"].as_str(), reply.header("x-request-id"));
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_route_by_name_sends_the_same_upstream_request_as_the_native_route() {
+    let h = Harness::start().await;
+    let auth = basic(BILLING_SDK_AUTH_ID, BILLING_TOKEN);
+    let path = sdk_path(BILLING_SDK_AUTH_ID, "name_billing-a%20b");
+    let reply = sdk_delete(&h, &path, &auth, br#"{"friendly_name": "billing-a b"}"#).await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert_eq!(h.end("billing-c%20d", BILLING_TOKEN).await.status, 204);
+
+    let sent = h.sim.requests();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        sent[0].target,
+        format!("/v1/Account/{AUTH_ID}/MultiPartyCall/name_billing-a%20b/")
+    );
+    for request in &sent {
+        assert_eq!(request.method, "DELETE");
+        assert_eq!(
+            request.header("authorization"),
+            Some(expected_basic().as_str())
+        );
+        assert!(
+            request.body.is_empty(),
+            "the SDK's JSON body is not forwarded"
+        );
+        assert_eq!(request.header("content-type"), None);
+    }
+    // Same headers on both routes.
+    let names =
+        |i: usize| -> Vec<String> { sent[i].headers.iter().map(|(n, _)| n.clone()).collect() };
+    assert_eq!(names(0), names(1));
+
+    let records = h.records();
+    assert_eq!(records[1]["mpc"], "billing-a b");
+    assert_eq!(records[1]["tenant"], "billing");
+    assert_eq!(records[1]["path"], path.as_str());
+    assert_eq!(records[1]["token_fp"], &token_hash(BILLING_TOKEN)[7..19]);
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_route_refusals_are_plivo_shaped_with_the_native_status() {
+    let h = Harness::with(Options {
+        tenant_limit: (1, 1),
+        ..Options::default()
+    })
+    .await;
+    let good = basic(BILLING_SDK_AUTH_ID, BILLING_TOKEN);
+    let path = |mpc: &str| sdk_path(BILLING_SDK_AUTH_ID, mpc);
+
+    // Username must equal the path's auth id.
+    let other_path = sdk_path("MAOTHER0000000000000", "name_billing-1");
+    let reply = sdk_delete(&h, &other_path, &good, b"").await;
+    assert_plivo_error(&reply, 401);
+    assert_eq!(
+        reply.header("www-authenticate"),
+        Some("Basic realm=\"mpc-gateway\"")
+    );
+    // A real token with a wrong username, a wrong token, a Bearer token: all 401.
+    let wrong_user = basic("MAOTHER0000000000000", BILLING_TOKEN);
+    assert_plivo_error(
+        &sdk_delete(&h, &path("name_billing-1"), &wrong_user, b"").await,
+        401,
+    );
+    let wrong_token = basic(BILLING_SDK_AUTH_ID, "nope");
+    assert_plivo_error(
+        &sdk_delete(&h, &path("name_billing-1"), &wrong_token, b"").await,
+        401,
+    );
+    let bearer = format!("Bearer {BILLING_TOKEN}");
+    assert_plivo_error(
+        &sdk_delete(&h, &path("name_billing-1"), &bearer, b"").await,
+        401,
+    );
+    // A tenant without sdk_auth_id cannot use the route even with a valid token.
+    let ops = basic(BILLING_SDK_AUTH_ID, OPS_TOKEN);
+    assert_plivo_error(
+        &sdk_delete(&h, &path("name_billing-1"), &ops, b"").await,
+        401,
+    );
+    // Names as the SDKs put them on the wire: raw `/` and `?` are refused, never rerouted.
+    assert_plivo_error(
+        &sdk_delete(&h, &path("name_billing-a/b"), &good, b"").await,
+        400,
+    );
+    let query = format!("/v1/Account/{BILLING_SDK_AUTH_ID}/MultiPartyCall/name_billing-a?b/");
+    assert_plivo_error(&sdk_delete(&h, &query, &good, b"").await, 400);
+    assert_plivo_error(&sdk_delete(&h, &path("name_other"), &good, b"").await, 403);
+    assert_plivo_error(
+        &sdk_delete(&h, &path("uuid_not-a-uuid"), &good, b"").await,
+        400,
+    );
+    assert_plivo_error(
+        &sdk_delete(&h, &path("name_billing-1"), &good, &[b'x'; 4097]).await,
+        413,
+    );
+    let get = h
+        .send(
+            Method::GET,
+            &path("name_billing-1"),
+            &[("authorization", &good)],
+            b"",
+        )
+        .await;
+    assert_plivo_error(&get, 405);
+    assert_eq!(get.header("allow"), Some("DELETE"));
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+
+    // Success, then the tenant limit (429 with Retry-After), then Plivo's 404.
+    assert_eq!(
+        sdk_delete(&h, &path("name_billing-1"), &good, b"{}")
+            .await
+            .status,
+        204
+    );
+    let limited = sdk_delete(&h, &path("name_billing-2"), &good, b"").await;
+    assert_plivo_error(&limited, 429);
+    assert_eq!(limited.header("retry-after"), Some("1"));
+    h.clock.advance(std::time::Duration::from_secs(1));
+    let gone = sdk_delete(&h, &path("name_billing-1"), &good, b"").await;
+    assert_plivo_error(&gone, 404);
+
+    let reasons: Vec<String> = h
+        .records()
+        .iter()
+        .filter(|r| r["event"] != "forward")
+        .map(|r| r["reason"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "unauthenticated",
+            "unauthenticated",
+            "unauthenticated",
+            "unauthenticated",
+            "unauthenticated",
+            "invalid-mpc-name",
+            "invalid-mpc-name",
+            "forbidden",
+            "invalid-mpc-uuid",
+            "payload-too-large",
+            "method-not-allowed",
+            "ended",
+            "rate-limited",
+            "mpc-not-found",
+        ]
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_by_uuid_reads_the_name_authorizes_it_then_deletes_by_uuid() {
+    let h = Harness::with(Options {
+        liveness: Liveness::Explicit,
+        ..Options::default()
+    })
+    .await;
+    let uuid = h.sim.add_mpc("billing-standup");
+    let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert!(!h.sim.is_live("billing-standup"));
+
+    let sent = h.sim.requests();
+    assert_eq!(sent.len(), 2);
+    let expected = format!("/v1/Account/{AUTH_ID}/MultiPartyCall/uuid_{uuid}/");
+    assert_eq!(
+        (sent[0].method.as_str(), sent[0].target.as_str()),
+        ("GET", expected.as_str())
+    );
+    assert_eq!(
+        (sent[1].method.as_str(), sent[1].target.as_str()),
+        ("DELETE", expected.as_str())
+    );
+    for request in &sent {
+        assert_eq!(
+            request.header("authorization"),
+            Some(expected_basic().as_str())
+        );
+    }
+    let result = h.records().pop().expect("result");
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["path"], format!("/mpc/by-uuid/{uuid}/end"));
+    assert_eq!(result["mpc"], "billing-standup");
+    assert_eq!(result["attempts"], 2);
+    assert_eq!(result["reason"], "ended");
+
+    // The same through the Plivo-compatible route.
+    let second = h.sim.add_mpc("billing-retro");
+    let auth = basic(BILLING_SDK_AUTH_ID, BILLING_TOKEN);
+    let path = sdk_path(BILLING_SDK_AUTH_ID, &format!("uuid_{second}"));
+    assert_eq!(
+        sdk_delete(&h, &path, &auth, br#"{"uuid":"x"}"#)
+            .await
+            .status,
+        204
+    );
+    let result = h.records().pop().expect("result");
+    assert_eq!(result["mpc"], "billing-retro");
+    assert_eq!(result["path"], path.as_str());
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_uuid_of_a_name_the_tenant_may_not_end_is_403_after_the_lookup_only() {
+    let h = Harness::with(Options {
+        liveness: Liveness::Explicit,
+        ..Options::default()
+    })
+    .await;
+    let uuid = h.sim.add_mpc("sales-weekly");
+    let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
+    reply.assert_problem(403, "forbidden");
+    assert!(h.sim.is_live("sales-weekly"), "not ended");
+    let sent = h.sim.requests();
+    assert_eq!(sent.len(), 1, "only the lookup");
+    assert_eq!(sent[0].method, "GET");
+    let records = h.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["event"], "forward");
+    assert_eq!(records[1]["event"], "result");
+    assert_eq!(records[1]["reason"], "forbidden");
+    assert_eq!(records[1]["mpc"], "sales-weekly");
+    assert_eq!(records[1]["upstream_status"], 200);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_uuid_refusals_unknown_and_lookup_failures() {
+    let h = Harness::with(Options {
+        liveness: Liveness::Explicit,
+        account_limit: (1, 3),
+        ..Options::default()
+    })
+    .await;
+    h.end("by-uuid/not-a-uuid", BILLING_TOKEN)
+        .await
+        .assert_problem(400, "invalid-mpc-uuid");
+    h.end("by-uuid/12345678-90ab-cdef-1234-567890abcdef", "nope")
+        .await
+        .assert_problem(401, "unauthenticated");
+    assert_eq!(h.sim.request_count(), 0);
+
+    let unknown = h
+        .end(
+            "by-uuid/12345678-90ab-cdef-1234-567890abcdef",
+            BILLING_TOKEN,
+        )
+        .await;
+    unknown.assert_problem(404, "mpc-not-found");
+    assert_eq!(h.sim.request_count(), 1, "a lookup, no DELETE");
+
+    // The account budget of 3 had 2 taken by that by-uuid request: the next by-uuid needs
+    // 2 more and is refused by the account limit.
+    let refused = h
+        .end(
+            "by-uuid/12345678-90ab-cdef-1234-567890abcdef",
+            BILLING_TOKEN,
+        )
+        .await;
+    refused.assert_problem(429, "rate-limited");
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"account\";q=3;w=3")
+    );
+    h.clock.advance(std::time::Duration::from_secs(3));
+
+    h.sim.push_fault(Fault::status(500, ""));
+    let failed = h
+        .end(
+            "by-uuid/12345678-90ab-cdef-1234-567890abcdef",
+            BILLING_TOKEN,
+        )
+        .await;
+    failed.assert_problem(502, "upstream-error");
+    h.shutdown().await;
+}
