@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use crate::gateway::Gateway;
 use crate::server::HEADER_READ_TIMEOUT;
 
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// prometheus-client writes OpenMetrics text (it ends with `# EOF`).
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -83,7 +84,7 @@ fn answer(gateway: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes
             let mut response = text(StatusCode::OK, &gateway.metrics().encode());
             response
                 .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             response
         }
     }

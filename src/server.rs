@@ -24,12 +24,13 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::admin;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::{Config, ConfigError};
-use crate::gateway::{ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
+use crate::gateway::{
+    BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES,
+};
 use crate::rate_limit::LimiterClock;
 use crate::request_id::RequestIdLayer;
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
-use crate::upstream::UpstreamBuildError;
 
 /// A client must send its whole request head within this time (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,7 +45,7 @@ pub enum StartError {
     #[error("cannot open the audit log: {0}")]
     Audit(#[from] AuditError),
     #[error("{0}")]
-    Upstream(#[from] UpstreamBuildError),
+    Build(#[from] BuildError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -57,7 +58,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error("{0}")]
-    Upstream(#[from] UpstreamBuildError),
+    Build(#[from] BuildError),
     #[error("listen_tls cannot be turned on or off by a reload; restart the gateway")]
     TlsModeChanged,
 }
@@ -232,6 +233,66 @@ fn local_addr_of(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr,
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// The HTTP/1.1 and HTTP/2 connection builders. Each speaks one version only: the
+/// version is chosen before hyper sees the connection (see [`sniff_version`]), so a
+/// client that sends nothing meets a timeout instead of hyper-util's untimed sniffing.
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Builders {
+        Builders {
+            http1: http_builder().http1_only(),
+            http2: http_builder().http2_only(),
+        }
+    }
+
+    fn for_version(&self, version: HttpVersion) -> &auto::Builder<TokioExecutor> {
+        match version {
+            HttpVersion::Http1 => &self.http1,
+            HttpVersion::Http2 => &self.http2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/1 from prior-knowledge HTTP/2 (h2c) by peeking at the first bytes, within
+/// the header read timeout. `None`: the client closed or sent nothing in time.
+async fn sniff_version(stream: &TcpStream) -> Option<HttpVersion> {
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let mut buf = [0u8; 24];
+    loop {
+        // `timeout_at` polls the peek first, and a partial preface is always ready:
+        // check the deadline explicitly.
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(HttpVersion::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(HttpVersion::Http2);
+        }
+        // A partial preface: peek would return the same bytes at once, so wait a little
+        // for the rest (rare: only h2c clients split their preface).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -255,7 +316,7 @@ async fn serve_data(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let builder = Arc::new(http_builder());
+    let builders = Arc::new(Builders::new());
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -280,7 +341,7 @@ async fn serve_data(
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             gateway: gateway.clone(),
-            builder: Arc::clone(&builder),
+            builders: Arc::clone(&builders),
             watcher: graceful.watcher(),
             peer,
         };
@@ -304,7 +365,7 @@ async fn serve_data(
 /// One accepted data connection.
 struct Connection {
     gateway: Gateway,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     watcher: hyper_util::server::graceful::Watcher,
     peer: SocketAddr,
 }
@@ -314,44 +375,58 @@ impl Connection {
     /// connection so certificates re-read on SIGHUP apply to new connections only.
     async fn serve(self, stream: TcpStream) {
         let metrics = Arc::clone(self.gateway.metrics());
-        let result = match self.gateway.tls_acceptor() {
-            None => self.serve_http(TokioIo::new(stream), None).await,
-            Some(acceptor) => {
-                let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
-                match handshake.await {
-                    Ok(Ok(tls)) => {
-                        let certificate =
-                            ClientCertificate::from_peer(tls.get_ref().1.peer_certificates());
-                        self.serve_http(TokioIo::new(tls), certificate).await
-                    }
-                    Ok(Err(err)) => {
-                        tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
-                        metrics.http_rejected("tls-handshake");
-                        Ok(())
-                    }
-                    Err(_) => {
-                        metrics.http_rejected("tls-handshake");
-                        Ok(())
-                    }
-                }
+        let Some(acceptor) = self.gateway.tls_acceptor() else {
+            let Some(version) = sniff_version(&stream).await else {
+                metrics.http_rejected("header-timeout");
+                return;
+            };
+            let result = self.serve_http(TokioIo::new(stream), version, None).await;
+            return record_result(&metrics, result);
+        };
+        let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+        let tls = match handshake.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
+                metrics.http_rejected("tls-handshake");
+                return;
+            }
+            Err(_) => {
+                metrics.http_rejected("tls-handshake");
+                return;
             }
         };
-        if let Err(err) = result {
-            record_connection_error(&metrics, err.as_ref());
-        }
+        let session = tls.get_ref().1;
+        let version = match session.alpn_protocol() {
+            Some(b"h2") => HttpVersion::Http2,
+            _ => HttpVersion::Http1,
+        };
+        let certificate = ClientCertificate::from_peer(session.peer_certificates());
+        let result = self
+            .serve_http(TokioIo::new(tls), version, certificate)
+            .await;
+        record_result(&metrics, result);
     }
 
     async fn serve_http<I>(
         self,
         io: I,
+        version: HttpVersion,
         certificate: Option<ClientCertificate>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let service = data_service(&self.gateway, self.peer, certificate);
-        let connection = self.builder.serve_connection(io, service).into_owned();
+        let builder = self.builders.for_version(version);
+        let connection = builder.serve_connection(io, service).into_owned();
         self.watcher.watch(connection).await
+    }
+}
+
+fn record_result(metrics: &Metrics, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(err) = result {
+        record_connection_error(metrics, err.as_ref());
     }
 }
 

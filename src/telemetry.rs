@@ -70,6 +70,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     http_rejected: Family<KindLabels, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
+    store_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +90,7 @@ impl Metrics {
         let reloads = Family::<ResultLabels, Counter>::default();
         let http_rejected = Family::<KindLabels, Counter>::default();
         let open_connections = Gauge::<i64, AtomicI64>::default();
+        let store_errors = Counter::default();
         registry.register(
             "mpc_gateway_requests",
             "Requests answered, by tenant and reason (problem slug or ended)",
@@ -129,7 +131,13 @@ impl Metrics {
             "Open data-listener connections",
             open_connections.clone(),
         );
+        registry.register(
+            "mpc_gateway_rate_limit_store_errors",
+            "Shared rate-limit store calls that failed or were slower than their timeout",
+            store_errors.clone(),
+        );
         Metrics {
+            store_errors,
             registry,
             requests,
             duration,
@@ -166,6 +174,10 @@ impl Metrics {
                 limit: limit.to_owned(),
             })
             .inc();
+    }
+
+    pub fn rate_limit_store_error(&self) {
+        self.store_errors.inc();
     }
 
     pub fn audit_failure(&self) {

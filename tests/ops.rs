@@ -398,6 +398,45 @@ async fn limiter_state_survives_a_reload_unless_the_limit_changed() {
     h.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_limiter_state_survives_a_reload_unless_the_limit_changed() {
+    let mut h = Harness::with(Options {
+        account_limit: (1, 1),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    let refused = h.end("ops-1", OPS_TOKEN).await;
+    refused.assert_problem(429, "rate-limited");
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"account\";q=1;w=1")
+    );
+
+    // A tenant's limit changes, the account's does not: the account bucket is kept.
+    h.options.tenant_limit = (5, 5);
+    write_config(&h, &h.config_yaml());
+    h.running().reload_from(&h.config_path).expect("reload");
+    h.end("ops-2", OPS_TOKEN)
+        .await
+        .assert_problem(429, "rate-limited");
+
+    h.options.account_limit = (1, 2);
+    write_config(&h, &h.config_yaml());
+    h.running().reload_from(&h.config_path).expect("reload");
+    assert_eq!(h.end("ops-3", OPS_TOKEN).await.status, 204);
+    assert_eq!(h.sim.request_count(), 2);
+    let text = metrics_text(&h).await;
+    assert_eq!(
+        value(
+            &text,
+            "mpc_gateway_rate_limited_total{tenant=\"ops\",limit=\"account\"}"
+        ),
+        2.0
+    );
+    h.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Drain
 // ---------------------------------------------------------------------------------------

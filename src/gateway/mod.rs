@@ -31,15 +31,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditLog, EventKind};
-use crate::config::Config;
+use crate::config::{Config, OnStoreError};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
 use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock};
 use crate::routes::{route, Target};
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
-use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamBuildError, UpstreamReport};
-use runtime::Runtime;
+use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamReport};
+pub use runtime::BuildError;
+use runtime::{Runtime, SharedLimits};
 use trail::Trail;
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
@@ -63,6 +64,41 @@ struct Inner {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     clock: LimiterClock,
+    store_error_log: LogThrottle,
+}
+
+/// At most one log line about rate-limit store failures per this interval.
+const STORE_ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Lets one event through per interval.
+struct LogThrottle {
+    origin: Instant,
+    next_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    fn new() -> LogThrottle {
+        LogThrottle {
+            origin: Instant::now(),
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(STORE_ERROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
 }
 
 /// What a request that passed every check asks to end.
@@ -86,7 +122,7 @@ impl Gateway {
         audit: AuditLog,
         metrics: Arc<Metrics>,
         clock: LimiterClock,
-    ) -> Result<Gateway, UpstreamBuildError> {
+    ) -> Result<Gateway, BuildError> {
         let runtime = Runtime::build(config, None, &clock)?;
         Ok(Gateway {
             inner: Arc::new(Inner {
@@ -95,13 +131,14 @@ impl Gateway {
                 metrics,
                 draining: AtomicBool::new(false),
                 clock,
+                store_error_log: LogThrottle::new(),
             }),
         })
     }
 
     /// Swaps in a new config; limiter state of unchanged limits and the upstream
     /// connection pool (when upstream settings are unchanged) carry over.
-    pub fn reload(&self, config: &Config) -> Result<(), UpstreamBuildError> {
+    pub fn reload(&self, config: &Config) -> Result<(), BuildError> {
         let current = self.inner.runtime.load();
         let next = Runtime::build(config, Some(&current), &self.inner.clock)?;
         self.inner.runtime.store(Arc::new(next));
@@ -216,10 +253,13 @@ impl Gateway {
             .get(&policy.account)
             .ok_or(Problem::Forbidden)?
             .clone();
-        self.limit(runtime.limiters.tenant(&tenant), trail)?;
+        let tenant_limiter = runtime.limiters.tenant(&tenant);
+        self.limit(runtime, tenant_limiter, &tenant, trail).await?;
         // A by-uuid request makes two Plivo calls, so it costs the account two.
+        let account_limiter = runtime.limiters.account(&policy.account);
         for _ in 0..upstream_calls {
-            self.limit(runtime.limiters.account(&policy.account), trail)?;
+            self.limit(runtime, account_limiter, &policy.account, trail)
+                .await?;
         }
         Ok(Admitted { account, mpc })
     }
@@ -259,20 +299,42 @@ impl Gateway {
         report
     }
 
-    /// Applies one limiter. A missing limiter (impossible after validation) refuses.
-    fn limit(&self, limiter: Option<&Arc<Limiter>>, trail: &mut Trail) -> Result<(), Problem> {
+    /// Applies one limit, from the shared store when there is one. A missing limiter
+    /// (impossible after validation) refuses.
+    async fn limit(
+        &self,
+        runtime: &Runtime,
+        limiter: Option<&Arc<Limiter>>,
+        name: &str,
+        trail: &mut Trail,
+    ) -> Result<(), Problem> {
         let Some(limiter) = limiter else {
             return Err(Problem::Forbidden);
         };
-        match limiter.check() {
-            decision @ Decision::Allowed { .. } => {
+        let decision = match &runtime.shared_limits {
+            None => limiter.check(),
+            Some(shared) => match self.shared_decision(shared, limiter, name).await {
+                Some(decision) => decision,
+                None => match shared.on_error {
+                    OnStoreError::Local => limiter.check(),
+                    OnStoreError::Deny => return Err(Problem::RateLimitStoreUnavailable),
+                    OnStoreError::Allow => {
+                        // Admitted unchecked: no RateLimit headers would be true.
+                        trail.rate_headers = None;
+                        return Ok(());
+                    }
+                },
+            },
+        };
+        match decision {
+            Decision::Allowed { .. } => {
                 if limiter.kind() == LimitKind::Tenant {
                     trail.rate_headers =
                         Some((limiter.policy_header(), limiter.state_header(decision)));
                 }
                 Ok(())
             }
-            decision @ Decision::Refused { retry_after_secs } => {
+            Decision::Refused { retry_after_secs } => {
                 let limit = limiter.kind().as_str();
                 self.inner
                     .metrics
@@ -284,6 +346,30 @@ impl Gateway {
                     policy: limiter.policy_header(),
                     state: limiter.state_header(decision),
                 })
+            }
+        }
+    }
+
+    /// The shared store's decision, or `None` when it failed (counted, and logged at most
+    /// once per [`STORE_ERROR_LOG_INTERVAL`] so a Redis outage cannot flood the log).
+    async fn shared_decision(
+        &self,
+        shared: &SharedLimits,
+        limiter: &Limiter,
+        name: &str,
+    ) -> Option<Decision> {
+        match shared
+            .store
+            .check(limiter.kind(), name, limiter.limit())
+            .await
+        {
+            Ok(decision) => Some(decision),
+            Err(err) => {
+                self.inner.metrics.rate_limit_store_error();
+                if self.inner.store_error_log.ready() {
+                    tracing::warn!(error = %err, on_error = ?shared.on_error, "rate-limit store failed");
+                }
+                None
             }
         }
     }

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{NamePattern, TokenDirectory};
-use crate::config::{Config, UpstreamSettings};
+use crate::config::{
+    Config, OnStoreError, RateLimitStoreSettings, RedisStoreSettings, UpstreamSettings,
+};
+use crate::rate_limit::redis::{RedisLimiter, StoreError};
 use crate::rate_limit::{LimiterClock, LimiterSet};
 use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
 
@@ -22,6 +25,8 @@ pub(super) struct Runtime {
     pub(super) tenants: HashMap<String, TenantPolicy>,
     pub(super) accounts: HashMap<String, AccountCredentials>,
     pub(super) limiters: LimiterSet,
+    /// Limiter state shared by every replica, when `rate_limit_store.kind` is redis.
+    pub(super) shared_limits: Option<SharedLimits>,
     pub(super) upstream: Arc<PlivoClient>,
     upstream_fingerprint: UpstreamFingerprint,
 }
@@ -37,6 +42,45 @@ impl TenantPolicy {
     /// Whether any `allow` pattern matches the MPC's friendly name.
     pub(super) fn may_end(&self, name: &str) -> bool {
         self.allow.iter().any(|pattern| pattern.matches(name))
+    }
+}
+
+/// Why a config could not be turned into a runtime (a config that passed validation can
+/// still fail here, e.g. a TLS library refusal).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamBuildError),
+    #[error("rate_limit_store: {0}")]
+    RateLimitStore(#[from] StoreError),
+}
+
+/// The Redis store and what to do when it fails.
+#[derive(Clone)]
+pub(super) struct SharedLimits {
+    pub(super) store: RedisLimiter,
+    pub(super) on_error: OnStoreError,
+    settings: RedisStoreSettings,
+}
+
+impl SharedLimits {
+    /// Keeps the previous store (and its connection) when its settings did not change.
+    fn build(
+        settings: &RateLimitStoreSettings,
+        previous: Option<&SharedLimits>,
+    ) -> Result<Option<SharedLimits>, BuildError> {
+        let RateLimitStoreSettings::Redis(settings) = settings else {
+            return Ok(None);
+        };
+        if let Some(old) = previous.filter(|old| old.settings == *settings) {
+            return Ok(Some(old.clone()));
+        }
+        let store = RedisLimiter::new(settings)?;
+        Ok(Some(SharedLimits {
+            store,
+            on_error: settings.on_error,
+            settings: settings.clone(),
+        }))
     }
 }
 
@@ -63,7 +107,7 @@ impl Runtime {
         config: &Config,
         previous: Option<&Runtime>,
         clock: &LimiterClock,
-    ) -> Result<Runtime, UpstreamBuildError> {
+    ) -> Result<Runtime, BuildError> {
         let mut tokens = TokenDirectory::default();
         let mut sans = HashMap::new();
         let mut tenants = HashMap::new();
@@ -101,6 +145,10 @@ impl Runtime {
                 .map(|(n, a)| (n.as_str(), a.rate_limit)),
             clock,
         );
+        let shared_limits = SharedLimits::build(
+            &config.rate_limit_store,
+            previous.and_then(|runtime| runtime.shared_limits.as_ref()),
+        )?;
         let upstream_fingerprint = UpstreamFingerprint::of(&config.upstream);
         let upstream = match previous {
             Some(old) if old.upstream_fingerprint == upstream_fingerprint => {
@@ -120,6 +168,7 @@ impl Runtime {
             limiters,
             upstream,
             upstream_fingerprint,
+            shared_limits,
         })
     }
 }

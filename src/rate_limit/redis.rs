@@ -32,6 +32,9 @@ use crate::config::RedisStoreSettings;
 /// nanoseconds would not. Numbers are written with `%.0f` because Lua's default `%.14g`
 /// formatting would round a 16-digit timestamp.
 const GCRA_SCRIPT: &str = r"
+-- Needed before a write that follows TIME on Redis 3.2 to 4; the default (and a no-op)
+-- since Redis 5.
+redis.replicate_commands()
 local t = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
 local clock = redis.call('TIME')
@@ -124,11 +127,13 @@ impl RedisLimiter {
             .map_err(|err| StoreError::Config(redact(&err.to_string(), &secrets)))?;
         // No retries inside the manager: a failed connection attempt must surface at once
         // so checks fall back instead of waiting out a backoff; `RECONNECT_PAUSE` paces
-        // the next attempt instead.
+        // the next attempt instead. No response timeout either: `check` bounds each call
+        // itself, and the client's own timeout would report a merely slow answer as an
+        // I/O error, indistinguishable from a broken connection.
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(0)
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(settings.timeout));
+            .set_response_timeout(None);
         let manager = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|err| StoreError::Config(redact(&err.to_string(), &secrets)))?;
         let script = Script::new(GCRA_SCRIPT);

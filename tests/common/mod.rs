@@ -56,6 +56,8 @@ pub struct Options {
     /// Trust the simulator's CA (false: the upstream certificate is untrusted).
     pub trust_simulator: bool,
     pub liveness: Liveness,
+    /// Appended to the generated config (top-level keys such as `rate_limit_store`).
+    pub extra_yaml: String,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             liveness: Liveness::AllNames {
                 forget_ended: false,
             },
+            extra_yaml: String::new(),
         }
     }
 }
@@ -233,7 +236,7 @@ audit:
 {hmac}log:
   format: json
   level: warn
-"#,
+{}"#,
             o.account_limit.0,
             o.account_limit.1,
             o.connect_timeout,
@@ -247,7 +250,49 @@ audit:
             self.audit_path.display(),
             o.fsync,
             o.rotate_bytes,
+            o.extra_yaml,
         )
+    }
+
+    /// Starts another gateway instance on the same config and simulator, with its own
+    /// listeners and audit log (`audit-<suffix>.jsonl`), like another replica.
+    pub async fn start_replica(&self, suffix: &str) -> RunningGateway {
+        let audit = self.dir.path().join(format!("audit-{suffix}.jsonl"));
+        let yaml = self.config_yaml().replace(
+            &format!("path: \"{}\"", self.audit_path.display()),
+            &format!("path: \"{}\"", audit.display()),
+        );
+        let path = self.dir.path().join(format!("gateway-{suffix}.yaml"));
+        std::fs::write(&path, yaml).expect("write replica config");
+        let config = Config::load(&path).expect("replica config is valid");
+        RunningGateway::start(
+            &config,
+            StartOptions {
+                limiter_clock: LimiterClock::Manual(self.clock.clone()),
+            },
+        )
+        .await
+        .expect("replica starts")
+    }
+
+    /// `POST /mpc/{segment}/end` with a Bearer token to any gateway address.
+    pub async fn end_at(&self, addr: SocketAddr, segment: &str, token: &str) -> Reply {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{addr}/mpc/{segment}/end"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(request))
+            .await
+            .expect("gateway answered within 15 s")
+            .expect("gateway answered");
+        let (parts, body) = response.into_parts();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
     }
 
     pub fn running(&self) -> &RunningGateway {
@@ -426,4 +471,159 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> S
     let mut out = Vec::new();
     let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A `redis-server` of the test's own on a free loopback port, with nothing persisted;
+/// killed when dropped. `kill` and `restart` (same port) simulate an outage.
+pub struct RedisServer {
+    port: u16,
+    extra_args: Vec<String>,
+    child: Option<std::process::Child>,
+    /// Working directory, so a stray dump never lands in the source tree.
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts with extra arguments, e.g. `["--requirepass", "secret"]`.
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
+        // The port is free when probed but may be taken before redis binds it: retry.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("probe a free port")
+                .port();
+            let mut server = RedisServer {
+                port,
+                extra_args: extra_args.clone(),
+                child: None,
+                dir,
+            };
+            if server.spawn_and_wait(Duration::from_secs(5)) {
+                return server;
+            }
+            dir = server.into_dir();
+        }
+        panic!("redis-server did not start on a free loopback port in 5 attempts");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:{port}/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// SIGKILL, as a crash would: clients see their connections reset.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port with the same arguments (and an empty dataset).
+    pub fn restart(&mut self) {
+        self.kill();
+        // The old socket may linger for a moment; keep trying within a bound.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if self.spawn_and_wait(Duration::from_secs(2)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to the server process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid().expect("redis-server running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    fn into_dir(mut self) -> tempfile::TempDir {
+        self.kill();
+        let placeholder = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    /// Spawns the server and waits until it answers; false when it exited or stayed silent.
+    fn spawn_and_wait(&mut self, within: Duration) -> bool {
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let spawned = std::process::Command::new(&binary)
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra_args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+                "`{binary}` not found on PATH: these tests need a real Redis \
+                 (apt-get install -y redis-server; .ci/run installs it)"
+            ),
+            Err(err) => panic!("cannot start `{binary}`: {err}"),
+        };
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_exited)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            if redis_answers(self.port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// True when something on the port answers a PING (`+PONG`, or an error such as NOAUTH:
+/// either way the server is up).
+fn redis_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 64];
+    matches!(stream.read(&mut reply), Ok(n) if n > 0 && (reply[0] == b'+' || reply[0] == b'-'))
 }

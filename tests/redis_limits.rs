@@ -1,0 +1,429 @@
+//! The Redis-backed limiter against a real `redis-server` each test starts on its own
+//! loopback port: same decisions as the local limiter, one bucket shared by every
+//! instance, keys that expire, script reload after `SCRIPT FLUSH`, bounded failure when
+//! Redis is down or hung, and recovery when it comes back.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use common::RedisServer;
+use mpc_gateway::config::{OnStoreError, RedisStoreSettings};
+use mpc_gateway::rate_limit::redis::{RedisLimiter, StoreError};
+use mpc_gateway::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RateLimit};
+
+/// Headroom over the configured timeout for scheduling on a busy CI machine.
+const SLACK: Duration = Duration::from_millis(150);
+
+fn limit(per_second: u32, burst: u32) -> RateLimit {
+    RateLimit {
+        per_second: NonZeroU32::new(per_second).expect("non-zero"),
+        burst: NonZeroU32::new(burst).expect("non-zero"),
+    }
+}
+
+fn settings(url: &str, timeout: Duration) -> RedisStoreSettings {
+    RedisStoreSettings {
+        url: url.to_owned(),
+        key_prefix: "test".to_owned(),
+        timeout,
+        on_error: OnStoreError::Local,
+    }
+}
+
+fn limiter(server: &RedisServer) -> RedisLimiter {
+    RedisLimiter::new(&settings(&server.url(), Duration::from_millis(200))).expect("limiter")
+}
+
+async fn check(limiter: &RedisLimiter, kind: LimitKind, name: &str, l: RateLimit) -> Decision {
+    limiter
+        .check(kind, name, l)
+        .await
+        .unwrap_or_else(|err| panic!("check {kind:?} {name}: {err}"))
+}
+
+async fn admin(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection")
+}
+
+/// Retries `check` until it succeeds; panics after `within`.
+async fn until_ok(limiter: &RedisLimiter, name: &str, l: RateLimit, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        match limiter.check(LimitKind::Tenant, name, l).await {
+            Ok(_) => return start.elapsed(),
+            Err(_) if start.elapsed() < within => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(err) => panic!("still failing after {within:?}: {err}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn decisions_match_the_local_limiter() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    // Emission intervals of 200 ms to 1 s, so the few milliseconds between the two
+    // limiters' checks never cross a boundary.
+    let limits = [limit(1, 5), limit(2, 3), limit(4, 1), limit(5, 2)];
+    let locals: Vec<Limiter> = limits
+        .iter()
+        .map(|l| Limiter::new(LimitKind::Tenant, *l, LimiterClock::monotonic()))
+        .collect();
+    for (index, (l, local)) in limits.iter().zip(&locals).enumerate() {
+        let name = format!("same-{index}");
+        for step in 0..l.burst.get() + 2 {
+            let expected = local.check();
+            let got = check(&shared, LimitKind::Tenant, &name, *l).await;
+            assert_eq!(got, expected, "limit {l:?}, request {step}");
+        }
+    }
+    // Spelled out once, so a change in the local limiter cannot drag this along unseen.
+    let name = "spelled-out";
+    let l = limit(2, 3);
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(check(&shared, LimitKind::Tenant, name, l).await);
+    }
+    assert_eq!(
+        seen,
+        [
+            Decision::Allowed {
+                remaining: 2,
+                reset_secs: 0
+            },
+            Decision::Allowed {
+                remaining: 1,
+                reset_secs: 0
+            },
+            Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            },
+            Decision::Refused {
+                retry_after_secs: 1
+            },
+            Decision::Refused {
+                retry_after_secs: 1
+            },
+        ]
+    );
+
+    // Replenishment: 600 ms later each bucket is at least 100 ms from any boundary.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for (index, (l, local)) in limits.iter().zip(&locals).enumerate() {
+        let expected = local.check();
+        let got = check(&shared, LimitKind::Tenant, &format!("same-{index}"), *l).await;
+        assert_eq!(got, expected, "limit {l:?} after 600 ms");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_on_one_redis_share_one_bucket() {
+    let server = RedisServer::start();
+    let a = limiter(&server);
+    let b = limiter(&server);
+
+    let l = limit(1, 3);
+    for remaining in [2, 1, 0] {
+        assert!(matches!(
+            check(&a, LimitKind::Account, "shared", l).await,
+            Decision::Allowed { remaining: r, .. } if r == remaining
+        ));
+    }
+    assert_eq!(
+        check(&b, LimitKind::Account, "shared", l).await,
+        Decision::Refused {
+            retry_after_secs: 1
+        },
+        "b sees the bucket a drained"
+    );
+
+    // Concurrent load from both for about a second: the total admitted is what one
+    // bucket allows, not twice that.
+    let (per_second, burst) = (20u32, 10u32);
+    let l = limit(per_second, burst);
+    let run_for = Duration::from_millis(1000);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for instance in [a.clone(), b.clone(), a, b] {
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u32;
+            while start.elapsed() < run_for {
+                if let Decision::Allowed { .. } =
+                    check(&instance, LimitKind::Tenant, "load", l).await
+                {
+                    admitted += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            admitted
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("task");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let most = f64::from(burst) + (elapsed * f64::from(per_second)).ceil();
+    let least = f64::from(burst) + (run_for.as_secs_f64() * f64::from(per_second) * 0.8).floor();
+    let total = f64::from(total);
+    assert!(
+        total <= most,
+        "admitted {total} > {most} in {elapsed:.3}s (burst {burst}, {per_second}/s)"
+    );
+    assert!(
+        total >= least,
+        "admitted only {total} < {least} in {elapsed:.3}s"
+    );
+}
+
+#[tokio::test]
+async fn tenant_account_and_prefix_keys_are_independent() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let l = limit(1, 1);
+    let first = Decision::Allowed {
+        remaining: 0,
+        reset_secs: 1,
+    };
+    assert_eq!(check(&shared, LimitKind::Tenant, "x", l).await, first);
+    assert!(matches!(
+        check(&shared, LimitKind::Tenant, "x", l).await,
+        Decision::Refused { .. }
+    ));
+    assert_eq!(check(&shared, LimitKind::Account, "x", l).await, first);
+    assert_eq!(check(&shared, LimitKind::Tenant, "y", l).await, first);
+    let mut other = settings(&server.url(), Duration::from_millis(200));
+    other.key_prefix = "other".to_owned();
+    let other = RedisLimiter::new(&other).expect("limiter");
+    assert_eq!(check(&other, LimitKind::Tenant, "x", l).await, first);
+
+    let mut con = admin(&server).await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut con)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "other:tenant:x",
+            "test:account:x",
+            "test:tenant:x",
+            "test:tenant:y"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn keys_expire_once_the_bucket_is_full_again() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let mut con = admin(&server).await;
+    let l = limit(2, 3);
+    let key = shared.key(LimitKind::Tenant, "expiring");
+    assert_eq!(key, "test:tenant:expiring");
+    let pttl = |mut con: redis::aio::MultiplexedConnection, key: String| async move {
+        redis::cmd("PTTL")
+            .arg(key)
+            .query_async::<i64>(&mut con)
+            .await
+            .expect("PTTL")
+    };
+
+    check(&shared, LimitKind::Tenant, "expiring", l).await;
+    let after_one = pttl(con.clone(), key.clone()).await;
+    assert!(
+        after_one > 0 && after_one <= 500,
+        "one request: full again after one interval, PTTL {after_one}"
+    );
+    for _ in 0..3 {
+        check(&shared, LimitKind::Tenant, "expiring", l).await;
+    }
+    let drained = pttl(con.clone(), key.clone()).await;
+    assert!(
+        drained > 1000 && drained <= 1500,
+        "drained: full again after three intervals, PTTL {drained}"
+    );
+
+    // A bucket that refills within milliseconds disappears on its own.
+    let fast = limit(1000, 1);
+    check(&shared, LimitKind::Tenant, "fast", fast).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(shared.key(LimitKind::Tenant, "fast"))
+        .query_async(&mut con)
+        .await
+        .expect("EXISTS");
+    assert!(!exists, "an expired bucket leaves no key behind");
+}
+
+fn command_calls(info: &str, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn script_runs_by_sha_and_is_reloaded_after_script_flush() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let mut con = admin(&server).await;
+    let l = limit(1, 5);
+    assert!(matches!(
+        check(&shared, LimitKind::Tenant, "flush", l).await,
+        Decision::Allowed { remaining: 4, .. }
+    ));
+    let info = |mut con: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async::<String>(&mut con)
+            .await
+            .expect("INFO")
+    };
+    let before = info(con.clone()).await;
+
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut con)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert!(
+        matches!(
+            check(&shared, LimitKind::Tenant, "flush", l).await,
+            Decision::Allowed { remaining: 3, .. }
+        ),
+        "state survives the flush; the script is loaded again"
+    );
+    assert!(matches!(
+        check(&shared, LimitKind::Tenant, "flush", l).await,
+        Decision::Allowed { remaining: 2, .. }
+    ));
+
+    let after = info(con).await;
+    assert_eq!(
+        command_calls(&after, "eval"),
+        0,
+        "never sends the script body with EVAL"
+    );
+    assert!(command_calls(&after, "evalsha") >= 4, "{after}");
+    assert_eq!(
+        command_calls(&after, "script|load"),
+        command_calls(&before, "script|load") + 1,
+        "loaded once more after the flush"
+    );
+}
+
+#[tokio::test]
+async fn killed_redis_fails_within_timeout_and_restart_recovers() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let shared = RedisLimiter::new(&settings(&server.url(), timeout)).expect("limiter");
+    let l = limit(100, 100);
+    check(&shared, LimitKind::Tenant, "outage", l).await;
+
+    server.kill();
+    for attempt in 0..5 {
+        let start = Instant::now();
+        let result = shared.check(LimitKind::Tenant, "outage", l).await;
+        let elapsed = start.elapsed();
+        assert!(result.is_err(), "attempt {attempt}: {result:?}");
+        assert!(
+            elapsed < timeout + SLACK,
+            "attempt {attempt} took {elapsed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+
+    server.restart();
+    let recovered = until_ok(&shared, "outage", l, Duration::from_secs(3)).await;
+    assert!(recovered < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn starts_while_redis_is_down_and_connects_when_it_comes_up() {
+    let mut server = RedisServer::start();
+    server.kill();
+    let timeout = Duration::from_millis(100);
+
+    let start = Instant::now();
+    let shared = RedisLimiter::new(&settings(&server.url(), timeout)).expect("no need for Redis");
+    assert!(
+        start.elapsed() < Duration::from_millis(50),
+        "new() does not wait"
+    );
+
+    let l = limit(10, 10);
+    let start = Instant::now();
+    let result = shared.check(LimitKind::Account, "later", l).await;
+    assert!(result.is_err(), "{result:?}");
+    assert!(start.elapsed() < timeout + SLACK);
+
+    server.restart();
+    until_ok(&shared, "later", l, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn hung_redis_is_a_timeout_and_recovers_when_it_resumes() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let shared = RedisLimiter::new(&settings(&server.url(), timeout)).expect("limiter");
+    let l = limit(100, 100);
+    check(&shared, LimitKind::Tenant, "hung", l).await;
+
+    server.signal("STOP");
+    let start = Instant::now();
+    let result = shared.check(LimitKind::Tenant, "hung", l).await;
+    let elapsed = start.elapsed();
+    server.signal("CONT");
+    assert!(matches!(result, Err(StoreError::Timeout)), "{result:?}");
+    assert!(
+        elapsed >= timeout && elapsed < timeout + SLACK,
+        "{elapsed:?}"
+    );
+
+    until_ok(&shared, "hung", l, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn errors_and_debug_never_show_the_password() {
+    let server = RedisServer::start_with(&["--requirepass", "right-pass-5b1e"]);
+    let port = server.port();
+    let l = limit(10, 10);
+
+    let wrong = format!("redis://:wrong-pass-9c2f@127.0.0.1:{port}/0");
+    let shared = RedisLimiter::new(&settings(&wrong, Duration::from_millis(200))).expect("limiter");
+    let err = shared
+        .check(LimitKind::Tenant, "auth", l)
+        .await
+        .expect_err("wrong password is refused");
+    let shown = format!("{err} {err:?} {shared:?}");
+    assert!(!shown.contains("wrong-pass-9c2f"), "{shown}");
+    assert!(!shown.contains(&wrong), "{shown}");
+
+    let right = format!("redis://:right-pass-5b1e@127.0.0.1:{port}/0");
+    let shared = RedisLimiter::new(&settings(&right, Duration::from_millis(200))).expect("limiter");
+    assert!(!format!("{shared:?}").contains("right-pass-5b1e"));
+    check(&shared, LimitKind::Tenant, "auth", l).await;
+
+    // Nothing listening, a password in the URL: still not in the message.
+    drop(server);
+    let down = RedisLimiter::new(&settings(&right, Duration::from_millis(100))).expect("limiter");
+    let err = down
+        .check(LimitKind::Tenant, "auth", l)
+        .await
+        .expect_err("down");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("right-pass-5b1e"), "{shown}");
+}
