@@ -94,13 +94,25 @@ pub enum RateLimitStoreSettings {
     Redis(RedisStoreSettings),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisStoreSettings {
     /// `redis://host:port/db` (or `rediss://`); may carry a password, so never logged.
     pub url: String,
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_error: OnStoreError,
+}
+
+impl std::fmt::Debug for RedisStoreSettings {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreSettings")
+            .field("url", &"<redacted>")
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,9 +292,16 @@ fn validate_store(
     match raw.kind {
         StoreKind::Local => Some(RateLimitStoreSettings::Local),
         StoreKind::Redis => {
-            let Some(url) = raw.url.clone() else {
-                errors.push("rate_limit_store.url", "required when kind is redis");
-                return None;
+            let url = match raw.url.as_ref().map(ValueSource::resolve_plain) {
+                Some(Ok(url)) => url,
+                Some(Err(err)) => {
+                    errors.push("rate_limit_store.url", err);
+                    return None;
+                }
+                None => {
+                    errors.push("rate_limit_store.url", "required when kind is redis");
+                    return None;
+                }
             };
             if let Err(err) = redis::Client::open(url.as_str()) {
                 // The URL may hold a password: report the problem, not the value.

@@ -52,8 +52,9 @@ pub struct RawListenTls {
 pub struct RawRateLimitStore {
     #[serde(default)]
     pub kind: StoreKind,
+    /// A literal, or `{env: ..}`/`{file: ..}` when the URL carries a password.
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<ValueSource>,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     #[serde(default = "default_store_timeout")]
