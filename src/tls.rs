@@ -86,7 +86,8 @@ pub fn load_listen_tls(
     })
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Every certificate in a PEM file; at least one.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem =
         std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())

@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use crate::audit::{AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
 use crate::rate_limit::RateLimit;
-use crate::tls::{load_listen_tls, ListenTls};
+use crate::tls::{load_listen_tls, read_certs, ListenTls};
 pub use raw::OnStoreError;
 use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream, StoreKind};
 use secret::ValueSource;
@@ -421,7 +421,7 @@ fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamS
         .ok();
     let extra_roots = match &raw.ca_file {
         None => Some(Vec::new()),
-        Some(path) => read_ca_file(path)
+        Some(path) => read_certs(path)
             .map_err(|msg| errors.push("upstream.ca_file", msg))
             .ok(),
     };
@@ -479,18 +479,6 @@ fn is_loopback_host(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem =
-        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    Ok(certs)
 }
 
 fn validate_tenants(
