@@ -47,7 +47,7 @@ pub enum Problem {
     RateLimitStoreUnavailable,
     #[error("the gateway is shutting down")]
     ShuttingDown,
-    #[error("{}", upstream_detail("Plivo has no active MPC by that name", .api_id, .error))]
+    #[error("{}", upstream_detail("Plivo has no such active MPC", .api_id, .error))]
     MpcNotFound {
         api_id: Option<String>,
         error: Option<String>,
@@ -323,7 +323,7 @@ mod tests {
         };
         assert_eq!(
             problem.to_string(),
-            "Plivo has no active MPC by that name: not found (api_id abc)"
+            "Plivo has no such active MPC: not found (api_id abc)"
         );
         assert_eq!(problem.status(), 404);
         assert_eq!(Problem::UpstreamTimeout.status(), 504);

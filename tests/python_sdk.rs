@@ -423,7 +423,7 @@ async fn sdk_raises_its_typed_exceptions_for_401_404_and_429() {
     assert_eq!(result["reason"], "mpc-not-found");
     let api_id = result["plivo_api_id"].as_str().expect("Plivo's api_id");
     assert!(
-        message.starts_with("Plivo has no active MPC by that name") && message.contains(api_id),
+        message.starts_with("Plivo has no such active MPC") && message.contains(api_id),
         "{message:?}"
     );
     assert_eq!(h.sim.request_count(), 1);
