@@ -24,9 +24,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::admin;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::{Config, ConfigError};
-use crate::gateway::{
-    BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES,
-};
+use crate::gateway::{BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES};
 use crate::rate_limit::LimiterClock;
 use crate::request_id::RequestIdLayer;
 use crate::telemetry::Metrics;
@@ -36,9 +34,11 @@ use crate::tls::ClientCertificate;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections beyond this wait in the kernel's accept queue instead of costing memory.
 pub const MAX_CONNECTIONS: usize = 4096;
-/// Hyper's read buffer: room for the longest request line and header block the contract
-/// allows, so the gateway (not hyper) decides between 414 and 431 below this size.
-const MAX_HEAD_BYTES: usize = MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES + 1024;
+/// Hyper's read buffer: room for a request line up to hyper's own URI limit (64 KiB, above
+/// which hyper answers 414 itself) plus the largest header block the contract allows, so
+/// the gateway decides between 414 and 431 for every head below this size. Only a head
+/// larger than this gets hyper's 431. Hyper grows the buffer only as bytes arrive.
+const MAX_HEAD_BYTES: usize = 64 * 1024 + MAX_HEADER_BLOCK_BYTES + 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -110,7 +110,48 @@ pub enum UpstreamBuildError {
     CaFile(String),
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpsClient = Client<TimedConnector, Empty<Bytes>>;
+
+/// The rustls connector with `connect_timeout` over the TCP connect *and* the TLS
+/// handshake: an upstream that accepts TCP but never speaks TLS is a connect failure
+/// (retried), not a wait for the whole call's `timeout`.
+#[derive(Clone)]
+struct TimedConnector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connect timed out")]
+struct ConnectTimedOut;
+
+type ConnectError = Box<dyn StdError + Send + Sync>;
+
+impl tower::Service<http::Uri> for TimedConnector {
+    type Response = <HttpsConnector<HttpConnector> as tower::Service<http::Uri>>::Response;
+    type Error = ConnectError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ConnectError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(ConnectTimedOut.into()),
+            }
+        })
+    }
+}
 
 pub struct PlivoClient {
     client: HttpsClient,
@@ -139,7 +180,6 @@ impl PlivoClient {
         let tls = client_tls_config(settings)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(30)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -150,7 +190,10 @@ impl PlivoClient {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
-            .build(https);
+            .build(TimedConnector {
+                inner: https,
+                timeout: settings.connect_timeout,
+            });
         Ok(PlivoClient {
             client,
             base_url: settings.base_url.clone(),
@@ -355,6 +398,8 @@ fn caused_by_reset(err: &hyper_util::client::legacy::Error) -> bool {
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
+                    // A TLS peer that vanishes without close_notify.
+                    | std::io::ErrorKind::UnexpectedEof
             )
         });
         let closed_early = e

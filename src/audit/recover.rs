@@ -146,10 +146,20 @@ fn parse_head(line: &[u8]) -> Result<ChainHead, &'static str> {
     if tail.seq == 0 {
         return Err("its last record has seq 0");
     }
+    // No seq can follow u64::MAX: refuse rather than repeat it or overflow.
+    let next_seq = tail
+        .seq
+        .checked_add(1)
+        .ok_or("its last record has the largest possible seq")?;
     Ok(ChainHead {
-        next_seq: tail.seq.saturating_add(1),
+        next_seq,
         prev: hash.to_string(),
-        last_ts: OffsetDateTime::parse(&tail.ts, &Rfc3339).ok(),
+        // Kept in UTC, the writer's clock floor; a valid RFC 3339 time that UTC cannot
+        // represent (9999-12-31T23:59:59-01:00) is ignored rather than left to panic in
+        // `format_ts`.
+        last_ts: OffsetDateTime::parse(&tail.ts, &Rfc3339)
+            .ok()
+            .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)),
     })
 }
 

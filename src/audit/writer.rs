@@ -365,6 +365,14 @@ impl Writer {
         let mut last_ts = self.last_ts;
         let mut outcomes = Vec::with_capacity(batch.len());
         for req in batch {
+            // No record may take a seq that nothing could follow (a recovered log near
+            // u64::MAX): refuse it instead of overflowing.
+            let Some(next_seq) = seq.checked_add(1) else {
+                outcomes.push(Err(AuditError::Encode {
+                    detail: "seq is exhausted; start a new audit log".into(),
+                }));
+                continue;
+            };
             let ts = record::now_ms().max(last_ts);
             let ts_text = record::format_ts(ts);
             match serde_json::to_vec(&Body::new(seq, &ts_text, &prev, &req.event)) {
@@ -372,7 +380,7 @@ impl Writer {
                     let hash = self.hasher.digest_hex(&body);
                     chain::seal_into(&body, &hash, &mut self.buf);
                     outcomes.push(Ok(seq));
-                    seq += 1;
+                    seq = next_seq;
                     prev = hash;
                     last_ts = ts;
                 }

@@ -26,7 +26,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
@@ -218,7 +218,7 @@ impl Gateway {
             return Err(Problem::ShuttingDown);
         }
         let (parts, body) = request.into_parts();
-        check_framing(&parts.method, &parts.uri, &parts.headers)?;
+        check_framing(&parts)?;
         let route = route(&parts.method, &parts.uri)?;
         read_bounded_body(&parts.headers, body).await?;
         let certificate = parts.extensions.get::<ClientCertificate>();
@@ -454,19 +454,22 @@ fn no_content() -> Response<Full<Bytes>> {
 /// Refuses what the HTTP library lets through but the contract does not: any
 /// `Transfer-Encoding` (hyper hides a `Content-Length` sent alongside it), an over-long
 /// request line and an over-large header block.
-fn check_framing(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Result<(), Problem> {
-    if headers.contains_key(TRANSFER_ENCODING) {
+fn check_framing(parts: &http::request::Parts) -> Result<(), Problem> {
+    if parts.headers.contains_key(TRANSFER_ENCODING) {
         return Err(Problem::BadRequest("Transfer-Encoding is not accepted"));
     }
-    let target_len = uri
-        .path_and_query()
-        .map_or(0, |pq| pq.as_str().len())
-        .max(uri.to_string().len());
+    let target = request_target(parts.version, &parts.uri);
+    // The http crate lets raw UTF-8 through; a proxy in front may read such a target
+    // differently, so only ASCII (percent-encoded) targets are served.
+    if !target.is_ascii() {
+        return Err(Problem::BadRequest("the request target must be ASCII"));
+    }
     // "METHOD SP target SP HTTP/1.1"
-    if method.as_str().len() + 1 + target_len + 9 > MAX_REQUEST_LINE_BYTES {
+    if parts.method.as_str().len() + 1 + target.len() + 9 > MAX_REQUEST_LINE_BYTES {
         return Err(Problem::UriTooLong);
     }
-    let header_bytes: usize = headers
+    let header_bytes: usize = parts
+        .headers
         .iter()
         .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
         .sum();
@@ -474,6 +477,16 @@ fn check_framing(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Resul
         return Err(Problem::HeadersTooLarge);
     }
     Ok(())
+}
+
+/// The request target as the caller sent it: the whole URI of an HTTP/1 request line
+/// (absolute-form included), or `:path` for HTTP/2, whose URI hyper rebuilds from
+/// `:scheme` and `:authority` as well.
+pub(crate) fn request_target(version: http::Version, uri: &http::Uri) -> String {
+    match (version, uri.path_and_query()) {
+        (http::Version::HTTP_2, Some(path)) => path.as_str().to_owned(),
+        _ => uri.to_string(),
+    }
 }
 
 /// Reads and discards the body, refusing one over [`MAX_BODY_BYTES`].
@@ -500,34 +513,39 @@ where
 mod tests {
     use super::*;
 
+    fn parts(target: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = Request::post(target);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("request").into_parts().0
+    }
+
     #[test]
     fn framing_refusals() {
-        let uri: http::Uri = "/mpc/a/end".parse().expect("uri");
-        let mut headers = HeaderMap::new();
-        assert!(check_framing(&Method::POST, &uri, &headers).is_ok());
-        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(check_framing(&parts("/mpc/a/end", &[])).is_ok());
         assert!(matches!(
-            check_framing(&Method::POST, &uri, &headers),
+            check_framing(&parts("/mpc/a/end", &[("transfer-encoding", "chunked")])),
             Err(Problem::BadRequest(_))
         ));
-        let long: http::Uri = format!("/mpc/{}/end", "a".repeat(8200))
-            .parse()
-            .expect("uri");
+        let long = format!("/mpc/{}/end", "a".repeat(8200));
+        assert_eq!(check_framing(&parts(&long, &[])), Err(Problem::UriTooLong));
+        let value = "v".repeat(1000);
+        let names: Vec<String> = (0..40).map(|i| format!("x-h{i}")).collect();
+        let big: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), value.as_str())).collect();
         assert_eq!(
-            check_framing(&Method::POST, &long, &HeaderMap::new()),
-            Err(Problem::UriTooLong)
-        );
-        let mut big = HeaderMap::new();
-        let value = HeaderValue::from_str(&"v".repeat(1000)).expect("value");
-        for i in 0..40 {
-            big.append(
-                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).expect("name"),
-                value.clone(),
-            );
-        }
-        assert_eq!(
-            check_framing(&Method::POST, &uri, &big),
+            check_framing(&parts("/mpc/a/end", &big)),
             Err(Problem::HeadersTooLarge)
+        );
+    }
+
+    #[test]
+    fn http2_targets_are_the_path_only() {
+        let uri: http::Uri = "http://evil.example/mpc/a/end?x".parse().expect("uri");
+        assert_eq!(request_target(http::Version::HTTP_2, &uri), "/mpc/a/end?x");
+        assert_eq!(
+            request_target(http::Version::HTTP_11, &uri),
+            "http://evil.example/mpc/a/end?x"
         );
     }
 }

@@ -52,7 +52,10 @@ impl Trail {
                 .get::<ClientAddr>()
                 .map(|addr| addr.0.to_string()),
             method: request.method().as_str().to_owned(),
-            path: truncate_on_char(&request.uri().to_string(), MAX_AUDIT_PATH_BYTES),
+            path: truncate_on_char(
+                &super::request_target(request.version(), request.uri()),
+                MAX_AUDIT_PATH_BYTES,
+            ),
             tenant: None,
             token_fp: None,
             mpc: None,

@@ -627,3 +627,186 @@ fn redis_answers(port: u16) -> bool {
     let mut reply = [0u8; 64];
     matches!(stream.read(&mut reply), Ok(n) if n > 0 && (reply[0] == b'+' || reply[0] == b'-'))
 }
+
+// ---------------------------------------------------------------------------------------
+// Raw HTTP/1 helpers for the hostile-input, fault and crash suites
+// ---------------------------------------------------------------------------------------
+
+/// One HTTP/1 response parsed from raw bytes.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// e.g. `HTTP/1.1`.
+    pub version: String,
+    pub status: u16,
+    /// Names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the response announces that the connection closes after it.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "body is not JSON ({err}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Parses consecutive HTTP/1 responses (bodies framed by `Content-Length`, or none for
+/// 1xx/204/304) from `bytes`. Returns the complete ones and the number of bytes after
+/// them that did not form a complete response.
+pub fn parse_responses(bytes: &[u8]) -> (Vec<RawResponse>, usize) {
+    let mut responses = Vec::new();
+    let mut rest = bytes;
+    while let Some(head_end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ');
+        let version = parts.next().unwrap_or_default().to_owned();
+        let Some(status) = parts.next().and_then(|s| s.parse::<u16>().ok()) else {
+            break;
+        };
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let length = if (100..200).contains(&status) || status == 204 || status == 304 {
+            0
+        } else {
+            headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let body_start = head_end + 4;
+        if rest.len() < body_start + length {
+            break;
+        }
+        responses.push(RawResponse {
+            version,
+            status,
+            headers,
+            body: rest[body_start..body_start + length].to_vec(),
+        });
+        rest = &rest[body_start + length..];
+    }
+    (responses, rest.len())
+}
+
+/// What a raw exchange produced.
+#[derive(Debug)]
+pub struct RawOutcome {
+    /// Every byte read.
+    pub bytes: Vec<u8>,
+    /// The server closed the connection (EOF or reset) within the wait.
+    pub closed: bool,
+    /// Writing the request failed (the server closed before reading all of it).
+    pub write_error: Option<std::io::ErrorKind>,
+    /// Reading ended with an error (typically a reset) rather than EOF.
+    pub read_error: Option<std::io::ErrorKind>,
+}
+
+impl RawOutcome {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The complete responses read.
+    pub fn responses(&self) -> Vec<RawResponse> {
+        parse_responses(&self.bytes).0
+    }
+
+    /// The only response; panics when there is not exactly one.
+    pub fn single(&self) -> RawResponse {
+        let responses = self.responses();
+        assert_eq!(
+            responses.len(),
+            1,
+            "exactly one response expected: {:?}",
+            truncated(&self.text(), 600)
+        );
+        responses.into_iter().next().expect("one response")
+    }
+}
+
+/// The first `max` characters of `text`, for assertion messages.
+pub fn truncated(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+/// Like [`raw_exchange`], but tolerates a write that fails because the server already
+/// answered and closed, and reports how the connection ended. Reads until the server
+/// closes it or `wait` passes.
+pub async fn raw_send(addr: SocketAddr, request: &[u8], wait: Duration) -> RawOutcome {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let write_error = stream.write_all(request).await.err().map(|e| e.kind());
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut closed = false;
+    let mut read_error = None;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => break,
+            Ok(Ok(0)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
+            Ok(Err(err)) => {
+                closed = true;
+                read_error = Some(err.kind());
+                break;
+            }
+        }
+    }
+    RawOutcome {
+        bytes,
+        closed,
+        write_error,
+        read_error,
+    }
+}
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(h: &Harness) -> String {
+    let reply = h.admin_get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8(reply.body.to_vec()).expect("metrics are UTF-8")
+}
+
+/// Polls `condition` every 20 ms until it holds or `within` passes.
+pub async fn eventually_async<F, Fut>(within: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

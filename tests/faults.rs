@@ -1,0 +1,462 @@
+//! Upstream faults (DESIGN.md §1 "Upstream call", issue 9): a response torn off
+//! mid-head (clean close, abrupt close, reset), a certificate for the wrong host or an
+//! expired one, an upstream that accepts TCP but never speaks TLS, 502 and 504 retried
+//! like 503, and deadlines that hold with slow upstreams and retries.
+//!
+//! The closed port is in `tests/gateway.rs`, the full audit disk in `tests/ops.rs`,
+//! SIGKILL under load in `tests/crash.rs`.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mpc_gateway::simulator::{Fault, SimTls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Slack allowed past a deadline for scheduling, the audit fsync and the reply.
+const SLACK: Duration = Duration::from_millis(700);
+
+// ---------------------------------------------------------------------------------------
+// A raw upstream
+// ---------------------------------------------------------------------------------------
+
+/// What the raw upstream does with each connection.
+#[derive(Clone, Copy, Debug)]
+enum Behaviour {
+    /// TLS handshake, read the request head, write `HTTP/1.1 204 No Content\r\nContent-Len`
+    /// and close as set by [`Close`].
+    TornResponse(Close),
+    /// TLS handshake only (the client is expected to refuse the certificate).
+    HandshakeOnly,
+    /// Accept TCP and never send a byte (no TLS ServerHello); hold the connection.
+    Silent,
+}
+
+/// How a torn response ends.
+#[derive(Clone, Copy, Debug)]
+enum Close {
+    /// TLS close_notify, then FIN: the client sees a clean end of stream mid-head.
+    Clean,
+    /// FIN without close_notify.
+    Abrupt,
+    /// RST (`SO_LINGER` 0).
+    Reset,
+}
+
+/// A loopback listener bound before the gateway starts, so its URL can go into the
+/// config; it serves once the harness (and its PKI) exists.
+struct RawUpstream {
+    listener: TcpListener,
+}
+
+/// A serving raw upstream: counts accepted connections; stops when dropped.
+struct RawServing {
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RawServing {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawServing {
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl RawUpstream {
+    async fn bind() -> RawUpstream {
+        RawUpstream {
+            listener: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        }
+    }
+
+    /// `https://localhost:PORT`, a name the harness's server certificates cover.
+    fn base_url(&self) -> String {
+        let port = self.listener.local_addr().expect("addr").port();
+        format!("https://localhost:{port}")
+    }
+
+    fn serve(self, behaviour: Behaviour, tls: SimTls) -> RawServing {
+        let acceptor = tls_acceptor(&tls);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            // Bounded: a test makes a handful of connections.
+            for _ in 0..64 {
+                let Ok((tcp, _)) = self.listener.accept().await else {
+                    break;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                match behaviour {
+                    Behaviour::Silent => held.push(tcp),
+                    Behaviour::HandshakeOnly => {
+                        let acceptor = acceptor.clone();
+                        // Per-connection tasks end on their own within their timeouts.
+                        tokio::spawn(async move {
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp))
+                                    .await;
+                        });
+                    }
+                    Behaviour::TornResponse(close) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(torn_response(acceptor, tcp, close));
+                    }
+                }
+            }
+        });
+        RawServing { accepted, task }
+    }
+}
+
+async fn torn_response(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, close: Close) {
+    let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await
+    else {
+        return;
+    };
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(5), read_head).await,
+        Ok(true)
+    ) {
+        return;
+    }
+    let _ = tls
+        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Len")
+        .await;
+    let _ = tls.flush().await;
+    match close {
+        Close::Clean => {
+            let _ = tls.shutdown().await;
+        }
+        Close::Abrupt => {
+            let (tcp, _) = tls.into_inner();
+            let mut tcp = tcp;
+            let _ = tcp.shutdown().await;
+        }
+        Close::Reset => {
+            let (tcp, _) = tls.into_inner();
+            let _ = tcp.set_zero_linger();
+            drop(tcp);
+        }
+    }
+}
+
+fn tls_acceptor(tls: &SimTls) -> tokio_rustls::TlsAcceptor {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut tls.cert_chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("certificate PEM");
+    let key = rustls_pemfile::private_key(&mut tls.key_pem.as_bytes())
+        .expect("key PEM")
+        .expect("a key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A harness whose upstream is a raw listener bound before it starts.
+async fn harness_with_raw_upstream(options: Options) -> (Harness, RawUpstream) {
+    let raw = RawUpstream::bind().await;
+    let h = Harness::with(Options {
+        base_url: Some(raw.base_url()),
+        ..options
+    })
+    .await;
+    (h, raw)
+}
+
+/// Ends `name` as billing and returns the reply and how long it took (bounded by the
+/// harness client's 15 s).
+async fn timed_end(h: &Harness, name: &str) -> (Reply, Duration) {
+    let started = Instant::now();
+    let reply = h.end(name, BILLING_TOKEN).await;
+    (reply, started.elapsed())
+}
+
+/// The last record, asserting it is the `result` that follows its `forward`.
+fn last_result(h: &Harness) -> serde_json::Value {
+    let records = h.records();
+    let n = records.len();
+    assert!(n >= 2, "forward and result: {records:?}");
+    assert_eq!(records[n - 2]["event"], "forward");
+    assert_eq!(records[n - 1]["event"], "result");
+    assert_eq!(records[n - 2]["request_id"], records[n - 1]["request_id"]);
+    records[n - 1].clone()
+}
+
+// ---------------------------------------------------------------------------------------
+// Torn responses
+// ---------------------------------------------------------------------------------------
+
+/// The upstream reads the request, starts a response head and goes away. However it goes
+/// away, the caller gets `502 upstream-unavailable` (no status ever arrived) within the
+/// deadline; a reset is a connect-class error and is retried up to `max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_dies_mid_response_is_502_unavailable_and_never_hangs() {
+    for close in [Close::Reset, Close::Clean, Close::Abrupt] {
+        let (h, raw) = harness_with_raw_upstream(Options {
+            timeout: "3s",
+            ..Options::default()
+        })
+        .await;
+        let serving = raw.serve(Behaviour::TornResponse(close), h.pki.server_tls());
+        let (reply, took) = timed_end(&h, "billing-torn").await;
+        reply.assert_problem(502, "upstream-unavailable");
+        assert!(
+            took < Duration::from_secs(3),
+            "{close:?}: answered after {took:?}"
+        );
+        let result = last_result(&h);
+        assert_eq!(result["reason"], "upstream-unavailable", "{close:?}");
+        assert_eq!(
+            result["upstream_status"],
+            serde_json::Value::Null,
+            "{close:?}"
+        );
+        let attempts = result["attempts"].as_u64().expect("attempts") as usize;
+        assert_eq!(
+            attempts,
+            serving.accepted(),
+            "{close:?}: one connection per attempt"
+        );
+        assert!((1..=3).contains(&attempts), "{close:?}: {attempts}");
+        if matches!(close, Close::Reset) {
+            assert_eq!(attempts, 3, "a reset is retried up to max_attempts");
+        }
+        h.assert_chain();
+        drop(serving);
+        h.shutdown().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------------
+
+/// A certificate issued by the trusted CA, but for another host (or expired): a TLS
+/// failure, `502 upstream-unavailable`, one attempt, no request crosses the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_the_wrong_host_or_expired_is_unavailable_and_not_retried() {
+    for what in ["wrong host", "expired"] {
+        let (h, raw) = harness_with_raw_upstream(Options::default()).await;
+        let cert = match what {
+            "wrong host" => h.pki.issue_server_cert(&["wrong.example"]),
+            _ => h.pki.issue_expired_server_cert(&["localhost", "127.0.0.1"]),
+        }
+        .expect("issue certificate");
+        let serving = raw.serve(Behaviour::HandshakeOnly, cert.sim_tls());
+        let (reply, took) = timed_end(&h, "billing-cert").await;
+        reply.assert_problem(502, "upstream-unavailable");
+        assert!(took < Duration::from_secs(3), "{what}: {took:?}");
+        let result = last_result(&h);
+        assert_eq!(
+            result["attempts"], 1,
+            "{what}: TLS failures are not retried"
+        );
+        assert_eq!(result["upstream_status"], serde_json::Value::Null);
+        assert_eq!(serving.accepted(), 1, "{what}: one connection");
+        assert_eq!(h.sim.request_count(), 0);
+        drop(serving);
+        h.shutdown().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// An upstream that accepts but never answers
+// ---------------------------------------------------------------------------------------
+
+/// TCP connects, the TLS handshake never completes: the call ends at `timeout` with
+/// `504 upstream-timeout`, not earlier and not much later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_accepts_but_never_speaks_tls_times_out_with_504() {
+    let timeout = Duration::from_millis(1500);
+    let (h, raw) = harness_with_raw_upstream(Options {
+        connect_timeout: "500ms",
+        timeout: "1500ms",
+        ..Options::default()
+    })
+    .await;
+    let serving = raw.serve(Behaviour::Silent, h.pki.server_tls());
+    let (reply, took) = timed_end(&h, "billing-silent").await;
+    reply.assert_problem(504, "upstream-timeout");
+    assert!(
+        took >= timeout - Duration::from_millis(50) && took <= timeout + SLACK,
+        "answered after {took:?}, timeout {timeout:?}"
+    );
+    let result = last_result(&h);
+    assert_eq!(result["reason"], "upstream-timeout");
+    assert_eq!(result["upstream_status"], serde_json::Value::Null);
+    let attempts = result["attempts"].as_u64().expect("attempts");
+    assert!(
+        (1..=3).contains(&attempts) && attempts as usize <= serving.accepted(),
+        "attempts {attempts}, connections {}",
+        serving.accepted()
+    );
+    drop(serving);
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Retried statuses
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_502_and_504_are_retried_like_503() {
+    let h = Harness::start().await;
+    // 502, then 504, then the real answer.
+    h.sim.push_fault(Fault::status(
+        502,
+        r#"{"api_id":"g1","error":"bad gateway"}"#,
+    ));
+    h.sim.push_fault(Fault::status(504, ""));
+    let reply = h.end("billing-1", BILLING_TOKEN).await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert_eq!(h.sim.request_count(), 3);
+    let result = last_result(&h);
+    assert_eq!(result["attempts"], 3);
+    assert_eq!(result["upstream_status"], 204);
+
+    // Only 502s or only 504s: the attempts run out and the last one decides. Plivo's 504
+    // is an answer, so it is `502 upstream-error`, not the gateway's own timeout.
+    for status in [502u16, 504] {
+        let before = h.sim.request_count();
+        for _ in 0..3 {
+            h.sim.push_fault(Fault::status(
+                status,
+                r#"{"api_id":"last-1","error":"busy"}"#,
+            ));
+        }
+        let reply = h.end(&format!("billing-{status}"), BILLING_TOKEN).await;
+        reply.assert_problem(502, "upstream-error");
+        assert_eq!(h.sim.request_count() - before, 3, "{status}: max_attempts");
+        let result = last_result(&h);
+        assert_eq!(result["attempts"], 3);
+        assert_eq!(result["upstream_status"], status);
+        assert_eq!(result["plivo_api_id"], "last-1");
+    }
+
+    // Other 5xx are not retried.
+    for status in [500u16, 501, 505] {
+        let before = h.sim.request_count();
+        h.sim.push_fault(Fault::status(status, ""));
+        let reply = h.end(&format!("billing-{status}"), BILLING_TOKEN).await;
+        reply.assert_problem(502, "upstream-error");
+        assert_eq!(h.sim.request_count() - before, 1, "{status} is not retried");
+        assert_eq!(last_result(&h)["attempts"], 1);
+    }
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Deadlines with slow upstreams and retries
+// ---------------------------------------------------------------------------------------
+
+/// A 503 is retried; the retry is slower than what is left of `timeout`: the call still
+/// ends at `timeout` with `504 upstream-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_retry_cannot_stretch_the_deadline() {
+    let timeout = Duration::from_secs(1);
+    let h = Harness::with(Options {
+        timeout: "1s",
+        ..Options::default()
+    })
+    .await;
+    h.sim.push_fault(Fault::status(503, ""));
+    h.sim.push_fault(Fault::Delay(Duration::from_secs(5)));
+    let (reply, took) = timed_end(&h, "billing-slow").await;
+    reply.assert_problem(504, "upstream-timeout");
+    assert!(
+        took >= timeout - Duration::from_millis(50) && took <= timeout + SLACK,
+        "answered after {took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 2, "the 503 and the slow retry");
+    let result = last_result(&h);
+    assert_eq!(result["reason"], "upstream-timeout");
+    assert_eq!(result["upstream_status"], serde_json::Value::Null);
+    assert_eq!(result["attempts"], 2);
+    h.shutdown().await;
+}
+
+/// Every attempt hangs: one attempt uses the whole `timeout`, no retry runs past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_attempts_end_at_the_deadline() {
+    let timeout = Duration::from_millis(800);
+    let h = Harness::with(Options {
+        timeout: "800ms",
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..3 {
+        h.sim.push_fault(Fault::Hang);
+    }
+    let (reply, took) = timed_end(&h, "billing-hang").await;
+    reply.assert_problem(504, "upstream-timeout");
+    assert!(
+        took >= timeout - Duration::from_millis(50) && took <= timeout + SLACK,
+        "answered after {took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 1);
+    h.shutdown().await;
+}
+
+/// 503s that come back fast, with a `timeout` shorter than the backoff schedule: the
+/// deadline passes during a backoff and the call ends with `504` at the deadline instead
+/// of sleeping on or making an attempt that could not finish.
+///
+/// Backoffs are 50–100 ms, then 100–200 ms, so three attempts need at least 150 ms of
+/// backoff alone: with `timeout: 150ms` the attempts can never run out first, and the
+/// second backoff (or a slow attempt) always reaches the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_during_backoff_is_504() {
+    let timeout = Duration::from_millis(150);
+    let h = Harness::with(Options {
+        timeout: "150ms",
+        ..Options::default()
+    })
+    .await;
+    // Warm the upstream connection so the handshake does not eat the budget.
+    assert_eq!(h.end("billing-warm", BILLING_TOKEN).await.status, 204);
+    for _ in 0..3 {
+        h.sim.push_fault(Fault::status(503, ""));
+    }
+    let before = h.sim.request_count();
+    let (reply, took) = timed_end(&h, "billing-backoff").await;
+    reply.assert_problem(504, "upstream-timeout");
+    assert!(
+        took >= timeout - Duration::from_millis(20) && took <= timeout + SLACK,
+        "answered after {took:?}"
+    );
+    let made = h.sim.request_count() - before;
+    assert!((1..=2).contains(&made), "{made} attempts");
+    let result = last_result(&h);
+    assert_eq!(result["reason"], "upstream-timeout");
+    assert_eq!(result["attempts"].as_u64(), Some(made));
+    h.shutdown().await;
+}
