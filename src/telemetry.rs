@@ -18,9 +18,15 @@ use crate::config::LogSettings;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init_tracing(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // tracing-subscriber 0.3 can panic on non-ASCII filters; levels and targets are ASCII,
+    // so anything else in RUST_LOG is ignored (log.level was already checked by config).
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|filter| filter.is_ascii())
+        .and_then(|filter| EnvFilter::try_new(filter).ok());
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(&settings.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -44,7 +44,9 @@ fn model_valid(name: &str) -> bool {
     let n = name.chars().count();
     (1..=128).contains(&n)
         && !name.chars().any(char::is_control)
-        && !name.chars().any(|c| matches!(c, '/' | '\\' | '?' | '#' | '%'))
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | '\\' | '?' | '#' | '%'))
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -65,7 +67,11 @@ fn check_encoding(enc: &str) {
             }
             i += 3;
         } else {
-            assert!(is_unreserved(b[i]), "byte {:#04x} unencoded in {enc:?}", b[i]);
+            assert!(
+                is_unreserved(b[i]),
+                "byte {:#04x} unencoded in {enc:?}",
+                b[i]
+            );
             i += 1;
         }
     }
@@ -73,10 +79,16 @@ fn check_encoding(enc: &str) {
 
 fn check_segment(segment: &str) {
     let decoded = model_decode(segment.as_bytes());
-    let model = std::str::from_utf8(&decoded).ok().filter(|s| model_valid(s));
+    let model = std::str::from_utf8(&decoded)
+        .ok()
+        .filter(|s| model_valid(s));
     match (MpcName::from_path_segment(segment), model) {
         (Ok(name), Some(expected)) => {
-            assert_eq!(name.as_str(), expected, "accepted name differs from the decoding");
+            assert_eq!(
+                name.as_str(),
+                expected,
+                "accepted name differs from the decoding"
+            );
             let enc = name.upstream_encoded();
             check_encoding(&enc);
             assert_eq!(model_decode(enc.as_bytes()), name.as_str().as_bytes());
@@ -115,7 +127,11 @@ fuzz_target!(|data: &[u8]| {
     check_segment(&text);
     // The raw text as a name (the decoded form of some segment).
     let as_name = MpcName::new(&text);
-    assert_eq!(as_name.is_ok(), model_valid(&text), "MpcName::new({text:?})");
+    assert_eq!(
+        as_name.is_ok(),
+        model_valid(&text),
+        "MpcName::new({text:?})"
+    );
     match MpcUuid::parse(&text) {
         Ok(u) => {
             assert!(model_uuid(&text), "accepted uuid {text:?}");
