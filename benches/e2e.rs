@@ -582,13 +582,16 @@ impl Kind {
     }
 }
 
+/// One fixed-rate run: (rate, p50, p99, max, duration).
+type FixedRun = (u64, Option<f64>, Option<f64>, Option<f64>, Duration);
+
 struct RowResult {
     kind: Kind,
     closed_rps: f64,
     closed_p50: Option<f64>,
     closed_p99: Option<f64>,
     loadgen_cpu_pct: f64,
-    fixed: Vec<(u64, Option<f64>, Option<f64>, Option<f64>, Duration)>,
+    fixed: Vec<FixedRun>,
     /// CPU µs/request of the process under test (gateway, or the simulator for direct rows).
     cpu_us: f64,
     /// Simulator CPU µs/request in gateway rows.
