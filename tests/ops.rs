@@ -631,6 +631,29 @@ async fn slowloris_partial_head_is_closed_by_the_header_timeout() {
     h.shutdown().await;
 }
 
+/// An idle kept-alive connection: after its first answer the client sends nothing more.
+/// Waiting for the next request head is covered by the same timeout, so the connection is
+/// closed about 10 s later instead of being held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed_by_the_header_timeout() {
+    let h = Harness::start().await;
+    let mut stream = TcpStream::connect(h.addr()).await.expect("connect");
+    let request = format!(
+        "POST /mpc/billing-idle/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let head = read_one_response_head(&mut stream).await;
+    assert_eq!(status_of(&head), Some(204), "{head}");
+    let started = Instant::now();
+    let took = time_until_closed(&mut stream, started).await;
+    assert!(
+        took >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed too early: {took:?}"
+    );
+    assert_eq!(h.records().len(), 2, "only the one request was recorded");
+    h.shutdown().await;
+}
+
 /// A connection that sends nothing at all has not completed its headers either; it must
 /// not be held forever (4096 such connections would stop the gateway from accepting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
