@@ -8,7 +8,11 @@
 //!
 //! Environment knobs: `E2E_SECONDS` (closed-loop duration, default 10), `E2E_FIXED_SECONDS`
 //! (each fixed-rate run, default 5), `E2E_ROWS` (comma-separated subset of row ids:
-//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync`).
+//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync`), `E2E_QUIET_WAIT` (seconds each row waits
+//! for a quiet machine, default 30), `E2E_NICE` (nice value for every benchmarked process,
+//! e.g. -10 on a shared machine; needs root), `E2E_RETRIES` (how often a row disturbed by
+//! other processes is measured again, default 2), `E2E_ROTATE_BYTES` (audit `rotate_bytes`,
+//! default 104857600 as shipped), `E2E_BIN` (skip the build, use this binary).
 //!
 //! Safety: every child process is registered and killed when its guard drops, at the end of
 //! `main`, and from the panic hook (the bench profile inherits `panic = "abort"`, so drops do
@@ -47,6 +51,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 /// the deadline).
 const MAX_PER_CONNECTION: u64 = 10_000_000;
 const PINNED_ENV: &str = "E2E_PINNED_CHILD";
+/// A CPU counts as disturbed when other processes use more than this share of it.
+const NOISE_LIMIT_PCT: f64 = 10.0;
+/// How long a row waits for a quiet machine before it measures anyway.
+const QUIET_WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // Child process registry: killed on drop, at exit and from the panic hook.
@@ -125,6 +133,32 @@ impl Drop for Proc {
     }
 }
 
+/// `E2E_NICE`: an optional nice value (-20..=19) for every benchmarked process and the
+/// load generator, to shield them from other work on a shared machine (lowering it needs
+/// root). Unset: normal priority.
+fn nice_value() -> Option<i32> {
+    std::env::var("E2E_NICE")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|v| (-20..=19).contains(v))
+}
+
+/// `[taskset -c CPU] [nice -n N] program`: each wrapper execs, so the child's pid is the
+/// program's pid.
+fn launcher(cpu: Option<u32>, program: &Path) -> Command {
+    let mut words: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(cpu) = cpu {
+        words.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
+    }
+    if let Some(nice) = nice_value() {
+        words.extend(["nice".into(), "-n".into(), nice.to_string().into()]);
+    }
+    words.push(program.as_os_str().to_owned());
+    let mut command = Command::new(&words[0]);
+    command.args(&words[1..]);
+    command
+}
+
 /// Spawns `bin args` pinned to `cpu` (via taskset when available). Stdout and stderr are
 /// read by threads: the first stdout line and every stderr line matching `stderr_marker`
 /// are sent on the returned channel; the rest is drained so pipes never fill.
@@ -136,14 +170,7 @@ fn spawn(
     cpu: Option<u32>,
     stderr_marker: Option<&'static str>,
 ) -> anyhow::Result<(Proc, mpsc::Receiver<String>)> {
-    let mut command = match cpu {
-        Some(cpu) => {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg(cpu.to_string()).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
+    let mut command = launcher(cpu, bin);
     command
         .args(args)
         .env_remove("RUST_LOG")
@@ -213,6 +240,28 @@ fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
     Ok(utime + stime)
 }
 
+/// Context switches (voluntary + involuntary) over every thread of a process, and the
+/// number of threads.
+fn context_switches(pid: &str) -> anyhow::Result<(u64, usize)> {
+    let mut total = 0;
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue; // the thread exited meanwhile
+        };
+        threads += 1;
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok((total, threads))
+}
+
 /// A `Vm*:` line of /proc/<pid>/status, in KiB.
 fn status_kib(pid: &str, key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -222,6 +271,47 @@ fn status_kib(pid: &str, key: &str) -> anyhow::Result<u64> {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kb| kb.parse().ok())
         .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))
+}
+
+/// (busy, steal) ticks of one CPU from /proc/stat; busy excludes idle, iowait and steal.
+fn cpu_busy(cpu: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let prefix = format!("cpu{cpu} ");
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .ok_or_else(|| anyhow!("no {prefix} in /proc/stat"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    let steal = get(7);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6);
+    Ok((busy, steal))
+}
+
+/// Waits (bounded) until both CPUs are at most [`NOISE_LIMIT_PCT`] busy over a 300 ms
+/// window, so a row does not start while something else (a build) runs.
+fn wait_for_quiet(limit: Duration) -> anyhow::Result<(Duration, bool)> {
+    let started = Instant::now();
+    let ticks = clock_ticks_per_second() as f64;
+    let window = Duration::from_millis(300);
+    loop {
+        let before = (cpu_busy(0)?, cpu_busy(1)?);
+        std::thread::sleep(window);
+        let after = (cpu_busy(0)?, cpu_busy(1)?);
+        let pct = |a: u64, b: u64| (b - a) as f64 / ticks / window.as_secs_f64() * 100.0;
+        let busiest = pct(before.0 .0, after.0 .0).max(pct(before.1 .0, after.1 .0));
+        if busiest <= NOISE_LIMIT_PCT {
+            return Ok((started.elapsed(), true));
+        }
+        if started.elapsed() >= limit {
+            return Ok((started.elapsed(), false));
+        }
+    }
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -582,7 +672,7 @@ impl Kind {
     }
 }
 
-/// One fixed-rate run: (rate, p50, p99, max, duration).
+/// One fixed-rate run: rate, p50, p99, p99.9 (ms) and the drain time.
 type FixedRun = (u64, Option<f64>, Option<f64>, Option<f64>, Duration);
 
 struct RowResult {
@@ -591,6 +681,19 @@ struct RowResult {
     closed_p50: Option<f64>,
     closed_p99: Option<f64>,
     loadgen_cpu_pct: f64,
+    /// How many times the row was measured (see `E2E_RETRIES`).
+    attempts: u32,
+    /// % of CPU 0 and CPU 1 used by other processes during the closed loop.
+    foreign: (f64, f64),
+    noisy: bool,
+    /// How long the row waited for a quiet machine before starting (and whether it got one).
+    quiet_wait: (Duration, bool),
+    /// Context switches of the process under test per request (closed loop).
+    switches_per_req: f64,
+    /// Threads of the process under test at the end of the closed loop.
+    threads: usize,
+    /// CPU 1 during the closed loop: busy %, of which the processes under test, steal %.
+    cpu1: (f64, f64, f64),
     fixed: Vec<FixedRun>,
     /// CPU µs/request of the process under test (gateway, or the simulator for direct rows).
     cpu_us: f64,
@@ -684,6 +787,15 @@ fn port_of(base_url: &str) -> anyhow::Result<u16> {
         .ok_or_else(|| anyhow!("no port in {base_url}"))
 }
 
+/// `E2E_ROTATE_BYTES`: the audit `rotate_bytes` (default 104857600, the shipped default).
+fn rotate_bytes() -> u64 {
+    std::env::var("E2E_ROTATE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v >= 1024)
+        .unwrap_or(104_857_600)
+}
+
 fn gateway_config(env: &Env, dir: &Path, base_url: &str, tls: bool, fsync: &str) -> String {
     let token_hash = hex::encode(sha2::Sha256::digest(env.caller_token.as_bytes()));
     let ca = if tls {
@@ -716,7 +828,7 @@ tenants:
 audit:
   path: "{audit}"
   fsync: {fsync}
-  rotate_bytes: 104857600
+  rotate_bytes: {rotate_bytes}
   hmac_key: {{env: E2E_AUDIT_KEY}}
 log:
   format: json
@@ -724,6 +836,7 @@ log:
   level: "warn,mpc_gateway::server=info"
 "#,
         audit = dir.join("audit.jsonl").display(),
+        rotate_bytes = rotate_bytes(),
     )
 }
 
@@ -843,6 +956,14 @@ fn mib(kib: u64) -> f64 {
 
 fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Result<RowResult> {
     eprintln!("== {}", kind.label());
+    let limit = env_secs("E2E_QUIET_WAIT", QUIET_WAIT_LIMIT.as_secs_f64())?;
+    let quiet_wait = wait_for_quiet(limit)?;
+    if !quiet_wait.1 {
+        eprintln!(
+            "   warning: the machine did not become quiet within {:.0} s; measuring anyway",
+            limit.as_secs_f64()
+        );
+    }
     let dir = tempfile::Builder::new().prefix("mpc-e2e-").tempdir()?;
     let (sim, base_url, sim_ready) = start_simulator(env, kind.tls())?;
     let sim_pid = sim.pid().to_string();
@@ -930,12 +1051,27 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         cpu_ticks(&sim_pid)?,
         cpu_ticks(&self_pid)?,
     );
+    let core0 = cpu_busy(1)?;
+    let zero0 = cpu_busy(0)?;
+    let switches0 = context_switches(&pid)?.0;
     let (conns, mut closed) = rt.block_on(closed_loop(conns, &target, env.closed));
     let (cpu1, sim1, me1) = (
         cpu_ticks(&pid)?,
         cpu_ticks(&sim_pid)?,
         cpu_ticks(&self_pid)?,
     );
+    let core1 = cpu_busy(1)?;
+    let zero1 = cpu_busy(0)?;
+    let (switches1, threads) = context_switches(&pid)?;
+    let wall_ticks = closed.elapsed.as_secs_f64() * env.ticks as f64;
+    let server_pct = |busy: u64| busy as f64 / wall_ticks * 100.0;
+    let cpu1_busy_pct = server_pct(core1.0 - core0.0);
+    let cpu1_steal_pct = server_pct(core1.1 - core0.1);
+    let cpu1_ours_pct = if kind.gateway() {
+        server_pct((cpu1 - cpu0) + (sim1 - sim0))
+    } else {
+        server_pct(cpu1 - cpu0)
+    };
     sent += closed.total();
     all_clean &= closed.clean();
     if let Some(p) = &closed.first_problem {
@@ -953,12 +1089,25 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     let sim_cpu_us = kind.gateway().then(|| per_req_us(sim1 - sim0, closed.ok));
     let loadgen_cpu_pct =
         (me1 - me0) as f64 / env.ticks as f64 / closed.elapsed.as_secs_f64() * 100.0;
+    // CPU time other processes took on our two cores (builds, other benchmarks...).
+    let foreign = (
+        (server_pct(zero1.0 - zero0.0) - loadgen_cpu_pct).max(0.0),
+        (cpu1_busy_pct - cpu1_ours_pct).max(0.0),
+    );
+    let noisy = foreign.0 > NOISE_LIMIT_PCT || foreign.1 > NOISE_LIMIT_PCT;
+    if noisy {
+        eprintln!(
+            "   warning: other processes used {:.0}% of CPU 0 and {:.0}% of CPU 1 during the closed loop",
+            foreign.0, foreign.1
+        );
+    }
     eprintln!(
         "   closed loop: {:.0} req/s, {} ok, process CPU {cpu_us:.1} µs/req, load generator CPU {loadgen_cpu_pct:.0}%",
         closed_rps, closed.ok
     );
 
-    // Fixed rates.
+    // Fixed rates, after a short pause so the closed-loop backlog (if any) is gone.
+    std::thread::sleep(Duration::from_millis(250));
     let mut fixed = Vec::new();
     let mut conns = conns;
     let mut cpu_us_at_2k = 0.0;
@@ -1036,6 +1185,13 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         closed_p50,
         closed_p99,
         loadgen_cpu_pct,
+        cpu1: (cpu1_busy_pct, cpu1_ours_pct, cpu1_steal_pct),
+        attempts: 1,
+        foreign,
+        noisy,
+        quiet_wait,
+        switches_per_req: (switches1 - switches0) as f64 / closed.ok.max(1) as f64,
+        threads,
         fixed,
         cpu_us,
         sim_cpu_us,
@@ -1087,11 +1243,15 @@ fn machine_description(pinned: bool) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     format!(
-        "- date: {date}\n- nproc: {cpus}\n- CPU: {model}\n- kernel: {kernel}\n- memory: {mem}\n- {rustc}\n- pinning: {}\n",
+        "- date: {date}\n- nproc: {cpus}\n- CPU: {model}\n- kernel: {kernel}\n- memory: {mem}\n- {rustc}\n- pinning: {}\n- priority: {}\n",
         if pinned {
             "taskset: load generator CPU 0; gateway + simulator CPU 1"
         } else {
             "NONE (taskset missing): all processes unpinned"
+        },
+        match nice_value() {
+            Some(n) => format!("nice {n} for the load generator, gateway and simulator (E2E_NICE)"),
+            None => "normal (nice 0)".to_owned(),
         }
     )
 }
@@ -1129,7 +1289,11 @@ fn report(rows: &[RowResult], env: &Env) -> String {
             row.peak_rss_mib,
             row.idle_rss_mib,
             row.ready_ms,
-            if row.valid { "yes" } else { "**NO**" }
+            match (row.valid, row.noisy) {
+                (true, false) => "yes",
+                (true, true) => "yes, noisy",
+                (false, _) => "**NO**",
+            }
         );
     }
     out
@@ -1146,6 +1310,26 @@ fn details(rows: &[RowResult]) -> String {
             fmt_ms(row.closed_p99),
             row.loadgen_cpu_pct,
             row.cpu_us_at_2k
+        );
+        let _ = writeln!(
+            out,
+            "  - CPU 1 during the closed loop: {:.0}% busy, {:.0}% by the processes under test, {:.0}% steal",
+            row.cpu1.0, row.cpu1.1, row.cpu1.2
+        );
+        let _ = writeln!(
+            out,
+            "  - other processes during the closed loop: {:.0}% of CPU 0, {:.0}% of CPU 1{}; waited {:.1} s for a quiet machine{}; measured {} time(s), least disturbed kept",
+            row.foreign.0,
+            row.foreign.1,
+            if row.noisy { " (NOISY: figures disturbed)" } else { "" },
+            row.quiet_wait.0.as_secs_f64(),
+            if row.quiet_wait.1 { "" } else { " (never got one)" },
+            row.attempts
+        );
+        let _ = writeln!(
+            out,
+            "  - process under test: {:.2} context switches per request (closed loop), {} threads",
+            row.switches_per_req, row.threads
         );
         for (rate, _, _, p999, drain) in &row.fixed {
             let _ = writeln!(
@@ -1171,8 +1355,8 @@ fn env_secs(name: &str, default: f64) -> anyhow::Result<Duration> {
     match std::env::var(name) {
         Ok(v) => {
             let secs: f64 = v.parse().with_context(|| format!("{name}={v:?}"))?;
-            if !(0.1..=600.0).contains(&secs) {
-                bail!("{name} must be between 0.1 and 600");
+            if !(0.0..=600.0).contains(&secs) {
+                bail!("{name} must be between 0 and 600");
             }
             Ok(Duration::from_secs_f64(secs))
         }
@@ -1225,6 +1409,9 @@ fn run(pinned: bool) -> anyhow::Result<bool> {
     };
     let closed = env_secs("E2E_SECONDS", 10.0)?;
     let fixed = env_secs("E2E_FIXED_SECONDS", 5.0)?;
+    if closed < Duration::from_millis(100) || fixed < Duration::from_millis(100) {
+        bail!("E2E_SECONDS and E2E_FIXED_SECONDS must be at least 0.1");
+    }
     let wanted: Vec<Kind> = match std::env::var("E2E_ROWS") {
         Ok(list) => {
             let ids: Vec<&str> = list.split(',').map(str::trim).collect();
@@ -1263,8 +1450,26 @@ fn run(pinned: bool) -> anyhow::Result<bool> {
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
+    let retries = std::env::var("E2E_RETRIES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(2)
+        .min(5);
     for kind in wanted {
-        rows.push(run_row(&env, &rt, kind).with_context(|| kind.label())?);
+        // A row disturbed by other processes is measured again (bounded); the least
+        // disturbed attempt is kept and its attempt count reported.
+        let mut best = run_row(&env, &rt, kind).with_context(|| kind.label())?;
+        let mut attempt = 1;
+        while best.noisy && attempt <= retries {
+            attempt += 1;
+            eprintln!("   row was disturbed; measuring it again (attempt {attempt})");
+            let again = run_row(&env, &rt, kind).with_context(|| kind.label())?;
+            if again.foreign.0.max(again.foreign.1) < best.foreign.0.max(best.foreign.1) {
+                best = again;
+            }
+        }
+        best.attempts = attempt;
+        rows.push(best);
     }
     drop(rt);
 
@@ -1306,10 +1511,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let status = Command::new("taskset")
-            .arg("-c")
-            .arg("0")
-            .arg(exe)
+        let status = launcher(Some(0), &exe)
             .args(std::env::args_os().skip(1))
             .env(PINNED_ENV, "1")
             .status();

@@ -485,7 +485,9 @@ pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::R
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
     }
-    builder.enable_all().build()
+    // Blocking threads serve DNS lookups for new upstream connections; the default of 512
+    // lets a burst of lookups leave dozens of idle threads (and their memory) behind.
+    builder.max_blocking_threads(16).enable_all().build()
 }
 
 async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::Result<()> {

@@ -746,11 +746,22 @@ fn fill_filesystem(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_fails_closed_and_recovers_when_space_returns() {
+    full_disk_fails_closed_and_recovers("always").await;
+}
+
+/// The same with `fsync: never`, where records are written on the request's own thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_fails_closed_and_recovers_without_fsync_too() {
+    full_disk_fails_closed_and_recovers("never").await;
+}
+
+async fn full_disk_fails_closed_and_recovers(fsync: &'static str) {
     let mount_dir = tempfile::tempdir().expect("tempdir");
     let mount = TmpfsMount::mount(mount_dir.path(), "256k");
     let audit_path = mount.path.join("audit.jsonl");
     let h = Harness::with(Options {
         audit_path: Some(audit_path.clone()),
+        fsync,
         ..Options::default()
     })
     .await;

@@ -78,10 +78,31 @@ pub struct AuditLog {
 
 struct Shared {
     path: PathBuf,
-    /// `None` once closed. Dropping the last sender is what tells the writer to finish.
-    tx: Mutex<Option<mpsc::Sender<Request>>>,
     writable: Arc<AtomicBool>,
-    done: watch::Receiver<Outcome>,
+    mode: Mode,
+}
+
+/// Where records are written.
+enum Mode {
+    /// `fsync: always`: a dedicated thread commits batches (one write, one fsync) so that
+    /// one fsync covers many records and never blocks the async runtime.
+    Threaded {
+        /// `None` once closed. Dropping the last sender tells the writer to finish.
+        tx: Mutex<Option<mpsc::Sender<Request>>>,
+        done: watch::Receiver<Outcome>,
+    },
+    /// `fsync: never`: nothing to wait for but a write into the page cache, so the caller
+    /// writes under a mutex itself; handing each record to another thread would cost more
+    /// (two context switches) than the write. A small thread only probes while the log is
+    /// not writable.
+    Inline(Arc<Mutex<InlineState>>),
+}
+
+struct InlineState {
+    /// `None` once closed.
+    writer: Option<Writer>,
+    /// The final flush's outcome, once closed.
+    outcome: Outcome,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -137,6 +158,21 @@ impl AuditLog {
             path: path.clone(),
             source,
         })?;
+        let mode = match fsync {
+            Fsync::Always => Self::start_thread(writer)?,
+            Fsync::Never => Self::start_inline(writer)?,
+        };
+        Ok(AuditLog {
+            shared: Arc::new(Shared {
+                path,
+                writable,
+                mode,
+            }),
+        })
+    }
+
+    fn start_thread(writer: Writer) -> Result<Mode, AuditError> {
+        let path = writer.path.clone();
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = watch::channel(None);
         std::thread::Builder::new()
@@ -144,17 +180,31 @@ impl AuditLog {
             .spawn(move || writer.run(rx, done_tx))
             .map_err(|source| AuditError::Io {
                 op: "start the writer thread for",
-                path: path.clone(),
+                path,
                 source,
             })?;
-        Ok(AuditLog {
-            shared: Arc::new(Shared {
-                path,
-                tx: Mutex::new(Some(tx)),
-                writable,
-                done,
-            }),
+        Ok(Mode::Threaded {
+            tx: Mutex::new(Some(tx)),
+            done,
         })
+    }
+
+    fn start_inline(writer: Writer) -> Result<Mode, AuditError> {
+        let path = writer.path.clone();
+        let state = Arc::new(Mutex::new(InlineState {
+            writer: Some(writer),
+            outcome: None,
+        }));
+        let weak = Arc::downgrade(&state);
+        std::thread::Builder::new()
+            .name("audit-probe".into())
+            .spawn(move || probe_while_open(&weak))
+            .map_err(|source| AuditError::Io {
+                op: "start the probe thread for",
+                path,
+                source,
+            })?;
+        Ok(Mode::Inline(state))
     }
 
     /// Appends one record; resolves only after it is written (and, with
@@ -163,18 +213,20 @@ impl AuditLog {
     /// Dropping the future after it was polled once does not withdraw the record.
     pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
         let (ack, acked) = oneshot::channel();
-        self.send(Request { event, ack })?;
+        let request = Request { event, ack };
+        match &self.shared.mode {
+            Mode::Threaded { tx, .. } => {
+                let guard = tx.lock().unwrap_or_else(PoisonError::into_inner);
+                let tx = guard.as_ref().ok_or(AuditError::Closed)?;
+                tx.send(request).map_err(|_| AuditError::WriterGone)?;
+            }
+            Mode::Inline(state) => {
+                let mut state = lock(state);
+                let writer = state.writer.as_mut().ok_or(AuditError::Closed)?;
+                writer.commit(&mut vec![request]);
+            }
+        }
         acked.await.map_err(|_| AuditError::WriterGone)?
-    }
-
-    fn send(&self, req: Request) -> Result<(), AuditError> {
-        let guard = self
-            .shared
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let tx = guard.as_ref().ok_or(AuditError::Closed)?;
-        tx.send(req).map_err(|_| AuditError::WriterGone)
     }
 
     /// False after a failed write, until a later write (or a probe) succeeds; false
@@ -186,20 +238,28 @@ impl AuditLog {
     /// Flushes and fsyncs everything accepted so far, then stops the writer. Idempotent:
     /// later calls wait for and return the same outcome. Appends after close fail.
     pub async fn close(&self) -> Result<(), AuditError> {
-        let sender = self
-            .shared
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        // The writer drains the channel and finishes once every sender is gone.
-        drop(sender);
-        let mut done = self.shared.done.clone();
-        let outcome = done
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| AuditError::WriterGone)?
-            .clone();
+        let outcome = match &self.shared.mode {
+            Mode::Threaded { tx, done } => {
+                let sender = tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+                // The writer drains the channel and finishes once every sender is gone.
+                drop(sender);
+                let mut done = done.clone();
+                let outcome = done
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| AuditError::WriterGone)?;
+                outcome.clone()
+            }
+            Mode::Inline(state) => {
+                let mut state = lock(state);
+                if let Some(mut writer) = state.writer.take() {
+                    let finished = writer.finish();
+                    writer.writable.store(false, Ordering::SeqCst);
+                    state.outcome = Some(finished);
+                }
+                state.outcome.clone()
+            }
+        };
         match outcome {
             Some(Ok(())) => Ok(()),
             Some(Err(detail)) => Err(AuditError::CloseFailed {
@@ -207,6 +267,28 @@ impl AuditLog {
                 detail,
             }),
             None => Err(AuditError::WriterGone),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The inline mode's probe loop: while the log is open but not writable, checks once
+/// per [`PROBE_INTERVAL`] whether the disk takes writes again. Ends with the log.
+fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
+    loop {
+        std::thread::sleep(PROBE_INTERVAL);
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let mut state = lock(&state);
+        let Some(writer) = state.writer.as_mut() else {
+            return;
+        };
+        if !writer.writable.load(Ordering::SeqCst) {
+            writer.probe();
         }
     }
 }
@@ -514,15 +596,22 @@ impl Writer {
                 format!("{} already exists", target.display()),
             ));
         }
-        if let Some(file) = self.file.as_mut() {
-            file.sync()?;
+        // With `fsync: always` every record is already synced and this is cheap; with
+        // `never` the caller chose not to wait for the disk, and syncing a 100 MiB file
+        // here would stall every request behind the rotation.
+        if self.fsync == Fsync::Always {
+            if let Some(file) = self.file.as_mut() {
+                file.sync()?;
+            }
         }
         std::fs::rename(&self.path, &target)?;
         // From here on the records are in `target`; the next ones go to a fresh file.
         self.file = None;
         self.len = 0;
         self.undo_to = None;
-        segment::sync_dir(&self.dir)?;
+        if self.fsync == Fsync::Always {
+            segment::sync_dir(&self.dir)?;
+        }
         tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
         self.ensure_open()
     }

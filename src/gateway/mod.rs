@@ -18,6 +18,7 @@ mod identify;
 mod runtime;
 mod trail;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -482,10 +483,12 @@ fn check_framing(parts: &http::request::Parts) -> Result<(), Problem> {
 /// The request target as the caller sent it: the whole URI of an HTTP/1 request line
 /// (absolute-form included), or `:path` for HTTP/2, whose URI hyper rebuilds from
 /// `:scheme` and `:authority` as well.
-pub(crate) fn request_target(version: http::Version, uri: &http::Uri) -> String {
+pub(crate) fn request_target(version: http::Version, uri: &http::Uri) -> Cow<'_, str> {
     match (version, uri.path_and_query()) {
-        (http::Version::HTTP_2, Some(path)) => path.as_str().to_owned(),
-        _ => uri.to_string(),
+        (http::Version::HTTP_2, Some(path)) => Cow::Borrowed(path.as_str()),
+        // Origin-form, the usual case: the URI is exactly its path and query.
+        (_, Some(path)) if uri.scheme().is_none() => Cow::Borrowed(path.as_str()),
+        _ => Cow::Owned(uri.to_string()),
     }
 }
 
