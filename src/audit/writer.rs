@@ -152,6 +152,7 @@ impl AuditLog {
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
             writable: writable.clone(),
             buf: Vec::new(),
+            ts_cache: None,
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
@@ -366,6 +367,8 @@ struct Writer {
     last_ts: OffsetDateTime,
     writable: Arc<AtomicBool>,
     buf: Vec<u8>,
+    /// The last formatted `ts`.
+    ts_cache: Option<(OffsetDateTime, String)>,
 }
 
 /// The encoded batch: per request, its seq or why it could not be encoded.
@@ -456,7 +459,7 @@ impl Writer {
                 continue;
             };
             let ts = record::now_ms().max(last_ts);
-            let ts_text = record::format_ts(ts);
+            let ts_text = self.ts_text(ts);
             match serde_json::to_vec(&Body::new(seq, &ts_text, &prev, &req.event)) {
                 Ok(body) => {
                     let hash = self.hasher.digest_hex(&body);
@@ -476,6 +479,19 @@ impl Writer {
             next_seq: seq,
             prev,
             last_ts,
+        }
+    }
+
+    /// `ts` formatted, reusing the last text when `ts` is the same millisecond: under load
+    /// most records share their millisecond with the one before.
+    fn ts_text(&mut self, ts: OffsetDateTime) -> String {
+        match &self.ts_cache {
+            Some((cached, text)) if *cached == ts => text.clone(),
+            _ => {
+                let text = record::format_ts(ts);
+                self.ts_cache = Some((ts, text.clone()));
+                text
+            }
         }
     }
 
