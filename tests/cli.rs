@@ -3,19 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::served::{wait_bounded, Served, BIN};
 use common::{assert_chain, read_records, token_hash};
 use mpc_gateway::simulator::{Fault, Simulator, SimulatorConfig};
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mpc-gateway");
 const AUTH_ID: &str = "MAQQQQQQQQQQQQQQQQQQ";
 const PLIVO_TOKEN: &str = "cli-test-plivo-token-not-real";
 const CALLER_TOKEN: &str = "cli-test-caller-token";
@@ -69,21 +67,6 @@ fn collect(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<
 }
 
 /// Waits for the child at most `within`; kills it (by its own handle) on timeout.
-fn wait_bounded(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -406,111 +389,8 @@ impl Sim {
     }
 }
 
-/// `mpc-gateway serve` as a child process, killed on drop if it still runs.
-struct Served {
-    child: Child,
-    local: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Served {
-    fn start(config: &Path) -> Served {
-        let mut child = command(&["serve", "--config", config.to_str().expect("UTF-8")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (lines_tx, lines): (_, Receiver<String>) = mpsc::channel();
-        let kept = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                kept.lock().expect("log").push(line.clone());
-                let _ = lines_tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let (local, admin) = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match lines.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "serve did not log its addresses within 15 s; log:\n{}",
-                        log.lock().expect("log").join("\n")
-                    );
-                }
-            };
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let field = |name: &str| {
-                value[name]
-                    .as_str()
-                    .or_else(|| value["fields"][name].as_str())
-                    .and_then(|a| a.parse::<SocketAddr>().ok())
-            };
-            if let (Some(local), Some(admin)) = (field("local_addr"), field("admin_addr")) {
-                break (local, admin);
-            }
-        };
-        Served {
-            child,
-            local,
-            admin,
-            log,
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// Waits for the exit (bounded) and returns the status.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        match wait_bounded(&mut self.child, within) {
-            Some(status) => status,
-            None => panic!(
-                "serve did not exit within {within:?}; log:\n{}",
-                self.log_text()
-            ),
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("log").join("\n")
-    }
-
-    fn metrics(&self) -> String {
-        http(self.admin, "GET", "/metrics", None).1
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+fn metrics(served: &Served) -> String {
+    http(served.admin, "GET", "/metrics", None).1
 }
 
 /// One request on a fresh connection (closed after the answer): status and body.
@@ -574,7 +454,7 @@ fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
 
 fn reloads(served: &Served, result: &str) -> f64 {
     mpc_gateway::telemetry::sample(
-        &served.metrics(),
+        &metrics(served),
         &format!("mpc_gateway_config_reloads_total{{result=\"{result}\"}}"),
     )
     .unwrap_or(0.0)

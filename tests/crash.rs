@@ -15,19 +15,18 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::served::{Served, BIN};
 use common::{assert_chain, token_hash};
 use mpc_gateway::simulator::{Simulator, SimulatorConfig};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mpc-gateway");
 const AUTH_ID: &str = "MACRASHCRASHCRASH001";
 const PLIVO_TOKEN: &str = "crash-test-plivo-token-not-real";
 const CALLER_TOKEN: &str = "crash-test-caller-token";
@@ -139,90 +138,6 @@ log:
             rotated.push(self.live_file());
         }
         rotated
-    }
-}
-
-/// `mpc-gateway serve` as a child process; killed on drop if it still runs.
-struct Served {
-    child: Child,
-    local: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Served {
-    fn start(config: &Path) -> Served {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().expect("UTF-8 path")])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (lines_tx, lines): (_, Receiver<String>) = mpsc::channel();
-        let kept = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                kept.lock().expect("log").push(line.clone());
-                let _ = lines_tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let local = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = lines.recv_timeout(left) else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "serve did not log its address within 15 s; log:\n{}",
-                    log.lock().expect("log").join("\n")
-                );
-            };
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let local = value["local_addr"]
-                .as_str()
-                .or_else(|| value["fields"]["local_addr"].as_str())
-                .and_then(|a| a.parse::<SocketAddr>().ok());
-            if let Some(local) = local {
-                break local;
-            }
-        };
-        Served { child, local, log }
-    }
-
-    /// SIGKILL by pid, then reap.
-    fn kill_hard(&mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-KILL", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -KILL failed");
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the killed gateway did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("log").join("\n")
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

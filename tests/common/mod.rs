@@ -3,6 +3,8 @@
 //! recompute the hash chain independently of the gateway's code.
 #![allow(dead_code)]
 
+pub mod served;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
