@@ -32,8 +32,12 @@ impl RequestId {
         }
     }
 
+    /// A UUID v4 from the thread-local RNG: `Uuid::new_v4` would make a `getrandom`
+    /// syscall per request.
     pub fn fresh() -> RequestId {
-        RequestId(Arc::from(uuid::Uuid::new_v4().to_string()))
+        let bytes: [u8; 16] = rand::random();
+        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+        RequestId(Arc::from(id.to_string()))
     }
 }
 
