@@ -632,15 +632,17 @@ enum Kind {
     GwHttp,
     GwTls,
     GwTlsFsync,
+    GwTlsRedis,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::SimHttp,
         Kind::SimTls,
         Kind::GwHttp,
         Kind::GwTls,
         Kind::GwTlsFsync,
+        Kind::GwTlsRedis,
     ];
 
     fn id(self) -> &'static str {
@@ -650,6 +652,7 @@ impl Kind {
             Kind::GwHttp => "gw-http",
             Kind::GwTls => "gw-tls",
             Kind::GwTlsFsync => "gw-tls-fsync",
+            Kind::GwTlsRedis => "gw-tls-redis",
         }
     }
 
@@ -660,16 +663,68 @@ impl Kind {
             Kind::GwHttp => "gateway, HTTP upstream, audit fsync: never",
             Kind::GwTls => "gateway, TLS upstream, audit fsync: never",
             Kind::GwTlsFsync => "gateway, TLS upstream, audit fsync: always",
+            Kind::GwTlsRedis => "gateway, TLS upstream, fsync: never, limits in Redis",
         }
     }
 
     fn tls(self) -> bool {
-        matches!(self, Kind::SimTls | Kind::GwTls | Kind::GwTlsFsync)
+        matches!(
+            self,
+            Kind::SimTls | Kind::GwTls | Kind::GwTlsFsync | Kind::GwTlsRedis
+        )
     }
 
     fn gateway(self) -> bool {
-        matches!(self, Kind::GwHttp | Kind::GwTls | Kind::GwTlsFsync)
+        matches!(
+            self,
+            Kind::GwHttp | Kind::GwTls | Kind::GwTlsFsync | Kind::GwTlsRedis
+        )
     }
+}
+
+/// A redis-server for the Redis row, on CPU 1 beside the gateway; killed on drop.
+struct Redis {
+    _proc: Proc,
+    port: u16,
+}
+
+fn start_redis(env: &Env) -> anyhow::Result<Redis> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--save", "", "--appendonly", "no"].map(str::to_owned))
+        .collect();
+    let (proc, _) = spawn(
+        "redis-server",
+        Path::new("redis-server"),
+        &args,
+        &[],
+        env.pinned.then_some(1),
+        None,
+    )
+    .context("starting redis-server (apt-get install redis-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("redis-server did not listen on {port} within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Redis { _proc: proc, port })
+}
+
+/// The `rate_limit_store` section for the Redis row: `deny` on errors, so a run that
+/// did not really go through Redis is not counted (every answer must be 204).
+fn redis_store_yaml(redis: Option<&Redis>) -> String {
+    redis.map_or_else(String::new, |redis| {
+        format!(
+            "rate_limit_store:\n  kind: redis\n  url: redis://127.0.0.1:{}/0\n  key_prefix: e2e\n  timeout: 50ms\n  on_error: deny\n",
+            redis.port
+        )
+    })
 }
 
 /// One fixed-rate run: rate, p50, p99, p99.9 (ms) and the drain time.
@@ -796,7 +851,14 @@ fn rotate_bytes() -> u64 {
         .unwrap_or(104_857_600)
 }
 
-fn gateway_config(env: &Env, dir: &Path, base_url: &str, tls: bool, fsync: &str) -> String {
+fn gateway_config(
+    env: &Env,
+    dir: &Path,
+    base_url: &str,
+    tls: bool,
+    fsync: &str,
+    extra: &str,
+) -> String {
     let token_hash = hex::encode(sha2::Sha256::digest(env.caller_token.as_bytes()));
     let ca = if tls {
         format!("\"{}\"", env.pki_dir.join("ca.pem").display())
@@ -834,7 +896,7 @@ log:
   format: json
   # warn, plus the one info line that reports the bound addresses
   level: "warn,mpc_gateway::server=info"
-"#,
+{extra}"#,
         audit = dir.join("audit.jsonl").display(),
         rotate_bytes = rotate_bytes(),
     )
@@ -975,6 +1037,11 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     };
 
     let mut gateway = None;
+    let redis = if kind == Kind::GwTlsRedis {
+        Some(start_redis(env)?)
+    } else {
+        None
+    };
     let (target, pid, ready) = if kind.gateway() {
         let config = gateway_config(
             env,
@@ -986,6 +1053,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
             } else {
                 "never"
             },
+            &redis_store_yaml(redis.as_ref()),
         );
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config)?;
