@@ -93,10 +93,27 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: most of our errors already include their
+/// source's message, which `{:#}` would repeat.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn check_config(path: &Path) -> ExitCode {
@@ -166,6 +183,20 @@ mod tests {
         assert_eq!(strip_one_newline(b"abc\r\n"), b"abc");
         assert_eq!(strip_one_newline(b"abc\n\n"), b"abc\n");
         assert_eq!(strip_one_newline(b"abc"), b"abc");
+    }
+
+    #[test]
+    fn error_chain_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let err = anyhow::Error::new(crate::server::StartError::Bind {
+            addr: ([127, 0, 0, 1], 8080).into(),
+            source: io,
+        })
+        .context("starting the gateway");
+        assert_eq!(
+            error_chain(&err),
+            "starting the gateway: cannot listen on 127.0.0.1:8080: Address already in use"
+        );
     }
 
     #[test]
