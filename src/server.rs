@@ -511,15 +511,3 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
     tracing::info!("stopped");
     Ok(())
 }
-
-/// Connects to an address; used by tests and the demo to wait for a listener.
-pub async fn wait_for_listener(addr: SocketAddr, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if TcpStream::connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
-}
