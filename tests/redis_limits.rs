@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use common::RedisServer;
@@ -17,10 +16,7 @@ use mpc_gateway::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RateLi
 const SLACK: Duration = Duration::from_millis(150);
 
 fn limit(per_second: u32, burst: u32) -> RateLimit {
-    RateLimit {
-        per_second: NonZeroU32::new(per_second).expect("non-zero"),
-        burst: NonZeroU32::new(burst).expect("non-zero"),
-    }
+    RateLimit::new(per_second, burst).expect("non-zero")
 }
 
 fn settings(url: &str, timeout: Duration) -> RedisStoreSettings {

@@ -360,11 +360,10 @@ impl Errors {
 
 fn rate_limit(raw: RawRateLimit) -> RateLimit {
     // PositiveInt already guarantees >= 1; the fallback can never be taken.
-    let non_zero = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
-    RateLimit {
-        per_second: non_zero(raw.per_second.0),
-        burst: non_zero(raw.burst.0),
-    }
+    RateLimit::new(raw.per_second.0, raw.burst.0).unwrap_or(RateLimit {
+        per_second: NonZeroU32::MIN,
+        burst: NonZeroU32::MIN,
+    })
 }
 
 fn validate_accounts(

@@ -5,14 +5,12 @@ use std::time::Instant;
 
 use http::Request;
 
+use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
 use crate::audit::{AuditEvent, EventKind};
 use crate::request_id::RequestId;
 use crate::routes::{flavor_of, Flavor};
 
 use super::ClientAddr;
-
-/// The raw request target kept in an audit record.
-const MAX_AUDIT_PATH_BYTES: usize = 256;
 
 /// What the audit record and the metrics need to know about one request, filled in as
 /// the request moves along the path.
@@ -52,10 +50,12 @@ impl Trail {
                 .get::<ClientAddr>()
                 .map(|addr| addr.0.to_string()),
             method: request.method().as_str().to_owned(),
-            path: truncate_on_char(
+            // Cut here already, so a long target is not copied into both records.
+            path: truncate_on_char_boundary(
                 &super::request_target(request.version(), request.uri()),
-                MAX_AUDIT_PATH_BYTES,
-            ),
+                MAX_PATH_BYTES,
+            )
+            .to_owned(),
             tenant: None,
             token_fp: None,
             mpc: None,
@@ -91,28 +91,5 @@ impl Trail {
             attempts: self.attempts,
             duration_ms,
         }
-    }
-}
-
-fn truncate_on_char(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn audit_path_is_cut_on_a_char_boundary() {
-        assert_eq!(truncate_on_char("abc", 256), "abc");
-        let long = format!("{}ä", "a".repeat(255));
-        assert_eq!(truncate_on_char(&long, 256).len(), 255);
     }
 }

@@ -24,6 +24,14 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// `None` when either number is zero.
+    pub fn new(per_second: u32, burst: u32) -> Option<RateLimit> {
+        Some(RateLimit {
+            per_second: NonZeroU32::new(per_second)?,
+            burst: NonZeroU32::new(burst)?,
+        })
+    }
+
     fn quota(&self) -> Quota {
         Quota::per_second(self.per_second).allow_burst(self.burst)
     }
@@ -246,10 +254,7 @@ mod tests {
     use super::*;
 
     fn limit(per_second: u32, burst: u32) -> RateLimit {
-        RateLimit {
-            per_second: NonZeroU32::new(per_second).expect("non-zero"),
-            burst: NonZeroU32::new(burst).expect("non-zero"),
-        }
+        RateLimit::new(per_second, burst).expect("non-zero")
     }
 
     fn manual() -> (ManualClock, LimiterClock) {

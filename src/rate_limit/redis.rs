@@ -305,13 +305,9 @@ fn redact(message: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::num::NonZeroU32;
 
     fn limit(per_second: u32, burst: u32) -> RateLimit {
-        RateLimit {
-            per_second: NonZeroU32::new(per_second).expect("non-zero"),
-            burst: NonZeroU32::new(burst).expect("non-zero"),
-        }
+        RateLimit::new(per_second, burst).expect("non-zero")
     }
 
     #[test]
