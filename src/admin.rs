@@ -21,7 +21,9 @@ use crate::server::HEADER_READ_TIMEOUT;
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: probes and scrapers speak it, and without version sniffing (which
+    // has no timeout) the header read timeout covers a connection that sends nothing.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
