@@ -123,7 +123,7 @@ impl RunningGateway {
         config: &Config,
         options: StartOptions,
     ) -> Result<RunningGateway, StartError> {
-        let audit = AuditLog::open(clone_audit_settings(config))?;
+        let audit = AuditLog::open(config.audit.clone())?;
         let metrics = Arc::new(Metrics::new());
         let gateway = Gateway::new(config, audit, metrics, options.limiter_clock)?;
         let data = bind(config.listen).await?;
@@ -204,20 +204,6 @@ impl RunningGateway {
         let closed = self.gateway.audit().close().await;
         self.admin_task.abort();
         closed
-    }
-}
-
-fn clone_audit_settings(config: &Config) -> crate::audit::AuditSettings {
-    use secrecy::ExposeSecret;
-    crate::audit::AuditSettings {
-        path: config.audit.path.clone(),
-        fsync: config.audit.fsync,
-        rotate_bytes: config.audit.rotate_bytes,
-        hmac_key: config
-            .audit
-            .hmac_key
-            .as_ref()
-            .map(|key| secrecy::SecretSlice::from(key.expose_secret().to_vec())),
     }
 }
 

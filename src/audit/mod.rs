@@ -49,6 +49,22 @@ pub struct AuditSettings {
     pub hmac_key: Option<secrecy::SecretSlice<u8>>,
 }
 
+// Hand-written: `SecretSlice` is not `Clone`; the key is copied into a new secret box.
+impl Clone for AuditSettings {
+    fn clone(&self) -> Self {
+        use secrecy::ExposeSecret;
+        AuditSettings {
+            path: self.path.clone(),
+            fsync: self.fsync,
+            rotate_bytes: self.rotate_bytes,
+            hmac_key: self
+                .hmac_key
+                .as_ref()
+                .map(|key| secrecy::SecretSlice::from(key.expose_secret().to_vec())),
+        }
+    }
+}
+
 // Hand-written so that the key can never end up in a log line, not even redacted by
 // accident of a future secrecy version.
 impl fmt::Debug for AuditSettings {
