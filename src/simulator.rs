@@ -23,6 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -38,7 +39,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -114,8 +115,11 @@ pub struct SimulatorConfig {
     pub auth_id: String,
     /// The Plivo auth token callers must present.
     pub auth_token: String,
-    /// Serve TLS (HTTP/1.1 ALPN) instead of plain HTTP.
+    /// Serve TLS instead of plain HTTP.
     pub tls: Option<SimTls>,
+    /// With TLS, offer HTTP/2 by ALPN before HTTP/1.1 (otherwise only HTTP/1.1 is
+    /// offered). Plain HTTP is always HTTP/1.1.
+    pub http2: bool,
     /// Which MPCs are live.
     pub liveness: Liveness,
     /// Added to every answer (not to [`Fault::Reset`] / [`Fault::Hang`]).
@@ -132,6 +136,7 @@ impl SimulatorConfig {
             auth_id: auth_id.into(),
             auth_token: auth_token.into(),
             tls: None,
+            http2: false,
             liveness: Liveness::default(),
             latency: Duration::ZERO,
             record: true,
@@ -191,8 +196,13 @@ impl Fault {
 pub struct RecordedRequest {
     /// e.g. `DELETE`.
     pub method: String,
-    /// The raw request target, e.g. `/v1/Account/X/MultiPartyCall/name_a%20b/`.
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// The raw request target, e.g. `/v1/Account/X/MultiPartyCall/name_a%20b/` (for
+    /// HTTP/2 the `:path`).
     pub target: String,
+    /// The HTTP/2 `:authority`; HTTP/1.1 carries it in the `host` header instead.
+    pub authority: Option<String>,
     /// Headers as hyper gives them: lower-case names, in arrival order except that repeated
     /// values of one name are grouped; values decoded as lossy UTF-8.
     pub headers: Vec<(String, String)>,
@@ -387,6 +397,7 @@ struct Shared {
     fault_len: AtomicUsize,
     requests: Mutex<Vec<RecordedRequest>>,
     request_count: AtomicU64,
+    connection_count: AtomicU64,
     /// `true` once the simulator is told to stop.
     stop: watch::Sender<bool>,
 }
@@ -465,7 +476,11 @@ impl fmt::Debug for Simulator {
 impl Simulator {
     /// Bind, then serve in the background on the current tokio runtime.
     pub async fn start(config: SimulatorConfig) -> io::Result<Simulator> {
-        let acceptor = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let acceptor = config
+            .tls
+            .as_ref()
+            .map(|tls| tls_acceptor(tls, config.http2))
+            .transpose()?;
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
         let base_url = if acceptor.is_some() {
@@ -495,6 +510,7 @@ impl Simulator {
             fault_len: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
             request_count: AtomicU64::new(0),
+            connection_count: AtomicU64::new(0),
             stop,
         });
         let (done_tx, done_rx) = mpsc::channel(1);
@@ -554,6 +570,11 @@ impl Simulator {
         self.shared.request_count.load(Ordering::SeqCst)
     }
 
+    /// Number of TCP connections accepted so far.
+    pub fn connection_count(&self) -> u64 {
+        self.shared.connection_count.load(Ordering::SeqCst)
+    }
+
     /// Forget the recorded requests.
     pub fn clear_requests(&self) {
         lock(&self.shared.requests).clear();
@@ -590,7 +611,7 @@ fn invalid_input(msg: impl fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
 }
 
-fn tls_acceptor(tls: &SimTls) -> io::Result<TlsAcceptor> {
+fn tls_acceptor(tls: &SimTls, http2: bool) -> io::Result<TlsAcceptor> {
     let certs: Vec<CertificateDer<'static>> =
         rustls_pemfile::certs(&mut tls.cert_chain_pem.as_bytes()).collect::<Result<_, _>>()?;
     if certs.is_empty() {
@@ -607,7 +628,11 @@ fn tls_acceptor(tls: &SimTls) -> io::Result<TlsAcceptor> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(invalid_input)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -623,6 +648,7 @@ async fn accept_loop(
             _ = stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _peer)) => {
+                    shared.connection_count.fetch_add(1, Ordering::SeqCst);
                     let _ = tcp.set_nodelay(true);
                     tokio::spawn(serve_connection(
                         tcp,
@@ -649,7 +675,7 @@ async fn serve_connection(
     _done: mpsc::Sender<()>,
 ) {
     let mut stop = shared.stop.subscribe();
-    let reset = Arc::new(AtomicBool::new(false));
+    let reset = Arc::new(ResetSwitch::default());
     let inner = match acceptor {
         None => IoInner::Plain(tcp),
         Some(acceptor) => {
@@ -670,28 +696,54 @@ async fn serve_connection(
             }
         }
     };
-    let io = SimIo {
+    let http2 = match &inner {
+        IoInner::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+        IoInner::Plain(_) => false,
+    };
+    let io = TokioIo::new(SimIo {
         inner,
         reset: Arc::clone(&reset),
-    };
-    let svc_shared = Arc::clone(&shared);
-    let service = hyper::service::service_fn(move |req| {
-        handle(Arc::clone(&svc_shared), Arc::clone(&reset), req)
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(io), service);
+    let svc_shared = Arc::clone(&shared);
+    let svc_reset = Arc::clone(&reset);
+    let service = hyper::service::service_fn(move |req| {
+        handle(Arc::clone(&svc_shared), Arc::clone(&svc_reset), req)
+    });
+    let result = if http2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), &reset, &mut stop).await
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), &reset, &mut stop).await
+    };
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "plivo simulator: connection ended with an error");
+    }
+}
+
+/// Serves `conn` until it ends, a [`Fault::Reset`] drops it (every stream of an HTTP/2
+/// connection with it), or the simulator stops (graceful, bounded by [`SHUTDOWN_GRACE`]).
+async fn drive<C>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    reset: &ResetSwitch,
+    stop: &mut watch::Receiver<bool>,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
     tokio::pin!(conn);
     tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "plivo simulator: connection ended with an error");
-            }
-        }
-        _ = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        result = conn.as_mut() => result,
+        () = reset.fired.notified() => Ok(()),
+        _ = stopped(stop) => {
+            graceful_shutdown(conn.as_mut());
+            tokio::time::timeout(SHUTDOWN_GRACE, conn).await.unwrap_or(Ok(()))
         }
     }
 }
@@ -699,7 +751,7 @@ async fn serve_connection(
 /// Answer one request: count, record, apply a queued fault, wait the latency, route.
 async fn handle(
     shared: Arc<Shared>,
-    reset: Arc<AtomicBool>,
+    reset: Arc<ResetSwitch>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, io::Error> {
     shared.request_count.fetch_add(1, Ordering::SeqCst);
@@ -712,7 +764,19 @@ async fn handle(
     if shared.record {
         let recorded = RecordedRequest {
             method: parts.method.as_str().to_owned(),
-            target: parts.uri.to_string(),
+            version: format!("{:?}", parts.version),
+            target: match parts.version {
+                // hyper rebuilds an HTTP/2 URI from :scheme, :authority and :path.
+                http::Version::HTTP_2 => parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(String::new, |p| p.as_str().to_owned()),
+                _ => parts.uri.to_string(),
+            },
+            authority: match parts.version {
+                http::Version::HTTP_2 => parts.uri.authority().map(|a| a.as_str().to_owned()),
+                _ => None,
+            },
             headers: parts
                 .headers
                 .iter()
@@ -732,7 +796,7 @@ async fn handle(
         None => {}
         Some(Fault::Reset) => {
             // The connection's IO sees the flag: no shutdown, SO_LINGER 0 on drop.
-            reset.store(true, Ordering::SeqCst);
+            reset.fire();
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionReset,
                 "injected fault: reset",
@@ -934,11 +998,30 @@ enum IoInner {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// The connection's stream. When `reset` is set (by [`Fault::Reset`]), shutdown is skipped
+/// Set by [`Fault::Reset`]: the connection is dropped at once, without a shutdown.
+#[derive(Default)]
+struct ResetSwitch {
+    set: AtomicBool,
+    fired: tokio::sync::Notify,
+}
+
+impl ResetSwitch {
+    fn fire(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        // `notify_one` keeps a permit, so the connection task cannot miss it.
+        self.fired.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+}
+
+/// The connection's stream. Once `reset` is set (by [`Fault::Reset`]), shutdown is skipped
 /// and the socket gets `SO_LINGER` 0 before it is closed, so the peer sees an RST.
 struct SimIo {
     inner: IoInner,
-    reset: Arc<AtomicBool>,
+    reset: Arc<ResetSwitch>,
 }
 
 impl SimIo {
@@ -952,7 +1035,7 @@ impl SimIo {
 
 impl Drop for SimIo {
     fn drop(&mut self) {
-        if self.reset.load(Ordering::SeqCst) {
+        if self.reset.is_set() {
             let _ = self.tcp().set_zero_linger();
         }
     }
@@ -1010,7 +1093,7 @@ impl AsyncWrite for SimIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.reset.load(Ordering::SeqCst) {
+        if this.reset.is_set() {
             return Poll::Ready(Ok(()));
         }
         match &mut this.inner {
@@ -1048,6 +1131,9 @@ pub struct SimulatorArgs {
     /// Forget ended MPCs, so every DELETE answers 204 (benchmark mode).
     #[arg(long)]
     pub forget_ended: bool,
+    /// With TLS, offer HTTP/2 by ALPN before HTTP/1.1.
+    #[arg(long, requires = "tls_cert")]
+    pub http2: bool,
 }
 
 /// Run the simulator in the foreground until SIGINT or SIGTERM. Prints exactly one line,
@@ -1081,6 +1167,7 @@ pub async fn run_standalone(args: SimulatorArgs) -> anyhow::Result<()> {
         auth_id: args.auth_id,
         auth_token,
         tls,
+        http2: args.http2,
         liveness: Liveness::AllNames {
             forget_ended: args.forget_ended,
         },

@@ -1,5 +1,6 @@
 //! The call to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` over a
-//! pooled rustls client, with a per-attempt connect timeout, one deadline over all
+//! rustls client (HTTP/2 when the upstream offers it by ALPN, else a keep-alive HTTP/1.1
+//! pool), with a per-attempt connect timeout, one deadline over all
 //! attempts, jittered exponential backoff on connect errors and 502/503/504, and the
 //! mapping of Plivo's answer to what the caller gets.
 
@@ -16,7 +17,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
@@ -29,6 +30,12 @@ use crate::problem::Problem;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// An upstream connection unused this long is closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an HTTP/2 upstream connection is pinged, and how long a ping may take
+/// before the connection is dropped.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls to Plivo in flight at once. Plivo allows 60 requests/s per account, so more
 /// than this means Plivo is slow; callers then wait (within `timeout`) instead of piling
 /// up sockets.
@@ -185,11 +192,21 @@ impl PlivoClient {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_http1()
+            // ALPN offers h2 first: over one multiplexed connection, a burst of calls
+            // costs one write and one read instead of one of each per call (see
+            // benches/RESULTS.md). An upstream that picks HTTP/1.1 gets a keep-alive pool.
+            .enable_all_versions()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(64)
+            // One connection carries every call, so a connection that died silently
+            // (a NAT or load balancer forgot it) must be found by pings, not by calls
+            // that hang until their `timeout`.
+            .http2_keep_alive_interval(H2_PING_INTERVAL)
+            .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             .build(TimedConnector {
                 inner: https,
                 timeout: settings.connect_timeout,

@@ -60,6 +60,8 @@ pub struct Options {
     pub liveness: Liveness,
     /// Appended to the generated config (top-level keys such as `rate_limit_store`).
     pub extra_yaml: String,
+    /// The simulator offers HTTP/2 by ALPN (otherwise only HTTP/1.1).
+    pub http2: bool,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
                 forget_ended: false,
             },
             extra_yaml: String::new(),
+            http2: false,
         }
     }
 }
@@ -144,6 +147,7 @@ impl Harness {
         let mut sim_config = SimulatorConfig::new(AUTH_ID, AUTH_TOKEN);
         sim_config.tls = Some(pki.server_tls());
         sim_config.liveness = options.liveness;
+        sim_config.http2 = options.http2;
         let sim = Simulator::start(sim_config).await.expect("simulator");
         let audit_path = options
             .audit_path
