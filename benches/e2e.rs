@@ -8,7 +8,7 @@
 //!
 //! Environment knobs: `E2E_SECONDS` (closed-loop duration, default 10), `E2E_FIXED_SECONDS`
 //! (each fixed-rate run, default 5), `E2E_ROWS` (comma-separated subset of row ids:
-//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync`), `E2E_QUIET_WAIT` (seconds each row waits
+//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync,gw-tls-h2,gw-tls-h2-fsync,gw-tls-redis`), `E2E_QUIET_WAIT` (seconds each row waits
 //! for a quiet machine, default 30), `E2E_NICE` (nice value for every benchmarked process,
 //! e.g. -10 on a shared machine; needs root), `E2E_RETRIES` (how often a row disturbed by
 //! other processes is measured again, default 2), `E2E_ROTATE_BYTES` (audit `rotate_bytes`,
@@ -632,16 +632,20 @@ enum Kind {
     GwHttp,
     GwTls,
     GwTlsFsync,
+    GwTlsH2,
+    GwTlsH2Fsync,
     GwTlsRedis,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 8] = [
         Kind::SimHttp,
         Kind::SimTls,
         Kind::GwHttp,
         Kind::GwTls,
         Kind::GwTlsFsync,
+        Kind::GwTlsH2,
+        Kind::GwTlsH2Fsync,
         Kind::GwTlsRedis,
     ];
 
@@ -652,6 +656,8 @@ impl Kind {
             Kind::GwHttp => "gw-http",
             Kind::GwTls => "gw-tls",
             Kind::GwTlsFsync => "gw-tls-fsync",
+            Kind::GwTlsH2 => "gw-tls-h2",
+            Kind::GwTlsH2Fsync => "gw-tls-h2-fsync",
             Kind::GwTlsRedis => "gw-tls-redis",
         }
     }
@@ -661,8 +667,10 @@ impl Kind {
             Kind::SimHttp => "simulator direct, HTTP (floor)",
             Kind::SimTls => "simulator direct, TLS",
             Kind::GwHttp => "gateway, HTTP upstream, audit fsync: never",
-            Kind::GwTls => "gateway, TLS upstream, audit fsync: never",
-            Kind::GwTlsFsync => "gateway, TLS upstream, audit fsync: always",
+            Kind::GwTls => "gateway, TLS upstream (HTTP/1.1), audit fsync: never",
+            Kind::GwTlsFsync => "gateway, TLS upstream (HTTP/1.1), audit fsync: always",
+            Kind::GwTlsH2 => "gateway, TLS upstream (HTTP/2), audit fsync: never",
+            Kind::GwTlsH2Fsync => "gateway, TLS upstream (HTTP/2), audit fsync: always",
             Kind::GwTlsRedis => "gateway, TLS upstream, fsync: never, limits in Redis",
         }
     }
@@ -670,14 +678,33 @@ impl Kind {
     fn tls(self) -> bool {
         matches!(
             self,
-            Kind::SimTls | Kind::GwTls | Kind::GwTlsFsync | Kind::GwTlsRedis
+            Kind::SimTls
+                | Kind::GwTls
+                | Kind::GwTlsFsync
+                | Kind::GwTlsH2
+                | Kind::GwTlsH2Fsync
+                | Kind::GwTlsRedis
         )
+    }
+
+    /// Whether the simulator offers HTTP/2 (by ALPN) to the gateway.
+    fn http2(self) -> bool {
+        matches!(self, Kind::GwTlsH2 | Kind::GwTlsH2Fsync)
+    }
+
+    fn fsync_always(self) -> bool {
+        matches!(self, Kind::GwTlsFsync | Kind::GwTlsH2Fsync)
     }
 
     fn gateway(self) -> bool {
         matches!(
             self,
-            Kind::GwHttp | Kind::GwTls | Kind::GwTlsFsync | Kind::GwTlsRedis
+            Kind::GwHttp
+                | Kind::GwTls
+                | Kind::GwTlsFsync
+                | Kind::GwTlsH2
+                | Kind::GwTlsH2Fsync
+                | Kind::GwTlsRedis
         )
     }
 }
@@ -793,7 +820,7 @@ fn client_tls(pki: &mpc_gateway::simulator::TestPki) -> anyhow::Result<tokio_rus
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-fn start_simulator(env: &Env, tls: bool) -> anyhow::Result<(Proc, String, Duration)> {
+fn start_simulator(env: &Env, kind: Kind) -> anyhow::Result<(Proc, String, Duration)> {
     let mut args: Vec<String> = [
         "simulator",
         "--listen",
@@ -807,11 +834,14 @@ fn start_simulator(env: &Env, tls: bool) -> anyhow::Result<(Proc, String, Durati
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if tls {
+    if kind.tls() {
         args.push("--tls-cert".into());
         args.push(env.pki_dir.join("server.pem").display().to_string());
         args.push("--tls-key".into());
         args.push(env.pki_dir.join("server-key.pem").display().to_string());
+    }
+    if kind.http2() {
+        args.push("--http2".into());
     }
     let spawned_at = Instant::now();
     let (mut proc, lines) = spawn(
@@ -1027,7 +1057,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         );
     }
     let dir = tempfile::Builder::new().prefix("mpc-e2e-").tempdir()?;
-    let (sim, base_url, sim_ready) = start_simulator(env, kind.tls())?;
+    let (sim, base_url, sim_ready) = start_simulator(env, kind)?;
     let sim_pid = sim.pid().to_string();
     let sim_port = port_of(&base_url)?;
     let tls_connector = if kind.tls() {
@@ -1048,7 +1078,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
             dir.path(),
             &base_url,
             kind.tls(),
-            if kind == Kind::GwTlsFsync {
+            if kind.fsync_always() {
                 "always"
             } else {
                 "never"

@@ -176,6 +176,9 @@ pub enum Fault {
     Delay(Duration),
     /// Close the TCP connection without answering (with `SO_LINGER` 0, so an RST).
     Reset,
+    /// Fail this request alone: over HTTP/2 an `RST_STREAM` (`INTERNAL_ERROR`) for its
+    /// stream, the connection stays; over HTTP/1.1 the connection is closed.
+    ResetStream,
     /// Never answer; hold the connection until the simulator stops.
     Hang,
 }
@@ -795,11 +798,16 @@ async fn handle(
     match shared.next_fault() {
         None => {}
         Some(Fault::Reset) => {
-            // The connection's IO sees the flag: no shutdown, SO_LINGER 0 on drop.
+            // The connection task drops the connection (SO_LINGER 0: an RST) without
+            // answering. Not returning an error here matters for HTTP/2, where hyper would
+            // first send an RST_STREAM for this stream alone.
             reset.fire();
+            std::future::pending::<()>().await;
+        }
+        Some(Fault::ResetStream) => {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionReset,
-                "injected fault: reset",
+                "injected fault: stream reset",
             ));
         }
         Some(Fault::Hang) => {

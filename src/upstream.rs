@@ -409,21 +409,44 @@ fn caused_by_tls(err: &hyper_util::client::legacy::Error) -> bool {
 
 fn caused_by_reset(err: &hyper_util::client::legacy::Error) -> bool {
     error_chain(err).iter().any(|e| {
-        let reset_io = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    // A TLS peer that vanishes without close_notify.
-                    | std::io::ErrorKind::UnexpectedEof
-            )
-        });
+        let reset_io = e.downcast_ref::<std::io::Error>().is_some_and(is_reset_io);
         let closed_early = e
             .downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_incomplete_message() || h.is_canceled());
-        reset_io || closed_early
+        let h2_reset = e.downcast_ref::<h2::Error>().is_some_and(is_h2_reset);
+        reset_io || closed_early || h2_reset
     })
+}
+
+fn is_reset_io(io: &std::io::Error) -> bool {
+    matches!(
+        io.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+            // A TLS peer that vanishes without close_notify.
+            | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// The HTTP/2 forms of a reset connection: the socket reset under the connection, or
+/// the upstream resetting the stream (`RST_STREAM`) or going away (`GOAWAY`) before it
+/// answered, for a reason that says nothing about the request itself. (`h2::Error`
+/// keeps its I/O cause out of `source()`, so it is asked directly.)
+fn is_h2_reset(err: &h2::Error) -> bool {
+    if let Some(io) = err.get_io() {
+        return is_reset_io(io);
+    }
+    (err.is_reset() || err.is_go_away())
+        && matches!(
+            err.reason(),
+            Some(
+                h2::Reason::NO_ERROR
+                    | h2::Reason::REFUSED_STREAM
+                    | h2::Reason::CANCEL
+                    | h2::Reason::INTERNAL_ERROR
+            )
+        )
 }
 
 fn report(outcome: Result<(), Problem>, status: Option<u16>, attempts: u32) -> UpstreamReport {
