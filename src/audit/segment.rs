@@ -133,7 +133,7 @@ pub(crate) mod fault {
     //! A live file whose writes and fsyncs can be made to fail on demand, like a full disk.
 
     use super::*;
-    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     /// No fault.
@@ -143,15 +143,22 @@ pub(crate) mod fault {
     /// `sync` fails with EIO.
     pub(crate) const SYNC: u8 = 2;
 
+    /// The fault to inject, and how many appends (write calls) the file has seen.
     #[derive(Clone, Default)]
-    pub(crate) struct Faults(pub(crate) Arc<AtomicU8>);
+    pub(crate) struct Faults {
+        mode: Arc<AtomicU8>,
+        appends: Arc<AtomicUsize>,
+    }
 
     impl Faults {
         pub(crate) fn set(&self, mode: u8) {
-            self.0.store(mode, Ordering::SeqCst);
+            self.mode.store(mode, Ordering::SeqCst);
         }
         fn get(&self) -> u8 {
-            self.0.load(Ordering::SeqCst)
+            self.mode.load(Ordering::SeqCst)
+        }
+        pub(crate) fn appends(&self) -> usize {
+            self.appends.load(Ordering::SeqCst)
         }
     }
 
@@ -173,6 +180,7 @@ pub(crate) mod fault {
 
     impl LiveFile for FaultyFile {
         fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.1.appends.fetch_add(1, Ordering::SeqCst);
             if self.1.get() == PARTIAL_WRITE {
                 self.0.write_all(&bytes[..bytes.len() / 2])?;
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));

@@ -91,18 +91,60 @@ enum Mode {
         tx: Mutex<Option<mpsc::Sender<Request>>>,
         done: watch::Receiver<Outcome>,
     },
-    /// `fsync: never`: nothing to wait for but a write into the page cache, so the caller
-    /// writes under a mutex itself; handing each record to another thread would cost more
-    /// (two context switches) than the write. A small thread only probes while the log is
-    /// not writable.
+    /// `fsync: never`: nothing to wait for but a write into the page cache, so callers
+    /// write under a mutex themselves; handing each record to another thread would cost
+    /// more (two context switches) than the write. Records appended in the same turn of
+    /// the runtime share one write (see [`AuditLog::append`]). A small thread only probes
+    /// while the log is not writable.
     Inline(Arc<Mutex<InlineState>>),
 }
 
 struct InlineState {
     /// `None` once closed.
     writer: Option<Writer>,
+    /// Appended, not yet written; the first of them flushes (see [`InlineFlush`]).
+    pending: Vec<Request>,
     /// The final flush's outcome, once closed.
     outcome: Outcome,
+}
+
+impl InlineState {
+    /// Writes (or, once closed, refuses) every pending record and acknowledges each.
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.writer.as_mut() {
+            Some(writer) => writer.commit(&mut self.pending),
+            None => {
+                for req in self.pending.drain(..) {
+                    let _ = req.ack.send(Err(AuditError::Closed));
+                }
+            }
+        }
+    }
+}
+
+/// Held by the append that found no pending record: it owes the flush of everything
+/// pending. It normally flushes after one yield; if its future is dropped first, it
+/// flushes on drop, so no follower waits forever.
+struct InlineFlush<'a> {
+    state: &'a Mutex<InlineState>,
+}
+
+impl InlineFlush<'_> {
+    async fn after_this_turn(self) {
+        // Let the other requests that are ready now append theirs first, so one write
+        // carries the records of a whole turn of the runtime.
+        tokio::task::yield_now().await;
+        // Dropping `self` flushes.
+    }
+}
+
+impl Drop for InlineFlush<'_> {
+    fn drop(&mut self) {
+        lock(self.state).flush();
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -194,6 +236,7 @@ impl AuditLog {
         let path = writer.path.clone();
         let state = Arc::new(Mutex::new(InlineState {
             writer: Some(writer),
+            pending: Vec::new(),
             outcome: None,
         }));
         let weak = Arc::downgrade(&state);
@@ -222,9 +265,17 @@ impl AuditLog {
                 tx.send(request).map_err(|_| AuditError::WriterGone)?;
             }
             Mode::Inline(state) => {
-                let mut state = lock(state);
-                let writer = state.writer.as_mut().ok_or(AuditError::Closed)?;
-                writer.commit(&mut vec![request]);
+                let leads = {
+                    let mut state = lock(state);
+                    if state.writer.is_none() {
+                        return Err(AuditError::Closed);
+                    }
+                    state.pending.push(request);
+                    state.pending.len() == 1
+                };
+                if leads {
+                    InlineFlush { state }.after_this_turn().await;
+                }
             }
         }
         acked.await.map_err(|_| AuditError::WriterGone)?
@@ -253,6 +304,7 @@ impl AuditLog {
             }
             Mode::Inline(state) => {
                 let mut state = lock(state);
+                state.flush();
                 if let Some(mut writer) = state.writer.take() {
                     let finished = writer.finish();
                     writer.writable.store(false, Ordering::SeqCst);

@@ -1,6 +1,7 @@
 //! Writer tests: exact line format, chain, HMAC, restart, torn tail, rotation under
 //! concurrency, failure handling and close.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -268,6 +269,67 @@ async fn group_commit_with_fsync_always_and_rotation() {
     assert_eq!(log.append(event(0)).await.expect("append"), 201);
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 201);
+}
+
+/// With `fsync: never`, the records appended in one turn of the runtime share one write.
+#[tokio::test(flavor = "current_thread")]
+async fn inline_appends_of_one_turn_share_one_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Never, 1 << 20),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    let appends: Vec<_> = (0..20).map(|i| log.append(event(i))).collect();
+    let seqs: Vec<u64> = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join_all(appends),
+    )
+    .await
+    .expect("every append is acknowledged")
+    .into_iter()
+    .map(|r| r.expect("append"))
+    .collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>(), "seq in append order");
+    assert_eq!(faults.appends(), 1, "one write for the whole turn");
+    // A lone append is written at once (after one yield).
+    assert_eq!(log.append(event(20)).await.expect("append"), 21);
+    assert_eq!(faults.appends(), 2);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 21);
+}
+
+/// The append that owes the flush is dropped before it flushes (a caller that went
+/// away): its record and the others pending are still written and acknowledged.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_inline_leader_still_flushes_the_turn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let mut leader = Box::pin(log.append(event(0)));
+    // One poll: the record is pending and the leader is parked in its yield.
+    let first_poll =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
+    assert!(first_poll.is_pending());
+    let follower = log.clone();
+    let follower = tokio::spawn(async move { follower.append(event(1)).await });
+    tokio::task::yield_now().await;
+    drop(leader);
+    let seq = tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("the follower is acknowledged")
+        .expect("task")
+        .expect("append");
+    assert_eq!(seq, 2);
+    log.close().await.expect("close");
+    assert_eq!(
+        lines(&path).len(),
+        2,
+        "the dropped leader's record is written too"
+    );
+    assert_eq!(intact(dir.path(), None), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
