@@ -19,7 +19,15 @@ impl TokenHash {
 
     /// First 12 hex digits: enough for ops to find a client, useless to an attacker.
     pub fn fingerprint(&self) -> String {
-        hex::encode(&self.0[..6])
+        self.fingerprint_shared().to_string()
+    }
+
+    /// [`fingerprint`](Self::fingerprint) with one allocation, for the request path.
+    fn fingerprint_shared(&self) -> Arc<str> {
+        let mut hex = [0u8; 12];
+        // 6 bytes always fill 12 hex digits exactly.
+        let _ = hex::encode_to_slice(&self.0[..6], &mut hex);
+        Arc::from(std::str::from_utf8(&hex).unwrap_or_default())
     }
 
     /// The `sha256:` line printed by `token new` / `token hash`.
@@ -78,23 +86,29 @@ impl NamePattern {
     }
 
     pub fn matches(&self, name: &str) -> bool {
+        // Names and patterns are nearly always ASCII: then bytes are characters, and the
+        // request path needs no allocation.
+        if self.source.is_ascii() && name.is_ascii() {
+            return glob_match(self.source.as_bytes(), name.as_bytes(), b'*', b'?');
+        }
         let name: Vec<char> = name.chars().collect();
-        glob_match(&self.chars, &name)
+        glob_match(&self.chars, &name, '*', '?')
     }
 }
 
 /// Iterative wildcard match with single-star backtracking: linear in practice and never
 /// exponential, whatever a caller sends.
-pub fn glob_match(pattern: &[char], text: &[char]) -> bool {
+/// `any_run` and `any_one` are the pattern's `*` and `?` in the symbol type.
+pub fn glob_match<T: Copy + Eq>(pattern: &[T], text: &[T], any_run: T, any_one: T) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
         match pattern.get(p) {
-            Some('*') => {
+            Some(&c) if c == any_run => {
                 star = Some((p, t));
                 p += 1;
             }
-            Some('?') => {
+            Some(&c) if c == any_one => {
                 p += 1;
                 t += 1;
             }
@@ -112,7 +126,7 @@ pub fn glob_match(pattern: &[char], text: &[char]) -> bool {
             },
         }
     }
-    pattern[p..].iter().all(|&c| c == '*')
+    pattern[p..].iter().all(|&c| c == any_run)
 }
 
 /// What the gateway learned from the caller's credentials.
@@ -122,10 +136,10 @@ pub enum Identity {
     Anonymous,
     /// A token was presented but belongs to no tenant; `fingerprint` lets ops find the
     /// client that still uses it.
-    Unknown { fingerprint: String },
+    Unknown { fingerprint: Arc<str> },
     Tenant {
         tenant: Arc<str>,
-        fingerprint: String,
+        fingerprint: Arc<str>,
     },
 }
 
@@ -161,7 +175,7 @@ impl TokenDirectory {
                 found = Some(tenant);
             }
         }
-        let fingerprint = presented.fingerprint();
+        let fingerprint = presented.fingerprint_shared();
         match found {
             Some(tenant) => Identity::Tenant {
                 tenant: Arc::clone(tenant),
@@ -236,6 +250,9 @@ mod tests {
             ("a?c", "ac", false),
             ("a?c", "äbc", false),
             ("?", "ä", true),
+            ("a?c", "aäc", true),
+            ("ä-*", "ä-1", true),
+            ("ä-*", "a-1", false),
             ("*", "", true),
             ("*x*y*", "aaxbbyc", true),
             ("*x*y*", "aaybbxc", false),
@@ -261,13 +278,13 @@ mod tests {
             dir.identify(b"tok-b"),
             Identity::Tenant {
                 tenant: Arc::from("b"),
-                fingerprint: TokenHash::of(b"tok-b").fingerprint()
+                fingerprint: TokenHash::of(b"tok-b").fingerprint().into()
             }
         );
         assert_eq!(
             dir.identify(b"stale"),
             Identity::Unknown {
-                fingerprint: TokenHash::of(b"stale").fingerprint()
+                fingerprint: TokenHash::of(b"stale").fingerprint().into()
             }
         );
     }

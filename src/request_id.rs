@@ -24,6 +24,10 @@ impl RequestId {
         &self.0
     }
 
+    pub fn into_shared(self) -> Arc<str> {
+        self.0
+    }
+
     /// The caller's id when acceptable, else a fresh one.
     pub fn from_header(value: Option<&HeaderValue>) -> RequestId {
         match value.and_then(acceptable) {
@@ -37,7 +41,8 @@ impl RequestId {
     pub fn fresh() -> RequestId {
         let bytes: [u8; 16] = rand::random();
         let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
-        RequestId(Arc::from(id.to_string()))
+        let mut text = uuid::Uuid::encode_buffer();
+        RequestId(Arc::from(&*id.hyphenated().encode_lower(&mut text)))
     }
 }
 

@@ -39,6 +39,8 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// the gateway decides between 414 and 431 for every head below this size. Only a head
 /// larger than this gets hyper's 431. Hyper grows the buffer only as bytes arrive.
 const MAX_HEAD_BYTES: usize = 64 * 1024 + MAX_HEADER_BLOCK_BYTES + 1024;
+/// Header fields per request; more is `431` from the HTTP layer.
+pub const MAX_HEADERS: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -286,7 +288,8 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(256)
+        // Envoy's default too; up to 100, hyper parses a head without allocating.
+        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     builder
         .http2()

@@ -2,10 +2,12 @@
 //! Prometheus metrics served on the admin listener. The audit log is not telemetry and
 //! lives in [`crate::audit`].
 
+use std::fmt::Write as _;
 use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -37,21 +39,47 @@ pub fn init_tracing(settings: &LogSettings) {
     };
 }
 
+// Label values on the request path are shared or static, so counting a request allocates
+// nothing once its series exists.
+
+/// A tenant name shared with the config (prometheus-client encodes only sized `Arc`s).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Tenant(Arc<str>);
+
+impl EncodeLabelValue for Tenant {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(&self.0)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    tenant: String,
-    reason: String,
+    tenant: Tenant,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
-    status: String,
+    status: UpstreamStatus,
+}
+
+/// Plivo's final status, or `error` when no answer came.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct UpstreamStatus(Option<u16>);
+
+impl EncodeLabelValue for UpstreamStatus {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(status) => write!(encoder, "{status}"),
+            None => encoder.write_str("error"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
-    tenant: String,
-    limit: String,
+    tenant: Tenant,
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +105,8 @@ pub struct Metrics {
     http_rejected: Family<KindLabels, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
     store_errors: Counter,
+    /// The `tenant` label of requests refused before authentication.
+    no_tenant: Arc<str>,
 }
 
 impl Default for Metrics {
@@ -144,6 +174,7 @@ impl Metrics {
         );
         Metrics {
             store_errors,
+            no_tenant: Arc::from(""),
             registry,
             requests,
             duration,
@@ -156,28 +187,34 @@ impl Metrics {
         }
     }
 
-    pub fn request_finished(&self, tenant: &str, reason: &str, elapsed: Duration) {
+    pub fn request_finished(
+        &self,
+        tenant: Option<&Arc<str>>,
+        reason: &'static str,
+        elapsed: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
-                tenant: tenant.to_owned(),
-                reason: reason.to_owned(),
+                tenant: Tenant(Arc::clone(tenant.unwrap_or(&self.no_tenant))),
+                reason,
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
     }
 
     pub fn upstream_answer(&self, status: Option<u16>) {
-        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
         self.upstream
-            .get_or_create(&UpstreamLabels { status })
+            .get_or_create(&UpstreamLabels {
+                status: UpstreamStatus(status),
+            })
             .inc();
     }
 
-    pub fn rate_limited(&self, tenant: &str, limit: &str) {
+    pub fn rate_limited(&self, tenant: Option<&Arc<str>>, limit: &'static str) {
         self.rate_limited
             .get_or_create(&LimitLabels {
-                tenant: tenant.to_owned(),
-                limit: limit.to_owned(),
+                tenant: Tenant(Arc::clone(tenant.unwrap_or(&self.no_tenant))),
+                limit,
             })
             .inc();
     }
@@ -241,16 +278,19 @@ mod tests {
     #[test]
     fn exports_the_contract_metric_names() {
         let metrics = Metrics::new();
-        metrics.request_finished("billing", "ended", Duration::from_millis(3));
+        let billing = Arc::from("billing");
+        metrics.request_finished(Some(&billing), "ended", Duration::from_millis(3));
+        metrics.request_finished(None, "unauthenticated", Duration::from_millis(1));
         metrics.upstream_answer(Some(204));
         metrics.upstream_answer(None);
-        metrics.rate_limited("billing", "tenant");
+        metrics.rate_limited(Some(&billing), "tenant");
         metrics.audit_failure();
         metrics.config_reload(true);
         let text = metrics.encode();
         for name in [
             "mpc_gateway_requests_total{tenant=\"billing\",reason=\"ended\"} 1",
-            "mpc_gateway_request_duration_seconds_count 1",
+            "mpc_gateway_requests_total{tenant=\"\",reason=\"unauthenticated\"} 1",
+            "mpc_gateway_request_duration_seconds_count 2",
             "mpc_gateway_upstream_requests_total{status=\"204\"} 1",
             "mpc_gateway_upstream_requests_total{status=\"error\"} 1",
             "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"} 1",

@@ -174,9 +174,11 @@ fn header_block_of(total: usize) -> Vec<String> {
     let cost = |line: &String| line.len() + 2;
     let mut used: usize = headers.iter().map(cost).sum();
     let mut index = 0;
+    // Few enough fields to stay under the count limit, whatever the size.
+    let pad = (total / 32).max(1000);
     // "X-Pad-NNN: " + value + CRLF = value + 13 bytes.
-    while total - used > 1013 + 14 {
-        let line = format!("X-Pad-{index:03}: {}", "p".repeat(1000));
+    while total - used > pad + 13 + 14 {
+        let line = format!("X-Pad-{index:03}: {}", "p".repeat(pad));
         used += cost(&line);
         headers.push(line);
         index += 1;
@@ -185,7 +187,10 @@ fn header_block_of(total: usize) -> Vec<String> {
     used += cost(&last);
     headers.push(last);
     assert_eq!(used, total);
-    assert!(headers.len() < 200, "under the 256-header limit");
+    assert!(
+        headers.len() < mpc_gateway::server::MAX_HEADERS,
+        "under the header-count limit"
+    );
     headers
 }
 
@@ -259,7 +264,34 @@ async fn header_block_beyond_the_read_buffer_is_431_from_the_http_layer() {
     h.shutdown().await;
 }
 
-/// 10,000 one-byte headers: far past the 256-header limit, refused by the HTTP layer with
+/// Exactly `MAX_HEADERS` (100) header fields are served; one more is `431` from the HTTP
+/// layer, before any request exists (no audit record, nothing forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_header_fields_are_served_and_one_more_is_431() {
+    let h = Harness::start().await;
+    let with_fields = |total: usize| {
+        let mut headers = closing_headers(Some(BILLING_TOKEN));
+        let padding = total - headers.len();
+        headers.extend((0..padding).map(|i| format!("x-pad-{i}: y")));
+        assert_eq!(headers.len(), total);
+        request("POST", "/mpc/billing-100/end", &headers)
+    };
+    let limit = mpc_gateway::server::MAX_HEADERS;
+    let at_limit = raw_send(h.addr(), with_fields(limit).as_bytes(), WAIT).await;
+    assert_eq!(at_limit.single().status, 204, "{limit} fields are served");
+    let over = raw_send(h.addr(), with_fields(limit + 1).as_bytes(), WAIT).await;
+    assert_eq!(
+        over.single().status,
+        431,
+        "{} fields are refused",
+        limit + 1
+    );
+    assert_eq!(h.sim.request_count(), 1, "only the first was forwarded");
+    assert_eq!(h.records().len(), 2, "forward and result of the first only");
+    h.shutdown().await;
+}
+
+/// 10,000 one-byte headers: far past the header-count limit, refused by the HTTP layer with
 /// `431` before any request exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tiny_headers_are_431_from_the_http_layer() {

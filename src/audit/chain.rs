@@ -18,14 +18,37 @@ const SEAL_LEN: usize = HASH_OPEN.len() + HEX_LEN + HASH_CLOSE.len();
 /// Computes chain hashes: SHA-256, or HMAC-SHA256 when the log is keyed.
 pub(crate) enum ChainHasher {
     Plain,
-    Keyed(SecretSlice<u8>),
+    /// Keyed once: each record then costs a clone of the keyed state, not the two
+    /// extra SHA-256 blocks of deriving it from the key again.
+    Keyed(Box<Hmac<Sha256>>),
+}
+
+/// A chain hash as lower-case hex, without allocating.
+#[derive(Clone, Copy)]
+pub(crate) struct HexDigest([u8; HEX_LEN]);
+
+impl HexDigest {
+    /// A hash as the chain writes it: 64 lower-case hex digits.
+    pub(crate) fn parse(text: &str) -> Option<HexDigest> {
+        let bytes: [u8; HEX_LEN] = text.as_bytes().try_into().ok()?;
+        is_hash_hex(text).then_some(HexDigest(bytes))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ever filled by `hex::encode_to_slice`: ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 impl ChainHasher {
-    pub(crate) fn new(key: Option<SecretSlice<u8>>) -> Self {
+    /// HMAC takes keys of any length (longer ones are hashed first), so keying cannot
+    /// fail; the error exists only because the trait it comes from allows one.
+    pub(crate) fn new(key: Option<SecretSlice<u8>>) -> Result<Self, hmac::digest::InvalidLength> {
         match key {
-            Some(k) => ChainHasher::Keyed(k),
-            None => ChainHasher::Plain,
+            Some(key) => Ok(ChainHasher::Keyed(Box::new(
+                <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret())?,
+            ))),
+            None => Ok(ChainHasher::Plain),
         }
     }
 
@@ -33,21 +56,25 @@ impl ChainHasher {
         matches!(self, ChainHasher::Keyed(_))
     }
 
+    /// Digest of `body` (the line without its hash member).
+    pub(crate) fn digest(&self, body: &[u8]) -> HexDigest {
+        let bytes: [u8; 32] = match self {
+            ChainHasher::Plain => Sha256::digest(body).into(),
+            ChainHasher::Keyed(mac) => {
+                let mut mac = Hmac::clone(mac);
+                mac.update(body);
+                mac.finalize().into_bytes().into()
+            }
+        };
+        let mut hex = [0u8; HEX_LEN];
+        // 32 bytes always fill 64 hex digits exactly.
+        let _ = hex::encode_to_slice(bytes, &mut hex);
+        HexDigest(hex)
+    }
+
     /// Lower-hex digest of `body` (the line without its hash member).
     pub(crate) fn digest_hex(&self, body: &[u8]) -> String {
-        match self {
-            ChainHasher::Plain => hex::encode(Sha256::digest(body)),
-            ChainHasher::Keyed(key) => hmac_hex(key.expose_secret(), body),
-        }
-    }
-}
-
-/// HMAC accepts keys of any length (longer ones are hashed first), so `new_from_slice`
-/// cannot fail; the fallback only exists so that no panic path is compiled in.
-fn hmac_hex(key: &[u8], body: &[u8]) -> String {
-    match <Hmac<Sha256> as Mac>::new_from_slice(key) {
-        Ok(mac) => hex::encode(mac.chain_update(body).finalize().into_bytes()),
-        Err(_) => String::new(),
+        self.digest(body).as_str().to_owned()
     }
 }
 
@@ -118,13 +145,15 @@ mod tests {
 
     #[test]
     fn hmac_differs_from_plain_and_matches_reference() {
-        let keyed = ChainHasher::new(Some(SecretSlice::from(b"key".to_vec())));
+        let keyed = ChainHasher::new(Some(SecretSlice::from(b"key".to_vec()))).expect("any key");
         let body = b"The quick brown fox jumps over the lazy dog";
         // RFC-style reference value for HMAC-SHA256("key", ...).
         assert_eq!(
             keyed.digest_hex(body),
             "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
         );
+        // The keyed state is cloned per digest, never consumed or extended.
+        assert_eq!(keyed.digest_hex(body), keyed.digest_hex(body));
         assert_ne!(keyed.digest_hex(body), ChainHasher::Plain.digest_hex(body));
         assert!(keyed.is_keyed());
         assert!(is_hash_hex(GENESIS));

@@ -242,29 +242,10 @@ fn parse_age(s: &str) -> Option<Duration> {
     n.checked_mul(seconds_per).map(Duration::seconds)
 }
 
-/// `*` matches any run of characters (also none), `?` exactly one, anything else itself.
+/// `*` matches any run of characters (also none), `?` exactly one, anything else itself:
+/// the same patterns as a tenant's `allow` list.
 pub(crate) fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    // Where the last `*` was, and how much of the text it has swallowed so far.
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
+    crate::auth::NamePattern::new(pattern).matches(text)
 }
 
 /// Where selected records go.

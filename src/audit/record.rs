@@ -3,6 +3,9 @@
 //!
 //! The writer adds `seq`, `ts`, `prev` and `hash`; everything else comes from the caller.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -59,26 +62,29 @@ impl EventKind {
 }
 
 /// A record as the gateway knows it; the writer assigns `seq`, `ts`, `prev` and `hash`.
+///
+/// Text is shared (`Arc<str>`) or static (`Cow`), because every request hands the same
+/// values to two records: cloning an event allocates nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditEvent {
     pub event: EventKind,
-    pub request_id: String,
-    pub tenant: Option<String>,
+    pub request_id: Arc<str>,
+    pub tenant: Option<Arc<str>>,
     /// First 12 hex digits of the presented credential's SHA-256; never the credential.
-    pub token_fp: Option<String>,
+    pub token_fp: Option<Arc<str>>,
     /// Peer `ip:port`.
-    pub client: Option<String>,
-    pub method: String,
+    pub client: Option<Arc<str>>,
+    pub method: Cow<'static, str>,
     /// Raw request target; the writer keeps at most [`MAX_PATH_BYTES`] bytes.
-    pub path: String,
-    pub mpc: Option<String>,
-    pub account: Option<String>,
+    pub path: Arc<str>,
+    pub mpc: Option<Arc<str>>,
+    pub account: Option<Arc<str>>,
     /// What the caller got.
     pub status: Option<u16>,
     /// The problem slug, or `ended` on success.
-    pub reason: Option<String>,
+    pub reason: Option<Cow<'static, str>>,
     pub upstream_status: Option<u16>,
-    pub plivo_api_id: Option<String>,
+    pub plivo_api_id: Option<Arc<str>>,
     pub attempts: Option<u32>,
     pub duration_ms: Option<u64>,
 }

@@ -103,7 +103,8 @@ fn key_from_env(name: Option<&str>) -> Result<ChainHasher, String> {
             "environment variable {name} (--hmac-key-env) is empty"
         ));
     }
-    Ok(ChainHasher::new(Some(SecretSlice::from(bytes))))
+    ChainHasher::new(Some(SecretSlice::from(bytes)))
+        .map_err(|err| format!("environment variable {name} (--hmac-key-env): {err}"))
 }
 
 /// A place in the set of files.
@@ -492,7 +493,7 @@ impl<'h> Chain<'h> {
 /// For tests elsewhere in the module: verify one directory or file set.
 #[cfg(test)]
 pub(crate) fn verify_paths(paths: &[&std::path::Path], key: Option<&[u8]>) -> Verdict {
-    let hasher = ChainHasher::new(key.map(|k| SecretSlice::from(k.to_vec())));
+    let hasher = ChainHasher::new(key.map(|k| SecretSlice::from(k.to_vec()))).expect("any key");
     let owned: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
     let files = source::collect(&owned).expect("collect");
     verify_files(&files, &hasher).expect("verify")

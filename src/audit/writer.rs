@@ -20,7 +20,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
-use super::chain::{self, ChainHasher};
+use super::chain::{self, ChainHasher, HexDigest};
 use super::record::{self, AuditEvent, Body};
 use super::recover::recover;
 use super::segment::{self, FsOpener, LiveFile, Opener};
@@ -184,16 +184,22 @@ impl AuditLog {
             dir,
             fsync,
             rotate_bytes,
-            hasher: ChainHasher::new(hmac_key),
+            hasher: ChainHasher::new(hmac_key).map_err(|err| AuditError::Encode {
+                detail: format!("the HMAC key cannot be used: {err}"),
+            })?,
             opener,
             file: None,
             len: 0,
             undo_to: None,
             next_seq: head.next_seq,
-            prev: head.prev,
+            prev: HexDigest::parse(&head.prev).ok_or_else(|| AuditError::Corrupt {
+                path: path.clone(),
+                detail: "its last hash is not 64 lower-case hex digits".into(),
+            })?,
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
             writable: writable.clone(),
             buf: Vec::new(),
+            body: Vec::new(),
             ts_cache: None,
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
@@ -414,11 +420,14 @@ struct Writer {
     /// A failed batch that could not be cut off yet: cut to this length before writing.
     undo_to: Option<u64>,
     next_seq: u64,
-    prev: String,
+    prev: HexDigest,
     /// Never goes backwards, so `ts` is monotonic with `seq` even if the clock steps back.
     last_ts: OffsetDateTime,
     writable: Arc<AtomicBool>,
+    /// The batch being written.
     buf: Vec<u8>,
+    /// One record's body while it is hashed; reused so records cost no allocation.
+    body: Vec<u8>,
     /// The last formatted `ts`.
     ts_cache: Option<(OffsetDateTime, String)>,
 }
@@ -427,7 +436,7 @@ struct Writer {
 struct Encoded {
     outcomes: Vec<Result<u64, AuditError>>,
     next_seq: u64,
-    prev: String,
+    prev: HexDigest,
     last_ts: OffsetDateTime,
 }
 
@@ -498,7 +507,7 @@ impl Writer {
     fn encode(&mut self, batch: &[Request]) -> Encoded {
         self.buf.clear();
         let mut seq = self.next_seq;
-        let mut prev = self.prev.clone();
+        let mut prev = self.prev;
         let mut last_ts = self.last_ts;
         let mut outcomes = Vec::with_capacity(batch.len());
         for req in batch {
@@ -511,11 +520,14 @@ impl Writer {
                 continue;
             };
             let ts = record::now_ms().max(last_ts);
-            let ts_text = self.ts_text(ts);
-            match serde_json::to_vec(&Body::new(seq, &ts_text, &prev, &req.event)) {
-                Ok(body) => {
-                    let hash = self.hasher.digest_hex(&body);
-                    chain::seal_into(&body, &hash, &mut self.buf);
+            self.cache_ts_text(ts);
+            let ts_text = self.ts_cache.as_ref().map_or("", |(_, text)| text.as_str());
+            self.body.clear();
+            let body = Body::new(seq, ts_text, prev.as_str(), &req.event);
+            match serde_json::to_writer(&mut self.body, &body) {
+                Ok(()) => {
+                    let hash = self.hasher.digest(&self.body);
+                    chain::seal_into(&self.body, hash.as_str(), &mut self.buf);
                     outcomes.push(Ok(seq));
                     seq = next_seq;
                     prev = hash;
@@ -536,14 +548,10 @@ impl Writer {
 
     /// `ts` formatted, reusing the last text when `ts` is the same millisecond: under load
     /// most records share their millisecond with the one before.
-    fn ts_text(&mut self, ts: OffsetDateTime) -> String {
-        match &self.ts_cache {
-            Some((cached, text)) if *cached == ts => text.clone(),
-            _ => {
-                let text = record::format_ts(ts);
-                self.ts_cache = Some((ts, text.clone()));
-                text
-            }
+    /// Makes `ts_cache` hold the text of `ts` (formatted at most once per millisecond).
+    fn cache_ts_text(&mut self, ts: OffsetDateTime) {
+        if !matches!(&self.ts_cache, Some((cached, _)) if *cached == ts) {
+            self.ts_cache = Some((ts, record::format_ts(ts)));
         }
     }
 

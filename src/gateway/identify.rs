@@ -29,11 +29,11 @@ pub(super) fn authenticate(
     };
     trail.token_fp = fingerprint;
     let tenant = tenant.ok_or(Problem::Unauthenticated)?;
-    trail.tenant = Some(tenant.to_string());
+    trail.tenant = Some(Arc::clone(&tenant));
     Ok(tenant)
 }
 
-type Authenticated = (Option<Arc<str>>, Option<String>);
+type Authenticated = (Option<Arc<str>>, Option<Arc<str>>);
 
 /// A certificate that names a tenant decides (its fingerprint is recorded); a token sent
 /// as well must name the same tenant. Without such a certificate the token decides.
@@ -59,8 +59,8 @@ fn by_certificate_or_bearer(
                 tenant,
                 fingerprint,
             },
-        ) => (Some(Arc::clone(tenant)), Some(fingerprint.clone())),
-        (None, identity) => (None, identity.fingerprint().map(str::to_owned)),
+        ) => (Some(Arc::clone(tenant)), Some(Arc::clone(fingerprint))),
+        (None, identity) => (None, identity.fingerprint().map(Arc::from)),
     }
 }
 
@@ -72,7 +72,7 @@ fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) 
         return (None, None);
     };
     let identity = runtime.tokens.identify(password.as_bytes());
-    let fingerprint = identity.fingerprint().map(str::to_owned);
+    let fingerprint = identity.fingerprint().map(Arc::from);
     let Identity::Tenant { tenant, .. } = identity else {
         return (None, fingerprint);
     };
@@ -115,7 +115,7 @@ fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
 fn tenant_of_certificate(
     runtime: &Runtime,
     certificate: &ClientCertificate,
-) -> Option<(Arc<str>, String)> {
+) -> Option<(Arc<str>, Arc<str>)> {
     let mut found: Option<&Arc<str>> = None;
     for san in &certificate.sans {
         match (runtime.sans.get(san), found) {
@@ -124,7 +124,12 @@ fn tenant_of_certificate(
             (None, _) => {}
         }
     }
-    found.map(|tenant| (Arc::clone(tenant), certificate.fingerprint.clone()))
+    found.map(|tenant| {
+        (
+            Arc::clone(tenant),
+            Arc::from(certificate.fingerprint.as_str()),
+        )
+    })
 }
 
 #[cfg(test)]

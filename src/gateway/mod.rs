@@ -231,7 +231,7 @@ impl Gateway {
         let (mpc, upstream_calls) = match route.target {
             Target::Name(segment) => {
                 let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
-                trail.mpc = Some(name.as_str().to_owned());
+                trail.mpc = Some(Arc::from(name.as_str()));
                 if !policy.may_end(name.as_str()) {
                     return Err(Problem::Forbidden);
                 }
@@ -248,10 +248,10 @@ impl Gateway {
                 )
             }
         };
-        trail.account = Some(policy.account.clone());
+        trail.account = Some(Arc::clone(&policy.account));
         let account = runtime
             .accounts
-            .get(&policy.account)
+            .get(&*policy.account)
             .ok_or(Problem::Forbidden)?
             .clone();
         let tenant_limiter = runtime.limiters.tenant(&tenant);
@@ -283,7 +283,7 @@ impl Gateway {
                 } => (name, attempts, status),
                 Lookup::Failed(report) => return report,
             };
-        trail.mpc = Some(name.clone());
+        trail.mpc = Some(Arc::from(name.as_str()));
         let allowed = runtime
             .tenants
             .get(tenant)
@@ -339,7 +339,7 @@ impl Gateway {
                 let limit = limiter.kind().as_str();
                 self.inner
                     .metrics
-                    .rate_limited(trail.tenant.as_deref().unwrap_or(""), limit);
+                    .rate_limited(trail.tenant.as_ref(), limit);
                 trail.rate_headers = None;
                 Err(Problem::RateLimited {
                     limit,
@@ -408,7 +408,7 @@ impl Gateway {
         trail.status = Some(response.status().as_u16());
         trail.reason = Some(reason);
         trail.upstream_status = report.status;
-        trail.plivo_api_id = report.api_id().map(str::to_owned);
+        trail.plivo_api_id = report.api_id().map(Arc::from);
         trail.attempts = Some(report.attempts);
         self.inner.metrics.upstream_answer(report.status);
         if let Err(err) = self
@@ -437,11 +437,9 @@ impl Gateway {
                 }
             }
         }
-        self.inner.metrics.request_finished(
-            trail.tenant.as_deref().unwrap_or(""),
-            reason,
-            trail.started.elapsed(),
-        );
+        self.inner
+            .metrics
+            .request_finished(trail.tenant.as_ref(), reason, trail.started.elapsed());
         response
     }
 }

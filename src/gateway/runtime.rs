@@ -33,7 +33,7 @@ pub(super) struct Runtime {
 
 pub(super) struct TenantPolicy {
     pub(super) allow: Vec<NamePattern>,
-    pub(super) account: String,
+    pub(super) account: Arc<str>,
     /// Basic username of this tenant on the Plivo-compatible route.
     pub(super) sdk_auth_id: Option<String>,
 }
@@ -123,7 +123,7 @@ impl Runtime {
                 name.clone(),
                 TenantPolicy {
                     allow: tenant.allow.clone(),
-                    account: tenant.account.clone(),
+                    account: Arc::from(tenant.account.as_str()),
                     sdk_auth_id: tenant.sdk_auth_id.clone(),
                 },
             );

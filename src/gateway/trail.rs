@@ -1,9 +1,11 @@
 //! The trail of one request: what its audit record and metrics need, filled in as the
 //! request moves along the path.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
-use http::Request;
+use http::{Method, Request};
 
 use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
 use crate::audit::{AuditEvent, EventKind};
@@ -13,23 +15,24 @@ use crate::routes::{flavor_of, Flavor};
 use super::ClientAddr;
 
 /// What the audit record and the metrics need to know about one request, filled in as
-/// the request moves along the path.
+/// the request moves along the path. Text is kept as the audit event wants it, so each
+/// record costs no copy.
 pub(super) struct Trail {
     pub(super) started: Instant,
     /// How replies to this request are shaped.
     pub(super) flavor: Flavor,
-    pub(super) request_id: String,
-    pub(super) client: Option<String>,
-    pub(super) method: String,
-    pub(super) path: String,
-    pub(super) tenant: Option<String>,
-    pub(super) token_fp: Option<String>,
-    pub(super) mpc: Option<String>,
-    pub(super) account: Option<String>,
+    pub(super) request_id: Arc<str>,
+    pub(super) client: Option<Arc<str>>,
+    pub(super) method: Cow<'static, str>,
+    pub(super) path: Arc<str>,
+    pub(super) tenant: Option<Arc<str>>,
+    pub(super) token_fp: Option<Arc<str>>,
+    pub(super) mpc: Option<Arc<str>>,
+    pub(super) account: Option<Arc<str>>,
     pub(super) status: Option<u16>,
     pub(super) reason: Option<&'static str>,
     pub(super) upstream_status: Option<u16>,
-    pub(super) plivo_api_id: Option<String>,
+    pub(super) plivo_api_id: Option<Arc<str>>,
     pub(super) attempts: Option<u32>,
     pub(super) rate_headers: Option<(String, String)>,
 }
@@ -44,18 +47,17 @@ impl Trail {
         Trail {
             started,
             flavor: flavor_of(request.uri().path()),
-            request_id: request_id.as_str().to_owned(),
+            request_id: request_id.into_shared(),
             client: request
                 .extensions()
                 .get::<ClientAddr>()
-                .map(|addr| addr.0.to_string()),
-            method: request.method().as_str().to_owned(),
+                .map(|addr| display_shared(addr.0)),
+            method: method_text(request.method()),
             // Cut here already, so a long target is not copied into both records.
-            path: truncate_on_char_boundary(
+            path: Arc::from(truncate_on_char_boundary(
                 &super::request_target(request.version(), request.uri()),
                 MAX_PATH_BYTES,
-            )
-            .to_owned(),
+            )),
             tenant: None,
             token_fp: None,
             mpc: None,
@@ -76,20 +78,50 @@ impl Trail {
         };
         AuditEvent {
             event: kind,
-            request_id: self.request_id.clone(),
+            request_id: Arc::clone(&self.request_id),
             tenant: self.tenant.clone(),
             token_fp: self.token_fp.clone(),
             client: self.client.clone(),
             method: self.method.clone(),
-            path: self.path.clone(),
+            path: Arc::clone(&self.path),
             mpc: self.mpc.clone(),
             account: self.account.clone(),
             status: self.status,
-            reason: self.reason.map(str::to_owned),
+            reason: self.reason.map(Cow::Borrowed),
             upstream_status: self.upstream_status,
             plivo_api_id: self.plivo_api_id.clone(),
             attempts: self.attempts,
             duration_ms,
         }
+    }
+}
+
+/// The method's name, static for the methods callers actually use.
+fn method_text(method: &Method) -> Cow<'static, str> {
+    let name = match *method {
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => return Cow::Owned(method.as_str().to_owned()),
+    };
+    Cow::Borrowed(name)
+}
+
+/// `value` as shared text with one allocation (`to_string` then `Arc::from` makes two).
+fn display_shared(value: impl std::fmt::Display) -> Arc<str> {
+    use std::io::Write as _;
+    // An `ip:port` is at most 47 bytes.
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    match write!(cursor, "{value}") {
+        Ok(()) => {
+            let len = usize::try_from(cursor.position()).unwrap_or(0);
+            Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+        }
+        Err(_) => Arc::from(value.to_string()),
     }
 }

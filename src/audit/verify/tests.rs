@@ -23,7 +23,7 @@ fn write_log(dir: &Path, n: usize, key: Option<&[u8]>, rotate_bytes: u64) -> Pat
         for i in 0..n {
             let ev = AuditEvent {
                 event: EventKind::Denied,
-                request_id: format!("req-{i}"),
+                request_id: format!("req-{i}").into(),
                 method: "POST".into(),
                 path: "/mpc/x/end".into(),
                 status: Some(403),

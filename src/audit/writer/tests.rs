@@ -26,11 +26,11 @@ fn settings(path: &Path, fsync: Fsync, rotate_bytes: u64) -> AuditSettings {
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
         event: EventKind::Forward,
-        request_id: format!("req-{i}"),
+        request_id: format!("req-{i}").into(),
         tenant: Some("billing".into()),
         method: "POST".into(),
-        path: format!("/mpc/billing-{i}/end"),
-        mpc: Some(format!("billing-{i}")),
+        path: format!("/mpc/billing-{i}/end").into(),
+        mpc: Some(format!("billing-{i}").into()),
         ..AuditEvent::default()
     }
 }
@@ -127,7 +127,7 @@ async fn path_is_cut_to_256_bytes_on_a_char_boundary() {
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
     let ev = AuditEvent {
-        path: format!("/{}", "ä".repeat(300)),
+        path: format!("/{}", "ä".repeat(300)).into(),
         ..event(0)
     };
     log.append(ev).await.expect("append");
