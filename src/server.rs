@@ -474,9 +474,11 @@ pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::R
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
     }
-    // Blocking threads serve DNS lookups for new upstream connections; the default of 512
-    // lets a burst of lookups leave dozens of idle threads (and their memory) behind.
-    builder.max_blocking_threads(16).enable_all().build()
+    // Blocking threads serve DNS lookups for new upstream connections. With an HTTP/2
+    // upstream one connection carries every call, and even over HTTP/1.1 a burst of
+    // lookups for the one Plivo host gains nothing from dozens of threads, each of which
+    // would stay around (with its memory) for a while after the burst.
+    builder.max_blocking_threads(4).enable_all().build()
 }
 
 async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
