@@ -1161,6 +1161,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     let core1 = cpu_busy(1)?;
     let zero1 = cpu_busy(0)?;
     let (switches1, threads) = context_switches(&pid)?;
+    let upstream_conns = established_to(sim_port)?;
     let wall_ticks = closed.elapsed.as_secs_f64() * env.ticks as f64;
     let server_pct = |busy: u64| busy as f64 / wall_ticks * 100.0;
     let cpu1_busy_pct = server_pct(core1.0 - core0.0);
@@ -1248,6 +1249,19 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     checks.push(format!(
         "load generator: {sent} requests sent, every answer 204: {all_clean}"
     ));
+    if kind.gateway() {
+        // Over HTTP/2 one connection carries every call; dozens mean HTTP/1.1 was used.
+        let multiplexed = !kind.http2() || upstream_conns <= 2;
+        checks.push(format!(
+            "gateway -> simulator: {upstream_conns} TCP connection(s) at the end of the closed loop{}",
+            match (kind.http2(), multiplexed) {
+                (false, _) => "",
+                (true, true) => " (HTTP/2, multiplexed): ok",
+                (true, false) => " (expected HTTP/2 over 1 or 2): MISMATCH",
+            }
+        ));
+        valid &= multiplexed;
+    }
     if let Some(mut gw) = gateway.take() {
         gw.proc.ensure_alive()?;
         let (status, metrics) = admin_get(gw.admin, "/metrics", Duration::from_secs(5))?;
@@ -1301,6 +1315,22 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         checks,
         valid,
     })
+}
+
+/// Established IPv4 TCP connections to 127.0.0.1:`port` (from `/proc/net/tcp`), i.e. the
+/// gateway's upstream connections to the simulator.
+fn established_to(port: u16) -> anyhow::Result<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
+    let wanted = format!(":{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st: 01 is ESTABLISHED.
+            fields.len() > 3 && fields[2].ends_with(&wanted) && fields[3] == "01"
+        })
+        .count())
 }
 
 // ---------------------------------------------------------------------------------------
