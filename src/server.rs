@@ -468,10 +468,17 @@ pub fn run_serve(config_path: PathBuf) -> anyhow::Result<()> {
     runtime.block_on(serve_until_signalled(config, config_path))
 }
 
-/// A multi-threaded runtime with `worker_threads` workers (0 = one per CPU).
+/// A runtime with `worker_threads` workers (0 = one per CPU). One worker is the calling
+/// thread itself (a current-thread runtime): no work-stealing machinery, no extra thread,
+/// and tasks woken in one turn run in order, so their upstream frames and audit records
+/// leave together.
 pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if worker_threads > 1 {
         builder.worker_threads(worker_threads);
     }
     // Blocking threads serve DNS lookups for new upstream connections. With an HTTP/2

@@ -535,9 +535,23 @@ fn serve_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
 
 #[test]
 fn sigterm_lets_a_slow_in_flight_request_finish() {
+    sigterm_drains_with(0);
+}
+
+/// `worker_threads: 1` runs everything on the main thread (a current-thread runtime):
+/// serving, signals and the drain must work the same.
+#[test]
+fn sigterm_drains_on_a_single_worker_thread_too() {
+    sigterm_drains_with(1);
+}
+
+fn sigterm_drains_with(worker_threads: usize) {
     let sim = Sim::start();
     let c = ConfigDir::new();
-    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    c.write(&format!(
+        "worker_threads: {worker_threads}\n{}",
+        c.yaml(&sim.base_url(), ALLOW)
+    ));
     let mut served = Served::start(&c.config_path());
     let local = served.local;
     assert_eq!(end(&served, "billing-1").0, 204);
