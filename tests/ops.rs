@@ -441,6 +441,54 @@ async fn account_limiter_state_survives_a_reload_unless_the_limit_changed() {
 // Drain
 // ---------------------------------------------------------------------------------------
 
+/// At most `MAX_IN_FLIGHT` (256) calls to Plivo at once: with every slot held by a slow
+/// call, one more waits (within its deadline) and reaches Plivo only when a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_calls_in_flight_are_capped() {
+    let cap = mpc_gateway::upstream::MAX_IN_FLIGHT;
+    let h = Harness::with(Options {
+        tenant_limit: (1000, 1000),
+        timeout: "10s",
+        ..Options::default()
+    })
+    .await;
+    let hold = Duration::from_millis(1500);
+    for _ in 0..cap {
+        h.sim.push_fault(Fault::Delay(hold));
+    }
+    let names: Vec<String> = (0..cap).map(|i| format!("billing-held-{i}")).collect();
+    let held = futures_util::future::join_all(names.iter().map(|name| h.end(name, BILLING_TOKEN)));
+    let extra = async {
+        assert!(
+            eventually_async(Duration::from_secs(10), || async {
+                h.sim.request_count() >= cap as u64
+            })
+            .await,
+            "the first {cap} calls reached the simulator"
+        );
+        let (reply, seen_while_full) = tokio::join!(h.end("billing-extra", BILLING_TOKEN), async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            h.sim.request_count()
+        });
+        (reply, seen_while_full)
+    };
+    let (held, (extra, seen_while_full)) = tokio::join!(held, extra);
+    assert!(held.iter().all(|reply| reply.status == 204));
+    assert_eq!(
+        seen_while_full, cap as u64,
+        "while {cap} calls were in flight, one more did not reach Plivo"
+    );
+    assert_eq!(extra.status, 204, "it went through once a slot was free");
+    assert_eq!(h.sim.request_count(), cap as u64 + 1);
+    let records = h.records();
+    let result = records
+        .iter()
+        .find(|r| r["event"] == "result" && r["mpc"] == "billing-extra")
+        .expect("the extra call's result record");
+    assert_eq!(result["attempts"], 1);
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connections() {
     let mut h = Harness::start().await;

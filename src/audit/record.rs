@@ -89,8 +89,9 @@ pub struct AuditEvent {
     pub duration_ms: Option<u64>,
 }
 
-/// A line without its `hash` member. Field order here IS the contract order: serde
-/// serializes struct fields in declaration order, and the hash covers these exact bytes.
+/// A line without its `hash` member. Field order here IS the contract order, and the hash
+/// covers these exact bytes. [`Body::write_json`] writes it; the serde derive (declaration
+/// order) is the reference the tests hold it to.
 #[derive(Serialize)]
 pub(crate) struct Body<'a> {
     seq: u64,
@@ -136,6 +137,55 @@ impl<'a> Body<'a> {
             prev,
         }
     }
+
+    /// Appends the compact JSON object to `out`, byte for byte what `serde_json` makes of
+    /// the derive: the member names are written as constants (serde_json would escape
+    /// each of them on every record), strings are escaped by `serde_json` itself.
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"{\"seq\":");
+        serde_json::to_writer(&mut *out, &self.seq)?;
+        let members: [(&[u8], Value<'_>); 17] = [
+            (b",\"ts\":", Value::Text(Some(self.ts))),
+            (b",\"event\":", Value::Text(Some(self.event.as_str()))),
+            (b",\"request_id\":", Value::Text(Some(self.request_id))),
+            (b",\"tenant\":", Value::Text(self.tenant)),
+            (b",\"token_fp\":", Value::Text(self.token_fp)),
+            (b",\"client\":", Value::Text(self.client)),
+            (b",\"method\":", Value::Text(Some(self.method))),
+            (b",\"path\":", Value::Text(Some(self.path))),
+            (b",\"mpc\":", Value::Text(self.mpc)),
+            (b",\"account\":", Value::Text(self.account)),
+            (b",\"status\":", Value::Number(self.status.map(u64::from))),
+            (b",\"reason\":", Value::Text(self.reason)),
+            (
+                b",\"upstream_status\":",
+                Value::Number(self.upstream_status.map(u64::from)),
+            ),
+            (b",\"plivo_api_id\":", Value::Text(self.plivo_api_id)),
+            (
+                b",\"attempts\":",
+                Value::Number(self.attempts.map(u64::from)),
+            ),
+            (b",\"duration_ms\":", Value::Number(self.duration_ms)),
+            (b",\"prev\":", Value::Text(Some(self.prev))),
+        ];
+        for (key, value) in members {
+            out.extend_from_slice(key);
+            match value {
+                Value::Text(Some(text)) => serde_json::to_writer(&mut *out, text)?,
+                Value::Number(Some(number)) => serde_json::to_writer(&mut *out, &number)?,
+                Value::Text(None) | Value::Number(None) => out.extend_from_slice(b"null"),
+            }
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// One member's value in [`Body::write_json`].
+enum Value<'a> {
+    Text(Option<&'a str>),
+    Number(Option<u64>),
 }
 
 /// The longest prefix of `s` that has at most `max` bytes and ends on a char boundary.
@@ -206,6 +256,40 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_string(&k).ok().as_deref(), Some(s));
             assert_eq!(format!("\"{}\"", k.as_str()), s);
+        }
+    }
+
+    /// `write_json` is byte for byte what serde_json makes of the derive, for empty and
+    /// full events and for text that needs every kind of escape.
+    #[test]
+    fn write_json_matches_the_serde_reference() {
+        let hostile = "q\"b\\s/\u{0}\u{1f}\n\r\t\u{8}\u{c}\u{7f}ä€😀\u{2028}";
+        let full = AuditEvent {
+            event: EventKind::Result,
+            request_id: hostile.into(),
+            tenant: Some("billing".into()),
+            token_fp: Some("0123456789ab".into()),
+            client: Some("[::1]:65535".into()),
+            method: "DELETE".into(),
+            path: format!("/mpc/{hostile}/end").into(),
+            mpc: Some(hostile.into()),
+            account: Some("default".into()),
+            status: Some(204),
+            reason: Some("ended".into()),
+            upstream_status: Some(u16::MAX),
+            plivo_api_id: Some(hostile.into()),
+            attempts: Some(u32::MAX),
+            duration_ms: Some(u64::MAX),
+        };
+        for (seq, ev) in [(1, AuditEvent::default()), (u64::MAX, full)] {
+            let body = Body::new(seq, "2026-11-26T09:03:32.123Z", hostile, &ev);
+            let mut written = Vec::new();
+            body.write_json(&mut written).expect("write");
+            let reference = serde_json::to_vec(&body).expect("serialize");
+            assert_eq!(
+                String::from_utf8_lossy(&written),
+                String::from_utf8_lossy(&reference)
+            );
         }
     }
 

@@ -524,7 +524,7 @@ impl Writer {
             let ts_text = self.ts_cache.as_ref().map_or("", |(_, text)| text.as_str());
             self.body.clear();
             let body = Body::new(seq, ts_text, prev.as_str(), &req.event);
-            match serde_json::to_writer(&mut self.body, &body) {
+            match body.write_json(&mut self.body) {
                 Ok(()) => {
                     let hash = self.hasher.digest(&self.body);
                     chain::seal_into(&self.body, hash.as_str(), &mut self.buf);
