@@ -64,7 +64,37 @@ pub enum AuditError {
 /// A record waiting for the writer, and where to report its fate.
 struct Request {
     event: AuditEvent,
-    ack: oneshot::Sender<Result<u64, AuditError>>,
+    ack: oneshot::Sender<Ack>,
+}
+
+/// A record's fate (its seq, or why it was not written), with the relay of the rest of
+/// its batch.
+type Ack = (Result<u64, AuditError>, AckRelay);
+
+/// The acknowledgements of a batch, but for the one they travel with. The writer thread
+/// wakes one waiting caller and hands it the rest, so the others are woken from inside
+/// the caller's runtime: from another thread, every wake-up is a syscall and often a
+/// context switch (on a current-thread runtime, one per record). Whoever drops the relay
+/// sends what it holds, so nothing is lost if that caller has gone away.
+#[derive(Default)]
+struct AckRelay(Vec<(oneshot::Sender<Ack>, Result<u64, AuditError>)>);
+
+impl AckRelay {
+    /// Acknowledges a whole batch: one send, the relay doing the rest.
+    fn send_all(mut acks: Vec<(oneshot::Sender<Ack>, Result<u64, AuditError>)>) {
+        if let Some((first, outcome)) = acks.pop() {
+            // If that caller is gone, the returned relay is dropped here and sends the rest.
+            let _ = first.send((outcome, AckRelay(acks)));
+        }
+    }
+}
+
+impl Drop for AckRelay {
+    fn drop(&mut self) {
+        for (ack, outcome) in self.0.drain(..) {
+            let _ = ack.send((outcome, AckRelay::default()));
+        }
+    }
 }
 
 /// `None` while running; the final flush's outcome once the writer stopped.
@@ -116,11 +146,12 @@ impl InlineState {
         }
         match self.writer.as_mut() {
             Some(writer) => writer.commit(&mut self.pending),
-            None => {
-                for req in self.pending.drain(..) {
-                    let _ = req.ack.send(Err(AuditError::Closed));
-                }
-            }
+            None => AckRelay::send_all(
+                self.pending
+                    .drain(..)
+                    .map(|req| (req.ack, Err(AuditError::Closed)))
+                    .collect(),
+            ),
         }
     }
 }
@@ -284,7 +315,10 @@ impl AuditLog {
                 }
             }
         }
-        acked.await.map_err(|_| AuditError::WriterGone)?
+        let (outcome, relay) = acked.await.map_err(|_| AuditError::WriterGone)?;
+        // Acknowledges the rest of the batch, if this record carried them.
+        drop(relay);
+        outcome
     }
 
     /// False after a failed write, until a later write (or a probe) succeeds; false
@@ -487,17 +521,23 @@ impl Writer {
                 self.prev = encoded.prev;
                 self.last_ts = encoded.last_ts;
                 self.set_writable(true);
-                for (req, outcome) in batch.drain(..).zip(encoded.outcomes) {
-                    let _ = req.ack.send(outcome); // the caller may have gone away
-                }
+                AckRelay::send_all(
+                    batch
+                        .drain(..)
+                        .zip(encoded.outcomes)
+                        .map(|(req, outcome)| (req.ack, outcome))
+                        .collect(),
+                );
                 self.maybe_rotate();
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
                 self.set_writable(false);
-                for req in batch.drain(..) {
-                    let _ = req.ack.send(Err(self.io_error("write", &e)));
-                }
+                let acks = batch
+                    .drain(..)
+                    .map(|req| (req.ack, Err(self.io_error("write", &e))))
+                    .collect();
+                AckRelay::send_all(acks);
             }
         }
     }

@@ -463,3 +463,48 @@ fn missing_directory_is_an_error_and_check_writable_reports_it() {
         "probe removed"
     );
 }
+
+/// A batch is acknowledged with one send; the caller that gets it wakes the others. If
+/// that caller has gone away, nobody waits forever.
+#[test]
+fn the_relay_acknowledges_the_whole_batch_even_if_its_carrier_is_gone() {
+    let mut receivers = Vec::new();
+    let mut acks = Vec::new();
+    for seq in 1..=3u64 {
+        let (tx, rx) = oneshot::channel();
+        acks.push((tx, Ok(seq)));
+        receivers.push(rx);
+    }
+    // The last one carries the relay: its caller is gone.
+    drop(receivers.pop());
+    AckRelay::send_all(acks);
+    for (expected, mut rx) in (1..=2u64).zip(receivers) {
+        let (outcome, relay) = rx.try_recv().expect("acknowledged");
+        assert_eq!(outcome.expect("written"), expected);
+        assert!(relay.0.is_empty());
+    }
+
+    // The carrier alive: the others are woken only when it drops the relay.
+    let (mut carrier, mut others) = (None, Vec::new());
+    let mut acks = Vec::new();
+    for seq in 1..=3u64 {
+        let (tx, rx) = oneshot::channel();
+        acks.push((tx, Ok(seq)));
+        if seq == 3 {
+            carrier = Some(rx);
+        } else {
+            others.push(rx);
+        }
+    }
+    AckRelay::send_all(acks);
+    assert!(others.iter_mut().all(|rx| rx.try_recv().is_err()));
+    let (outcome, relay) = carrier.expect("carrier").try_recv().expect("acknowledged");
+    assert_eq!(outcome.expect("written"), 3);
+    drop(relay);
+    for (expected, mut rx) in (1..=2u64).zip(others) {
+        assert_eq!(
+            rx.try_recv().expect("relayed").0.expect("written"),
+            expected
+        );
+    }
+}
