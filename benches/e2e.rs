@@ -552,7 +552,9 @@ async fn fixed_rate(
     duration: Duration,
 ) -> (Vec<Conn>, PhaseResult) {
     let slots = conns.len();
-    let pool = Arc::new(Mutex::new(conns));
+    // FIFO: every connection takes its turn. A stack would leave most of them idle for
+    // whole phases, and the gateway closes keep-alive connections idle for 10 s.
+    let pool = Arc::new(Mutex::new(std::collections::VecDeque::from(conns)));
     let idle = Arc::new(tokio::sync::Semaphore::new(slots));
     let count = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let interval_ns = 1e9 / rate as f64;
@@ -579,7 +581,10 @@ async fn fixed_rate(
             let Ok(_permit) = idle.acquire().await else {
                 return (Err(anyhow!("semaphore closed")), Duration::ZERO);
             };
-            let taken = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let taken = pool
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
             let Some(mut conn) = taken else {
                 return (Err(anyhow!("no idle connection")), Duration::ZERO);
             };
@@ -590,7 +595,7 @@ async fn fixed_rate(
             let latency = due.elapsed();
             pool.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(conn);
+                .push_back(conn);
             (outcome, latency)
         });
         i += 1;
@@ -618,7 +623,7 @@ async fn fixed_rate(
     result.drain = last_due.elapsed();
     result.elapsed = t0.elapsed();
     let conns = std::mem::take(&mut *pool.lock().unwrap_or_else(PoisonError::into_inner));
-    (conns, result)
+    (conns.into(), result)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use mpc_gateway::simulator::{Fault, SimTls};
@@ -189,25 +189,6 @@ async fn harness_with_raw_upstream(options: Options) -> (Harness, RawUpstream) {
     })
     .await;
     (h, raw)
-}
-
-/// Ends `name` as billing and returns the reply and how long it took (bounded by the
-/// harness client's 15 s).
-async fn timed_end(h: &Harness, name: &str) -> (Reply, Duration) {
-    let started = Instant::now();
-    let reply = h.end(name, BILLING_TOKEN).await;
-    (reply, started.elapsed())
-}
-
-/// The last record, asserting it is the `result` that follows its `forward`.
-fn last_result(h: &Harness) -> serde_json::Value {
-    let records = h.records();
-    let n = records.len();
-    assert!(n >= 2, "forward and result: {records:?}");
-    assert_eq!(records[n - 2]["event"], "forward");
-    assert_eq!(records[n - 1]["event"], "result");
-    assert_eq!(records[n - 2]["request_id"], records[n - 1]["request_id"]);
-    records[n - 1].clone()
 }
 
 // ---------------------------------------------------------------------------------------

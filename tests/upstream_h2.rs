@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use http::Method;
@@ -43,24 +43,6 @@ async fn end_with_id(h: &Harness, name: &str, request_id: &str) -> Reply {
         b"",
     )
     .await
-}
-
-/// Ends `name` as billing and returns the reply and how long it took.
-async fn timed_end(h: &Harness, name: &str) -> (Reply, Duration) {
-    let started = Instant::now();
-    let reply = h.end(name, BILLING_TOKEN).await;
-    (reply, started.elapsed())
-}
-
-/// The last record, asserting it is the `result` that follows its `forward`.
-fn last_result(h: &Harness) -> serde_json::Value {
-    let records = h.records();
-    let n = records.len();
-    assert!(n >= 2, "forward and result: {records:?}");
-    assert_eq!(records[n - 2]["event"], "forward", "{records:?}");
-    assert_eq!(records[n - 1]["event"], "result", "{records:?}");
-    assert_eq!(records[n - 2]["request_id"], records[n - 1]["request_id"]);
-    records[n - 1].clone()
 }
 
 /// Every request the simulator saw came over HTTP/2.

@@ -816,3 +816,22 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Ends `name` as billing and returns the reply and how long it took (bounded by the
+/// harness client's 15 s).
+pub async fn timed_end(h: &Harness, name: &str) -> (Reply, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let reply = h.end(name, BILLING_TOKEN).await;
+    (reply, started.elapsed())
+}
+
+/// The last record, asserting it is the `result` that follows its `forward`.
+pub fn last_result(h: &Harness) -> serde_json::Value {
+    let records = h.records();
+    let n = records.len();
+    assert!(n >= 2, "forward and result: {records:?}");
+    assert_eq!(records[n - 2]["event"], "forward", "{records:?}");
+    assert_eq!(records[n - 1]["event"], "result", "{records:?}");
+    assert_eq!(records[n - 2]["request_id"], records[n - 1]["request_id"]);
+    records[n - 1].clone()
+}

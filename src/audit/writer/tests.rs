@@ -35,6 +35,17 @@ fn event(i: usize) -> AuditEvent {
     }
 }
 
+/// A log whose file fails on demand; also counts the file's writes.
+fn open_with_faults(path: &Path, fsync: Fsync) -> (AuditLog, Faults) {
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(path, fsync, 1 << 20),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    (log, faults)
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("read log")
@@ -276,12 +287,7 @@ async fn group_commit_with_fsync_always_and_rotation() {
 async fn inline_appends_of_one_turn_share_one_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
-    let faults = Faults::default();
-    let log = AuditLog::open_with(
-        settings(&path, Fsync::Never, 1 << 20),
-        Box::new(FaultyOpener(faults.clone())),
-    )
-    .expect("open");
+    let (log, faults) = open_with_faults(&path, Fsync::Never);
     let appends: Vec<_> = (0..20).map(|i| log.append(event(i))).collect();
     let seqs: Vec<u64> = tokio::time::timeout(
         Duration::from_secs(5),
@@ -355,12 +361,7 @@ async fn empty_live_file_after_rotation_continues_from_rotated_sibling() {
 async fn failed_write_leaves_no_partial_line_and_does_not_advance_seq() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
-    let faults = Faults::default();
-    let log = AuditLog::open_with(
-        settings(&path, Fsync::Always, 1 << 20),
-        Box::new(FaultyOpener(faults.clone())),
-    )
-    .expect("open");
+    let (log, faults) = open_with_faults(&path, Fsync::Always);
     log.append(event(0)).await.expect("append");
     log.append(event(1)).await.expect("append");
     let before = std::fs::read(&path).expect("read");
@@ -395,12 +396,7 @@ async fn failed_write_leaves_no_partial_line_and_does_not_advance_seq() {
 async fn probe_restores_writability_without_leaving_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
-    let faults = Faults::default();
-    let log = AuditLog::open_with(
-        settings(&path, Fsync::Never, 1 << 20),
-        Box::new(FaultyOpener(faults.clone())),
-    )
-    .expect("open");
+    let (log, faults) = open_with_faults(&path, Fsync::Never);
     log.append(event(0)).await.expect("append");
     let before = std::fs::read(&path).expect("read");
     faults.set(fault::PARTIAL_WRITE);
