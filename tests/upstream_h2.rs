@@ -80,9 +80,9 @@ async fn the_contract_request_goes_upstream_over_http2() {
             &[
                 ("authorization", &auth),
                 ("x-request-id", "caller-h2-1"),
-                ("cookie", "session=secret-cookie"),
-                ("x-forwarded-for", "10.1.2.3"),
-                ("content-type", "application/json"),
+                LEAKY_HEADERS[0],
+                LEAKY_HEADERS[1],
+                LEAKY_HEADERS[2],
             ],
             b"{\"ignored\": true}",
         )
@@ -96,29 +96,12 @@ async fn the_contract_request_goes_upstream_over_http2() {
     assert_eq!(upstream.len(), 1, "{upstream:?}");
     let sent = &upstream[0];
     assert_eq!(sent.version, HTTP2);
-    assert_eq!(sent.method, "DELETE");
-    assert_eq!(sent.target, upstream_path("billing-h2"));
+    assert_contract_upstream_request(sent, "billing-h2");
     let port = h.sim.local_addr().port();
     assert_eq!(
         sent.authority.as_deref(),
         Some(format!("localhost:{port}").as_str())
     );
-    assert_eq!(
-        sent.header("authorization"),
-        Some(expected_basic().as_str())
-    );
-    assert_eq!(
-        sent.header("user-agent"),
-        Some(concat!("mpc-gateway/", env!("CARGO_PKG_VERSION")))
-    );
-    assert_eq!(sent.header("accept"), Some("application/json"));
-    assert!(sent.body.is_empty(), "{:?}", sent.body);
-    for leaked in ["cookie", "x-forwarded-for", "x-request-id", "content-type"] {
-        assert_eq!(sent.header(leaked), None, "{leaked} leaked upstream");
-    }
-    let all_headers = format!("{:?}", sent.headers);
-    assert!(!all_headers.contains(BILLING_TOKEN), "{all_headers}");
-    assert!(!all_headers.contains("Bearer"), "{all_headers}");
     assert_eq!(h.sim.connection_count(), 1);
 
     let records = h.records();

@@ -835,3 +835,40 @@ pub fn last_result(h: &Harness) -> serde_json::Value {
     assert_eq!(records[n - 2]["request_id"], records[n - 1]["request_id"]);
     records[n - 1].clone()
 }
+
+/// Headers a caller may send that must never reach Plivo.
+pub const LEAKY_HEADERS: [(&str, &str); 3] = [
+    ("cookie", "session=secret-cookie"),
+    ("x-forwarded-for", "10.1.2.3"),
+    ("content-type", "application/json"),
+];
+
+/// Asserts the contract's upstream request for ending `name` on the default account:
+/// `DELETE` to its path, Basic auth, our User-Agent, `Accept: application/json`, no body,
+/// nothing of the caller's (its headers, its request id, its token).
+pub fn assert_contract_upstream_request(
+    sent: &mpc_gateway::simulator::RecordedRequest,
+    name: &str,
+) {
+    assert_eq!(sent.method, "DELETE");
+    assert_eq!(
+        sent.target,
+        format!("/v1/Account/{AUTH_ID}/MultiPartyCall/name_{name}/")
+    );
+    assert_eq!(
+        sent.header("authorization"),
+        Some(expected_basic().as_str())
+    );
+    assert_eq!(
+        sent.header("user-agent"),
+        Some(concat!("mpc-gateway/", env!("CARGO_PKG_VERSION")))
+    );
+    assert_eq!(sent.header("accept"), Some("application/json"));
+    assert!(sent.body.is_empty(), "{:?}", sent.body);
+    for (leaked, _) in LEAKY_HEADERS.iter().chain(&[("x-request-id", "")]) {
+        assert_eq!(sent.header(leaked), None, "{leaked} leaked upstream");
+    }
+    let all_headers = format!("{:?}", sent.headers);
+    assert!(!all_headers.contains(BILLING_TOKEN), "{all_headers}");
+    assert!(!all_headers.contains("Bearer"), "{all_headers}");
+}
