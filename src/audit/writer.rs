@@ -1,10 +1,15 @@
 //! The durable audit writer (DESIGN.md §3, contract).
 //!
-//! [`AuditLog`] is a cheap handle; the work happens on one dedicated OS thread (not a
-//! tokio task, so a slow disk never stalls the async runtime). Appends travel over a
-//! channel with a oneshot acknowledgement; the thread takes the first waiting record,
-//! drains whatever else is queued (group commit), serializes the batch, issues one
-//! `write` and — with [`Fsync::Always`] — one fsync, and only then acknowledges.
+//! [`AuditLog`] is a cheap handle. Both modes commit records in batches: serialize,
+//! chain, one `write`, and only then acknowledge.
+//!
+//! - [`Fsync::Always`]: a dedicated OS thread (not a tokio task, so a slow disk never
+//!   stalls the async runtime) takes the first waiting record, drains whatever else is
+//!   queued (group commit), writes and fsyncs once, and wakes one caller of the batch,
+//!   which wakes the rest ([`AckRelay`]).
+//! - [`Fsync::Never`]: nothing to wait for but the page cache, so callers write under a
+//!   mutex themselves; the records appended in one turn of the runtime share one write
+//!   ([`InlineFlush`]).
 //!
 //! A failed write or fsync is undone (the file is cut back to its length before the
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
