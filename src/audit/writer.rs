@@ -6,10 +6,10 @@
 //! - [`Fsync::Always`]: a dedicated OS thread (not a tokio task, so a slow disk never
 //!   stalls the async runtime) takes the first waiting record, drains whatever else is
 //!   queued (group commit), writes and fsyncs once, and wakes one caller of the batch,
-//!   which wakes the rest ([`AckRelay`]).
+//!   which wakes the rest (`AckRelay`).
 //! - [`Fsync::Never`]: nothing to wait for but the page cache, so callers write under a
 //!   mutex themselves; the records appended in one turn of the runtime share one write
-//!   ([`InlineFlush`]).
+//!   (`InlineFlush`).
 //!
 //! A failed write or fsync is undone (the file is cut back to its length before the
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
