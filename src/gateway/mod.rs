@@ -11,7 +11,7 @@
 //! ─▶ DELETE ─▶ result`.
 //!
 //! The first check that fails decides the reply; every request ends with exactly one
-//! terminal audit record (`denied` or `result`). [`Gateway::admit`] holds the checks,
+//! terminal audit record (`denied` or `result`). `Gateway::admit` holds the checks,
 //! [`Gateway::handle`] the audit and upstream steps around them.
 
 mod identify;
