@@ -144,7 +144,7 @@ pub enum Identity {
 }
 
 impl Identity {
-    pub fn fingerprint(&self) -> Option<&str> {
+    pub fn fingerprint(&self) -> Option<&Arc<str>> {
         match self {
             Identity::Anonymous => None,
             Identity::Unknown { fingerprint } | Identity::Tenant { fingerprint, .. } => {

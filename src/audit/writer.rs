@@ -591,9 +591,8 @@ impl Writer {
         }
     }
 
-    /// `ts` formatted, reusing the last text when `ts` is the same millisecond: under load
-    /// most records share their millisecond with the one before.
-    /// Makes `ts_cache` hold the text of `ts` (formatted at most once per millisecond).
+    /// Makes `ts_cache` hold the text of `ts`, reusing the last text when `ts` is the same
+    /// millisecond: under load most records share their millisecond with the one before.
     fn cache_ts_text(&mut self, ts: OffsetDateTime) {
         if !matches!(&self.ts_cache, Some((cached, _)) if *cached == ts) {
             self.ts_cache = Some((ts, record::format_ts(ts)));

@@ -60,7 +60,7 @@ fn by_certificate_or_bearer(
                 fingerprint,
             },
         ) => (Some(Arc::clone(tenant)), Some(Arc::clone(fingerprint))),
-        (None, identity) => (None, identity.fingerprint().map(Arc::from)),
+        (None, identity) => (None, identity.fingerprint().cloned()),
     }
 }
 
@@ -72,7 +72,7 @@ fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) 
         return (None, None);
     };
     let identity = runtime.tokens.identify(password.as_bytes());
-    let fingerprint = identity.fingerprint().map(Arc::from);
+    let fingerprint = identity.fingerprint().cloned();
     let Identity::Tenant { tenant, .. } = identity else {
         return (None, fingerprint);
     };
