@@ -1,7 +1,7 @@
 //! The real binary (DESIGN.md §4 and §5): `token new|hash`, `check-config`, `serve` as a
 //! process driven by signals, and `audit verify` on the log that `serve` wrote.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

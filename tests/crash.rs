@@ -12,7 +12,7 @@
 //!   torn tail, is only acceptable before the restart);
 //! - the same with a tiny `rotate_bytes`, verified across every rotated file.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};

@@ -6,7 +6,7 @@
 //! The closed port is in `tests/gateway.rs`, the full audit disk in `tests/ops.rs`,
 //! SIGKILL under load in `tests/crash.rs`.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

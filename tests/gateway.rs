@@ -2,7 +2,7 @@
 //! TLS simulator with a CA made here. Each test checks what the caller got, what the
 //! upstream received and what the audit log holds.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

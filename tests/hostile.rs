@@ -10,7 +10,7 @@
 //! refuses gets none and is counted in `mpc_gateway_http_rejected_total` instead.
 //! (Slowloris is in `tests/ops.rs`.)
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

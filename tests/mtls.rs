@@ -2,7 +2,7 @@
 //! refused handshakes, Bearer alongside certificates, and server certificate rotation on
 //! reload. Certificates are made here with rcgen (through the simulator's test PKI).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

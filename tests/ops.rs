@@ -3,7 +3,7 @@
 //! graceful drain with a slow in-flight request, the slowloris header timeout, and the
 //! fail-closed audit log on a full disk. In-process, on the harness in `tests/common`.
 
-mod common;
+use crate::common;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@
 //! change. If that cannot be done (no `venv` module, PyPI unreachable) every test here
 //! fails with the reason. `MPC_GATEWAY_TEST_PYTHON` picks another base interpreter.
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

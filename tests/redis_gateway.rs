@@ -2,7 +2,7 @@
 //! admit what one limit allows, and each `on_error` policy behaves as specified when
 //! Redis dies and comes back. Each test runs its own redis-server on loopback.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! instance, keys that expire, script reload after `SCRIPT FLUSH`, bounded failure when
 //! Redis is down or hung, and recovery when it comes back.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

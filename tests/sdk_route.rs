@@ -1,7 +1,7 @@
 //! The Plivo-compatible route (`DELETE /v1/Account/{auth_id}/MultiPartyCall/…`, HTTP
 //! Basic with the tenant's `sdk_auth_id`) and ending an MPC by uuid on both routes.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::*;

@@ -6,7 +6,7 @@
 //! `503 upstream-rate-limited` with Plivo's `Retry-After`, a reset connection retried on a
 //! new one, a reset stream retried on the same one, and a slow stream that times out without poisoning the shared connection.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;
