@@ -181,6 +181,10 @@ pub enum Fault {
     ResetStream,
     /// Never answer; hold the connection until the simulator stops.
     Hang,
+    /// Answer normally, then close the connection gracefully, as a server does after
+    /// its maximum requests per connection: over HTTP/2 a `GOAWAY` (`NO_ERROR`) sent
+    /// before this answer, over HTTP/1.1 `Connection: close`.
+    GoAway,
 }
 
 impl Fault {
@@ -678,7 +682,7 @@ async fn serve_connection(
     _done: mpsc::Sender<()>,
 ) {
     let mut stop = shared.stop.subscribe();
-    let reset = Arc::new(ResetSwitch::default());
+    let reset = Arc::new(ConnectionSwitch::default());
     let inner = match acceptor {
         None => IoInner::Plain(tcp),
         Some(acceptor) => {
@@ -730,11 +734,12 @@ async fn serve_connection(
 }
 
 /// Serves `conn` until it ends, a [`Fault::Reset`] drops it (every stream of an HTTP/2
-/// connection with it), or the simulator stops (graceful, bounded by [`SHUTDOWN_GRACE`]).
+/// connection with it), a [`Fault::GoAway`] closes it gracefully, or the simulator stops
+/// (graceful, bounded by [`SHUTDOWN_GRACE`]).
 async fn drive<C>(
     conn: C,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    reset: &ResetSwitch,
+    reset: &ConnectionSwitch,
     stop: &mut watch::Receiver<bool>,
 ) -> hyper::Result<()>
 where
@@ -744,6 +749,14 @@ where
     tokio::select! {
         result = conn.as_mut() => result,
         () = reset.fired.notified() => Ok(()),
+        () = reset.go_away.notified() => {
+            graceful_shutdown(conn.as_mut());
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = reset.fired.notified() => Ok(()),
+                _ = stopped(stop) => Ok(()),
+            }
+        }
         _ = stopped(stop) => {
             graceful_shutdown(conn.as_mut());
             tokio::time::timeout(SHUTDOWN_GRACE, conn).await.unwrap_or(Ok(()))
@@ -754,7 +767,7 @@ where
 /// Answer one request: count, record, apply a queued fault, wait the latency, route.
 async fn handle(
     shared: Arc<Shared>,
-    reset: Arc<ResetSwitch>,
+    reset: Arc<ConnectionSwitch>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, io::Error> {
     shared.request_count.fetch_add(1, Ordering::SeqCst);
@@ -828,6 +841,7 @@ async fn handle(
             return Ok(fault_response(status, headers, body));
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::GoAway) => reset.go_away(),
     }
     if !shared.latency.is_zero() {
         tokio::time::sleep(shared.latency).await;
@@ -1006,14 +1020,20 @@ enum IoInner {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// Set by [`Fault::Reset`]: the connection is dropped at once, without a shutdown.
+/// What a fault asks of its connection: [`Fault::Reset`] drops it at once, without a
+/// shutdown; [`Fault::GoAway`] closes it gracefully.
 #[derive(Default)]
-struct ResetSwitch {
+struct ConnectionSwitch {
     set: AtomicBool,
     fired: tokio::sync::Notify,
+    go_away: tokio::sync::Notify,
 }
 
-impl ResetSwitch {
+impl ConnectionSwitch {
+    fn go_away(&self) {
+        self.go_away.notify_one();
+    }
+
     fn fire(&self) {
         self.set.store(true, Ordering::SeqCst);
         // `notify_one` keeps a permit, so the connection task cannot miss it.
@@ -1029,7 +1049,7 @@ impl ResetSwitch {
 /// and the socket gets `SO_LINGER` 0 before it is closed, so the peer sees an RST.
 struct SimIo {
     inner: IoInner,
-    reset: Arc<ResetSwitch>,
+    reset: Arc<ConnectionSwitch>,
 }
 
 impl SimIo {

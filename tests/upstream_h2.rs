@@ -375,3 +375,65 @@ async fn a_slow_http2_stream_times_out_without_poisoning_the_connection() {
     h.assert_chain();
     h.shutdown().await;
 }
+
+/// The upstream closes the connection gracefully (`GOAWAY`, `NO_ERROR`), as servers do
+/// after a number of requests per connection: the call it came with succeeds, and every
+/// later call goes out on a new connection at the first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_goaway_later_calls_use_a_new_connection() {
+    let h = h2_harness(Options::default()).await;
+    warm_up(&h).await;
+    h.sim.push_fault(Fault::GoAway);
+    let reply = h.end("billing-goaway", BILLING_TOKEN).await;
+    assert_eq!(
+        reply.status,
+        204,
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(last_result(&h)["attempts"], 1);
+    for call in 0..3 {
+        let reply = h
+            .end(&format!("billing-after-goaway-{call}"), BILLING_TOKEN)
+            .await;
+        assert_eq!(reply.status, 204, "call {call}: {:?}", reply.body);
+        let result = last_result(&h);
+        assert_eq!(result["attempts"], 1, "call {call} needed no retry");
+    }
+    let upstream = h.sim.requests();
+    assert_eq!(upstream.len(), 5, "warm-up, the GOAWAY call and three more");
+    assert_all_http2(&upstream);
+    assert_eq!(
+        h.sim.connection_count(),
+        2,
+        "one connection before the GOAWAY, one after"
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+/// An upstream that answers ALPN with HTTP/1.1: the connection that asked for `h2`
+/// carries the first call instead of being thrown away, and later calls reuse one
+/// kept-alive HTTP/1.1 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upstream_gets_the_first_call_on_the_alpn_connection() {
+    let h = Harness::with(Options::default()).await;
+    for call in 0..4 {
+        let reply = h.end(&format!("billing-h1-{call}"), BILLING_TOKEN).await;
+        assert_eq!(reply.status, 204, "call {call}: {:?}", reply.body);
+        assert_eq!(last_result(&h)["attempts"], 1, "call {call}");
+    }
+    let upstream = h.sim.requests();
+    assert_eq!(upstream.len(), 4);
+    for (call, request) in upstream.iter().enumerate() {
+        assert_eq!(request.version, "HTTP/1.1", "call {call}");
+        assert_contract_upstream_request(request, &format!("billing-h1-{call}"));
+    }
+    assert_eq!(
+        h.sim.connection_count(),
+        2,
+        "the ALPN connection for the first call, one pooled connection after"
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}

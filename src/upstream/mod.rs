@@ -1,7 +1,7 @@
-//! The call to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` over a
-//! rustls client (HTTP/2 when the upstream offers it by ALPN, else a keep-alive HTTP/1.1
-//! pool), with a per-attempt connect timeout, one deadline over all
-//! attempts, jittered exponential backoff on connect errors and 502/503/504, and the
+//! The call to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` over
+//! rustls (one HTTP/2 connection when the upstream offers it by ALPN, else a keep-alive
+//! HTTP/1.1 pool: `transport.rs`), with a per-attempt connect timeout, one deadline over
+//! all attempts, jittered exponential backoff on connect errors and 502/503/504, and the
 //! mapping of Plivo's answer to what the caller gets.
 
 use std::error::Error as StdError;
@@ -14,10 +14,6 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
@@ -30,12 +26,6 @@ use crate::problem::Problem;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// An upstream connection unused this long is closed.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often an HTTP/2 upstream connection is pinged, and how long a ping may take
-/// before the connection is dropped.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls to Plivo in flight at once. Plivo allows 60 requests/s per account, so more
 /// than this means Plivo is slow; callers then wait (within `timeout`) instead of piling
 /// up sockets.
@@ -117,51 +107,12 @@ pub enum UpstreamBuildError {
     CaFile(String),
 }
 
-type HttpsClient = Client<TimedConnector, Empty<Bytes>>;
+mod transport;
 
-/// The rustls connector with `connect_timeout` over the TCP connect *and* the TLS
-/// handshake: an upstream that accepts TCP but never speaks TLS is a connect failure
-/// (retried), not a wait for the whole call's `timeout`.
-#[derive(Clone)]
-struct TimedConnector {
-    inner: HttpsConnector<HttpConnector>,
-    timeout: Duration,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("connect timed out")]
-struct ConnectTimedOut;
-
-type ConnectError = Box<dyn StdError + Send + Sync>;
-
-impl tower::Service<http::Uri> for TimedConnector {
-    type Response = <HttpsConnector<HttpConnector> as tower::Service<http::Uri>>::Response;
-    type Error = ConnectError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), ConnectError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.inner.call(uri);
-        let timeout = self.timeout;
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(connected) => connected,
-                Err(_) => Err(ConnectTimedOut.into()),
-            }
-        })
-    }
-}
+use transport::{SendError, Transport};
 
 pub struct PlivoClient {
-    client: HttpsClient,
+    transport: Transport,
     base_url: BaseUrl,
     user_agent: HeaderValue,
     timeout: Duration,
@@ -185,34 +136,8 @@ enum Attempt {
 impl PlivoClient {
     pub fn new(settings: &UpstreamSettings) -> Result<PlivoClient, UpstreamBuildError> {
         let tls = client_tls_config(settings)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(30)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            // ALPN offers h2 first: over one multiplexed connection, a burst of calls
-            // costs one write and one read instead of one of each per call (see
-            // benches/RESULTS.md). An upstream that picks HTTP/1.1 gets a keep-alive pool.
-            .enable_all_versions()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(64)
-            // One connection carries every call, so a connection that died silently
-            // (a NAT or load balancer forgot it) must be found by pings, not by calls
-            // that hang until their `timeout`.
-            .http2_keep_alive_interval(H2_PING_INTERVAL)
-            .http2_keep_alive_timeout(H2_PING_TIMEOUT)
-            .http2_keep_alive_while_idle(true)
-            .build(TimedConnector {
-                inner: https,
-                timeout: settings.connect_timeout,
-            });
         Ok(PlivoClient {
-            client,
+            transport: Transport::new(settings, tls),
             base_url: settings.base_url.clone(),
             user_agent: HeaderValue::from_static(concat!(
                 "mpc-gateway/",
@@ -326,7 +251,7 @@ impl PlivoClient {
         let Ok(request) = request else {
             return Attempt::Fatal;
         };
-        match self.client.request(request).await {
+        match self.transport.send(request).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let body = match Limited::new(body, MAX_ERROR_BODY).collect().await {
@@ -379,11 +304,11 @@ fn backoff_delay(attempts_so_far: u32) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
 }
 
-fn classify_error(err: &hyper_util::client::legacy::Error) -> Attempt {
-    if caused_by_tls(err) {
+fn classify_error(err: &SendError) -> Attempt {
+    if caused_by_tls(err.as_std()) {
         return Attempt::Fatal;
     }
-    if err.is_connect() || caused_by_reset(err) {
+    if err.is_connect() || caused_by_reset(err.as_std()) {
         return Attempt::Retriable;
     }
     Attempt::Fatal
@@ -407,11 +332,11 @@ fn error_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError +
     chain
 }
 
-fn caused_by_tls(err: &hyper_util::client::legacy::Error) -> bool {
+fn caused_by_tls(err: &(dyn StdError + 'static)) -> bool {
     error_chain(err).iter().any(|e| e.is::<rustls::Error>())
 }
 
-fn caused_by_reset(err: &hyper_util::client::legacy::Error) -> bool {
+fn caused_by_reset(err: &(dyn StdError + 'static)) -> bool {
     error_chain(err).iter().any(|e| {
         let reset_io = e.downcast_ref::<std::io::Error>().is_some_and(is_reset_io);
         let closed_early = e
