@@ -13,7 +13,7 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -25,8 +25,10 @@ use crate::admin;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::{Config, ConfigError};
 use crate::gateway::{BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES};
+use crate::problem::Problem;
 use crate::rate_limit::LimiterClock;
 use crate::request_id::RequestIdLayer;
+use crate::routes::Flavor;
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
 
@@ -290,6 +292,11 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .max_buf_size(MAX_HEAD_BYTES)
         // Envoy's default too; up to 100, hyper parses a head without allocating.
         .max_headers(MAX_HEADERS)
+        // A caller that closes its side mid-request must not cancel the request: once
+        // the forward record is written, the upstream call and its result record must
+        // finish. (Without this hyper reads mid-request to notice the close, and drops the
+        // request when it does; that read also cost an 8 KiB buffer per request.)
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
@@ -332,6 +339,7 @@ async fn serve_data(
             gateway: gateway.clone(),
             builders: Arc::clone(&builders),
             watcher: graceful.watcher(),
+            requests_watcher: graceful.watcher(),
             peer,
         };
         tokio::spawn(async move {
@@ -355,7 +363,10 @@ async fn serve_data(
 struct Connection {
     gateway: Gateway,
     builders: Arc<Builders>,
-    watcher: hyper_util::server::graceful::Watcher,
+    /// Keeps the drain waiting for this connection.
+    watcher: Watcher,
+    /// Keeps the drain waiting for the connection's detached HTTP/2 requests.
+    requests_watcher: Watcher,
     peer: SocketAddr,
 }
 
@@ -406,7 +417,11 @@ impl Connection {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let service = data_service(&self.gateway, self.peer, certificate);
+        let detach = match version {
+            HttpVersion::Http1 => None,
+            HttpVersion::Http2 => Some(Arc::new(self.requests_watcher)),
+        };
+        let service = data_service(&self.gateway, self.peer, certificate, detach);
         let builder = self.builders.for_version(version);
         let connection = builder.serve_connection(io, service).into_owned();
         self.watcher.watch(connection).await
@@ -420,10 +435,17 @@ fn record_result(metrics: &Metrics, result: Result<(), Box<dyn std::error::Error
 }
 
 /// The data listener's per-connection service, in request order.
+///
+/// With `detach` (HTTP/2), each request runs as its own task: a caller can cancel an
+/// HTTP/2 stream, and hyper then drops the stream's service future, but a request must
+/// finish (its upstream call and its audit record) whatever the caller does. The task
+/// holds the watcher, so the drain waits for it as for a connection. HTTP/1.1 needs no
+/// task: with `half_close`, hyper never drops a request mid-flight.
 fn data_service(
     gateway: &Gateway,
     peer: SocketAddr,
     certificate: Option<ClientCertificate>,
+    detach: Option<Arc<Watcher>>,
 ) -> TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
@@ -442,7 +464,23 @@ fn data_service(
                 request.extensions_mut().insert(certificate.clone());
             }
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+            let detach = detach.clone();
+            async move {
+                let Some(watcher) = detach else {
+                    return Ok::<_, Infallible>(gateway.handle(request).await);
+                };
+                let detached = tokio::spawn(async move {
+                    let _drain_waits = watcher;
+                    gateway.handle(request).await
+                });
+                match detached.await {
+                    Ok(response) => Ok(response),
+                    // A panic: pass it on as if the request had run inline.
+                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    // Cancelled: only by the runtime shutting down, when no one reads this.
+                    Err(_) => Ok(Problem::ShuttingDown.to_response("", Flavor::Native)),
+                }
+            }
         });
     TowerToHyperService::new(stack)
 }

@@ -1131,3 +1131,164 @@ async fn h2c_with_prior_knowledge_is_served() {
     h.assert_chain();
     h.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Callers that go away mid-request
+// ---------------------------------------------------------------------------------------
+
+/// Waits until the audit log holds a `result` for `request_id`, and returns it.
+async fn wait_for_result(h: &Harness, request_id: &str) -> serde_json::Value {
+    let found = eventually_async(WAIT, || async {
+        h.records()
+            .iter()
+            .any(|r| r["event"] == "result" && r["request_id"] == request_id)
+    })
+    .await;
+    let records = h.records();
+    assert!(found, "no result record for {request_id}: {records:?}");
+    records
+        .into_iter()
+        .find(|r| r["event"] == "result" && r["request_id"] == request_id)
+        .expect("result record")
+}
+
+/// A caller (HTTP/1.1) that closes its connection while its call to Plivo is under way,
+/// as a client whose own timeout is shorter than Plivo's answer does. The DELETE has
+/// gone out, so the call must finish and be recorded: the forward *and* its result,
+/// with Plivo's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_caller_that_hangs_up_mid_call_still_gets_its_result_recorded() {
+    let h = Harness::start().await;
+    h.sim
+        .push_fault(mpc_gateway::simulator::Fault::Delay(Duration::from_millis(
+            400,
+        )));
+    let mut headers = closing_headers(Some(BILLING_TOKEN));
+    headers.push("X-Request-Id: h1-hangs-up".to_owned());
+    let text = request("POST", "/mpc/billing-hangup/end", &headers);
+    let mut stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, text.as_bytes())
+        .await
+        .expect("send");
+    // Hang up once the call is upstream.
+    assert!(
+        eventually_async(WAIT, || async { h.sim.request_count() == 1 }).await,
+        "the call reached the simulator"
+    );
+    drop(stream);
+
+    let result = wait_for_result(&h, "h1-hangs-up").await;
+    assert_eq!(result["status"], 204);
+    assert_eq!(result["reason"], "ended");
+    assert_eq!(result["upstream_status"], 204);
+    let records = h.records();
+    assert_eq!(records.len(), 2, "forward and result: {records:?}");
+    assert_eq!(records[0]["event"], "forward");
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+/// The same for an HTTP/2 caller that cancels its stream (`RST_STREAM`, `CANCEL`) while
+/// the call is upstream: hyper drops a cancelled stream's service future, so the gateway
+/// must not have tied the call to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_that_cancels_mid_call_still_gets_its_result_recorded() {
+    let h = Harness::start().await;
+    h.sim
+        .push_fault(mpc_gateway::simulator::Fault::Delay(Duration::from_millis(
+            400,
+        )));
+    let stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/mpc/billing-cancel/end", h.addr()))
+        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+        .header("x-request-id", "h2-cancels")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let answer = sender.send_request(request);
+    // Cancel the stream once the call is upstream: dropping the response future resets it.
+    let reached = tokio::time::timeout(WAIT, async {
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                _ = answer.as_mut() => return false,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {
+                    if h.sim.request_count() == 1 {
+                        return true;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        reached,
+        Ok(true),
+        "the call reached the simulator unanswered"
+    );
+
+    let result = wait_for_result(&h, "h2-cancels").await;
+    assert_eq!(result["status"], 204);
+    assert_eq!(result["upstream_status"], 204);
+    assert_eq!(h.records().len(), 2, "forward and result");
+    h.assert_chain();
+    drop(sender);
+    driver.abort();
+    h.shutdown().await;
+}
+
+/// A shutdown that starts right after an HTTP/2 caller cancelled its stream mid-call
+/// waits for that call like for any in-flight request: its result is on disk when the
+/// gateway has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_waits_for_a_call_whose_http2_caller_cancelled() {
+    let h = Harness::start().await;
+    h.sim
+        .push_fault(mpc_gateway::simulator::Fault::Delay(Duration::from_millis(
+            400,
+        )));
+    let stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/mpc/billing-drain/end", h.addr()))
+        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+        .header("x-request-id", "h2-cancels-then-drain")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let answer = sender.send_request(request);
+    assert!(
+        eventually_async(WAIT, || async { h.sim.request_count() == 1 }).await,
+        "the call reached the simulator"
+    );
+    // Cancel the stream and close the connection, then stop the gateway at once.
+    drop(answer);
+    drop(sender);
+    driver.abort();
+    let mut h = h;
+    let gateway = h.gateway.take().expect("running");
+    gateway.shutdown().await.expect("clean shutdown");
+
+    let records = h.records();
+    assert_eq!(records.len(), 2, "forward and result: {records:?}");
+    assert_eq!(records[1]["event"], "result");
+    assert_eq!(records[1]["request_id"], "h2-cancels-then-drain");
+    assert_eq!(records[1]["status"], 204);
+    h.assert_chain();
+}
