@@ -144,15 +144,17 @@ impl Transport {
         &self,
         request: Request<Empty<Bytes>>,
     ) -> Result<Response<Incoming>, SendError> {
+        // Connecting and the probe's one call are rare, and their futures are large:
+        // boxed, they stay out of the future every request carries.
         let connected = match self.open_h2() {
             Some(open) => Connected::Http2(open),
             None if self.http1_only.load(Ordering::Relaxed) => Connected::Pool,
-            None => self.connect_h2().await?,
+            None => Box::pin(self.connect_h2()).await?,
         };
         match connected {
             Connected::Http2(open) => self.send_h2(open, request).await,
             Connected::Pool => self.pool.request(request).await.map_err(SendError::Pooled),
-            Connected::Http1Probe(stream) => send_once_http1(*stream, request).await,
+            Connected::Http1Probe(stream) => Box::pin(send_once_http1(*stream, request)).await,
         }
     }
 
