@@ -8,6 +8,7 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid};
+use crate::rate_limit::{RATELIMIT, RATELIMIT_POLICY};
 use crate::routes::Flavor;
 
 /// Why a request was not answered with success. Each variant has exactly one status and
@@ -38,8 +39,8 @@ pub enum Problem {
     RateLimited {
         limit: &'static str,
         retry_after: u64,
-        policy: String,
-        state: String,
+        policy: HeaderValue,
+        state: HeaderValue,
     },
     #[error("the audit log cannot be written; the request was not forwarded")]
     AuditUnavailable,
@@ -209,8 +210,8 @@ impl Problem {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
             Problem::RateLimited { policy, state, .. } => {
-                insert_text(headers, "ratelimit-policy", policy);
-                insert_text(headers, "ratelimit", state);
+                headers.insert(RATELIMIT_POLICY, policy.clone());
+                headers.insert(RATELIMIT, state.clone());
             }
             _ => {}
         }
@@ -241,12 +242,6 @@ impl Problem {
             error: self.to_string(),
         };
         serde_json::to_vec(&body).unwrap_or_default()
-    }
-}
-
-fn insert_text(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(name, value);
     }
 }
 
@@ -301,8 +296,8 @@ mod tests {
         let problem = Problem::RateLimited {
             limit: "tenant",
             retry_after: 2,
-            policy: "\"tenant\";q=10;w=2".into(),
-            state: "\"tenant\";r=0;t=2".into(),
+            policy: HeaderValue::from_static("\"tenant\";q=10;w=2"),
+            state: HeaderValue::from_static("\"tenant\";r=0;t=2"),
         };
         let response = problem.to_response("r", Flavor::Native);
         assert_eq!(response.status(), 429);

@@ -27,7 +27,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
@@ -35,7 +35,7 @@ use crate::audit::{AuditLog, EventKind};
 use crate::config::{Config, OnStoreError};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
-use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock};
+use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
 use crate::routes::{route, Target};
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
@@ -431,11 +431,8 @@ impl Gateway {
     ) -> Response<Full<Bytes>> {
         if let Some((policy, state)) = &trail.rate_headers {
             let headers = response.headers_mut();
-            for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
-                if let Ok(value) = HeaderValue::from_str(value) {
-                    headers.insert(name, value);
-                }
-            }
+            headers.insert(RATELIMIT_POLICY, policy.clone());
+            headers.insert(RATELIMIT, state.clone());
         }
         self.inner
             .metrics

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request};
+use http::{HeaderValue, Method, Request};
 
 use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
 use crate::audit::{AuditEvent, EventKind};
@@ -34,7 +34,7 @@ pub(super) struct Trail {
     pub(super) upstream_status: Option<u16>,
     pub(super) plivo_api_id: Option<Arc<str>>,
     pub(super) attempts: Option<u32>,
-    pub(super) rate_headers: Option<(String, String)>,
+    pub(super) rate_headers: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl Trail {

@@ -3,6 +3,7 @@
 //! its state across config reloads. The clock is injectable so tests never sleep.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
+use http::{HeaderName, HeaderValue};
 
 pub mod redis;
 
@@ -114,6 +116,8 @@ pub struct Limiter {
     limit: RateLimit,
     clock: LimiterClock,
     gcra: GcraLimiter,
+    /// `RateLimit-Policy` never changes for a limiter: made once, cloned per response.
+    policy: HeaderValue,
 }
 
 impl Limiter {
@@ -125,6 +129,7 @@ impl Limiter {
             limit,
             clock,
             gcra,
+            policy: policy_header(kind, limit),
         }
     }
 
@@ -167,17 +172,12 @@ impl Limiter {
     }
 
     /// `RateLimit-Policy: "<kind>";q=<burst>;w=<window>`.
-    pub fn policy_header(&self) -> String {
-        format!(
-            "\"{}\";q={};w={}",
-            self.kind.as_str(),
-            self.limit.burst,
-            self.limit.window_secs()
-        )
+    pub fn policy_header(&self) -> HeaderValue {
+        self.policy.clone()
     }
 
     /// `RateLimit: "<kind>";r=<remaining>;t=<seconds>` for a decision of this limiter.
-    pub fn state_header(&self, decision: Decision) -> String {
+    pub fn state_header(&self, decision: Decision) -> HeaderValue {
         let (remaining, reset) = match decision {
             Decision::Allowed {
                 remaining,
@@ -185,7 +185,61 @@ impl Limiter {
             } => (remaining, reset_secs),
             Decision::Refused { retry_after_secs } => (0, retry_after_secs),
         };
-        format!("\"{}\";r={remaining};t={reset}", self.kind.as_str())
+        let mut text = HeaderText::default();
+        // A u64 and a kind name always fit; `write!` into the stack buffer cannot fail.
+        let _ = write!(text, "\"{}\";r={remaining};t={reset}", self.kind.as_str());
+        header_value(text.as_bytes())
+    }
+}
+
+/// The two header names, parsed once.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+fn policy_header(kind: LimitKind, limit: RateLimit) -> HeaderValue {
+    let text = format!(
+        "\"{}\";q={};w={}",
+        kind.as_str(),
+        limit.burst,
+        limit.window_secs()
+    );
+    header_value(text.as_bytes())
+}
+
+/// Header text is ASCII digits, letters, quotes, `;` and `=`: always a valid value.
+fn header_value(text: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A stack buffer for one `RateLimit` value: `"account";r=<u32>;t=<u64>` is at most 45
+/// bytes.
+struct HeaderText {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Default for HeaderText {
+    fn default() -> Self {
+        HeaderText {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl HeaderText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::fmt::Write for HeaderText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -328,6 +382,13 @@ mod tests {
             }),
             "\"tenant\";r=0;t=3"
         );
+        // The longest value still fits the stack buffer.
+        let account = Limiter::new(LimitKind::Account, limit(5, 10), manual().1);
+        let longest = account.state_header(Decision::Allowed {
+            remaining: u32::MAX,
+            reset_secs: u64::MAX,
+        });
+        assert_eq!(longest, "\"account\";r=4294967295;t=18446744073709551615");
     }
 
     #[test]
