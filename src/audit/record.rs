@@ -172,7 +172,7 @@ impl<'a> Body<'a> {
         for (key, value) in members {
             out.extend_from_slice(key);
             match value {
-                Value::Text(Some(text)) => serde_json::to_writer(&mut *out, text)?,
+                Value::Text(Some(text)) => write_json_string(out, text)?,
                 Value::Number(Some(number)) => serde_json::to_writer(&mut *out, &number)?,
                 Value::Text(None) | Value::Number(None) => out.extend_from_slice(b"null"),
             }
@@ -180,6 +180,20 @@ impl<'a> Body<'a> {
         out.push(b'}');
         Ok(())
     }
+}
+
+/// `text` as a JSON string. Almost every value needs no escape, and is copied as is;
+/// the rest go through serde_json, which escapes exactly `"`, `\` and control characters.
+fn write_json_string(out: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
+    let plain = text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if !plain {
+        return serde_json::to_writer(&mut *out, text);
+    }
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+    Ok(())
 }
 
 /// One member's value in [`Body::write_json`].
@@ -261,6 +275,31 @@ mod tests {
 
     /// `write_json` is byte for byte what serde_json makes of the derive, for empty and
     /// full events and for text that needs every kind of escape.
+    #[test]
+    fn json_strings_match_serde_json_on_both_paths() {
+        let cases = [
+            "",
+            "plain",
+            " ",
+            "~\u{7f}",
+            "ä€😀\u{2028}",
+            "\u{1f}",
+            "\u{0}",
+            "\"",
+            "\\",
+            "a\"b",
+            "/mpc/x/end",
+            "tab\there",
+            "line\n",
+        ];
+        for case in cases {
+            let mut ours = Vec::new();
+            write_json_string(&mut ours, case).expect("write");
+            let reference = serde_json::to_vec(case).expect("serialize");
+            assert_eq!(ours, reference, "{case:?}");
+        }
+    }
+
     #[test]
     fn write_json_matches_the_serde_reference() {
         let hostile = "q\"b\\s/\u{0}\u{1f}\n\r\t\u{8}\u{c}\u{7f}ä€😀\u{2028}";
