@@ -1,8 +1,9 @@
 //! How a request reaches Plivo. Over TLS the first connection offers `h2` by ALPN. If
 //! Plivo takes it, every call is a stream on that one connection, which this module holds
-//! itself and opens again once it has closed (a GOAWAY, a reset, failed pings). An
-//! upstream that answers ALPN with HTTP/1.1, or a plain `http` base URL, goes through
-//! hyper-util's keep-alive pool instead.
+//! itself for as long as it lives (pinged while idle) and opens again, at the next call,
+//! once it has closed (a GOAWAY, a reset, failed pings). An upstream that answers ALPN
+//! with HTTP/1.1, or a plain `http` base URL, goes through hyper-util's keep-alive pool
+//! instead.
 //!
 //! Why not the pool for HTTP/2 as well: for a connection that is always the only one, its
 //! per-call checkout, boxed future and URI rewriting cost about 6% of the gateway's CPU
@@ -231,7 +232,11 @@ impl Transport {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
             sender,
         };
-        tracing::debug!(origin = %self.origin, generation = open.generation, "upstream HTTP/2 connection open");
+        tracing::debug!(
+            origin = %self.origin,
+            generation = open.generation,
+            "upstream HTTP/2 connection open"
+        );
         let mut current = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         *current = Some(open.clone());
         Ok(Connected::Http2(open))
