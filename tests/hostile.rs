@@ -1190,12 +1190,9 @@ async fn an_http1_caller_that_hangs_up_mid_call_still_gets_its_result_recorded()
     h.shutdown().await;
 }
 
-/// The same for an HTTP/2 caller that cancels its stream (`RST_STREAM`, `CANCEL`) while
-/// the call is upstream: hyper drops a cancelled stream's service future, so the gateway
-/// must not have tied the call to it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_caller_that_cancels_mid_call_still_gets_its_result_recorded() {
-    let h = Harness::start().await;
+/// An HTTP/2 caller (h2c) with one call that Plivo answers only after 400 ms, returned
+/// once that call has reached the simulator unanswered.
+async fn h2_caller_with_a_call_upstream(h: &Harness, name: &str, request_id: &str) -> Caller {
     h.sim
         .push_fault(mpc_gateway::simulator::Fault::Delay(Duration::from_millis(
             400,
@@ -1210,15 +1207,13 @@ async fn an_http2_caller_that_cancels_mid_call_still_gets_its_result_recorded() 
     let driver = tokio::spawn(conn);
     let request = Request::builder()
         .method(Method::POST)
-        .uri(format!("http://{}/mpc/billing-cancel/end", h.addr()))
+        .uri(format!("http://{}/mpc/{name}/end", h.addr()))
         .header("authorization", format!("Bearer {BILLING_TOKEN}"))
-        .header("x-request-id", "h2-cancels")
+        .header("x-request-id", request_id)
         .body(Empty::<Bytes>::new())
         .expect("request");
-    let answer = sender.send_request(request);
-    // Cancel the stream once the call is upstream: dropping the response future resets it.
+    let mut answer = Box::pin(sender.send_request(request));
     let reached = tokio::time::timeout(WAIT, async {
-        tokio::pin!(answer);
         loop {
             tokio::select! {
                 _ = answer.as_mut() => return false,
@@ -1236,14 +1231,58 @@ async fn an_http2_caller_that_cancels_mid_call_still_gets_its_result_recorded() 
         Ok(true),
         "the call reached the simulator unanswered"
     );
+    Caller {
+        answer: Some(answer),
+        _sender: sender,
+        driver,
+    }
+}
+
+/// An HTTP/2 caller with a call in flight; see [`h2_caller_with_a_call_upstream`].
+/// Dropping it closes the connection without a word.
+struct Caller {
+    answer: Option<
+        std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = hyper::Result<http::Response<hyper::body::Incoming>>,
+                    > + Send,
+            >,
+        >,
+    >,
+    _sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    driver: tokio::task::JoinHandle<hyper::Result<()>>,
+}
+
+impl Caller {
+    /// Gives up on the call: its stream is reset (`RST_STREAM`, `CANCEL`), the
+    /// connection stays open.
+    fn cancel_stream(&mut self) {
+        self.answer = None;
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// The same for an HTTP/2 caller that cancels its stream (`RST_STREAM`, `CANCEL`) while
+/// the call is upstream: hyper drops a cancelled stream's service future, so the gateway
+/// must not have tied the call to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_that_cancels_mid_call_still_gets_its_result_recorded() {
+    let h = Harness::start().await;
+    let mut caller = h2_caller_with_a_call_upstream(&h, "billing-cancel", "h2-cancels").await;
+    caller.cancel_stream();
 
     let result = wait_for_result(&h, "h2-cancels").await;
     assert_eq!(result["status"], 204);
     assert_eq!(result["upstream_status"], 204);
     assert_eq!(h.records().len(), 2, "forward and result");
     h.assert_chain();
-    drop(sender);
-    driver.abort();
+    drop(caller);
     h.shutdown().await;
 }
 
@@ -1252,36 +1291,10 @@ async fn an_http2_caller_that_cancels_mid_call_still_gets_its_result_recorded() 
 /// gateway has stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_waits_for_a_call_whose_http2_caller_cancelled() {
-    let h = Harness::start().await;
-    h.sim
-        .push_fault(mpc_gateway::simulator::Fault::Delay(Duration::from_millis(
-            400,
-        )));
-    let stream = tokio::net::TcpStream::connect(h.addr())
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let driver = tokio::spawn(conn);
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{}/mpc/billing-drain/end", h.addr()))
-        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
-        .header("x-request-id", "h2-cancels-then-drain")
-        .body(Empty::<Bytes>::new())
-        .expect("request");
-    let answer = sender.send_request(request);
-    assert!(
-        eventually_async(WAIT, || async { h.sim.request_count() == 1 }).await,
-        "the call reached the simulator"
-    );
-    // Cancel the stream and close the connection, then stop the gateway at once.
-    drop(answer);
-    drop(sender);
-    driver.abort();
-    let mut h = h;
+    let mut h = Harness::start().await;
+    let caller = h2_caller_with_a_call_upstream(&h, "billing-drain", "h2-cancels-then-drain").await;
+    // Close the connection mid-call, then stop the gateway at once.
+    drop(caller);
     let gateway = h.gateway.take().expect("running");
     gateway.shutdown().await.expect("clean shutdown");
 
