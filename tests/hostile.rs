@@ -1238,18 +1238,17 @@ async fn h2_caller_with_a_call_upstream(h: &Harness, name: &str, request_id: &st
     }
 }
 
+type PendingAnswer = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>
+            + Send,
+    >,
+>;
+
 /// An HTTP/2 caller with a call in flight; see [`h2_caller_with_a_call_upstream`].
 /// Dropping it closes the connection without a word.
 struct Caller {
-    answer: Option<
-        std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = hyper::Result<http::Response<hyper::body::Incoming>>,
-                    > + Send,
-            >,
-        >,
-    >,
+    answer: Option<PendingAnswer>,
     _sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
     driver: tokio::task::JoinHandle<hyper::Result<()>>,
 }
