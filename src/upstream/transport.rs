@@ -1,9 +1,9 @@
 //! How a request reaches Plivo. Over TLS the first connection offers `h2` by ALPN. If
 //! Plivo takes it, every call is a stream on that one connection, which this module holds
-//! itself for as long as it lives (pinged while idle) and opens again, at the next call,
-//! once it has closed (a GOAWAY, a reset, failed pings). An upstream that answers ALPN
-//! with HTTP/1.1, or a plain `http` base URL, goes through hyper-util's keep-alive pool
-//! instead.
+//! itself: pinged while open, closed after a minute or two without calls, and opened
+//! again at the next call once it has closed (idle, a GOAWAY, a reset, failed pings). An
+//! upstream that answers ALPN with HTTP/1.1, or a plain `http` base URL, goes through
+//! hyper-util's keep-alive pool instead.
 //!
 //! Why not the pool for HTTP/2 as well: for a connection that is always the only one, its
 //! per-call checkout, boxed future and URI rewriting cost about 6% of the gateway's CPU
@@ -13,7 +13,7 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,8 +32,9 @@ use tokio::net::TcpStream;
 
 use crate::config::{BaseUrl, UpstreamSettings};
 
-/// An HTTP/1.1 connection unused this long is closed.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An upstream connection unused this long is closed (an HTTP/2 one after between one
+/// and two of these).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the HTTP/2 connection is pinged, and how long a ping may take before the
 /// connection is dropped.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -85,11 +86,12 @@ pub(super) struct Transport {
     /// Where connections go: the base URL's scheme and authority.
     origin: Uri,
     h2_builder: http2::Builder<TokioExecutor>,
-    /// The open HTTP/2 connection, if any. A std mutex: it is held only to clone a
-    /// sender, never across an await.
-    h2: Mutex<Option<OpenH2>>,
-    /// Numbers HTTP/2 connections, so a failed call forgets only the one it failed on.
+    /// The open HTTP/2 connection, if any; shared with its idle watcher.
+    h2: Arc<H2Slot>,
+    /// Numbers HTTP/2 connections, so a failed call or an idle watcher forgets only its
+    /// own.
     generations: AtomicU64,
+    idle_timeout: Duration,
     /// One connect at a time, so a burst of calls opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
     /// Set once an upstream answered ALPN without `h2` (or the base URL is plain `http`).
@@ -125,15 +127,16 @@ impl Transport {
             .keep_alive_while_idle(true);
         let pool = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_max_idle_per_host(64)
             .build(connector.clone());
         Transport {
             connector,
             origin: origin_uri(&settings.base_url),
             h2_builder,
-            h2: Mutex::new(None),
+            h2: Arc::new(H2Slot::default()),
             generations: AtomicU64::new(0),
+            idle_timeout: IDLE_TIMEOUT,
             connecting: tokio::sync::Mutex::new(()),
             http1_only: AtomicBool::new(settings.base_url.scheme != Scheme::HTTPS),
             pool,
@@ -147,7 +150,7 @@ impl Transport {
     ) -> Result<Response<Incoming>, SendError> {
         // Connecting and the probe's one call are rare, and their futures are large:
         // boxed, they stay out of the future every request carries.
-        let connected = match self.open_h2() {
+        let connected = match self.h2.open() {
             Some(open) => Connected::Http2(open),
             None if self.http1_only.load(Ordering::Relaxed) => Connected::Pool,
             None => Box::pin(self.connect_h2()).await?,
@@ -168,33 +171,13 @@ impl Transport {
             generation,
             mut sender,
         } = open;
+        self.h2.calls.fetch_add(1, Ordering::Relaxed);
         sender.send_request(request).await.map_err(|err| {
             if ends_connection(&err) {
-                self.forget_h2(generation);
+                self.h2.forget(generation);
             }
             SendError::Request(err)
         })
-    }
-
-    /// The open HTTP/2 connection, unless it has closed.
-    fn open_h2(&self) -> Option<OpenH2> {
-        let current = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        current
-            .as_ref()
-            .filter(|open| !open.sender.is_closed())
-            .cloned()
-    }
-
-    /// Stops using connection `generation`, so the next call opens a new one, and
-    /// leaves a newer connection alone.
-    fn forget_h2(&self, generation: u64) {
-        let mut current = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        if current
-            .as_ref()
-            .is_some_and(|open| open.generation == generation)
-        {
-            *current = None;
-        }
     }
 
     /// Opens the HTTP/2 connection, or learns from ALPN that the upstream speaks only
@@ -202,7 +185,7 @@ impl Transport {
     async fn connect_h2(&self) -> Result<Connected, SendError> {
         let _turn = self.connecting.lock().await;
         // Whoever held the turn before may have connected, or learned it is HTTP/1.1.
-        if let Some(open) = self.open_h2() {
+        if let Some(open) = self.h2.open() {
             return Ok(Connected::Http2(open));
         }
         if self.http1_only.load(Ordering::Relaxed) {
@@ -237,9 +220,80 @@ impl Transport {
             generation = open.generation,
             "upstream HTTP/2 connection open"
         );
-        let mut current = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        *current = Some(open.clone());
+        self.h2.install(open.clone());
+        tokio::spawn(close_when_idle(
+            Arc::downgrade(&self.h2),
+            open.generation,
+            self.idle_timeout,
+        ));
         Ok(Connected::Http2(open))
+    }
+}
+
+/// The HTTP/2 connection in use, and how many calls it has carried.
+#[derive(Default)]
+struct H2Slot {
+    /// A std mutex: it is held only to clone or swap a sender, never across an await.
+    current: Mutex<Option<OpenH2>>,
+    /// Calls sent over any HTTP/2 connection; the idle watcher only compares it.
+    calls: AtomicU64,
+}
+
+impl H2Slot {
+    fn open(&self) -> Option<OpenH2> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current
+            .as_ref()
+            .filter(|open| !open.sender.is_closed())
+            .cloned()
+    }
+
+    fn install(&self, open: OpenH2) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(open);
+    }
+
+    fn is_current(&self, generation: u64) -> bool {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current
+            .as_ref()
+            .is_some_and(|open| open.generation == generation)
+    }
+
+    /// Stops using connection `generation`, so the next call opens a new one, and
+    /// leaves a newer connection alone. hyper closes the connection once the last
+    /// sender (a call still in flight holds one) is gone.
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current
+            .as_ref()
+            .is_some_and(|open| open.generation == generation)
+        {
+            *current = None;
+        }
+    }
+}
+
+/// Forgets HTTP/2 connection `generation` once a whole `idle` period passed without a
+/// call, so an idle sidecar does not hold (and ping) a connection to Plivo forever. It
+/// counts calls rather than reading the clock on every call.
+async fn close_when_idle(slot: Weak<H2Slot>, generation: u64, idle: Duration) {
+    let mut calls_seen = match slot.upgrade() {
+        Some(slot) => slot.calls.load(Ordering::Relaxed),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(idle).await;
+        let Some(slot) = slot.upgrade() else { return };
+        if !slot.is_current(generation) {
+            return;
+        }
+        let calls = slot.calls.load(Ordering::Relaxed);
+        if calls == calls_seen {
+            tracing::debug!(generation, "closing the idle upstream HTTP/2 connection");
+            slot.forget(generation);
+            return;
+        }
+        calls_seen = calls;
     }
 }
 
@@ -368,6 +422,67 @@ impl tower::Service<Uri> for TimedConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simulator::{generate_pki, Simulator, SimulatorConfig};
+
+    /// A transport to a TLS simulator that offers `h2`, closing idle connections after
+    /// `idle`.
+    async fn h2_transport(idle: Duration) -> (Simulator, Transport) {
+        let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
+        let mut config = SimulatorConfig::new("MAIDLE", "token");
+        config.tls = Some(pki.server_tls());
+        config.http2 = true;
+        let sim = Simulator::start(config).await.expect("simulator");
+        let base_url: Uri = sim.base_url().parse().expect("base url");
+        let settings = UpstreamSettings {
+            base_url: BaseUrl {
+                scheme: base_url.scheme().expect("scheme").clone(),
+                authority: base_url.authority().expect("authority").clone(),
+            },
+            ca_file: None,
+            extra_roots: rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("CA"),
+            connect_timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+            max_attempts: 1,
+        };
+        let tls = super::super::client_tls_config(&settings).expect("tls");
+        let mut transport = Transport::new(&settings, tls);
+        transport.idle_timeout = idle;
+        (sim, transport)
+    }
+
+    async fn call(sim: &Simulator, transport: &Transport) {
+        let uri = format!(
+            "{}/v1/Account/MAIDLE/MultiPartyCall/name_idle/",
+            sim.base_url()
+        );
+        let request = Request::delete(uri)
+            .header(http::header::AUTHORIZATION, "Basic TUFJRExFOnRva2Vu")
+            .body(Empty::new())
+            .expect("request");
+        let response = transport.send(request).await.expect("answered");
+        assert_eq!(response.version(), http::Version::HTTP_2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_and_the_next_call_opens_another() {
+        let idle = Duration::from_millis(200);
+        let (sim, transport) = h2_transport(idle).await;
+        // Calls more often than `idle` keep the connection.
+        for _ in 0..6 {
+            call(&sim, &transport).await;
+            tokio::time::sleep(idle / 2).await;
+        }
+        assert_eq!(sim.connection_count(), 1, "busy: one connection");
+        assert!(transport.h2.open().is_some());
+        // Two idle periods without a call close it.
+        tokio::time::sleep(idle * 2 + idle / 2).await;
+        assert!(transport.h2.open().is_none(), "idle: forgotten");
+        call(&sim, &transport).await;
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
+        sim.shutdown().await;
+    }
 
     fn origin_form(uri: &str) -> (String, Option<String>) {
         let request = Request::get(uri).body(Empty::new()).expect("request");
