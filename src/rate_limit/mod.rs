@@ -192,7 +192,7 @@ impl Limiter {
     }
 }
 
-/// The two header names, parsed once.
+/// The two header names, as constants: nothing to parse per response.
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
