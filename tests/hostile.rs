@@ -1065,17 +1065,26 @@ log:
 // HTTP/2 with prior knowledge (h2c)
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2c_with_prior_knowledge_is_served() {
-    let h = Harness::start().await;
-    let stream = tokio::net::TcpStream::connect(h.addr())
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
+/// An HTTP/2 connection with prior knowledge (h2c) to `addr`: its sender, and the task
+/// that drives it.
+async fn h2c_connect(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .expect("h2 handshake");
-    let driver = tokio::spawn(conn);
+    (sender, tokio::spawn(conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge_is_served() {
+    let h = Harness::start().await;
+    let (mut sender, driver) = h2c_connect(h.addr()).await;
 
     let mut send = |path: &str, token: Option<&str>, id: &str| {
         let mut builder = Request::builder()
@@ -1197,14 +1206,7 @@ async fn h2_caller_with_a_call_upstream(h: &Harness, name: &str, request_id: &st
         .push_fault(mpc_gateway::simulator::Fault::Delay(Duration::from_millis(
             400,
         )));
-    let stream = tokio::net::TcpStream::connect(h.addr())
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let driver = tokio::spawn(conn);
+    let (mut sender, driver) = h2c_connect(h.addr()).await;
     let request = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{}/mpc/{name}/end", h.addr()))
