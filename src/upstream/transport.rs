@@ -467,12 +467,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_http2_connection_is_closed_and_the_next_call_opens_another() {
-        let idle = Duration::from_millis(200);
+        let idle = Duration::from_millis(500);
         let (sim, transport) = h2_transport(idle).await;
-        // Calls more often than `idle` keep the connection.
-        for _ in 0..6 {
+        // Calls far more often than `idle` keep the connection (a stall of a whole
+        // `idle` on a loaded machine would be needed to lose it).
+        for _ in 0..15 {
             call(&sim, &transport).await;
-            tokio::time::sleep(idle / 2).await;
+            tokio::time::sleep(idle / 10).await;
         }
         assert_eq!(sim.connection_count(), 1, "busy: one connection");
         assert!(transport.h2.open().is_some());
