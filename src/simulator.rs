@@ -682,7 +682,7 @@ async fn serve_connection(
     _done: mpsc::Sender<()>,
 ) {
     let mut stop = shared.stop.subscribe();
-    let reset = Arc::new(ConnectionSwitch::default());
+    let switch = Arc::new(ConnectionSwitch::default());
     let inner = match acceptor {
         None => IoInner::Plain(tcp),
         Some(acceptor) => {
@@ -709,24 +709,24 @@ async fn serve_connection(
     };
     let io = TokioIo::new(SimIo {
         inner,
-        reset: Arc::clone(&reset),
+        reset: Arc::clone(&switch),
     });
     let svc_shared = Arc::clone(&shared);
-    let svc_reset = Arc::clone(&reset);
+    let svc_switch = Arc::clone(&switch);
     let service = hyper::service::service_fn(move |req| {
-        handle(Arc::clone(&svc_shared), Arc::clone(&svc_reset), req)
+        handle(Arc::clone(&svc_shared), Arc::clone(&svc_switch), req)
     });
     let result = if http2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(io, service);
-        drive(conn, |c| c.graceful_shutdown(), &reset, &mut stop).await
+        drive(conn, |c| c.graceful_shutdown(), &switch, &mut stop).await
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .keep_alive(true)
             .serve_connection(io, service);
-        drive(conn, |c| c.graceful_shutdown(), &reset, &mut stop).await
+        drive(conn, |c| c.graceful_shutdown(), &switch, &mut stop).await
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, "plivo simulator: connection ended with an error");
@@ -739,7 +739,7 @@ async fn serve_connection(
 async fn drive<C>(
     conn: C,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    reset: &ConnectionSwitch,
+    switch: &ConnectionSwitch,
     stop: &mut watch::Receiver<bool>,
 ) -> hyper::Result<()>
 where
@@ -748,12 +748,12 @@ where
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => result,
-        () = reset.fired.notified() => Ok(()),
-        () = reset.go_away.notified() => {
+        () = switch.fired.notified() => Ok(()),
+        () = switch.go_away.notified() => {
             graceful_shutdown(conn.as_mut());
             tokio::select! {
                 result = conn.as_mut() => result,
-                () = reset.fired.notified() => Ok(()),
+                () = switch.fired.notified() => Ok(()),
                 _ = stopped(stop) => Ok(()),
             }
         }
@@ -767,7 +767,7 @@ where
 /// Answer one request: count, record, apply a queued fault, wait the latency, route.
 async fn handle(
     shared: Arc<Shared>,
-    reset: Arc<ConnectionSwitch>,
+    switch: Arc<ConnectionSwitch>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, io::Error> {
     shared.request_count.fetch_add(1, Ordering::SeqCst);
@@ -814,7 +814,7 @@ async fn handle(
             // The connection task drops the connection (SO_LINGER 0: an RST) without
             // answering. Not returning an error here matters for HTTP/2, where hyper would
             // first send an RST_STREAM for this stream alone.
-            reset.fire();
+            switch.fire();
             std::future::pending::<()>().await;
         }
         Some(Fault::ResetStream) => {
@@ -841,7 +841,7 @@ async fn handle(
             return Ok(fault_response(status, headers, body));
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
-        Some(Fault::GoAway) => reset.go_away(),
+        Some(Fault::GoAway) => switch.go_away(),
     }
     if !shared.latency.is_zero() {
         tokio::time::sleep(shared.latency).await;

@@ -43,12 +43,6 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 type PooledClient = Client<TimedConnector, Empty<Bytes>>;
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = http2::SendRequest<Empty<Bytes>>;
-
-#[derive(Clone)]
-struct OpenH2 {
-    generation: u64,
-    sender: Sender,
-}
 pub(super) type ConnectError = Box<dyn StdError + Send + Sync>;
 
 /// Why a request got no response.
@@ -88,9 +82,6 @@ pub(super) struct Transport {
     h2_builder: http2::Builder<TokioExecutor>,
     /// The open HTTP/2 connection, if any; shared with its idle watcher.
     h2: Arc<H2Slot>,
-    /// Numbers HTTP/2 connections, so a failed call or an idle watcher forgets only its
-    /// own.
-    generations: AtomicU64,
     idle_timeout: Duration,
     /// One connect at a time, so a burst of calls opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
@@ -135,7 +126,6 @@ impl Transport {
             origin: origin_uri(&settings.base_url),
             h2_builder,
             h2: Arc::new(H2Slot::default()),
-            generations: AtomicU64::new(0),
             idle_timeout: IDLE_TIMEOUT,
             connecting: tokio::sync::Mutex::new(()),
             http1_only: AtomicBool::new(settings.base_url.scheme != Scheme::HTTPS),
@@ -211,16 +201,12 @@ impl Transport {
                 tracing::debug!(error = %err, "upstream HTTP/2 connection ended");
             }
         });
-        let open = OpenH2 {
-            generation: self.generations.fetch_add(1, Ordering::Relaxed),
-            sender,
-        };
+        let open = self.h2.install(sender);
         tracing::debug!(
             origin = %self.origin,
             generation = open.generation,
             "upstream HTTP/2 connection open"
         );
-        self.h2.install(open.clone());
         tokio::spawn(close_when_idle(
             Arc::downgrade(&self.h2),
             open.generation,
@@ -230,47 +216,65 @@ impl Transport {
     }
 }
 
-/// The HTTP/2 connection in use, and how many calls it has carried.
+/// One HTTP/2 connection, numbered so that a failed call or an idle watcher forgets
+/// only the connection it knows, never a newer one.
+#[derive(Clone)]
+struct OpenH2 {
+    generation: u64,
+    sender: Sender,
+}
+
+/// The HTTP/2 connection in use, and how many calls went over HTTP/2.
 #[derive(Default)]
 struct H2Slot {
     /// A std mutex: it is held only to clone or swap a sender, never across an await.
     current: Mutex<Option<OpenH2>>,
+    generations: AtomicU64,
     /// Calls sent over any HTTP/2 connection; the idle watcher only compares it.
     calls: AtomicU64,
 }
 
 impl H2Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OpenH2>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn open(&self) -> Option<OpenH2> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current
+        self.lock()
             .as_ref()
             .filter(|open| !open.sender.is_closed())
             .cloned()
     }
 
-    fn install(&self, open: OpenH2) {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(open);
+    /// Makes `sender` the connection in use, under a new generation.
+    fn install(&self, sender: Sender) -> OpenH2 {
+        let open = OpenH2 {
+            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+            sender,
+        };
+        *self.lock() = Some(open.clone());
+        open
     }
 
     fn is_current(&self, generation: u64) -> bool {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current
-            .as_ref()
-            .is_some_and(|open| open.generation == generation)
+        holds(&self.lock(), generation)
     }
 
     /// Stops using connection `generation`, so the next call opens a new one, and
     /// leaves a newer connection alone. hyper closes the connection once the last
     /// sender (a call still in flight holds one) is gone.
     fn forget(&self, generation: u64) {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current
-            .as_ref()
-            .is_some_and(|open| open.generation == generation)
-        {
+        let mut current = self.lock();
+        if holds(&current, generation) {
             *current = None;
         }
     }
+}
+
+fn holds(current: &Option<OpenH2>, generation: u64) -> bool {
+    current
+        .as_ref()
+        .is_some_and(|open| open.generation == generation)
 }
 
 /// Forgets HTTP/2 connection `generation` once a whole `idle` period passed without a
