@@ -1296,8 +1296,7 @@ async fn the_drain_waits_for_a_call_whose_http2_caller_cancelled() {
     let caller = h2_caller_with_a_call_upstream(&h, "billing-drain", "h2-cancels-then-drain").await;
     // Close the connection mid-call, then stop the gateway at once.
     drop(caller);
-    let gateway = h.gateway.take().expect("running");
-    gateway.shutdown().await.expect("clean shutdown");
+    h.stop_gateway().await;
 
     let records = h.records();
     assert_eq!(records.len(), 2, "forward and result: {records:?}");

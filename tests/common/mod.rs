@@ -381,6 +381,12 @@ audit:
     }
 
     pub async fn shutdown(mut self) {
+        self.stop_gateway().await;
+    }
+
+    /// Shuts the gateway down (drain, audit flush) but keeps the harness, so its audit
+    /// log can still be read.
+    pub async fn stop_gateway(&mut self) {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown().await.expect("clean shutdown");
         }
