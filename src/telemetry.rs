@@ -13,30 +13,75 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, ParseError, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::raw::LogFormat;
 use crate::config::LogSettings;
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
+/// Parses `log.level` (or `RUST_LOG`): a level, or comma-separated `target=level`
+/// directives with an optional default level (`warn,mpc_gateway::server=info`).
+///
+/// Filtering by target only, not by span or field, keeps regex compilation out of
+/// start-up: `EnvFilter`'s directive parser compiled several, which cost idle memory.
+/// Only ASCII is accepted (levels and targets are ASCII; tracing-subscriber 0.3.23's
+/// parsers have panicked on multi-byte text).
+pub fn parse_log_filter(filter: &str) -> Result<Targets, LogFilterError> {
+    if !filter.is_ascii() {
+        return Err(LogFilterError::NotAscii);
+    }
+    // `Targets` would take `[span]` or `{field}` for a target name that matches nothing;
+    // say so instead of silently logging less than asked.
+    if let Some(target) = filter
+        .split(',')
+        .map(|directive| directive.split('=').next().unwrap_or_default().trim())
+        .find(|target| !target.chars().all(is_target_char))
+    {
+        return Err(LogFilterError::NotATarget(target.to_owned()));
+    }
+    filter.parse().map_err(LogFilterError::Invalid)
+}
+
+/// What a module path (`mpc_gateway::server`) or a custom target (`audit.verify`) holds.
+fn is_target_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.')
+}
+
+/// Why a log filter was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilterError {
+    #[error("must be ASCII")]
+    NotAscii,
+    #[error("{0:?} is not a target: only levels and target=level directives are supported")]
+    NotATarget(String),
+    #[error("{0}")]
+    Invalid(ParseError),
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set and valid, overrides `log.level`.
 pub fn init_tracing(settings: &LogSettings) {
-    // tracing-subscriber 0.3 can panic on non-ASCII filters; levels and targets are ASCII,
-    // so anything else in RUST_LOG is ignored (log.level was already checked by config).
     let from_env = std::env::var("RUST_LOG")
         .ok()
-        .filter(|filter| filter.is_ascii())
-        .and_then(|filter| EnvFilter::try_new(filter).ok());
+        .map(|filter| parse_log_filter(&filter));
+    let (from_env, env_error) = match from_env {
+        Some(Ok(filter)) => (Some(filter), None),
+        Some(Err(err)) => (None, Some(err)),
+        None => (None, None),
+    };
     let filter = from_env
-        .or_else(|| EnvFilter::try_new(&settings.level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .or_else(|| parse_log_filter(&settings.level).ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests, demo) keeps the first subscriber; that is fine.
     let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
+        LogFormat::Pretty => registry.with(layer).try_init(),
     };
+    if let Some(err) = env_error {
+        tracing::warn!(error = %err, "RUST_LOG ignored, log.level applies");
+    }
 }
 
 // Label values on the request path are shared or static, so counting a request allocates
@@ -274,6 +319,43 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_takes_a_level_or_target_directives() {
+        let filter = parse_log_filter("warn,mpc_gateway::server=info").expect("valid");
+        assert!(filter.would_enable("mpc_gateway::server", &Level::INFO));
+        assert!(!filter.would_enable("mpc_gateway::server", &Level::DEBUG));
+        assert!(!filter.would_enable("mpc_gateway::upstream", &Level::INFO));
+        assert!(filter.would_enable("hyper", &Level::WARN));
+
+        let debug = parse_log_filter("debug").expect("valid");
+        assert!(debug.would_enable("anything", &Level::DEBUG));
+        assert!(!debug.would_enable("anything", &Level::TRACE));
+
+        let off = parse_log_filter("off").expect("valid");
+        assert!(!off.would_enable("anything", &Level::ERROR));
+    }
+
+    #[test]
+    fn log_filter_refuses_what_it_cannot_apply() {
+        for bad in [
+            "info,mpc_gateway=loud",
+            "info,[span]=debug",
+            "info,mpc_gateway[conn{peer}]=debug",
+            "info, é=debug",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(matches!(
+            parse_log_filter("ünïcode"),
+            Err(LogFilterError::NotAscii)
+        ));
+        assert!(matches!(
+            parse_log_filter("info,[span]=debug"),
+            Err(LogFilterError::NotATarget(target)) if target == "[span]"
+        ));
+    }
 
     #[test]
     fn exports_the_contract_metric_names() {

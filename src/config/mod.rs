@@ -662,14 +662,7 @@ fn resolve_key(source: &ValueSource) -> Result<SecretSlice<u8>, secret::ResolveE
 }
 
 fn validate_log(raw: &raw::RawLog, errors: &mut Errors) -> Option<LogSettings> {
-    // tracing-subscriber 0.3.23 panics on some non-ASCII filters (a directive with
-    // leading whitespace, as in "info, é=debug": it slices the untrimmed text at offsets
-    // of the trimmed one). Levels and targets are ASCII; refuse anything else first.
-    if !raw.level.is_ascii() {
-        errors.push("log.level", "not a valid level or filter: must be ASCII");
-        return None;
-    }
-    match tracing_subscriber::EnvFilter::try_new(&raw.level) {
+    match crate::telemetry::parse_log_filter(&raw.level) {
         Ok(_) => Some(LogSettings {
             format: raw.format,
             level: raw.level.clone(),
