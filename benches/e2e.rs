@@ -8,7 +8,8 @@
 //!
 //! Environment knobs: `E2E_SECONDS` (closed-loop duration, default 10), `E2E_FIXED_SECONDS`
 //! (each fixed-rate run, default 5), `E2E_ROWS` (comma-separated subset of row ids:
-//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync,gw-tls-h2,gw-tls-h2-fsync,gw-tls-redis`), `E2E_QUIET_WAIT` (seconds each row waits
+//! `sim-http,sim-tls,gw-http,gw-tls,gw-tls-fsync,gw-tls-h2,gw-tls-h2-fsync,gw-tls-redis,nginx-tls`;
+//! by default every row whose program (redis-server, nginx) is installed), `E2E_QUIET_WAIT` (seconds each row waits
 //! for a quiet machine, default 30), `E2E_NICE` (nice value for every benchmarked process,
 //! e.g. -10 on a shared machine; needs root), `E2E_RETRIES` (how often a row disturbed by
 //! other processes is measured again, default 2), `E2E_ROTATE_BYTES` (audit `rotate_bytes`,
@@ -40,6 +41,9 @@ use hyper_util::rt::TokioIo;
 use rand::RngCore as _;
 use sha2::Digest as _;
 use tokio::net::TcpStream;
+
+#[path = "e2e/nginx.rs"]
+mod nginx;
 
 const AUTH_ID: &str = "MABENCHE2E0000000001";
 const CONNECTIONS: usize = 64;
@@ -640,10 +644,11 @@ enum Kind {
     GwTlsH2,
     GwTlsH2Fsync,
     GwTlsRedis,
+    NginxTls,
 }
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 9] = [
         Kind::SimHttp,
         Kind::SimTls,
         Kind::GwHttp,
@@ -652,6 +657,7 @@ impl Kind {
         Kind::GwTlsH2,
         Kind::GwTlsH2Fsync,
         Kind::GwTlsRedis,
+        Kind::NginxTls,
     ];
 
     fn id(self) -> &'static str {
@@ -664,6 +670,7 @@ impl Kind {
             Kind::GwTlsH2 => "gw-tls-h2",
             Kind::GwTlsH2Fsync => "gw-tls-h2-fsync",
             Kind::GwTlsRedis => "gw-tls-redis",
+            Kind::NginxTls => "nginx-tls",
         }
     }
 
@@ -677,6 +684,7 @@ impl Kind {
             Kind::GwTlsH2 => "gateway, TLS upstream (HTTP/2), audit fsync: never",
             Kind::GwTlsH2Fsync => "gateway, TLS upstream (HTTP/2), audit fsync: always",
             Kind::GwTlsRedis => "gateway, TLS upstream, fsync: never, limits in Redis",
+            Kind::NginxTls => "nginx 1.22, same job: TLS upstream (HTTP/1.1), JSON access log",
         }
     }
 
@@ -689,6 +697,7 @@ impl Kind {
                 | Kind::GwTlsH2
                 | Kind::GwTlsH2Fsync
                 | Kind::GwTlsRedis
+                | Kind::NginxTls
         )
     }
 
@@ -712,6 +721,30 @@ impl Kind {
                 | Kind::GwTlsRedis
         )
     }
+
+    /// Whether a proxy (the gateway or nginx) stands between the load and the simulator.
+    fn proxied(self) -> bool {
+        self.gateway() || self == Kind::NginxTls
+    }
+
+    /// The external program the row needs besides this binary, if any.
+    fn needs(self) -> Option<&'static str> {
+        match self {
+            Kind::GwTlsRedis => Some("redis-server"),
+            Kind::NginxTls => Some("nginx"),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `program -v` runs (both redis-server and nginx print their version).
+fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 /// A redis-server for the Redis row, on CPU 1 beside the gateway; killed on drop.
@@ -1072,6 +1105,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     };
 
     let mut gateway = None;
+    let mut nginx = None;
     let redis = if kind == Kind::GwTlsRedis {
         Some(start_redis(env)?)
     } else {
@@ -1103,6 +1137,19 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         let pid = gw.proc.pid().to_string();
         let ready = gw.ready;
         gateway = Some(gw);
+        (target, pid, ready)
+    } else if kind == Kind::NginxTls {
+        let proxy = nginx::start(env, dir.path(), sim_port)?;
+        let target = Target {
+            addr: proxy.addr,
+            host: proxy.addr.to_string(),
+            tls: None,
+            authorization: format!("Bearer {}", env.caller_token),
+            direct: false,
+        };
+        let pid = proxy.proc.pid().to_string();
+        let ready = proxy.ready;
+        nginx = Some(proxy);
         (target, pid, ready)
     } else {
         let basic = base64::engine::general_purpose::STANDARD
@@ -1171,7 +1218,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     let server_pct = |busy: u64| busy as f64 / wall_ticks * 100.0;
     let cpu1_busy_pct = server_pct(core1.0 - core0.0);
     let cpu1_steal_pct = server_pct(core1.1 - core0.1);
-    let cpu1_ours_pct = if kind.gateway() {
+    let cpu1_ours_pct = if kind.proxied() {
         server_pct((cpu1 - cpu0) + (sim1 - sim0))
     } else {
         server_pct(cpu1 - cpu0)
@@ -1190,7 +1237,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     };
     let closed_rps = closed.ok as f64 / closed.elapsed.as_secs_f64();
     let cpu_us = per_req_us(cpu1 - cpu0, closed.ok);
-    let sim_cpu_us = kind.gateway().then(|| per_req_us(sim1 - sim0, closed.ok));
+    let sim_cpu_us = kind.proxied().then(|| per_req_us(sim1 - sim0, closed.ok));
     let loadgen_cpu_pct =
         (me1 - me0) as f64 / env.ticks as f64 / closed.elapsed.as_secs_f64() * 100.0;
     // CPU time other processes took on our two cores (builds, other benchmarks...).
@@ -1254,11 +1301,12 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     checks.push(format!(
         "load generator: {sent} requests sent, every answer 204: {all_clean}"
     ));
-    if kind.gateway() {
+    if kind.proxied() {
         // Over HTTP/2 one connection carries every call; dozens mean HTTP/1.1 was used.
         let multiplexed = !kind.http2() || upstream_conns <= 2;
         checks.push(format!(
-            "gateway -> simulator: {upstream_conns} TCP connection(s) at the end of the closed loop{}",
+            "{} -> simulator: {upstream_conns} TCP connection(s) at the end of the closed loop{}",
+            if kind.gateway() { "gateway" } else { "nginx" },
             match (kind.http2(), multiplexed) {
                 (false, _) => "",
                 (true, true) => " (HTTP/2, multiplexed): ok",
@@ -1287,6 +1335,14 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
             if audit_ok { "match" } else { "MISMATCH" }
         ));
         valid &= audit_ok;
+    } else if let Some(proxy) = nginx.take() {
+        let (lines, ok) = proxy.stop_and_count()?;
+        let log_ok = lines == sent && ok == sent;
+        checks.push(format!(
+            "nginx access log: {lines} lines, {ok} with status 204 (expected {sent} each): {}",
+            if log_ok { "match" } else { "MISMATCH" }
+        ));
+        valid &= log_ok;
     } else {
         checks.push(format!(
             "simulator answered all {sent} requests 204 itself (it is the server under load)"
@@ -1558,7 +1614,18 @@ fn run(pinned: bool) -> anyhow::Result<bool> {
                 .filter(|k| ids.contains(&k.id()))
                 .collect()
         }
-        Err(_) => Kind::ALL.to_vec(),
+        // By default, a row whose program is missing is skipped (and said so); asked for
+        // by name, it fails with the install hint.
+        Err(_) => Kind::ALL
+            .into_iter()
+            .filter(|kind| match kind.needs() {
+                Some(program) if !installed(program) => {
+                    eprintln!("skipping {}: {program} not found", kind.id());
+                    false
+                }
+                _ => true,
+            })
+            .collect(),
     };
 
     let pki_dir = tempfile::Builder::new().prefix("mpc-e2e-pki-").tempdir()?;

@@ -13,7 +13,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::Empty;
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
@@ -251,14 +251,9 @@ impl PlivoClient {
         let Ok(request) = request else {
             return Attempt::Fatal;
         };
-        match self.transport.send(request).await {
+        match self.transport.send(request, MAX_ERROR_BODY).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                let body = match Limited::new(body, MAX_ERROR_BODY).collect().await {
-                    Ok(collected) => collected.to_bytes(),
-                    // The status is what matters; a broken error body is not worth a retry.
-                    Err(_) => Bytes::new(),
-                };
                 Attempt::Answered {
                     status: parts.status,
                     headers: parts.headers,

@@ -1,13 +1,15 @@
-//! How a request reaches Plivo. Over TLS the first connection offers `h2` by ALPN. If
-//! Plivo takes it, every call is a stream on that one connection, which this module holds
-//! itself: pinged while open, closed after a minute or two without calls, and opened
-//! again at the next call once it has closed (idle, a GOAWAY, a reset, failed pings). An
-//! upstream that answers ALPN with HTTP/1.1, or a plain `http` base URL, goes through
-//! hyper-util's keep-alive pool instead.
+//! How a request reaches Plivo, and its answer back (the head and a bounded body). Over
+//! TLS the first connection offers `h2` by ALPN. If Plivo takes it, every call is a
+//! stream on that one connection: pinged while open, closed after a minute or two
+//! without calls, and opened again at the next call once it has closed (idle, a GOAWAY,
+//! a reset, failed pings). An upstream that answers ALPN with HTTP/1.1, or a plain `http`
+//! base URL, gets a keep-alive pool of HTTP/1.1 connections, one call at a time each,
+//! and later connections offer only `http/1.1`.
 //!
-//! Why not the pool for HTTP/2 as well: for a connection that is always the only one, its
-//! per-call checkout, boxed future and URI rewriting cost about 6% of the gateway's CPU
-//! per request, and its idle bookkeeping 1.5 MiB of peak RSS (benches/RESULTS.md).
+//! Both are held here rather than in hyper-util's pool: its per-call checkout, boxed
+//! future, URI rewriting and, over HTTP/1.1, a task spawned per call to return the
+//! connection cost 4–6% of the gateway's CPU per request (benches/RESULTS.md). Here a
+//! connection goes back to the pool when its answer has been read, on the calling task.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -21,12 +23,11 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Empty;
+use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
@@ -40,20 +41,22 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-type PooledClient = Client<TimedConnector, Empty<Bytes>>;
+/// At most this many idle HTTP/1.1 connections are kept; more are closed when their call
+/// ends.
+const H1_MAX_IDLE: usize = 64;
+
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = http2::SendRequest<Empty<Bytes>>;
+type H1Sender = http1::SendRequest<Empty<Bytes>>;
 pub(super) type ConnectError = Box<dyn StdError + Send + Sync>;
 
 /// Why a request got no response.
 #[derive(Debug)]
 pub(super) enum SendError {
-    /// The HTTP/2 connection could not be opened: TCP, TLS, timeout or handshake.
+    /// No connection could be opened: TCP, TLS, timeout or HTTP/2 handshake.
     Connect(ConnectError),
-    /// The request failed on a connection of this module's (HTTP/2, or the ALPN probe).
+    /// The request failed on an open connection.
     Request(hyper::Error),
-    /// The request failed in the HTTP/1.1 pool (connecting included).
-    Pooled(hyper_util::client::legacy::Error),
 }
 
 impl SendError {
@@ -62,7 +65,6 @@ impl SendError {
         match self {
             SendError::Connect(_) => true,
             SendError::Request(_) => false,
-            SendError::Pooled(err) => err.is_connect(),
         }
     }
 
@@ -70,15 +72,20 @@ impl SendError {
         match self {
             SendError::Connect(err) => err.as_ref(),
             SendError::Request(err) => err,
-            SendError::Pooled(err) => err,
         }
     }
 }
 
 pub(super) struct Transport {
+    /// Offers `h2` and `http/1.1` by ALPN.
     connector: TimedConnector,
+    /// Offers only `http/1.1`: once the upstream chose it, a new connection that
+    /// negotiated `h2` could not carry an HTTP/1.1 call.
+    h1_connector: TimedConnector,
     /// Where connections go: the base URL's scheme and authority.
     origin: Uri,
+    /// `Host` for HTTP/1.1 calls, from the base URL.
+    host: HeaderValue,
     h2_builder: http2::Builder<TokioExecutor>,
     /// The open HTTP/2 connection, if any; shared with its idle watcher.
     h2: Arc<H2Slot>,
@@ -87,7 +94,7 @@ pub(super) struct Transport {
     connecting: tokio::sync::Mutex<()>,
     /// Set once an upstream answered ALPN without `h2` (or the base URL is plain `http`).
     http1_only: AtomicBool,
-    pool: PooledClient,
+    h1: Arc<H1Pool>,
 }
 
 impl Transport {
@@ -96,6 +103,11 @@ impl Transport {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(30)));
+        let h1_only = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http.clone());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -107,6 +119,11 @@ impl Transport {
             inner: https,
             timeout: settings.connect_timeout,
         };
+        let h1_connector = TimedConnector {
+            inner: h1_only,
+            timeout: settings.connect_timeout,
+        };
+        let origin = origin_uri(&settings.base_url);
         let mut h2_builder = http2::Builder::new(TokioExecutor::new());
         // One connection carries every call, so a connection that died silently (a NAT or
         // load balancer forgot it) must be found by pings, not by calls that hang until
@@ -116,39 +133,39 @@ impl Transport {
             .keep_alive_interval(H2_PING_INTERVAL)
             .keep_alive_timeout(H2_PING_TIMEOUT)
             .keep_alive_while_idle(true);
-        let pool = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(64)
-            .build(connector.clone());
         Transport {
             connector,
-            origin: origin_uri(&settings.base_url),
+            h1_connector,
+            // The base URL's authority was validated when the config was loaded.
+            host: host_header(&origin).unwrap_or_else(|| HeaderValue::from_static("localhost")),
+            origin,
             h2_builder,
             h2: Arc::new(H2Slot::default()),
             idle_timeout: IDLE_TIMEOUT,
             connecting: tokio::sync::Mutex::new(()),
             http1_only: AtomicBool::new(settings.base_url.scheme != Scheme::HTTPS),
-            pool,
+            h1: Arc::new(H1Pool::default()),
         }
     }
 
-    /// Sends `request` (an absolute URI on the base URL) and waits for the response head.
+    /// Sends `request` (an absolute URI on the base URL) and reads the answer: its head,
+    /// and its body up to `body_limit` bytes (empty if longer or broken).
     pub(super) async fn send(
         &self,
         request: Request<Empty<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
-        // Connecting and the probe's one call are rare, and their futures are large:
-        // boxed, they stay out of the future every request carries.
+        body_limit: usize,
+    ) -> Result<Response<Bytes>, SendError> {
+        // Connecting is rare, and its future is large: boxed, it stays out of the future
+        // every request carries.
         let connected = match self.h2.open() {
             Some(open) => Connected::Http2(open),
             None if self.http1_only.load(Ordering::Relaxed) => Connected::Pool,
-            None => Box::pin(self.connect_h2()).await?,
+            None => Box::pin(self.connect_first()).await?,
         };
         match connected {
-            Connected::Http2(open) => self.send_h2(open, request).await,
-            Connected::Pool => self.pool.request(request).await.map_err(SendError::Pooled),
-            Connected::Http1Probe(stream) => Box::pin(send_once_http1(*stream, request)).await,
+            Connected::Http2(open) => self.send_h2(open, request, body_limit).await,
+            Connected::Pool => self.send_h1(None, request, body_limit).await,
+            Connected::Http1(sender) => self.send_h1(Some(sender), request, body_limit).await,
         }
     }
 
@@ -156,23 +173,76 @@ impl Transport {
         &self,
         open: OpenH2,
         request: Request<Empty<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
+        body_limit: usize,
+    ) -> Result<Response<Bytes>, SendError> {
         let OpenH2 {
             generation,
             mut sender,
         } = open;
         self.h2.calls.fetch_add(1, Ordering::Relaxed);
-        sender.send_request(request).await.map_err(|err| {
+        let response = sender.send_request(request).await.map_err(|err| {
             if ends_connection(&err) {
                 self.h2.forget(generation);
             }
             SendError::Request(err)
-        })
+        })?;
+        Ok(read_body(response, body_limit).await.0)
+    }
+
+    /// Sends `request` on `fresh` (a connection just opened for it), or on an idle
+    /// pooled connection, or on a new one.
+    async fn send_h1(
+        &self,
+        mut fresh: Option<H1Sender>,
+        request: Request<Empty<Bytes>>,
+        body_limit: usize,
+    ) -> Result<Response<Bytes>, SendError> {
+        let mut request = into_origin_form(request, &self.host);
+        // Bounded: each turn either uses up a pooled connection or ends.
+        loop {
+            let (mut sender, pooled) = match fresh.take() {
+                Some(sender) => (sender, false),
+                None => match self.h1.take_ready().await {
+                    Some(sender) => (sender, true),
+                    None => (Box::pin(self.connect_h1()).await?, false),
+                },
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let (response, complete) = read_body(response, body_limit).await;
+                    // A connection whose answer was not read to the end cannot carry
+                    // another call; hyper closes it once dropped.
+                    if complete {
+                        self.give_back(sender);
+                    }
+                    return Ok(response);
+                }
+                // The upstream closed an idle connection just before this request was
+                // written: it never left, so it goes out on another connection and is
+                // not an attempt (hyper-util's pool does the same).
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) if pooled => request = unsent,
+                    _ => return Err(SendError::Request(err.into_error())),
+                },
+            }
+        }
+    }
+
+    fn give_back(&self, sender: H1Sender) {
+        if self.h1.put(sender) && !self.h1.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(close_idle_h1(Arc::downgrade(&self.h1), self.idle_timeout));
+        }
+    }
+
+    /// A new HTTP/1.1 connection, offering only `http/1.1` by ALPN.
+    async fn connect_h1(&self) -> Result<H1Sender, SendError> {
+        let stream = self.h1_connector.connect(self.origin.clone()).await;
+        handshake_h1(stream.map_err(SendError::Connect)?).await
     }
 
     /// Opens the HTTP/2 connection, or learns from ALPN that the upstream speaks only
-    /// HTTP/1.1.
-    async fn connect_h2(&self) -> Result<Connected, SendError> {
+    /// HTTP/1.1 (and then this call goes on the connection that asked).
+    async fn connect_first(&self) -> Result<Connected, SendError> {
         let _turn = self.connecting.lock().await;
         // Whoever held the turn before may have connected, or learned it is HTTP/1.1.
         if let Some(open) = self.h2.open() {
@@ -189,7 +259,7 @@ impl Transport {
                 "the upstream chose HTTP/1.1 by ALPN; calls use a keep-alive pool"
             );
             self.http1_only.store(true, Ordering::Relaxed);
-            return Ok(Connected::Http1Probe(Box::new(stream)));
+            return Ok(Connected::Http1(handshake_h1(stream).await?));
         }
         let handshake = self.h2_builder.handshake(stream);
         let (sender, connection) = tokio::time::timeout(self.connector.timeout, handshake)
@@ -301,52 +371,142 @@ async fn close_when_idle(slot: Weak<H2Slot>, generation: u64, idle: Duration) {
     }
 }
 
+/// Idle HTTP/1.1 connections, the most recently used on top (its TLS session and
+/// buffers are the warmest).
+#[derive(Default)]
+struct H1Pool {
+    /// A std mutex: held only to push or pop, never across an await.
+    idle: Mutex<Vec<IdleH1>>,
+    /// Advanced once per idle period by the sweeper; an idle connection is stamped with
+    /// it, so nothing on the request path reads the clock for this.
+    period: AtomicU64,
+    /// Whether the sweeper task runs.
+    sweeping: AtomicBool,
+}
+
+struct IdleH1 {
+    sender: H1Sender,
+    period: u64,
+}
+
+impl H1Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleH1>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection ready for a call, if any is left open.
+    async fn take_ready(&self) -> Option<H1Sender> {
+        loop {
+            let mut sender = self.pop()?;
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Given back the moment its previous answer was read: ready as soon as its
+            // connection task has run, or an error if the upstream closed it meanwhile.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn pop(&self) -> Option<H1Sender> {
+        let mut idle = self.lock();
+        while let Some(IdleH1 { sender, .. }) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps `sender` for a later call; false if it was closed or the pool is full.
+    fn put(&self, sender: H1Sender) -> bool {
+        if sender.is_closed() {
+            return false;
+        }
+        let mut idle = self.lock();
+        if idle.len() >= H1_MAX_IDLE {
+            return false;
+        }
+        let period = self.period.load(Ordering::Relaxed);
+        idle.push(IdleH1 { sender, period });
+        true
+    }
+
+    /// Starts a new period and closes the connections that stayed idle through the
+    /// whole of the last one. Returns how many it closed.
+    fn sweep(&self) -> usize {
+        let now = self.period.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut idle = self.lock();
+        let before = idle.len();
+        idle.retain(|conn| conn.period + 1 >= now && !conn.sender.is_closed());
+        before - idle.len()
+    }
+}
+
+/// Closes HTTP/1.1 connections idle for between one and two `idle` periods, for as long
+/// as the transport exists.
+async fn close_idle_h1(pool: Weak<H1Pool>, idle: Duration) {
+    loop {
+        tokio::time::sleep(idle).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let closed = pool.sweep();
+        if closed > 0 {
+            tracing::debug!(closed, "closed idle upstream HTTP/1.1 connections");
+        }
+    }
+}
+
+async fn handshake_h1(stream: Stream) -> Result<H1Sender, SendError> {
+    let (sender, connection) = http1::handshake(stream).await.map_err(SendError::Request)?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Reads the body, at most `limit` bytes of it. The flag says whether it was read to
+/// the end; if not (too long, or broken), the body is empty: the status is what
+/// matters, and a broken error body is not worth a retry.
+async fn read_body(response: Response<Incoming>, limit: usize) -> (Response<Bytes>, bool) {
+    let (parts, body) = response.into_parts();
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => (Response::from_parts(parts, collected.to_bytes()), true),
+        Err(_) => (Response::from_parts(parts, Bytes::new()), false),
+    }
+}
+
 /// Where a call goes.
 enum Connected {
     Http2(OpenH2),
-    /// hyper-util's HTTP/1.1 pool.
+    /// The HTTP/1.1 pool.
     Pool,
-    /// The connection that asked for `h2` and got HTTP/1.1: it carries this one call
-    /// rather than being thrown away, then closes. (Boxed: a TLS stream is large, and
-    /// this happens once per process.)
-    Http1Probe(Box<Stream>),
+    /// The connection that asked for `h2` and got HTTP/1.1: it carries this call, then
+    /// joins the pool.
+    Http1(H1Sender),
 }
 
-async fn send_once_http1(
-    stream: Stream,
-    request: Request<Empty<Bytes>>,
-) -> Result<Response<Incoming>, SendError> {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(stream)
-        .await
-        .map_err(SendError::Request)?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "upstream HTTP/1.1 probe connection ended");
-        }
-    });
-    let request = into_origin_form(request);
-    sender
-        .send_request(request)
-        .await
-        .map_err(SendError::Request)
-}
-
-/// An HTTP/1.1 request line carries only the path; the authority moves to `Host`, with
-/// the port unless it is the scheme's default (as hyper-util's pool writes it).
-fn into_origin_form(mut request: Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
-    let uri = request.uri();
-    let host = host_header(uri);
-    let path = uri
+/// An HTTP/1.1 request line carries only the path; the authority goes in `Host`.
+fn into_origin_form(
+    mut request: Request<Empty<Bytes>>,
+    host: &HeaderValue,
+) -> Request<Empty<Bytes>> {
+    let path = request
+        .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *request.uri_mut() = Uri::from(path);
-    if let Some(host) = host {
-        request.headers_mut().entry(HOST).or_insert(host);
-    }
+    request
+        .headers_mut()
+        .entry(HOST)
+        .or_insert_with(|| host.clone());
     request
 }
 
+/// `Host` for `uri`: with the port unless it is the scheme's default.
 fn host_header(uri: &Uri) -> Option<HeaderValue> {
     let host = uri.host()?;
     let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
@@ -428,13 +588,15 @@ mod tests {
     use super::*;
     use crate::simulator::{generate_pki, Simulator, SimulatorConfig};
 
-    /// A transport to a TLS simulator that offers `h2`, closing idle connections after
-    /// `idle`.
-    async fn h2_transport(idle: Duration) -> (Simulator, Transport) {
+    /// A transport to a TLS simulator that offers `h2` (or only HTTP/1.1), closing idle
+    /// connections after `idle`.
+    async fn transport(idle: Duration, http2: bool) -> (Simulator, Transport) {
         let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
         let mut config = SimulatorConfig::new("MAIDLE", "token");
         config.tls = Some(pki.server_tls());
-        config.http2 = true;
+        config.http2 = http2;
+        // Every call ends the same name, and every answer is 204.
+        config.liveness = crate::simulator::Liveness::AllNames { forget_ended: true };
         let sim = Simulator::start(config).await.expect("simulator");
         let base_url: Uri = sim.base_url().parse().expect("base url");
         let settings = UpstreamSettings {
@@ -456,7 +618,7 @@ mod tests {
         (sim, transport)
     }
 
-    async fn call(sim: &Simulator, transport: &Transport) {
+    async fn call(sim: &Simulator, transport: &Transport) -> http::Version {
         let uri = format!(
             "{}/v1/Account/MAIDLE/MultiPartyCall/name_idle/",
             sim.base_url()
@@ -465,18 +627,19 @@ mod tests {
             .header(http::header::AUTHORIZATION, "Basic TUFJRExFOnRva2Vu")
             .body(Empty::new())
             .expect("request");
-        let response = transport.send(request).await.expect("answered");
-        assert_eq!(response.version(), http::Version::HTTP_2);
+        let response = transport.send(request, 1024).await.expect("answered");
+        assert_eq!(response.status(), 204);
+        response.version()
     }
 
     #[tokio::test]
     async fn an_idle_http2_connection_is_closed_and_the_next_call_opens_another() {
         let idle = Duration::from_millis(500);
-        let (sim, transport) = h2_transport(idle).await;
+        let (sim, transport) = transport(idle, true).await;
         // Calls far more often than `idle` keep the connection (a stall of a whole
         // `idle` on a loaded machine would be needed to lose it).
         for _ in 0..15 {
-            call(&sim, &transport).await;
+            assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
             tokio::time::sleep(idle / 10).await;
         }
         assert_eq!(sim.connection_count(), 1, "busy: one connection");
@@ -489,9 +652,68 @@ mod tests {
         sim.shutdown().await;
     }
 
+    #[tokio::test]
+    async fn http1_calls_reuse_a_pooled_connection_until_it_idles_out() {
+        let idle = Duration::from_millis(500);
+        let (sim, transport) = transport(idle, false).await;
+        for _ in 0..15 {
+            assert_eq!(call(&sim, &transport).await, http::Version::HTTP_11);
+            tokio::time::sleep(idle / 10).await;
+        }
+        assert_eq!(sim.connection_count(), 1, "the ALPN connection, reused");
+        assert_eq!(transport.h1.lock().len(), 1, "back in the pool");
+        // Two idle periods without a call close it.
+        tokio::time::sleep(idle * 2 + idle / 2).await;
+        assert_eq!(transport.h1.lock().len(), 0, "idle: closed");
+        call(&sim, &transport).await;
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn http1_concurrent_calls_each_get_a_connection_and_all_are_kept() {
+        let (sim, transport) = transport(IDLE_TIMEOUT, false).await;
+        call(&sim, &transport).await;
+        sim.push_fault(crate::simulator::Fault::Delay(Duration::from_millis(200)));
+        sim.push_fault(crate::simulator::Fault::Delay(Duration::from_millis(200)));
+        sim.push_fault(crate::simulator::Fault::Delay(Duration::from_millis(200)));
+        // Three at once: the pooled connection and two new ones.
+        let (a, b, c) = tokio::join!(
+            call(&sim, &transport),
+            call(&sim, &transport),
+            call(&sim, &transport)
+        );
+        assert_eq!([a, b, c], [http::Version::HTTP_11; 3]);
+        assert_eq!(sim.connection_count(), 3);
+        assert_eq!(transport.h1.lock().len(), 3, "every connection kept");
+        for _ in 0..5 {
+            call(&sim, &transport).await;
+        }
+        assert_eq!(sim.connection_count(), 3, "later calls reuse them");
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn http1_connection_the_upstream_closes_is_not_reused() {
+        let (sim, transport) = transport(IDLE_TIMEOUT, false).await;
+        call(&sim, &transport).await;
+        // `Connection: close` on this answer.
+        sim.push_fault(crate::simulator::Fault::GoAway);
+        call(&sim, &transport).await;
+        call(&sim, &transport).await;
+        call(&sim, &transport).await;
+        assert_eq!(
+            sim.connection_count(),
+            2,
+            "one connection until the close, one after"
+        );
+        sim.shutdown().await;
+    }
+
     fn origin_form(uri: &str) -> (String, Option<String>) {
         let request = Request::get(uri).body(Empty::new()).expect("request");
-        let request = into_origin_form(request);
+        let host = host_header(request.uri()).expect("host");
+        let request = into_origin_form(request, &host);
         let host = request
             .headers()
             .get(HOST)
