@@ -394,7 +394,7 @@ impl Gateway {
             }
         };
         let response = problem.to_response(&trail.request_id, trail.flavor);
-        self.respond(&trail, problem.slug(), response)
+        self.respond(trail, problem.slug(), response)
     }
 
     /// Writes the `result` record and answers with the real outcome, even when the
@@ -420,19 +420,20 @@ impl Gateway {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit result record failed after forwarding");
             self.inner.metrics.audit_failure();
         }
-        self.respond(&trail, reason, response)
+        self.respond(trail, reason, response)
     }
 
     fn respond(
         &self,
-        trail: &Trail,
+        trail: Trail,
         reason: &'static str,
         mut response: Response<Full<Bytes>>,
     ) -> Response<Full<Bytes>> {
-        if let Some((policy, state)) = &trail.rate_headers {
+        // Moved, not cloned: cloning a freshly built header value allocates.
+        if let Some((policy, state)) = trail.rate_headers {
             let headers = response.headers_mut();
-            headers.insert(RATELIMIT_POLICY, policy.clone());
-            headers.insert(RATELIMIT, state.clone());
+            headers.insert(RATELIMIT_POLICY, policy);
+            headers.insert(RATELIMIT, state);
         }
         self.inner
             .metrics
