@@ -376,6 +376,17 @@ struct Target {
 }
 
 impl Target {
+    /// A proxy (the gateway or nginx) on `addr`, called as a tenant would.
+    fn proxy(addr: SocketAddr, env: &Env) -> Target {
+        Target {
+            addr,
+            host: addr.to_string(),
+            tls: None,
+            authorization: format!("Bearer {}", env.caller_token),
+            direct: false,
+        }
+    }
+
     fn request(&self) -> anyhow::Result<Request<Empty<Bytes>>> {
         let n = NEXT_NAME.fetch_add(1, Ordering::Relaxed);
         let (method, uri) = if self.direct {
@@ -1127,26 +1138,14 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config)?;
         let gw = start_gateway(env, &config_path)?;
-        let target = Target {
-            addr: gw.local,
-            host: gw.local.to_string(),
-            tls: None,
-            authorization: format!("Bearer {}", env.caller_token),
-            direct: false,
-        };
+        let target = Target::proxy(gw.local, env);
         let pid = gw.proc.pid().to_string();
         let ready = gw.ready;
         gateway = Some(gw);
         (target, pid, ready)
     } else if kind == Kind::NginxTls {
         let proxy = nginx::start(env, dir.path(), sim_port)?;
-        let target = Target {
-            addr: proxy.addr,
-            host: proxy.addr.to_string(),
-            tls: None,
-            authorization: format!("Bearer {}", env.caller_token),
-            direct: false,
-        };
+        let target = Target::proxy(proxy.addr, env);
         let pid = proxy.proc.pid().to_string();
         let ready = proxy.ready;
         nginx = Some(proxy);
