@@ -502,8 +502,24 @@ fn record_connection_error(metrics: &Metrics, err: &(dyn std::error::Error + 'st
 pub fn run_serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     crate::telemetry::init_tracing(&config.log);
+    raise_malloc_trim_threshold();
     let runtime = build_runtime(config.worker_threads)?;
     runtime.block_on(serve_until_signalled(config, config_path))
+}
+
+/// Stops glibc's malloc from shrinking and regrowing the heap on every upstream answer.
+///
+/// hyper frees each HTTP/1.1 answer's read buffer (8 KiB) when the answer is dropped,
+/// often at the top of the heap; with glibc's initial trim threshold (128 KiB) that
+/// returned the top to the kernel and the next read buffer took it back: 0.25 `brk`
+/// calls and 0.22 page faults per request, about 5% of the gateway's CPU over an
+/// HTTP/1.1 upstream (benches/RESULTS.md, session 4). glibc raises its thresholds by
+/// itself once a block it served with `mmap` is freed (mallopt(3), `M_MMAP_THRESHOLD`):
+/// to that block's size for `mmap`, twice it for trimming. Freeing one 256 KiB block
+/// now sets them to 256 and 512 KiB, so at most 512 KiB freed at the top stay resident.
+/// The block is never touched, so it costs no memory; other allocators ignore this.
+fn raise_malloc_trim_threshold() {
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(256 << 10)));
 }
 
 /// A runtime with `worker_threads` workers (0 = one per CPU). One worker is the calling
