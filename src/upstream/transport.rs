@@ -587,6 +587,7 @@ impl tower::Service<Uri> for TimedConnector {
 mod tests {
     use super::*;
     use crate::simulator::{generate_pki, Simulator, SimulatorConfig};
+    use std::sync::mpsc::{Receiver, Sender};
 
     /// A transport to a TLS simulator that offers `h2` (or only HTTP/1.1), closing idle
     /// connections after `idle`.
@@ -708,6 +709,108 @@ mod tests {
             "one connection until the close, one after"
         );
         sim.shutdown().await;
+    }
+
+    /// A plain-HTTP upstream on a std thread, so it runs while the test's runtime is
+    /// blocked. Answers every request `204` with keep-alive; its first connection is
+    /// closed (FIN) when `close_first` sends it a channel, on which it then says so.
+    /// Returns the port and the connection count.
+    fn closing_upstream(close_first: Receiver<Sender<()>>) -> (u16, Arc<AtomicU64>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&connections);
+        std::thread::spawn(move || {
+            let mut close_first = Some(close_first);
+            for stream in listener.incoming().take(4) {
+                let Ok(mut stream) = stream else { return };
+                let first = counted.fetch_add(1, Ordering::Relaxed) == 0;
+                let close = if first { close_first.take() } else { None };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    loop {
+                        let mut line = String::new();
+                        // One request head: lines up to the blank one.
+                        loop {
+                            line.clear();
+                            match reader.read_line(&mut line) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if line == "\r\n" => break,
+                                Ok(_) => {}
+                            }
+                        }
+                        let answer = b"HTTP/1.1 204 No Content\r\n\r\n";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                        if let Some(close) = &close {
+                            let Ok(closed) = close.recv_timeout(Duration::from_secs(5)) else {
+                                return;
+                            };
+                            // On loopback the FIN is in the peer's socket once this returns.
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            let _ = closed.send(());
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, connections)
+    }
+
+    /// The upstream closes an idle pooled connection at the moment a call takes it: the
+    /// FIN is in the socket, but the connection task has not run (here: the runtime is
+    /// blocked), so the connection still looks ready. hyper writes the request and
+    /// reads the close: the attempt fails as a reset, which the caller's retry policy
+    /// retries, and the next call goes on a new connection.
+    #[tokio::test]
+    async fn http1_connection_closed_as_a_call_takes_it_fails_as_a_retriable_reset() {
+        let (close, close_first) = std::sync::mpsc::channel();
+        let (port, connections) = closing_upstream(close_first);
+        let settings = UpstreamSettings {
+            base_url: BaseUrl {
+                scheme: Scheme::HTTP,
+                authority: format!("127.0.0.1:{port}").parse().expect("authority"),
+            },
+            ca_file: None,
+            extra_roots: Vec::new(),
+            connect_timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+            max_attempts: 1,
+        };
+        let tls = super::super::client_tls_config(&settings).expect("tls");
+        let transport = Transport::new(&settings, tls);
+        let send = || {
+            let request = Request::delete(format!("http://127.0.0.1:{port}/v1/x/"))
+                .body(Empty::new())
+                .expect("request");
+            transport.send(request, 1024)
+        };
+        assert_eq!(send().await.expect("first call").status(), 204);
+        assert_eq!(transport.h1.lock().len(), 1, "pooled");
+        // Blocks the runtime while the upstream closes: the FIN arrives, but the
+        // connection task cannot see it.
+        let (closed, is_closed) = std::sync::mpsc::channel();
+        close.send(closed).expect("signal");
+        is_closed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("upstream closed the connection");
+        let err = send().await.expect_err("written to a closed connection");
+        assert!(
+            matches!(
+                super::super::classify_error(&err),
+                super::super::Attempt::Retriable
+            ),
+            "{err:?} is retried like a reset"
+        );
+        assert_eq!(send().await.expect("third call").status(), 204);
+        assert_eq!(
+            connections.load(Ordering::Relaxed),
+            2,
+            "on a new connection"
+        );
     }
 
     fn origin_form(uri: &str) -> (String, Option<String>) {
