@@ -103,26 +103,11 @@ impl Transport {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(30)));
-        let h1_only = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http.clone());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            // h2 first: over one multiplexed connection, a burst of calls costs one write
-            // and one read instead of one of each per call (see benches/RESULTS.md).
-            .enable_all_versions()
-            .wrap_connector(http);
-        let connector = TimedConnector {
-            inner: https,
-            timeout: settings.connect_timeout,
-        };
-        let h1_connector = TimedConnector {
-            inner: h1_only,
-            timeout: settings.connect_timeout,
-        };
+        let timeout = settings.connect_timeout;
+        // h2 first: over one multiplexed connection, a burst of calls costs one write and
+        // one read instead of one of each per call (see benches/RESULTS.md).
+        let connector = TimedConnector::new(tls.clone(), http.clone(), Offer::H2First, timeout);
+        let h1_connector = TimedConnector::new(tls, http, Offer::Http1Only, timeout);
         let origin = origin_uri(&settings.base_url);
         let mut h2_builder = http2::Builder::new(TokioExecutor::new());
         // One connection carries every call, so a connection that died silently (a NAT or
@@ -558,7 +543,30 @@ struct TimedConnector {
 #[error("connect timed out")]
 struct ConnectTimedOut;
 
+/// What a connector offers by ALPN.
+#[derive(Clone, Copy)]
+enum Offer {
+    H2First,
+    Http1Only,
+}
+
 impl TimedConnector {
+    fn new(
+        tls: rustls::ClientConfig,
+        http: HttpConnector,
+        offer: Offer,
+        timeout: Duration,
+    ) -> Self {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let inner = match offer {
+            Offer::H2First => builder.enable_all_versions().wrap_connector(http),
+            Offer::Http1Only => builder.enable_http1().wrap_connector(http),
+        };
+        TimedConnector { inner, timeout }
+    }
+
     async fn connect(&self, uri: Uri) -> Result<Stream, ConnectError> {
         let connecting = tower::ServiceExt::oneshot(self.inner.clone(), uri);
         match tokio::time::timeout(self.timeout, connecting).await {
@@ -587,6 +595,7 @@ impl tower::Service<Uri> for TimedConnector {
 mod tests {
     use super::*;
     use crate::simulator::{generate_pki, Simulator, SimulatorConfig};
+    use rustls::pki_types::CertificateDer;
     use std::sync::mpsc::{Receiver, Sender};
 
     /// A transport to a TLS simulator that offers `h2` (or only HTTP/1.1), closing idle
@@ -599,24 +608,30 @@ mod tests {
         // Every call ends the same name, and every answer is 204.
         config.liveness = crate::simulator::Liveness::AllNames { forget_ended: true };
         let sim = Simulator::start(config).await.expect("simulator");
-        let base_url: Uri = sim.base_url().parse().expect("base url");
+        let roots = rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("CA");
+        let mut transport = transport_to(&sim.base_url(), roots);
+        transport.idle_timeout = idle;
+        (sim, transport)
+    }
+
+    /// A transport to `base_url` trusting `extra_roots`, one attempt per call.
+    fn transport_to(base_url: &str, extra_roots: Vec<CertificateDer<'static>>) -> Transport {
+        let base_url: Uri = base_url.parse().expect("base url");
         let settings = UpstreamSettings {
             base_url: BaseUrl {
                 scheme: base_url.scheme().expect("scheme").clone(),
                 authority: base_url.authority().expect("authority").clone(),
             },
             ca_file: None,
-            extra_roots: rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .expect("CA"),
+            extra_roots,
             connect_timeout: Duration::from_secs(2),
             timeout: Duration::from_secs(5),
             max_attempts: 1,
         };
         let tls = super::super::client_tls_config(&settings).expect("tls");
-        let mut transport = Transport::new(&settings, tls);
-        transport.idle_timeout = idle;
-        (sim, transport)
+        Transport::new(&settings, tls)
     }
 
     async fn call(sim: &Simulator, transport: &Transport) -> http::Version {
@@ -769,19 +784,7 @@ mod tests {
     async fn http1_connection_closed_as_a_call_takes_it_fails_as_a_retriable_reset() {
         let (close, close_first) = std::sync::mpsc::channel();
         let (port, connections) = closing_upstream(close_first);
-        let settings = UpstreamSettings {
-            base_url: BaseUrl {
-                scheme: Scheme::HTTP,
-                authority: format!("127.0.0.1:{port}").parse().expect("authority"),
-            },
-            ca_file: None,
-            extra_roots: Vec::new(),
-            connect_timeout: Duration::from_secs(2),
-            timeout: Duration::from_secs(5),
-            max_attempts: 1,
-        };
-        let tls = super::super::client_tls_config(&settings).expect("tls");
-        let transport = Transport::new(&settings, tls);
+        let transport = transport_to(&format!("http://127.0.0.1:{port}"), Vec::new());
         let send = || {
             let request = Request::delete(format!("http://127.0.0.1:{port}/v1/x/"))
                 .body(Empty::new())
