@@ -1444,6 +1444,41 @@ fn machine_description(pinned: bool) -> String {
     )
 }
 
+/// How much of `scripts/symbol-order.txt` the measured binary still has: the listed
+/// functions are placed together at link time (build.rs), which is most of the gateway's
+/// resident code; a list gone stale (new compiler or crate versions) shows here first.
+fn symbol_order_coverage(bin: &Path) -> String {
+    let list_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/symbol-order.txt");
+    let Ok(list) = std::fs::read_to_string(&list_path) else {
+        return "no scripts/symbol-order.txt".to_owned();
+    };
+    let Some(symbols) = Command::new("nm")
+        .arg("--defined-only")
+        .arg(bin)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+    else {
+        return "unknown (nm failed)".to_owned();
+    };
+    let symbols = String::from_utf8_lossy(&symbols.stdout);
+    let present: std::collections::HashSet<&str> = symbols
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .collect();
+    let listed: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+    let found = listed.iter().filter(|name| present.contains(*name)).count();
+    format!(
+        "{found} of the {} functions in scripts/symbol-order.txt are in the binary{}",
+        listed.len(),
+        if found * 10 < listed.len() * 9 {
+            " (stale: run scripts/symbol-order)"
+        } else {
+            ""
+        }
+    )
+}
+
 fn fmt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
 }
@@ -1675,7 +1710,12 @@ fn run(pinned: bool) -> anyhow::Result<bool> {
     let mut out = String::new();
     let _ = writeln!(out, "## mpc-gateway end-to-end benchmark\n");
     out.push_str(&report(&rows, &env));
-    let _ = writeln!(out, "\nMachine:\n\n{}", machine_description(pinned));
+    let _ = writeln!(
+        out,
+        "\nMachine:\n\n{}- code layout: {}\n",
+        machine_description(pinned),
+        symbol_order_coverage(&env.bin)
+    );
     let _ = writeln!(out, "Details and checks:\n\n{}", details(&rows));
     print!("{out}");
     std::io::stdout().flush()?;
