@@ -157,31 +157,46 @@ impl Identity {
 /// Maps token hashes to tenants.
 #[derive(Debug, Default)]
 pub struct TokenDirectory {
-    entries: Vec<(TokenHash, Arc<str>)>,
+    entries: Vec<Entry>,
+}
+
+/// A configured token: its hash, its tenant, and its fingerprint made once, since every
+/// authenticated request records it.
+#[derive(Debug)]
+struct Entry {
+    hash: TokenHash,
+    tenant: Arc<str>,
+    fingerprint: Arc<str>,
 }
 
 impl TokenDirectory {
     pub fn insert(&mut self, hash: TokenHash, tenant: Arc<str>) {
-        self.entries.push((hash, tenant));
+        let fingerprint = hash.fingerprint_shared();
+        self.entries.push(Entry {
+            hash,
+            tenant,
+            fingerprint,
+        });
     }
 
     /// Looks a presented token up. Every configured hash is compared, in constant time,
     /// so the time taken says nothing about which tenant (if any) came close.
     pub fn identify(&self, token: &[u8]) -> Identity {
         let presented = TokenHash::of(token);
-        let mut found: Option<&Arc<str>> = None;
-        for (hash, tenant) in &self.entries {
-            if bool::from(hash.0.ct_eq(&presented.0)) {
-                found = Some(tenant);
+        let mut found: Option<&Entry> = None;
+        for entry in &self.entries {
+            if bool::from(entry.hash.0.ct_eq(&presented.0)) {
+                found = Some(entry);
             }
         }
-        let fingerprint = presented.fingerprint_shared();
         match found {
-            Some(tenant) => Identity::Tenant {
-                tenant: Arc::clone(tenant),
-                fingerprint,
+            Some(entry) => Identity::Tenant {
+                tenant: Arc::clone(&entry.tenant),
+                fingerprint: Arc::clone(&entry.fingerprint),
             },
-            None => Identity::Unknown { fingerprint },
+            None => Identity::Unknown {
+                fingerprint: presented.fingerprint_shared(),
+            },
         }
     }
 }

@@ -2,8 +2,11 @@
 //! for Plivo's URL exactly as the official SDKs do.
 
 use std::fmt;
+use std::sync::Arc;
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{
+    percent_decode_str, utf8_percent_encode, AsciiSet, PercentEncode, NON_ALPHANUMERIC,
+};
 
 const MAX_NAME_CHARS: usize = 128;
 
@@ -16,8 +19,9 @@ const UPSTREAM_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
 
 /// A name that passed validation: 1–128 characters of valid UTF-8, no control
 /// characters and none of `/ \ ? # %`.
+/// Shared, so the audit trail takes the name without copying it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct MpcName(String);
+pub struct MpcName(Arc<str>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidMpcName {
@@ -56,16 +60,21 @@ impl MpcName {
         if name.contains(['/', '\\', '?', '#', '%']) {
             return Err(InvalidMpcName::ReservedCharacter);
         }
-        Ok(MpcName(name.to_owned()))
+        Ok(MpcName(Arc::from(name)))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The name as it goes into Plivo's path after `name_`.
-    pub fn upstream_encoded(&self) -> String {
-        utf8_percent_encode(&self.0, UPSTREAM_ENCODE).to_string()
+    /// The name as shared text (the audit record's `mpc`).
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
+    }
+
+    /// The name as it goes into Plivo's path after `name_`, in pieces (or `Display`).
+    pub fn upstream_encoded(&self) -> PercentEncode<'_> {
+        utf8_percent_encode(&self.0, UPSTREAM_ENCODE)
     }
 }
 
@@ -110,6 +119,7 @@ mod tests {
         MpcName::from_path_segment(segment)
             .expect("valid")
             .upstream_encoded()
+            .to_string()
     }
 
     #[test]

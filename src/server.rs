@@ -455,11 +455,12 @@ fn data_service(
         > + Clone,
 > {
     let gateway = gateway.clone();
+    let client = ClientAddr::new(peer);
     let stack = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
         .service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(peer));
+            request.extensions_mut().insert(client.clone());
             if let Some(certificate) = &certificate {
                 request.extensions_mut().insert(certificate.clone());
             }

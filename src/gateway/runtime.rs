@@ -23,7 +23,7 @@ pub(super) struct Runtime {
     /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) tenants: HashMap<String, TenantPolicy>,
-    pub(super) accounts: HashMap<String, AccountCredentials>,
+    pub(super) accounts: HashMap<String, Arc<AccountCredentials>>,
     pub(super) limiters: LimiterSet,
     /// Limiter state shared by every replica, when `rate_limit_store.kind` is redis.
     pub(super) shared_limits: Option<SharedLimits>,
@@ -131,7 +131,7 @@ impl Runtime {
         let accounts = config
             .accounts
             .iter()
-            .map(|(name, account)| (name.clone(), AccountCredentials::new(account)))
+            .map(|(name, account)| (name.clone(), Arc::new(AccountCredentials::new(account))))
             .collect();
         let limiters = LimiterSet::rebuild(
             previous.map(|runtime| &runtime.limiters),

@@ -51,7 +51,7 @@ impl Trail {
             client: request
                 .extensions()
                 .get::<ClientAddr>()
-                .map(|addr| display_shared(addr.0)),
+                .map(|addr| Arc::clone(addr.text())),
             method: method_text(request.method()),
             // Cut here already, so a long target is not copied into both records.
             path: Arc::from(truncate_on_char_boundary(
@@ -109,19 +109,4 @@ fn method_text(method: &Method) -> Cow<'static, str> {
         _ => return Cow::Owned(method.as_str().to_owned()),
     };
     Cow::Borrowed(name)
-}
-
-/// `value` as shared text with one allocation (`to_string` then `Arc::from` makes two).
-fn display_shared(value: impl std::fmt::Display) -> Arc<str> {
-    use std::io::Write as _;
-    // An `ip:port` is at most 47 bytes.
-    let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    match write!(cursor, "{value}") {
-        Ok(()) => {
-            let len = usize::try_from(cursor.position()).unwrap_or(0);
-            Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
-        }
-        Err(_) => Arc::from(value.to_string()),
-    }
 }

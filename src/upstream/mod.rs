@@ -12,13 +12,13 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
-use crate::config::{Account, BaseUrl, UpstreamSettings};
+use crate::config::{Account, UpstreamSettings};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
 
@@ -113,7 +113,8 @@ use transport::{SendError, Transport};
 
 pub struct PlivoClient {
     transport: Transport,
-    base_url: BaseUrl,
+    /// `scheme://authority` of `upstream.base_url`, the start of every request URL.
+    origin: String,
     user_agent: HeaderValue,
     timeout: Duration,
     max_attempts: u32,
@@ -138,7 +139,7 @@ impl PlivoClient {
         let tls = client_tls_config(settings)?;
         Ok(PlivoClient {
             transport: Transport::new(settings, tls),
-            base_url: settings.base_url.clone(),
+            origin: settings.base_url.to_string(),
             user_agent: HeaderValue::from_static(concat!(
                 "mpc-gateway/",
                 env!("CARGO_PKG_VERSION")
@@ -149,26 +150,36 @@ impl PlivoClient {
         })
     }
 
-    /// The exact upstream URL of an MPC on an account.
+    /// The exact upstream URL of an MPC on an account. Built with plain appends (this is
+    /// on every request's path), then parsed once for all attempts.
     pub fn mpc_url(&self, auth_id: &str, mpc: MpcRef<'_>) -> String {
+        const ACCOUNT: &str = "/v1/Account/";
+        const MPC: &str = "/MultiPartyCall/";
+        let mut url = String::with_capacity(
+            self.origin.len() + ACCOUNT.len() + auth_id.len() + MPC.len() + 64,
+        );
+        url.push_str(&self.origin);
+        url.push_str(ACCOUNT);
+        url.push_str(auth_id);
+        url.push_str(MPC);
         match mpc {
-            MpcRef::Name(name) => format!(
-                "{}/v1/Account/{auth_id}/MultiPartyCall/name_{}/",
-                self.base_url,
-                name.upstream_encoded()
-            ),
-            MpcRef::Uuid(uuid) => format!(
-                "{}/v1/Account/{auth_id}/MultiPartyCall/uuid_{}/",
-                self.base_url,
-                uuid.as_str()
-            ),
+            MpcRef::Name(name) => {
+                url.push_str("name_");
+                url.extend(name.upstream_encoded());
+            }
+            MpcRef::Uuid(uuid) => {
+                url.push_str("uuid_");
+                url.push_str(uuid.as_str());
+            }
         }
+        url.push('/');
+        url
     }
 
     /// Ends the MPC, retrying as the contract allows, never past `timeout`.
     pub async fn end_mpc(&self, account: &AccountCredentials, mpc: MpcRef<'_>) -> UpstreamReport {
         let url = self.mpc_url(&account.auth_id, mpc);
-        match self.call(Method::DELETE, &url, account).await {
+        match self.call(Method::DELETE, url, account).await {
             Ok((attempt, attempts)) => conclude(attempt, attempts),
             Err(timed_out) => timed_out,
         }
@@ -177,7 +188,7 @@ impl PlivoClient {
     /// Reads an MPC by uuid to learn its friendly name (for authorization).
     pub async fn lookup_name(&self, account: &AccountCredentials, uuid: &MpcUuid) -> Lookup {
         let url = self.mpc_url(&account.auth_id, MpcRef::Uuid(uuid));
-        let (attempt, attempts) = match self.call(Method::GET, &url, account).await {
+        let (attempt, attempts) = match self.call(Method::GET, url, account).await {
             Ok(done) => done,
             Err(timed_out) => return Lookup::Failed(timed_out),
         };
@@ -208,9 +219,14 @@ impl PlivoClient {
     async fn call(
         &self,
         method: Method,
-        url: &str,
+        url: String,
         account: &AccountCredentials,
     ) -> Result<(Attempt, u32), UpstreamReport> {
+        // Every part was validated (config, name, uuid), so this cannot fail; if it did,
+        // no attempt could succeed.
+        let Ok(uri) = Uri::try_from(url) else {
+            return Ok((Attempt::Fatal, 1));
+        };
         let deadline = Instant::now() + self.timeout;
         // A free slot is the usual case: take it without arming a timer. Waiting for one
         // counts against the same deadline as the call itself.
@@ -224,7 +240,7 @@ impl PlivoClient {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let attempt = self.attempt(method.clone(), url, account);
+            let attempt = self.attempt(method.clone(), uri.clone(), account);
             let Ok(attempt) = tokio::time::timeout_at(deadline, attempt).await else {
                 return Err(report(Err(Problem::UpstreamTimeout), None, attempts));
             };
@@ -240,10 +256,10 @@ impl PlivoClient {
         }
     }
 
-    async fn attempt(&self, method: Method, url: &str, account: &AccountCredentials) -> Attempt {
+    async fn attempt(&self, method: Method, uri: Uri, account: &AccountCredentials) -> Attempt {
         let request = Request::builder()
             .method(method)
-            .uri(url)
+            .uri(uri)
             .header(AUTHORIZATION, account.authorization.clone())
             .header(USER_AGENT, self.user_agent.clone())
             .header(ACCEPT, HeaderValue::from_static("application/json"))
