@@ -89,7 +89,7 @@ fn check_segment(segment: &str) {
                 expected,
                 "accepted name differs from the decoding"
             );
-            let enc = name.upstream_encoded();
+            let enc = name.upstream_encoded().to_string();
             check_encoding(&enc);
             assert_eq!(model_decode(enc.as_bytes()), name.as_str().as_bytes());
             assert_eq!(

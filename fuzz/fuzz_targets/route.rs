@@ -71,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
             }
             match r.target {
                 Target::Name(n) => {
-                    let _ = MpcName::from_path_segment(n).map(|n| n.upstream_encoded());
+                    let _ = MpcName::from_path_segment(n).map(|n| n.upstream_encoded().to_string());
                 }
                 Target::Uuid(u) => {
                     let _ = MpcUuid::parse(u);
