@@ -4,9 +4,10 @@
 //! chain, one `write`, and only then acknowledge.
 //!
 //! - [`Fsync::Always`]: a dedicated OS thread (not a tokio task, so a slow disk never
-//!   stalls the async runtime) takes the first waiting record, drains whatever else is
-//!   queued (group commit), writes and fsyncs once, and wakes one caller of the batch,
-//!   which wakes the rest (`AckRelay`).
+//!   stalls the async runtime) takes the first waiting record, yields once so that the
+//!   runtime's current turn can queue more, drains whatever else is queued (group
+//!   commit), writes and fsyncs once, and wakes one caller of the batch, which wakes the
+//!   rest (`AckRelay`).
 //! - [`Fsync::Never`]: nothing to wait for but the page cache, so callers write under a
 //!   mutex themselves; the records appended in one turn of the runtime share one write
 //!   (`InlineFlush`).
