@@ -24,10 +24,11 @@ fn main() {
     // Place the functions a serving gateway runs next to each other, hottest first. The
     // kernel maps an executable's pages 64 KiB at a time around each one touched, so with
     // those functions spread over 4 MiB of code nearly all of it became resident; packed,
-    // idle RSS falls by about 1.1 MiB and peak RSS by 1.3 to 1.5. Release builds only (the names
-    // carry hashes that differ between profiles), and only with a linker that takes the
-    // option (lld, the default for this target since Rust 1.90; GNU ld refuses it). Names
-    // the binary no longer has are skipped, so a stale list costs memory, never a build.
+    // idle RSS falls by about 1.1 MiB and peak RSS by 1.3 to 1.5. Release builds only
+    // (the names carry hashes that differ between profiles), and only with a linker that
+    // takes the option (lld, the default for this target since Rust 1.90; GNU ld refuses
+    // it). Names the binary no longer has are skipped, so a stale list costs memory,
+    // never a build.
     let order = Path::new(env("CARGO_MANIFEST_DIR").as_str()).join(SYMBOL_ORDER);
     let order_args = [
         format!("-Wl,--symbol-ordering-file={}", order.display()),
