@@ -490,6 +490,35 @@ impl PlivoBody {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn mpc_urls_are_built_exactly_as_the_sdks_send_them() {
+        let settings = UpstreamSettings {
+            base_url: crate::config::BaseUrl {
+                scheme: http::uri::Scheme::HTTPS,
+                authority: http::uri::Authority::from_static("api.example.test:8443"),
+            },
+            ca_file: None,
+            extra_roots: Vec::new(),
+            connect_timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+            max_attempts: 1,
+        };
+        let client = PlivoClient::new(&settings).expect("client");
+        let name = MpcName::from_path_segment("conf%20%C3%BC+1").expect("valid name");
+        assert_eq!(
+            client.mpc_url("MAXXXXXXXXXXXXXXXXXX", MpcRef::Name(&name)),
+            "https://api.example.test:8443/v1/Account/MAXXXXXXXXXXXXXXXXXX/MultiPartyCall/name_conf%20%C3%BC%2B1/"
+        );
+        let uuid = MpcUuid::parse("0c4a4a3e-5a8e-4c1e-9a55-2f6f8b1d2c3e").expect("uuid");
+        let url = client.mpc_url("MAXXXXXXXXXXXXXXXXXX", MpcRef::Uuid(&uuid));
+        assert_eq!(
+            url,
+            "https://api.example.test:8443/v1/Account/MAXXXXXXXXXXXXXXXXXX/MultiPartyCall/uuid_0c4a4a3e-5a8e-4c1e-9a55-2f6f8b1d2c3e/"
+        );
+        // Every URL built this way parses, so no call fails before its first attempt.
+        assert!(Uri::try_from(url).is_ok());
+    }
+
     fn answered(status: u16, headers: &[(&'static str, &'static str)], body: &str) -> Attempt {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
