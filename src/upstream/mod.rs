@@ -32,7 +32,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_IN_FLIGHT: usize = 256;
 
 /// The credentials of one Plivo account, ready to put on the wire.
-#[derive(Clone)]
 pub struct AccountCredentials {
     auth_id: String,
     authorization: HeaderValue,
