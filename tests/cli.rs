@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::served::{wait_bounded, Served, BIN};
+use common::served::{wait_bounded, BackgroundSim, Served, BIN};
 use common::{assert_chain, read_records, token_hash};
-use mpc_gateway::simulator::{Fault, Simulator, SimulatorConfig};
+use mpc_gateway::simulator::{Fault, SimulatorConfig};
 use sha2::{Digest, Sha256};
 
 const AUTH_ID: &str = "MAQQQQQQQQQQQQQQQQQQ";
@@ -362,31 +362,9 @@ fn check_config_names_the_key_path_of_each_error() {
 // serve as a process
 // ---------------------------------------------------------------------------------------
 
-/// A Plivo simulator (plain HTTP on loopback) on its own runtime.
-struct Sim {
-    sim: Simulator,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Sim {
-    fn start() -> Sim {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let sim = runtime
-            .block_on(Simulator::start(SimulatorConfig::new(AUTH_ID, PLIVO_TOKEN)))
-            .expect("simulator");
-        Sim {
-            sim,
-            _runtime: runtime,
-        }
-    }
-
-    fn base_url(&self) -> String {
-        self.sim.base_url()
-    }
+/// The simulator the `serve` processes below forward to.
+fn start_sim() -> BackgroundSim {
+    BackgroundSim::start(SimulatorConfig::new(AUTH_ID, PLIVO_TOKEN), 1)
 }
 
 fn metrics(served: &Served) -> String {
@@ -462,7 +440,7 @@ fn reloads(served: &Served, result: &str) -> f64 {
 
 #[test]
 fn serve_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
-    let sim = Sim::start();
+    let sim = start_sim();
     let c = ConfigDir::new();
     c.write(&c.yaml(&sim.base_url(), ALLOW));
     let mut served = Served::start(&c.config_path());
@@ -546,7 +524,7 @@ fn sigterm_drains_on_a_single_worker_thread_too() {
 }
 
 fn sigterm_drains_with(worker_threads: usize) {
-    let sim = Sim::start();
+    let sim = start_sim();
     let c = ConfigDir::new();
     c.write(&format!(
         "worker_threads: {worker_threads}\n{}",
@@ -606,7 +584,7 @@ fn sigterm_drains_with(worker_threads: usize) {
 
 #[test]
 fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
-    let sim = Sim::start();
+    let sim = start_sim();
     let c = ConfigDir::new();
     c.write(&c.yaml(&sim.base_url(), ALLOW));
     let mut served = Served::start(&c.config_path());

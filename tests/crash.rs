@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::served::{Served, BIN};
+use common::served::{BackgroundSim, Served, BIN};
 use common::{assert_chain, token_hash};
-use mpc_gateway::simulator::{Simulator, SimulatorConfig};
+use mpc_gateway::simulator::SimulatorConfig;
 
 const AUTH_ID: &str = "MACRASHCRASHCRASH001";
 const PLIVO_TOKEN: &str = "crash-test-plivo-token-not-real";
@@ -44,29 +44,12 @@ const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
 // The simulator and the gateway process
 // ---------------------------------------------------------------------------------------
 
-/// A Plivo simulator (plain HTTP on loopback) on its own runtime.
-struct Sim {
-    sim: Simulator,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Sim {
-    fn start() -> Sim {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let mut config = SimulatorConfig::new(AUTH_ID, PLIVO_TOKEN);
-        config.record = false;
-        let sim = runtime
-            .block_on(Simulator::start(config))
-            .expect("simulator");
-        Sim {
-            sim,
-            _runtime: runtime,
-        }
-    }
+/// The simulator the crashed gateways forward to; it keeps no recording, as the load is
+/// long.
+fn start_sim() -> BackgroundSim {
+    let mut config = SimulatorConfig::new(AUTH_ID, PLIVO_TOKEN);
+    config.record = false;
+    BackgroundSim::start(config, 2)
 }
 
 /// A directory with the secret file, the audit directory and the config.
@@ -404,7 +387,7 @@ fn append_torn_tail(live: &Path) {
 /// Load, SIGKILL, restart, serve, then check the log. `audit verify` is given the live
 /// file, or with `verify_dir` the audit directory (every rotated file).
 fn crash_and_recover(rotate_bytes: u64, tag: &'static str, verify_dir: bool) {
-    let sim = Sim::start();
+    let sim = start_sim();
     let setup = Setup::new(&sim.sim.base_url(), rotate_bytes);
     let verify_path = if verify_dir {
         setup.audit_dir()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use http::Method;
-use mpc_gateway::simulator::{Fault, Liveness};
+use mpc_gateway::simulator::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_sends_exactly_the_contract_request_upstream() {
@@ -734,11 +734,7 @@ async fn hostile_framing_is_refused_and_never_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_liveness_unknown_mpc_is_404() {
-    let h = Harness::with(Options {
-        liveness: Liveness::Explicit,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::with_explicit_liveness().await;
     h.sim.add_mpc("billing-live");
     assert_eq!(h.end("billing-live", BILLING_TOKEN).await.status, 204);
     assert!(!h.sim.is_live("billing-live"));

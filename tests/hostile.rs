@@ -245,22 +245,7 @@ async fn header_block_of_exactly_32_kib_is_served_and_one_byte_more_is_431() {
 async fn header_block_beyond_the_read_buffer_is_431_from_the_http_layer() {
     let h = Harness::start().await;
     let huge = request("POST", "/mpc/billing-1/end", &header_block_of(128 * 1024));
-    let outcome = raw_send(h.addr(), huge.as_bytes(), WAIT).await;
-    assert!(outcome.closed, "the connection is closed");
-    let responses = outcome.responses();
-    assert_eq!(responses.len(), 1, "{:?}", truncated(&outcome.text(), 300));
-    assert_eq!(responses[0].status, 431);
-    assert_eq!(h.sim.request_count(), 0);
-    assert!(h.records().is_empty(), "not parsed: no audit record");
-    let series = "mpc_gateway_http_rejected_total{kind=\"too-large\"}";
-    assert!(
-        eventually_async(Duration::from_secs(3), || async {
-            metric(&h, series).await == 1.0
-        })
-        .await,
-        "{series} counted once:\n{}",
-        metrics_text(&h).await
-    );
+    assert_431_from_the_http_layer(&h, huge.as_bytes()).await;
     h.shutdown().await;
 }
 
@@ -299,7 +284,15 @@ async fn ten_thousand_tiny_headers_are_431_from_the_http_layer() {
     let mut headers = closing_headers(Some(BILLING_TOKEN));
     headers.extend((0..10_000).map(|i| format!("x{i}: y")));
     let bomb = request("POST", "/mpc/billing-1/end", &headers);
-    let outcome = raw_send(h.addr(), bomb.as_bytes(), WAIT).await;
+    assert_431_from_the_http_layer(&h, bomb.as_bytes()).await;
+    h.shutdown().await;
+}
+
+/// Sends `bytes` and asserts what the HTTP layer does with a header block it will not
+/// parse: one `431`, the connection closed, nothing forwarded or audited, and the refusal
+/// counted once as `too-large`.
+async fn assert_431_from_the_http_layer(h: &Harness, bytes: &[u8]) {
+    let outcome = raw_send(h.addr(), bytes, WAIT).await;
     assert!(outcome.closed, "the connection is closed");
     let responses = outcome.responses();
     assert_eq!(responses.len(), 1, "{:?}", truncated(&outcome.text(), 300));
@@ -309,13 +302,12 @@ async fn ten_thousand_tiny_headers_are_431_from_the_http_layer() {
     let series = "mpc_gateway_http_rejected_total{kind=\"too-large\"}";
     assert!(
         eventually_async(Duration::from_secs(3), || async {
-            metric(&h, series).await == 1.0
+            metric(h, series).await == 1.0
         })
         .await,
         "{series} counted once:\n{}",
-        metrics_text(&h).await
+        metrics_text(h).await
     );
-    h.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------

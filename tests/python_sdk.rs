@@ -347,11 +347,7 @@ async fn sdk_stop_by_name_sends_upstream_what_the_native_route_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_stop_by_uuid_looks_up_the_name_then_deletes_by_uuid() {
-    let h = Harness::with(Options {
-        liveness: Liveness::Explicit,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::with_explicit_liveness().await;
     let uuid = h.sim.add_mpc("billing-x");
     sdk_stop(&h, Call::billing().uuid(&uuid)).await.assert_ok();
     assert!(!h.sim.is_live("billing-x"));
@@ -473,11 +469,7 @@ async fn sdk_raises_its_typed_exceptions_for_401_404_and_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_basic_username_must_match_the_path_auth_id() {
-    let h = Harness::with(Options {
-        liveness: Liveness::Explicit,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::with_explicit_liveness().await;
     h.sim.add_mpc("billing-1");
 
     // The SDK configured with another auth id and the billing token: username and path

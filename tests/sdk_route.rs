@@ -196,11 +196,7 @@ async fn sdk_route_refusals_are_plivo_shaped_with_the_native_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_by_uuid_reads_the_name_authorizes_it_then_deletes_by_uuid() {
-    let h = Harness::with(Options {
-        liveness: Liveness::Explicit,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::with_explicit_liveness().await;
     let uuid = h.sim.add_mpc("billing-standup");
     let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
     assert_eq!(reply.status, 204, "{:?}", reply.body);
@@ -249,11 +245,7 @@ async fn ending_by_uuid_reads_the_name_authorizes_it_then_deletes_by_uuid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_uuid_of_a_name_the_tenant_may_not_end_is_403_after_the_lookup_only() {
-    let h = Harness::with(Options {
-        liveness: Liveness::Explicit,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::with_explicit_liveness().await;
     let uuid = h.sim.add_mpc("sales-weekly");
     let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
     reply.assert_problem(403, "forbidden");

@@ -141,6 +141,16 @@ impl Harness {
         Harness::with(Options::default()).await
     }
 
+    /// A harness whose simulator knows only the MPCs the test adds (`sim.add_mpc`), as
+    /// the SDK route's lookups by uuid need.
+    pub async fn with_explicit_liveness() -> Harness {
+        Harness::with(Options {
+            liveness: Liveness::Explicit,
+            ..Options::default()
+        })
+        .await
+    }
+
     pub async fn with(options: Options) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");

@@ -1,5 +1,6 @@
 //! `mpc-gateway serve` as a child process: started on a config, its bound addresses read
-//! from its JSON log, signalled like an operator would, killed on drop if still running.
+//! from its JSON log, signalled like an operator would, killed on drop if still running;
+//! and [`BackgroundSim`], a Plivo simulator such a process can reach from synchronous tests.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -9,7 +10,37 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mpc_gateway::simulator::{Simulator, SimulatorConfig};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mpc-gateway");
+
+/// A Plivo simulator (plain HTTP on loopback) serving from a runtime of its own, for tests
+/// that are synchronous because the gateway under test is a child process.
+pub struct BackgroundSim {
+    pub sim: Simulator,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl BackgroundSim {
+    pub fn start(config: SimulatorConfig, worker_threads: usize) -> BackgroundSim {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let sim = runtime
+            .block_on(Simulator::start(config))
+            .expect("simulator");
+        BackgroundSim {
+            sim,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        self.sim.base_url()
+    }
+}
 
 pub struct Served {
     pub child: Child,
