@@ -38,6 +38,11 @@ pub struct Route<'a> {
     pub target: Target<'a>,
     /// `{auth_id}` of a Plivo-style path: must equal the Basic username.
     pub path_auth_id: Option<&'a str>,
+    /// A Plivo-style path that came with a query. The SDKs put names on the wire
+    /// unencoded, so `name_a?b/` arrives as name `a` with a query: the target is cut
+    /// short and must be refused as invalid (after authentication, like every name
+    /// check) rather than end a different MPC.
+    pub target_cut_by_query: bool,
 }
 
 const PLIVO_PREFIX: &str = "/v1/Account/";
@@ -59,14 +64,10 @@ pub fn route<'a>(method: &Method, uri: &'a Uri) -> Result<Route<'a>, Problem> {
     }
     if let Some(route) = plivo(path) {
         let route = only(method, Method::DELETE, route)?;
-        // The SDKs put names on the wire unencoded: `name_a?b/` arrives as name `a` with
-        // a query. Refuse it rather than end a different MPC.
-        if uri.query().is_some() {
-            return Err(Problem::InvalidMpcName(
-                crate::mpc_name::InvalidMpcName::ReservedCharacter,
-            ));
-        }
-        return Ok(route);
+        return Ok(Route {
+            target_cut_by_query: uri.query().is_some(),
+            ..route
+        });
     }
     Err(Problem::NotFound)
 }
@@ -97,6 +98,7 @@ fn native(path: &str) -> Option<Route<'_>> {
         flavor: Flavor::Native,
         target,
         path_auth_id: None,
+        target_cut_by_query: false,
     })
 }
 
@@ -121,6 +123,7 @@ fn plivo(path: &str) -> Option<Route<'_>> {
         flavor: Flavor::Plivo,
         target,
         path_auth_id: Some(auth_id),
+        target_cut_by_query: false,
     })
 }
 
@@ -200,11 +203,17 @@ mod tests {
                 id
             ))
         );
+        // Routed, marked, and refused later (after authentication) by the name check.
+        let cut = |target: String| {
+            let uri: Uri = target.parse().expect("uri");
+            route(&Method::DELETE, &uri).map(|r| r.target_cut_by_query)
+        };
+        assert_eq!(cut(format!("{base}/name_a?b/")), Ok(true));
+        assert_eq!(cut(format!("{base}/uuid_a?b/")), Ok(true));
+        assert_eq!(cut(format!("{base}/name_a/")), Ok(false));
         assert_eq!(
             routed(Method::DELETE, &format!("{base}/name_a?b/")),
-            Err(Problem::InvalidMpcName(
-                crate::mpc_name::InvalidMpcName::ReservedCharacter
-            ))
+            Ok((Flavor::Plivo, Name("a"), id))
         );
         assert_eq!(
             routed(Method::POST, &format!("{base}/name_a/")),

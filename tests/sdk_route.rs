@@ -243,6 +243,61 @@ async fn ending_by_uuid_reads_the_name_authorizes_it_then_deletes_by_uuid() {
     h.shutdown().await;
 }
 
+/// A query cuts an SDK-sent name short (`name_a?b/`), so it is refused, but only after
+/// authentication and the body check, like every name check: an anonymous caller gets
+/// `401`, an oversized body `413`, an authenticated one `400` (`invalid-mpc-uuid` for a
+/// uuid). Nothing is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_on_the_sdk_route_is_refused_after_authentication() {
+    let h = Harness::start().await;
+    let good = basic(BILLING_SDK_AUTH_ID, BILLING_TOKEN);
+    let base = format!("/v1/Account/{BILLING_SDK_AUTH_ID}/MultiPartyCall");
+    let name = format!("{base}/name_billing-a?b/");
+    let uuid = format!("{base}/uuid_12345678-90ab-cdef-1234-567890abcdef?x/");
+
+    let anonymous = h.send(Method::DELETE, &name, &[], b"").await;
+    assert_plivo_error(&anonymous, 401);
+    let wrong_token = basic(BILLING_SDK_AUTH_ID, "nope");
+    assert_plivo_error(&sdk_delete(&h, &name, &wrong_token, b"").await, 401);
+    assert_plivo_error(&sdk_delete(&h, &name, &good, &[b'x'; 4097]).await, 413);
+    let by_name = sdk_delete(&h, &name, &good, b"").await;
+    assert_plivo_error(&by_name, 400);
+    assert_eq!(
+        by_name.json()["error"],
+        "the MPC name contains one of / \\ ? # %"
+    );
+    let by_uuid = sdk_delete(&h, &uuid, &good, b"").await;
+    assert_plivo_error(&by_uuid, 400);
+    assert_eq!(
+        by_uuid.json()["error"],
+        "the MPC uuid is not of the form 8-4-4-4-12 hex digits"
+    );
+
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    let records = h.records();
+    let reasons: Vec<&str> = records
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "unauthenticated",
+            "unauthenticated",
+            "payload-too-large",
+            "invalid-mpc-name",
+            "invalid-mpc-uuid",
+        ]
+    );
+    assert!(records
+        .iter()
+        .all(|r| r["event"] == "denied" && r["mpc"].is_null()));
+    assert_eq!(records[0]["tenant"], serde_json::Value::Null);
+    assert_eq!(records[3]["tenant"], "billing");
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_uuid_of_a_name_the_tenant_may_not_end_is_403_after_the_lookup_only() {
     let h = Harness::with_explicit_liveness().await;

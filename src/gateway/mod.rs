@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditLog, EventKind};
 use crate::config::{Config, OnStoreError};
-use crate::mpc_name::{MpcName, MpcUuid};
+use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
 use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
 use crate::routes::{route, Target};
@@ -46,6 +46,11 @@ use trail::Trail;
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
+
+/// How long a request's body may take to arrive once its head has: the header timeout's
+/// counterpart, so a caller that declares a body and never sends it cannot hold a
+/// connection (or, over HTTP/2, a stream) open before it is even authenticated.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BLOCK_BYTES: usize = 32 * 1024;
 
@@ -86,7 +91,7 @@ struct Inner {
 }
 
 /// At most one log line about rate-limit store failures per this interval.
-const STORE_ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const STORE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Lets one event through per interval.
 struct LogThrottle {
@@ -246,6 +251,12 @@ impl Gateway {
             .get(&*tenant)
             .ok_or(Problem::Unauthenticated)?;
         let (mpc, upstream_calls) = match route.target {
+            Target::Name(_) if route.target_cut_by_query => {
+                return Err(Problem::InvalidMpcName(InvalidMpcName::ReservedCharacter));
+            }
+            Target::Uuid(_) if route.target_cut_by_query => {
+                return Err(Problem::InvalidMpcUuid(InvalidMpcUuid));
+            }
             Target::Name(segment) => {
                 let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
                 trail.mpc = Some(name.shared());
@@ -518,10 +529,17 @@ where
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
         return Err(Problem::PayloadTooLarge);
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(_) => Ok(()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(Problem::PayloadTooLarge),
-        Err(_) => Err(Problem::BadRequest("the request body could not be read")),
+    let collected = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(body, MAX_BODY_BYTES).collect(),
+    );
+    match collected.await {
+        Err(_elapsed) => Err(Problem::BodyTimeout),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(Problem::PayloadTooLarge)
+        }
+        Ok(Err(_)) => Err(Problem::BadRequest("the request body could not be read")),
     }
 }
 
