@@ -27,6 +27,8 @@ pub enum Problem {
     MethodNotAllowed { allow: &'static str },
     #[error("the request body is larger than 4 KiB")]
     PayloadTooLarge,
+    #[error("the request body was not received in time")]
+    BodyTimeout,
     #[error("valid credentials are required")]
     Unauthenticated,
     #[error("{0}")]
@@ -94,6 +96,7 @@ impl Problem {
             Problem::NotFound | Problem::MpcNotFound { .. } => StatusCode::NOT_FOUND,
             Problem::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Problem::Unauthenticated => StatusCode::UNAUTHORIZED,
             Problem::Forbidden => StatusCode::FORBIDDEN,
             Problem::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -117,6 +120,7 @@ impl Problem {
             Problem::NotFound => "not-found",
             Problem::MethodNotAllowed { .. } => "method-not-allowed",
             Problem::PayloadTooLarge => "payload-too-large",
+            Problem::BodyTimeout => "request-timeout",
             Problem::Unauthenticated => "unauthenticated",
             Problem::InvalidMpcName(_) => "invalid-mpc-name",
             Problem::InvalidMpcUuid(_) => "invalid-mpc-uuid",
@@ -142,6 +146,7 @@ impl Problem {
             Problem::NotFound => "Not found",
             Problem::MethodNotAllowed { .. } => "Method not allowed",
             Problem::PayloadTooLarge => "Payload too large",
+            Problem::BodyTimeout => "Request timeout",
             Problem::Unauthenticated => "Unauthenticated",
             Problem::InvalidMpcName(_) => "Invalid MPC name",
             Problem::InvalidMpcUuid(_) => "Invalid MPC uuid",
@@ -181,7 +186,12 @@ impl Problem {
 
     /// Whether the connection must not be reused after this answer.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Problem::BadRequest(_) | Problem::ShuttingDown)
+        // After a body timeout the rest of the body may still arrive: the stream cannot
+        // carry another request.
+        matches!(
+            self,
+            Problem::BadRequest(_) | Problem::BodyTimeout | Problem::ShuttingDown
+        )
     }
 
     /// Builds the full response: status, body in the route's style, and the headers this

@@ -1073,6 +1073,62 @@ async fn h2c_connect(
     (sender, tokio::spawn(conn))
 }
 
+/// A request body that never ends: always pending, never at its end.
+struct StalledBody;
+
+impl http_body::Body for StalledBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// Over HTTP/2 a stream whose body never ends is answered `408` by the body timeout (the
+/// connection and its other streams are not held by it), and audited as `denied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_stream_with_a_body_that_never_ends_is_408() {
+    let h = Harness::start().await;
+    let stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/mpc/billing-h2/end", h.addr()))
+        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+        .body(StalledBody)
+        .expect("request");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(15), sender.send_request(request))
+        .await
+        .expect("answered within 15 s")
+        .expect("answered");
+    let took = started.elapsed();
+    assert_eq!(answer.status().as_u16(), 408);
+    assert!(
+        took >= mpc_gateway::gateway::BODY_READ_TIMEOUT - Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["event"], "denied");
+    assert_eq!(records[0]["reason"], "request-timeout");
+    drop(sender);
+    driver.abort();
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_with_prior_knowledge_is_served() {
     let h = Harness::start().await;

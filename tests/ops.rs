@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mpc_gateway::gateway::BODY_READ_TIMEOUT;
 use mpc_gateway::server::HEADER_READ_TIMEOUT;
 use mpc_gateway::simulator::Fault;
 use mpc_gateway::telemetry::sample;
@@ -734,6 +735,43 @@ async fn stalled_http2_preface_is_closed_by_the_header_timeout() {
     );
     assert_eq!(h.sim.request_count(), 0);
     assert!(h.records().is_empty());
+    h.shutdown().await;
+}
+
+/// A body that is declared and never finished, before authentication: the body timeout
+/// answers `408 request-timeout` and closes the connection, instead of holding it (and a
+/// connection slot) for as long as the caller likes. The one terminal record is `denied`,
+/// with no tenant: the body is read before the caller is authenticated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_body_never_sent_is_408_after_the_body_timeout() {
+    let h = Harness::start().await;
+    let head = format!(
+        "POST /mpc/billing-1/end HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"partial\":"
+    );
+    let started = Instant::now();
+    let answer = raw_exchange(h.addr(), head.as_bytes(), Duration::from_secs(15)).await;
+    let took = started.elapsed();
+    assert!(
+        took >= BODY_READ_TIMEOUT - Duration::from_secs(1) && took < Duration::from_secs(15),
+        "answered and closed after {took:?}: {answer}"
+    );
+    assert_eq!(status_of(&answer), Some(408), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("urn:mpc-gateway:request-timeout"),
+        "{answer}"
+    );
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["event"], "denied");
+    assert_eq!(records[0]["reason"], "request-timeout");
+    assert_eq!(records[0]["status"], 408);
+    assert_eq!(records[0]["tenant"], serde_json::Value::Null);
+    h.assert_chain();
     h.shutdown().await;
 }
 
