@@ -20,6 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
 
 const BILLING_SAN: &str = "spiffe://prod/ns/billing/sa/api";
+/// The SAN of a tenant that has no token at all: certificates are its only credential.
+const ROBOT_SAN: &str = "spiffe://prod/ns/robot/sa/job";
 
 struct MtlsGateway {
     dir: tempfile::TempDir,
@@ -69,6 +71,9 @@ tenants:
   ops:
     tokens: ["{}"]
     allow: ["*"]
+  robot:
+    client_cert_sans: ["{ROBOT_SAN}"]
+    allow: ["robot-*"]
 audit:
   path: "{d}/audit.jsonl"
   fsync: never
@@ -205,6 +210,26 @@ async fn a_client_certificate_authenticates_its_tenant() {
     let record = g.audit().pop().expect("record");
     assert_eq!(record["tenant"], serde_json::Value::Null);
     assert_eq!(record["reason"], "unauthenticated");
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_without_tokens_is_served_by_its_certificate_alone() {
+    let g = MtlsGateway::start(false).await;
+    let cert = g.pki.issue_client_cert(&[ROBOT_SAN]).expect("cert");
+    let config = client_config(&g.pki.ca_cert_pem, Some(&cert));
+    let answer = end_over_tls(&g, Arc::clone(&config), "robot-1", None).await;
+    assert_eq!(answer.expect("served").status, 204);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["tenant"], "robot");
+    assert_eq!(record["token_fp"], fingerprint(&cert));
+    // Another tenant's token alongside its certificate is refused.
+    let mixed = end_over_tls(&g, config, "robot-2", Some(BILLING_TOKEN)).await;
+    assert_eq!(mixed.expect("served").status, 401);
+    // Without the certificate the tenant has no way in.
+    let anonymous = client_config(&g.pki.ca_cert_pem, None);
+    let refused = end_over_tls(&g, anonymous, "robot-3", None).await;
+    assert_eq!(refused.expect("served").status, 401);
     g.gateway.shutdown().await.expect("shutdown");
 }
 

@@ -261,6 +261,7 @@ impl TryFrom<RawConfig> for Config {
         let audit = validate_audit(&raw.audit, &mut errors);
         let log = validate_log(&raw.log, &mut errors);
         let listen_tls = validate_listen_tls(raw.listen_tls.as_ref(), &mut errors);
+        check_certificates_can_be_verified(&raw, &mut errors);
         let rate_limit_store = validate_store(&raw.rate_limit_store, &mut errors);
         match (upstream, audit, log, listen_tls, rate_limit_store) {
             (Some(upstream), Some(audit), Some(log), Some(listen_tls), Some(rate_limit_store))
@@ -554,6 +555,27 @@ fn validate_tenants(
     tenants
 }
 
+/// `client_cert_sans` only means something when client certificates are verified: without
+/// `listen_tls.client_ca_file` such a tenant could never be authenticated by one, which
+/// is a config mistake to report, not a tenant to keep silently unreachable.
+fn check_certificates_can_be_verified(raw: &RawConfig, errors: &mut Errors) {
+    let verifies = raw
+        .listen_tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca_file.is_some());
+    if verifies {
+        return;
+    }
+    for (name, tenant) in &raw.tenants {
+        if !tenant.client_cert_sans.is_empty() {
+            errors.push(
+                format!("tenants.{name}.client_cert_sans"),
+                "needs listen_tls.client_ca_file: without it no client certificate is verified",
+            );
+        }
+    }
+}
+
 /// What Python, Java and Ruby SDKs accept as an auth id.
 fn is_valid_sdk_auth_id(id: &str) -> bool {
     id.len() == 20
@@ -578,12 +600,6 @@ fn validate_tokens<'a>(
     owner_of: &mut HashMap<TokenHash, &'a str>,
     errors: &mut Errors,
 ) -> Vec<TokenHash> {
-    if raw.is_empty() {
-        errors.push(
-            format!("{path}.tokens"),
-            "at least one token hash is required",
-        );
-    }
     let mut tokens = Vec::new();
     for (index, text) in raw.iter().enumerate() {
         let key = format!("{path}.tokens[{index}]");

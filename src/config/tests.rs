@@ -224,3 +224,58 @@ fn summary_holds_no_secret_or_hash() {
     assert!(!summary.contains("plivo-secret"));
     assert!(!summary.contains("2c26b46b"));
 }
+
+const BILLING_TOKEN_LINE: &str =
+    "    tokens: [\"sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\"]\n";
+
+#[test]
+fn a_tenant_may_authenticate_by_client_certificate_only() {
+    let fixture = Fixture::new();
+    let pki = crate::simulator::generate_pki(&["localhost"]).expect("pki");
+    for (file, pem) in [
+        ("server.pem", &pki.server_cert_pem),
+        ("server-key.pem", &pki.server_key_pem),
+        ("clients-ca.pem", &pki.ca_cert_pem),
+    ] {
+        std::fs::write(fixture.dir.path().join(file), pem).expect("write");
+    }
+    let yaml = format!(
+        "listen_tls:\n  cert_file: \"{{dir}}/server.pem\"\n  key_file: \"{{dir}}/server-key.pem\"\n  client_ca_file: \"{{dir}}/clients-ca.pem\"\n{}",
+        MINIMAL.replace(
+            BILLING_TOKEN_LINE,
+            "    client_cert_sans: [\"spiffe://prod/ns/billing/sa/api\"]\n"
+        )
+    );
+    let config = fixture.load(&yaml).expect("valid");
+    let billing = &config.tenants["billing"];
+    assert!(billing.tokens.is_empty());
+    assert_eq!(
+        billing.client_cert_sans,
+        ["spiffe://prod/ns/billing/sa/api"]
+    );
+}
+
+#[test]
+fn client_cert_sans_without_a_client_ca_is_an_error() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace(
+        BILLING_TOKEN_LINE,
+        &format!("{BILLING_TOKEN_LINE}    client_cert_sans: [\"billing.internal\"]\n"),
+    );
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.contains("tenants.billing.client_cert_sans: needs listen_tls.client_ca_file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tenant_with_neither_tokens_nor_certificates_is_one_error() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace(BILLING_TOKEN_LINE, "    tokens: []\n");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    let expected =
+        "tenants.billing.tokens: at least one token hash (or client_cert_sans) is required";
+    assert_eq!(err.matches(expected).count(), 1, "{err}");
+    assert_eq!(err.matches("tenants.billing.tokens").count(), 1, "{err}");
+}
