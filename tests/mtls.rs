@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use common::{read_records, token_hash, BILLING_TOKEN, OPS_TOKEN};
-use http::Request;
+use http::{Method, Request};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mpc_gateway::config::Config;
@@ -20,6 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
 
 const BILLING_SAN: &str = "spiffe://prod/ns/billing/sa/api";
+const BILLING_SDK_AUTH_ID: &str = "MABILLING0000000000X";
 /// The SAN of a tenant that has no token at all: certificates are its only credential.
 const ROBOT_SAN: &str = "spiffe://prod/ns/robot/sa/job";
 
@@ -66,6 +68,7 @@ upstream:
 tenants:
   billing:
     client_cert_sans: ["{BILLING_SAN}"]
+    sdk_auth_id: {BILLING_SDK_AUTH_ID}
     tokens: ["{}"]
     allow: ["billing-*"]
   ops:
@@ -147,6 +150,19 @@ async fn end_over_tls(
     name: &str,
     bearer: Option<&str>,
 ) -> Result<Answer, String> {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    let path = format!("/mpc/{name}/end");
+    send_over_tls(gateway, config, Method::POST, &path, authorization).await
+}
+
+/// Connects over TLS and sends one request without a body.
+async fn send_over_tls(
+    gateway: &MtlsGateway,
+    config: Arc<rustls::ClientConfig>,
+    method: Method,
+    path: &str,
+    authorization: Option<String>,
+) -> Result<Answer, String> {
     let tcp = tokio::net::TcpStream::connect(gateway.gateway.local_addr())
         .await
         .map_err(|e| e.to_string())?;
@@ -168,9 +184,12 @@ async fn end_over_tls(
             .await
             .map_err(|e| format!("http handshake: {e}"))?;
     tokio::spawn(connection);
-    let mut request = Request::post(format!("/mpc/{name}/end")).header("host", "localhost");
-    if let Some(token) = bearer {
-        request = request.header("authorization", format!("Bearer {token}"));
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
     }
     let request = request.body(Empty::new()).expect("request");
     let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
@@ -230,6 +249,67 @@ async fn a_tenant_without_tokens_is_served_by_its_certificate_alone() {
     let anonymous = client_config(&g.pki.ca_cert_pem, None);
     let refused = end_over_tls(&g, anonymous, "robot-3", None).await;
     assert_eq!(refused.expect("served").status, 401);
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// On the Plivo-compatible route the SDK always sends Basic credentials; with a client
+/// certificate that names a tenant they must belong to that tenant, and the certificate's
+/// fingerprint is what the audit records, as on the native route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_sdk_route_a_certificate_must_name_the_tenant_of_the_basic_credentials() {
+    let g = MtlsGateway::start(false).await;
+    let path =
+        |name: &str| format!("/v1/Account/{BILLING_SDK_AUTH_ID}/MultiPartyCall/name_{name}/");
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{BILLING_SDK_AUTH_ID}:{BILLING_TOKEN}"))
+    );
+    let billing = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let as_billing = client_config(&g.pki.ca_cert_pem, Some(&billing));
+    let same = send_over_tls(
+        &g,
+        as_billing,
+        Method::DELETE,
+        &path("billing-1"),
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(same.expect("served").status, 204);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["tenant"], "billing");
+    assert_eq!(record["token_fp"], fingerprint(&billing));
+
+    let robot = g.pki.issue_client_cert(&[ROBOT_SAN]).expect("cert");
+    let as_robot = client_config(&g.pki.ca_cert_pem, Some(&robot));
+    let mixed = send_over_tls(
+        &g,
+        as_robot,
+        Method::DELETE,
+        &path("billing-2"),
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(mixed.expect("served").status, 401);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["tenant"], serde_json::Value::Null);
+    assert_eq!(record["token_fp"], fingerprint(&robot));
+
+    // Without a certificate the Basic credentials decide, as before.
+    let anonymous = client_config(&g.pki.ca_cert_pem, None);
+    let plain = send_over_tls(
+        &g,
+        anonymous,
+        Method::DELETE,
+        &path("billing-3"),
+        Some(basic),
+    )
+    .await;
+    assert_eq!(plain.expect("served").status, 204);
+    assert_eq!(
+        g.audit().pop().expect("record")["token_fp"],
+        &token_hash(BILLING_TOKEN)[7..19]
+    );
     g.gateway.shutdown().await.expect("shutdown");
 }
 

@@ -25,7 +25,11 @@ pub(super) fn authenticate(
 ) -> Result<Arc<str>, Problem> {
     let (tenant, fingerprint) = match route.flavor {
         Flavor::Native => by_certificate_or_bearer(runtime, headers, certificate),
-        Flavor::Plivo => by_basic(runtime, headers, route.path_auth_id),
+        Flavor::Plivo => confirmed_by_certificate(
+            runtime,
+            certificate,
+            by_basic(runtime, headers, route.path_auth_id),
+        ),
     };
     trail.token_fp = fingerprint;
     let tenant = tenant.ok_or(Problem::Unauthenticated)?;
@@ -61,6 +65,23 @@ fn by_certificate_or_bearer(
             },
         ) => (Some(Arc::clone(tenant)), Some(Arc::clone(fingerprint))),
         (None, identity) => (None, identity.fingerprint().cloned()),
+    }
+}
+
+/// The SDKs always send Basic credentials, so on their route a certificate that names a
+/// tenant confirms rather than replaces them: it must name the same tenant (else nobody
+/// is authenticated), and its fingerprint is recorded, as on the native routes.
+fn confirmed_by_certificate(
+    runtime: &Runtime,
+    certificate: Option<&ClientCertificate>,
+    (tenant, fingerprint): Authenticated,
+) -> Authenticated {
+    match certificate.and_then(|cert| tenant_of_certificate(runtime, cert)) {
+        None => (tenant, fingerprint),
+        Some((by_certificate, cert_fp)) if tenant.as_ref() == Some(&by_certificate) => {
+            (Some(by_certificate), Some(cert_fp))
+        }
+        Some((_, cert_fp)) => (None, Some(cert_fp)),
     }
 }
 
