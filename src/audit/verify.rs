@@ -197,7 +197,10 @@ pub(crate) fn verify_files(
             };
             let verdict = match parse_line(&line) {
                 Ok(rec) => chain.push(at, rec),
-                Err(Bad::Unreadable(why)) if last_file && lines.at_eof()? => {
+                // A crash mid-write leaves a final line without its newline (start-up
+                // recovery cuts exactly that); a complete line that is not a record is
+                // not a crash artefact.
+                Err(Bad::Unreadable(why)) if !line.terminated && last_file && lines.at_eof()? => {
                     Some(chain.torn(at, why, files.len()))
                 }
                 Err(Bad::Unreadable(what) | Bad::Invalid(what)) => {
@@ -441,9 +444,10 @@ impl<'h> Chain<'h> {
             return "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into();
         }
         if ChainHasher::Plain.digest_hex(body) == claimed {
-            return "this log is not HMAC-keyed (plain SHA-256 matches); run without --hmac-key-env".into();
+            // Also what a forger without the key would make: a consistent plain chain.
+            return "this log is not HMAC-keyed (plain SHA-256 matches): either it was written without audit.hmac_key, then run without --hmac-key-env, or it was rewritten by someone without the key; if the gateway had hmac_key set when it wrote these records, that is tampering".into();
         }
-        "no hash matches with the given key while every link holds: wrong HMAC key (or the log is keyed with another key)".into()
+        "no hash matches with the given key while every link holds: wrong HMAC key (or the log is keyed with another key, or every record was rewritten by someone without the key)".into()
     }
 
     /// A torn final line: exit 3 only if all before it holds.

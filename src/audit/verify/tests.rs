@@ -150,6 +150,19 @@ fn torn_tail_exits_3_and_torn_line_elsewhere_is_broken() {
     );
     assert!(r.stdout.contains("the 4 records before it"), "{}", r.stdout);
 
+    // The same line completed by a newline is not a crash artefact either: a crash leaves
+    // no newline after a partial record.
+    let mut completed = bytes.clone();
+    completed.push(b'\n');
+    std::fs::write(&live, &completed).expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("audit.jsonl:5: malformed JSON"),
+        "{}",
+        r.stdout
+    );
+
     // The same torn line followed by more data is not a crash artefact.
     bytes.extend_from_slice(b"\n{}\n");
     std::fs::write(&live, &bytes).expect("write");
@@ -228,7 +241,11 @@ fn unkeyed_log_checked_with_a_key_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 1, None, 1 << 20);
     match verify_paths(&[dir.path()], Some(b"k")) {
-        Verdict::KeyProblem { what, .. } => assert!(what.contains("not HMAC-keyed"), "{what}"),
+        Verdict::KeyProblem { what, .. } => {
+            assert!(what.contains("not HMAC-keyed"), "{what}");
+            // A plain chain is also what a forger without the key would write.
+            assert!(what.contains("that is tampering"), "{what}");
+        }
         other => panic!("{other:?}"),
     }
     // A single keyed record without the key cannot be told apart: hint, exit 1.
@@ -281,9 +298,14 @@ fn bad_input_never_panics() {
             r.stdout
         );
         assert!(r.stdout.contains(expect), "{name}: {}", r.stdout);
-        // The same as the very last line: what a crash can leave, exit 3.
+        // The same as the very last line, complete with its newline: not something a
+        // crash leaves, exit 1.
         let mut bytes = good.clone();
         bytes.extend_from_slice(&bad);
+        std::fs::write(&f, &bytes).expect("w");
+        assert_eq!(execute(&args(&[&f], None)).code, 1, "{name}");
+        // Without its newline: what a crash mid-write can leave, exit 3.
+        bytes.pop();
         std::fs::write(&f, &bytes).expect("w");
         assert_eq!(execute(&args(&[&f], None)).code, 3, "{name}");
     }
