@@ -15,6 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -22,7 +24,7 @@ use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin;
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLog, Fsync};
 use crate::config::{Config, ConfigError};
 use crate::gateway::{BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES};
 use crate::problem::Problem;
@@ -98,9 +100,13 @@ pub struct RunningGateway {
 struct RestartOnlySettings {
     listen: SocketAddr,
     admin_listen: SocketAddr,
-    audit: String,
     worker_threads: usize,
     tls: bool,
+    audit_path: PathBuf,
+    audit_fsync: Fsync,
+    audit_rotate_bytes: u64,
+    /// SHA-256 of the key, so a key changed in its file is noticed without keeping a copy.
+    audit_key_digest: Option<[u8; 32]>,
 }
 
 impl RestartOnlySettings {
@@ -108,16 +114,42 @@ impl RestartOnlySettings {
         RestartOnlySettings {
             listen: config.listen,
             admin_listen: config.admin_listen,
-            audit: format!(
-                "{}|{:?}|{}|{}",
-                config.audit.path.display(),
-                config.audit.fsync,
-                config.audit.rotate_bytes,
-                config.audit.hmac_key.is_some()
-            ),
             worker_threads: config.worker_threads,
             tls: config.listen_tls.is_some(),
+            audit_path: config.audit.path.clone(),
+            audit_fsync: config.audit.fsync,
+            audit_rotate_bytes: config.audit.rotate_bytes,
+            audit_key_digest: config
+                .audit
+                .hmac_key
+                .as_ref()
+                .map(|key| Sha256::digest(key.expose_secret()).into()),
         }
+    }
+
+    /// The config keys that differ from `other`, for the reload warning.
+    fn changed_from(&self, other: &RestartOnlySettings) -> Vec<&'static str> {
+        [
+            ("listen", self.listen != other.listen),
+            ("admin_listen", self.admin_listen != other.admin_listen),
+            (
+                "worker_threads",
+                self.worker_threads != other.worker_threads,
+            ),
+            ("audit.path", self.audit_path != other.audit_path),
+            ("audit.fsync", self.audit_fsync != other.audit_fsync),
+            (
+                "audit.rotate_bytes",
+                self.audit_rotate_bytes != other.audit_rotate_bytes,
+            ),
+            (
+                "audit.hmac_key",
+                self.audit_key_digest != other.audit_key_digest,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
     }
 }
 
@@ -186,8 +218,12 @@ impl RunningGateway {
         if config.listen_tls.is_some() != self.settings_at_start.tls {
             return Err(ReloadError::TlsModeChanged);
         }
-        if RestartOnlySettings::of(config) != self.settings_at_start {
-            tracing::warn!("listen, admin_listen, worker_threads and audit settings take effect only after a restart");
+        let changed = RestartOnlySettings::of(config).changed_from(&self.settings_at_start);
+        if !changed.is_empty() {
+            tracing::warn!(
+                settings = %changed.join(", "),
+                "changed settings that take effect only after a restart; the running values stay until then"
+            );
         }
         self.gateway.reload(config)?;
         Ok(())
@@ -563,4 +599,49 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
     running.shutdown().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose HMAC key is read from `key_file`, with `fsync` as given.
+    fn config(dir: &Path, key: &str, fsync: &str) -> Config {
+        std::fs::write(dir.join("token"), "plivo-secret").expect("write");
+        std::fs::write(dir.join("key"), key).expect("write");
+        let d = dir.display();
+        Config::from_yaml(&format!(
+            r#"
+accounts:
+  default:
+    auth_id: MAXXXXXXXXXXXXXXXXXX
+    auth_token: {{file: "{d}/token"}}
+tenants:
+  billing:
+    tokens: ["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    allow: ["billing-*"]
+audit:
+  path: "{d}/audit.jsonl"
+  fsync: {fsync}
+  hmac_key: {{file: "{d}/key"}}
+"#
+        ))
+        .expect("valid config")
+    }
+
+    #[test]
+    fn a_reload_names_each_restart_only_setting_it_cannot_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = RestartOnlySettings::of(&config(dir.path(), "key-1", "always"));
+        let same = RestartOnlySettings::of(&config(dir.path(), "key-1", "always"));
+        assert!(same.changed_from(&running).is_empty());
+        // A key changed inside its file is noticed, not only a key added or removed.
+        let new_key = RestartOnlySettings::of(&config(dir.path(), "key-2", "always"));
+        assert_eq!(new_key.changed_from(&running), ["audit.hmac_key"]);
+        let both = RestartOnlySettings::of(&config(dir.path(), "key-2", "never"));
+        assert_eq!(
+            both.changed_from(&running),
+            ["audit.fsync", "audit.hmac_key"]
+        );
+    }
 }
