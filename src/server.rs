@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,9 @@ use hyper_util::service::TowerToHyperService;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
@@ -291,15 +293,14 @@ enum HttpVersion {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Tells HTTP/1 from prior-knowledge HTTP/2 (h2c) by peeking at the first bytes, within
-/// the header read timeout. `None`: the client closed or sent nothing in time.
-async fn sniff_version(stream: &TcpStream) -> Option<HttpVersion> {
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+/// Tells HTTP/1 from prior-knowledge HTTP/2 (h2c) by peeking at the first bytes, before
+/// the connection's head deadline. `None`: the client closed or sent nothing in time.
+async fn sniff_version(stream: &TcpStream, deadline: Instant) -> Option<HttpVersion> {
     let mut buf = [0u8; 24];
     loop {
         // `timeout_at` polls the peek first, and a partial preface is always ready:
         // check the deadline explicitly.
-        if tokio::time::Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return None;
         }
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
@@ -411,15 +412,19 @@ impl Connection {
     /// connection so certificates re-read on SIGHUP apply to new connections only.
     async fn serve(self, stream: TcpStream) {
         let metrics = Arc::clone(self.gateway.metrics());
+        // The version sniff or the TLS handshake, and the first request head, all within
+        // the header timeout of the accept.
+        let head_deadline = Instant::now() + HEADER_READ_TIMEOUT;
         let Some(acceptor) = self.gateway.tls_acceptor() else {
-            let Some(version) = sniff_version(&stream).await else {
+            let Some(version) = sniff_version(&stream, head_deadline).await else {
                 metrics.http_rejected("header-timeout");
                 return;
             };
-            let result = self.serve_http(TokioIo::new(stream), version, None).await;
+            let io = TokioIo::new(stream);
+            let result = self.serve_http(io, version, None, head_deadline).await;
             return record_result(&metrics, result);
         };
-        let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+        let handshake = tokio::time::timeout_at(head_deadline, acceptor.accept(stream));
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
@@ -438,17 +443,21 @@ impl Connection {
             _ => HttpVersion::Http1,
         };
         let certificate = ClientCertificate::from_peer(session.peer_certificates());
+        let io = TokioIo::new(tls);
         let result = self
-            .serve_http(TokioIo::new(tls), version, certificate)
+            .serve_http(io, version, certificate, head_deadline)
             .await;
         record_result(&metrics, result);
     }
 
+    /// Serves requests until the connection ends; closes it at `head_deadline` if no
+    /// request head has arrived by then.
     async fn serve_http<I>(
         self,
         io: I,
         version: HttpVersion,
         certificate: Option<ClientCertificate>,
+        head_deadline: Instant,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -457,10 +466,56 @@ impl Connection {
             HttpVersion::Http1 => None,
             HttpVersion::Http2 => Some(Arc::new(self.requests_watcher)),
         };
-        let service = data_service(&self.gateway, self.peer, certificate, detach);
+        let first_head = Arc::new(FirstHead::default());
+        let service = data_service(
+            &self.gateway,
+            self.peer,
+            certificate,
+            detach,
+            Arc::clone(&first_head),
+        );
         let builder = self.builders.for_version(version);
         let connection = builder.serve_connection(io, service).into_owned();
-        self.watcher.watch(connection).await
+        let mut served = std::pin::pin!(self.watcher.watch(connection));
+        tokio::select! {
+            result = &mut served => return result,
+            arrived = first_head.arrives_before(head_deadline) => {
+                if !arrived {
+                    // Dropping the connection closes it.
+                    self.gateway.metrics().http_rejected("header-timeout");
+                    return Ok(());
+                }
+            }
+        }
+        served.await
+    }
+}
+
+/// Whether a connection's first request head has arrived. hyper's own header timer
+/// starts only when it first reads, after the version sniff or the TLS handshake may
+/// already have waited most of [`HEADER_READ_TIMEOUT`]; this holds the first head to the
+/// deadline counted from the accept. (Later heads are hyper's: it restarts its timer for
+/// each.)
+#[derive(Default)]
+struct FirstHead {
+    arrived: AtomicBool,
+    notify: Notify,
+}
+
+impl FirstHead {
+    /// Called for every request; after the first it costs one load.
+    fn arrive(&self) {
+        if !self.arrived.load(Ordering::Relaxed) {
+            self.arrived.store(true, Ordering::Relaxed);
+            self.notify.notify_one();
+        }
+    }
+
+    async fn arrives_before(&self, deadline: Instant) -> bool {
+        tokio::select! {
+            () = self.notify.notified() => true,
+            () = tokio::time::sleep_until(deadline) => self.arrived.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -482,6 +537,7 @@ fn data_service(
     peer: SocketAddr,
     certificate: Option<ClientCertificate>,
     detach: Option<Arc<Watcher>>,
+    first_head: Arc<FirstHead>,
 ) -> TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
@@ -496,6 +552,7 @@ fn data_service(
         .layer(RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
         .service_fn(move |mut request: Request<Incoming>| {
+            first_head.arrive();
             request.extensions_mut().insert(client.clone());
             if let Some(certificate) = &certificate {
                 request.extensions_mut().insert(certificate.clone());

@@ -703,6 +703,31 @@ async fn idle_keep_alive_connection_is_closed_by_the_header_timeout() {
     h.shutdown().await;
 }
 
+/// The 10 s count from the accept, not from the first byte: a client that waits 6 s and
+/// then trickles a partial head is closed about 10 s after it connected, not 16 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_partial_head_is_closed_ten_seconds_after_the_accept() {
+    let h = Harness::start().await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(h.addr()).await.expect("connect");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stream
+        .write_all(b"POST /mpc/billing-1/end HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let took = time_until_closed(&mut stream, started).await;
+    assert!(
+        took >= HEADER_READ_TIMEOUT - Duration::from_secs(1)
+            && took < HEADER_READ_TIMEOUT + Duration::from_secs(2),
+        "closed {took:?} after the connect"
+    );
+    assert_eq!(h.sim.request_count(), 0);
+    assert!(h.records().is_empty());
+    let series = "mpc_gateway_http_rejected_total{kind=\"header-timeout\"}";
+    assert_eq!(sample(&metrics_text(&h).await, series), Some(1.0));
+    h.shutdown().await;
+}
+
 /// A connection that sends nothing at all has not completed its headers either; it must
 /// not be held forever (4096 such connections would stop the gateway from accepting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
