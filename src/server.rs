@@ -638,11 +638,14 @@ pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::R
 
 async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let running = RunningGateway::start(&config, StartOptions::default()).await?;
-    drop(config);
+    // Handlers first: a signal that arrives while the audit log is opened and the
+    // listeners bound is then handled once serving (SIGHUP's default action would
+    // otherwise kill the process mid-start).
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let running = RunningGateway::start(&config, StartOptions::default()).await?;
+    drop(config);
     loop {
         tokio::select! {
             _ = hangup.recv() => {
