@@ -7,7 +7,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -414,7 +414,7 @@ fn conclude(attempt: Attempt, attempts: u32) -> UpstreamReport {
         200..=299 => Ok(()),
         404 => Err(Problem::MpcNotFound { api_id, error }),
         429 => Err(Problem::UpstreamRateLimited {
-            retry_after: retry_after_secs(&headers),
+            retry_after: retry_after_secs(&headers, SystemTime::now()),
             api_id,
         }),
         401 | 403 => {
@@ -433,13 +433,24 @@ fn conclude(attempt: Attempt, attempts: u32) -> UpstreamReport {
     report(outcome, Some(code), attempts)
 }
 
-/// Plivo's `Retry-After` in whole seconds (at least 1), else 1.
-fn retry_after_secs(headers: &HeaderMap) -> u64 {
-    headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(1, |secs| secs.max(1))
+/// Plivo's `Retry-After` in whole seconds, at least 1: delay-seconds, or an HTTP-date
+/// (RFC 9110 §10.2.3) counted from `now` and rounded up. Anything else, or a date already
+/// past, is 1.
+fn retry_after_secs(headers: &HeaderMap, now: SystemTime) -> u64 {
+    let Some(text) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) else {
+        return 1;
+    };
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return secs.max(1);
+    }
+    httpdate::parse_http_date(text)
+        .ok()
+        .and_then(|at| at.duration_since(now).ok())
+        .map_or(1, |wait| {
+            let rounded_up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            rounded_up.max(1)
+        })
 }
 
 /// `friendly_name` of Plivo's MPC object (also accepted under `objects[0]`, the list form).
@@ -528,6 +539,37 @@ mod tests {
             headers: map,
             body: Bytes::from(body.to_owned()),
         }
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_rounded_up() {
+        let now = httpdate::parse_http_date("Fri, 27 Nov 2026 04:00:00 GMT").expect("date");
+        let after = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).expect("value"));
+            retry_after_secs(&headers, now)
+        };
+        assert_eq!(after("7"), 7);
+        assert_eq!(after(" 0 "), 1);
+        assert_eq!(after("Fri, 27 Nov 2026 04:00:30 GMT"), 30);
+        assert_eq!(
+            retry_after_secs(
+                &HeaderMap::from_iter([(
+                    RETRY_AFTER,
+                    HeaderValue::from_static("Fri, 27 Nov 2026 04:00:30 GMT")
+                )]),
+                now + Duration::from_millis(500),
+            ),
+            30,
+            "29.5 s rounds up"
+        );
+        assert_eq!(
+            after("Fri, 27 Nov 2026 03:59:00 GMT"),
+            1,
+            "a date already past"
+        );
+        assert_eq!(after("soon"), 1);
+        assert_eq!(retry_after_secs(&HeaderMap::new(), now), 1);
     }
 
     #[test]
