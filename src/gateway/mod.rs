@@ -529,6 +529,10 @@ where
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
         return Err(Problem::PayloadTooLarge);
     }
+    // The usual case, no body at all: no timer to arm.
+    if body.is_end_stream() {
+        return Ok(());
+    }
     let collected = tokio::time::timeout(
         BODY_READ_TIMEOUT,
         Limited::new(body, MAX_BODY_BYTES).collect(),
