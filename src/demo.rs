@@ -1,6 +1,7 @@
 //! `mpc-gateway demo`: the real gateway in front of the built-in Plivo simulator, both on
 //! loopback, so anyone can watch an MPC being ended without Plivo credentials.
 
+use std::io;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -8,7 +9,7 @@ use base64::Engine as _;
 use rand::RngCore;
 
 use crate::config::{BaseUrl, Config};
-use crate::server::{build_runtime, RunningGateway, StartOptions};
+use crate::server::{build_runtime, RunningGateway, StartError, StartOptions};
 use crate::simulator::{generate_pki, Liveness, SimTls, Simulator, SimulatorConfig};
 
 const DEMO_CONFIG: &str = "config/demo.yaml";
@@ -45,7 +46,7 @@ pub fn run() -> anyhow::Result<()> {
             .await
             .context("starting the simulator")?;
         point_at_simulator(&mut config, &simulator, &pki.ca_cert_pem)?;
-        let running = RunningGateway::start(&config, StartOptions::default())
+        let running = start_gateway(&mut config)
             .await
             .context("starting the gateway")?;
         print_instructions(&running, &simulator, &config);
@@ -56,6 +57,20 @@ pub fn run() -> anyhow::Result<()> {
         simulator.shutdown().await;
         Ok(())
     })
+}
+
+/// Starts on the configured ports, or, when one is taken (another demo, a dev server on
+/// 8080), on free ones: the instructions print whichever were bound.
+async fn start_gateway(config: &mut Config) -> Result<RunningGateway, StartError> {
+    match RunningGateway::start(config, StartOptions::default()).await {
+        Err(StartError::Bind { addr, source }) if source.kind() == io::ErrorKind::AddrInUse => {
+            println!("{addr} is in use; the demo listens on free ports instead");
+            config.listen.set_port(0);
+            config.admin_listen.set_port(0);
+            RunningGateway::start(config, StartOptions::default()).await
+        }
+        started => started,
+    }
 }
 
 fn random_secret() -> String {

@@ -647,3 +647,90 @@ fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
         "names the file and line 4: {report}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// demo (README command 1)
+// ---------------------------------------------------------------------------------------
+
+/// `mpc-gateway demo` as a newcomer runs it: from a directory holding `config/demo.yaml`
+/// (the repository's own file), its printed `curl` line ends an MPC through the gateway
+/// (`204`, then `404`), Ctrl-C stops it with exit 0, and the audit log it wrote verifies.
+/// The test holds port 8080 itself, so the demo's move to free ports is exercised too and
+/// the test never takes a port someone else may want.
+#[test]
+fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("config")).expect("mkdir");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
+    std::fs::copy(&shipped, dir.path().join("config/demo.yaml")).expect("copy demo.yaml");
+    // Busy already (then the demo moves anyway) or held by us until the test ends.
+    let _held = std::net::TcpListener::bind("127.0.0.1:8080");
+
+    let mut child = command(&["demo"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    let curl = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("the demo printed no curl line within {PROCESS_TIMEOUT:?}");
+        };
+        if line.trim_start().starts_with("curl ") {
+            break line;
+        }
+    };
+    // curl -i -X POST -H 'Authorization: Bearer TOKEN' http://ADDR/mpc/demo-standup/end
+    let token = curl
+        .split("Bearer ")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("a token in the curl line");
+    let url = curl.rsplit(' ').next().expect("a URL ending the curl line");
+    let (addr, path) = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once('/'))
+        .expect("http://ADDR/PATH");
+    let addr: SocketAddr = addr.parse().expect("a socket address");
+    assert_ne!(addr.port(), 8080, "8080 was taken; the demo moved");
+    let path = format!("/{path}");
+
+    let (status, body) = http(addr, "POST", &path, Some(token));
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = http(addr, "POST", &path, Some(token));
+    assert_eq!(status, 404, "a second call: {body}");
+    assert!(body.contains("urn:mpc-gateway:mpc-not-found"), "{body}");
+
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(interrupt.success());
+    let exit = wait_bounded(&mut child, PROCESS_TIMEOUT).expect("the demo stops on Ctrl-C");
+    assert!(exit.success(), "{exit:?}");
+
+    let verify = command(&["audit", "verify", "target/demo/audit.jsonl"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run audit verify");
+    assert!(verify.status.success(), "{verify:?}");
+    assert_eq!(
+        text(&verify.stdout),
+        "verified 4 records in 1 files, chain intact\n"
+    );
+}
