@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,11 @@ use crate::tls::ClientCertificate;
 
 /// A client must send its whole request head within this time (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HTTP/2 connection with no request in flight for this long is closed. hyper's HTTP/2
+/// server has no idle timeout, and a client that answers its pings would hold a
+/// connection slot for ever; over HTTP/1.1 the header timeout does this job, as hyper
+/// restarts it while waiting for the next request head.
+pub const H2_IDLE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
 /// Connections beyond this wait in the kernel's accept queue instead of costing memory.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Hyper's read buffer: room for a request line up to hyper's own URI limit (64 KiB, above
@@ -464,8 +469,12 @@ impl Connection {
     {
         let detach = match version {
             HttpVersion::Http1 => None,
-            HttpVersion::Http2 => Some(Arc::new(self.requests_watcher)),
+            HttpVersion::Http2 => Some(H2Requests {
+                watcher: Arc::new(self.requests_watcher),
+                activity: Arc::new(H2Activity::new()),
+            }),
         };
+        let activity = detach.as_ref().map(|h2| Arc::clone(&h2.activity));
         let first_head = Arc::new(FirstHead::default());
         let service = data_service(
             &self.gateway,
@@ -487,7 +496,90 @@ impl Connection {
                 }
             }
         }
-        served.await
+        let Some(activity) = activity else {
+            return served.await;
+        };
+        tokio::select! {
+            result = &mut served => result,
+            () = activity.idle_for(H2_IDLE_TIMEOUT) => {
+                // No request in flight, and the last answer went out long ago: dropping
+                // the connection loses nothing.
+                tracing::debug!(peer = %self.peer, "closing an idle HTTP/2 connection");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What each HTTP/2 request's task holds: the drain waits for it, and the idle timer
+/// counts it as activity.
+#[derive(Clone)]
+struct H2Requests {
+    watcher: Arc<Watcher>,
+    activity: Arc<H2Activity>,
+}
+
+/// Requests in flight on one HTTP/2 connection, and when the last one ended.
+struct H2Activity {
+    in_flight: AtomicUsize,
+    opened: Instant,
+    /// When the last request ended, in milliseconds after `opened`.
+    last_end_ms: AtomicU64,
+    /// Notified when `in_flight` falls to zero.
+    ended: Notify,
+}
+
+impl H2Activity {
+    fn new() -> H2Activity {
+        H2Activity {
+            in_flight: AtomicUsize::new(0),
+            opened: Instant::now(),
+            last_end_ms: AtomicU64::new(0),
+            ended: Notify::new(),
+        }
+    }
+
+    /// Counts a request until the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Returns once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            // Registered before the check, so an end in between is not missed.
+            let mut ended = std::pin::pin!(self.ended.notified());
+            ended.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                ended.await;
+                continue;
+            }
+            let last_end = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
+            let deadline = self.opened + last_end + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                () = ended => {}
+            }
+        }
+    }
+}
+
+/// One request counted by [`H2Activity`].
+struct InFlight(Arc<H2Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let now_ms = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.last_end_ms.store(now_ms, Ordering::Release);
+        // Only the last one out can make the connection idle.
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.ended.notify_waiters();
+        }
     }
 }
 
@@ -536,7 +628,7 @@ fn data_service(
     gateway: &Gateway,
     peer: SocketAddr,
     certificate: Option<ClientCertificate>,
-    detach: Option<Arc<Watcher>>,
+    detach: Option<H2Requests>,
     first_head: Arc<FirstHead>,
 ) -> TowerToHyperService<
     impl tower::Service<
@@ -559,12 +651,16 @@ fn data_service(
             }
             let gateway = gateway.clone();
             let detach = detach.clone();
+            // Counted from here, before the task exists, so the idle timer never sees a
+            // gap between the head's arrival and the request.
+            let in_flight = detach.as_ref().map(|h2| h2.activity.begin());
             async move {
-                let Some(watcher) = detach else {
+                let Some(H2Requests { watcher, .. }) = detach else {
                     return Ok::<_, Infallible>(gateway.handle(request).await);
                 };
                 let detached = tokio::spawn(async move {
                     let _drain_waits = watcher;
+                    let _busy = in_flight;
                     gateway.handle(request).await
                 });
                 match detached.await {
@@ -687,6 +783,32 @@ audit:
 "#
         ))
         .expect("valid config")
+    }
+
+    /// Paused time: each wait below passes at once, exactly.
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_is_idle_after_the_limit_with_nothing_in_flight() {
+        let limit = Duration::from_secs(10);
+        let activity = Arc::new(H2Activity::new());
+        let busy = activity.begin();
+        let in_flight_for_a_minute =
+            tokio::time::timeout(Duration::from_secs(60), activity.idle_for(limit)).await;
+        assert!(
+            in_flight_for_a_minute.is_err(),
+            "never idle while in flight"
+        );
+
+        drop(busy);
+        let ended = Instant::now();
+        activity.idle_for(limit).await;
+        assert_eq!(ended.elapsed(), limit);
+
+        // A request that comes and goes restarts the count from its end.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(activity.begin());
+        let restarted = Instant::now();
+        activity.idle_for(limit).await;
+        assert_eq!(restarted.elapsed(), limit);
     }
 
     #[test]

@@ -1073,6 +1073,41 @@ async fn h2c_connect(
     (sender, tokio::spawn(conn))
 }
 
+/// hyper's HTTP/2 server has no idle timeout of its own: once its last answer is out, an
+/// h2c connection with nothing in flight is closed after `H2_IDLE_TIMEOUT`, instead of
+/// holding a connection slot for as long as the client answers pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2c_connection_is_closed_after_the_idle_timeout() {
+    let h = Harness::start().await;
+    let (mut sender, driver) = h2c_connect(h.addr()).await;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/mpc/billing-idle/end", h.addr()))
+        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let answer = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    assert_eq!(answer.status().as_u16(), 204);
+    let answered = std::time::Instant::now();
+    let limit = mpc_gateway::server::H2_IDLE_TIMEOUT;
+    let closed = tokio::time::timeout(limit + Duration::from_secs(5), driver).await;
+    assert!(
+        closed.is_ok(),
+        "still open {:?} after the answer",
+        answered.elapsed()
+    );
+    let idle = answered.elapsed();
+    assert!(
+        idle >= limit - Duration::from_millis(500),
+        "closed after only {idle:?}"
+    );
+    assert!(sender.is_closed());
+    h.shutdown().await;
+}
+
 /// A request body that never ends: always pending, never at its end.
 struct StalledBody;
 
