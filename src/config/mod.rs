@@ -415,6 +415,10 @@ fn is_valid_auth_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// Far above any sane Plivo call, and far below what a deadline computed from it could
+/// overflow.
+const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
+
 fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamSettings> {
     let base_url = parse_base_url(&raw.base_url)
         .map_err(|msg| errors.push("upstream.base_url", msg))
@@ -431,6 +435,8 @@ fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamS
     ] {
         if value.is_zero() {
             errors.push(key, "must be greater than zero");
+        } else if value > MAX_UPSTREAM_TIMEOUT {
+            errors.push(key, "expected at most 10m");
         }
     }
     if raw.max_attempts.0 > 10 {
@@ -462,6 +468,15 @@ fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
         .ok_or("expected an absolute URL like https://api.plivo.com")?;
     if authority.as_str().contains('@') {
         return Err("must not contain credentials".into());
+    }
+    // `http` accepts `host:99999` or `host:` and then reports no port at all, which the
+    // connector would quietly replace by the scheme's default.
+    let port_text = authority
+        .as_str()
+        .strip_prefix(authority.host())
+        .unwrap_or_default();
+    if !port_text.is_empty() && !authority.port_u16().is_some_and(|port| port > 0) {
+        return Err(format!("invalid port {port_text:?}: expected 1-65535"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err("expected scheme and host only, without a path or query".into());
