@@ -138,17 +138,17 @@ impl Filter<'_> {
         let a = self.args;
         a.tenant
             .as_ref()
-            .map_or(true, |t| row.tenant.as_ref() == Some(t))
-            && a.mpc.as_ref().map_or(true, |g| {
-                row.mpc.as_deref().is_some_and(|m| glob_match(g, m))
-            })
-            && a.event.as_ref().map_or(true, |e| row.event == *e)
+            .is_none_or(|t| row.tenant.as_ref() == Some(t))
+            && a.mpc
+                .as_ref()
+                .is_none_or(|g| row.mpc.as_deref().is_some_and(|m| glob_match(g, m)))
+            && a.event.as_ref().is_none_or(|e| row.event == *e)
             && a.reason
                 .as_ref()
-                .map_or(true, |r| row.reason.as_ref() == Some(r))
-            && a.status.map_or(true, |s| row.status == Some(s))
-            && self.since.map_or(true, |s| ts >= s)
-            && self.until.map_or(true, |u| ts <= u)
+                .is_none_or(|r| row.reason.as_ref() == Some(r))
+            && a.status.is_none_or(|s| row.status == Some(s))
+            && self.since.is_none_or(|s| ts >= s)
+            && self.until.is_none_or(|u| ts <= u)
     }
 }
 

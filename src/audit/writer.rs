@@ -16,7 +16,9 @@
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
 //! log reports not writable until a later write or a periodic probe succeeds.
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -59,6 +61,8 @@ pub enum AuditError {
     Corrupt { path: PathBuf, detail: String },
     #[error("audit log: a record could not be serialized: {detail}")]
     Encode { detail: String },
+    #[error("audit log: {} is in use by another process (it holds {}); one gateway per audit log, or the chain forks", path.display(), lock.display())]
+    InUse { path: PathBuf, lock: PathBuf },
     #[error("audit log is closed")]
     Closed,
     #[error("audit log: the writer thread has stopped")]
@@ -214,6 +218,7 @@ impl AuditLog {
             hmac_key,
         } = settings;
         let dir = existing_dir(&path)?;
+        let lock = lock_exclusively(&path, &dir)?;
         let head = recover(&path)?;
         let writable = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
@@ -238,6 +243,7 @@ impl AuditLog {
             buf: Vec::new(),
             body: Vec::new(),
             ts_cache: None,
+            lock: Some(lock),
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
@@ -392,6 +398,48 @@ fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
     }
 }
 
+/// How long opening waits for another holder of the lock to let go (a gateway in this
+/// process shutting down, or one on this host finishing its drain) before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Takes an exclusive lock on `.<file name>.lock` beside the log (`flock`, so it goes with
+/// the process, however it ends). Two gateways appending to one log would fork its chain,
+/// and one's undo of a failed write would cut the other's acknowledged records. The lock
+/// is a file of its own because the log itself is renamed by rotation; its name starts
+/// with a dot so `audit verify DIR` skips it.
+fn lock_exclusively(path: &Path, dir: &Path) -> Result<File, AuditError> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let lock_path = dir.join(format!(".{name}.lock"));
+    let io_err = |op, source| AuditError::Io {
+        op,
+        path: lock_path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| io_err("open the lock file", e))?;
+    let give_up = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(AuditError::InUse {
+                    path: path.to_path_buf(),
+                    lock: lock_path,
+                })
+            }
+            Err(std::fs::TryLockError::Error(source)) => return Err(io_err("lock", source)),
+        }
+    }
+}
+
 /// The directory that must already hold the audit file.
 fn existing_dir(path: &Path) -> Result<PathBuf, AuditError> {
     if path.file_name().is_none() {
@@ -470,6 +518,8 @@ struct Writer {
     body: Vec<u8>,
     /// The last formatted `ts`.
     ts_cache: Option<(OffsetDateTime, String)>,
+    /// Held until the log is closed: see [`lock_exclusively`].
+    lock: Option<File>,
 }
 
 /// The encoded batch: per request, its seq or why it could not be encoded.
@@ -743,10 +793,15 @@ impl Writer {
 
     /// The final flush on close: fsync the file and its directory.
     fn finish(&mut self) -> Result<(), String> {
-        if let Some(file) = self.file.as_mut() {
-            file.sync().map_err(|e| e.to_string())?;
-        }
-        segment::sync_dir(&self.dir).map_err(|e| e.to_string())
+        let synced = match self.file.as_mut() {
+            Some(file) => file.sync().map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        let finished =
+            synced.and_then(|()| segment::sync_dir(&self.dir).map_err(|e| e.to_string()));
+        // Closed: another gateway may take the log over.
+        self.lock = None;
+        finished
     }
 
     fn io_error(&self, op: &'static str, e: &io::Error) -> AuditError {

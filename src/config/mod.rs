@@ -475,7 +475,7 @@ fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
         .as_str()
         .strip_prefix(authority.host())
         .unwrap_or_default();
-    if !port_text.is_empty() && !authority.port_u16().is_some_and(|port| port > 0) {
+    if !port_text.is_empty() && authority.port_u16().is_none_or(|port| port == 0) {
         return Err(format!("invalid port {port_text:?}: expected 1-65535"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {

@@ -228,6 +228,11 @@ fn rotated_files(dir: &Path) -> Vec<PathBuf> {
         .expect("list")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x != "jsonl"))
+        // The lock file, `.audit.jsonl.lock`.
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     v.sort();
     v
@@ -503,4 +508,38 @@ fn the_relay_acknowledges_the_whole_batch_even_if_its_carrier_is_gone() {
             expected
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_writer_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let first = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("open");
+        first.append(event(1)).await.expect("append");
+        let started = std::time::Instant::now();
+        match AuditLog::open(settings(&path, fsync, 1 << 20)) {
+            Err(AuditError::InUse { lock, .. }) => {
+                assert_eq!(lock, dir.path().join(".audit.jsonl.lock"));
+            }
+            other => panic!("{fsync:?}: a second writer opened: {other:?}"),
+        }
+        assert!(
+            started.elapsed() >= LOCK_WAIT,
+            "it waited for the holder first"
+        );
+        first.close().await.expect("close");
+        // Closed, the log is free at once, and the chain continues.
+        let second = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("reopen");
+        second.append(event(2)).await.expect("append");
+        second.close().await.expect("close");
+    }
+    assert_eq!(intact(dir.path(), None), 4);
+    let permissions = std::fs::metadata(dir.path().join(".audit.jsonl.lock"))
+        .expect("lock file")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&permissions) & 0o777,
+        0o600
+    );
 }
