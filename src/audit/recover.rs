@@ -180,27 +180,27 @@ fn from_rotated(live: &Path) -> Result<ChainHead, AuditError> {
     })?;
     for (_, path) in siblings {
         let io_err = |source| AuditError::Io {
-            op: "read",
+            op: "repair",
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io_err)?;
+        // With `fsync: never` a file is not synced before it is rotated, so a crash can
+        // leave the newest rotated file with a torn tail: it is cut like the live file's,
+        // or `audit verify` would find a torn line in the middle of the set.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
-        if len == 0 {
+        let end = cut_torn_tail(&file, &path).map_err(io_err)?;
+        if end == 0 {
+            if len > 0 {
+                // It never held a record; left empty, its name could block a rotation.
+                std::fs::remove_file(&path).map_err(io_err)?;
+            }
             continue;
         }
-        // Rotated files are fsynced before the rename, so a torn tail here means outside
-        // interference; rotated files are never modified, only read past.
-        let end = match last_byte(&file, len).map_err(io_err)? {
-            b'\n' => len,
-            _ => {
-                tracing::warn!(path = %path.display(), "rotated audit file ends with a torn line; continuing from its last complete record");
-                match newline_before(&file, len, 0).map_err(io_err)? {
-                    Some(e) => e,
-                    None => continue,
-                }
-            }
-        };
         return head_from_line(&file, end, &path);
     }
     Ok(ChainHead::genesis())
@@ -258,6 +258,32 @@ mod tests {
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         assert_eq!(std::fs::metadata(&live).expect("meta").len(), 0);
+    }
+
+    /// `fsync: never` does not sync a file before rotating it: after a crash the newest
+    /// rotated file may end torn. Its tail is cut and the chain continues before it; a
+    /// rotated file that holds only a torn line is removed and passed over.
+    #[test]
+    fn a_torn_newest_rotated_file_is_cut_and_continued_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l6, _) = sealed(6, "a");
+        let (l7, h7) = sealed(7, "b");
+        let older = dir.path().join("audit.jsonl.00000000000000000007");
+        let newest = dir.path().join("audit.jsonl.00000000000000000009");
+        std::fs::write(&older, format!("{l6}{l7}{{\"seq\":8,\"ts")).expect("w");
+        std::fs::write(&newest, "{\"seq\":9,").expect("w");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        assert_eq!(
+            std::fs::read_to_string(&older).expect("read"),
+            format!("{l6}{l7}")
+        );
+        assert!(
+            !newest.exists(),
+            "a file that never held a record is removed"
+        );
     }
 
     #[test]

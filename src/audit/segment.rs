@@ -29,6 +29,11 @@ pub(crate) trait LiveFile: Send {
 /// whether the file was created by this call (then the directory needs an fsync).
 pub(crate) trait Opener: Send + Sync {
     fn open(&self, path: &Path) -> io::Result<Opened>;
+
+    /// Makes a file created in `dir` survive a crash.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        sync_dir(dir)
+    }
 }
 
 pub(crate) struct Opened {
@@ -142,12 +147,15 @@ pub(crate) mod fault {
     pub(crate) const PARTIAL_WRITE: u8 = 1;
     /// `sync` fails with EIO.
     pub(crate) const SYNC: u8 = 2;
+    /// The next fsync of the directory, after a file was created, fails with EIO once.
+    pub(crate) const SYNC_DIR_ONCE: u8 = 3;
 
     /// The fault to inject, and how many appends (write calls) the file has seen.
     #[derive(Clone, Default)]
     pub(crate) struct Faults {
         mode: Arc<AtomicU8>,
         appends: Arc<AtomicUsize>,
+        dir_syncs: Arc<AtomicUsize>,
     }
 
     impl Faults {
@@ -159,6 +167,10 @@ pub(crate) mod fault {
         }
         pub(crate) fn appends(&self) -> usize {
             self.appends.load(Ordering::SeqCst)
+        }
+        /// Directory fsyncs asked for after a file was created, failed ones included.
+        pub(crate) fn dir_syncs(&self) -> usize {
+            self.dir_syncs.load(Ordering::SeqCst)
         }
     }
 
@@ -173,6 +185,20 @@ pub(crate) mod fault {
                 len,
                 created,
             })
+        }
+
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.0.dir_syncs.fetch_add(1, Ordering::SeqCst);
+            let once = self.0.mode.compare_exchange(
+                SYNC_DIR_ONCE,
+                NONE,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            if once.is_ok() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            sync_dir(dir)
         }
     }
 

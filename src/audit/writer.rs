@@ -244,6 +244,7 @@ impl AuditLog {
             body: Vec::new(),
             ts_cache: None,
             lock: Some(lock),
+            dir_needs_sync: false,
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
@@ -520,6 +521,8 @@ struct Writer {
     ts_cache: Option<(OffsetDateTime, String)>,
     /// Held until the log is closed: see [`lock_exclusively`].
     lock: Option<File>,
+    /// A file was created whose directory entry is not yet known to be on disk.
+    dir_needs_sync: bool,
 }
 
 /// The encoded batch: per request, its seq or why it could not be encoded.
@@ -702,11 +705,15 @@ impl Writer {
     fn ensure_open(&mut self) -> io::Result<()> {
         if self.file.is_none() {
             let opened = self.opener.open(&self.path)?;
-            if opened.created {
-                segment::sync_dir(&self.dir)?;
-            }
+            self.dir_needs_sync |= opened.created;
             self.file = Some(opened.file);
             self.len = opened.len;
+        }
+        // Until it succeeds: a failed directory fsync must not be forgotten because the
+        // next attempt finds the file already created.
+        if self.dir_needs_sync {
+            self.opener.sync_dir(&self.dir)?;
+            self.dir_needs_sync = false;
         }
         if let (Some(len), Some(file)) = (self.undo_to, self.file.as_mut()) {
             file.truncate(len)?;

@@ -543,3 +543,37 @@ async fn a_second_writer_is_refused_until_the_first_closes() {
         0o600
     );
 }
+
+/// The new file of a rotation whose directory fsync fails is retried by the next write,
+/// although the file already exists then (it was only created, not made durable).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_directory_fsync_after_a_rotation_is_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Always, 1024),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    assert_eq!(faults.dir_syncs(), 1, "the live file was created");
+    faults.set(fault::SYNC_DIR_ONCE);
+    // Enough records to pass 1024 bytes: the write that does rotates.
+    let mut appended = 0;
+    while rotated_files(dir.path()).is_empty() {
+        appended += 1;
+        log.append(event(appended)).await.expect("append");
+        assert!(appended < 20, "no rotation after {appended} records");
+    }
+    // The rotation runs after the acknowledgement: wait for its (failing) fsync.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while faults.dir_syncs() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    log.append(event(appended + 1)).await.expect("append");
+    // Created once, failed once, retried once (by this write, or by one that raced the
+    // check above): never skipped because the file exists by then.
+    assert_eq!(faults.dir_syncs(), 3);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), appended as u64 + 1);
+}
