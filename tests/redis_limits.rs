@@ -5,12 +5,16 @@
 
 use crate::common;
 
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use common::RedisServer;
 use mpc_gateway::config::{OnStoreError, RedisStoreSettings};
 use mpc_gateway::rate_limit::redis::{RedisLimiter, StoreError};
 use mpc_gateway::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RateLimit};
+
+/// The cost of an ordinary request.
+const ONE: NonZeroU32 = NonZeroU32::MIN;
 
 /// Headroom over the configured timeout for scheduling on a busy CI machine.
 const SLACK: Duration = Duration::from_millis(150);
@@ -33,8 +37,18 @@ fn limiter(server: &RedisServer) -> RedisLimiter {
 }
 
 async fn check(limiter: &RedisLimiter, kind: LimitKind, name: &str, l: RateLimit) -> Decision {
+    check_n(limiter, kind, name, l, ONE).await
+}
+
+async fn check_n(
+    limiter: &RedisLimiter,
+    kind: LimitKind,
+    name: &str,
+    l: RateLimit,
+    cells: NonZeroU32,
+) -> Decision {
     limiter
-        .check(kind, name, l)
+        .check(kind, name, l, cells)
         .await
         .unwrap_or_else(|err| panic!("check {kind:?} {name}: {err}"))
 }
@@ -51,7 +65,7 @@ async fn admin(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 async fn until_ok(limiter: &RedisLimiter, name: &str, l: RateLimit, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        match limiter.check(LimitKind::Tenant, name, l).await {
+        match limiter.check(LimitKind::Tenant, name, l, ONE).await {
             Ok(_) => return start.elapsed(),
             Err(_) if start.elapsed() < within => {
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -118,6 +132,41 @@ async fn decisions_match_the_local_limiter() {
         let got = check(&shared, LimitKind::Tenant, &format!("same-{index}"), *l).await;
         assert_eq!(got, expected, "limit {l:?} after 600 ms");
     }
+}
+
+/// A by-uuid request costs the account two cells, taken together or not at all, in Redis
+/// exactly as in the local limiter (governor's `check_n`); a cost above the burst never
+/// fits and spends nothing.
+#[tokio::test]
+async fn two_cells_are_taken_together_or_not_at_all_as_locally() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let two = NonZeroU32::new(2).expect("two");
+    let l = limit(1, 3);
+    let local = Limiter::new(LimitKind::Account, l, LimiterClock::monotonic());
+    // 3 cells: 2 taken, 1 left; 2 more do not fit and take nothing; the 1 left does.
+    for (step, cells) in [two, two, ONE, ONE].into_iter().enumerate() {
+        let expected = local.check_n(cells);
+        let got = check_n(&shared, LimitKind::Account, "pair", l, cells).await;
+        assert_eq!(got, expected, "step {step}, {cells} cells");
+    }
+    assert_eq!(
+        check_n(&shared, LimitKind::Account, "fresh", l, two).await,
+        Decision::Allowed {
+            remaining: 1,
+            reset_secs: 0
+        }
+    );
+    // A burst of 1 can never hold 2: refused, and the one cell stays for a single call.
+    let one = limit(1, 1);
+    assert!(matches!(
+        check_n(&shared, LimitKind::Account, "tiny", one, two).await,
+        Decision::Refused { .. }
+    ));
+    assert!(matches!(
+        check(&shared, LimitKind::Account, "tiny", one).await,
+        Decision::Allowed { .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -332,7 +381,7 @@ async fn killed_redis_fails_within_timeout_and_restart_recovers() {
     server.kill();
     for attempt in 0..5 {
         let start = Instant::now();
-        let result = shared.check(LimitKind::Tenant, "outage", l).await;
+        let result = shared.check(LimitKind::Tenant, "outage", l, ONE).await;
         let elapsed = start.elapsed();
         assert!(result.is_err(), "attempt {attempt}: {result:?}");
         assert!(
@@ -362,7 +411,7 @@ async fn starts_while_redis_is_down_and_connects_when_it_comes_up() {
 
     let l = limit(10, 10);
     let start = Instant::now();
-    let result = shared.check(LimitKind::Account, "later", l).await;
+    let result = shared.check(LimitKind::Account, "later", l, ONE).await;
     assert!(result.is_err(), "{result:?}");
     assert!(start.elapsed() < timeout + SLACK);
 
@@ -380,7 +429,7 @@ async fn hung_redis_is_a_timeout_and_recovers_when_it_resumes() {
 
     server.signal("STOP");
     let start = Instant::now();
-    let result = shared.check(LimitKind::Tenant, "hung", l).await;
+    let result = shared.check(LimitKind::Tenant, "hung", l, ONE).await;
     let elapsed = start.elapsed();
     server.signal("CONT");
     assert!(matches!(result, Err(StoreError::Timeout)), "{result:?}");
@@ -401,7 +450,7 @@ async fn errors_and_debug_never_show_the_password() {
     let wrong = format!("redis://:wrong-pass-9c2f@127.0.0.1:{port}/0");
     let shared = RedisLimiter::new(&settings(&wrong, Duration::from_millis(200))).expect("limiter");
     let err = shared
-        .check(LimitKind::Tenant, "auth", l)
+        .check(LimitKind::Tenant, "auth", l, ONE)
         .await
         .expect_err("wrong password is refused");
     let shown = format!("{err} {err:?} {shared:?}");
@@ -417,7 +466,7 @@ async fn errors_and_debug_never_show_the_password() {
     drop(server);
     let down = RedisLimiter::new(&settings(&right, Duration::from_millis(100))).expect("limiter");
     let err = down
-        .check(LimitKind::Tenant, "auth", l)
+        .check(LimitKind::Tenant, "auth", l, ONE)
         .await
         .expect_err("down");
     let shown = format!("{err} {err:?}");

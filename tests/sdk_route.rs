@@ -356,6 +356,9 @@ async fn by_uuid_refusals_unknown_and_lookup_failures() {
         refused.header("ratelimit-policy"),
         Some("\"account\";q=3;w=3")
     );
+    // The refusal took nothing: the one call left in the budget is still there.
+    h.sim.add_mpc("billing-after");
+    assert_eq!(h.end("billing-after", BILLING_TOKEN).await.status, 204);
     h.clock.advance(std::time::Duration::from_secs(3));
 
     h.sim.push_fault(Fault::status(500, ""));

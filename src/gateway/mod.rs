@@ -20,6 +20,7 @@ mod trail;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,14 @@ use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamReport};
 pub use runtime::BuildError;
 use runtime::{Runtime, SharedLimits};
 use trail::Trail;
+
+/// What a request costs a limiter: one cell, or two for a by-uuid request (a lookup and
+/// the DELETE, two Plivo calls).
+const ONE_CELL: NonZeroU32 = NonZeroU32::MIN;
+const TWO_CELLS: NonZeroU32 = match NonZeroU32::new(2) {
+    Some(two) => two,
+    None => NonZeroU32::MIN,
+};
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
@@ -263,7 +272,7 @@ impl Gateway {
                 if !policy.may_end(name.as_str()) {
                     return Err(Problem::Forbidden);
                 }
-                (Mpc::Name(name), 1)
+                (Mpc::Name(name), ONE_CELL)
             }
             Target::Uuid(text) => {
                 let uuid = MpcUuid::parse(text).map_err(Problem::InvalidMpcUuid)?;
@@ -272,7 +281,7 @@ impl Gateway {
                         uuid,
                         tenant: Arc::clone(&tenant),
                     },
-                    2,
+                    TWO_CELLS,
                 )
             }
         };
@@ -283,13 +292,19 @@ impl Gateway {
             .map(Arc::clone)
             .ok_or(Problem::Forbidden)?;
         let tenant_limiter = runtime.limiters.tenant(&tenant);
-        self.limit(runtime, tenant_limiter, &tenant, trail).await?;
-        // A by-uuid request makes two Plivo calls, so it costs the account two.
+        self.limit(runtime, tenant_limiter, &tenant, ONE_CELL, trail)
+            .await?;
+        // A by-uuid request makes two Plivo calls, so it costs the account two, taken
+        // together or not at all.
         let account_limiter = runtime.limiters.account(&policy.account);
-        for _ in 0..upstream_calls {
-            self.limit(runtime, account_limiter, &policy.account, trail)
-                .await?;
-        }
+        self.limit(
+            runtime,
+            account_limiter,
+            &policy.account,
+            upstream_calls,
+            trail,
+        )
+        .await?;
         Ok(Admitted { account, mpc })
     }
 
@@ -335,17 +350,18 @@ impl Gateway {
         runtime: &Runtime,
         limiter: Option<&Arc<Limiter>>,
         name: &str,
+        cells: NonZeroU32,
         trail: &mut Trail,
     ) -> Result<(), Problem> {
         let Some(limiter) = limiter else {
             return Err(Problem::Forbidden);
         };
         let decision = match &runtime.shared_limits {
-            None => limiter.check(),
-            Some(shared) => match self.shared_decision(shared, limiter, name).await {
+            None => limiter.check_n(cells),
+            Some(shared) => match self.shared_decision(shared, limiter, name, cells).await {
                 Some(decision) => decision,
                 None => match shared.on_error {
-                    OnStoreError::Local => limiter.check(),
+                    OnStoreError::Local => limiter.check_n(cells),
                     OnStoreError::Deny => return Err(Problem::RateLimitStoreUnavailable),
                     OnStoreError::Allow => {
                         // Admitted unchecked: no RateLimit headers would be true.
@@ -386,10 +402,11 @@ impl Gateway {
         shared: &SharedLimits,
         limiter: &Limiter,
         name: &str,
+        cells: NonZeroU32,
     ) -> Option<Decision> {
         match shared
             .store
-            .check(limiter.kind(), name, limiter.limit())
+            .check(limiter.kind(), name, limiter.limit(), cells)
             .await
         {
             Ok(decision) => Some(decision),

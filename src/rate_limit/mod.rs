@@ -38,6 +38,19 @@ impl RateLimit {
         Quota::per_second(self.per_second).allow_burst(self.burst)
     }
 
+    /// The refusal of a cost above the burst, which no wait can admit: the Retry-After of
+    /// a whole refill, and a warning, since only a config change helps.
+    pub(crate) fn never_fits(&self, cells: NonZeroU32) -> Decision {
+        tracing::warn!(
+            burst = self.burst.get(),
+            cost = cells.get(),
+            "a request costs more than this limit's whole burst and is always refused; raise the burst"
+        );
+        Decision::Refused {
+            retry_after_secs: u64::from(self.window_secs()).max(1),
+        }
+    }
+
     /// `w` of the policy header: the window in which the whole burst replenishes.
     fn window_secs(&self) -> u32 {
         self.burst.get().div_ceil(self.per_second.get())
@@ -145,6 +158,16 @@ impl Limiter {
         match self.gcra.check() {
             Ok(snapshot) => self.allowed(&snapshot),
             Err(not_until) => self.refused(&not_until),
+        }
+    }
+
+    /// Takes `cells` at once, or none: a request that costs two (a by-uuid call makes two
+    /// Plivo calls) must not spend one and then be refused for the other.
+    pub fn check_n(&self, cells: NonZeroU32) -> Decision {
+        match self.gcra.check_n(cells) {
+            Ok(Ok(snapshot)) => self.allowed(&snapshot),
+            Ok(Err(not_until)) => self.refused(&not_until),
+            Err(_insufficient) => self.limit.never_fits(cells),
         }
     }
 
@@ -350,6 +373,46 @@ mod tests {
         time.advance(Duration::from_millis(200));
         assert!(matches!(limiter.check(), Decision::Allowed { .. }));
         assert!(matches!(limiter.check(), Decision::Refused { .. }));
+    }
+
+    /// A by-uuid request's two cells: both or neither. With one cell left, two are
+    /// refused and the one stays; a burst of one never holds two.
+    #[test]
+    fn two_cells_are_taken_together_or_not_at_all() {
+        let two = NonZeroU32::new(2).expect("two");
+        let (time, clock) = manual();
+        let limiter = Limiter::new(LimitKind::Account, limit(1, 3), clock.clone());
+        assert_eq!(
+            limiter.check_n(two),
+            Decision::Allowed {
+                remaining: 1,
+                reset_secs: 0
+            }
+        );
+        assert_eq!(
+            limiter.check_n(two),
+            Decision::Refused {
+                retry_after_secs: 1
+            }
+        );
+        assert_eq!(
+            limiter.check(),
+            Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            }
+        );
+        time.advance(Duration::from_secs(2));
+        assert!(matches!(limiter.check_n(two), Decision::Allowed { .. }));
+
+        let tiny = Limiter::new(LimitKind::Account, limit(1, 1), clock);
+        assert_eq!(
+            tiny.check_n(two),
+            Decision::Refused {
+                retry_after_secs: 1
+            }
+        );
+        assert!(matches!(tiny.check(), Decision::Allowed { .. }));
     }
 
     #[test]

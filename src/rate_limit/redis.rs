@@ -12,6 +12,7 @@
 //! by the configured `timeout`; what to do when it fails is the caller's `on_error`.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,8 +26,10 @@ use crate::config::RedisStoreSettings;
 /// GCRA with governor's semantics, in integer microseconds of the Redis server's clock.
 ///
 /// KEYS[1]: the bucket. ARGV[1]: emission interval T (µs, >= 1). ARGV[2]: tolerance
-/// TAU = T * (burst - 1) (µs). The stored value is the bucket's theoretical arrival time
-/// (TAT). Reply: `{1, remaining burst}` when admitted, `{0, wait in µs}` when refused.
+/// TAU = T * (burst - 1) (µs). ARGV[3]: the weight beyond one cell, T * (cells - 1) (µs;
+/// at most TAU). The stored value is the bucket's theoretical arrival time (TAT). Reply:
+/// `{1, remaining burst}` when admitted, `{0, wait in µs}` when refused; all cells or
+/// none are taken, as governor's `check_n`.
 ///
 /// Lua numbers are doubles: microsecond timestamps (~1.7e15) stay exact below 2^53, while
 /// nanoseconds would not. Numbers are written with `%.0f` because Lua's default `%.14g`
@@ -37,6 +40,7 @@ const GCRA_SCRIPT: &str = r"
 redis.replicate_commands()
 local t = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
+local extra = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local stored = redis.call('GET', KEYS[1])
@@ -48,11 +52,11 @@ local tat = (stored and tonumber(stored)) or now
 if tat > now + tau + t then
   tat = now + tau + t
 end
-local earliest = tat - tau
+local earliest = tat + extra - tau
 if now < earliest then
   return {0, earliest - now}
 end
-local new_tat = math.max(tat, now) + t
+local new_tat = math.max(tat, now) + t + extra
 -- Once TAT is in the past the bucket behaves exactly like a missing key, so it may vanish
 -- then: the expiry is the time until the bucket is full again.
 local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
@@ -179,7 +183,11 @@ impl RedisLimiter {
         kind: LimitKind,
         name: &str,
         limit: RateLimit,
+        cells: NonZeroU32,
     ) -> Result<Decision, StoreError> {
+        if cells > limit.burst {
+            return Ok(limit.never_fits(cells));
+        }
         if self.paused() {
             return Err(StoreError::Unavailable);
         }
@@ -191,6 +199,7 @@ impl RedisLimiter {
             .unwrap_or(u64::MAX)
             .max(1);
         let tau_us = t_us.saturating_mul(u64::from(limit.burst.get() - 1));
+        let extra_us = t_us.saturating_mul(u64::from(cells.get() - 1));
         let key = self.key(kind, name);
 
         let mut connection = self.inner.manager.clone();
@@ -200,6 +209,7 @@ impl RedisLimiter {
                 .key(&key)
                 .arg(t_us)
                 .arg(tau_us)
+                .arg(extra_us)
                 .invoke_async::<Vec<i64>>(&mut connection)
                 .await
         };
