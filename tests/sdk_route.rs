@@ -318,6 +318,38 @@ async fn by_uuid_of_a_name_the_tenant_may_not_end_is_403_after_the_lookup_only()
     h.shutdown().await;
 }
 
+/// `timeout` bounds the whole call: a by-uuid request's lookup and DELETE share it. Two
+/// answers of 0.6 s each pass a 1 s timeout only one at a time: `504` at about 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_uuid_lookup_and_delete_share_one_timeout() {
+    let h = Harness::with(Options {
+        liveness: Liveness::Explicit,
+        timeout: "1s",
+        ..Options::default()
+    })
+    .await;
+    let uuid = h.sim.add_mpc("billing-slow");
+    h.sim
+        .push_fault(Fault::Delay(std::time::Duration::from_millis(600)));
+    h.sim
+        .push_fault(Fault::Delay(std::time::Duration::from_millis(600)));
+    let started = std::time::Instant::now();
+    let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
+    let took = started.elapsed();
+    reply.assert_problem(504, "upstream-timeout");
+    assert!(
+        took < std::time::Duration::from_millis(1100),
+        "answered after {took:?}, past the one timeout"
+    );
+    let result = h.records().pop().expect("result");
+    assert_eq!(result["reason"], "upstream-timeout");
+    assert_eq!(
+        result["mpc"], "billing-slow",
+        "the lookup had found the name"
+    );
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_uuid_refusals_unknown_and_lookup_failures() {
     let h = Harness::with(Options {

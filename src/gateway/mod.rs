@@ -222,9 +222,11 @@ impl Gateway {
         }
         let report = match &admitted.mpc {
             Mpc::Name(name) => {
-                let call = runtime
-                    .upstream
-                    .end_mpc(&admitted.account, MpcRef::Name(name));
+                let call = runtime.upstream.end_mpc(
+                    &admitted.account,
+                    MpcRef::Name(name),
+                    runtime.upstream.deadline(),
+                );
                 call.await
             }
             Mpc::Uuid { uuid, tenant } => {
@@ -308,7 +310,8 @@ impl Gateway {
         Ok(Admitted { account, mpc })
     }
 
-    /// Reads the MPC to learn its name, authorizes that name, then ends it by uuid.
+    /// Reads the MPC to learn its name, authorizes that name, then ends it by uuid; both
+    /// calls within one `timeout`, as the contract's "whole call".
     async fn end_by_uuid(
         &self,
         runtime: &Runtime,
@@ -317,8 +320,9 @@ impl Gateway {
         tenant: &str,
         trail: &mut Trail,
     ) -> UpstreamReport {
+        let deadline = runtime.upstream.deadline();
         let (name, lookup_attempts, lookup_status) =
-            match runtime.upstream.lookup_name(account, uuid).await {
+            match runtime.upstream.lookup_name(account, uuid, deadline).await {
                 Lookup::Found {
                     name,
                     attempts,
@@ -338,7 +342,10 @@ impl Gateway {
                 attempts: lookup_attempts,
             };
         }
-        let mut report = runtime.upstream.end_mpc(account, MpcRef::Uuid(uuid)).await;
+        let mut report = runtime
+            .upstream
+            .end_mpc(account, MpcRef::Uuid(uuid), deadline)
+            .await;
         report.attempts += lookup_attempts;
         report
     }

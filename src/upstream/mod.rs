@@ -175,19 +175,36 @@ impl PlivoClient {
         url
     }
 
-    /// Ends the MPC, retrying as the contract allows, never past `timeout`.
-    pub async fn end_mpc(&self, account: &AccountCredentials, mpc: MpcRef<'_>) -> UpstreamReport {
+    /// When a call starting now must be over: `timeout` covers the whole call, every
+    /// attempt and backoff, and both Plivo calls of a by-uuid request.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+
+    /// Ends the MPC, retrying as the contract allows, never past `deadline`.
+    pub async fn end_mpc(
+        &self,
+        account: &AccountCredentials,
+        mpc: MpcRef<'_>,
+        deadline: Instant,
+    ) -> UpstreamReport {
         let url = self.mpc_url(&account.auth_id, mpc);
-        match self.call(Method::DELETE, url, account).await {
+        match self.call(Method::DELETE, url, account, deadline).await {
             Ok((attempt, attempts)) => conclude(attempt, attempts),
             Err(timed_out) => timed_out,
         }
     }
 
-    /// Reads an MPC by uuid to learn its friendly name (for authorization).
-    pub async fn lookup_name(&self, account: &AccountCredentials, uuid: &MpcUuid) -> Lookup {
+    /// Reads an MPC by uuid to learn its friendly name (for authorization), never past
+    /// `deadline`.
+    pub async fn lookup_name(
+        &self,
+        account: &AccountCredentials,
+        uuid: &MpcUuid,
+        deadline: Instant,
+    ) -> Lookup {
         let url = self.mpc_url(&account.auth_id, MpcRef::Uuid(uuid));
-        let (attempt, attempts) = match self.call(Method::GET, url, account).await {
+        let (attempt, attempts) = match self.call(Method::GET, url, account, deadline).await {
             Ok(done) => done,
             Err(timed_out) => return Lookup::Failed(timed_out),
         };
@@ -214,19 +231,19 @@ impl PlivoClient {
         }
     }
 
-    /// Sends `method url` with retries; `Err` carries the timeout report.
+    /// Sends `method url` with retries until `deadline`; `Err` carries the timeout report.
     async fn call(
         &self,
         method: Method,
         url: String,
         account: &AccountCredentials,
+        deadline: Instant,
     ) -> Result<(Attempt, u32), UpstreamReport> {
         // Every part was validated (config, name, uuid), so this cannot fail; if it did,
         // no attempt could succeed.
         let Ok(uri) = Uri::try_from(url) else {
             return Ok((Attempt::Fatal, 1));
         };
-        let deadline = Instant::now() + self.timeout;
         // A free slot is the usual case: take it without arming a timer. Waiting for one
         // counts against the same deadline as the call itself.
         let _slot = match self.in_flight.try_acquire() {
