@@ -28,6 +28,9 @@ pub(crate) struct ChainHead {
     pub(crate) next_seq: u64,
     pub(crate) prev: String,
     pub(crate) last_ts: Option<OffsetDateTime>,
+    /// The last record's hashed bytes (`None` for a new chain), to check `prev` against
+    /// the configured key.
+    pub(crate) last_body: Option<Vec<u8>>,
 }
 
 impl ChainHead {
@@ -36,6 +39,7 @@ impl ChainHead {
             next_seq: 1,
             prev: GENESIS.to_string(),
             last_ts: None,
+            last_body: None,
         }
     }
 }
@@ -140,7 +144,8 @@ struct Tail {
 }
 
 fn parse_head(line: &[u8]) -> Result<ChainHead, &'static str> {
-    let (_, hash) = chain::unseal(line).ok_or("its last line does not end with a hash member")?;
+    let (body, hash) =
+        chain::unseal(line).ok_or("its last line does not end with a hash member")?;
     let tail: Tail =
         serde_json::from_slice(line).map_err(|_| "its last line is not a valid audit record")?;
     if tail.seq == 0 {
@@ -160,6 +165,7 @@ fn parse_head(line: &[u8]) -> Result<ChainHead, &'static str> {
         last_ts: OffsetDateTime::parse(&tail.ts, &Rfc3339)
             .ok()
             .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)),
+        last_body: Some(body),
     })
 }
 

@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, ChainHasher, HexDigest};
 use super::record::{self, AuditEvent, Body};
-use super::recover::recover;
+use super::recover::{recover, ChainHead};
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 
@@ -220,15 +220,23 @@ impl AuditLog {
         let dir = existing_dir(&path)?;
         let lock = lock_exclusively(&path, &dir)?;
         let head = recover(&path)?;
+        let hasher = ChainHasher::new(hmac_key).map_err(|err| AuditError::Encode {
+            detail: format!("the HMAC key cannot be used: {err}"),
+        })?;
+        if !continues_under(&head, &hasher) {
+            tracing::error!(
+                path = %path.display(),
+                seq = head.next_seq - 1,
+                "the last audit record's hash does not verify with the configured audit.hmac_key: the key changed (or was added or removed) since it was written, or the record was altered; the chain continues from it, and `audit verify` will report the break there"
+            );
+        }
         let writable = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
             path: path.clone(),
             dir,
             fsync,
             rotate_bytes,
-            hasher: ChainHasher::new(hmac_key).map_err(|err| AuditError::Encode {
-                detail: format!("the HMAC key cannot be used: {err}"),
-            })?,
+            hasher,
             opener,
             file: None,
             len: 0,
@@ -397,6 +405,15 @@ fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
             writer.probe();
         }
     }
+}
+
+/// Whether the record the chain continues from verifies under `hasher` (trivially, for a
+/// new chain). It is not refused when it does not: refusing would let whoever can edit
+/// the log stop the gateway, and `audit verify` finds the break anyway.
+fn continues_under(head: &ChainHead, hasher: &ChainHasher) -> bool {
+    head.last_body
+        .as_ref()
+        .is_none_or(|body| hasher.digest(body).as_str() == head.prev)
 }
 
 /// How long opening waits for another holder of the lock to let go (a gateway in this

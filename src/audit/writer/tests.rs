@@ -577,3 +577,23 @@ async fn a_failed_directory_fsync_after_a_rotation_is_retried() {
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), appended as u64 + 1);
 }
+
+/// At start the record the chain continues from is checked under the configured key: a
+/// key added, removed or changed since (or an altered record) is reported, not silently
+/// continued.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_record_the_chain_continues_from_is_checked_under_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let plain = ChainHasher::new(None).expect("plain");
+    let keyed = ChainHasher::new(Some(SecretSlice::from(b"k3y".to_vec()))).expect("keyed");
+    let fresh = recover(&path).expect("recover");
+    assert!(continues_under(&fresh, &plain) && continues_under(&fresh, &keyed));
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    log.append(event(1)).await.expect("append");
+    log.close().await.expect("close");
+    let head = recover(&path).expect("recover");
+    assert!(continues_under(&head, &plain));
+    assert!(!continues_under(&head, &keyed), "a key added since");
+}
