@@ -149,6 +149,8 @@ pub(crate) mod fault {
     pub(crate) const SYNC: u8 = 2;
     /// The next fsync of the directory, after a file was created, fails with EIO once.
     pub(crate) const SYNC_DIR_ONCE: u8 = 3;
+    /// Opening (or creating) the live file fails with EIO.
+    pub(crate) const OPEN: u8 = 4;
 
     /// The fault to inject, and how many appends (write calls) the file has seen.
     #[derive(Clone, Default)]
@@ -178,6 +180,9 @@ pub(crate) mod fault {
 
     impl Opener for FaultyOpener {
         fn open(&self, path: &Path) -> io::Result<Opened> {
+            if self.0.get() == OPEN {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             let (file, created) = open_append(path)?;
             let len = file.metadata()?.len();
             Ok(Opened {

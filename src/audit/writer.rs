@@ -783,6 +783,12 @@ impl Writer {
         }
         if let Err(e) = self.rotate() {
             tracing::error!(path = %self.path.display(), error = %e, "audit log rotation failed; will retry after the next write");
+            // Renamed, but the new file could not be created: nothing can be written
+            // until it is, so readiness says so now rather than at the next request's
+            // 503. The probe (or the next write) creates it and restores writability.
+            if self.file.is_none() {
+                self.set_writable(false);
+            }
         }
     }
 

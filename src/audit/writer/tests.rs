@@ -597,3 +597,47 @@ async fn the_record_the_chain_continues_from_is_checked_under_the_key() {
     assert!(continues_under(&head, &plain));
     assert!(!continues_under(&head, &keyed), "a key added since");
 }
+
+/// Renamed, but the new live file cannot be created: the log says it is not writable at
+/// once (so `/readyz` turns 503 before a request fails), and the probe brings it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_without_a_new_file_is_not_writable_until_the_probe_creates_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Always, 1024),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    faults.set(fault::OPEN);
+    // Until the rotation: a write racing it may already find no live file (and fail).
+    let mut appended = 0;
+    while rotated_files(dir.path()).is_empty() {
+        if log.append(event(appended + 1)).await.is_ok() {
+            appended += 1;
+        }
+        assert!(appended < 20, "no rotation after {appended} records");
+    }
+    assert!(
+        writable_within(&log, false).await,
+        "still reported writable without a live file"
+    );
+    faults.set(fault::NONE);
+    assert!(
+        writable_within(&log, true).await,
+        "the probe did not create the new file"
+    );
+    log.append(event(appended + 1)).await.expect("append");
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), appended as u64 + 1);
+}
+
+/// Polls (at most 5 s) until the log's writability is `want`; whether it got there.
+async fn writable_within(log: &AuditLog, want: bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log.is_writable() != want && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    log.is_writable() == want
+}
