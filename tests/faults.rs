@@ -303,6 +303,48 @@ async fn an_upstream_that_accepts_but_never_speaks_tls_times_out_with_504() {
     h.shutdown().await;
 }
 
+/// Calls that queue behind one connect share its failure instead of each waiting a
+/// whole `connect_timeout` of its own: six concurrent calls to an upstream that never
+/// speaks TLS all end `502 upstream-unavailable` after their three attempts, long before
+/// `timeout`. (Queued one after another, 6 × 3 connects of 300 ms would pass the 4 s
+/// timeout, and the later calls would end `504` after one attempt.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_queued_behind_a_failing_connect_share_its_failure() {
+    let (h, raw) = harness_with_raw_upstream(Options {
+        connect_timeout: "300ms",
+        timeout: "4s",
+        max_attempts: 3,
+        ..Options::default()
+    })
+    .await;
+    let serving = raw.serve(Behaviour::Silent, h.pki.server_tls());
+    let started = std::time::Instant::now();
+    let calls = (0..6).map(|i| {
+        let h = &h;
+        async move { h.end(&format!("billing-queued-{i}"), BILLING_TOKEN).await }
+    });
+    let replies = futures_util::future::join_all(calls).await;
+    let took = started.elapsed();
+    for reply in &replies {
+        reply.assert_problem(502, "upstream-unavailable");
+    }
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    let results: Vec<_> = h
+        .records()
+        .into_iter()
+        .filter(|r| r["event"] == "result")
+        .collect();
+    assert_eq!(results.len(), 6);
+    assert!(results.iter().all(|r| r["attempts"] == 3), "{results:?}");
+    assert!(
+        serving.accepted() < 18,
+        "{} connects for 18 attempts: none was shared",
+        serving.accepted()
+    );
+    drop(serving);
+    h.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Retried statuses
 // ---------------------------------------------------------------------------------------

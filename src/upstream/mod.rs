@@ -360,7 +360,11 @@ fn error_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError +
 }
 
 fn caused_by_tls(err: &(dyn StdError + 'static)) -> bool {
-    error_chain(err).iter().any(|e| e.is::<rustls::Error>())
+    error_chain(err).iter().any(|e| {
+        e.is::<rustls::Error>()
+            || e.downcast_ref::<transport::SharedConnectFailure>()
+                .is_some_and(|shared| shared.tls)
+    })
 }
 
 fn caused_by_reset(err: &(dyn StdError + 'static)) -> bool {

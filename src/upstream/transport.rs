@@ -92,6 +92,11 @@ pub(super) struct Transport {
     idle_timeout: Duration,
     /// One connect at a time, so a burst of calls opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
+    /// Connects started through `connecting`, and how the last one failed (if it did):
+    /// calls that waited for a connect share its failure instead of each waiting a whole
+    /// `connect_timeout` of its own behind it.
+    connects: AtomicU64,
+    last_connect_failure: Mutex<Option<SharedConnectFailure>>,
     /// Set once an upstream answered ALPN without `h2` (or the base URL is plain `http`).
     http1_only: AtomicBool,
     h1: Arc<H1Pool>,
@@ -128,6 +133,8 @@ impl Transport {
             h2: Arc::new(H2Slot::default()),
             idle_timeout: IDLE_TIMEOUT,
             connecting: tokio::sync::Mutex::new(()),
+            connects: AtomicU64::new(0),
+            last_connect_failure: Mutex::new(None),
             http1_only: AtomicBool::new(settings.base_url.scheme != Scheme::HTTPS),
             h1: Arc::new(H1Pool::default()),
         }
@@ -228,6 +235,7 @@ impl Transport {
     /// Opens the HTTP/2 connection, or learns from ALPN that the upstream speaks only
     /// HTTP/1.1 (and then this call goes on the connection that asked).
     async fn connect_first(&self) -> Result<Connected, SendError> {
+        let seen = self.connects.load(Ordering::Acquire);
         let _turn = self.connecting.lock().await;
         // Whoever held the turn before may have connected, or learned it is HTTP/1.1.
         if let Some(open) = self.h2.open() {
@@ -236,6 +244,24 @@ impl Transport {
         if self.http1_only.load(Ordering::Relaxed) {
             return Ok(Connected::Pool);
         }
+        // Or tried while this call waited, and failed: that is this attempt's outcome too
+        // (an unreachable upstream must not cost each queued call a connect_timeout).
+        if self.connects.load(Ordering::Acquire) != seen {
+            if let Some(failure) = lock(&self.last_connect_failure).clone() {
+                return Err(SendError::Connect(Box::new(failure)));
+            }
+        }
+        self.connects.fetch_add(1, Ordering::AcqRel);
+        let connected = self.open_first_connection().await;
+        *lock(&self.last_connect_failure) = match &connected {
+            Err(err) => Some(SharedConnectFailure::of(err)),
+            Ok(_) => None,
+        };
+        connected
+    }
+
+    /// Connects, and opens HTTP/2 on the connection or learns it is HTTP/1.1.
+    async fn open_first_connection(&self) -> Result<Connected, SendError> {
         let stream = self.connector.connect(self.origin.clone()).await;
         let stream = stream.map_err(SendError::Connect)?;
         if !stream.connected().is_negotiated_h2() {
@@ -542,6 +568,28 @@ struct TimedConnector {
 #[derive(Debug, thiserror::Error)]
 #[error("connect timed out")]
 struct ConnectTimedOut;
+
+/// The failure of a connect that other calls waited for, handed to each of them.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the connect this call waited for failed: {detail}")]
+pub(super) struct SharedConnectFailure {
+    detail: String,
+    /// A TLS failure is not retried; the others are, like the original error.
+    pub(super) tls: bool,
+}
+
+impl SharedConnectFailure {
+    fn of(err: &SendError) -> SharedConnectFailure {
+        SharedConnectFailure {
+            detail: err.as_std().to_string(),
+            tls: super::caused_by_tls(err.as_std()),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// What a connector offers by ALPN.
 #[derive(Clone, Copy)]
