@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use secrecy::SecretString;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 /// A value as written in the YAML file, before it is resolved.
 #[derive(Clone, PartialEq, Eq)]
@@ -66,7 +67,9 @@ impl ValueSource {
                 std::env::var(name).map_err(|_| ResolveError::MissingEnv(name.clone()))
             }
             // Files written by editors and secret managers often end in a newline.
+            // The untrimmed text is wiped when dropped.
             ValueSource::File(path) => std::fs::read_to_string(path)
+                .map(Zeroizing::new)
                 .map(|text| text.trim().to_owned())
                 .map_err(|err| ResolveError::File {
                     path: path.display().to_string(),

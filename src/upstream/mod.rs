@@ -17,6 +17,7 @@ use http_body_util::Empty;
 use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
+use zeroize::Zeroizing;
 
 use crate::config::{Account, UpstreamSettings};
 use crate::mpc_name::{MpcName, MpcUuid};
@@ -39,11 +40,17 @@ pub struct AccountCredentials {
 
 impl AccountCredentials {
     pub fn new(account: &Account) -> AccountCredentials {
-        let pair = format!("{}:{}", account.auth_id, account.auth_token.expose_secret());
-        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        // The plain copies are wiped when dropped; only the (sensitive) header stays.
+        let pair = Zeroizing::new(format!(
+            "{}:{}",
+            account.auth_id,
+            account.auth_token.expose_secret()
+        ));
+        let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
+        let header = Zeroizing::new(format!("Basic {}", *encoded));
         // Base64 output is always a valid header value.
-        let mut authorization = HeaderValue::from_str(&format!("Basic {encoded}"))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        let mut authorization =
+            HeaderValue::from_str(&header).unwrap_or_else(|_| HeaderValue::from_static(""));
         authorization.set_sensitive(true);
         AccountCredentials {
             auth_id: account.auth_id.clone(),
