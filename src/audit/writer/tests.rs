@@ -46,6 +46,17 @@ fn open_with_faults(path: &Path, fsync: Fsync) -> (AuditLog, Faults) {
     (log, faults)
 }
 
+/// The same, with `fsync: always`, rotating once the file reaches `rotate_bytes`.
+fn open_with_faults_rotating_at(path: &Path, rotate_bytes: u64) -> (AuditLog, Faults) {
+    let faults = Faults::default();
+    let log = AuditLog::open_with(
+        settings(path, Fsync::Always, rotate_bytes),
+        Box::new(FaultyOpener(faults.clone())),
+    )
+    .expect("open");
+    (log, faults)
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("read log")
@@ -550,12 +561,7 @@ async fn a_second_writer_is_refused_until_the_first_closes() {
 async fn a_failed_directory_fsync_after_a_rotation_is_retried() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
-    let faults = Faults::default();
-    let log = AuditLog::open_with(
-        settings(&path, Fsync::Always, 1024),
-        Box::new(FaultyOpener(faults.clone())),
-    )
-    .expect("open");
+    let (log, faults) = open_with_faults_rotating_at(&path, 1024);
     assert_eq!(faults.dir_syncs(), 1, "the live file was created");
     faults.set(fault::SYNC_DIR_ONCE);
     // Enough records to pass 1024 bytes: the write that does rotates.
@@ -604,12 +610,7 @@ async fn the_record_the_chain_continues_from_is_checked_under_the_key() {
 async fn a_rotation_without_a_new_file_is_not_writable_until_the_probe_creates_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
-    let faults = Faults::default();
-    let log = AuditLog::open_with(
-        settings(&path, Fsync::Always, 1024),
-        Box::new(FaultyOpener(faults.clone())),
-    )
-    .expect("open");
+    let (log, faults) = open_with_faults_rotating_at(&path, 1024);
     faults.set(fault::OPEN);
     // Until the rotation: a write racing it may already find no live file (and fail).
     let mut appended = 0;
