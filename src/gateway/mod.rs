@@ -48,10 +48,7 @@ use trail::Trail;
 /// What a request costs a limiter: one cell, or two for a by-uuid request (a lookup and
 /// the DELETE, two Plivo calls).
 const ONE_CELL: NonZeroU32 = NonZeroU32::MIN;
-const TWO_CELLS: NonZeroU32 = match NonZeroU32::new(2) {
-    Some(two) => two,
-    None => NonZeroU32::MIN,
-};
+const TWO_CELLS: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
@@ -60,6 +57,7 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024;
 /// counterpart, so a caller that declares a body and never sends it cannot hold a
 /// connection (or, over HTTP/2, a stream) open before it is even authenticated.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BLOCK_BYTES: usize = 32 * 1024;
 

@@ -105,7 +105,6 @@ pub struct RunningGateway {
 }
 
 /// Settings a reload cannot change (they need a restart); compared to warn about it.
-#[derive(PartialEq, Eq)]
 struct RestartOnlySettings {
     listen: SocketAddr,
     admin_listen: SocketAddr,
