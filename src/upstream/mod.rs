@@ -653,6 +653,29 @@ mod tests {
         }
     }
 
+    /// A connect failure handed to the calls that waited for it is classified as the
+    /// original: retried, except a TLS failure.
+    #[test]
+    fn a_shared_connect_failure_keeps_the_original_class() {
+        let refused = SendError::Connect(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let tls = SendError::Connect(Box::new(std::io::Error::other(rustls::Error::General(
+            "bad certificate".into(),
+        ))));
+        assert!(matches!(classify_error(&refused), Attempt::Retriable));
+        assert!(matches!(classify_error(&tls), Attempt::Fatal));
+        for (original, retriable) in [(refused, true), (tls, false)] {
+            let shared =
+                SendError::Connect(Box::new(transport::SharedConnectFailure::of(&original)));
+            assert_eq!(
+                matches!(classify_error(&shared), Attempt::Retriable),
+                retriable,
+                "{shared:?}"
+            );
+        }
+    }
+
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
         for _ in 0..100 {

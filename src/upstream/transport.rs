@@ -579,7 +579,7 @@ pub(super) struct SharedConnectFailure {
 }
 
 impl SharedConnectFailure {
-    fn of(err: &SendError) -> SharedConnectFailure {
+    pub(super) fn of(err: &SendError) -> SharedConnectFailure {
         SharedConnectFailure {
             detail: err.as_std().to_string(),
             tls: super::caused_by_tls(err.as_std()),
