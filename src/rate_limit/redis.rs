@@ -25,8 +25,8 @@ use crate::config::RedisStoreSettings;
 
 /// GCRA with governor's semantics, in integer microseconds of the Redis server's clock.
 ///
-/// KEYS[1]: the bucket. ARGV[1]: emission interval T (µs, >= 1). ARGV[2]: tolerance
-/// TAU = T * (burst - 1) (µs). ARGV[3]: the weight beyond one cell, T * (cells - 1) (µs;
+/// `KEYS[1]`: the bucket. `ARGV[1]`: emission interval T (µs, >= 1). `ARGV[2]`: tolerance
+/// TAU = T * (burst - 1) (µs). `ARGV[3]`: the weight beyond one cell, T * (cells - 1) (µs;
 /// at most TAU). The stored value is the bucket's theoretical arrival time (TAT). Reply:
 /// `{1, remaining burst}` when admitted, `{0, wait in µs}` when refused; all cells or
 /// none are taken, as governor's `check_n`.
