@@ -39,13 +39,9 @@ impl RateLimit {
     }
 
     /// The refusal of a cost above the burst, which no wait can admit: the Retry-After of
-    /// a whole refill, and a warning, since only a config change helps.
-    pub(crate) fn never_fits(&self, cells: NonZeroU32) -> Decision {
-        tracing::warn!(
-            burst = self.burst.get(),
-            cost = cells.get(),
-            "a request costs more than this limit's whole burst and is always refused; raise the burst"
-        );
+    /// a whole refill. (Only a config change helps; the gateway warns of it when it loads
+    /// the config, not on every refused request.)
+    pub(crate) fn never_fits(&self) -> Decision {
         Decision::Refused {
             retry_after_secs: u64::from(self.window_secs()).max(1),
         }
@@ -167,7 +163,7 @@ impl Limiter {
         match self.gcra.check_n(cells) {
             Ok(Ok(snapshot)) => self.allowed(&snapshot),
             Ok(Err(not_until)) => self.refused(&not_until),
-            Err(_insufficient) => self.limit.never_fits(cells),
+            Err(_insufficient) => self.limit.never_fits(),
         }
     }
 

@@ -186,7 +186,7 @@ impl RedisLimiter {
         cells: NonZeroU32,
     ) -> Result<Decision, StoreError> {
         if cells > limit.burst {
-            return Ok(limit.never_fits(cells));
+            return Ok(limit.never_fits());
         }
         if self.paused() {
             return Err(StoreError::Unavailable);

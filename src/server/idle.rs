@@ -75,9 +75,9 @@ impl Drop for InFlight {
 
 /// Whether a connection's first request head has arrived. hyper's own header timer
 /// starts only when it first reads, after the version sniff or the TLS handshake may
-/// already have waited most of [`HEADER_READ_TIMEOUT`](super::HEADER_READ_TIMEOUT); this holds the first head to the
-/// deadline counted from the accept. (Later heads are hyper's: it restarts its timer for
-/// each.)
+/// already have waited most of [`HEADER_READ_TIMEOUT`](super::HEADER_READ_TIMEOUT); this
+/// holds the first head to the deadline counted from the accept. (Later heads are
+/// hyper's: it restarts its timer for each.)
 #[derive(Default)]
 pub(super) struct FirstHead {
     arrived: AtomicBool,
