@@ -317,7 +317,7 @@ struct H2Slot {
 
 impl H2Slot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<OpenH2>> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.current)
     }
 
     fn open(&self) -> Option<OpenH2> {
@@ -402,7 +402,7 @@ struct IdleH1 {
 
 impl H1Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleH1>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.idle)
     }
 
     /// An idle connection ready for a call, if any is left open.
@@ -587,6 +587,8 @@ impl SharedConnectFailure {
     }
 }
 
+/// Locks a mutex that is only ever held to read or swap a value, so a panic elsewhere
+/// cannot leave it half-changed: a poisoned one is used as is.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
