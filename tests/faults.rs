@@ -427,6 +427,48 @@ async fn a_slow_retry_cannot_stretch_the_deadline() {
     h.shutdown().await;
 }
 
+/// Plivo's `2xx` head arrives in time and its body never ends: the MPC was ended, so
+/// the caller gets `204` at the deadline and the audit says so, over both upstream
+/// protocols. The HTTP/1.1 connection whose body was cut is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_whose_body_never_ends_is_204_at_the_deadline() {
+    for http2 in [false, true] {
+        let timeout = Duration::from_millis(800);
+        let h = Harness::with(Options {
+            timeout: "800ms",
+            http2,
+            ..Options::default()
+        })
+        .await;
+        h.sim.push_fault(Fault::StalledBody(200));
+        let (reply, took) = timed_end(&h, "billing-stalled").await;
+        assert_eq!(reply.status, 204, "http2 {http2}: {:?}", reply.body);
+        assert!(
+            took >= timeout - Duration::from_millis(50) && took <= timeout + SLACK,
+            "http2 {http2}: answered after {took:?}"
+        );
+        assert_eq!(
+            h.sim.request_count(),
+            1,
+            "http2 {http2}: a 2xx is not retried"
+        );
+        let result = last_result(&h);
+        assert_eq!(result["status"], 204, "http2 {http2}: {result}");
+        assert_eq!(result["upstream_status"], 200);
+        assert_eq!(result["attempts"], 1);
+
+        // The next call works, on a connection whose answer is not half read.
+        let reply = h.end("billing-after", BILLING_TOKEN).await;
+        assert_eq!(reply.status, 204, "http2 {http2}: {:?}", reply.body);
+        assert_eq!(last_result(&h)["upstream_status"], 204);
+        let versions: Vec<String> = h.sim.requests().into_iter().map(|r| r.version).collect();
+        let expected = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert_eq!(versions, [expected, expected]);
+        h.assert_chain();
+        h.shutdown().await;
+    }
+}
+
 /// Every attempt hangs: one attempt uses the whole `timeout`, no retry runs past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_attempts_end_at_the_deadline() {

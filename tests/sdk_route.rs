@@ -350,6 +350,34 @@ async fn by_uuid_lookup_and_delete_share_one_timeout() {
     h.shutdown().await;
 }
 
+/// The lookup's `200` head arrives and its body (the MPC, with its name) never ends:
+/// the name is unknown, so nothing is deleted and the caller gets `504` at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_uuid_lookup_whose_body_never_ends_is_504() {
+    let h = Harness::with(Options {
+        liveness: Liveness::Explicit,
+        timeout: "800ms",
+        ..Options::default()
+    })
+    .await;
+    let uuid = h.sim.add_mpc("billing-stalled");
+    h.sim.push_fault(Fault::StalledBody(200));
+    let started = std::time::Instant::now();
+    let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
+    let took = started.elapsed();
+    reply.assert_problem(504, "upstream-timeout");
+    assert!(
+        took >= std::time::Duration::from_millis(750),
+        "answered after {took:?}, before the deadline"
+    );
+    let methods: Vec<String> = h.sim.requests().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["GET"], "no DELETE without the name");
+    let denied = h.records().pop().expect("a terminal record");
+    assert_eq!(denied["reason"], "upstream-timeout", "{denied}");
+    assert_eq!(denied["status"], 504);
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_uuid_refusals_unknown_and_lookup_failures() {
     let h = Harness::with(Options {

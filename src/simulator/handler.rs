@@ -1,14 +1,18 @@
 //! Answering one request: count and record it, apply a queued fault and the latency, then
 //! route by path and method to the registry, with Plivo-like JSON answers and errors.
 
+use std::convert::Infallible;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use uuid::Uuid;
 
@@ -24,12 +28,15 @@ pub(super) const ERR_AUTH: &str = "Authentication credentials invalid.";
 /// Plivo's wording for an unknown resource.
 pub(super) const ERR_NOT_FOUND: &str = "not found";
 
+/// An answer's body: whole, or (for [`Fault::StalledBody`]) one that never ends.
+pub(super) type AnswerBody = Either<Full<Bytes>, StalledBody>;
+
 /// Answer one request: count, record, apply a queued fault, wait the latency, route.
 pub(super) async fn handle(
     shared: Arc<Shared>,
     switch: Arc<ConnectionSwitch>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, io::Error> {
+) -> Result<Response<AnswerBody>, io::Error> {
     shared.request_count.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let body = Limited::new(body, MAX_BODY)
@@ -98,7 +105,13 @@ pub(super) async fn handle(
             if !shared.latency.is_zero() {
                 tokio::time::sleep(shared.latency).await;
             }
-            return Ok(fault_response(status, headers, body));
+            return Ok(fault_response(status, headers, body).map(Either::Left));
+        }
+        Some(Fault::StalledBody(status)) => {
+            if !shared.latency.is_zero() {
+                tokio::time::sleep(shared.latency).await;
+            }
+            return Ok(stalled_response(status));
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
         Some(Fault::GoAway) => switch.go_away(),
@@ -106,12 +119,53 @@ pub(super) async fn handle(
     if !shared.latency.is_zero() {
         tokio::time::sleep(shared.latency).await;
     }
-    Ok(route(
-        &shared,
-        &parts.method,
-        parts.uri.path(),
-        &parts.headers,
-    ))
+    Ok(route(&shared, &parts.method, parts.uri.path(), &parts.headers).map(Either::Left))
+}
+
+/// A body that sends its first bytes and then waits for ever: the connection's own
+/// shutdown (the simulator stopping) is what ends it.
+pub(super) struct StalledBody {
+    first: Option<Bytes>,
+    promised: u64,
+}
+
+impl http_body::Body for StalledBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut().first.take() {
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            // Nothing will ever wake this: the rest never comes.
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.promised)
+    }
+}
+
+fn stalled_response(status: u16) -> Response<AnswerBody> {
+    const FIRST: &[u8] = br#"{"api_id": "#;
+    const PROMISED: u64 = 64;
+    let mut resp = Response::new(Either::Right(StalledBody {
+        first: Some(Bytes::from_static(FIRST)),
+        promised: PROMISED,
+    }));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(PROMISED));
+    resp
 }
 
 fn fault_response(

@@ -183,6 +183,10 @@ pub enum Fault {
     /// its maximum requests per connection: over HTTP/2 a `GOAWAY` (`NO_ERROR`) sent
     /// before this answer, over HTTP/1.1 `Connection: close`.
     GoAway,
+    /// Answer with this status and a head that promises a JSON body, send the first
+    /// bytes of it and then nothing more until the simulator stops (the MPC is not
+    /// touched). The configured latency still applies.
+    StalledBody(u16),
 }
 
 impl Fault {

@@ -115,7 +115,7 @@ pub enum UpstreamBuildError {
 
 mod transport;
 
-use transport::{SendError, Transport};
+use transport::{BodyBounds, SendError, Transport};
 
 pub struct PlivoClient {
     transport: Transport,
@@ -219,22 +219,27 @@ impl PlivoClient {
             Attempt::Answered { status, body, .. } if status.is_success() => friendly_name(body),
             _ => None,
         };
-        let report = conclude(attempt, attempts);
-        match (name, report.outcome.is_ok()) {
+        let answer = conclude(attempt, attempts);
+        // The answer's head came in time and its body did not: what Plivo said is
+        // unknown, as when nothing came back at all.
+        if name.is_none() && answer.outcome.is_ok() && Instant::now() >= deadline {
+            return Lookup::Failed(report(Err(Problem::UpstreamTimeout), None, attempts));
+        }
+        match (name, answer.outcome.is_ok()) {
             (Some(name), true) => Lookup::Found {
                 name,
                 attempts,
-                status: report.status,
+                status: answer.status,
             },
             (None, true) => Lookup::Failed(UpstreamReport {
                 outcome: Err(Problem::UpstreamError {
-                    status: report.status.unwrap_or(200),
+                    status: answer.status.unwrap_or(200),
                     api_id: None,
                     error: Some("the MPC has no friendly_name".to_owned()),
                 }),
-                ..report
+                ..answer
             }),
-            (_, false) => Lookup::Failed(report),
+            (_, false) => Lookup::Failed(answer),
         }
     }
 
@@ -263,7 +268,7 @@ impl PlivoClient {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let attempt = self.attempt(method.clone(), uri.clone(), account);
+            let attempt = self.attempt(method.clone(), uri.clone(), account, deadline);
             let Ok(attempt) = tokio::time::timeout_at(deadline, attempt).await else {
                 return Err(report(Err(Problem::UpstreamTimeout), None, attempts));
             };
@@ -279,7 +284,13 @@ impl PlivoClient {
         }
     }
 
-    async fn attempt(&self, method: Method, uri: Uri, account: &AccountCredentials) -> Attempt {
+    async fn attempt(
+        &self,
+        method: Method,
+        uri: Uri,
+        account: &AccountCredentials,
+        deadline: Instant,
+    ) -> Attempt {
         let request = Request::builder()
             .method(method)
             .uri(uri)
@@ -290,7 +301,11 @@ impl PlivoClient {
         let Ok(request) = request else {
             return Attempt::Fatal;
         };
-        match self.transport.send(request, MAX_ERROR_BODY).await {
+        let body = BodyBounds {
+            limit: MAX_ERROR_BODY,
+            deadline,
+        };
+        match self.transport.send(request, body).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 Attempt::Answered {

@@ -141,11 +141,12 @@ impl Transport {
     }
 
     /// Sends `request` (an absolute URI on the base URL) and reads the answer: its head,
-    /// and its body up to `body_limit` bytes (empty if longer or broken).
+    /// and its body up to `body_limit` bytes (empty if longer, broken, or not over by
+    /// `deadline`: the head alone decides what happened upstream).
     pub(super) async fn send(
         &self,
         request: Request<Empty<Bytes>>,
-        body_limit: usize,
+        body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
         // Connecting is rare, and its future is large: boxed, it stays out of the future
         // every request carries.
@@ -155,9 +156,9 @@ impl Transport {
             None => Box::pin(self.connect_first()).await?,
         };
         match connected {
-            Connected::Http2(open) => self.send_h2(open, request, body_limit).await,
-            Connected::Pool => self.send_h1(None, request, body_limit).await,
-            Connected::Http1(sender) => self.send_h1(Some(sender), request, body_limit).await,
+            Connected::Http2(open) => self.send_h2(open, request, body).await,
+            Connected::Pool => self.send_h1(None, request, body).await,
+            Connected::Http1(sender) => self.send_h1(Some(sender), request, body).await,
         }
     }
 
@@ -165,7 +166,7 @@ impl Transport {
         &self,
         open: OpenH2,
         request: Request<Empty<Bytes>>,
-        body_limit: usize,
+        body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
         let OpenH2 {
             generation,
@@ -178,7 +179,7 @@ impl Transport {
             }
             SendError::Request(err)
         })?;
-        Ok(read_body(response, body_limit).await.0)
+        Ok(read_body(response, body).await.0)
     }
 
     /// Sends `request` on `fresh` (a connection just opened for it), or on an idle
@@ -187,7 +188,7 @@ impl Transport {
         &self,
         mut fresh: Option<H1Sender>,
         request: Request<Empty<Bytes>>,
-        body_limit: usize,
+        body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
         let mut request = into_origin_form(request, &self.host);
         // Bounded: each turn either uses up a pooled connection or ends.
@@ -201,7 +202,7 @@ impl Transport {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let (response, complete) = read_body(response, body_limit).await;
+                    let (response, complete) = read_body(response, body).await;
                     // A connection whose answer was not read to the end cannot carry
                     // another call; hyper closes it once dropped.
                     if complete {
@@ -478,14 +479,24 @@ async fn handshake_h1(stream: Stream) -> Result<H1Sender, SendError> {
     Ok(sender)
 }
 
-/// Reads the body, at most `limit` bytes of it. The flag says whether it was read to
-/// the end; if not (too long, or broken), the body is empty: the status is what
-/// matters, and a broken error body is not worth a retry.
-async fn read_body(response: Response<Incoming>, limit: usize) -> (Response<Bytes>, bool) {
+/// How much of an answer's body is read, and until when.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BodyBounds {
+    /// At most this many bytes.
+    pub limit: usize,
+    /// The call's deadline: a head that arrived in time is not lost to a slow body.
+    pub deadline: tokio::time::Instant,
+}
+
+/// Reads the body within `bounds`. The flag says whether it was read to the end; if not
+/// (too long, broken, or too slow), the body is empty: the status is what matters, and a
+/// broken error body is not worth a retry.
+async fn read_body(response: Response<Incoming>, bounds: BodyBounds) -> (Response<Bytes>, bool) {
     let (parts, body) = response.into_parts();
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => (Response::from_parts(parts, collected.to_bytes()), true),
-        Err(_) => (Response::from_parts(parts, Bytes::new()), false),
+    let read = Limited::new(body, bounds.limit).collect();
+    match tokio::time::timeout_at(bounds.deadline, read).await {
+        Ok(Ok(collected)) => (Response::from_parts(parts, collected.to_bytes()), true),
+        Ok(Err(_)) | Err(_) => (Response::from_parts(parts, Bytes::new()), false),
     }
 }
 
@@ -667,6 +678,13 @@ mod tests {
     }
 
     /// A transport to `base_url` trusting `extra_roots`, one attempt per call.
+    fn test_bounds() -> BodyBounds {
+        BodyBounds {
+            limit: 1024,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(5),
+        }
+    }
+
     fn transport_to(base_url: &str, extra_roots: Vec<CertificateDer<'static>>) -> Transport {
         let base_url: Uri = base_url.parse().expect("base url");
         let settings = UpstreamSettings {
@@ -693,7 +711,10 @@ mod tests {
             .header(http::header::AUTHORIZATION, "Basic TUFJRExFOnRva2Vu")
             .body(Empty::new())
             .expect("request");
-        let response = transport.send(request, 1024).await.expect("answered");
+        let response = transport
+            .send(request, test_bounds())
+            .await
+            .expect("answered");
         assert_eq!(response.status(), 204);
         response.version()
     }
@@ -839,7 +860,7 @@ mod tests {
             let request = Request::delete(format!("http://127.0.0.1:{port}/v1/x/"))
                 .body(Empty::new())
                 .expect("request");
-            transport.send(request, 1024)
+            transport.send(request, test_bounds())
         };
         assert_eq!(send().await.expect("first call").status(), 204);
         assert_eq!(transport.h1.lock().len(), 1, "pooled");
