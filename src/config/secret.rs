@@ -106,6 +106,24 @@ impl<'de> Visitor<'de> for ValueSourceVisitor {
         Ok(ValueSource::Literal(value.to_owned()))
     }
 
+    // serde's own message for these would quote the value, and the value may be a
+    // secret written in the wrong place: say what it is, never what it says.
+    fn visit_i64<E: de::Error>(self, _value: i64) -> Result<ValueSource, E> {
+        Err(unquoted_scalar("a number"))
+    }
+
+    fn visit_u64<E: de::Error>(self, _value: u64) -> Result<ValueSource, E> {
+        Err(unquoted_scalar("a number"))
+    }
+
+    fn visit_f64<E: de::Error>(self, _value: f64) -> Result<ValueSource, E> {
+        Err(unquoted_scalar("a number"))
+    }
+
+    fn visit_bool<E: de::Error>(self, _value: bool) -> Result<ValueSource, E> {
+        Err(unquoted_scalar("a boolean"))
+    }
+
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueSource, A::Error> {
         let Some(key) = map.next_key::<String>()? else {
             return Err(de::Error::custom("expected {env: NAME} or {file: PATH}"));
@@ -124,6 +142,12 @@ impl<'de> Visitor<'de> for ValueSourceVisitor {
     }
 }
 
+fn unquoted_scalar<E: de::Error>(found: &str) -> E {
+    E::custom(format_args!(
+        "found {found} (value not shown); expected {{env: NAME}}, {{file: PATH}} or a quoted string"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +162,17 @@ mod tests {
         assert_eq!(parse("{env: FOO}"), ValueSource::Env("FOO".into()));
         assert_eq!(parse("{file: /x}"), ValueSource::File("/x".into()));
         assert_eq!(parse("MA123"), ValueSource::Literal("MA123".into()));
+    }
+
+    #[test]
+    fn an_unquoted_number_or_boolean_is_refused_without_echoing_it() {
+        for yaml in ["8472910384756610", "-123456789", "1234.5678", "true"] {
+            let err = serde_yaml::from_str::<ValueSource>(yaml)
+                .expect_err(yaml)
+                .to_string();
+            assert!(err.contains("value not shown"), "{yaml}: {err}");
+            assert!(!err.contains(yaml), "{yaml} echoed: {err}");
+        }
     }
 
     #[test]

@@ -122,6 +122,20 @@ fn literal_secret_is_a_config_error() {
     assert!(!err.contains("hunter2"));
 }
 
+/// serde's own message would quote the number: the secret would reach the terminal and
+/// the operational log (a reload reports the same way).
+#[test]
+fn an_unquoted_numeric_secret_is_a_config_error_that_does_not_show_it() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace("{file: \"{dir}/token\"}", "8472910384756610");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.contains("accounts.default.auth_token: found a number"),
+        "{err}"
+    );
+    assert!(!err.contains("8472910384756610"), "{err}");
+}
+
 #[test]
 fn missing_secret_file_and_env_are_reported() {
     let fixture = Fixture::new();
