@@ -217,6 +217,13 @@ impl Metrics {
             "Shared rate-limit store calls that failed or were slower than their timeout",
             store_errors.clone(),
         );
+        // Every result from the start: an alert on `increase(...{result="error"}[5m])`
+        // sees the first failure only if the series existed, at 0, before it.
+        for result in ["ok", "error"] {
+            drop(reloads.get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            }));
+        }
         Metrics {
             store_errors,
             no_tenant: Arc::from(""),
@@ -262,6 +269,17 @@ impl Metrics {
                 limit,
             })
             .inc();
+    }
+
+    /// Creates a configured tenant's rate-limit series at 0 (see the reload series in
+    /// [`Metrics::new`] for why); called at start and on every reload.
+    pub fn declare_tenant(&self, tenant: &str) {
+        for limit in ["tenant", "account"] {
+            drop(self.rate_limited.get_or_create(&LimitLabels {
+                tenant: Tenant(Arc::from(tenant)),
+                limit,
+            }));
+        }
     }
 
     pub fn rate_limit_store_error(&self) {
@@ -355,6 +373,29 @@ mod tests {
             parse_log_filter("info,[span]=debug"),
             Err(LogFilterError::NotATarget(target)) if target == "[span]"
         ));
+    }
+
+    #[test]
+    fn alerting_series_exist_at_zero_before_their_first_event() {
+        let metrics = Metrics::new();
+        metrics.declare_tenant("billing");
+        let text = metrics.encode();
+        for series in [
+            "mpc_gateway_config_reloads_total{result=\"ok\"}",
+            "mpc_gateway_config_reloads_total{result=\"error\"}",
+            "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"}",
+            "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"account\"}",
+        ] {
+            assert_eq!(sample(&text, series), Some(0.0), "{series} in\n{text}");
+        }
+        metrics.config_reload(false);
+        assert_eq!(
+            sample(
+                &metrics.encode(),
+                "mpc_gateway_config_reloads_total{result=\"error\"}"
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]

@@ -199,12 +199,17 @@ async fn metrics_count_a_known_sequence_exactly() {
         ),
         1.0
     );
+    // Declared at 0 at start, so an alert on its increase sees the first refusal.
     assert_eq!(
         sample(
             &text,
             "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"account\"}"
         ),
-        None
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "mpc_gateway_config_reloads_total{result=\"error\"}"),
+        Some(0.0)
     );
     assert_eq!(
         value(&text, "mpc_gateway_request_duration_seconds_count"),

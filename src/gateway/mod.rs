@@ -154,6 +154,7 @@ impl Gateway {
         clock: LimiterClock,
     ) -> Result<Gateway, BuildError> {
         let runtime = Runtime::build(config, None, &clock)?;
+        declare_tenants(&metrics, config);
         Ok(Gateway {
             inner: Arc::new(Inner {
                 runtime: ArcSwap::from_pointee(runtime),
@@ -172,6 +173,7 @@ impl Gateway {
         let current = self.inner.runtime.load();
         let next = Runtime::build(config, Some(&current), &self.inner.clock)?;
         self.inner.runtime.store(Arc::new(next));
+        declare_tenants(&self.inner.metrics, config);
         Ok(())
     }
 
@@ -489,6 +491,12 @@ impl Gateway {
             .metrics
             .request_finished(trail.tenant.as_ref(), reason, trail.started.elapsed());
         response
+    }
+}
+
+fn declare_tenants(metrics: &Metrics, config: &Config) {
+    for tenant in config.tenants.keys() {
+        metrics.declare_tenant(tenant);
     }
 }
 

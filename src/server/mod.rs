@@ -28,7 +28,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin;
 use crate::audit::{AuditError, AuditLog, Fsync};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LogSettings};
 use crate::gateway::{BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES};
 use crate::problem::Problem;
 use crate::rate_limit::LimiterClock;
@@ -109,6 +109,10 @@ struct RestartOnlySettings {
     listen: SocketAddr,
     admin_listen: SocketAddr,
     worker_threads: usize,
+    /// Read once, by the drain that `start` arms.
+    shutdown_grace: Duration,
+    /// The subscriber is installed once per process.
+    log: LogSettings,
     tls: bool,
     audit_path: PathBuf,
     audit_fsync: Fsync,
@@ -123,6 +127,8 @@ impl RestartOnlySettings {
             listen: config.listen,
             admin_listen: config.admin_listen,
             worker_threads: config.worker_threads,
+            shutdown_grace: config.shutdown_grace,
+            log: config.log.clone(),
             tls: config.listen_tls.is_some(),
             audit_path: config.audit.path.clone(),
             audit_fsync: config.audit.fsync,
@@ -144,6 +150,12 @@ impl RestartOnlySettings {
                 "worker_threads",
                 self.worker_threads != other.worker_threads,
             ),
+            (
+                "shutdown_grace",
+                self.shutdown_grace != other.shutdown_grace,
+            ),
+            ("log.format", self.log.format != other.log.format),
+            ("log.level", self.log.level != other.log.level),
             ("audit.path", self.audit_path != other.audit_path),
             ("audit.fsync", self.audit_fsync != other.audit_fsync),
             (
@@ -669,6 +681,7 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::raw::LogFormat;
 
     /// A config whose HMAC key is read from `key_file`, with `fsync` as given.
     fn config(dir: &Path, key: &str, fsync: &str) -> Config {
@@ -707,6 +720,17 @@ audit:
         assert_eq!(
             both.changed_from(&running),
             ["audit.fsync", "audit.hmac_key"]
+        );
+        let mut drain_and_logs = config(dir.path(), "key-1", "always");
+        drain_and_logs.shutdown_grace += Duration::from_secs(1);
+        drain_and_logs.log.level = "debug".to_owned();
+        drain_and_logs.log.format = match drain_and_logs.log.format {
+            LogFormat::Json => LogFormat::Pretty,
+            LogFormat::Pretty => LogFormat::Json,
+        };
+        assert_eq!(
+            RestartOnlySettings::of(&drain_and_logs).changed_from(&running),
+            ["shutdown_grace", "log.format", "log.level"]
         );
     }
 }
