@@ -578,6 +578,55 @@ fn sigterm_drains_with(worker_threads: usize) {
     assert_eq!(last["status"], 204);
 }
 
+/// SIGTERM with a request still with Plivo when `shutdown_grace` runs out: the process
+/// exits 0 after the grace, the caller's connection is closed without an answer, and
+/// the log holds that request's `result` (no status, `shutting-down`), chain intact.
+#[test]
+fn sigterm_whose_grace_runs_out_writes_the_cut_requests_result() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(
+        &c.yaml(&sim.base_url(), ALLOW)
+            .replace("shutdown_grace: 5s", "shutdown_grace: 1s"),
+    );
+    let mut served = Served::start(&c.config_path());
+    let local = served.local;
+    sim.sim.push_fault(Fault::Delay(Duration::from_secs(4)));
+    let in_flight = std::thread::spawn(move || {
+        try_http(local, "POST", "/mpc/billing-cut/end", Some(CALLER_TOKEN))
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || sim.sim.request_count() >= 1),
+        "the simulator received the request"
+    );
+    let signalled = Instant::now();
+    served.signal("TERM");
+    let exit = served.wait_exit(Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", served.log_text());
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(3), "exit {took:?} after SIGTERM");
+    let answer = in_flight.join().expect("request thread");
+    assert!(answer.is_err(), "the caller got no answer: {answer:?}");
+    assert!(
+        served
+            .log_text()
+            .contains("their result records say shutting-down"),
+        "{}",
+        served.log_text()
+    );
+
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        2
+    );
+    let records = read_records(&c.audit_path());
+    assert_eq!(records[0]["event"], "forward");
+    assert_eq!(records[1]["event"], "result");
+    assert_eq!(records[1]["request_id"], records[0]["request_id"]);
+    assert_eq!(records[1]["status"], serde_json::Value::Null);
+    assert_eq!(records[1]["reason"], "shutting-down");
+}
+
 // ---------------------------------------------------------------------------------------
 // audit verify
 // ---------------------------------------------------------------------------------------

@@ -597,6 +597,68 @@ async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connectio
     h.assert_chain();
 }
 
+/// `shutdown_grace` (2 s here) runs out while a forwarded request is still with Plivo:
+/// the caller gets no answer, and its `result` record is written before the log closes,
+/// with no status and reason `shutting-down`. A chain with a `forward` and no `result`
+/// would hide whether the MPC was ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_with_plivo_when_the_grace_runs_out_gets_a_result_record() {
+    let mut h = Harness::with(Options {
+        timeout: "10s",
+        ..Options::default()
+    })
+    .await;
+    h.sim.push_fault(Fault::Delay(Duration::from_secs(6)));
+    let addr = h.addr();
+    let in_flight = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            post_end("billing-cut", BILLING_TOKEN).as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            h.sim.request_count() == 1
+        })
+        .await,
+        "the simulator received the request"
+    );
+    let started = std::time::Instant::now();
+    h.stop_gateway().await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "the drain waited for the grace, not for Plivo: {took:?}"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the caller's exchange ended")
+        .expect("task");
+    assert_eq!(
+        status_of(&answer),
+        None,
+        "no answer reached the caller: {answer}"
+    );
+
+    let records = h.records();
+    let cut: Vec<_> = records
+        .iter()
+        .filter(|r| r["path"] == "/mpc/billing-cut/end")
+        .collect();
+    assert_eq!(cut.len(), 2, "forward and result: {records:?}");
+    assert_eq!(cut[0]["event"], "forward");
+    assert_eq!(cut[1]["event"], "result");
+    assert_eq!(cut[1]["request_id"], cut[0]["request_id"]);
+    assert_eq!(cut[1]["status"], serde_json::Value::Null);
+    assert_eq!(cut[1]["reason"], "shutting-down");
+    assert_eq!(cut[1]["upstream_status"], serde_json::Value::Null);
+    assert_eq!(cut[1]["mpc"], "billing-cut");
+    assert!(cut[1]["duration_ms"].as_u64().is_some_and(|ms| ms >= 1900));
+    h.assert_chain();
+}
+
 /// Reads until the end of one response head plus its (empty or Content-Length) body.
 async fn read_one_response_head(stream: &mut TcpStream) -> String {
     let mut buf = Vec::new();

@@ -17,6 +17,7 @@
 //! log reports not writable until a later write or a periodic probe succeeds.
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -314,13 +315,24 @@ impl AuditLog {
     ///
     /// Dropping the future after it was polled once does not withdraw the record.
     pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        self.submit(event)?.await
+    }
+
+    /// Hands one record to the writer now, in this call; the future resolves as
+    /// [`append`](Self::append)'s does. For callers that must order a record against
+    /// other state under their own lock. Dropping the future does not withdraw it.
+    pub fn submit(
+        &self,
+        event: AuditEvent,
+    ) -> Result<impl Future<Output = Result<u64, AuditError>> + '_, AuditError> {
         let (ack, acked) = oneshot::channel();
         let request = Request { event, ack };
-        match &self.shared.mode {
+        let flush = match &self.shared.mode {
             Mode::Threaded { tx, .. } => {
                 let guard = tx.lock().unwrap_or_else(PoisonError::into_inner);
                 let tx = guard.as_ref().ok_or(AuditError::Closed)?;
                 tx.send(request).map_err(|_| AuditError::WriterGone)?;
+                None
             }
             Mode::Inline(state) => {
                 let leads = {
@@ -331,15 +343,23 @@ impl AuditLog {
                     state.pending.push(request);
                     state.pending.len() == 1
                 };
+                // Not `then_some`: an `InlineFlush` built and dropped would flush at once.
                 if leads {
-                    InlineFlush { state }.after_this_turn().await;
+                    Some(InlineFlush { state })
+                } else {
+                    None
                 }
             }
-        }
-        let (outcome, relay) = acked.await.map_err(|_| AuditError::WriterGone)?;
-        // Acknowledges the rest of the batch, if this record carried them.
-        drop(relay);
-        outcome
+        };
+        Ok(async move {
+            if let Some(flush) = flush {
+                flush.after_this_turn().await;
+            }
+            let (outcome, relay) = acked.await.map_err(|_| AuditError::WriterGone)?;
+            // Acknowledges the rest of the batch, if this record carried them.
+            drop(relay);
+            outcome
+        })
     }
 
     /// False after a failed write, until a later write (or a probe) succeeds; false

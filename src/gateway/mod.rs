@@ -14,6 +14,7 @@
 //! terminal audit record (`denied` or `result`). `Gateway::admit` holds the checks,
 //! [`Gateway::handle`] the audit and upstream steps around them.
 
+mod forwarded;
 mod identify;
 mod runtime;
 mod trail;
@@ -41,6 +42,7 @@ use crate::routes::{route, Target};
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
 use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamReport};
+use forwarded::{Forwarded, Ticket};
 pub use runtime::BuildError;
 use runtime::{Runtime, SharedLimits};
 use trail::Trail;
@@ -93,6 +95,8 @@ struct Inner {
     audit: AuditLog,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// Forwarded requests whose `result` is still to come, for a drain cut short.
+    forwarded: Forwarded,
     clock: LimiterClock,
     store_error_log: LogThrottle,
 }
@@ -161,6 +165,7 @@ impl Gateway {
                 audit,
                 metrics,
                 draining: AtomicBool::new(false),
+                forwarded: Forwarded::default(),
                 clock,
                 store_error_log: LogThrottle::new(),
             }),
@@ -189,6 +194,31 @@ impl Gateway {
         self.inner.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Ends the wait of every forwarded request still waiting on Plivo (the drain's
+    /// `shutdown_grace` ran out): writes a `result` record for each, with no status (the
+    /// caller gets no answer) and reason `shutting-down`. Returns how many.
+    pub async fn cut_forwarded(&self) -> usize {
+        let cut = self.inner.forwarded.cut();
+        let count = cut.len();
+        // Handed over together, so one write (and one fsync) can carry them all.
+        let mut acks = Vec::with_capacity(count);
+        for result in cut {
+            tracing::warn!(request_id = %result.request_id, "shutdown_grace ran out while the request was with Plivo; its result is unknown");
+            acks.push(self.inner.audit.submit(result));
+        }
+        for ack in acks {
+            let written = match ack {
+                Ok(ack) => ack.await.map(drop),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = written {
+                tracing::error!(error = %err, "audit result record of a request cut short failed");
+                self.inner.metrics.audit_failure();
+            }
+        }
+        count
+    }
+
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::SeqCst)
     }
@@ -210,14 +240,25 @@ impl Gateway {
             Ok(admitted) => admitted,
             Err(problem) => return self.deny(trail, problem).await,
         };
-        if let Err(err) = self
+        let forward = trail.event(EventKind::Forward);
+        let registered = self
             .inner
-            .audit
-            .append(trail.event(EventKind::Forward))
-            .await
-        {
+            .forwarded
+            .register(forward.clone(), trail.started, || {
+                self.inner.audit.submit(forward)
+            });
+        let Some((ticket, submitted)) = registered else {
+            return self.deny(trail, Problem::ShuttingDown).await;
+        };
+        let acknowledged = match submitted {
+            Ok(ack) => ack.await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = acknowledged {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
             self.inner.metrics.audit_failure();
+            // Not forwarded: its terminal record is this `denied`, not a `result`.
+            let _withdrawn = self.inner.forwarded.settle(ticket, || ());
             return self.deny(trail, Problem::AuditUnavailable).await;
         }
         let report = match &admitted.mpc {
@@ -234,7 +275,7 @@ impl Gateway {
                     .await
             }
         };
-        self.conclude(trail, report).await
+        self.conclude(trail, report, ticket).await
     }
 
     /// The checks, in contract order; the first that fails decides the reply.
@@ -451,7 +492,12 @@ impl Gateway {
 
     /// Writes the `result` record and answers with the real outcome, even when the
     /// record fails: the MPC may already be ended.
-    async fn conclude(&self, mut trail: Trail, report: UpstreamReport) -> Response<Full<Bytes>> {
+    async fn conclude(
+        &self,
+        mut trail: Trail,
+        report: UpstreamReport,
+        ticket: Ticket,
+    ) -> Response<Full<Bytes>> {
         let response = match &report.outcome {
             Ok(()) => no_content(),
             Err(problem) => problem.to_response(&trail.request_id, trail.flavor),
@@ -463,12 +509,18 @@ impl Gateway {
         trail.plivo_api_id = report.api_id().map(Arc::from);
         trail.attempts = Some(report.attempts);
         self.inner.metrics.upstream_answer(report.status);
-        if let Err(err) = self
+        let result = trail.event(EventKind::Result);
+        let submitted = self
             .inner
-            .audit
-            .append(trail.event(EventKind::Result))
-            .await
-        {
+            .forwarded
+            .settle(ticket, || self.inner.audit.submit(result));
+        let written = match submitted {
+            Some(Ok(ack)) => ack.await.map(drop),
+            Some(Err(err)) => Err(err),
+            // A drain cut short wrote this request's `result`; nobody waits for the reply.
+            None => Ok(()),
+        };
+        if let Err(err) = written {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit result record failed after forwarding");
             self.inner.metrics.audit_failure();
         }

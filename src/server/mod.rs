@@ -261,6 +261,15 @@ impl RunningGateway {
         {
             tracing::warn!("connections still open after shutdown_grace; closing them");
         }
+        // Requests still with Plivo are dropped with the process: their `result` records
+        // are written now, before the log closes.
+        let cut = self.gateway.cut_forwarded().await;
+        if cut > 0 {
+            tracing::warn!(
+                requests = cut,
+                "shutdown_grace ran out with requests forwarded to Plivo; their result records say shutting-down"
+            );
+        }
         let closed = self.gateway.audit().close().await;
         self.admin_task.abort();
         closed
@@ -370,6 +379,9 @@ async fn serve_data(
     let builders = Arc::new(Builders::new());
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Turned on when `shutdown_grace` runs out: every connection still open is dropped,
+    // here and now, as the process exit would drop it.
+    let (grace_over, grace_over_seen) = watch::channel(false);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&connections).acquire_owned() => permit,
@@ -397,10 +409,14 @@ async fn serve_data(
             requests_watcher: graceful.watcher(),
             peer,
         };
+        let mut grace_over_seen = grace_over_seen.clone();
         tokio::spawn(async move {
             let metrics = Arc::clone(connection.gateway.metrics());
             metrics.connection_opened();
-            connection.serve(stream).await;
+            tokio::select! {
+                () = connection.serve(stream) => {}
+                _ = grace_over_seen.wait_for(|over| *over) => {}
+            }
             metrics.connection_closed();
             drop(permit);
         });
@@ -409,7 +425,8 @@ async fn serve_data(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {
-            tracing::warn!("shutdown_grace elapsed with requests still in flight");
+            tracing::warn!("shutdown_grace elapsed with requests still in flight; closing their connections");
+            let _ = grace_over.send(true);
         }
     }
 }
