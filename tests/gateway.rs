@@ -535,6 +535,51 @@ async fn an_upstream_that_never_answers_times_out_with_504() {
     h.shutdown().await;
 }
 
+/// The contract's limits are inclusive: a 4 KiB body, a 128-character name and a
+/// 128-character request id all pass (only one more is refused, tested elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_inclusive_at_their_exact_size() {
+    let h = Harness::start().await;
+    let name = format!("billing-{}", "é".repeat(120));
+    assert_eq!(name.chars().count(), 128);
+    let segment = percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+        .to_string();
+    let request_id = "r".repeat(128);
+    let body = vec![b'x'; 4096];
+    let auth = format!("Bearer {BILLING_TOKEN}");
+    let reply = h
+        .send(
+            Method::POST,
+            &format!("/mpc/{segment}/end"),
+            &[("authorization", &auth), ("x-request-id", &request_id)],
+            &body,
+        )
+        .await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert_eq!(reply.header("x-request-id"), Some(request_id.as_str()));
+    let sent = h.sim.requests().pop().expect("forwarded");
+    let expected_name: String = name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    assert!(
+        sent.target
+            .ends_with(&format!("/MultiPartyCall/name_{expected_name}/")),
+        "{}",
+        sent.target
+    );
+    let result = last_result(&h);
+    assert_eq!(result["mpc"], name.as_str());
+    assert_eq!(result["request_id"], request_id.as_str());
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_within_timeout_succeeds() {
     let h = Harness::with(Options {
@@ -543,7 +588,17 @@ async fn slow_upstream_within_timeout_succeeds() {
     })
     .await;
     h.sim.push_fault(Fault::Delay(Duration::from_millis(300)));
-    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    let (reply, took) = timed_end(&h, "billing-1").await;
+    assert_eq!(reply.status, 204);
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited for Plivo: {took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 1, "a slow answer is not retried");
+    let result = last_result(&h);
+    assert_eq!(result["attempts"], 1);
+    assert_eq!(result["upstream_status"], 204);
+    assert!(result["duration_ms"].as_u64().is_some_and(|ms| ms >= 300));
     h.shutdown().await;
 }
 

@@ -429,9 +429,19 @@ fn smuggled() -> String {
     )
 }
 
-/// Asserts one `400` answer (with `Connection: close` when it carries headers), a closed
-/// connection and nothing smuggled through.
-fn assert_refused_and_closed(what: &str, outcome: &RawOutcome) {
+/// Who refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RefusedBy {
+    /// The gateway: `400 bad-request` problem+json, `Connection: close`, a `denied` record.
+    Gateway,
+    /// The HTTP layer, before the request was parsed: hyper's bare `400`, no record,
+    /// counted as `http_rejected_total{kind="malformed"}`.
+    HttpLayer,
+}
+
+/// Asserts one `400` answer, a closed connection and nothing smuggled through; says who
+/// answered, so the caller can account for each refusal in the audit log or the metric.
+fn assert_refused_and_closed(what: &str, outcome: &RawOutcome) -> RefusedBy {
     let responses = outcome.responses();
     assert_eq!(
         responses.len(),
@@ -441,10 +451,50 @@ fn assert_refused_and_closed(what: &str, outcome: &RawOutcome) {
     );
     assert_eq!(responses[0].status, 400, "{what}: {:?}", outcome.text());
     assert!(outcome.closed, "{what}: the connection is closed");
-    if responses[0].header("content-type") == Some("application/problem+json") {
-        assert!(responses[0].closes(), "{what}: Connection: close");
-        assert_raw_problem(&responses[0], 400, "bad-request");
+    match responses[0].header("content-type") {
+        Some("application/problem+json") => {
+            assert!(responses[0].closes(), "{what}: Connection: close");
+            assert_raw_problem(&responses[0], 400, "bad-request");
+            RefusedBy::Gateway
+        }
+        other => {
+            assert_eq!(other, None, "{what}: hyper's own 400 has no body");
+            RefusedBy::HttpLayer
+        }
     }
+}
+
+const MALFORMED: &str = "mpc_gateway_http_rejected_total{kind=\"malformed\"}";
+
+/// Every refusal is accounted for: one `denied 400 bad-request` record per gateway
+/// answer, one `malformed` count per HTTP-layer answer.
+async fn assert_each_refusal_recorded(h: &Harness, refusals: &[RefusedBy]) {
+    let by_gateway = refusals
+        .iter()
+        .filter(|r| **r == RefusedBy::Gateway)
+        .count();
+    let by_http = refusals.len() - by_gateway;
+    let records = h.records();
+    assert_eq!(
+        records.len(),
+        by_gateway,
+        "one record per gateway answer: {records:?}"
+    );
+    for record in &records {
+        assert_eq!(record["event"], "denied");
+        assert_eq!(record["status"], 400);
+        assert_eq!(record["reason"], "bad-request");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let expected = by_http as f64;
+    assert!(
+        eventually_async(Duration::from_secs(3), || async {
+            metric(h, MALFORMED).await == expected
+        })
+        .await,
+        "{MALFORMED} is {by_http}:\n{}",
+        metrics_text(h).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,13 +527,16 @@ async fn transfer_encoding_with_content_length_is_400_and_closes() {
     ];
     for (what, raw) in &cases {
         let outcome = raw_send(h.addr(), raw.as_bytes(), WAIT).await;
-        assert_refused_and_closed(what, &outcome);
+        // hyper drops the Content-Length and hands the gateway a chunked request, which
+        // it refuses like every Transfer-Encoding.
+        assert_eq!(
+            assert_refused_and_closed(what, &outcome),
+            RefusedBy::Gateway,
+            "{what}"
+        );
     }
     assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
-    for record in h.records() {
-        assert_eq!(record["event"], "denied");
-        assert_eq!(record["status"], 400);
-    }
+    assert_each_refusal_recorded(&h, &[RefusedBy::Gateway; 3]).await;
     h.assert_chain();
     h.shutdown().await;
 }
@@ -495,6 +548,7 @@ async fn transfer_encoding_with_content_length_is_400_and_closes() {
 async fn any_transfer_encoding_is_400_and_closes() {
     let h = Harness::start().await;
     let auth = format!("Authorization: Bearer {BILLING_TOKEN}");
+    let mut refusals = Vec::new();
     for coding in [
         "chunked",
         "Chunked",
@@ -509,18 +563,14 @@ async fn any_transfer_encoding_is_400_and_closes() {
             smuggled()
         );
         let outcome = raw_send(h.addr(), raw.as_bytes(), WAIT).await;
-        assert_refused_and_closed(coding, &outcome);
+        refusals.push(assert_refused_and_closed(coding, &outcome));
     }
-    // `chunked` alone reaches the gateway, which answers it: a denied record.
-    let records = h.records();
-    assert!(
-        !records.is_empty(),
-        "chunked alone is answered by the gateway"
+    assert_eq!(
+        refusals[0],
+        RefusedBy::Gateway,
+        "chunked alone reaches the gateway, which answers it"
     );
-    assert_eq!(records[0]["reason"], "bad-request");
-    for record in &records {
-        assert_eq!(record["event"], "denied");
-    }
+    assert_each_refusal_recorded(&h, &refusals).await;
     assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
     h.assert_chain();
     h.shutdown().await;
@@ -530,6 +580,7 @@ async fn any_transfer_encoding_is_400_and_closes() {
 async fn conflicting_content_lengths_are_400_and_never_forwarded() {
     let h = Harness::start().await;
     let auth = format!("Authorization: Bearer {BILLING_TOKEN}");
+    let mut refusals = Vec::new();
     for (what, lengths) in [
         ("two different", "Content-Length: 0\r\nContent-Length: 5"),
         (
@@ -546,9 +597,10 @@ async fn conflicting_content_lengths_are_400_and_never_forwarded() {
             smuggled()
         );
         let outcome = raw_send(h.addr(), raw.as_bytes(), WAIT).await;
-        assert_refused_and_closed(what, &outcome);
+        refusals.push(assert_refused_and_closed(what, &outcome));
     }
     assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    assert_each_refusal_recorded(&h, &refusals).await;
     h.shutdown().await;
 }
 
