@@ -922,6 +922,130 @@ fn fill_filesystem(path: &Path) {
     while file.write_all(&[0x5a]).is_ok() {}
 }
 
+/// DESIGN §3: "If only the `result` record fails, the MPC was already ended: the caller
+/// gets the real outcome, the failure is logged and counted", and `/readyz` reports not
+/// ready until writes succeed again. The disk fills while the request is with Plivo.
+///
+/// tmpfs allocates whole pages, so a result record that fits in the page its forward
+/// record ends in would still be written. Refused calls (whose `denied` record holds
+/// the path, so its size is chosen) first move the log's end so that the forward record
+/// ends less than a result record before a page boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_record_that_cannot_be_written_still_answers_the_real_outcome() {
+    const PAGE: u64 = 4096;
+    let mount_dir = tempfile::tempdir().expect("tempdir");
+    let mount = TmpfsMount::mount(mount_dir.path(), "256k");
+    let audit_path = mount.path.join("audit.jsonl");
+    let h = Harness::with(Options {
+        audit_path: Some(audit_path.clone()),
+        ..Options::default()
+    })
+    .await;
+    let size = || std::fs::metadata(&audit_path).expect("audit file").len();
+
+    // The sizes of a forward and a result record for a name of this length.
+    let before = size();
+    assert_eq!(h.end("billing-0", BILLING_TOKEN).await.status, 204);
+    let lines: Vec<u64> = std::fs::read_to_string(&audit_path)
+        .expect("read")
+        .lines()
+        .map(|line| line.len() as u64 + 1)
+        .collect();
+    let (forward, result) = (lines[lines.len() - 2], lines[lines.len() - 1]);
+    assert_eq!(size() - before, forward + result);
+
+    // Where the slow request's forward record must end: half a result before a page end.
+    // Refused calls of `base + 12` to `base + 256` bytes each. As many as fit at the
+    // smallest size: at least three, so an even split is never above the largest.
+    let mut base = denied_record_base(&h, &size, 20).await;
+    let mut end = size() + forward + 3 * (base + 256);
+    end += (PAGE - result / 2 + PAGE - end % PAGE) % PAGE;
+    let mut calls = (end - forward - size()) / (base + 12);
+    while calls > 0 {
+        let gap = end - forward - size();
+        let path_len = gap / calls - base;
+        calls -= 1;
+        assert!(
+            (12..=256).contains(&path_len),
+            "padding plan failed: gap {gap}, base {base}"
+        );
+        base = denied_record_base(&h, &size, path_len).await;
+    }
+    // A seq that gains a digit moves a record by a byte: the check after the forward
+    // record below allows for that.
+    assert!((size() + forward).abs_diff(end) < 4, "padding plan missed");
+
+    h.sim.push_fault(Fault::Delay(Duration::from_millis(1500)));
+    let addr = h.addr();
+    let in_flight = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            post_end("billing-1", BILLING_TOKEN).as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            h.sim.request_count() == 2
+        })
+        .await,
+        "forwarded: its forward record was written"
+    );
+    let room = PAGE - size() % PAGE;
+    assert!(
+        room < result - 8,
+        "the result fits the last page ({room} bytes left)"
+    );
+    fill_filesystem(&mount.path.join("filler"));
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(status_of(&answer), Some(204), "the real outcome: {answer}");
+    assert_eq!(
+        value(&metrics_text(&h).await, "mpc_gateway_audit_failures_total"),
+        1.0
+    );
+    assert_eq!(h.admin_get("/readyz").await.status, 503);
+    let last = h.records().pop().expect("records");
+    assert_eq!(last["event"], "forward", "no result record: {last}");
+    assert_eq!(last["mpc"], "billing-1");
+
+    std::fs::remove_file(mount.path.join("filler")).expect("remove filler");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            h.admin_get("/readyz").await.status == 200
+        })
+        .await,
+        "ready again once space returns"
+    );
+    assert_eq!(h.end("billing-2", BILLING_TOKEN).await.status, 204);
+    h.assert_chain();
+    h.shutdown().await;
+    drop(mount);
+}
+
+/// Sends a refused (unauthenticated) call whose path is `path_len` bytes; returns the
+/// size of its `denied` record without the path.
+async fn denied_record_base(h: &Harness, size: &impl Fn() -> u64, path_len: u64) -> u64 {
+    let filler = "p".repeat(usize::try_from(path_len).expect("small") - "/mpc//end".len());
+    let before = size();
+    h.end(&filler, "not-a-token")
+        .await
+        .assert_problem(401, "unauthenticated");
+    let record = size() - before;
+    assert!(
+        h.records()
+            .last()
+            .is_some_and(|r| r["path"].as_str().map(str::len)
+                == Some(usize::try_from(path_len).expect("small"))),
+        "the path is recorded whole"
+    );
+    record - path_len
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_fails_closed_and_recovers_when_space_returns() {
     full_disk_fails_closed_and_recovers("always").await;
