@@ -426,6 +426,48 @@ async fn ending_twice_maps_plivo_404_to_mpc_not_found() {
     h.shutdown().await;
 }
 
+/// Plivo's 403 is a credentials problem too; any other 4xx is `upstream-error`, with
+/// Plivo's `api_id` and message passed on. None of them is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plivo_403_and_other_4xx_map_as_the_contract_says() {
+    let h = Harness::start().await;
+    for (status, slug) in [
+        (403u16, "upstream-credentials-rejected"),
+        (400, "upstream-error"),
+        (405, "upstream-error"),
+        (422, "upstream-error"),
+    ] {
+        let before = h.sim.request_count();
+        h.sim.push_fault(Fault::status(
+            status,
+            format!(r#"{{"api_id":"api-{status}","error":"refused {status}"}}"#),
+        ));
+        let reply = h.end(&format!("billing-{status}"), BILLING_TOKEN).await;
+        reply.assert_problem(502, slug);
+        assert_eq!(h.sim.request_count() - before, 1, "{status} is not retried");
+        let result = last_result(&h);
+        assert_eq!(result["status"], 502);
+        assert_eq!(result["reason"], slug);
+        assert_eq!(result["upstream_status"], status);
+        assert_eq!(result["plivo_api_id"], format!("api-{status}"));
+        assert_eq!(result["attempts"], 1);
+        if slug == "upstream-error" {
+            let detail = reply.json()["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(detail.contains(&format!("refused {status}")), "{detail}");
+        }
+    }
+    let text = metrics_text(&h).await;
+    assert!(
+        text.contains("mpc_gateway_upstream_requests_total{status=\"403\"} 1"),
+        "{text}"
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plivo_401_means_the_gateways_credentials_were_rejected() {
     let h = Harness::start().await;
