@@ -167,8 +167,9 @@ pub(crate) fn query(
     let files = source::collect(&args.paths)?;
     let mut sink = Sink::new(args.format, args.summary);
     sink.start(out)?;
-    for path in &files {
-        let mut lines = LineReader::open(path)?;
+    for file in &files {
+        let path = &file.path;
+        let mut lines = LineReader::open(file)?;
         while let Some(line) = lines.next_line()? {
             let skip = |why: &str| {
                 format!(

@@ -2,6 +2,10 @@
 //! PATH arguments, ordering files by the seq of their first record, and streaming lines
 //! with a length cap so that an enormous line never has to fit in memory.
 //!
+//! Each file is opened once, while listing, and read through that handle: the gateway may
+//! rotate (rename) the live file or retention may delete an old one while a tool runs,
+//! and an open handle still reads the whole file, whatever its name has become.
+//!
 //! Directory rule: a directory argument stands for every regular, non-hidden file in it
 //! whose name contains `.jsonl` — the live file `audit.jsonl` and its rotated siblings
 //! `audit.jsonl.<20-digit seq>`. Logs with other names are passed as files (a shell glob
@@ -9,7 +13,8 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -40,9 +45,36 @@ impl SourceError {
     }
 }
 
+/// One audit file as listed: the handle opened while listing, and the path it had then
+/// (for messages).
+#[derive(Debug)]
+pub(crate) struct AuditFile {
+    pub(crate) path: PathBuf,
+    file: File,
+}
+
+impl AuditFile {
+    fn open(path: &Path) -> Result<Self, SourceError> {
+        let file = File::open(path).map_err(|e| SourceError::io(path, "open", &e))?;
+        Ok(AuditFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Device and inode: the identity of the file whatever name it was listed under.
+    fn identity(&self) -> Result<(u64, u64), SourceError> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| SourceError::io(&self.path, "read metadata of", &e))?;
+        Ok((meta.dev(), meta.ino()))
+    }
+}
+
 /// Expands files and directories into the audit files to read, ordered by the seq of
 /// their first record; files without a readable first record (empty, torn) go last.
-pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
+pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<AuditFile>, SourceError> {
     let mut files = Vec::new();
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|e| SourceError::io(path, "open", &e))?;
@@ -64,15 +96,19 @@ pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
             });
         }
     }
-    // The same file named twice (`dir` and `dir/audit.jsonl`) is read once.
     let mut seen = std::collections::HashSet::new();
-    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     let mut keyed = Vec::with_capacity(files.len());
-    for f in files {
-        let key = first_seq(&f)?;
-        keyed.push((key.is_none(), key.unwrap_or(0), f));
+    for path in files {
+        let file = AuditFile::open(&path)?;
+        // The same file named twice (`dir` and `dir/audit.jsonl`, or a name it had
+        // while the directory was listed and its new one) is read once.
+        if !seen.insert(file.identity()?) {
+            continue;
+        }
+        let key = first_seq(&file)?;
+        keyed.push((key.is_none(), key.unwrap_or(0), file));
     }
-    keyed.sort();
+    keyed.sort_by(|a, b| (a.0, a.1, &a.2.path).cmp(&(b.0, b.1, &b.2.path)));
     Ok(keyed.into_iter().map(|(_, _, f)| f).collect())
 }
 
@@ -102,8 +138,8 @@ struct SeqOnly {
 }
 
 /// The seq of the first line, when that line is a readable record.
-fn first_seq(path: &Path) -> Result<Option<u64>, SourceError> {
-    let mut lines = LineReader::open(path)?;
+fn first_seq(file: &AuditFile) -> Result<Option<u64>, SourceError> {
+    let mut lines = LineReader::open(file)?;
     Ok(match lines.next_line()? {
         Some(line) if !line.too_long => serde_json::from_slice::<SeqOnly>(line.bytes)
             .ok()
@@ -132,8 +168,16 @@ pub(crate) struct LineReader {
 }
 
 impl LineReader {
-    pub(crate) fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = File::open(path).map_err(|e| SourceError::io(path, "open", &e))?;
+    /// Reads `file` from its start, through the handle opened while listing.
+    pub(crate) fn open(file: &AuditFile) -> Result<Self, SourceError> {
+        let path = &file.path;
+        let mut file = file
+            .file
+            .try_clone()
+            .map_err(|e| SourceError::io(path, "open", &e))?;
+        // The clone shares the offset, which listing moved past the first line.
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| SourceError::io(path, "read", &e))?;
         Ok(LineReader {
             path: path.to_path_buf(),
             reader: BufReader::with_capacity(READ_BUFFER, file),
@@ -249,7 +293,12 @@ mod tests {
         let got = collect(&[d.to_path_buf()]).expect("collect");
         let names: Vec<_> = got
             .iter()
-            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
+            .filter_map(|f| {
+                f.path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(String::from)
+            })
             .collect();
         assert_eq!(names, ["audit.jsonl.00000000000000000004", "audit.jsonl"]);
         let twice = collect(&[d.to_path_buf(), d.join("audit.jsonl")]).expect("collect");

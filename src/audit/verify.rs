@@ -32,7 +32,7 @@ use time::OffsetDateTime;
 
 use super::chain::{self, ChainHasher, GENESIS};
 use super::record::MEMBERS;
-use super::source::{self, Line, LineReader, SourceError};
+use super::source::{self, AuditFile, Line, LineReader, SourceError};
 
 /// Arguments of `mpc-gateway audit verify`.
 #[derive(clap::Args, Debug)]
@@ -183,16 +183,16 @@ fn render(v: &Verdict) -> Report {
 
 /// Verifies `files` (already in chain order) as one chain.
 pub(crate) fn verify_files(
-    files: &[PathBuf],
+    files: &[AuditFile],
     hasher: &ChainHasher,
 ) -> Result<Verdict, SourceError> {
     let mut chain = Chain::new(hasher);
-    for (i, path) in files.iter().enumerate() {
+    for (i, file) in files.iter().enumerate() {
         let last_file = i + 1 == files.len();
-        let mut lines = LineReader::open(path)?;
+        let mut lines = LineReader::open(file)?;
         while let Some(line) = lines.next_line()? {
             let at = Location {
-                file: path.clone(),
+                file: file.path.clone(),
                 line: line.no,
             };
             let verdict = match parse_line(&line) {

@@ -183,7 +183,7 @@ fn rotated_set_verifies_and_retention_gap_is_noted() {
 
     let mut files = source::collect(&[dir.path().to_path_buf()]).expect("collect");
     assert!(files.len() >= 3);
-    std::fs::remove_file(files.remove(0)).expect("retention");
+    std::fs::remove_file(files.remove(0).path).expect("retention");
     let r = execute(&args(&[dir.path()], None));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(
@@ -193,7 +193,7 @@ fn rotated_set_verifies_and_retention_gap_is_noted() {
     );
 
     // A missing middle file breaks the chain.
-    std::fs::remove_file(&files[0]).expect("remove middle");
+    std::fs::remove_file(&files[0].path).expect("remove middle");
     assert_eq!(
         execute(&args(&[dir.path()], None)).code,
         0,
@@ -202,10 +202,50 @@ fn rotated_set_verifies_and_retention_gap_is_noted() {
     let dir2 = tempfile::tempdir().expect("tempdir");
     write_log(dir2.path(), 60, None, 2048);
     let files2 = source::collect(&[dir2.path().to_path_buf()]).expect("collect");
-    std::fs::remove_file(&files2[1]).expect("remove middle");
+    std::fs::remove_file(&files2[1].path).expect("remove middle");
     let r = execute(&args(&[dir2.path()], None));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("seq gap"), "{}", r.stdout);
+}
+
+/// The seq of the last record of `path`.
+fn last_seq(path: &Path) -> u64 {
+    let text = std::fs::read_to_string(path).expect("read");
+    let last = text.lines().last().expect("a record");
+    let v: serde_json::Value = serde_json::from_str(last).expect("json");
+    v["seq"].as_u64().expect("seq")
+}
+
+#[test]
+fn a_rotation_between_listing_and_reading_keeps_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 61, None, 2048);
+    let files = source::collect(&[dir.path().to_path_buf()]).expect("collect");
+    assert!(files.len() >= 2, "rotated files and the live file");
+    let end = last_seq(&live);
+    assert_eq!(end, 61, "the live file holds the newest records");
+    assert!(
+        files.iter().any(|f| f.path == live),
+        "the listing holds the live file"
+    );
+    // The gateway rotates while `audit verify` runs: the listed live file gets its
+    // rotated name, and a new live file continues the chain.
+    std::fs::rename(&live, crate::audit::segment::rotated_path(&live, end)).expect("rotate");
+    write_log(dir.path(), 3, None, 1 << 20);
+    assert_eq!(last_seq(&live), 64, "the new live file continues the chain");
+    let verdict = verify_files(&files, &ChainHasher::Plain).expect("verify");
+    assert!(
+        matches!(verdict, Verdict::Intact { records: 61, .. }),
+        "{verdict:?}"
+    );
+    assert_eq!(
+        verify_paths(&[dir.path()], None),
+        Verdict::Intact {
+            records: 64,
+            files: files.len() + 1,
+            first_seq: Some(1),
+        }
+    );
 }
 
 #[test]
