@@ -9,10 +9,11 @@
 //! directories are expanded).
 //!
 //! Exit codes: 0 chain intact; 1 tampering or a broken chain (file, line and what broke
-//! go to stdout); 2 usage or I/O error, and also a key problem — a keyed log checked
-//! without `--hmac-key-env`, with the wrong key, or an unkeyed log checked with one —
-//! because that is a wrong invocation, not evidence of tampering; 3 intact except a torn
-//! final line of the last file (a crash mid-write).
+//! go to stdout), also when a key was given and no record verifies with it (the key may
+//! be wrong, but a whole rewritten log looks the same, so it must not pass as a usage
+//! error); 2 usage or I/O error, and also a keyed log checked without `--hmac-key-env`
+//! (links hold, no hash is plain SHA-256: a key is needed); 3 intact except a torn final
+//! line of the last file (a crash mid-write).
 //!
 //! When the set does not start at seq 1 (older files removed by retention), the chain is
 //! verified from its first record on and the summary says so on a second line.
@@ -358,7 +359,8 @@ struct Chain<'h> {
     first_seq: Option<u64>,
     last: Option<(u64, String)>,
     /// The first record's hash did not match. Tampering, or a key problem? The rest of
-    /// the set decides: if every hash fails while every link holds, it is the key.
+    /// the set decides: one matching hash or one broken link makes it tampering; see
+    /// `unresolved_suspect` for when every hash fails while every link holds.
     suspect: Option<(Location, Vec<u8>, String)>,
 }
 
@@ -431,23 +433,13 @@ impl<'h> Chain<'h> {
         problems
     }
 
-    /// All hashes fail while all links hold: the key is the problem, not the records.
-    fn key_problem(&self, (at, body, claimed): (Location, Vec<u8>, String)) -> Verdict {
-        Verdict::KeyProblem {
-            at,
-            what: self.key_hint(&body, &claimed),
-        }
-    }
-
-    fn key_hint(&self, body: &[u8], claimed: &str) -> String {
-        if !self.hasher.is_keyed() {
-            return "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into();
-        }
+    /// What to say when no record verifies under the given key while every link holds.
+    fn keyed_hint(body: &[u8], claimed: &str) -> String {
         if ChainHasher::Plain.digest_hex(body) == claimed {
             // Also what a forger without the key would make: a consistent plain chain.
-            return "this log is not HMAC-keyed (plain SHA-256 matches): either it was written without audit.hmac_key, then run without --hmac-key-env, or it was rewritten by someone without the key; if the gateway had hmac_key set when it wrote these records, that is tampering".into();
+            return "no record verifies with the given key, but plain SHA-256 matches: this log is not HMAC-keyed: either it was written without audit.hmac_key (then run without --hmac-key-env), or it was rewritten by someone without the key; if the gateway had hmac_key set when it wrote these records, that is tampering".into();
         }
-        "no hash matches with the given key while every link holds: wrong HMAC key (or the log is keyed with another key, or every record was rewritten by someone without the key)".into()
+        "no record verifies with the given key while every link holds: every record was rewritten, or the HMAC key is wrong (the log may be keyed with another key)".into()
     }
 
     /// A torn final line: exit 3 only if all before it holds.
@@ -474,22 +466,29 @@ impl<'h> Chain<'h> {
         }
     }
 
-    /// Every hash of the set failed while every link held: a key problem when there
-    /// were at least two records; with only one, say what it may be without deciding.
+    /// Every hash of the set failed while every link held. With a key given that is a
+    /// broken chain (exit 1), with the hint that the key may be wrong: a forger who
+    /// rewrote the whole log, with any key or none, must not get away with a usage
+    /// error. Without a key, two or more such records mean a keyed log checked without
+    /// its key (exit 2); a single one cannot be told apart, so it is reported broken
+    /// with the hint.
     fn unresolved_suspect(&mut self) -> Option<Verdict> {
         let (at, body, claimed) = self.suspect.take()?;
-        let plain_matches = ChainHasher::Plain.digest_hex(&body) == claimed;
-        if self.records >= 2 || (self.hasher.is_keyed() && plain_matches) {
-            return Some(self.key_problem((at, body, claimed)));
+        if self.hasher.is_keyed() {
+            return Some(Verdict::Broken {
+                at,
+                what: format!("hash mismatch: {}", Self::keyed_hint(&body, &claimed)),
+            });
         }
-        let hint = if self.hasher.is_keyed() {
-            "or the HMAC key is wrong"
-        } else {
-            "or this log is HMAC-keyed: pass --hmac-key-env NAME"
-        };
+        if self.records >= 2 {
+            return Some(Verdict::KeyProblem {
+                at,
+                what: "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into(),
+            });
+        }
         Some(Verdict::Broken {
             at,
-            what: format!("{ALTERED} ({hint})"),
+            what: format!("{ALTERED} (or this log is HMAC-keyed: pass --hmac-key-env NAME)"),
         })
     }
 }

@@ -249,7 +249,7 @@ fn a_rotation_between_listing_and_reading_keeps_the_chain() {
 }
 
 #[test]
-fn keyed_log_needs_the_key_and_says_so() {
+fn keyed_log_without_its_key_is_exit_2_and_with_a_wrong_key_exit_1() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 3, Some(b"k3y"), 1 << 20);
     let env = "MPC_GATEWAY_TEST_VERIFY_KEY_A";
@@ -265,11 +265,19 @@ fn keyed_log_needs_the_key_and_says_so() {
         r.stderr
     );
 
+    // A wrong key looks exactly like a log rewritten under another key: exit 1, with
+    // the hint that the key may be wrong.
     let wrong = "MPC_GATEWAY_TEST_VERIFY_KEY_B";
     std::env::set_var(wrong, "other");
     let r = execute(&args(&[dir.path()], Some(wrong)));
-    assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("wrong HMAC key"), "{}", r.stderr);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("audit.jsonl:1: hash mismatch"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("the HMAC key is wrong"), "{}", r.stdout);
+    assert!(r.stdout.ends_with("chain broken\n"), "{}", r.stdout);
 
     let r = execute(&args(&[dir.path()], Some("MPC_GATEWAY_TEST_VERIFY_UNSET")));
     assert_eq!(r.code, 2);
@@ -277,17 +285,23 @@ fn keyed_log_needs_the_key_and_says_so() {
 }
 
 #[test]
-fn unkeyed_log_checked_with_a_key_says_so() {
+fn unkeyed_log_checked_with_a_key_is_broken_and_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 1, None, 1 << 20);
-    match verify_paths(&[dir.path()], Some(b"k")) {
-        Verdict::KeyProblem { what, .. } => {
-            assert!(what.contains("not HMAC-keyed"), "{what}");
-            // A plain chain is also what a forger without the key would write.
-            assert!(what.contains("that is tampering"), "{what}");
-        }
-        other => panic!("{other:?}"),
-    }
+    // A plain chain is also what a forger without the key would write: exit 1.
+    let v = verify_paths(&[dir.path()], Some(b"k"));
+    let (line, what) = broken_at(&v);
+    assert_eq!(line, 1);
+    assert!(what.contains("not HMAC-keyed"), "{what}");
+    assert!(what.contains("that is tampering"), "{what}");
+    // A whole log rewritten as a consistent plain chain, checked with the key.
+    let forged = tempfile::tempdir().expect("tempdir");
+    write_log(forged.path(), 3, None, 1 << 20);
+    let env = "MPC_GATEWAY_TEST_VERIFY_KEY_C";
+    std::env::set_var(env, "k");
+    let r = execute(&args(&[forged.path()], Some(env)));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("not HMAC-keyed"), "{}", r.stdout);
     // A single keyed record without the key cannot be told apart: hint, exit 1.
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 1, Some(b"k"), 1 << 20);
