@@ -112,6 +112,16 @@ pub(crate) fn rotated_seq(live_name: &str, name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The seq in a rotated file's name, whatever the live file is called: the name is
+/// `<live name>.<20 digits>`.
+pub(crate) fn any_rotated_seq(name: &str) -> Option<u64> {
+    let (live_name, _) = name.rsplit_once('.')?;
+    if live_name.is_empty() {
+        return None;
+    }
+    rotated_seq(live_name, name)
+}
+
 /// Rotated siblings of the live file, newest (highest seq) first.
 pub(crate) fn rotated_siblings(live: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let dir = parent_dir(live);
@@ -254,5 +264,8 @@ mod tests {
             None
         );
         assert_eq!(parent_dir(Path::new("audit.jsonl")), PathBuf::from("."));
+        assert_eq!(any_rotated_seq("audit.log.00000000000000000010"), Some(10));
+        assert_eq!(any_rotated_seq("audit.jsonl"), None);
+        assert_eq!(any_rotated_seq(".00000000000000000010"), None);
     }
 }

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::segment;
+
 /// The longest line the tools accept; longer ones are reported and skipped.
 pub(crate) const MAX_LINE: usize = 1 << 20;
 const READ_BUFFER: usize = 64 * 1024;
@@ -50,14 +52,22 @@ impl SourceError {
 #[derive(Debug)]
 pub(crate) struct AuditFile {
     pub(crate) path: PathBuf,
+    /// The seq in the name of a rotated file (`<live name>.<20 digits>`), which must be
+    /// the seq of its last record.
+    pub(crate) name_seq: Option<u64>,
     file: File,
 }
 
 impl AuditFile {
     fn open(path: &Path) -> Result<Self, SourceError> {
         let file = File::open(path).map_err(|e| SourceError::io(path, "open", &e))?;
+        let name_seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(segment::any_rotated_seq);
         Ok(AuditFile {
             path: path.to_path_buf(),
+            name_seq,
             file,
         })
     }

@@ -4,7 +4,9 @@
 //! Checks per record: valid UTF-8 JSON object, exactly the contract members in the
 //! contract order with the right types, the hash recomputed from the raw line bytes (the
 //! final `,"hash":"<64 hex>"}` replaced by `}`; nothing is re-serialized), `prev` equal
-//! to the previous record's `hash`, and `seq` continuing by one. Files are read as a
+//! to the previous record's `hash`, and `seq` continuing by one. Per rotated file (named
+//! `<live name>.<20 digits>`): it holds records, and the last one has the seq in its
+//! name, which catches records cut from its end and renamed files. Files are read as a
 //! stream, ordered by the seq of their first record (see the `source` module for how
 //! directories are expanded).
 //!
@@ -112,12 +114,17 @@ fn key_from_env(name: Option<&str>) -> Result<ChainHasher, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Location {
     pub(crate) file: PathBuf,
+    /// Counts from 1; 0 stands for the file as a whole.
     pub(crate) line: u64,
 }
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        // Line 0 stands for the file as a whole (a file that holds no records).
+        match self.line {
+            0 => write!(f, "{}", self.file.display()),
+            line => write!(f, "{}:{line}", self.file.display()),
+        }
     }
 }
 
@@ -189,9 +196,14 @@ pub(crate) fn verify_files(
 ) -> Result<Verdict, SourceError> {
     let mut chain = Chain::new(hasher);
     for (i, file) in files.iter().enumerate() {
-        let last_file = i + 1 == files.len();
+        // A rotated file was complete when it was renamed: a torn line in it is not
+        // what a crash leaves.
+        let may_be_torn = i + 1 == files.len() && file.name_seq.is_none();
+        let records_before = chain.records;
+        let mut last_line = 0;
         let mut lines = LineReader::open(file)?;
         while let Some(line) = lines.next_line()? {
+            last_line = line.no;
             let at = Location {
                 file: file.path.clone(),
                 line: line.no,
@@ -201,7 +213,9 @@ pub(crate) fn verify_files(
                 // A crash mid-write leaves a final line without its newline (start-up
                 // recovery cuts exactly that); a complete line that is not a record is
                 // not a crash artefact.
-                Err(Bad::Unreadable(why)) if !line.terminated && last_file && lines.at_eof()? => {
+                Err(Bad::Unreadable(why))
+                    if !line.terminated && may_be_torn && lines.at_eof()? =>
+                {
                     Some(chain.torn(at, why, files.len()))
                 }
                 Err(Bad::Unreadable(what) | Bad::Invalid(what)) => {
@@ -211,6 +225,10 @@ pub(crate) fn verify_files(
             if let Some(v) = verdict {
                 return Ok(v);
             }
+        }
+        let held_records = chain.records > records_before;
+        if let Some(v) = chain.check_name(file, held_records, last_line) {
+            return Ok(v);
         }
     }
     Ok(chain.finish(files.len()))
@@ -440,6 +458,45 @@ impl<'h> Chain<'h> {
             return "no record verifies with the given key, but plain SHA-256 matches: this log is not HMAC-keyed: either it was written without audit.hmac_key (then run without --hmac-key-env), or it was rewritten by someone without the key; if the gateway had hmac_key set when it wrote these records, that is tampering".into();
         }
         "no record verifies with the given key while every link holds: every record was rewritten, or the HMAC key is wrong (the log may be keyed with another key)".into()
+    }
+
+    /// A rotated file's name says the seq of its last record: a mismatch means records
+    /// were cut from its end (which the chain alone cannot see when nothing follows) or
+    /// files were renamed. A rotated file is never empty: the writer renames it only
+    /// after a record took it to `rotate_bytes`.
+    fn check_name(&self, file: &AuditFile, held_records: bool, last_line: u64) -> Option<Verdict> {
+        let named = file.name_seq?;
+        let name = file.path.file_name().unwrap_or_default().to_string_lossy();
+        let last = self
+            .last
+            .as_ref()
+            .map(|(seq, _)| *seq)
+            .filter(|_| held_records);
+        let Some(last) = last else {
+            return Some(Verdict::Broken {
+                at: Location {
+                    file: file.path.clone(),
+                    line: 0,
+                },
+                what: format!("records missing: rotated file {name} holds no records, its name says seq {named}"),
+            });
+        };
+        let what = match last.cmp(&named) {
+            std::cmp::Ordering::Equal => return None,
+            std::cmp::Ordering::Less => format!(
+                "records missing at the end of {name}: its name says seq {named}, its last record is {last}"
+            ),
+            std::cmp::Ordering::Greater => format!(
+                "rotated file {name} was renamed: its name says seq {named}, its last record is {last}"
+            ),
+        };
+        Some(Verdict::Broken {
+            at: Location {
+                file: file.path.clone(),
+                line: last_line,
+            },
+            what,
+        })
     }
 
     /// A torn final line: exit 3 only if all before it holds.

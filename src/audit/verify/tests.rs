@@ -248,6 +248,82 @@ fn a_rotation_between_listing_and_reading_keeps_the_chain() {
     );
 }
 
+/// A rotated set of 60 records whose live file is then emptied (as right after a
+/// rotation); returns the rotated files, oldest first.
+fn rotated_set_with_empty_live(dir: &Path) -> Vec<PathBuf> {
+    let live = write_log(dir, 60, None, 2048);
+    std::fs::write(&live, b"").expect("empty the live file");
+    let files = source::collect(&[dir.to_path_buf()]).expect("collect");
+    let rotated: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|f| f.name_seq.is_some())
+        .map(|f| f.path)
+        .collect();
+    assert!(rotated.len() >= 3, "{rotated:?}");
+    rotated
+}
+
+#[test]
+fn records_cut_from_the_end_of_a_rotated_file_are_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    let newest = rotated.last().expect("newest");
+    let named = last_seq(newest);
+    edit_lines(newest, |l| {
+        l.pop();
+    });
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    let name = newest.file_name().expect("name").to_string_lossy();
+    let expected = format!(
+        "records missing at the end of {name}: its name says seq {named}, its last record is {}",
+        named - 1
+    );
+    assert!(r.stdout.contains(&expected), "{}", r.stdout);
+}
+
+#[test]
+fn empty_and_renamed_rotated_files_are_broken() {
+    // Every file emptied.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    for f in &rotated {
+        std::fs::write(f, b"").expect("empty");
+    }
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("holds no records"), "{}", r.stdout);
+
+    // One rotated file emptied, the others intact.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    std::fs::write(&rotated[1], b"").expect("empty");
+    assert_eq!(execute(&args(&[dir.path()], None)).code, 1);
+
+    // Two rotated files' names swapped: the order by first seq still chains.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    let swap = dir.path().join("swap");
+    std::fs::rename(&rotated[0], &swap).expect("rename");
+    std::fs::rename(&rotated[1], &rotated[0]).expect("rename");
+    std::fs::rename(&swap, &rotated[1]).expect("rename");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("its name says seq"), "{}", r.stdout);
+
+    // A rotated file was complete when renamed: a torn tail in it, even in the last
+    // file given, is not a crash artefact (exit 1, not 3).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    let newest = rotated.last().expect("newest");
+    let mut bytes = std::fs::read(newest).expect("read");
+    bytes.extend_from_slice(br#"{"seq":99,"ts":"2026-01"#);
+    std::fs::write(newest, bytes).expect("write");
+    let only_rotated: Vec<&Path> = rotated.iter().map(PathBuf::as_path).collect();
+    let r = execute(&args(&only_rotated, None));
+    assert_eq!(r.code, 1, "{r:?}");
+}
+
 #[test]
 fn keyed_log_without_its_key_is_exit_2_and_with_a_wrong_key_exit_1() {
     let dir = tempfile::tempdir().expect("tempdir");
