@@ -15,7 +15,8 @@
 //! be wrong, but a whole rewritten log looks the same, so it must not pass as a usage
 //! error); 2 usage or I/O error, and also a keyed log checked without `--hmac-key-env`
 //! (links hold, no hash is plain SHA-256: a key is needed); 3 intact except a torn final
-//! line of the last file (a crash mid-write).
+//! line of the last file (a crash mid-write). A set without any record is intact (a
+//! live file right after start-up) with a warning on stderr.
 //!
 //! When the set does not start at seq 1 (older files removed by retention), the chain is
 //! verified from its first record on and the summary says so on a second line.
@@ -167,7 +168,14 @@ fn render(v: &Verdict) -> Report {
                     "note: the chain starts at seq {s}, not 1: earlier records are not in the given files (removed by retention?), so the link to them was not checked\n"
                 ));
             }
-            (0, out, String::new())
+            // Right after start-up a live file is legitimately empty; anything else
+            // with no records deserves a look, so say it rather than fail.
+            let warn = if *records == 0 {
+                "audit verify: warning: no records in the given files, nothing to verify\n".into()
+            } else {
+                String::new()
+            };
+            (0, out, warn)
         }
         Verdict::Torn {
             records,

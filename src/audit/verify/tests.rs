@@ -67,6 +67,7 @@ fn intact_log_exits_0_with_summary() {
     let r = execute(&args(&[dir.path()], None));
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "verified 5 records in 1 files, chain intact\n");
+    assert_eq!(r.stderr, "", "no warning");
     assert_eq!(execute(&args(&[&live], None)).code, 0);
 }
 
@@ -390,13 +391,13 @@ fn unkeyed_log_checked_with_a_key_is_broken_and_says_so() {
 fn bad_input_never_panics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    // Empty file: nothing to break.
+    // Empty file (a live file right after start-up): nothing to break, but said.
     let empty = d.join("empty.jsonl");
     std::fs::write(&empty, b"").expect("w");
-    assert_eq!(
-        execute(&args(&[&empty], None)).stdout,
-        "verified 0 records in 1 files, chain intact\n"
-    );
+    let r = execute(&args(&[&empty], None));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "verified 0 records in 1 files, chain intact\n");
+    assert!(r.stderr.contains("warning: no records"), "{}", r.stderr);
 
     let live = write_log(d, 3, None, 1 << 20);
     let good = std::fs::read(&live).expect("read");
