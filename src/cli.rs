@@ -1,7 +1,7 @@
 //! The command line (contract §4): `serve`, `check-config`, `demo`, `token new|hash`,
 //! `audit verify|query`, and the standalone `simulator` used by the benchmark.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -89,11 +89,26 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// Writes `text` to stdout. `print!` would panic (and, with `panic = "abort"`, abort
+/// with SIGABRT) when the reader has gone away (`| head`); this returns the error so
+/// that each command decides what it means for its exit code.
+pub(crate) fn write_stdout(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// Writes `text` to stderr, ignoring errors: with stderr gone there is nowhere left to
+/// report anything, and `eprint!` would panic instead.
+pub(crate) fn write_stderr(text: &str) {
+    let _ = io::stderr().lock().write_all(text.as_bytes());
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", error_chain(&err));
+            write_stderr(&format!("error: {}\n", error_chain(&err)));
             ExitCode::FAILURE
         }
     }
@@ -120,20 +135,25 @@ fn check_config(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("{}: invalid configuration:\n{err}", path.display());
+            write_stderr(&format!(
+                "{}: invalid configuration:\n{err}\n",
+                path.display()
+            ));
             return ExitCode::FAILURE;
         }
     };
     if let Err(err) = crate::audit::check_writable(&config.audit.path) {
-        eprintln!("{}: audit.path: {err}", path.display());
+        write_stderr(&format!("{}: audit.path: {err}\n", path.display()));
         return ExitCode::FAILURE;
     }
     if let Err(err) = crate::upstream::PlivoClient::new(&config.upstream) {
-        eprintln!("{}: upstream: {err}", path.display());
+        write_stderr(&format!("{}: upstream: {err}\n", path.display()));
         return ExitCode::FAILURE;
     }
-    print!("{}", config.summary());
-    println!("{}: configuration OK", path.display());
+    let out = format!("{}{}: configuration OK\n", config.summary(), path.display());
+    // The exit code is the verdict on the config; a reader that went away cannot
+    // change it (like `audit verify`).
+    let _ = write_stdout(&out);
     ExitCode::SUCCESS
 }
 
@@ -145,26 +165,33 @@ fn token_new() -> ExitCode {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
     let hash = TokenHash::of(token.as_bytes()).to_config_string();
-    let mut out = std::io::stdout().lock();
-    match writeln!(out, "{token}\n{hash}") {
+    print_product(&format!("{token}\n{hash}\n"))
+}
+
+/// Prints what the command exists to produce (a token, a hash line): when it cannot be
+/// written, the command failed.
+fn print_product(text: &str) -> ExitCode {
+    match write_stdout(text) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
+        Err(err) => {
+            write_stderr(&format!("error: cannot write to stdout: {err}\n"));
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn token_hash() -> ExitCode {
     let mut input = Vec::new();
-    if let Err(err) = std::io::stdin().lock().read_to_end(&mut input) {
-        eprintln!("error: cannot read the token from stdin: {err}");
+    if let Err(err) = io::stdin().lock().read_to_end(&mut input) {
+        write_stderr(&format!("error: cannot read the token from stdin: {err}\n"));
         return ExitCode::from(2);
     }
     let token = strip_one_newline(&input);
     if token.is_empty() {
-        eprintln!("error: no token on stdin");
+        write_stderr("error: no token on stdin\n");
         return ExitCode::from(2);
     }
-    println!("{}", TokenHash::of(token).to_config_string());
-    ExitCode::SUCCESS
+    print_product(&format!("{}\n", TokenHash::of(token).to_config_string()))
 }
 
 /// `echo token |` adds one newline (`\r\n` on some terminals); strip exactly that.

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use rand::RngCore;
 
+use crate::cli::write_stdout;
 use crate::config::{BaseUrl, Config};
 use crate::server::{build_runtime, RunningGateway, StartError, StartOptions};
 use crate::simulator::{generate_pki, Liveness, SimTls, Simulator, SimulatorConfig};
@@ -64,7 +65,10 @@ pub fn run() -> anyhow::Result<()> {
 async fn start_gateway(config: &mut Config) -> Result<RunningGateway, StartError> {
     match RunningGateway::start(config, StartOptions::default()).await {
         Err(StartError::Bind { addr, source }) if source.kind() == io::ErrorKind::AddrInUse => {
-            println!("{addr} is in use; the demo listens on free ports instead");
+            // Output errors (no reader) must not stop the demo; see `print_instructions`.
+            let _ = write_stdout(&format!(
+                "{addr} is in use; the demo listens on free ports instead\n"
+            ));
             config.listen.set_port(0);
             config.admin_listen.set_port(0);
             RunningGateway::start(config, StartOptions::default()).await
@@ -101,29 +105,27 @@ fn point_at_simulator(
     Ok(())
 }
 
+/// Prints how to use the running demo. Ignores output errors: a closed stdout
+/// (`demo | head`) must not abort the gateway, which keeps running until Ctrl-C.
 fn print_instructions(running: &RunningGateway, simulator: &Simulator, config: &Config) {
     let addr = running.local_addr();
-    println!();
-    println!("mpc-gateway demo is running (Ctrl-C to stop)");
-    println!(
-        "  gateway    http://{addr}   (admin: http://{}/metrics)",
-        running.admin_addr()
+    let audit = config.audit.path.display();
+    let text = format!(
+        "
+mpc-gateway demo is running (Ctrl-C to stop)
+  gateway    http://{addr}   (admin: http://{admin}/metrics)
+  simulator  {sim}   (stands in for api.plivo.com, over TLS)
+  audit log  {audit}
+
+End an MPC through the gateway (any name starting with demo-; a second call gives 404):
+  curl -i -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{addr}/mpc/demo-standup/end
+
+Then check the audit chain:
+  cargo run --release -- audit verify {audit}
+
+",
+        admin = running.admin_addr(),
+        sim = simulator.base_url(),
     );
-    println!(
-        "  simulator  {}   (stands in for api.plivo.com, over TLS)",
-        simulator.base_url()
-    );
-    println!("  audit log  {}", config.audit.path.display());
-    println!();
-    println!(
-        "End an MPC through the gateway (any name starting with demo-; a second call gives 404):"
-    );
-    println!("  curl -i -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{addr}/mpc/demo-standup/end");
-    println!();
-    println!("Then check the audit chain:");
-    println!(
-        "  cargo run --release -- audit verify {}",
-        config.audit.path.display()
-    );
-    println!();
+    let _ = write_stdout(&text);
 }

@@ -359,6 +359,48 @@ fn check_config_names_the_key_path_of_each_error() {
 }
 
 // ---------------------------------------------------------------------------------------
+// A reader that went away
+// ---------------------------------------------------------------------------------------
+
+/// Runs with stdout a pipe whose read end is closed before the child starts, so that
+/// every write to stdout fails with EPIPE (the way `cmd | true` does, without the race).
+fn run_with_closed_stdout(args: &[&str], stdin: &[u8]) -> (std::process::ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut child = command(args)
+        .stdin(Stdio::piped())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mpc-gateway");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).expect("write stdin");
+    drop(input);
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    let status = wait_bounded(&mut child, PROCESS_TIMEOUT).unwrap_or_else(|| {
+        panic!("mpc-gateway {args:?} did not finish within {PROCESS_TIMEOUT:?}")
+    });
+    (status, text(&stderr.join().expect("stderr reader")))
+}
+
+#[test]
+fn a_closed_stdout_gives_an_exit_code_not_an_abort() {
+    let c = ConfigDir::new();
+    c.write(&c.yaml(BASE, ALLOW));
+    let config = c.config_path();
+    let config = config.to_str().expect("UTF-8 path");
+    // The verdict on the config stands; the summary had no reader.
+    let (status, stderr) = run_with_closed_stdout(&["check-config", "--config", config], b"");
+    assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
+    // The hash line is what `token hash` is for: not written is a failure.
+    let (status, stderr) = run_with_closed_stdout(&["token", "hash"], b"abc\n");
+    assert_eq!(status.code(), Some(1), "{status:?}: {stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    let (status, stderr) = run_with_closed_stdout(&["token", "new"], b"");
+    assert_eq!(status.code(), Some(1), "{status:?}: {stderr}");
+}
+
+// ---------------------------------------------------------------------------------------
 // serve as a process
 // ---------------------------------------------------------------------------------------
 

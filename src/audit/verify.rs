@@ -22,7 +22,6 @@
 //! verified from its first record on and the summary says so on a second line.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,10 +55,10 @@ pub fn run_verify(args: &VerifyArgs) -> ExitCode {
     let report = execute(args);
     // Output errors (a closed pipe) cannot change the verdict; the exit code carries it.
     if !report.stdout.is_empty() {
-        let _ = std::io::stdout().lock().write_all(report.stdout.as_bytes());
+        let _ = crate::cli::write_stdout(&report.stdout);
     }
     if !report.stderr.is_empty() {
-        let _ = std::io::stderr().lock().write_all(report.stderr.as_bytes());
+        crate::cli::write_stderr(&report.stderr);
     }
     ExitCode::from(report.code)
 }
