@@ -2,7 +2,6 @@
 //! loopback, so anyone can watch an MPC being ended without Plivo credentials.
 
 use std::io;
-use std::path::Path;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -13,7 +12,9 @@ use crate::config::{BaseUrl, Config};
 use crate::server::{build_runtime, RunningGateway, StartError, StartOptions};
 use crate::simulator::{generate_pki, Liveness, SimTls, Simulator, SimulatorConfig};
 
-const DEMO_CONFIG: &str = "config/demo.yaml";
+/// `config/demo.yaml`, built in so that the demo runs from any directory. Its audit path
+/// is relative, so the log lands under the current directory.
+const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 /// The token whose hash is in config/demo.yaml. It opens nothing but the demo.
 pub const DEMO_TOKEN: &str = "mpcgw_demo_token_for_the_simulator_only";
 const DEMO_AUTH_ID: &str = "MADEMO0000SIMULATOR0";
@@ -23,9 +24,8 @@ pub fn run() -> anyhow::Result<()> {
     // The config names these variables; set them before any thread exists.
     std::env::set_var("MPC_GATEWAY_DEMO_AUTH_ID", DEMO_AUTH_ID);
     std::env::set_var("MPC_GATEWAY_DEMO_AUTH_TOKEN", &auth_token);
-    let mut config = Config::load(Path::new(DEMO_CONFIG)).with_context(|| {
-        format!("loading {DEMO_CONFIG} (run the demo from the repository root)")
-    })?;
+    let mut config =
+        Config::from_yaml(DEMO_CONFIG).context("loading the built-in config/demo.yaml")?;
     crate::telemetry::init_tracing(&config.log);
     if let Some(dir) = config.audit.path.parent() {
         std::fs::create_dir_all(dir)

@@ -743,17 +743,15 @@ fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
 // demo (README command 1)
 // ---------------------------------------------------------------------------------------
 
-/// `mpc-gateway demo` as a newcomer runs it: from a directory holding `config/demo.yaml`
-/// (the repository's own file), its printed `curl` line ends an MPC through the gateway
-/// (`204`, then `404`), Ctrl-C stops it with exit 0, and the audit log it wrote verifies.
+/// `mpc-gateway demo` as a newcomer runs it, from an empty directory (the demo's config
+/// is built in): its printed `curl` line ends an MPC through the gateway (`204`, then
+/// `404`), Ctrl-C stops it with exit 0, and the audit log it wrote under the current
+/// directory verifies.
 /// The test holds port 8080 itself, so the demo's move to free ports is exercised too and
 /// the test never takes a port someone else may want.
 #[test]
 fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("config")).expect("mkdir");
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
-    std::fs::copy(&shipped, dir.path().join("config/demo.yaml")).expect("copy demo.yaml");
     // Busy already (then the demo moves anyway) or held by us until the test ends.
     let _held = std::net::TcpListener::bind("127.0.0.1:8080");
 
