@@ -823,3 +823,58 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
         "verified 4 records in 1 files, chain intact\n"
     );
 }
+
+/// `mpc-gateway demo | head` and the like: with nobody reading its stdout the demo keeps
+/// serving (its instructions are lost, not fatal) and still stops cleanly on Ctrl-C.
+#[test]
+fn demo_keeps_running_when_its_stdout_has_no_reader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Held so that the demo also writes its "in use" line (see the test above).
+    let _held = std::net::TcpListener::bind("127.0.0.1:8080");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut child = command(&["demo"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("the demo did not log that it listens within {PROCESS_TIMEOUT:?}");
+        };
+        if line.contains("mpc-gateway listening") {
+            break;
+        }
+    }
+    // The instructions are written right after that line.
+    let died = eventually(Duration::from_secs(1), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if died {
+        let rest: Vec<String> = lines.try_iter().collect();
+        panic!("the demo died without a reader: {}", rest.join("\n"));
+    }
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(interrupt.success());
+    let exit = wait_bounded(&mut child, PROCESS_TIMEOUT).expect("the demo stops on Ctrl-C");
+    assert!(exit.success(), "{exit:?}");
+}
