@@ -77,7 +77,7 @@ impl AuditFile {
         let meta = self
             .file
             .metadata()
-            .map_err(|e| SourceError::io(&self.path, "read metadata of", &e))?;
+            .map_err(|e| SourceError::io(&self.path, "stat", &e))?;
         Ok((meta.dev(), meta.ino()))
     }
 }
