@@ -258,6 +258,56 @@ fn check_config_accepts_a_valid_config_and_prints_no_secret() {
     assert!(leftovers.is_empty(), "no probe file left behind");
 }
 
+/// `serve` refuses a bad config the way `check-config` reports it: exit 1, the key path
+/// on stderr, nothing listening, no audit file.
+#[test]
+fn serve_refuses_a_bad_config_and_names_its_key_path() {
+    let c = ConfigDir::new();
+    c.write(&replaced(&c.yaml(BASE, ALLOW), "burst: 20", "burst: 0"));
+    let config = c.config_path();
+    let out = run(&["serve", "--config", config.to_str().expect("UTF-8")], b"");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("tenants.billing.rate_limit.burst"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !c.audit_path().exists(),
+        "no audit file for a config never served"
+    );
+}
+
+/// Without `--config`, both commands read `config/gateway.yaml` under the current
+/// directory (DESIGN §2).
+#[test]
+fn the_default_config_is_config_gateway_yaml() {
+    let c = ConfigDir::new();
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let out = command(&["check-config"])
+        .current_dir(cwd.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("config/gateway.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::create_dir(cwd.path().join("config")).expect("mkdir");
+    std::fs::write(cwd.path().join("config/gateway.yaml"), c.yaml(BASE, ALLOW)).expect("write");
+    let out = command(&["check-config"])
+        .current_dir(cwd.path())
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("config/gateway.yaml: configuration OK"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 #[test]
 fn check_config_names_the_key_path_of_each_error() {
     let c = ConfigDir::new();
