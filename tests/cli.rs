@@ -799,6 +799,21 @@ fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
 /// directory verifies.
 /// The test holds port 8080 itself, so the demo's move to free ports is exercised too and
 /// the test never takes a port someone else may want.
+/// The lines `reader` yields, read on a thread of their own, for `recv_timeout`.
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(reader)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    lines
+}
+
 #[test]
 fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -812,17 +827,7 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn demo");
-    let stdout = child.stdout.take().expect("stdout");
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let lines = lines_of(child.stdout.take().expect("stdout"));
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     let curl = loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -890,17 +895,7 @@ fn demo_keeps_running_when_its_stdout_has_no_reader() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn demo");
-    let stderr = child.stderr.take().expect("stderr");
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let lines = lines_of(child.stderr.take().expect("stderr"));
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

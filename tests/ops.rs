@@ -511,21 +511,7 @@ async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connectio
     assert!(first.starts_with("HTTP/1.1 204"), "{first}");
 
     h.sim.push_fault(Fault::Delay(Duration::from_millis(1500)));
-    let in_flight = tokio::spawn(async move {
-        raw_exchange(
-            addr,
-            post_end("billing-slow", BILLING_TOKEN).as_bytes(),
-            Duration::from_secs(10),
-        )
-        .await
-    });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.sim.request_count() >= 2
-        })
-        .await,
-        "the simulator received the slow request"
-    );
+    let in_flight = end_in_background(&h, "billing-slow", 2).await;
 
     let gateway = h.gateway.take().expect("gateway");
     let shutdown = tokio::spawn(gateway.shutdown());
@@ -609,22 +595,7 @@ async fn a_request_still_with_plivo_when_the_grace_runs_out_gets_a_result_record
     })
     .await;
     h.sim.push_fault(Fault::Delay(Duration::from_secs(6)));
-    let addr = h.addr();
-    let in_flight = tokio::spawn(async move {
-        raw_exchange(
-            addr,
-            post_end("billing-cut", BILLING_TOKEN).as_bytes(),
-            Duration::from_secs(10),
-        )
-        .await
-    });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.sim.request_count() == 1
-        })
-        .await,
-        "the simulator received the request"
-    );
+    let in_flight = end_in_background(&h, "billing-cut", 1).await;
     let started = std::time::Instant::now();
     h.stop_gateway().await;
     let took = started.elapsed();
@@ -657,6 +628,29 @@ async fn a_request_still_with_plivo_when_the_grace_runs_out_gets_a_result_record
     assert_eq!(cut[1]["mpc"], "billing-cut");
     assert!(cut[1]["duration_ms"].as_u64().is_some_and(|ms| ms >= 1900));
     h.assert_chain();
+}
+
+/// Sends `POST /mpc/{name}/end` on a connection of its own in the background and waits
+/// until the simulator has received `forwarded` requests in all (this one included);
+/// the task yields the raw answer.
+async fn end_in_background(
+    h: &Harness,
+    name: &str,
+    forwarded: u64,
+) -> tokio::task::JoinHandle<String> {
+    let addr = h.addr();
+    let request = post_end(name, BILLING_TOKEN);
+    let in_flight = tokio::spawn(async move {
+        raw_exchange(addr, request.as_bytes(), Duration::from_secs(10)).await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            h.sim.request_count() >= forwarded
+        })
+        .await,
+        "the simulator received {name}"
+    );
+    in_flight
 }
 
 /// Reads until the end of one response head plus its (empty or Content-Length) body.
@@ -976,22 +970,7 @@ async fn a_result_record_that_cannot_be_written_still_answers_the_real_outcome()
     assert!((size() + forward).abs_diff(end) < 4, "padding plan missed");
 
     h.sim.push_fault(Fault::Delay(Duration::from_millis(1500)));
-    let addr = h.addr();
-    let in_flight = tokio::spawn(async move {
-        raw_exchange(
-            addr,
-            post_end("billing-1", BILLING_TOKEN).as_bytes(),
-            Duration::from_secs(10),
-        )
-        .await
-    });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.sim.request_count() == 2
-        })
-        .await,
-        "forwarded: its forward record was written"
-    );
+    let in_flight = end_in_background(&h, "billing-1", 2).await;
     let room = PAGE - size() % PAGE;
     assert!(
         room < result - 8,
