@@ -799,6 +799,17 @@ fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
 /// directory verifies.
 /// The test holds port 8080 itself, so the demo's move to free ports is exercised too and
 /// the test never takes a port someone else may want.
+/// Ctrl-C: the demo stops with exit 0.
+fn interrupt_and_expect_a_clean_exit(child: &mut std::process::Child) {
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(interrupt.success());
+    let exit = wait_bounded(child, PROCESS_TIMEOUT).expect("the demo stops on Ctrl-C");
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// The lines `reader` yields, read on a thread of their own, for `recv_timeout`.
 fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (lines_tx, lines) = std::sync::mpsc::channel();
@@ -860,13 +871,7 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     assert_eq!(status, 404, "a second call: {body}");
     assert!(body.contains("urn:mpc-gateway:mpc-not-found"), "{body}");
 
-    let interrupt = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(interrupt.success());
-    let exit = wait_bounded(&mut child, PROCESS_TIMEOUT).expect("the demo stops on Ctrl-C");
-    assert!(exit.success(), "{exit:?}");
+    interrupt_and_expect_a_clean_exit(&mut child);
 
     let verify = command(&["audit", "verify", "target/demo/audit.jsonl"])
         .current_dir(dir.path())
@@ -915,11 +920,5 @@ fn demo_keeps_running_when_its_stdout_has_no_reader() {
         let rest: Vec<String> = lines.try_iter().collect();
         panic!("the demo died without a reader: {}", rest.join("\n"));
     }
-    let interrupt = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(interrupt.success());
-    let exit = wait_bounded(&mut child, PROCESS_TIMEOUT).expect("the demo stops on Ctrl-C");
-    assert!(exit.success(), "{exit:?}");
+    interrupt_and_expect_a_clean_exit(&mut child);
 }
