@@ -4,13 +4,18 @@
 
 use crate::common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::{read_records, token_hash, BILLING_TOKEN, OPS_TOKEN};
+use common::served::Served;
+use common::{
+    assert_contract_upstream_request, raw_exchange, raw_send, read_records, token_hash, truncated,
+    AUTH_ID, AUTH_TOKEN, BILLING_TOKEN, LEAKY_HEADERS, OPS_TOKEN,
+};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -24,11 +29,13 @@ const BILLING_SAN: &str = "spiffe://prod/ns/billing/sa/api";
 const BILLING_SDK_AUTH_ID: &str = "MABILLING0000000000X";
 /// The SAN of a tenant that has no token at all: certificates are its only credential.
 const ROBOT_SAN: &str = "spiffe://prod/ns/robot/sa/job";
+/// A tenant identified by a DNS SAN (and no token).
+const REPORTS_DNS_SAN: &str = "reports.internal";
 
 struct MtlsGateway {
     dir: tempfile::TempDir,
     pki: TestPki,
-    _sim: Simulator,
+    sim: Simulator,
     gateway: RunningGateway,
     config_path: PathBuf,
 }
@@ -39,21 +46,31 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-impl MtlsGateway {
-    async fn start(require_client_cert: bool) -> MtlsGateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
-        let sim = Simulator::start(SimulatorConfig::new("MAXXXXXXXXXXXXXXXXXX", "sim-token"))
-            .await
-            .expect("simulator");
-        write(dir.path(), "plivo-token", "sim-token");
-        write(dir.path(), "server.pem", &pki.server_cert_pem);
-        write(dir.path(), "server-key.pem", &pki.server_key_pem);
-        write(dir.path(), "clients-ca.pem", &pki.ca_cert_pem);
-        let d = dir.path().display();
-        let yaml = format!(
-            r#"listen: 127.0.0.1:0
+/// Writes the listener's certificate, key and client CA (all from `pki`), the Plivo token
+/// and the upstream CA into `dir`.
+fn write_tls_files(dir: &Path, pki: &TestPki) {
+    write(dir, "plivo-token", AUTH_TOKEN);
+    write(dir, "upstream-ca.pem", &pki.ca_cert_pem);
+    write(dir, "server.pem", &pki.server_cert_pem);
+    write(dir, "server-key.pem", &pki.server_key_pem);
+    write(dir, "clients-ca.pem", &pki.ca_cert_pem);
+}
+
+/// The gateway config of these tests: `listen_tls` from the files of [`write_tls_files`],
+/// the TLS simulator at `base_url` as upstream, tenants identified by URI SANs (billing,
+/// robot), by a DNS SAN (reports) and by token (ops), plus `extra_tenants` (YAML lines).
+fn mtls_yaml(
+    dir: &Path,
+    base_url: &str,
+    require_client_cert: bool,
+    extra_tenants: &str,
+    log: &str,
+) -> String {
+    let d = dir.display();
+    format!(
+        r#"listen: 127.0.0.1:0
 admin_listen: 127.0.0.1:0
+shutdown_grace: 2s
 listen_tls:
   cert_file: "{d}/server.pem"
   key_file: "{d}/server-key.pem"
@@ -61,10 +78,11 @@ listen_tls:
   require_client_cert: {require_client_cert}
 accounts:
   default:
-    auth_id: MAXXXXXXXXXXXXXXXXXX
+    auth_id: {AUTH_ID}
     auth_token: {{file: "{d}/plivo-token"}}
 upstream:
-  base_url: {}
+  base_url: {base_url}
+  ca_file: "{d}/upstream-ca.pem"
 tenants:
   billing:
     client_cert_sans: ["{BILLING_SAN}"]
@@ -77,15 +95,42 @@ tenants:
   robot:
     client_cert_sans: ["{ROBOT_SAN}"]
     allow: ["robot-*"]
-audit:
+  reports:
+    client_cert_sans: ["{REPORTS_DNS_SAN}"]
+    allow: ["reports-*"]
+{extra_tenants}audit:
   path: "{d}/audit.jsonl"
   fsync: never
 log:
-  level: warn
-"#,
-            sim.base_url(),
-            token_hash(BILLING_TOKEN),
-            token_hash(OPS_TOKEN),
+{log}"#,
+        token_hash(BILLING_TOKEN),
+        token_hash(OPS_TOKEN),
+    )
+}
+
+/// A Plivo simulator speaking TLS with `pki`'s server certificate.
+async fn tls_simulator(pki: &TestPki) -> Simulator {
+    let mut config = SimulatorConfig::new(AUTH_ID, AUTH_TOKEN);
+    config.tls = Some(pki.server_tls());
+    Simulator::start(config).await.expect("simulator")
+}
+
+impl MtlsGateway {
+    async fn start(require_client_cert: bool) -> MtlsGateway {
+        MtlsGateway::start_with(require_client_cert, "").await
+    }
+
+    async fn start_with(require_client_cert: bool, extra_tenants: &str) -> MtlsGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
+        let sim = tls_simulator(&pki).await;
+        write_tls_files(dir.path(), &pki);
+        let yaml = mtls_yaml(
+            dir.path(),
+            &sim.base_url(),
+            require_client_cert,
+            extra_tenants,
+            "  level: warn\n",
         );
         let config_path = write(dir.path(), "gateway.yaml", &yaml);
         let config = Config::load(&config_path).expect("valid config");
@@ -95,15 +140,50 @@ log:
         MtlsGateway {
             dir,
             pki,
-            _sim: sim,
+            sim,
             gateway,
             config_path,
         }
     }
 
+    fn addr(&self) -> SocketAddr {
+        self.gateway.local_addr()
+    }
+
     fn audit(&self) -> Vec<serde_json::Value> {
         read_records(&self.dir.path().join("audit.jsonl"))
     }
+
+    /// Writes a new certificate and key for the listener (not yet reloaded).
+    fn write_server_pair(&self, cert: &IssuedCert) {
+        write(self.dir.path(), "server.pem", &cert.cert_pem);
+        write(self.dir.path(), "server-key.pem", &cert.key_pem);
+    }
+
+    fn write_client_ca(&self, pem: &str) {
+        write(self.dir.path(), "clients-ca.pem", pem);
+    }
+}
+
+/// The admin listener's `/metrics` text.
+async fn admin_metrics(admin: SocketAddr) -> String {
+    let text = raw_exchange(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        truncated(&text, 200)
+    );
+    text
+}
+
+/// One series of the admin listener's `/metrics` (0 when absent).
+async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    mpc_gateway::telemetry::sample(&admin_metrics(admin).await, series).unwrap_or(0.0)
 }
 
 fn der_certs(pem: &str) -> Vec<CertificateDer<'static>> {
@@ -140,6 +220,8 @@ fn client_config(ca_pem: &str, client: Option<&IssuedCert>) -> Arc<rustls::Clien
 
 struct Answer {
     status: u16,
+    headers: http::HeaderMap,
+    /// SHA-256 (hex) of the certificate the listener presented.
     server_cert_fp: String,
 }
 
@@ -150,9 +232,23 @@ async fn end_over_tls(
     name: &str,
     bearer: Option<&str>,
 ) -> Result<Answer, String> {
+    end_at(gateway.addr(), config, name, bearer).await
+}
+
+/// [`end_over_tls`] to any listener address.
+async fn end_at(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+    bearer: Option<&str>,
+) -> Result<Answer, String> {
     let authorization = bearer.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| ("authorization", value.as_str()))
+        .collect();
     let path = format!("/mpc/{name}/end");
-    send_over_tls(gateway, config, Method::POST, &path, authorization).await
+    tls_request(addr, config, Method::POST, &path, &headers).await
 }
 
 /// Connects over TLS and sends one request without a body.
@@ -163,7 +259,23 @@ async fn send_over_tls(
     path: &str,
     authorization: Option<String>,
 ) -> Result<Answer, String> {
-    let tcp = tokio::net::TcpStream::connect(gateway.gateway.local_addr())
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| ("authorization", value.as_str()))
+        .collect();
+    tls_request(gateway.addr(), config, method, path, &headers).await
+}
+
+/// Connects to `addr` over TLS (as `localhost`) and sends one request without a body,
+/// with `headers` as given; every step is bounded in time.
+async fn tls_request(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(config);
@@ -188,8 +300,8 @@ async fn send_over_tls(
         .method(method)
         .uri(path)
         .header("host", "localhost");
-    if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request.body(Empty::new()).expect("request");
     let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
@@ -197,38 +309,81 @@ async fn send_over_tls(
         .map_err(|_| "no answer".to_owned())?
         .map_err(|e| format!("request: {e}"))?;
     let status = response.status().as_u16();
-    let _ = response.into_body().collect().await;
+    let headers = response.headers().clone();
+    let _ = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect()).await;
     Ok(Answer {
         status,
+        headers,
         server_cert_fp,
     })
+}
+
+/// SHA-256 (hex) of the first certificate in `pem`, as [`Answer::server_cert_fp`].
+fn full_fingerprint(pem: &str) -> String {
+    hex::encode(Sha256::digest(der_certs(pem)[0].as_ref()))
 }
 
 fn fingerprint(cert: &IssuedCert) -> String {
     hex::encode(&Sha256::digest(der_certs(&cert.cert_pem)[0].as_ref())[..6])
 }
 
+/// The main mTLS path: the certificate authenticates billing, and what reaches Plivo is
+/// the contract's DELETE with the account's Basic credentials and nothing of the caller's
+/// (its headers, its request id, its certificate's identity).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_authenticates_its_tenant() {
     let g = MtlsGateway::start(false).await;
     let cert = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
     let config = client_config(&g.pki.ca_cert_pem, Some(&cert));
-    let answer = end_over_tls(&g, Arc::clone(&config), "billing-1", None)
-        .await
-        .expect("served");
+    let mut headers = vec![("x-request-id", "mtls-caller-req-1")];
+    headers.extend(LEAKY_HEADERS);
+    let answer = tls_request(
+        g.addr(),
+        Arc::clone(&config),
+        Method::POST,
+        "/mpc/billing-1/end",
+        &headers,
+    )
+    .await
+    .expect("served");
     assert_eq!(answer.status, 204);
-    let record = g.audit().pop().expect("record");
+    assert_eq!(
+        answer
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("mtls-caller-req-1")
+    );
+    let records = g.audit();
+    assert_eq!(records.len(), 2, "forward and result: {records:?}");
+    assert_eq!(records[0]["event"], "forward");
+    let record = &records[1];
+    assert_eq!(record["event"], "result");
+    assert_eq!(record["request_id"], "mtls-caller-req-1");
     assert_eq!(record["tenant"], "billing");
     assert_eq!(record["token_fp"], fingerprint(&cert));
+
+    let upstream = g.sim.requests();
+    assert_eq!(upstream.len(), 1, "{upstream:?}");
+    assert_contract_upstream_request(&upstream[0], "billing-1");
+    let all_headers = format!("{:?}", upstream[0].headers);
+    let cert_fp = fingerprint(&cert);
+    for private in [BILLING_SAN, cert_fp.as_str(), "mtls-caller-req-1"] {
+        assert!(!all_headers.contains(private), "{private} leaked upstream");
+    }
 
     // The same tenant's token alongside is fine; another tenant's token is not.
     let same = end_over_tls(&g, Arc::clone(&config), "billing-2", Some(BILLING_TOKEN)).await;
     assert_eq!(same.expect("served").status, 204);
+    let upstream = g.sim.requests();
+    assert_eq!(upstream.len(), 2, "{upstream:?}");
+    assert_contract_upstream_request(&upstream[1], "billing-2");
     let mixed = end_over_tls(&g, config, "billing-3", Some(OPS_TOKEN)).await;
     assert_eq!(mixed.expect("served").status, 401);
     let record = g.audit().pop().expect("record");
     assert_eq!(record["tenant"], serde_json::Value::Null);
     assert_eq!(record["reason"], "unauthenticated");
+    assert_eq!(g.sim.requests().len(), 2, "a 401 is not forwarded");
     g.gateway.shutdown().await.expect("shutdown");
 }
 
@@ -390,25 +545,271 @@ async fn a_rotated_server_certificate_is_served_to_new_connections_after_reload(
     let before = end_over_tls(&g, Arc::clone(&config), "billing-1", Some(BILLING_TOKEN))
         .await
         .expect("served");
+    assert_eq!(
+        before.server_cert_fp,
+        full_fingerprint(&g.pki.server_cert_pem)
+    );
     let rotated = g
         .pki
         .issue_server_cert(&["localhost", "127.0.0.1"])
         .expect("cert");
-    write(g.dir.path(), "server.pem", &rotated.cert_pem);
-    write(g.dir.path(), "server-key.pem", &rotated.key_pem);
+    g.write_server_pair(&rotated);
     g.gateway.reload_from(&g.config_path).expect("reload");
-    let after = end_over_tls(&g, config, "billing-2", Some(BILLING_TOKEN))
+    let after = end_over_tls(&g, Arc::clone(&config), "billing-2", Some(BILLING_TOKEN))
         .await
         .expect("served");
     assert_eq!(after.status, 204);
     assert_ne!(before.server_cert_fp, after.server_cert_fp);
-    assert_eq!(
-        after.server_cert_fp,
-        hex::encode(Sha256::digest(der_certs(&rotated.cert_pem)[0].as_ref()))
-    );
+    assert_eq!(after.server_cert_fp, full_fingerprint(&rotated.cert_pem));
 
-    // A key that does not match the certificate is refused and the old pair stays.
+    // A key that does not match the certificate is refused and the old pair stays: a new
+    // connection still gets the rotated certificate and is served.
     write(g.dir.path(), "server-key.pem", &g.pki.server_key_pem);
     assert!(g.gateway.reload_from(&g.config_path).is_err());
+    let admin = g.gateway.admin_addr();
+    let errors = "mpc_gateway_config_reloads_total{result=\"error\"}";
+    assert_eq!(metric(admin, errors).await, 1.0);
+    let kept = end_over_tls(&g, config, "billing-3", Some(BILLING_TOKEN))
+        .await
+        .expect("served with the pair that was running");
+    assert_eq!(kept.status, 204);
+    assert_eq!(kept.server_cert_fp, full_fingerprint(&rotated.cert_pem));
+    assert_eq!(g.sim.requests().len(), 3);
     g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// Client-CA rotation as an operator does it: first a bundle of the old and the new CA,
+/// then the new CA alone. Each reload applies to new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_decides_which_certificates_new_connections_may_present() {
+    let g = MtlsGateway::start(false).await;
+    let next = generate_pki(&["localhost"]).expect("next ca");
+    let old_cert = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let new_cert = next.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let as_old = client_config(&g.pki.ca_cert_pem, Some(&old_cert));
+    let as_new = client_config(&g.pki.ca_cert_pem, Some(&new_cert));
+
+    // Before: only the old CA is trusted.
+    let served = end_over_tls(&g, Arc::clone(&as_old), "billing-1", None).await;
+    assert_eq!(served.expect("old CA trusted").status, 204);
+    let refused = end_over_tls(&g, Arc::clone(&as_new), "billing-2", None).await;
+    assert!(refused.is_err(), "the new CA is not trusted yet");
+
+    // Both CAs in the file: both certificates are accepted.
+    g.write_client_ca(&format!("{}{}", g.pki.ca_cert_pem, next.ca_cert_pem));
+    g.gateway.reload_from(&g.config_path).expect("reload");
+    let served = end_over_tls(&g, Arc::clone(&as_old), "billing-3", None).await;
+    assert_eq!(served.expect("old CA still trusted").status, 204);
+    let served = end_over_tls(&g, Arc::clone(&as_new), "billing-4", None).await;
+    assert_eq!(served.expect("new CA trusted").status, 204);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["tenant"], "billing");
+    assert_eq!(record["token_fp"], fingerprint(&new_cert));
+
+    // The new CA alone: the old CA's certificate is refused at the handshake.
+    g.write_client_ca(&next.ca_cert_pem);
+    g.gateway.reload_from(&g.config_path).expect("reload");
+    let audited = g.audit().len();
+    let refused = end_over_tls(&g, Arc::clone(&as_old), "billing-5", None).await;
+    assert!(refused.is_err(), "the old CA is no longer trusted");
+    assert_eq!(
+        g.audit().len(),
+        audited,
+        "a refused handshake is not audited"
+    );
+    let served = end_over_tls(&g, as_new, "billing-6", None).await;
+    assert_eq!(served.expect("new CA trusted").status, 204);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["mpc"], "billing-6");
+    assert_eq!(record["token_fp"], fingerprint(&new_cert));
+    let ended: Vec<String> = g.sim.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(ended.len(), 4, "billing-1, -3, -4 and -6 only: {ended:?}");
+    assert!(ended[3].ends_with("/name_billing-6/"), "{ended:?}");
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// `client_cert_sans` matches URI and DNS SANs (section 7). A DNS SAN names its tenant;
+/// an unlisted DNS name, an IP SAN (not a kind the contract matches, even when its text
+/// is listed) and a certificate whose URI and DNS SANs name two tenants authenticate
+/// nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_san_authenticates_its_tenant_and_other_sans_do_not() {
+    let lab = "  lab:\n    client_cert_sans: [\"10.9.8.7\"]\n    allow: [\"*\"]\n";
+    let g = MtlsGateway::start_with(false, lab).await;
+    let ca = &g.pki.ca_cert_pem;
+    let dns = g.pki.issue_client_cert(&[REPORTS_DNS_SAN]).expect("cert");
+    let answer = end_over_tls(&g, client_config(ca, Some(&dns)), "reports-1", None).await;
+    assert_eq!(answer.expect("served").status, 204);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["event"], "result");
+    assert_eq!(record["tenant"], "reports");
+    assert_eq!(record["token_fp"], fingerprint(&dns));
+    let upstream = g.sim.requests();
+    assert_eq!(upstream.len(), 1);
+    assert_contract_upstream_request(&upstream[0], "reports-1");
+
+    let refused_as = |sans: &[&str]| g.pki.issue_client_cert(sans).expect("cert");
+    for (what, cert) in [
+        ("an unlisted DNS SAN", refused_as(&["billing.internal"])),
+        (
+            "a URI SAN spelling the DNS name",
+            refused_as(&["dns://reports.internal"]),
+        ),
+        ("an IP SAN", refused_as(&["10.9.8.7"])),
+        (
+            "SANs of two tenants",
+            refused_as(&[BILLING_SAN, REPORTS_DNS_SAN]),
+        ),
+    ] {
+        let answer = end_over_tls(&g, client_config(ca, Some(&cert)), "reports-2", None).await;
+        assert_eq!(answer.expect("served").status, 401, "{what}");
+        let record = g.audit().pop().expect("record");
+        assert_eq!(record["event"], "denied", "{what}");
+        assert_eq!(record["tenant"], serde_json::Value::Null, "{what}");
+        assert_eq!(record["reason"], "unauthenticated", "{what}");
+    }
+    assert_eq!(g.sim.requests().len(), 1, "no refused request is forwarded");
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// Plain HTTP to a `listen_tls` listener fails the TLS handshake: no HTTP answer, the
+/// connection is closed, nothing is audited or forwarded (the HTTP layer never parsed a
+/// request), and the refusal is counted as `mpc_gateway_http_rejected_total{kind="tls-handshake"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_the_tls_listener_is_refused_before_any_request() {
+    let g = MtlsGateway::start(false).await;
+    let admin = g.gateway.admin_addr();
+    let rejected = "mpc_gateway_http_rejected_total{kind=\"tls-handshake\"}";
+    assert_eq!(metric(admin, rejected).await, 0.0);
+    let request = format!(
+        "POST /mpc/billing-1/end HTTP/1.1\r\nhost: localhost\r\n\
+         authorization: Bearer {BILLING_TOKEN}\r\ncontent-length: 0\r\n\r\n"
+    );
+    let outcome = raw_send(g.addr(), request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        outcome.closed,
+        "the gateway closes the connection: {outcome:?}"
+    );
+    assert!(
+        !outcome.text().contains("HTTP/"),
+        "no HTTP answer: {:?}",
+        outcome.text()
+    );
+    // All it gets is one TLS record: a fatal decode_error alert (21 = alert, TLS 1.2
+    // record version, 2 bytes: level 2 = fatal, description 50 = decode_error).
+    assert_eq!(
+        outcome.bytes,
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 50],
+        "a fatal TLS alert and nothing else"
+    );
+    assert!(
+        g.audit().is_empty(),
+        "no request was parsed, so none is audited"
+    );
+    assert_eq!(g.sim.request_count(), 0, "nothing forwarded");
+    assert!(
+        common::eventually_async(Duration::from_secs(5), || async {
+            metric(admin, rejected).await == 1.0
+        })
+        .await,
+        "the refused handshake is counted"
+    );
+    let text = admin_metrics(admin).await;
+    assert!(
+        !text
+            .lines()
+            .any(|line| line.starts_with("mpc_gateway_requests_total")),
+        "no request counted: {text}"
+    );
+
+    // The listener still serves TLS.
+    let config = client_config(&g.pki.ca_cert_pem, None);
+    let answer = end_over_tls(&g, config, "billing-1", Some(BILLING_TOKEN)).await;
+    assert_eq!(answer.expect("served").status, 204);
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// `serve` as a process re-reads the listener's certificate, key and client CA on a real
+/// SIGHUP: new connections get the new server certificate and are verified against the
+/// new client CA, and the process keeps serving until SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_rereads_the_listener_certificate_and_client_ca_on_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
+    let sim = tls_simulator(&pki).await;
+    write_tls_files(dir.path(), &pki);
+    let yaml = mtls_yaml(
+        dir.path(),
+        &sim.base_url(),
+        true,
+        "",
+        "  format: json\n  level: info\n",
+    );
+    let config_path = write(dir.path(), "gateway.yaml", &yaml);
+    let mut served = tokio::task::spawn_blocking(move || Served::start(&config_path))
+        .await
+        .expect("serve started");
+    let reloads = |result: &str| format!("mpc_gateway_config_reloads_total{{result=\"{result}\"}}");
+
+    let old_cert = pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let as_old = client_config(&pki.ca_cert_pem, Some(&old_cert));
+    let before = end_at(served.local, Arc::clone(&as_old), "billing-1", None)
+        .await
+        .expect("served");
+    assert_eq!(before.status, 204);
+    assert_eq!(
+        before.server_cert_fp,
+        full_fingerprint(&pki.server_cert_pem)
+    );
+
+    // Rotate the server pair and the client CA on disk, then SIGHUP.
+    let rotated = pki
+        .issue_server_cert(&["localhost", "127.0.0.1"])
+        .expect("cert");
+    let next = generate_pki(&["localhost"]).expect("next ca");
+    write(dir.path(), "server.pem", &rotated.cert_pem);
+    write(dir.path(), "server-key.pem", &rotated.key_pem);
+    write(dir.path(), "clients-ca.pem", &next.ca_cert_pem);
+    served.signal("HUP");
+    let admin = served.admin;
+    assert!(
+        common::eventually_async(Duration::from_secs(10), || async {
+            metric(admin, &reloads("ok")).await >= 1.0
+        })
+        .await,
+        "reload counted; log:\n{}",
+        served.log_text()
+    );
+    assert_eq!(metric(admin, &reloads("error")).await, 0.0);
+    assert!(served.is_running(), "SIGHUP does not stop the process");
+
+    let new_cert = next.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let as_new = client_config(&pki.ca_cert_pem, Some(&new_cert));
+    let after = end_at(served.local, as_new, "billing-2", None)
+        .await
+        .expect("served with the new client CA");
+    assert_eq!(after.status, 204);
+    assert_eq!(after.server_cert_fp, full_fingerprint(&rotated.cert_pem));
+    let refused = end_at(served.local, as_old, "billing-3", None).await;
+    assert!(refused.is_err(), "the old client CA is no longer trusted");
+    assert!(served.is_running());
+
+    served.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = served.wait_exit(Duration::from_secs(15));
+        (status, served.log_text())
+    })
+    .await
+    .expect("waited");
+    assert_eq!(status.0.code(), Some(0), "log:\n{}", status.1);
+    let records = read_records(&dir.path().join("audit.jsonl"));
+    let results: Vec<_> = records.iter().filter(|r| r["event"] == "result").collect();
+    assert_eq!(
+        results.len(),
+        2,
+        "billing-1 and billing-2 only: {records:?}"
+    );
+    assert_eq!(results[0]["token_fp"], fingerprint(&old_cert));
+    assert_eq!(results[1]["token_fp"], fingerprint(&new_cert));
+    assert_eq!(sim.request_count(), 2);
 }
