@@ -1,6 +1,8 @@
-//! TLS and mTLS on the data listener: tenants identified by client certificate SANs,
-//! refused handshakes, Bearer alongside certificates, and server certificate rotation on
-//! reload. Certificates are made here with rcgen (through the simulator's test PKI).
+//! TLS and mTLS on the data listener: tenants identified by client certificate URI and
+//! DNS SANs, refused handshakes (and plain HTTP), Bearer alongside certificates, what
+//! reaches the TLS simulator, and rotation of the server certificate and the client CA on
+//! reload, in process and through SIGHUP to `serve`. Certificates are made here with rcgen
+//! (through the simulator's test PKI).
 
 use crate::common;
 
