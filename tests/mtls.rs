@@ -60,14 +60,8 @@ fn write_tls_files(dir: &Path, pki: &TestPki) {
 
 /// The gateway config of these tests: `listen_tls` from the files of [`write_tls_files`],
 /// the TLS simulator at `base_url` as upstream, tenants identified by URI SANs (billing,
-/// robot), by a DNS SAN (reports) and by token (ops), plus `extra_tenants` (YAML lines).
-fn mtls_yaml(
-    dir: &Path,
-    base_url: &str,
-    require_client_cert: bool,
-    extra_tenants: &str,
-    log: &str,
-) -> String {
+/// robot), by a DNS SAN (reports) and by token (ops).
+fn mtls_yaml(dir: &Path, base_url: &str, require_client_cert: bool, log: &str) -> String {
     let d = dir.display();
     format!(
         r#"listen: 127.0.0.1:0
@@ -100,7 +94,7 @@ tenants:
   reports:
     client_cert_sans: ["{REPORTS_DNS_SAN}"]
     allow: ["reports-*"]
-{extra_tenants}audit:
+audit:
   path: "{d}/audit.jsonl"
   fsync: never
 log:
@@ -119,10 +113,6 @@ async fn tls_simulator(pki: &TestPki) -> Simulator {
 
 impl MtlsGateway {
     async fn start(require_client_cert: bool) -> MtlsGateway {
-        MtlsGateway::start_with(require_client_cert, "").await
-    }
-
-    async fn start_with(require_client_cert: bool, extra_tenants: &str) -> MtlsGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
         let sim = tls_simulator(&pki).await;
@@ -131,7 +121,6 @@ impl MtlsGateway {
             dir.path(),
             &sim.base_url(),
             require_client_cert,
-            extra_tenants,
             "  level: warn\n",
         );
         let config_path = write(dir.path(), "gateway.yaml", &yaml);
@@ -480,6 +469,12 @@ async fn an_unknown_san_authenticates_nobody_but_a_token_still_can() {
     let config = client_config(&g.pki.ca_cert_pem, Some(&cert));
     let anonymous = end_over_tls(&g, Arc::clone(&config), "billing-1", None).await;
     assert_eq!(anonymous.expect("served").status, 401);
+    // Known by its certificate all the same (DESIGN §7: with mTLS, `token_fp` is the
+    // certificate's), so ops can find the client.
+    let denied = g.audit().pop().expect("record");
+    assert_eq!(denied["event"], "denied");
+    assert_eq!(denied["tenant"], serde_json::Value::Null);
+    assert_eq!(denied["token_fp"], fingerprint(&cert));
     let with_token = end_over_tls(&g, config, "billing-1", Some(OPS_TOKEN)).await;
     assert_eq!(with_token.expect("served").status, 204);
     let record = g.audit().pop().expect("record");
@@ -631,13 +626,12 @@ async fn a_rotated_client_ca_decides_which_certificates_new_connections_may_pres
 }
 
 /// `client_cert_sans` matches URI and DNS SANs (section 7). A DNS SAN names its tenant;
-/// an unlisted DNS name, an IP SAN (not a kind the contract matches, even when its text
-/// is listed) and a certificate whose URI and DNS SANs name two tenants authenticate
+/// an unlisted DNS name, an IP SAN (not a kind the contract matches; listing one is a
+/// config error) and a certificate whose URI and DNS SANs name two tenants authenticate
 /// nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dns_san_authenticates_its_tenant_and_other_sans_do_not() {
-    let lab = "  lab:\n    client_cert_sans: [\"10.9.8.7\"]\n    allow: [\"*\"]\n";
-    let g = MtlsGateway::start_with(false, lab).await;
+    let g = MtlsGateway::start(false).await;
     let ca = &g.pki.ca_cert_pem;
     let dns = g.pki.issue_client_cert(&[REPORTS_DNS_SAN]).expect("cert");
     let answer = end_over_tls(&g, client_config(ca, Some(&dns)), "reports-1", None).await;
@@ -669,6 +663,7 @@ async fn a_dns_san_authenticates_its_tenant_and_other_sans_do_not() {
         assert_eq!(record["event"], "denied", "{what}");
         assert_eq!(record["tenant"], serde_json::Value::Null, "{what}");
         assert_eq!(record["reason"], "unauthenticated", "{what}");
+        assert_eq!(record["token_fp"], fingerprint(&cert), "{what}");
     }
     assert_eq!(g.sim.requests().len(), 1, "no refused request is forwarded");
     g.gateway.shutdown().await.expect("shutdown");
@@ -744,7 +739,6 @@ async fn serve_rereads_the_listener_certificate_and_client_ca_on_sighup() {
         dir.path(),
         &sim.base_url(),
         true,
-        "",
         "  format: json\n  level: info\n",
     );
     let config_path = write(dir.path(), "gateway.yaml", &yaml);

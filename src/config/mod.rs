@@ -542,6 +542,9 @@ fn validate_tenants(
             let key = format!("{path}.client_cert_sans[{index}]");
             if san.is_empty() {
                 errors.push(key, "must not be empty");
+            } else if san.parse::<std::net::IpAddr>().is_ok() {
+                // It would be accepted and never match: only URI and DNS SANs are read.
+                errors.push(key, "an IP address; only URI and DNS SANs are matched");
             } else if let Some(other) = san_owner.insert(san, name) {
                 errors.push(
                     key,

@@ -313,6 +313,25 @@ fn client_cert_sans_without_a_client_ca_is_an_error() {
 }
 
 #[test]
+fn an_ip_address_in_client_cert_sans_is_an_error() {
+    let fixture = Fixture::new();
+    let yaml = MINIMAL.replace(
+        BILLING_TOKEN_LINE,
+        &format!("{BILLING_TOKEN_LINE}    client_cert_sans: [\"billing.internal\", \"10.9.8.7\", \"::1\"]\n"),
+    );
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    for index in [1, 2] {
+        assert!(
+            err.contains(&format!(
+                "tenants.billing.client_cert_sans[{index}]: an IP address; only URI and DNS SANs are matched"
+            )),
+            "{err}"
+        );
+    }
+    assert!(!err.contains("client_cert_sans[0]"), "{err}");
+}
+
+#[test]
 fn a_tenant_with_neither_tokens_nor_certificates_is_one_error() {
     let fixture = Fixture::new();
     let yaml = MINIMAL.replace(BILLING_TOKEN_LINE, "    tokens: []\n");

@@ -31,7 +31,10 @@ pub(super) fn authenticate(
             by_basic(runtime, headers, route.path_auth_id),
         ),
     };
-    trail.token_fp = fingerprint;
+    // With no credential of its own, a caller is still known by its verified certificate
+    // (DESIGN §7), so ops can find a client whose SANs no tenant lists.
+    trail.token_fp =
+        fingerprint.or_else(|| certificate.map(|cert| Arc::from(cert.fingerprint.as_str())));
     let tenant = tenant.ok_or(Problem::Unauthenticated)?;
     trail.tenant = Some(Arc::clone(&tenant));
     Ok(tenant)
