@@ -589,44 +589,61 @@ async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connectio
 /// would hide whether the MPC was ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_with_plivo_when_the_grace_runs_out_gets_a_result_record() {
+    for fsync in ["always", "never"] {
+        requests_still_with_plivo_get_result_records(fsync).await;
+    }
+}
+
+/// Three requests cut at once: their `result` records share one batch, whose
+/// acknowledgement must reach all three (awaited one by one, the drain never ended).
+async fn requests_still_with_plivo_get_result_records(fsync: &'static str) {
     let mut h = Harness::with(Options {
         timeout: "10s",
+        fsync,
         ..Options::default()
     })
     .await;
-    h.sim.push_fault(Fault::Delay(Duration::from_secs(6)));
-    let in_flight = end_in_background(&h, "billing-cut", 1).await;
+    let names = ["billing-cut-1", "billing-cut-2", "billing-cut-3"];
+    let mut in_flight = Vec::new();
+    for (sent, name) in (1..).zip(names) {
+        h.sim.push_fault(Fault::Delay(Duration::from_secs(6)));
+        in_flight.push(end_in_background(&h, name, sent).await);
+    }
     let started = std::time::Instant::now();
-    h.stop_gateway().await;
+    tokio::time::timeout(Duration::from_secs(5), h.stop_gateway())
+        .await
+        .expect("the drain ends");
     let took = started.elapsed();
     assert!(
         took >= Duration::from_secs(2) && took < Duration::from_secs(4),
-        "the drain waited for the grace, not for Plivo: {took:?}"
+        "{fsync}: the drain waited for the grace, not for Plivo: {took:?}"
     );
-    let answer = tokio::time::timeout(Duration::from_secs(10), in_flight)
-        .await
-        .expect("the caller's exchange ended")
-        .expect("task");
-    assert_eq!(
-        status_of(&answer),
-        None,
-        "no answer reached the caller: {answer}"
-    );
+    for answer in in_flight {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("the caller's exchange ended")
+            .expect("task");
+        assert_eq!(
+            status_of(&answer),
+            None,
+            "no answer reached the caller: {answer}"
+        );
+    }
 
     let records = h.records();
-    let cut: Vec<_> = records
-        .iter()
-        .filter(|r| r["path"] == "/mpc/billing-cut/end")
-        .collect();
-    assert_eq!(cut.len(), 2, "forward and result: {records:?}");
-    assert_eq!(cut[0]["event"], "forward");
-    assert_eq!(cut[1]["event"], "result");
-    assert_eq!(cut[1]["request_id"], cut[0]["request_id"]);
-    assert_eq!(cut[1]["status"], serde_json::Value::Null);
-    assert_eq!(cut[1]["reason"], "shutting-down");
-    assert_eq!(cut[1]["upstream_status"], serde_json::Value::Null);
-    assert_eq!(cut[1]["mpc"], "billing-cut");
-    assert!(cut[1]["duration_ms"].as_u64().is_some_and(|ms| ms >= 1900));
+    for name in names {
+        let path = format!("/mpc/{name}/end");
+        let cut: Vec<_> = records.iter().filter(|r| r["path"] == path).collect();
+        assert_eq!(cut.len(), 2, "{fsync}: forward and result: {records:?}");
+        assert_eq!(cut[0]["event"], "forward");
+        assert_eq!(cut[1]["event"], "result");
+        assert_eq!(cut[1]["request_id"], cut[0]["request_id"]);
+        assert_eq!(cut[1]["status"], serde_json::Value::Null);
+        assert_eq!(cut[1]["reason"], "shutting-down");
+        assert_eq!(cut[1]["upstream_status"], serde_json::Value::Null);
+        assert_eq!(cut[1]["mpc"], name);
+        assert!(cut[1]["duration_ms"].as_u64().is_some_and(|ms| ms >= 1900));
+    }
     h.assert_chain();
 }
 

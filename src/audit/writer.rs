@@ -321,6 +321,10 @@ impl AuditLog {
     /// Hands one record to the writer now, in this call; the future resolves as
     /// [`append`](Self::append)'s does. For callers that must order a record against
     /// other state under their own lock. Dropping the future does not withdraw it.
+    ///
+    /// Records of one batch are acknowledged through one of them, which passes the
+    /// acknowledgement on when polled: futures handed over together must be polled
+    /// together (`join_all`), never awaited one after another.
     pub fn submit(
         &self,
         event: AuditEvent,

@@ -116,6 +116,15 @@ impl<'de> Visitor<'de> for ValueSourceVisitor {
         Err(unquoted_scalar("a number"))
     }
 
+    // serde_yaml hands integers beyond 64 bits to these.
+    fn visit_i128<E: de::Error>(self, _value: i128) -> Result<ValueSource, E> {
+        Err(unquoted_scalar("a number"))
+    }
+
+    fn visit_u128<E: de::Error>(self, _value: u128) -> Result<ValueSource, E> {
+        Err(unquoted_scalar("a number"))
+    }
+
     fn visit_f64<E: de::Error>(self, _value: f64) -> Result<ValueSource, E> {
         Err(unquoted_scalar("a number"))
     }
@@ -166,7 +175,14 @@ mod tests {
 
     #[test]
     fn an_unquoted_number_or_boolean_is_refused_without_echoing_it() {
-        for yaml in ["8472910384756610", "-123456789", "1234.5678", "true"] {
+        for yaml in [
+            "8472910384756610",
+            "-123456789",
+            "84729103847566101234",
+            "-84729103847566101234",
+            "1234.5678",
+            "true",
+        ] {
             let err = serde_yaml::from_str::<ValueSource>(yaml)
                 .expect_err(yaml)
                 .to_string();

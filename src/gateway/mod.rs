@@ -200,17 +200,16 @@ impl Gateway {
     pub async fn cut_forwarded(&self) -> usize {
         let cut = self.inner.forwarded.cut();
         let count = cut.len();
-        // Handed over together, so one write (and one fsync) can carry them all.
-        let mut acks = Vec::with_capacity(count);
-        for result in cut {
+        for result in &cut {
             tracing::warn!(request_id = %result.request_id, "shutdown_grace ran out while the request was with Plivo; its result is unknown");
-            acks.push(self.inner.audit.submit(result));
         }
-        for ack in acks {
-            let written = match ack {
-                Ok(ack) => ack.await.map(drop),
-                Err(err) => Err(err),
-            };
+        // Polled together: one batch (one write, one fsync) carries them all, and its
+        // acknowledgement, handed to one of them, reaches the rest (awaiting them one by
+        // one would wait for ever on the first).
+        let appends = cut
+            .into_iter()
+            .map(|result| self.inner.audit.append(result));
+        for written in futures_util::future::join_all(appends).await {
             if let Err(err) = written {
                 tracing::error!(error = %err, "audit result record of a request cut short failed");
                 self.inner.metrics.audit_failure();
@@ -257,8 +256,13 @@ impl Gateway {
         if let Err(err) = acknowledged {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
             self.inner.metrics.audit_failure();
-            // Not forwarded: its terminal record is this `denied`, not a `result`.
-            let _withdrawn = self.inner.forwarded.settle(ticket, || ());
+            // Not forwarded: its terminal record is this `denied`, not a `result`, unless a
+            // drain cut short has written a `result` for it already.
+            if self.inner.forwarded.settle(ticket, || ()).is_none() {
+                let problem = Problem::AuditUnavailable;
+                let response = problem.to_response(&trail.request_id, trail.flavor);
+                return self.respond(trail, problem.slug(), response);
+            }
             return self.deny(trail, Problem::AuditUnavailable).await;
         }
         let report = match &admitted.mpc {
