@@ -2,9 +2,13 @@
 //! PATH arguments, ordering files by the seq of their first record, and streaming lines
 //! with a length cap so that an enormous line never has to fit in memory.
 //!
-//! Each file is opened once, while listing, and read through that handle: the gateway may
-//! rotate (rename) the live file or retention may delete an old one while a tool runs,
-//! and an open handle still reads the whole file, whatever its name has become.
+//! The gateway may rotate (rename) the live file while a tool runs, and retention may
+//! delete old rotated files. So a live file is opened once, while listing, and read
+//! through that handle (it reads the whole file whatever its name becomes); directories
+//! are then listed again, so that a live file renamed before it was opened is found
+//! under its rotated name. Rotated files never change: they are opened when read (a tool
+//! keeps one file open at a time, however many there are), and one deleted before that
+//! is left out, as retention would have left it out a moment earlier.
 //!
 //! Directory rule: a directory argument stands for every regular, non-hidden file in it
 //! whose name contains `.jsonl` — the live file `audit.jsonl` and its rotated siblings
@@ -47,48 +51,77 @@ impl SourceError {
     }
 }
 
-/// One audit file as listed: the handle opened while listing, and the path it had then
-/// (for messages).
+/// One audit file as listed, with the path it had then (for messages).
 #[derive(Debug)]
 pub(crate) struct AuditFile {
     pub(crate) path: PathBuf,
     /// The seq in the name of a rotated file (`<live name>.<20 digits>`), which must be
     /// the seq of its last record.
     pub(crate) name_seq: Option<u64>,
-    file: File,
+    /// A live file's handle, opened while listing; a rotated file is opened when read.
+    file: Option<File>,
 }
 
 impl AuditFile {
-    fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = File::open(path).map_err(|e| SourceError::io(path, "open", &e))?;
-        let name_seq = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(segment::any_rotated_seq);
-        Ok(AuditFile {
+    /// `None` for a rotated file that is gone (retention deleted it since the listing).
+    fn listed(path: &Path) -> Result<Option<Self>, SourceError> {
+        let name_seq = rotated_seq(path);
+        let file = match name_seq {
+            Some(_) => None,
+            None => Some(File::open(path).map_err(|e| SourceError::io(path, "open", &e))?),
+        };
+        let file = AuditFile {
             path: path.to_path_buf(),
             name_seq,
             file,
-        })
+        };
+        match file.identity() {
+            Err(e) if file.name_seq.is_some() && e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SourceError::io(path, "stat", &e)),
+            Ok(_) => Ok(Some(file)),
+        }
     }
 
     /// Device and inode: the identity of the file whatever name it was listed under.
-    fn identity(&self) -> Result<(u64, u64), SourceError> {
-        let meta = self
-            .file
-            .metadata()
-            .map_err(|e| SourceError::io(&self.path, "stat", &e))?;
+    fn identity(&self) -> io::Result<(u64, u64)> {
+        let meta = match &self.file {
+            Some(file) => file.metadata()?,
+            None => std::fs::metadata(&self.path)?,
+        };
         Ok((meta.dev(), meta.ino()))
     }
+
+    /// A reader from the file's start: a clone of the live file's handle, or the rotated
+    /// file opened now.
+    fn reopen(&self) -> Result<File, SourceError> {
+        let mut file = match &self.file {
+            Some(file) => file
+                .try_clone()
+                .map_err(|e| SourceError::io(&self.path, "open", &e))?,
+            None => File::open(&self.path).map_err(|e| SourceError::io(&self.path, "open", &e))?,
+        };
+        // A clone shares the offset, which listing moved past the first line.
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| SourceError::io(&self.path, "read", &e))?;
+        Ok(file)
+    }
+}
+
+fn rotated_seq(path: &Path) -> Option<u64> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(segment::any_rotated_seq)
 }
 
 /// Expands files and directories into the audit files to read, ordered by the seq of
 /// their first record; files without a readable first record (empty, torn) go last.
 pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<AuditFile>, SourceError> {
     let mut files = Vec::new();
+    let mut dirs = Vec::new();
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|e| SourceError::io(path, "open", &e))?;
         if meta.is_dir() {
+            dirs.push(path);
             let before = files.len();
             files.extend(files_in(path)?);
             if files.len() == before {
@@ -106,13 +139,28 @@ pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<AuditFile>, SourceError> 
             });
         }
     }
+    let mut listed = Vec::with_capacity(files.len());
+    for path in &files {
+        listed.extend(AuditFile::listed(path)?);
+    }
+    // A live file rotated between the listing and its opening: its records are under a
+    // rotated name now, which this second listing finds.
+    for dir in dirs {
+        for path in files_in(dir)? {
+            if rotated_seq(&path).is_some() && !files.contains(&path) {
+                listed.extend(AuditFile::listed(&path)?);
+            }
+        }
+    }
     let mut seen = std::collections::HashSet::new();
-    let mut keyed = Vec::with_capacity(files.len());
-    for path in files {
-        let file = AuditFile::open(&path)?;
+    let mut keyed = Vec::with_capacity(listed.len());
+    for file in listed {
         // The same file named twice (`dir` and `dir/audit.jsonl`, or a name it had
         // while the directory was listed and its new one) is read once.
-        if !seen.insert(file.identity()?) {
+        let identity = file
+            .identity()
+            .map_err(|e| SourceError::io(&file.path, "stat", &e))?;
+        if !seen.insert(identity) {
             continue;
         }
         let key = first_seq(&file)?;
@@ -178,19 +226,12 @@ pub(crate) struct LineReader {
 }
 
 impl LineReader {
-    /// Reads `file` from its start, through the handle opened while listing.
+    /// Reads `file` from its start (a live file through the handle opened while
+    /// listing).
     pub(crate) fn open(file: &AuditFile) -> Result<Self, SourceError> {
-        let path = &file.path;
-        let mut file = file
-            .file
-            .try_clone()
-            .map_err(|e| SourceError::io(path, "open", &e))?;
-        // The clone shares the offset, which listing moved past the first line.
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| SourceError::io(path, "read", &e))?;
         Ok(LineReader {
-            path: path.to_path_buf(),
-            reader: BufReader::with_capacity(READ_BUFFER, file),
+            path: file.path.clone(),
+            reader: BufReader::with_capacity(READ_BUFFER, file.reopen()?),
             buf: Vec::new(),
             no: 0,
         })
@@ -315,5 +356,42 @@ mod tests {
         assert_eq!(twice.len(), 2, "a file named twice is read once");
         let err = collect(&[d.join("missing")]).expect_err("missing");
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// However many rotated files there are, only live files are held open (a set larger
+    /// than the open-file limit must still verify), and a rotated file retention deleted
+    /// after the listing is left out rather than failing the run.
+    #[test]
+    fn only_live_files_are_held_open_and_a_deleted_rotated_file_is_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        for seq in 1..=3u64 {
+            std::fs::write(
+                d.join(format!("audit.jsonl.{seq:020}")),
+                format!("{{\"seq\":{seq}}}\n"),
+            )
+            .expect("write");
+        }
+        std::fs::write(d.join("audit.jsonl"), "{\"seq\":4}\n").expect("write");
+        let files = collect(&[d.to_path_buf()]).expect("collect");
+        assert_eq!(files.len(), 4);
+        for file in &files {
+            assert_eq!(
+                file.file.is_some(),
+                file.name_seq.is_none(),
+                "{:?}",
+                file.path
+            );
+        }
+        let gone = d.join(format!("audit.jsonl.{:020}", 1));
+        assert_eq!(
+            AuditFile::listed(&d.join(format!("audit.jsonl.{:020}", 9)))
+                .map(|f| f.is_none())
+                .ok(),
+            Some(true),
+            "a rotated name that is gone is left out"
+        );
+        std::fs::remove_file(&gone).expect("remove");
+        assert_eq!(collect(&[d.to_path_buf()]).expect("collect").len(), 3);
     }
 }
