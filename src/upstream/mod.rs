@@ -115,7 +115,7 @@ pub enum UpstreamBuildError {
 
 mod transport;
 
-use transport::{BodyBounds, SendError, Transport};
+use transport::{BodyBounds, BodyCutByDeadline, SendError, Transport};
 
 pub struct PlivoClient {
     transport: Transport,
@@ -133,6 +133,8 @@ enum Attempt {
         status: StatusCode,
         headers: HeaderMap,
         body: Bytes,
+        /// The deadline passed while the body was still coming.
+        body_cut: bool,
     },
     /// Refused, reset or timed out while connecting: worth another attempt.
     Retriable,
@@ -215,16 +217,21 @@ impl PlivoClient {
             Ok(done) => done,
             Err(timed_out) => return Lookup::Failed(timed_out),
         };
-        let name = match &attempt {
-            Attempt::Answered { status, body, .. } if status.is_success() => friendly_name(body),
-            _ => None,
+        let (name, body_cut) = match &attempt {
+            Attempt::Answered {
+                status,
+                body,
+                body_cut,
+                ..
+            } if status.is_success() => (friendly_name(body), *body_cut),
+            _ => (None, false),
         };
-        let answer = conclude(attempt, attempts);
-        // The answer's head came in time and its body did not: what Plivo said is
-        // unknown, as when nothing came back at all.
-        if name.is_none() && answer.outcome.is_ok() && Instant::now() >= deadline {
+        // The answer's head came in time and its body (the name) did not: what Plivo
+        // said is unknown, as when nothing came back at all.
+        if body_cut {
             return Lookup::Failed(report(Err(Problem::UpstreamTimeout), None, attempts));
         }
+        let answer = conclude(attempt, attempts);
         match (name, answer.outcome.is_ok()) {
             (Some(name), true) => Lookup::Found {
                 name,
@@ -310,6 +317,7 @@ impl PlivoClient {
                 let (parts, body) = response.into_parts();
                 Attempt::Answered {
                     status: parts.status,
+                    body_cut: parts.extensions.get::<BodyCutByDeadline>().is_some(),
                     headers: parts.headers,
                     body,
                 }
@@ -446,6 +454,7 @@ fn conclude(attempt: Attempt, attempts: u32) -> UpstreamReport {
             status,
             headers,
             body,
+            ..
         } => (status, headers, body),
         Attempt::Retriable | Attempt::Fatal => {
             return report(Err(Problem::UpstreamUnavailable), None, attempts)
@@ -581,6 +590,7 @@ mod tests {
             status: StatusCode::from_u16(status).expect("status"),
             headers: map,
             body: Bytes::from(body.to_owned()),
+            body_cut: false,
         }
     }
 

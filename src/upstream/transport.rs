@@ -488,15 +488,25 @@ pub(super) struct BodyBounds {
     pub deadline: tokio::time::Instant,
 }
 
+/// Marks an answer whose body the call's deadline cut off (its head came in time).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BodyCutByDeadline;
+
 /// Reads the body within `bounds`. The flag says whether it was read to the end; if not
 /// (too long, broken, or too slow), the body is empty: the status is what matters, and a
-/// broken error body is not worth a retry.
+/// broken error body is not worth a retry. A body cut by the deadline is marked with
+/// [`BodyCutByDeadline`].
 async fn read_body(response: Response<Incoming>, bounds: BodyBounds) -> (Response<Bytes>, bool) {
     let (parts, body) = response.into_parts();
     let read = Limited::new(body, bounds.limit).collect();
     match tokio::time::timeout_at(bounds.deadline, read).await {
         Ok(Ok(collected)) => (Response::from_parts(parts, collected.to_bytes()), true),
-        Ok(Err(_)) | Err(_) => (Response::from_parts(parts, Bytes::new()), false),
+        Ok(Err(_)) => (Response::from_parts(parts, Bytes::new()), false),
+        Err(_elapsed) => {
+            let mut cut = Response::from_parts(parts, Bytes::new());
+            cut.extensions_mut().insert(BodyCutByDeadline);
+            (cut, false)
+        }
     }
 }
 
