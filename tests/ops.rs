@@ -647,6 +647,46 @@ async fn requests_still_with_plivo_get_result_records(fsync: &'static str) {
     h.assert_chain();
 }
 
+/// A request not yet forwarded when `shutdown_grace` runs out (here: its declared body
+/// never comes) is dropped with its connection, and still gets its terminal record: a
+/// `denied` with no status (the caller got no answer) and reason `shutting-down`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_not_yet_forwarded_when_the_grace_runs_out_gets_a_denied_record() {
+    let mut h = Harness::start().await;
+    let mut waiting = TcpStream::connect(h.addr()).await.expect("connect");
+    let head = format!(
+        "POST /mpc/billing-waiting/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 10\r\n\r\n"
+    );
+    waiting.write_all(head.as_bytes()).await.expect("write");
+    // The head is read and the request is waiting for its body.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            value(&metrics_text(&h).await, "mpc_gateway_open_connections") >= 1.0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(5), h.stop_gateway())
+        .await
+        .expect("the drain ends");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), waiting.read_to_end(&mut rest)).await;
+    assert!(
+        rest.is_empty(),
+        "no answer: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let denied = &records[0];
+    assert_eq!(denied["event"], "denied");
+    assert_eq!(denied["path"], "/mpc/billing-waiting/end");
+    assert_eq!(denied["status"], serde_json::Value::Null);
+    assert_eq!(denied["reason"], "shutting-down");
+    assert_eq!(h.sim.request_count(), 0);
+    h.assert_chain();
+}
+
 /// Sends `POST /mpc/{name}/end` on a connection of its own in the background and waits
 /// until the simulator has received `forwarded` requests in all (this one included);
 /// the task yields the raw answer.

@@ -234,7 +234,7 @@ impl Gateway {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let runtime = self.inner.runtime.load_full();
-        let mut trail = Trail::new(&request, Instant::now());
+        let mut trail = Trail::new(&request, Instant::now(), &self.inner.audit);
         let admitted = match self.admit(&runtime, request, &mut trail).await {
             Ok(admitted) => admitted,
             Err(problem) => return self.deny(trail, problem).await,
@@ -249,6 +249,7 @@ impl Gateway {
         let Some((ticket, submitted)) = registered else {
             return self.deny(trail, Problem::ShuttingDown).await;
         };
+        trail.recorded();
         let acknowledged = match submitted {
             Ok(ack) => ack.await,
             Err(err) => Err(err),
@@ -477,6 +478,7 @@ impl Gateway {
     async fn deny(&self, mut trail: Trail, problem: Problem) -> Response<Full<Bytes>> {
         trail.status = Some(problem.status().as_u16());
         trail.reason = Some(problem.slug());
+        trail.recorded();
         let problem = match self
             .inner
             .audit
@@ -533,12 +535,12 @@ impl Gateway {
 
     fn respond(
         &self,
-        trail: Trail,
+        mut trail: Trail,
         reason: &'static str,
         mut response: Response<Full<Bytes>>,
     ) -> Response<Full<Bytes>> {
         // Moved, not cloned: cloning a freshly built header value allocates.
-        if let Some((policy, state)) = trail.rate_headers {
+        if let Some((policy, state)) = trail.rate_headers.take() {
             let headers = response.headers_mut();
             headers.insert(RATELIMIT_POLICY, policy);
             headers.insert(RATELIMIT, state);

@@ -8,7 +8,7 @@ use std::time::Instant;
 use http::{HeaderValue, Method, Request};
 
 use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
-use crate::audit::{AuditEvent, EventKind};
+use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::request_id::RequestId;
 use crate::routes::{flavor_of, Flavor};
 
@@ -35,10 +35,15 @@ pub(super) struct Trail {
     pub(super) plivo_api_id: Option<Arc<str>>,
     pub(super) attempts: Option<u32>,
     pub(super) rate_headers: Option<(HeaderValue, HeaderValue)>,
+    /// Set until the request's terminal record is in hand: a `denied` record handed to
+    /// the log, or (once forwarded) the table of forwarded requests. A trail dropped
+    /// while set belongs to a request whose connection was closed when `shutdown_grace`
+    /// ran out: it writes that request's `denied` record itself.
+    unrecorded: Option<AuditLog>,
 }
 
 impl Trail {
-    pub(super) fn new<B>(request: &Request<B>, started: Instant) -> Trail {
+    pub(super) fn new<B>(request: &Request<B>, started: Instant, audit: &AuditLog) -> Trail {
         let request_id = request
             .extensions()
             .get::<RequestId>()
@@ -68,7 +73,13 @@ impl Trail {
             plivo_api_id: None,
             attempts: None,
             rate_headers: None,
+            unrecorded: Some(audit.clone()),
         }
+    }
+
+    /// The terminal record is someone's job now (see `unrecorded`).
+    pub(super) fn recorded(&mut self) {
+        self.unrecorded = None;
     }
 
     pub(super) fn event(&self, kind: EventKind) -> AuditEvent {
@@ -92,6 +103,19 @@ impl Trail {
             plivo_api_id: self.plivo_api_id.clone(),
             attempts: self.attempts,
             duration_ms,
+        }
+    }
+}
+
+impl Drop for Trail {
+    fn drop(&mut self) {
+        if let Some(audit) = self.unrecorded.take() {
+            // The caller got no answer: no status.
+            self.status = None;
+            self.reason = Some("shutting-down");
+            // Handed over now; nobody is left to wait for the acknowledgement (a log
+            // already closed refuses it, and there is no one to tell).
+            drop(audit.submit(self.event(EventKind::Denied)));
         }
     }
 }

@@ -255,9 +255,12 @@ impl RunningGateway {
         self.gateway.start_draining();
         let _ = self.stop_accepting.send(true);
         let grace = self.shutdown_grace;
-        if tokio::time::timeout(grace + Duration::from_secs(1), self.data_task)
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            grace + FORCED_CLOSE_WAIT + Duration::from_secs(1),
+            self.data_task,
+        )
+        .await
+        .is_err()
         {
             tracing::warn!("connections still open after shutdown_grace; closing them");
         }
@@ -422,14 +425,23 @@ async fn serve_data(
         });
     }
     drop(listener);
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
+        () = &mut drained => {}
+        () = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown_grace elapsed with requests still in flight; closing their connections");
             let _ = grace_over.send(true);
+            // Each connection sees that at its next turn; what its requests write on the
+            // way out must reach the log before it closes. Detached HTTP/2 requests may
+            // still be with Plivo: not waited for, their results are the drain's.
+            let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, drained).await;
         }
     }
 }
+
+/// How long the drain waits for connections to go once `shutdown_grace` has run out.
+const FORCED_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// One accepted data connection.
 struct Connection {
