@@ -111,19 +111,24 @@ async fn tls_simulator(pki: &TestPki) -> Simulator {
     Simulator::start(config).await.expect("simulator")
 }
 
+/// A fresh PKI, the TLS simulator, and a directory holding the listener's TLS files and
+/// the gateway's config (`gateway.yaml`, whose path is returned).
+async fn mtls_setup(
+    require_client_cert: bool,
+    log: &str,
+) -> (tempfile::TempDir, TestPki, Simulator, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
+    let sim = tls_simulator(&pki).await;
+    write_tls_files(dir.path(), &pki);
+    let yaml = mtls_yaml(dir.path(), &sim.base_url(), require_client_cert, log);
+    let config_path = write(dir.path(), "gateway.yaml", &yaml);
+    (dir, pki, sim, config_path)
+}
+
 impl MtlsGateway {
     async fn start(require_client_cert: bool) -> MtlsGateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
-        let sim = tls_simulator(&pki).await;
-        write_tls_files(dir.path(), &pki);
-        let yaml = mtls_yaml(
-            dir.path(),
-            &sim.base_url(),
-            require_client_cert,
-            "  level: warn\n",
-        );
-        let config_path = write(dir.path(), "gateway.yaml", &yaml);
+        let (dir, pki, sim, config_path) = mtls_setup(require_client_cert, "  level: warn\n").await;
         let config = Config::load(&config_path).expect("valid config");
         let gateway = RunningGateway::start(&config, StartOptions::default())
             .await
@@ -731,17 +736,7 @@ async fn plain_http_to_the_tls_listener_is_refused_before_any_request() {
 /// new client CA, and the process keeps serving until SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_rereads_the_listener_certificate_and_client_ca_on_sighup() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
-    let sim = tls_simulator(&pki).await;
-    write_tls_files(dir.path(), &pki);
-    let yaml = mtls_yaml(
-        dir.path(),
-        &sim.base_url(),
-        true,
-        "  format: json\n  level: info\n",
-    );
-    let config_path = write(dir.path(), "gateway.yaml", &yaml);
+    let (dir, pki, sim, config_path) = mtls_setup(true, "  format: json\n  level: info\n").await;
     let mut served = tokio::task::spawn_blocking(move || Served::start(&config_path))
         .await
         .expect("serve started");
