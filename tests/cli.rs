@@ -723,6 +723,68 @@ fn sigterm_whose_grace_runs_out_writes_the_cut_requests_result() {
 // audit verify
 // ---------------------------------------------------------------------------------------
 
+/// `audit query` through the binary, on a log `serve` wrote: filters, JSON Lines, the
+/// table's header, an empty selection, and a bad argument.
+#[test]
+fn audit_query_selects_from_the_log_serve_wrote() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let mut served = Served::start(&c.config_path());
+    assert_eq!(end(&served, "billing-1").0, 204);
+    assert_eq!(end(&served, "billing-1").0, 404);
+    assert_eq!(end(&served, "other-1").0, 403);
+    served.signal("TERM");
+    assert_eq!(served.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    let audit = c.audit_path();
+    let query = |args: &[&str]| {
+        let mut all = vec!["audit", "query", audit.to_str().expect("UTF-8")];
+        all.extend_from_slice(args);
+        run(&all, b"")
+    };
+    let json_lines = |out: &Output| -> Vec<serde_json::Value> {
+        text(&out.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect()
+    };
+
+    let results = query(&["--event", "result", "--format", "json"]);
+    assert!(results.status.success(), "{}", text(&results.stderr));
+    let results = json_lines(&results);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0]["reason"], "ended");
+    assert_eq!(results[1]["reason"], "mpc-not-found");
+    assert!(results.iter().all(|r| r["tenant"] == "billing"));
+
+    let not_found = json_lines(&query(&["--reason", "mpc-not-found", "--format", "json"]));
+    assert_eq!(not_found.len(), 1);
+    assert_eq!(not_found[0]["status"], 404);
+
+    let denied = json_lines(&query(&["--mpc", "other-*", "--format", "json"]));
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["event"], "denied");
+    assert_eq!(denied[0]["reason"], "forbidden");
+
+    let table = query(&["--tenant", "billing", "--event", "forward"]);
+    assert!(table.status.success());
+    let table = text(&table.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("TS"), "{table}");
+    assert!(
+        lines[0].contains("REQUEST_ID") && lines[0].contains("REASON"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 3, "header and two forward records: {table}");
+
+    let future = query(&["--since", "2999-01-01T00:00:00Z", "--format", "json"]);
+    assert!(future.status.success());
+    assert!(text(&future.stdout).is_empty());
+
+    let bad = query(&["--event", "finished"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+}
+
 #[test]
 fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
     let sim = start_sim();
