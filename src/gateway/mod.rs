@@ -33,7 +33,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
-use crate::audit::{AuditLog, EventKind};
+use crate::audit::{AuditError, AuditLog, EventKind};
 use crate::config::{Config, OnStoreError};
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
@@ -250,11 +250,7 @@ impl Gateway {
             return self.deny(trail, Problem::ShuttingDown).await;
         };
         trail.recorded();
-        let acknowledged = match submitted {
-            Ok(ack) => ack.await,
-            Err(err) => Err(err),
-        };
-        if let Err(err) = acknowledged {
+        if let Err(err) = acknowledged(submitted).await {
             tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
             self.inner.metrics.audit_failure();
             // Not forwarded: its terminal record is this `denied`, not a `result`, unless a
@@ -521,8 +517,7 @@ impl Gateway {
             .forwarded
             .settle(ticket, || self.inner.audit.submit(result));
         let written = match submitted {
-            Some(Ok(ack)) => ack.await.map(drop),
-            Some(Err(err)) => Err(err),
+            Some(submitted) => acknowledged(submitted).await,
             // A drain cut short wrote this request's `result`; nobody waits for the reply.
             None => Ok(()),
         };
@@ -550,6 +545,14 @@ impl Gateway {
             .request_finished(trail.tenant.as_ref(), reason, trail.started.elapsed());
         response
     }
+}
+
+/// Waits until a record handed over with [`AuditLog::submit`] is acknowledged.
+async fn acknowledged<F>(submitted: Result<F, AuditError>) -> Result<(), AuditError>
+where
+    F: std::future::Future<Output = Result<u64, AuditError>>,
+{
+    submitted?.await.map(drop)
 }
 
 fn declare_tenants(metrics: &Metrics, config: &Config) {
