@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use mpc_gateway::gateway::BODY_READ_TIMEOUT;
 use mpc_gateway::server::HEADER_READ_TIMEOUT;
-use mpc_gateway::simulator::Fault;
+use mpc_gateway::simulator::{Fault, Liveness};
 use mpc_gateway::telemetry::sample;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -644,6 +644,39 @@ async fn requests_still_with_plivo_get_result_records(fsync: &'static str) {
         assert_eq!(cut[1]["mpc"], name);
         assert!(cut[1]["duration_ms"].as_u64().is_some_and(|ms| ms >= 1900));
     }
+    h.assert_chain();
+}
+
+/// A by-uuid request cut by the grace while its DELETE is with Plivo: its `result`
+/// names the MPC the lookup learned, as the request's own `result` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_by_uuid_request_cut_by_the_grace_names_its_mpc_in_the_result() {
+    let mut h = Harness::with(Options {
+        timeout: "10s",
+        liveness: Liveness::Explicit,
+        ..Options::default()
+    })
+    .await;
+    let uuid = h.sim.add_mpc("billing-by-uuid-cut");
+    // The lookup is answered at once; the DELETE is held past the grace.
+    h.sim.push_fault(Fault::Delay(Duration::ZERO));
+    h.sim.push_fault(Fault::Delay(Duration::from_secs(6)));
+    let in_flight = end_in_background(&h, &format!("by-uuid/{uuid}"), 2).await;
+    tokio::time::timeout(Duration::from_secs(5), h.stop_gateway())
+        .await
+        .expect("the drain ends");
+    let answer = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the caller's exchange ended")
+        .expect("task");
+    assert_eq!(status_of(&answer), None, "no answer: {answer}");
+
+    let result = h.records().pop().expect("a result record");
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["reason"], "shutting-down");
+    assert_eq!(result["status"], serde_json::Value::Null);
+    assert_eq!(result["path"], format!("/mpc/by-uuid/{uuid}/end"));
+    assert_eq!(result["mpc"], "billing-by-uuid-cut");
     h.assert_chain();
 }
 

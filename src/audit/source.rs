@@ -7,8 +7,9 @@
 //! through that handle (it reads the whole file whatever its name becomes); directories
 //! are then listed again, so that a live file renamed before it was opened is found
 //! under its rotated name. Rotated files never change: they are opened when read (a tool
-//! keeps one file open at a time, however many there are), and one deleted before that
-//! is left out, as retention would have left it out a moment earlier.
+//! keeps one file open at a time, however many there are). One deleted before it is
+//! listed is left out, as retention would have left it out a moment earlier; one deleted
+//! after that fails the run with "run it again" (files before it may have been read).
 //!
 //! Directory rule: a directory argument stands for every regular, non-hidden file in it
 //! whose name contains `.jsonl` — the live file `audit.jsonl` and its rotated siblings
@@ -98,12 +99,25 @@ impl AuditFile {
             Some(file) => file
                 .try_clone()
                 .map_err(|e| SourceError::io(&self.path, "open", &e))?,
-            None => File::open(&self.path).map_err(|e| SourceError::io(&self.path, "open", &e))?,
+            None => File::open(&self.path).map_err(|e| self.rotated_open_error(&e))?,
         };
         // A clone shares the offset, which listing moved past the first line.
         file.seek(SeekFrom::Start(0))
             .map_err(|e| SourceError::io(&self.path, "read", &e))?;
         Ok(file)
+    }
+
+    /// Retention deleted a rotated file after the listing, while this run read the files
+    /// before it. Leaving it out now would show a gap in a chain that was intact, so the
+    /// run fails, saying why and what to do.
+    fn rotated_open_error(&self, e: &io::Error) -> SourceError {
+        if e.kind() != io::ErrorKind::NotFound {
+            return SourceError::io(&self.path, "open", e);
+        }
+        SourceError {
+            path: self.path.clone(),
+            what: "deleted while this run was reading the log (retention?); run it again".into(),
+        }
     }
 }
 
@@ -393,5 +407,12 @@ mod tests {
         );
         std::fs::remove_file(&gone).expect("remove");
         assert_eq!(collect(&[d.to_path_buf()]).expect("collect").len(), 3);
+
+        // Deleted after the listing, when the run comes to read it: the run fails and
+        // says why, rather than reading on past a gap that is not tampering.
+        let listed = collect(&[d.to_path_buf()]).expect("collect");
+        std::fs::remove_file(&listed[0].path).expect("remove");
+        let err = LineReader::open(&listed[0]).err().expect("gone");
+        assert!(err.what.contains("deleted while this run"), "{err}");
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use crate::audit::{AuditEvent, EventKind};
@@ -66,6 +66,14 @@ impl Forwarded {
         Some(submit_result())
     }
 
+    /// The by-uuid lookup learned the MPC's name: a `result` the drain writes for this
+    /// request names it too, as the request's own `result` would.
+    pub(super) fn name_learned(&self, ticket: &Ticket, name: &Arc<str>) {
+        if let Some(waiting) = self.lock().waiting.get_mut(&ticket.0) {
+            waiting.forward.mpc = Some(Arc::clone(name));
+        }
+    }
+
     /// Ends every wait: a `result` event for each request still waiting on Plivo, which
     /// the caller writes. Requests forwarded later are refused.
     pub(super) fn cut(&self) -> Vec<AuditEvent> {
@@ -101,7 +109,6 @@ fn cut_short(waiting: Waiting) -> AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn forward(id: &str) -> AuditEvent {
         AuditEvent {
@@ -120,6 +127,22 @@ mod tests {
             .expect("not cut");
         assert_eq!(forwarded.settle(ticket, || "written"), Some("written"));
         assert!(forwarded.cut().is_empty());
+    }
+
+    #[test]
+    fn a_name_learned_after_the_forward_is_in_the_cut_result() {
+        let forwarded = Forwarded::default();
+        let mut by_uuid = forward("a");
+        by_uuid.mpc = None;
+        let (ticket, ()) = forwarded
+            .register(by_uuid, Instant::now(), || ())
+            .expect("not cut");
+        forwarded.name_learned(&ticket, &Arc::from("billing-standup"));
+        let cut = forwarded.cut();
+        assert_eq!(cut[0].mpc.as_deref(), Some("billing-standup"));
+        // Learned too late: the entry is gone, nothing to update.
+        forwarded.name_learned(&ticket, &Arc::from("other"));
+        assert_eq!(forwarded.settle(ticket, || ()), None);
     }
 
     #[test]

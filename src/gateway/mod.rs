@@ -272,7 +272,8 @@ impl Gateway {
                 call.await
             }
             Mpc::Uuid { uuid, tenant } => {
-                self.end_by_uuid(&runtime, &admitted.account, uuid, tenant, &mut trail)
+                let account = &admitted.account;
+                self.end_by_uuid(&runtime, account, uuid, tenant, &mut trail, &ticket)
                     .await
             }
         };
@@ -361,6 +362,7 @@ impl Gateway {
         uuid: &MpcUuid,
         tenant: &str,
         trail: &mut Trail,
+        ticket: &Ticket,
     ) -> UpstreamReport {
         let deadline = runtime.upstream.deadline();
         let (name, lookup_attempts, lookup_status) =
@@ -372,7 +374,9 @@ impl Gateway {
                 } => (name, attempts, status),
                 Lookup::Failed(report) => return report,
             };
-        trail.mpc = Some(Arc::from(name.as_str()));
+        let name_shared: Arc<str> = Arc::from(name.as_str());
+        self.inner.forwarded.name_learned(ticket, &name_shared);
+        trail.mpc = Some(name_shared);
         let allowed = runtime
             .tenants
             .get(tenant)
