@@ -663,6 +663,30 @@ async fn resets_are_retried_then_reported_unavailable() {
     h.shutdown().await;
 }
 
+/// A reset after the DELETE was written is retried (DELETE is idempotent). Had the reset
+/// attempt ended the MPC, the retry finds it gone: `404 mpc-not-found`, and the record's
+/// `attempts` says a retry happened (README, "Upstream").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_whose_retry_finds_the_mpc_gone_is_404_with_two_attempts() {
+    let h = Harness::start().await;
+    assert_eq!(h.end("billing-8", BILLING_TOKEN).await.status, 204);
+    h.sim.push_fault(Fault::Reset);
+    let reply = h.end("billing-8", BILLING_TOKEN).await;
+    reply.assert_problem(404, "mpc-not-found");
+    let record = h.records().pop().expect("record");
+    assert_eq!(record["reason"], "mpc-not-found");
+    assert_eq!(record["upstream_status"], 404);
+    assert_eq!(record["attempts"], 2);
+    let deletes = h.sim.requests();
+    assert_eq!(
+        deletes.len(),
+        3,
+        "one DELETE, then the reset one and its retry"
+    );
+    assert!(deletes.iter().all(|r| r.method == "DELETE"));
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_port_is_upstream_unavailable() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
