@@ -1281,6 +1281,85 @@ async fn h2c_with_prior_knowledge_is_served() {
     h.shutdown().await;
 }
 
+/// HTTP/2 callers get the contract's head limits, as HTTP/1.1 callers do: a 20 KiB header
+/// block is served (the h2 library alone would refuse anything above 16 KiB), a header
+/// block over 32 KiB is `431` and a `:path` over 8 KiB `414`, each a problem+json answer
+/// with a `denied` record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
+    let h = Harness::start().await;
+    let (mut sender, driver) = h2c_connect(h.addr()).await;
+    let mut send = |path: String, pad: usize, id: &str| {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{path}", h.addr()))
+            .header("x-request-id", id)
+            .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+            .header("x-pad", "p".repeat(pad))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        sender.send_request(request)
+    };
+    let cases = [
+        (
+            send("/mpc/billing-h2-pad/end".into(), 20 * 1024, "h2-pad-20k"),
+            204,
+            None,
+        ),
+        (
+            send("/mpc/billing-h2-big/end".into(), 33 * 1024, "h2-pad-33k"),
+            431,
+            Some("request-header-fields-too-large"),
+        ),
+        (
+            send(
+                format!("/mpc/{}/end", "a".repeat(9 * 1024)),
+                0,
+                "h2-long-path",
+            ),
+            414,
+            Some("uri-too-long"),
+        ),
+    ];
+    for (answer, status, slug) in cases {
+        let answer = tokio::time::timeout(WAIT, answer)
+            .await
+            .expect("answered in time")
+            .expect("answered, not refused by the h2 library");
+        assert_eq!(answer.status().as_u16(), status);
+        if let Some(slug) = slug {
+            assert_eq!(
+                answer
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok()),
+                Some("application/problem+json")
+            );
+            let body = answer.into_body().collect().await.expect("body").to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(body["type"], format!("urn:mpc-gateway:{slug}"));
+        }
+    }
+    assert_eq!(
+        h.sim.request_count(),
+        1,
+        "only the 20 KiB head is forwarded"
+    );
+    let records = h.records();
+    for (id, status) in [("h2-pad-33k", 431), ("h2-long-path", 414)] {
+        let denied = records
+            .iter()
+            .find(|r| r["request_id"] == id)
+            .unwrap_or_else(|| panic!("a record for {id}: {records:?}"));
+        assert_eq!(denied["event"], "denied");
+        assert_eq!(denied["status"], status);
+    }
+    drop(sender);
+    driver.abort();
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Callers that go away mid-request
 // ---------------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ pub const MAX_CONNECTIONS: usize = 4096;
 const MAX_HEAD_BYTES: usize = 64 * 1024 + MAX_HEADER_BLOCK_BYTES + 1024;
 /// Header fields per request; more is `431` from the HTTP layer.
 pub const MAX_HEADERS: usize = 100;
+/// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE, which counts 32 bytes per field besides its
+/// name and value: the same room as `MAX_HEAD_BYTES` gives HTTP/1.1, so the gateway, not
+/// the h2 library (whose default is 16 KiB), decides between 414 and 431 for HTTP/2 too.
+const H2_MAX_HEADER_LIST_BYTES: u32 = (MAX_HEAD_BYTES + (MAX_HEADERS + 4) * 32) as u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -369,6 +373,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
+        .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }
