@@ -263,6 +263,9 @@ impl TryFrom<RawConfig> for Config {
         let listen_tls = validate_listen_tls(raw.listen_tls.as_ref(), &mut errors);
         check_certificates_can_be_verified(&raw, &mut errors);
         let rate_limit_store = validate_store(&raw.rate_limit_store, &mut errors);
+        if raw.shutdown_grace.0 > MAX_SHUTDOWN_GRACE {
+            errors.push("shutdown_grace", "expected at most 1h");
+        }
         match (upstream, audit, log, listen_tls, rate_limit_store) {
             (Some(upstream), Some(audit), Some(log), Some(listen_tls), Some(rate_limit_store))
                 if errors.0.is_empty() =>
@@ -312,9 +315,7 @@ fn validate_store(
                 );
                 return None;
             }
-            if raw.timeout.0.is_zero() {
-                errors.push("rate_limit_store.timeout", "must be greater than zero");
-            }
+            check_timeout("rate_limit_store.timeout", raw.timeout.0, errors);
             if raw.key_prefix.is_empty() {
                 errors.push("rate_limit_store.key_prefix", "must not be empty");
             }
@@ -415,9 +416,21 @@ fn is_valid_auth_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-/// Far above any sane Plivo call, and far below what a deadline computed from it could
-/// overflow.
-const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// Far above any sane Plivo or Redis call, and far below what a deadline computed from it
+/// could overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn check_timeout(key: &str, value: Duration, errors: &mut Errors) {
+    if value.is_zero() {
+        errors.push(key, "must be greater than zero");
+    } else if value > MAX_TIMEOUT {
+        errors.push(key, "expected at most 10m");
+    }
+}
+
+/// Far above any supervisor's kill timeout, and far below what the drain's deadline,
+/// computed from it, could overflow.
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
 
 fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamSettings> {
     let base_url = parse_base_url(&raw.base_url)
@@ -429,16 +442,8 @@ fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamS
             .map_err(|msg| errors.push("upstream.ca_file", msg))
             .ok(),
     };
-    for (key, value) in [
-        ("upstream.connect_timeout", raw.connect_timeout.0),
-        ("upstream.timeout", raw.timeout.0),
-    ] {
-        if value.is_zero() {
-            errors.push(key, "must be greater than zero");
-        } else if value > MAX_UPSTREAM_TIMEOUT {
-            errors.push(key, "expected at most 10m");
-        }
-    }
+    check_timeout("upstream.connect_timeout", raw.connect_timeout.0, errors);
+    check_timeout("upstream.timeout", raw.timeout.0, errors);
     if raw.max_attempts.0 > 10 {
         errors.push("upstream.max_attempts", "expected at most 10 attempts");
     }

@@ -231,6 +231,26 @@ fn upstream_timeouts_are_bounded() {
     );
 }
 
+/// A grace this long would overflow the drain's deadline (an abort on SIGTERM, before the
+/// audit log's last flush); a Redis timeout too, like the upstream's.
+#[test]
+fn the_shutdown_grace_and_the_store_timeout_are_bounded() {
+    let fixture = Fixture::new();
+    let yaml = format!(
+        "{MINIMAL}shutdown_grace: 18446744073709551615s\nrate_limit_store:\n  kind: redis\n  url: redis://127.0.0.1:6379\n  timeout: 11m\n"
+    );
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("shutdown_grace: expected at most 1h"), "{err}");
+    assert!(
+        err.contains("rate_limit_store.timeout: expected at most 10m"),
+        "{err}"
+    );
+    let at_the_bounds = format!(
+        "{MINIMAL}shutdown_grace: 1h\nrate_limit_store:\n  kind: redis\n  url: redis://127.0.0.1:6379\n  timeout: 10m\n"
+    );
+    fixture.load(&at_the_bounds).expect("valid at the bounds");
+}
+
 #[test]
 fn rotate_bytes_below_minimum_is_an_error() {
     let fixture = Fixture::new();

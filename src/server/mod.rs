@@ -259,12 +259,12 @@ impl RunningGateway {
         self.gateway.start_draining();
         let _ = self.stop_accepting.send(true);
         let grace = self.shutdown_grace;
-        if tokio::time::timeout(
-            grace + FORCED_CLOSE_WAIT + Duration::from_secs(1),
-            self.data_task,
-        )
-        .await
-        .is_err()
+        let drained_by = grace
+            .saturating_add(FORCED_CLOSE_WAIT)
+            .saturating_add(Duration::from_secs(1));
+        if tokio::time::timeout(drained_by, self.data_task)
+            .await
+            .is_err()
         {
             tracing::warn!("connections still open after shutdown_grace; closing them");
         }
