@@ -1,11 +1,13 @@
 //! The Redis-backed limiter against a real `redis-server` each test starts on its own
 //! loopback port: same decisions as the local limiter, one bucket shared by every
 //! instance, keys that expire, script reload after `SCRIPT FLUSH`, bounded failure when
-//! Redis is down or hung, and recovery when it comes back.
+//! Redis is down, hung or silent, and recovery when it comes back.
 
 use crate::common;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::RedisServer;
@@ -439,6 +441,65 @@ async fn hung_redis_is_a_timeout_and_recovers_when_it_resumes() {
     );
 
     until_ok(&shared, "hung", l, Duration::from_secs(3)).await;
+}
+
+/// A "Redis" that accepts connections and never answers (a stopped or cut-off server):
+/// it counts the connections made to it.
+async fn silent_redis() -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("redis://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (url, accepted, task)
+}
+
+/// A connection on which Redis stopped answering never breaks, so only timeouts tell:
+/// after two in a row the limiter pauses (checks fail at once) and then tries a new
+/// connection, instead of waiting out `timeout` on the dead one for every request.
+#[tokio::test]
+async fn a_redis_that_stops_answering_is_given_up_after_two_timeouts() {
+    let (url, accepted, silent) = silent_redis().await;
+    let timeout = Duration::from_millis(100);
+    let shared = RedisLimiter::new(&settings(&url, timeout)).expect("limiter");
+    let l = limit(100, 100);
+    for attempt in 0..2 {
+        let start = Instant::now();
+        let result = shared.check(LimitKind::Tenant, "silent", l, ONE).await;
+        assert!(
+            matches!(result, Err(StoreError::Timeout)),
+            "{attempt}: {result:?}"
+        );
+        assert!(start.elapsed() >= timeout, "{attempt}: waited the timeout");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection so far");
+
+    let start = Instant::now();
+    let result = shared.check(LimitKind::Tenant, "silent", l, ONE).await;
+    assert!(matches!(result, Err(StoreError::Unavailable)), "{result:?}");
+    assert!(
+        start.elapsed() < timeout,
+        "paused: failed at once, not after {:?}",
+        start.elapsed()
+    );
+
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let result = shared.check(LimitKind::Tenant, "silent", l, ONE).await;
+    assert!(matches!(result, Err(StoreError::Timeout)), "{result:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "after the pause, a new connection"
+    );
+    silent.abort();
 }
 
 #[tokio::test]

@@ -8,15 +8,17 @@
 //! for the same [`RateLimit`].
 //!
 //! The connection is a [`ConnectionManager`], created lazily: start-up never waits for
-//! Redis, and a dropped connection is replaced in the background. Every check is bounded
-//! by the configured `timeout`; what to do when it fails is the caller's `on_error`.
+//! Redis, a dropped connection is replaced in the background, and one on which Redis
+//! stopped answering is replaced after two timeouts in a row. Every check is bounded by
+//! the configured `timeout`; what to do when it fails is the caller's `on_error`.
 
 use std::fmt;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
@@ -73,6 +75,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// request path nothing, and is probed a few times a second rather than once per request.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
+/// Timeouts in a row after which the connection is given up for a new one. A Redis that
+/// stops answering (stopped, overloaded, cut off without a reset) leaves its connection
+/// open, so no error ever says it broke; without this, every check would wait out
+/// `timeout` on it, and the calls queued on it would pile up unanswered.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
+
 /// Why a shared check gave no decision. Messages never contain the URL or its password.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -96,13 +104,18 @@ pub struct RedisLimiter {
 }
 
 struct Inner {
-    manager: ConnectionManager,
+    /// Swapped for a new one when Redis stops answering ([`TIMEOUTS_BEFORE_RECONNECT`]).
+    manager: ArcSwap<ConnectionManager>,
+    /// What a new connection manager is made from.
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
     script: Script,
     key_prefix: String,
     timeout: Duration,
     origin: Instant,
     /// Milliseconds since `origin` before which checks fail without trying Redis.
     paused_until_ms: AtomicU64,
+    timeouts_in_a_row: AtomicU32,
     /// Strings to scrub from error messages: the URL and the password inside it.
     secrets: Vec<String>,
 }
@@ -138,7 +151,7 @@ impl RedisLimiter {
             .set_number_of_retries(0)
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(None);
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|err| StoreError::Config(redact(&err.to_string(), &secrets)))?;
         let script = Script::new(GCRA_SCRIPT);
 
@@ -159,12 +172,15 @@ impl RedisLimiter {
 
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
-                manager,
+                manager: ArcSwap::from_pointee(manager),
+                client,
+                manager_config: config,
                 script,
                 key_prefix: settings.key_prefix.clone(),
                 timeout: settings.timeout,
                 origin: Instant::now(),
                 paused_until_ms: AtomicU64::new(0),
+                timeouts_in_a_row: AtomicU32::new(0),
                 secrets,
             }),
         })
@@ -202,7 +218,7 @@ impl RedisLimiter {
         let extra_us = t_us.saturating_mul(u64::from(cells.get() - 1));
         let key = self.key(kind, name);
 
-        let mut connection = self.inner.manager.clone();
+        let mut connection = ConnectionManager::clone(&self.inner.manager.load());
         let call = async {
             self.inner
                 .script
@@ -213,11 +229,12 @@ impl RedisLimiter {
                 .invoke_async::<Vec<i64>>(&mut connection)
                 .await
         };
-        let reply = match tokio::time::timeout(self.inner.timeout, call).await {
-            Err(_elapsed) => return Err(StoreError::Timeout),
-            Ok(Err(err)) => return Err(self.failed(&err)),
-            Ok(Ok(reply)) => reply,
+        let answered = match tokio::time::timeout(self.inner.timeout, call).await {
+            Err(_elapsed) => return Err(self.timed_out()),
+            Ok(answered) => answered,
         };
+        self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        let reply = answered.map_err(|err| self.failed(&err))?;
         decision_from(&reply, limit, interval)
     }
 
@@ -229,16 +246,42 @@ impl RedisLimiter {
         self.now_ms() < self.inner.paused_until_ms.load(Ordering::Relaxed)
     }
 
+    fn pause(&self) {
+        let pause = u64::try_from(RECONNECT_PAUSE.as_millis()).unwrap_or(u64::MAX);
+        self.inner
+            .paused_until_ms
+            .store(self.now_ms().saturating_add(pause), Ordering::Relaxed);
+    }
+
     /// Turns a client error into a `StoreError`, pausing checks when the connection
     /// itself is broken (the manager is already reconnecting by then).
     fn failed(&self, err: &RedisError) -> StoreError {
         if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
-            let pause = u64::try_from(RECONNECT_PAUSE.as_millis()).unwrap_or(u64::MAX);
-            self.inner
-                .paused_until_ms
-                .store(self.now_ms().saturating_add(pause), Ordering::Relaxed);
+            self.pause();
         }
         StoreError::Redis(redact(&err.to_string(), &self.inner.secrets))
+    }
+
+    /// A check ran out of time. After [`TIMEOUTS_BEFORE_RECONNECT`] in a row the
+    /// connection is treated as broken: replaced by a new (lazy) one, which drops the
+    /// calls still queued on the old, and checks pause as after a break.
+    fn timed_out(&self) -> StoreError {
+        let in_a_row = self.inner.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= TIMEOUTS_BEFORE_RECONNECT {
+            self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            let fresh = ConnectionManager::new_lazy_with_config(
+                self.inner.client.clone(),
+                self.inner.manager_config.clone(),
+            );
+            match fresh {
+                Ok(fresh) => self.inner.manager.store(Arc::new(fresh)),
+                Err(err) => {
+                    tracing::debug!(kind = ?err.kind(), "rate-limit store: no new connection")
+                }
+            }
+            self.pause();
+        }
+        StoreError::Timeout
     }
 }
 
