@@ -374,11 +374,35 @@ async fn a_client_certificate_authenticates_its_tenant() {
     let upstream = g.sim.requests();
     assert_eq!(upstream.len(), 2, "{upstream:?}");
     assert_contract_upstream_request(&upstream[1], "billing-2");
-    let mixed = end_over_tls(&g, config, "billing-3", Some(OPS_TOKEN)).await;
+    let mixed = end_over_tls(&g, Arc::clone(&config), "billing-3", Some(OPS_TOKEN)).await;
     assert_eq!(mixed.expect("served").status, 401);
     let record = g.audit().pop().expect("record");
     assert_eq!(record["tenant"], serde_json::Value::Null);
     assert_eq!(record["reason"], "unauthenticated");
+    assert_eq!(g.sim.requests().len(), 2, "a 401 is not forwarded");
+    // Two tokens, one of them not billing's, cannot be checked against the certificate.
+    let two_tokens = [
+        ("authorization", format!("Bearer {BILLING_TOKEN}")),
+        ("authorization", format!("Bearer {OPS_TOKEN}")),
+    ];
+    let two_tokens: Vec<(&str, &str)> = two_tokens.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let answer = tls_request(
+        g.addr(),
+        config,
+        Method::POST,
+        "/mpc/billing-4/end",
+        &two_tokens,
+    )
+    .await
+    .expect("served");
+    assert_eq!(answer.status, 401);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["reason"], "unauthenticated");
+    assert_eq!(
+        record["token_fp"],
+        fingerprint(&cert),
+        "known by its certificate"
+    );
     assert_eq!(g.sim.requests().len(), 2, "a 401 is not forwarded");
     g.gateway.shutdown().await.expect("shutdown");
 }

@@ -49,7 +49,12 @@ fn by_certificate_or_bearer(
     headers: &HeaderMap,
     certificate: Option<&ClientCertificate>,
 ) -> Authenticated {
-    let token = match single_authorization(headers).and_then(bearer_token) {
+    let Ok(authorization) = authorization(headers) else {
+        // Several credentials: the caller is not authenticated, not even by its
+        // certificate, whose "a token sent as well" could not be checked.
+        return (None, None);
+    };
+    let token = match authorization.and_then(bearer_token) {
         Some(token) => runtime.tokens.identify(token),
         None => Identity::Anonymous,
     };
@@ -91,8 +96,11 @@ fn confirmed_by_certificate(
 /// `Authorization: Basic base64(sdk_auth_id:token)`; the username must be the tenant's
 /// `sdk_auth_id` and equal `{auth_id}` in the path.
 fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) -> Authenticated {
-    let Some((username, password)) = single_authorization(headers).and_then(basic_credentials)
-    else {
+    let basic = authorization(headers)
+        .ok()
+        .flatten()
+        .and_then(basic_credentials);
+    let Some((username, password)) = basic else {
         return (None, None);
     };
     let identity = runtime.tokens.identify(password.as_bytes());
@@ -111,12 +119,15 @@ fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) 
     }
 }
 
-/// The one `Authorization` header; several are ambiguous and count as none.
-fn single_authorization(headers: &HeaderMap) -> Option<&[u8]> {
+/// Several `Authorization` headers: ambiguous, so nobody is authenticated.
+struct SeveralAuthorizations;
+
+/// The `Authorization` header, if there is exactly one.
+fn authorization(headers: &HeaderMap) -> Result<Option<&[u8]>, SeveralAuthorizations> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     match (values.next(), values.next()) {
-        (Some(value), None) => Some(value.as_bytes()),
-        _ => None,
+        (_, Some(_)) => Err(SeveralAuthorizations),
+        (first, None) => Ok(first.map(|value| value.as_bytes())),
     }
 }
 
