@@ -3,6 +3,7 @@
 //! while the data listener drains, so probes see the 503.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE};
@@ -13,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
 use crate::server::HEADER_READ_TIMEOUT;
@@ -20,7 +22,17 @@ use crate::server::HEADER_READ_TIMEOUT;
 /// prometheus-client writes OpenMetrics text (it ends with `# EOF`).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Admin connections open at once; more wait in the kernel's accept queue. Probes and
+/// scrapers need a handful; the cap keeps a flood of idle connections from taking the
+/// file descriptors the data path needs (upstream connections, audit rotation).
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
+    serve_at_most(listener, gateway, MAX_ADMIN_CONNECTIONS).await;
+}
+
+async fn serve_at_most(listener: TcpListener, gateway: Gateway, max_connections: usize) {
+    let connections = Arc::new(Semaphore::new(max_connections));
     // HTTP/1.1 only: probes and scrapers speak it, and without version sniffing (which
     // has no timeout) the header read timeout covers a connection that sends nothing.
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
@@ -29,6 +41,9 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
+        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -47,6 +62,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             .into_owned();
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(permit);
         });
     }
 }
@@ -100,4 +116,75 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::config::Config;
+    use crate::rate_limit::LimiterClock;
+    use crate::telemetry::Metrics;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn gateway(dir: &std::path::Path) -> Gateway {
+        std::fs::write(dir.join("token"), "plivo-secret").expect("write");
+        let d = dir.display();
+        let config = Config::from_yaml(&format!(
+            r#"
+accounts:
+  default:
+    auth_id: MAXXXXXXXXXXXXXXXXXX
+    auth_token: {{file: "{d}/token"}}
+tenants:
+  billing:
+    tokens: ["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    allow: ["billing-*"]
+audit:
+  path: "{d}/audit.jsonl"
+"#
+        ))
+        .expect("valid config");
+        let audit = AuditLog::open(config.audit.clone()).expect("audit log");
+        let metrics = Arc::new(Metrics::new());
+        Gateway::new(&config, audit, metrics, LimiterClock::monotonic()).expect("gateway")
+    }
+
+    async fn healthz(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    /// Connections beyond the cap wait, unanswered, until one of those open closes.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_one_to_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let serving = tokio::spawn(serve_at_most(listener, gateway(dir.path()), 2));
+
+        let idle_one = TcpStream::connect(addr).await.expect("connect");
+        let _idle_two = TcpStream::connect(addr).await.expect("connect");
+        let mut waiting = TcpStream::connect(addr).await.expect("connect");
+        let early = tokio::time::timeout(Duration::from_millis(300), healthz(&mut waiting)).await;
+        assert!(early.is_err(), "answered beyond the cap: {early:?}");
+
+        drop(idle_one);
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut rest = String::new();
+            waiting.read_to_string(&mut rest).await.expect("read");
+            rest
+        })
+        .await
+        .expect("answered once a slot was free");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        serving.abort();
+    }
 }
