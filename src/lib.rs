@@ -23,6 +23,3 @@ pub mod simulator;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
-
-/// The version sent upstream in `User-Agent: mpc-gateway/{version}`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -363,6 +363,41 @@ async fn rotated_plivo_token_is_used_by_the_next_upstream_call_after_reload() {
     h.shutdown().await;
 }
 
+/// A reload that leaves `upstream` as it was keeps the upstream connections (no new
+/// handshake with Plivo); one that changes it starts afresh with its new settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_upstream_connections_unless_upstream_changed() {
+    let h = Harness::start().await;
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    assert_eq!(h.sim.connection_count(), 1);
+
+    h.running()
+        .reload_from(&h.config_path)
+        .expect("reload, nothing changed");
+    assert_eq!(h.end("billing-2", BILLING_TOKEN).await.status, 204);
+    assert_eq!(h.sim.connection_count(), 1, "kept across the reload");
+
+    let changed = h
+        .config_yaml()
+        .replace("  timeout: 3s\n", "  timeout: 4s\n");
+    assert_ne!(
+        changed,
+        h.config_yaml(),
+        "the upstream timeout is in the config"
+    );
+    std::fs::write(&h.config_path, changed).expect("write");
+    h.running()
+        .reload_from(&h.config_path)
+        .expect("reload with another upstream timeout");
+    assert_eq!(h.end("billing-3", BILLING_TOKEN).await.status, 204);
+    assert_eq!(
+        h.sim.connection_count(),
+        2,
+        "a new client, a new connection"
+    );
+    h.shutdown().await;
+}
+
 fn base64_encode(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(text)

@@ -52,6 +52,8 @@ pub struct Account {
     pub rate_limit: RateLimit,
 }
 
+/// Compared on reload: the upstream client and its connections are kept when equal.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub base_url: BaseUrl,
     pub ca_file: Option<PathBuf>,

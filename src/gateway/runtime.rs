@@ -28,7 +28,8 @@ pub(super) struct Runtime {
     /// Limiter state shared by every replica, when `rate_limit_store.kind` is redis.
     pub(super) shared_limits: Option<SharedLimits>,
     pub(super) upstream: Arc<PlivoClient>,
-    upstream_fingerprint: UpstreamFingerprint,
+    /// What `upstream` was built from: a reload keeps it (and its connections) if equal.
+    upstream_settings: UpstreamSettings,
 }
 
 pub(super) struct TenantPolicy {
@@ -84,24 +85,6 @@ impl SharedLimits {
     }
 }
 
-/// What decides whether the upstream client (and its connection pool) can be kept.
-#[derive(PartialEq, Eq)]
-struct UpstreamFingerprint(String);
-
-impl UpstreamFingerprint {
-    fn of(settings: &UpstreamSettings) -> UpstreamFingerprint {
-        let roots: Vec<&[u8]> = settings.extra_roots.iter().map(|c| c.as_ref()).collect();
-        UpstreamFingerprint(format!(
-            "{}|{:?}|{:?}|{}|{:?}",
-            settings.base_url,
-            settings.connect_timeout,
-            settings.timeout,
-            settings.max_attempts,
-            roots
-        ))
-    }
-}
-
 impl Runtime {
     pub(super) fn build(
         config: &Config,
@@ -150,11 +133,8 @@ impl Runtime {
             &config.rate_limit_store,
             previous.and_then(|runtime| runtime.shared_limits.as_ref()),
         )?;
-        let upstream_fingerprint = UpstreamFingerprint::of(&config.upstream);
         let upstream = match previous {
-            Some(old) if old.upstream_fingerprint == upstream_fingerprint => {
-                Arc::clone(&old.upstream)
-            }
+            Some(old) if old.upstream_settings == config.upstream => Arc::clone(&old.upstream),
             _ => Arc::new(PlivoClient::new(&config.upstream)?),
         };
         Ok(Runtime {
@@ -168,7 +148,7 @@ impl Runtime {
             accounts,
             limiters,
             upstream,
-            upstream_fingerprint,
+            upstream_settings: config.upstream.clone(),
             shared_limits,
         })
     }

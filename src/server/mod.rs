@@ -1,6 +1,7 @@
-//! The listeners: the data listener (HTTP/1.1 and h2c, hardened against slow and
-//! oversized input) serving [`Gateway`], the admin listener, graceful drain, and the
-//! `serve` command's signal handling (SIGHUP reload, SIGTERM/SIGINT drain).
+//! The listeners: the data listener (plain HTTP/1.1 and h2c, or TLS with ALPN `h2` and
+//! `http/1.1` and optional client certificates when `listen_tls` is set; hardened against
+//! slow and oversized input) serving [`Gateway`], the admin listener, graceful drain, and
+//! the `serve` command's signal handling (SIGHUP reload, SIGTERM/SIGINT drain).
 
 mod idle;
 

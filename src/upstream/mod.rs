@@ -1,4 +1,5 @@
-//! The call to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` over
+//! The calls to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` (or
+//! `uuid_{uuid}/`, after a `GET` of it that learns its name, for the by-uuid routes) over
 //! rustls (one HTTP/2 connection when the upstream offers it by ALPN, else a keep-alive
 //! HTTP/1.1 pool: `transport.rs`), with a per-attempt connect timeout, one deadline over
 //! all attempts, jittered exponential backoff on connect errors and 502/503/504, and the
@@ -353,7 +354,7 @@ fn is_retriable(attempt: &Attempt) -> bool {
     }
 }
 
-/// Full jitter between half and all of an exponentially growing delay.
+/// "Equal jitter": a random delay between half and all of an exponentially growing one.
 fn backoff_delay(attempts_so_far: u32) -> Duration {
     let exponent = attempts_so_far.saturating_sub(1).min(16);
     let ceiling = FIRST_BACKOFF.saturating_mul(1 << exponent).min(MAX_BACKOFF);

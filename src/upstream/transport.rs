@@ -12,11 +12,8 @@
 //! connection goes back to the pool when its answer has been read, on the calling task.
 
 use std::error::Error as StdError;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -644,21 +641,6 @@ impl TimedConnector {
             Ok(connected) => connected,
             Err(_) => Err(ConnectTimedOut.into()),
         }
-    }
-}
-
-impl tower::Service<Uri> for TimedConnector {
-    type Response = Stream;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Stream, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(uri).await })
     }
 }
 
