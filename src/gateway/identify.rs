@@ -23,7 +23,10 @@ pub(super) fn authenticate(
     route: &Route<'_>,
     trail: &mut Trail,
 ) -> Result<Arc<str>, Problem> {
-    let (tenant, fingerprint) = match route.flavor {
+    let Authenticated {
+        tenant,
+        fingerprint,
+    } = match route.flavor {
         Flavor::Native => by_certificate_or_bearer(runtime, headers, certificate),
         Flavor::Plivo => confirmed_by_certificate(
             runtime,
@@ -40,7 +43,28 @@ pub(super) fn authenticate(
     Ok(tenant)
 }
 
-type Authenticated = (Option<Arc<str>>, Option<Arc<str>>);
+/// Who a credential names, if anyone, and the fingerprint of what was presented (the
+/// audit log's `token_fp`), which a refused credential has too.
+struct Authenticated {
+    tenant: Option<Arc<str>>,
+    fingerprint: Option<Arc<str>>,
+}
+
+impl Authenticated {
+    fn tenant(tenant: Arc<str>, fingerprint: Option<Arc<str>>) -> Self {
+        Authenticated {
+            tenant: Some(tenant),
+            fingerprint,
+        }
+    }
+
+    fn nobody(fingerprint: Option<Arc<str>>) -> Self {
+        Authenticated {
+            tenant: None,
+            fingerprint,
+        }
+    }
+}
 
 /// A certificate that names a tenant decides (its fingerprint is recorded); a token sent
 /// as well must name the same tenant. Without such a certificate the token decides.
@@ -52,7 +76,7 @@ fn by_certificate_or_bearer(
     let Ok(authorization) = authorization(headers) else {
         // Several credentials: the caller is not authenticated, not even by its
         // certificate, whose "a token sent as well" could not be checked.
-        return (None, None);
+        return Authenticated::nobody(None);
     };
     let token = match authorization.and_then(bearer_token) {
         Some(token) => runtime.tokens.identify(token),
@@ -60,19 +84,21 @@ fn by_certificate_or_bearer(
     };
     let by_certificate = certificate.and_then(|cert| tenant_of_certificate(runtime, cert));
     match (by_certificate, &token) {
-        (Some((tenant, cert_fp)), Identity::Anonymous) => (Some(tenant), Some(cert_fp)),
-        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. }) if *other == tenant => {
-            (Some(tenant), Some(cert_fp))
+        (Some((tenant, cert_fp)), Identity::Anonymous) => {
+            Authenticated::tenant(tenant, Some(cert_fp))
         }
-        (Some((_, cert_fp)), _) => (None, Some(cert_fp)),
+        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. }) if *other == tenant => {
+            Authenticated::tenant(tenant, Some(cert_fp))
+        }
+        (Some((_, cert_fp)), _) => Authenticated::nobody(Some(cert_fp)),
         (
             None,
             Identity::Tenant {
                 tenant,
                 fingerprint,
             },
-        ) => (Some(Arc::clone(tenant)), Some(Arc::clone(fingerprint))),
-        (None, identity) => (None, identity.fingerprint().cloned()),
+        ) => Authenticated::tenant(Arc::clone(tenant), Some(Arc::clone(fingerprint))),
+        (None, identity) => Authenticated::nobody(identity.fingerprint().cloned()),
     }
 }
 
@@ -82,14 +108,14 @@ fn by_certificate_or_bearer(
 fn confirmed_by_certificate(
     runtime: &Runtime,
     certificate: Option<&ClientCertificate>,
-    (tenant, fingerprint): Authenticated,
+    by_basic: Authenticated,
 ) -> Authenticated {
     match certificate.and_then(|cert| tenant_of_certificate(runtime, cert)) {
-        None => (tenant, fingerprint),
-        Some((by_certificate, cert_fp)) if tenant.as_ref() == Some(&by_certificate) => {
-            (Some(by_certificate), Some(cert_fp))
+        None => by_basic,
+        Some((by_certificate, cert_fp)) if by_basic.tenant.as_ref() == Some(&by_certificate) => {
+            Authenticated::tenant(by_certificate, Some(cert_fp))
         }
-        Some((_, cert_fp)) => (None, Some(cert_fp)),
+        Some((_, cert_fp)) => Authenticated::nobody(Some(cert_fp)),
     }
 }
 
@@ -101,21 +127,21 @@ fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) 
         .flatten()
         .and_then(basic_credentials);
     let Some((username, password)) = basic else {
-        return (None, None);
+        return Authenticated::nobody(None);
     };
     let identity = runtime.tokens.identify(password.as_bytes());
     let fingerprint = identity.fingerprint().cloned();
     let Identity::Tenant { tenant, .. } = identity else {
-        return (None, fingerprint);
+        return Authenticated::nobody(fingerprint);
     };
     let sdk_auth_id = runtime
         .tenants
         .get(&*tenant)
         .and_then(|policy| policy.sdk_auth_id.as_deref());
     if sdk_auth_id == Some(username.as_str()) && path_auth_id == Some(username.as_str()) {
-        (Some(tenant), fingerprint)
+        Authenticated::tenant(tenant, fingerprint)
     } else {
-        (None, fingerprint)
+        Authenticated::nobody(fingerprint)
     }
 }
 

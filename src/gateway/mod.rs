@@ -251,16 +251,7 @@ impl Gateway {
         };
         trail.recorded();
         if let Err(err) = acknowledged(submitted).await {
-            tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
-            self.inner.metrics.audit_failure();
-            // Not forwarded: its terminal record is this `denied`, not a `result`, unless a
-            // drain cut short has written a `result` for it already.
-            if self.inner.forwarded.settle(ticket, || ()).is_none() {
-                let problem = Problem::AuditUnavailable;
-                let response = problem.to_response(&trail.request_id, trail.flavor);
-                return self.respond(trail, problem.slug(), response);
-            }
-            return self.deny(trail, Problem::AuditUnavailable).await;
+            return self.refuse_unforwarded(trail, ticket, &err).await;
         }
         let report = match &admitted.mpc {
             Mpc::Name(name) => {
@@ -492,6 +483,28 @@ impl Gateway {
                 Problem::AuditUnavailable
             }
         };
+        self.reply(trail, &problem)
+    }
+
+    /// The `forward` record failed, so the request is not forwarded: `503
+    /// audit-unavailable`, with a `denied` record as its terminal record, not a `result`;
+    /// unless a drain cut short has already written a `result` for it, which then is.
+    async fn refuse_unforwarded(
+        &self,
+        trail: Trail,
+        ticket: Ticket,
+        err: &AuditError,
+    ) -> Response<Full<Bytes>> {
+        tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
+        self.inner.metrics.audit_failure();
+        let problem = Problem::AuditUnavailable;
+        if self.inner.forwarded.settle(ticket, || ()).is_some() {
+            return self.deny(trail, problem).await;
+        }
+        self.reply(trail, &problem)
+    }
+
+    fn reply(&self, trail: Trail, problem: &Problem) -> Response<Full<Bytes>> {
         let response = problem.to_response(&trail.request_id, trail.flavor);
         self.respond(trail, problem.slug(), response)
     }
