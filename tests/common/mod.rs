@@ -60,6 +60,9 @@ pub struct Options {
     pub liveness: Liveness,
     /// Appended to the generated config (top-level keys such as `rate_limit_store`).
     pub extra_yaml: String,
+    /// More tenants, appended under `tenants:` (each line indented by two spaces), e.g. a
+    /// second tenant with an `sdk_auth_id` of its own.
+    pub extra_tenants_yaml: String,
     /// The simulator offers HTTP/2 by ALPN (otherwise only HTTP/1.1).
     pub http2: bool,
 }
@@ -82,6 +85,7 @@ impl Default for Options {
                 forget_ended: false,
             },
             extra_yaml: String::new(),
+            extra_tenants_yaml: String::new(),
             http2: false,
         }
     }
@@ -245,7 +249,7 @@ tenants:
     tokens: ["{}"]
     allow: ["*"]
     account: second
-audit:
+{}audit:
   path: "{}"
   fsync: {}
   rotate_bytes: {}
@@ -263,6 +267,7 @@ audit:
             o.tenant_limit.1,
             token_hash(OPS_TOKEN),
             token_hash(STALE_TENANT_TOKEN),
+            o.extra_tenants_yaml,
             self.audit_path.display(),
             o.fsync,
             o.rotate_bytes,
@@ -497,6 +502,13 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> S
 
 /// A `redis-server` of the test's own on a free loopback port, with nothing persisted;
 /// killed when dropped. `kill` and `restart` (same port) simulate an outage.
+///
+/// A free port can only be probed, not reserved: another test (or another test's
+/// `restart`) may bind it before this redis does. So "up" means that *this* child wrote
+/// "Ready to accept connections" to its own log file, which redis does only after it
+/// bound the port; a PING alone could be answered by someone else's server while ours is
+/// still on its way to exiting with "Address already in use". When the port turns out
+/// to be taken, `start` probes another one (bounded attempts).
 pub struct RedisServer {
     port: u16,
     extra_args: Vec<String>,
@@ -504,6 +516,9 @@ pub struct RedisServer {
     /// Working directory, so a stray dump never lands in the source tree.
     dir: tempfile::TempDir,
 }
+
+/// Ports `RedisServer::start` tries before giving up.
+const START_ATTEMPTS: usize = 8;
 
 impl RedisServer {
     pub fn start() -> RedisServer {
@@ -514,8 +529,10 @@ impl RedisServer {
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
         let mut dir = tempfile::tempdir().expect("tempdir");
         let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
-        // The port is free when probed but may be taken before redis binds it: retry.
-        for _ in 0..5 {
+        let mut last_log = String::new();
+        // The port is free when probed but may be taken before redis binds it: retry on
+        // another one.
+        for _ in 0..START_ATTEMPTS {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|listener| listener.local_addr())
                 .expect("probe a free port")
@@ -529,9 +546,13 @@ impl RedisServer {
             if server.spawn_and_wait(Duration::from_secs(5)) {
                 return server;
             }
+            last_log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
             dir = server.into_dir();
         }
-        panic!("redis-server did not start on a free loopback port in 5 attempts");
+        panic!(
+            "redis-server did not start on a free loopback port in {START_ATTEMPTS} attempts; \
+             its last log:\n{last_log}"
+        );
     }
 
     pub fn port(&self) -> u16 {
@@ -580,14 +601,56 @@ impl RedisServer {
         assert!(status.success(), "kill -{name} {pid}");
     }
 
+    /// SIGSTOP, returning once the kernel reports the process stopped: from then on its
+    /// open connections stay up and what clients send is accepted by the kernel and never
+    /// answered, a Redis slower than any timeout. `signal("CONT")` resumes it.
+    pub fn pause(&self) {
+        self.signal("STOP");
+        let pid = self.pid().expect("redis-server running");
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            // The state follows the parenthesised command name in /proc/PID/stat.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if state == Some('T') {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server {pid} not stopped after SIGSTOP: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn into_dir(mut self) -> tempfile::TempDir {
         self.kill();
         let placeholder = tempfile::tempdir().expect("tempdir");
         std::mem::replace(&mut self.dir, placeholder)
     }
 
-    /// Spawns the server and waits until it answers; false when it exited or stayed silent.
+    /// This server's own log: only it writes there, so what the log says is about it.
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Whether this child logged that it is ready (it has bound its port by then).
+    /// "Ready to accept connections" since Redis 3; Redis 2 said "The server is now
+    /// ready to accept connections".
+    fn logged_ready(&self) -> bool {
+        std::fs::read_to_string(self.log_path()).is_ok_and(|log| {
+            log.to_ascii_lowercase()
+                .contains("ready to accept connections")
+        })
+    }
+
+    /// Spawns the server and waits until it logged that it is ready and answers a PING;
+    /// false when it exited (e.g. its port was taken) or stayed silent.
     fn spawn_and_wait(&mut self, within: Duration) -> bool {
+        // A previous run's "ready" line must not count for this one.
+        let _ = std::fs::remove_file(self.log_path());
         let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         let spawned = std::process::Command::new(&binary)
             .arg("--port")
@@ -595,6 +658,8 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
             .args(&self.extra_args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -617,7 +682,7 @@ impl RedisServer {
                     return false;
                 }
             }
-            if redis_answers(self.port) {
+            if self.logged_ready() && redis_answers(self.port) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -631,6 +696,25 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The harness's own guard: a redis whose port another server already holds must not
+/// be taken for up because that other server answers PING (the race `start` retries on).
+#[test]
+fn a_redis_whose_port_is_taken_is_not_taken_for_up() {
+    let holder = RedisServer::start();
+    let mut late = RedisServer {
+        port: holder.port(),
+        extra_args: Vec::new(),
+        child: None,
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    assert!(
+        !late.spawn_and_wait(Duration::from_secs(3)),
+        "a second redis on port {} counted as started",
+        holder.port()
+    );
+    assert!(redis_answers(holder.port()), "the holder is untouched");
 }
 
 /// True when something on the port answers a PING (`+PONG`, or an error such as NOAUTH:

@@ -53,8 +53,28 @@ impl Served {
     /// Spawns `serve --config CONFIG` (JSON logs expected) and waits, at most 15 s, for
     /// the line that names both listeners.
     pub fn start(config: &Path) -> Served {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().expect("UTF-8 path")])
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--config", config.to_str().expect("UTF-8 path")]);
+        Served::spawn(command)
+    }
+
+    /// Like [`Served::start`], with the process's umask set to `umask` (octal, e.g.
+    /// `"000"`) first, so that a test sees the modes the gateway asks for rather than
+    /// what the test runner's umask happens to leave of them. `sh` execs the gateway, so
+    /// the pid is the gateway's.
+    pub fn start_with_umask(config: &Path, umask: &str) -> Served {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("umask {umask} && exec \"$0\" serve --config \"$1\""),
+            BIN,
+            config.to_str().expect("UTF-8 path"),
+        ]);
+        Served::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Served {
+        let mut child = command
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
