@@ -408,6 +408,118 @@ fn check_config_names_the_key_path_of_each_error() {
     );
 }
 
+/// `yaml` with `audit.rotate_bytes` set.
+fn with_rotate_bytes(yaml: &str, bytes: u64) -> String {
+    replaced(
+        yaml,
+        "  fsync: always\n",
+        &format!("  fsync: always\n  rotate_bytes: {bytes}\n"),
+    )
+}
+
+/// A `rotate_bytes` below 1024 would rotate on nearly every record (DESIGN §3 makes it a
+/// config error): both `check-config` and `serve` refuse it, naming the key; 1024 itself
+/// is accepted, so the test also fails if the minimum is set off by one.
+#[test]
+fn audit_rotate_bytes_below_1024_is_refused_by_check_config_and_serve() {
+    let c = ConfigDir::new();
+    let good = c.yaml(BASE, ALLOW);
+
+    let out = c.check(&with_rotate_bytes(&good, 1023));
+    assert!(
+        !out.status.success(),
+        "1023 accepted: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("audit.rotate_bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let config = c.config_path();
+    let out = run(&["serve", "--config", config.to_str().expect("UTF-8")], b"");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("audit.rotate_bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !c.audit_path().exists(),
+        "no audit file for a refused config"
+    );
+
+    let out = c.check(&with_rotate_bytes(&good, 1024));
+    assert!(out.status.success(), "1024 refused: {}", text(&out.stderr));
+}
+
+/// A second tenant, `sales`, with its own token, for the `sdk_auth_id` checks.
+const SALES_TOKEN: &str = "cli-test-sales-token";
+
+/// `yaml` with `sdk_auth_id: billing_id` on billing and, when `sales_id` is given, a
+/// second tenant `sales` whose `sdk_auth_id` it is.
+fn with_sdk_auth_ids(yaml: &str, billing_id: &str, sales_id: Option<&str>) -> String {
+    let limit = "    rate_limit: {per_second: 10, burst: 20}\n";
+    let yaml = replaced(
+        yaml,
+        limit,
+        &format!("{limit}    sdk_auth_id: \"{billing_id}\"\n"),
+    );
+    match sales_id {
+        None => yaml,
+        Some(id) => replaced(
+            &yaml,
+            "\naudit:\n",
+            &format!(
+                "\n  sales:\n    tokens: [\"{}\"]\n    allow: [\"sales-*\"]\n    sdk_auth_id: \"{id}\"\naudit:\n",
+                token_hash(SALES_TOKEN)
+            ),
+        ),
+    }
+}
+
+/// `sdk_auth_id` is what the SDKs accept as an auth id (20 characters, `MA` or `SA`, then
+/// upper-case letters and digits) and names one tenant only: anything else is refused by
+/// `check-config` with the key path. Well-formed, distinct ids on two tenants pass, so
+/// each refusal is about the id alone.
+#[test]
+fn check_config_refuses_a_malformed_or_shared_sdk_auth_id() {
+    let c = ConfigDir::new();
+    let good = c.yaml(BASE, ALLOW);
+    let (billing_id, sales_id) = ("MABILLING00000000001", "SASALES0000000000002");
+
+    let out = c.check(&with_sdk_auth_ids(&good, billing_id, Some(sales_id)));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    for (what, bad) in [
+        ("19 characters", "MABILLING0000000001"),
+        ("21 characters", "MABILLING000000000001"),
+        ("neither MA nor SA", "XABILLING00000000001"),
+        ("lower case", "MAbilling00000000001"),
+        ("punctuation", "MABILLING-0000000001"),
+    ] {
+        let out = c.check(&with_sdk_auth_ids(&good, bad, None));
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{what}: {bad} accepted");
+        assert!(
+            stderr.contains("tenants.billing.sdk_auth_id"),
+            "{what}: {stderr}"
+        );
+    }
+
+    // Both tenants claim one id: the route could not tell them apart. Tenants are checked
+    // in name order, so the error is reported on the second, naming the first.
+    let out = c.check(&with_sdk_auth_ids(&good, billing_id, Some(billing_id)));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "a shared sdk_auth_id was accepted");
+    assert!(stderr.contains("tenants.sales.sdk_auth_id"), "{stderr}");
+    assert!(
+        stderr.contains("tenant billing"),
+        "names the other tenant: {stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // A reader that went away
 // ---------------------------------------------------------------------------------------
@@ -849,6 +961,79 @@ fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
         report.contains("tampered.jsonl:4"),
         "names the file and line 4: {report}"
     );
+}
+
+/// The mode of `path` (permission bits only).
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// DESIGN §3: audit files are mode 0600. `serve` runs with umask 000, so a file created
+/// without an explicit mode would come out 0666 (and one the code asks 0600 for comes out
+/// 0600 whatever the runner's umask). With `rotate_bytes` at its minimum, a few requests
+/// rotate several times, and every file the gateway leaves in the audit directory is
+/// owner-only: the live file (created anew after each rotation), every rotated file, and
+/// the lock file. The live file is first created by hand as 0644, as an operator might:
+/// the gateway narrows it at start-up (it holds the records that then become the first
+/// rotated file).
+#[test]
+fn serve_leaves_every_audit_file_owner_only_across_rotations() {
+    use std::os::unix::fs::PermissionsExt;
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&with_rotate_bytes(&c.yaml(&sim.base_url(), ALLOW), 1024));
+    std::fs::write(c.audit_path(), "").expect("create the live file by hand");
+    std::fs::set_permissions(c.audit_path(), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod 0644");
+
+    let mut served = Served::start_with_umask(&c.config_path(), "000");
+    for n in 0..6 {
+        assert_eq!(end(&served, &format!("billing-{n}")).0, 204);
+    }
+    served.signal("TERM");
+    assert_eq!(served.wait_exit(Duration::from_secs(15)).code(), Some(0));
+
+    let audit_dir = c.path().join("audit");
+    let mut names: Vec<String> = std::fs::read_dir(&audit_dir)
+        .expect("read audit dir")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .into_string()
+                .expect("UTF-8")
+        })
+        .collect();
+    names.sort();
+    let rotated: Vec<PathBuf> = names
+        .iter()
+        .filter(|n| n.starts_with("audit.jsonl."))
+        .map(|n| audit_dir.join(n))
+        .collect();
+    assert!(rotated.len() >= 2, "several rotations: {names:?}");
+    assert!(
+        names.iter().any(|n| n == "audit.jsonl"),
+        "a live file after the last rotation: {names:?}"
+    );
+    for name in &names {
+        let path = audit_dir.join(name);
+        assert!(path.is_file(), "{name} is a regular file");
+        assert_eq!(
+            mode_of(&path),
+            0o600,
+            "{name} has mode {:o}; all: {names:?}",
+            mode_of(&path)
+        );
+    }
+    // What the files hold: the twelve records of six ended MPCs, in one chain.
+    let mut files = rotated;
+    files.push(c.audit_path());
+    assert_eq!(assert_chain(&files, Some(HMAC_KEY.as_bytes())), 12);
 }
 
 // ---------------------------------------------------------------------------------------
