@@ -194,6 +194,71 @@ async fn sdk_route_refusals_are_plivo_shaped_with_the_native_status() {
     h.shutdown().await;
 }
 
+/// A second tenant with an `sdk_auth_id` of its own, so that a username can be a real
+/// tenant's id and still be the wrong one.
+const SALES_TOKEN: &str = "sales-token-for-tests";
+const SALES_SDK_AUTH_ID: &str = "SASALES0000000000002";
+
+/// The Basic username must be the `sdk_auth_id` of the tenant whose token is the password
+/// *and* the `{auth_id}` of the path. Being some tenant's `sdk_auth_id` is not enough:
+/// billing's token under sales' id (with sales' id or billing's in the path), or with its
+/// own id under sales' path, is `401 unauthenticated`, recorded as `denied` with no tenant
+/// but the presented token's fingerprint, and nothing reaches Plivo. Each tenant's own
+/// credentials on its own path do work, so the refusals are about the pairing alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_basic_username_of_another_tenant_or_not_the_paths_auth_id_is_401() {
+    let h = Harness::with(Options {
+        extra_tenants_yaml: format!(
+            "  sales:\n    tokens: [\"{}\"]\n    allow: [\"*\"]\n    sdk_auth_id: {SALES_SDK_AUTH_ID}\n",
+            token_hash(SALES_TOKEN)
+        ),
+        ..Options::default()
+    })
+    .await;
+    let refused = [
+        // (username, password, auth id in the path)
+        (SALES_SDK_AUTH_ID, BILLING_TOKEN, SALES_SDK_AUTH_ID),
+        (SALES_SDK_AUTH_ID, BILLING_TOKEN, BILLING_SDK_AUTH_ID),
+        (BILLING_SDK_AUTH_ID, BILLING_TOKEN, SALES_SDK_AUTH_ID),
+        (BILLING_SDK_AUTH_ID, SALES_TOKEN, BILLING_SDK_AUTH_ID),
+    ];
+    for (n, (username, password, path_id)) in refused.iter().enumerate() {
+        let path = sdk_path(path_id, &format!("name_billing-{n}"));
+        let reply = sdk_delete(&h, &path, &basic(username, password), b"").await;
+        assert_plivo_error(&reply, 401);
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Basic realm=\"mpc-gateway\""),
+            "{username}:{password} on {path}"
+        );
+    }
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    let records = h.records();
+    assert_eq!(records.len(), refused.len(), "{records:?}");
+    for (record, (_, password, _)) in records.iter().zip(refused) {
+        assert_eq!(record["event"], "denied", "{record}");
+        assert_eq!(record["reason"], "unauthenticated", "{record}");
+        assert_eq!(record["status"], 401, "{record}");
+        assert_eq!(record["tenant"], serde_json::Value::Null, "{record}");
+        assert_eq!(record["mpc"], serde_json::Value::Null, "{record}");
+        assert_eq!(record["token_fp"], &token_hash(password)[7..19], "{record}");
+    }
+
+    for (tenant, id, token) in [
+        ("billing", BILLING_SDK_AUTH_ID, BILLING_TOKEN),
+        ("sales", SALES_SDK_AUTH_ID, SALES_TOKEN),
+    ] {
+        let path = sdk_path(id, &format!("name_{tenant}-ok"));
+        let reply = sdk_delete(&h, &path, &basic(id, token), b"").await;
+        assert_eq!(reply.status, 204, "{tenant}'s own credentials: {reply:?}");
+        let result = h.records().pop().expect("result");
+        assert_eq!(result["tenant"], tenant, "{result}");
+    }
+    assert_eq!(h.sim.request_count(), 2, "only the two good calls");
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_by_uuid_reads_the_name_authorizes_it_then_deletes_by_uuid() {
     let h = Harness::with_explicit_liveness().await;
@@ -318,29 +383,38 @@ async fn by_uuid_of_a_name_the_tenant_may_not_end_is_403_after_the_lookup_only()
     h.shutdown().await;
 }
 
-/// `timeout` bounds the whole call: a by-uuid request's lookup and DELETE share it. Two
-/// answers of 0.6 s each pass a 1 s timeout only one at a time: `504` at about 1 s.
+/// `timeout` bounds the whole call: a by-uuid request's lookup and DELETE share it. The
+/// lookup answers after 2 s of the 3 s `timeout`, the DELETE never: the call ends `504`
+/// at 3 s, when the one deadline passes.
+///
+/// Why the numbers: a DELETE given a `timeout` of its own would end at 2 + 3 = 5 s, and
+/// one with no deadline at all would hang until the test client gives up (15 s). The
+/// bound of 4 s leaves a loaded machine 1 s past the deadline and is still 1 s short of
+/// the wrong answer; the 1 s left of the budget after the lookup's 2 s covers its TLS
+/// handshake however slow the machine is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_uuid_lookup_and_delete_share_one_timeout() {
+    let timeout = std::time::Duration::from_secs(3);
     let h = Harness::with(Options {
         liveness: Liveness::Explicit,
-        timeout: "1s",
+        timeout: "3s",
         ..Options::default()
     })
     .await;
     let uuid = h.sim.add_mpc("billing-slow");
     h.sim
-        .push_fault(Fault::Delay(std::time::Duration::from_millis(600)));
-    h.sim
-        .push_fault(Fault::Delay(std::time::Duration::from_millis(600)));
+        .push_fault(Fault::Delay(std::time::Duration::from_secs(2)));
+    h.sim.push_fault(Fault::Hang);
     let started = std::time::Instant::now();
     let reply = h.end(&format!("by-uuid/{uuid}"), BILLING_TOKEN).await;
     let took = started.elapsed();
     reply.assert_problem(504, "upstream-timeout");
     assert!(
-        took < std::time::Duration::from_millis(1100),
-        "answered after {took:?}, past the one timeout"
+        took >= timeout && took < timeout + std::time::Duration::from_secs(1),
+        "answered after {took:?}; the one deadline was at {timeout:?}"
     );
+    let methods: Vec<String> = h.sim.requests().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["GET", "DELETE"], "the DELETE was sent, then cut");
     let result = h.records().pop().expect("result");
     assert_eq!(result["reason"], "upstream-timeout");
     assert_eq!(
