@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn store_yaml(redis: &RedisServer, on_error: &str) -> String {
+    store_yaml_with_timeout(redis, on_error, "250ms")
+}
+
+fn store_yaml_with_timeout(redis: &RedisServer, on_error: &str, timeout: &str) -> String {
     format!(
-        "rate_limit_store:\n  kind: redis\n  url: {}\n  key_prefix: test\n  timeout: 250ms\n  on_error: {on_error}\n",
+        "rate_limit_store:\n  kind: redis\n  url: {}\n  key_prefix: test\n  timeout: {timeout}\n  on_error: {on_error}\n",
         redis.url()
     )
 }
@@ -270,4 +274,176 @@ async fn deny_variant(h: &Harness, on_error: &str) -> mpc_gateway::server::Runni
     )
     .await
     .expect("start")
+}
+
+// ---------------------------------------------------------------------------------------
+// A Redis slower than `timeout`
+// ---------------------------------------------------------------------------------------
+
+/// The store's `timeout` in the tests with a stopped Redis.
+const STORE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How much longer than its waits on the store a request may take on a loaded two-core
+/// machine (two audit fsyncs, the upstream call, scheduling). A request whose store call
+/// had no bound at all would wait on the stopped Redis until the test client gives up
+/// after 15 s, so this leaves a margin of several seconds on both sides.
+const STORE_SLACK: Duration = Duration::from_millis(1500);
+
+/// A gateway on a Redis of its own with `on_error`, whose connection to Redis was used
+/// once (an admitted request decided by the shared bucket, with no store error), and
+/// then Redis stopped with SIGSTOP: the connection stays open and every check is sent
+/// and never answered, so it is the `timeout`, not a connection error, that ends it.
+async fn gateway_with_a_stopped_redis(
+    on_error: &str,
+    tenant_limit: (u32, u32),
+) -> (Harness, RedisServer) {
+    let redis = RedisServer::start();
+    let h = Harness::with(Options {
+        tenant_limit,
+        extra_yaml: store_yaml_with_timeout(
+            &redis,
+            on_error,
+            &format!("{}ms", STORE_TIMEOUT.as_millis()),
+        ),
+        ..Options::default()
+    })
+    .await;
+    let warm = h.end("billing-warm", BILLING_TOKEN).await;
+    assert_eq!(warm.status, 204, "{:?}", warm.body);
+    assert_eq!(store_errors(&h).await, 0.0, "Redis answered the warm-up");
+    redis.pause();
+    (h, redis)
+}
+
+/// `mpc_gateway_rate_limit_store_errors_total`.
+async fn store_errors(h: &Harness) -> f64 {
+    mpc_gateway::telemetry::sample(
+        &metrics_text(h).await,
+        "mpc_gateway_rate_limit_store_errors_total",
+    )
+    .unwrap_or(0.0)
+}
+
+/// The request waited for the store at least once (it did not skip Redis) and at most
+/// `waits` times plus slack (each wait was cut at `timeout`).
+fn assert_took_about_the_store_timeout(took: Duration, waits: u32) {
+    assert!(
+        took >= STORE_TIMEOUT && took <= STORE_TIMEOUT * waits + STORE_SLACK,
+        "answered after {took:?}; the store timeout is {STORE_TIMEOUT:?}"
+    );
+}
+
+/// `deny`: the tenant limit cannot be checked, so the request is refused with `503
+/// rate-limit-store-unavailable` and `Retry-After: 1` once the store's `timeout` passed,
+/// without RateLimit headers (no limit was applied), nothing goes upstream, one `denied`
+/// record, one store error (the account limit is never reached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slower_than_the_timeout_with_deny_is_503_after_the_timeout() {
+    let (h, redis) = gateway_with_a_stopped_redis("deny", (100, 100)).await;
+    let (reply, took) = timed_end(&h, "billing-1").await;
+    redis.signal("CONT");
+
+    reply.assert_problem(503, "rate-limit-store-unavailable");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.json()["retry_after"], 1);
+    assert_eq!(reply.header("ratelimit"), None);
+    assert_eq!(reply.header("ratelimit-policy"), None);
+    assert_took_about_the_store_timeout(took, 1);
+    assert_eq!(h.sim.request_count(), 1, "only the warm-up reached Plivo");
+
+    let records = h.records();
+    assert_eq!(records.len(), 3, "warm-up forward and result, one denied");
+    let denied = &records[2];
+    assert_eq!(denied["event"], "denied", "{denied}");
+    assert_eq!(denied["reason"], "rate-limit-store-unavailable", "{denied}");
+    assert_eq!(denied["status"], 503, "{denied}");
+    assert_eq!(denied["tenant"], "billing", "{denied}");
+    assert_eq!(denied["mpc"], "billing-1", "{denied}");
+    assert_eq!(denied["upstream_status"], serde_json::Value::Null);
+    assert_eq!(store_errors(&h).await, 1.0);
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+/// `allow`: admitted unchecked once the store's `timeout` passed, so the answer carries no
+/// RateLimit headers; the DELETE goes upstream and the audit has its `forward` and
+/// `result`. Both limits (tenant, then account) ask the store, so an admitted request may
+/// wait out the timeout twice, and counts one or two store errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slower_than_the_timeout_with_allow_admits_without_ratelimit_headers() {
+    let (h, redis) = gateway_with_a_stopped_redis("allow", (100, 100)).await;
+    let (reply, took) = timed_end(&h, "billing-1").await;
+    redis.signal("CONT");
+
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert_eq!(reply.header("ratelimit"), None, "unchecked: no RateLimit");
+    assert_eq!(reply.header("ratelimit-policy"), None);
+    assert_eq!(reply.header("retry-after"), None);
+    assert_took_about_the_store_timeout(took, 2);
+    let sent = h.sim.requests();
+    assert_eq!(sent.len(), 2, "the warm-up and this DELETE");
+    assert_contract_upstream_request(&sent[1], "billing-1");
+
+    let result = last_result(&h);
+    assert_eq!(result["reason"], "ended", "{result}");
+    assert_eq!(result["status"], 204, "{result}");
+    assert_eq!(result["mpc"], "billing-1", "{result}");
+    assert_eq!(
+        h.records().len(),
+        4,
+        "warm-up and this request, two records each"
+    );
+    let errors = store_errors(&h).await;
+    assert!((1.0..=2.0).contains(&errors), "{errors} store errors");
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+/// `local`: once the store's `timeout` passed, this replica's own limiter decides, with
+/// its headers. Its bucket (burst 2) is untouched by the warm-up, which the shared bucket
+/// counted: `r=1` after the first request shows whose bucket it is (the shared one would
+/// say `r=0`). It admits two, the DELETEs go upstream, and the third is `429` from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slower_than_the_timeout_with_local_falls_back_to_the_replicas_limiter() {
+    let (h, redis) = gateway_with_a_stopped_redis("local", (1, 2)).await;
+    let (first, took) = timed_end(&h, "billing-1").await;
+    let second = h.end("billing-2", BILLING_TOKEN).await;
+    let third = h.end("billing-3", BILLING_TOKEN).await;
+    redis.signal("CONT");
+
+    assert_eq!(first.status, 204, "{:?}", first.body);
+    assert_eq!(first.header("ratelimit-policy"), Some("\"tenant\";q=2;w=2"));
+    assert_eq!(first.header("ratelimit"), Some("\"tenant\";r=1;t=0"));
+    assert_took_about_the_store_timeout(took, 2);
+    assert_eq!(second.status, 204, "{:?}", second.body);
+    assert_eq!(second.header("ratelimit"), Some("\"tenant\";r=0;t=1"));
+    third.assert_problem(429, "rate-limited");
+    assert_eq!(third.header("retry-after"), Some("1"));
+
+    let targets: Vec<String> = h.sim.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets.len(), 3, "the warm-up and two DELETEs: {targets:?}");
+    assert!(targets[1].ends_with("/name_billing-1/") && targets[2].ends_with("/name_billing-2/"));
+    let reasons: Vec<String> = h
+        .records()
+        .iter()
+        .map(|r| format!("{} {}", r["event"].as_str().unwrap_or("?"), r["reason"]))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "forward null",
+            "result \"ended\"",
+            "forward null",
+            "result \"ended\"",
+            "forward null",
+            "result \"ended\"",
+            "denied \"rate-limited\"",
+        ]
+    );
+    // Every request found the store unanswering at its tenant limit; the admitted ones
+    // may have tried it again for the account limit.
+    let errors = store_errors(&h).await;
+    assert!((3.0..=5.0).contains(&errors), "{errors} store errors");
+    h.assert_chain();
+    h.shutdown().await;
 }
