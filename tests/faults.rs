@@ -490,37 +490,143 @@ async fn hanging_attempts_end_at_the_deadline() {
     h.shutdown().await;
 }
 
-/// 503s that come back fast, with a `timeout` shorter than the backoff schedule: the
-/// deadline passes during a backoff and the call ends with `504` at the deadline instead
-/// of sleeping on or making an attempt that could not finish.
+/// The raw upstream's answer to every request: `503`, empty, connection kept.
+const ANSWER_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+
+/// A raw upstream that answers every request `503` at once, except request number `held`
+/// (counted from 1 across connections), whose `503` it sends at `answer_at`.
+struct Held503 {
+    requests: Arc<AtomicUsize>,
+    /// When the held answer was written.
+    held_answered: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Held503 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawUpstream {
+    fn serve_503s(self, tls: SimTls, held: usize, answer_at: std::time::Instant) -> Held503 {
+        let acceptor = tls_acceptor(&tls);
+        let requests = Arc::new(AtomicUsize::new(0));
+        let held_answered = Arc::new(std::sync::Mutex::new(None));
+        let (count, answered) = (Arc::clone(&requests), Arc::clone(&held_answered));
+        let task = tokio::spawn(async move {
+            // Bounded: the gateway retries over a handful of connections at most.
+            for _ in 0..16 {
+                let Ok((tcp, _)) = self.listener.accept().await else {
+                    break;
+                };
+                let (acceptor, count, answered) =
+                    (acceptor.clone(), Arc::clone(&count), Arc::clone(&answered));
+                tokio::spawn(async move {
+                    let Ok(Ok(mut tls)) =
+                        tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    for _ in 0..16 {
+                        // One request head (a DELETE has no body), bounded in time and size.
+                        while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let read =
+                                tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf));
+                            match read.await {
+                                Ok(Ok(n)) if n > 0 && pending.len() < 64 * 1024 => {
+                                    pending.extend_from_slice(&buf[..n]);
+                                }
+                                _ => return,
+                            }
+                        }
+                        let end = pending
+                            .windows(4)
+                            .position(|w| w == b"\r\n\r\n")
+                            .expect("a complete head")
+                            + 4;
+                        pending.drain(..end);
+                        if count.fetch_add(1, Ordering::SeqCst) + 1 == held {
+                            tokio::time::sleep_until(answer_at.into()).await;
+                            *answered.lock().expect("lock") = Some(std::time::Instant::now());
+                        }
+                        if tls.write_all(ANSWER_503).await.is_err() || tls.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Held503 {
+            requests,
+            held_answered,
+            task,
+        }
+    }
+}
+
+/// `503`s, retried with backoff, until the deadline passes during a backoff: the call
+/// ends `504` at the deadline, neither before it nor after sleeping the backoff out.
 ///
-/// Backoffs are 50–100 ms, then 100–200 ms, so three attempts need at least 150 ms of
-/// backoff alone: with `timeout: 150ms` the attempts can never run out first, and the
-/// second backoff (or a slow attempt) always reaches the deadline.
+/// Why the numbers: backoffs are jittered (half to all of 100 ms, 200, 400, 800, 1600,
+/// then 2 s), so only a late attempt's backoff is long enough to tell "ended at the
+/// deadline" from "slept the backoff, then gave up" by a wide margin: the one after
+/// attempt 6 lasts at least 1 s. Attempts 1-5 are answered at once (their backoffs
+/// take at most 3.1 s); attempt 6 is answered 100 ms before the 4 s deadline, so the
+/// deadline passes during the backoff that follows it. Then:
+/// - right: the answer comes about 100 ms after that last `503` (plus the audit fsync
+///   and scheduling), and no seventh attempt is made;
+/// - sleeping the backoff out: at least 1 s after it;
+/// - giving up at once when the backoff would pass the deadline: before `timeout`.
+///
+/// The bound of 700 ms after the last `503` leaves 600 ms for a loaded machine and is
+/// still 300 ms short of the shortest backoff. The deadline starts after the request
+/// was sent, so "100 ms before it" only grows under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_passes_during_backoff_is_504() {
-    let timeout = Duration::from_millis(150);
-    let h = Harness::with(Options {
-        timeout: "150ms",
+    let timeout = Duration::from_secs(4);
+    let (h, raw) = harness_with_raw_upstream(Options {
+        timeout: "4s",
+        max_attempts: 10,
         ..Options::default()
     })
     .await;
-    // Warm the upstream connection so the handshake does not eat the budget.
-    assert_eq!(h.end("billing-warm", BILLING_TOKEN).await.status, 204);
-    for _ in 0..3 {
-        h.sim.push_fault(Fault::status(503, ""));
-    }
-    let before = h.sim.request_count();
-    let (reply, took) = timed_end(&h, "billing-backoff").await;
-    reply.assert_problem(504, "upstream-timeout");
-    assert!(
-        took >= timeout - Duration::from_millis(20) && took <= timeout + SLACK,
-        "answered after {took:?}"
+    let started = std::time::Instant::now();
+    let upstream = raw.serve_503s(
+        h.pki.server_tls(),
+        6,
+        started + timeout - Duration::from_millis(100),
     );
-    let made = h.sim.request_count() - before;
-    assert!((1..=2).contains(&made), "{made} attempts");
+    let reply = h.end("billing-backoff", BILLING_TOKEN).await;
+    let replied = std::time::Instant::now();
+
+    reply.assert_problem(504, "upstream-timeout");
+    let took = replied - started;
+    assert!(
+        took >= timeout,
+        "answered after {took:?}, before the deadline"
+    );
+    let last_503 = upstream
+        .held_answered
+        .lock()
+        .expect("lock")
+        .expect("attempt 6 was made and answered");
+    let after_last_503 = replied - last_503;
+    assert!(
+        after_last_503 <= Duration::from_millis(700),
+        "answered {after_last_503:?} after the last 503 (the backoff is at least 1 s)"
+    );
+    assert_eq!(
+        upstream.requests.load(Ordering::SeqCst),
+        6,
+        "no attempt after the last 503"
+    );
     let result = last_result(&h);
     assert_eq!(result["reason"], "upstream-timeout");
-    assert_eq!(result["attempts"].as_u64(), Some(made));
+    assert_eq!(result["upstream_status"], serde_json::Value::Null);
+    assert_eq!(result["attempts"], 6);
+    drop(upstream);
     h.shutdown().await;
 }
