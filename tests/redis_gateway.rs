@@ -367,8 +367,8 @@ async fn a_redis_slower_than_the_timeout_with_deny_is_503_after_the_timeout() {
 
 /// `allow`: admitted unchecked once the store's `timeout` passed, so the answer carries no
 /// RateLimit headers; the DELETE goes upstream and the audit has its `forward` and
-/// `result`. Both limits (tenant, then account) ask the store, so an admitted request may
-/// wait out the timeout twice, and counts one or two store errors.
+/// `result`. Once the tenant limit found the store failing, the account limit does not
+/// ask it again: the request waits out the timeout once, and counts one store error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_slower_than_the_timeout_with_allow_admits_without_ratelimit_headers() {
     let (h, redis) = gateway_with_a_stopped_redis("allow", (100, 100)).await;
@@ -379,7 +379,7 @@ async fn a_redis_slower_than_the_timeout_with_allow_admits_without_ratelimit_hea
     assert_eq!(reply.header("ratelimit"), None, "unchecked: no RateLimit");
     assert_eq!(reply.header("ratelimit-policy"), None);
     assert_eq!(reply.header("retry-after"), None);
-    assert_took_about_the_store_timeout(took, 2);
+    assert_took_about_the_store_timeout(took, 1);
     let sent = h.sim.requests();
     assert_eq!(sent.len(), 2, "the warm-up and this DELETE");
     assert_contract_upstream_request(&sent[1], "billing-1");
@@ -393,8 +393,7 @@ async fn a_redis_slower_than_the_timeout_with_allow_admits_without_ratelimit_hea
         4,
         "warm-up and this request, two records each"
     );
-    let errors = store_errors(&h).await;
-    assert!((1.0..=2.0).contains(&errors), "{errors} store errors");
+    assert_eq!(store_errors(&h).await, 1.0);
     h.assert_chain();
     h.shutdown().await;
 }
@@ -414,7 +413,7 @@ async fn a_redis_slower_than_the_timeout_with_local_falls_back_to_the_replicas_l
     assert_eq!(first.status, 204, "{:?}", first.body);
     assert_eq!(first.header("ratelimit-policy"), Some("\"tenant\";q=2;w=2"));
     assert_eq!(first.header("ratelimit"), Some("\"tenant\";r=1;t=0"));
-    assert_took_about_the_store_timeout(took, 2);
+    assert_took_about_the_store_timeout(took, 1);
     assert_eq!(second.status, 204, "{:?}", second.body);
     assert_eq!(second.header("ratelimit"), Some("\"tenant\";r=0;t=1"));
     third.assert_problem(429, "rate-limited");
@@ -440,10 +439,10 @@ async fn a_redis_slower_than_the_timeout_with_local_falls_back_to_the_replicas_l
             "denied \"rate-limited\"",
         ]
     );
-    // Every request found the store unanswering at its tenant limit; the admitted ones
-    // may have tried it again for the account limit.
-    let errors = store_errors(&h).await;
-    assert!((3.0..=5.0).contains(&errors), "{errors} store errors");
+    // Every request found the store failing at its tenant limit (the third one at once:
+    // after two timeouts in a row the store is given up for a moment), and none asked
+    // it again for its account limit.
+    assert_eq!(store_errors(&h).await, 3.0);
     h.assert_chain();
     h.shutdown().await;
 }

@@ -402,7 +402,10 @@ impl Gateway {
         };
         let decision = match &runtime.shared_limits {
             None => limiter.check_n(cells),
-            Some(shared) => match self.shared_decision(shared, limiter, name, cells).await {
+            Some(shared) => match self
+                .shared_decision(shared, limiter, name, cells, trail)
+                .await
+            {
                 Some(decision) => decision,
                 None => match shared.on_error {
                     OnStoreError::Local => limiter.check_n(cells),
@@ -440,14 +443,20 @@ impl Gateway {
     }
 
     /// The shared store's decision, or `None` when it failed (counted, and logged at most
-    /// once per [`STORE_ERROR_LOG_INTERVAL`] so a Redis outage cannot flood the log).
+    /// once per [`STORE_ERROR_LOG_INTERVAL`] so a Redis outage cannot flood the log), or
+    /// failed this request's other limit already (a request waits out at most one store
+    /// `timeout`).
     async fn shared_decision(
         &self,
         shared: &SharedLimits,
         limiter: &Limiter,
         name: &str,
         cells: NonZeroU32,
+        trail: &mut Trail,
     ) -> Option<Decision> {
+        if trail.store_failed {
+            return None;
+        }
         match shared
             .store
             .check(limiter.kind(), name, limiter.limit(), cells)
@@ -455,6 +464,7 @@ impl Gateway {
         {
             Ok(decision) => Some(decision),
             Err(err) => {
+                trail.store_failed = true;
                 self.inner.metrics.rate_limit_store_error();
                 if self.inner.store_error_log.ready() {
                     tracing::warn!(error = %err, on_error = ?shared.on_error, "rate-limit store failed");
