@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+mod millis;
 pub mod mpc_name;
 pub mod problem;
 pub mod rate_limit;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use crate::audit::{AuditEvent, EventKind};
+use crate::millis::millis;
 
 /// Forwarded requests not concluded yet, by ticket.
 #[derive(Default)]
@@ -93,7 +94,6 @@ impl Forwarded {
 }
 
 fn cut_short(waiting: Waiting) -> AuditEvent {
-    let elapsed_ms = waiting.started.elapsed().as_millis();
     AuditEvent {
         event: EventKind::Result,
         status: None,
@@ -101,7 +101,7 @@ fn cut_short(waiting: Waiting) -> AuditEvent {
         upstream_status: None,
         plivo_api_id: None,
         attempts: None,
-        duration_ms: Some(u64::try_from(elapsed_ms).unwrap_or(u64::MAX)),
+        duration_ms: Some(millis(waiting.started.elapsed())),
         ..waiting.forward
     }
 }

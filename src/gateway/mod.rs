@@ -35,16 +35,17 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditError, AuditLog, EventKind};
 use crate::config::{Config, OnStoreError};
+use crate::millis::Throttle;
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
 use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
-use crate::routes::{route, Target};
+use crate::routes::{route, Route, Target};
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
 use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamReport};
 use forwarded::{Forwarded, Ticket};
 pub use runtime::BuildError;
-use runtime::{Runtime, SharedLimits};
+use runtime::{Runtime, SharedLimits, TenantPolicy};
 use trail::Trail;
 
 /// What a request costs a limiter: one cell, or two for a by-uuid request (a lookup and
@@ -98,42 +99,11 @@ struct Inner {
     /// Forwarded requests whose `result` is still to come, for a drain cut short.
     forwarded: Forwarded,
     clock: LimiterClock,
-    store_error_log: LogThrottle,
+    store_error_log: Throttle,
 }
 
 /// At most one log line about rate-limit store failures per this interval.
 const STORE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Lets one event through per interval.
-struct LogThrottle {
-    origin: Instant,
-    next_ms: std::sync::atomic::AtomicU64,
-}
-
-impl LogThrottle {
-    fn new() -> LogThrottle {
-        LogThrottle {
-            origin: Instant::now(),
-            next_ms: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn ready(&self) -> bool {
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let next = self.next_ms.load(Ordering::Relaxed);
-        let interval = u64::try_from(STORE_ERROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        now >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now.saturating_add(interval),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
-}
 
 /// What a request that passed every check asks to end.
 enum Mpc {
@@ -167,7 +137,7 @@ impl Gateway {
                 draining: AtomicBool::new(false),
                 forwarded: Forwarded::default(),
                 clock,
-                store_error_log: LogThrottle::new(),
+                store_error_log: Throttle::new(STORE_ERROR_LOG_INTERVAL),
             }),
         })
     }
@@ -291,36 +261,13 @@ impl Gateway {
         read_bounded_body(&parts.headers, body).await?;
         let certificate = parts.extensions.get::<ClientCertificate>();
         let tenant = identify::authenticate(runtime, &parts.headers, certificate, &route, trail)?;
+        // Validation gives every tenant a policy, an account and limiters; a runtime
+        // without them (impossible) refuses rather than forwards.
         let policy = runtime
             .tenants
             .get(&*tenant)
             .ok_or(Problem::Unauthenticated)?;
-        let (mpc, upstream_calls) = match route.target {
-            Target::Name(_) if route.target_cut_by_query => {
-                return Err(Problem::InvalidMpcName(InvalidMpcName::ReservedCharacter));
-            }
-            Target::Uuid(_) if route.target_cut_by_query => {
-                return Err(Problem::InvalidMpcUuid(InvalidMpcUuid));
-            }
-            Target::Name(segment) => {
-                let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
-                trail.mpc = Some(name.shared());
-                if !policy.may_end(name.as_str()) {
-                    return Err(Problem::Forbidden);
-                }
-                (Mpc::Name(name), ONE_CELL)
-            }
-            Target::Uuid(text) => {
-                let uuid = MpcUuid::parse(text).map_err(Problem::InvalidMpcUuid)?;
-                (
-                    Mpc::Uuid {
-                        uuid,
-                        tenant: Arc::clone(&tenant),
-                    },
-                    TWO_CELLS,
-                )
-            }
-        };
+        let (mpc, upstream_calls) = check_target(&route, policy, &tenant, trail)?;
         trail.account = Some(Arc::clone(&policy.account));
         let account = runtime
             .accounts
@@ -592,6 +539,37 @@ fn no_content() -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     response
+}
+
+/// The name check and authorization (400, then 403), and what the request costs its
+/// account. A uuid is authorized later, once Plivo has told its name.
+fn check_target(
+    route: &Route<'_>,
+    policy: &TenantPolicy,
+    tenant: &Arc<str>,
+    trail: &mut Trail,
+) -> Result<(Mpc, NonZeroU32), Problem> {
+    match route.target {
+        Target::Name(_) if route.target_cut_by_query => {
+            Err(Problem::InvalidMpcName(InvalidMpcName::ReservedCharacter))
+        }
+        Target::Uuid(_) if route.target_cut_by_query => {
+            Err(Problem::InvalidMpcUuid(InvalidMpcUuid))
+        }
+        Target::Name(segment) => {
+            let name = MpcName::from_path_segment(segment).map_err(Problem::InvalidMpcName)?;
+            trail.mpc = Some(name.shared());
+            if !policy.may_end(name.as_str()) {
+                return Err(Problem::Forbidden);
+            }
+            Ok((Mpc::Name(name), ONE_CELL))
+        }
+        Target::Uuid(text) => {
+            let uuid = MpcUuid::parse(text).map_err(Problem::InvalidMpcUuid)?;
+            let tenant = Arc::clone(tenant);
+            Ok((Mpc::Uuid { uuid, tenant }, TWO_CELLS))
+        }
+    }
 }
 
 /// Refuses what the HTTP library lets through but the contract does not: any

@@ -9,6 +9,7 @@ use http::{HeaderValue, Method, Request};
 
 use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
+use crate::millis::millis;
 use crate::request_id::RequestId;
 use crate::routes::{flavor_of, Flavor};
 
@@ -89,7 +90,7 @@ impl Trail {
     pub(super) fn event(&self, kind: EventKind) -> AuditEvent {
         let duration_ms = match kind {
             EventKind::Forward => None,
-            _ => Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            _ => Some(millis(self.started.elapsed())),
         };
         AuditEvent {
             event: kind,

@@ -24,6 +24,7 @@ use redis::{RedisError, Script};
 
 use super::{ceil_secs, Decision, LimitKind, RateLimit};
 use crate::config::RedisStoreSettings;
+use crate::millis::millis;
 
 /// GCRA with governor's semantics, in integer microseconds of the Redis server's clock.
 ///
@@ -239,7 +240,7 @@ impl RedisLimiter {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.inner.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis(self.inner.origin.elapsed())
     }
 
     fn paused(&self) -> bool {
@@ -247,10 +248,8 @@ impl RedisLimiter {
     }
 
     fn pause(&self) {
-        let pause = u64::try_from(RECONNECT_PAUSE.as_millis()).unwrap_or(u64::MAX);
-        self.inner
-            .paused_until_ms
-            .store(self.now_ms().saturating_add(pause), Ordering::Relaxed);
+        let until = self.now_ms().saturating_add(millis(RECONNECT_PAUSE));
+        self.inner.paused_until_ms.store(until, Ordering::Relaxed);
     }
 
     /// Turns a client error into a `StoreError`, pausing checks when the connection

@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::millis::millis;
+
 /// Requests in flight on one HTTP/2 connection, and when the last one ended.
 pub(super) struct H2Activity {
     in_flight: AtomicUsize,
@@ -64,7 +66,7 @@ pub(super) struct InFlight(Arc<H2Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
-        let now_ms = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now_ms = millis(activity.opened.elapsed());
         activity.last_end_ms.store(now_ms, Ordering::Release);
         // Only the last one out can make the connection idle.
         if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::config::{Account, UpstreamSettings};
+use crate::millis::millis;
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
 
@@ -358,8 +359,8 @@ fn is_retriable(attempt: &Attempt) -> bool {
 fn backoff_delay(attempts_so_far: u32) -> Duration {
     let exponent = attempts_so_far.saturating_sub(1).min(16);
     let ceiling = FIRST_BACKOFF.saturating_mul(1 << exponent).min(MAX_BACKOFF);
-    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
+    let ceiling_ms = millis(ceiling);
+    Duration::from_millis(rand::thread_rng().gen_range(ceiling_ms / 2..=ceiling_ms))
 }
 
 fn classify_error(err: &SendError) -> Attempt {

@@ -1,0 +1,65 @@
+//! Time as whole milliseconds: what atomics hold (instants as milliseconds since an
+//! origin) and what the audit log records (`duration_ms`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Whole milliseconds, saturating at `u64::MAX` (585 million years) instead of wrapping.
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Lets one event through per interval, from any thread: for log lines about a failure
+/// that may repeat on every request.
+pub(crate) struct Throttle {
+    origin: Instant,
+    interval_ms: u64,
+    /// Milliseconds since `origin` before which nothing more is let through.
+    next_ms: AtomicU64,
+}
+
+impl Throttle {
+    pub(crate) fn new(interval: Duration) -> Throttle {
+        Throttle {
+            origin: Instant::now(),
+            interval_ms: millis(interval),
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this event is the one let through for the current interval.
+    pub(crate) fn ready(&self) -> bool {
+        let now = millis(self.origin.elapsed());
+        let next = self.next_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(self.interval_ms),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_event_per_interval() {
+        let throttle = Throttle::new(Duration::from_secs(3600));
+        assert!(throttle.ready());
+        assert!(!throttle.ready());
+        let every_time = Throttle::new(Duration::ZERO);
+        assert!(every_time.ready() && every_time.ready());
+    }
+
+    #[test]
+    fn millis_saturate() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
+    }
+}
