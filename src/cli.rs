@@ -30,9 +30,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway until SIGTERM/SIGINT (SIGHUP reloads); exit 0 after a clean drain,
+    /// 1 on a start-up error or a failed final audit flush.
     Serve(ConfigArg),
-    /// Validate the config (secrets resolve, audit directory writable); exit 0 when valid.
+    /// Validate the config (secrets resolve, audit directory writable); exit 0 when valid,
+    /// 1 when not.
     CheckConfig(ConfigArg),
     /// Run the gateway against the built-in Plivo simulator on loopback.
     Demo,
@@ -58,15 +60,16 @@ struct ConfigArg {
 enum TokenCommand {
     /// Print a fresh random token (line 1) and its sha256: line for the config (line 2).
     New,
-    /// Read a token on stdin and print its sha256: line.
+    /// Read a token on stdin and print its sha256: line (exit 2 when stdin is empty).
     Hash,
 }
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check every hash-chain link; exit 0 only if the chain holds.
+    /// Check every hash-chain link. Exit 0: intact; 1: tampering or a broken chain;
+    /// 2: usage or I/O error; 3: intact but for a torn final line.
     Verify(VerifyArgs),
-    /// Select audit records.
+    /// Select audit records (exit 2 on a usage or I/O error).
     Query(QueryArgs),
 }
 

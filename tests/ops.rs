@@ -868,7 +868,9 @@ async fn slowloris_partial_head_is_closed_by_the_header_timeout() {
 
 /// An idle kept-alive connection: after its first answer the client sends nothing more.
 /// Waiting for the next request head is covered by the same timeout, so the connection is
-/// closed about 10 s later instead of being held forever.
+/// closed about 10 s later instead of being held forever. That is counted apart from a
+/// first head that never came (`idle-timeout`, not `header-timeout`): an alert on
+/// refusals must not fire for idle clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_is_closed_by_the_header_timeout() {
     let h = Harness::start().await;
@@ -886,6 +888,17 @@ async fn idle_keep_alive_connection_is_closed_by_the_header_timeout() {
         "closed too early: {took:?}"
     );
     assert_eq!(h.records().len(), 2, "only the one request was recorded");
+    let idle = "mpc_gateway_http_rejected_total{kind=\"idle-timeout\"}";
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sample(&metrics_text(&h).await, idle) == Some(1.0)
+        })
+        .await,
+        "{idle} counted once:\n{}",
+        metrics_text(&h).await
+    );
+    let refused = "mpc_gateway_http_rejected_total{kind=\"header-timeout\"}";
+    assert_eq!(sample(&metrics_text(&h).await, refused), None);
     h.shutdown().await;
 }
 
@@ -911,6 +924,35 @@ async fn a_late_partial_head_is_closed_ten_seconds_after_the_accept() {
     assert!(h.records().is_empty());
     let series = "mpc_gateway_http_rejected_total{kind=\"header-timeout\"}";
     assert_eq!(sample(&metrics_text(&h).await, series), Some(1.0));
+    h.shutdown().await;
+}
+
+/// A TCP probe (a load balancer's, a kubelet `tcpSocket` check) connects and closes
+/// without a byte: nothing was refused, so nothing is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_before_its_first_byte_is_not_counted_as_refused() {
+    let h = Harness::start().await;
+    for _ in 0..3 {
+        drop(TcpStream::connect(h.addr()).await.expect("connect"));
+    }
+    // A request after the probes: once it is answered, the probes' connections, accepted
+    // before it, have been looked at.
+    assert_eq!(
+        h.end("billing-after-probes", BILLING_TOKEN).await.status,
+        204
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sample(&metrics_text(&h).await, "mpc_gateway_open_connections") <= Some(1.0)
+        })
+        .await,
+        "every probe's connection closed (the harness keeps its own alive)"
+    );
+    let text = metrics_text(&h).await;
+    assert!(
+        !text.contains("mpc_gateway_http_rejected_total{"),
+        "nothing counted as refused:\n{text}"
+    );
     h.shutdown().await;
 }
 

@@ -328,27 +328,38 @@ enum HttpVersion {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Why a connection has no HTTP version.
+enum NoVersion {
+    /// Not enough bytes by the head deadline.
+    TimedOut,
+    /// The client closed (or reset) the connection before sending a byte.
+    Closed,
+}
+
 /// Tells HTTP/1 from prior-knowledge HTTP/2 (h2c) by peeking at the first bytes, before
-/// the connection's head deadline. `None`: the client closed or sent nothing in time.
-async fn sniff_version(stream: &TcpStream, deadline: Instant) -> Option<HttpVersion> {
+/// the connection's head deadline.
+async fn sniff_version(stream: &TcpStream, deadline: Instant) -> Result<HttpVersion, NoVersion> {
     let mut buf = [0u8; 24];
     let mut pause = SNIFF_FIRST_PAUSE;
     loop {
         // `timeout_at` polls the peek first, and a partial preface is always ready:
         // check the deadline explicitly.
         if Instant::now() >= deadline {
-            return None;
+            return Err(NoVersion::TimedOut);
         }
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let n = match peeked {
             Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
+            // (A client that closes after part of a preface still has those bytes
+            // peeked, so it waits out the deadline above.)
+            Ok(Ok(_)) | Ok(Err(_)) => return Err(NoVersion::Closed),
+            Err(_) => return Err(NoVersion::TimedOut),
         };
         if buf[..n] != H2_PREFACE[..n] {
-            return Some(HttpVersion::Http1);
+            return Ok(HttpVersion::Http1);
         }
         if n == H2_PREFACE.len() {
-            return Some(HttpVersion::Http2);
+            return Ok(HttpVersion::Http2);
         }
         // A partial preface: peek would return the same bytes at once, so wait for the
         // rest. Honest h2c clients rarely split their preface; a client that sends one
@@ -481,9 +492,11 @@ impl Connection {
         // the header timeout of the accept.
         let head_deadline = Instant::now() + HEADER_READ_TIMEOUT;
         let Some(acceptor) = self.gateway.tls_acceptor() else {
-            let Some(version) = sniff_version(&stream, head_deadline).await else {
-                metrics.http_rejected("header-timeout");
-                return;
+            let version = match sniff_version(&stream, head_deadline).await {
+                Ok(version) => version,
+                Err(NoVersion::TimedOut) => return metrics.http_rejected("header-timeout"),
+                // A TCP probe (load balancer, kubelet): nothing was refused.
+                Err(NoVersion::Closed) => return,
             };
             let io = TokioIo::new(stream);
             let result = self.serve_http(io, version, None, head_deadline).await;
@@ -547,7 +560,9 @@ impl Connection {
         let connection = builder.serve_connection(io, service).into_owned();
         let mut served = std::pin::pin!(self.watcher.watch(connection));
         tokio::select! {
-            result = &mut served => return result,
+            // hyper's own header timer, started a little later, can be due in the same
+            // tick: the first head's deadline is this one, and decides how it is counted.
+            biased;
             arrived = first_head.arrives_before(head_deadline) => {
                 if !arrived {
                     // Dropping the connection closes it.
@@ -555,6 +570,7 @@ impl Connection {
                     return Ok(());
                 }
             }
+            result = &mut served => return result,
         }
         let Some(activity) = activity else {
             return served.await;
@@ -648,7 +664,10 @@ fn record_connection_error(metrics: &Metrics, err: &(dyn std::error::Error + 'st
     let kind = match err.downcast_ref::<hyper::Error>() {
         Some(e) if e.is_parse_too_large() => "too-large",
         Some(e) if e.is_parse() => "malformed",
-        Some(e) if e.is_timeout() => "header-timeout",
+        // hyper's own header timer runs only for the heads after the first (the first is
+        // timed from the accept, above): a kept-alive connection whose next head did not
+        // come, which is mostly an idle client, not a refusal.
+        Some(e) if e.is_timeout() => "idle-timeout",
         Some(_) => "io",
         None => "other",
     };
@@ -784,7 +803,7 @@ audit:
         });
         let deadline = Instant::now() + Duration::from_secs(5);
         let version = sniff_version(&server, deadline).await;
-        assert!(matches!(version, Some(HttpVersion::Http2)));
+        assert!(matches!(version, Ok(HttpVersion::Http2)));
         drop(rest.await.expect("writer"));
     }
 
