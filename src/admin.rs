@@ -122,7 +122,6 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
     use crate::audit::AuditLog;
-    use crate::config::Config;
     use crate::rate_limit::LimiterClock;
     use crate::telemetry::Metrics;
     use std::time::Duration;
@@ -130,23 +129,7 @@ mod tests {
     use tokio::net::TcpStream;
 
     fn gateway(dir: &std::path::Path) -> Gateway {
-        std::fs::write(dir.join("token"), "plivo-secret").expect("write");
-        let d = dir.display();
-        let config = Config::from_yaml(&format!(
-            r#"
-accounts:
-  default:
-    auth_id: MAXXXXXXXXXXXXXXXXXX
-    auth_token: {{file: "{d}/token"}}
-tenants:
-  billing:
-    tokens: ["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
-    allow: ["billing-*"]
-audit:
-  path: "{d}/audit.jsonl"
-"#
-        ))
-        .expect("valid config");
+        let config = crate::config::for_tests(dir, "");
         let audit = AuditLog::open(config.audit.clone()).expect("audit log");
         let metrics = Arc::new(Metrics::new());
         Gateway::new(&config, audit, metrics, LimiterClock::monotonic()).expect("gateway")

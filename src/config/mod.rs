@@ -715,5 +715,29 @@ fn validate_log(raw: &raw::RawLog, errors: &mut Errors) -> Option<LogSettings> {
     }
 }
 
+/// A valid config for the unit tests of other modules: one account whose token is a file
+/// in `dir`, tenant `billing` (the token `foo`) and the audit log `dir/audit.jsonl`, with
+/// `audit_extra` (indented YAML lines) added to its `audit` block.
+#[cfg(test)]
+pub(crate) fn for_tests(dir: &Path, audit_extra: &str) -> Config {
+    std::fs::write(dir.join("token"), "plivo-secret").expect("write");
+    let d = dir.display();
+    Config::from_yaml(&format!(
+        r#"
+accounts:
+  default:
+    auth_id: MAXXXXXXXXXXXXXXXXXX
+    auth_token: {{file: "{d}/token"}}
+tenants:
+  billing:
+    tokens: ["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    allow: ["billing-*"]
+audit:
+  path: "{d}/audit.jsonl"
+{audit_extra}"#
+    ))
+    .expect("valid config")
+}
+
 #[cfg(test)]
 mod tests;

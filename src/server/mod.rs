@@ -749,28 +749,15 @@ mod tests {
     use super::*;
     use crate::config::raw::LogFormat;
 
-    /// A config whose HMAC key is read from `key_file`, with `fsync` as given.
+    /// A config whose HMAC key `key` is read from a file, with `fsync` as given.
     fn config(dir: &Path, key: &str, fsync: &str) -> Config {
-        std::fs::write(dir.join("token"), "plivo-secret").expect("write");
         std::fs::write(dir.join("key"), key).expect("write");
-        let d = dir.display();
-        Config::from_yaml(&format!(
-            r#"
-accounts:
-  default:
-    auth_id: MAXXXXXXXXXXXXXXXXXX
-    auth_token: {{file: "{d}/token"}}
-tenants:
-  billing:
-    tokens: ["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
-    allow: ["billing-*"]
-audit:
-  path: "{d}/audit.jsonl"
-  fsync: {fsync}
-  hmac_key: {{file: "{d}/key"}}
-"#
-        ))
-        .expect("valid config")
+        let key_file = dir.join("key");
+        let audit = format!(
+            "  fsync: {fsync}\n  hmac_key: {{file: \"{}\"}}\n",
+            key_file.display()
+        );
+        crate::config::for_tests(dir, &audit)
     }
 
     #[test]
