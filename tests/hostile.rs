@@ -1340,12 +1340,24 @@ async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
             assert_eq!(body["type"], format!("urn:mpc-gateway:{slug}"));
         }
     }
+    // Far over the contract's limits the h2 library refuses the head itself (an HTTP/2
+    // connection holds up to 256 heads at once, so that room is bounded): a bare `431`
+    // or a refused stream, and no record.
+    let huge = send("/mpc/billing-h2-huge/end".into(), 80 * 1024, "h2-pad-80k");
+    if let Ok(answer) = tokio::time::timeout(WAIT, huge).await.expect("in time") {
+        assert_eq!(answer.status().as_u16(), 431);
+        assert!(
+            answer.headers().get("x-request-id").is_none(),
+            "not the gateway's"
+        );
+    }
     assert_eq!(
         h.sim.request_count(),
         1,
         "only the 20 KiB head is forwarded"
     );
     let records = h.records();
+    assert!(records.iter().all(|r| r["request_id"] != "h2-pad-80k"));
     for (id, status) in [("h2-pad-33k", 431), ("h2-long-path", 414)] {
         let denied = records
             .iter()

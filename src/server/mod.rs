@@ -30,7 +30,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::admin;
 use crate::audit::{AuditError, AuditLog, Fsync};
 use crate::config::{Config, ConfigError, LogSettings};
-use crate::gateway::{BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES};
+use crate::gateway::{
+    BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES,
+};
 use crate::problem::Problem;
 use crate::rate_limit::LimiterClock;
 use crate::request_id::RequestIdLayer;
@@ -56,9 +58,13 @@ const MAX_HEAD_BYTES: usize = 64 * 1024 + MAX_HEADER_BLOCK_BYTES + 1024;
 /// Header fields per request; more is `431` from the HTTP layer.
 pub const MAX_HEADERS: usize = 100;
 /// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE, which counts 32 bytes per field besides its
-/// name and value: the same room as `MAX_HEAD_BYTES` gives HTTP/1.1, so the gateway, not
-/// the h2 library (whose default is 16 KiB), decides between 414 and 431 for HTTP/2 too.
-const H2_MAX_HEADER_LIST_BYTES: u32 = (MAX_HEAD_BYTES + (MAX_HEADERS + 4) * 32) as u32;
+/// name and value: the contract's largest request line and header block with a quarter
+/// to spare, so the gateway, not the h2 library (whose default is 16 KiB), answers `414`
+/// and `431` for heads somewhat over them; larger heads get h2's own refusal, as HTTP/1.1
+/// heads over `MAX_HEAD_BYTES` get hyper's. Not more: an HTTP/2 connection may hold up
+/// to `max_concurrent_streams` heads at once, each until its body arrives.
+const H2_MAX_HEADER_LIST_BYTES: u32 =
+    ((MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES) * 5 / 4 + (MAX_HEADERS + 4) * 32) as u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
