@@ -261,33 +261,29 @@ impl Gateway {
         read_bounded_body(&parts.headers, body).await?;
         let certificate = parts.extensions.get::<ClientCertificate>();
         let tenant = identify::authenticate(runtime, &parts.headers, certificate, &route, trail)?;
-        // Validation gives every tenant a policy, an account and limiters; a runtime
-        // without them (impossible) refuses rather than forwards.
+        // Authentication names only tenants of this runtime; one it lacks (impossible)
+        // is refused rather than forwarded.
         let policy = runtime
             .tenants
             .get(&*tenant)
             .ok_or(Problem::Unauthenticated)?;
         let (mpc, upstream_calls) = check_target(&route, policy, &tenant, trail)?;
-        trail.account = Some(Arc::clone(&policy.account));
-        let account = runtime
-            .accounts
-            .get(&*policy.account)
-            .map(Arc::clone)
-            .ok_or(Problem::Forbidden)?;
-        let tenant_limiter = runtime.limiters.tenant(&tenant);
-        self.limit(runtime, tenant_limiter, &tenant, ONE_CELL, trail)
+        let account = &policy.account;
+        trail.account = Some(Arc::clone(&account.name));
+        self.limit(runtime, &policy.limiter, &tenant, ONE_CELL, trail)
             .await?;
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
-        let account_limiter = runtime.limiters.account(&policy.account);
+        let account_cells = upstream_calls;
         self.limit(
             runtime,
-            account_limiter,
-            &policy.account,
-            upstream_calls,
+            &account.limiter,
+            &account.name,
+            account_cells,
             trail,
         )
         .await?;
+        let account = Arc::clone(&account.credentials);
         Ok(Admitted { account, mpc })
     }
 
@@ -334,19 +330,15 @@ impl Gateway {
         report
     }
 
-    /// Applies one limit, from the shared store when there is one. A missing limiter
-    /// (impossible after validation) refuses.
+    /// Applies one limit, from the shared store when there is one.
     async fn limit(
         &self,
         runtime: &Runtime,
-        limiter: Option<&Arc<Limiter>>,
+        limiter: &Limiter,
         name: &str,
         cells: NonZeroU32,
         trail: &mut Trail,
     ) -> Result<(), Problem> {
-        let Some(limiter) = limiter else {
-            return Err(Problem::Forbidden);
-        };
         let decision = match &runtime.shared_limits {
             None => limiter.check_n(cells),
             Some(shared) => match self

@@ -12,7 +12,7 @@ use crate::config::{
     Config, OnStoreError, RateLimitStoreSettings, RedisStoreSettings, UpstreamSettings,
 };
 use crate::rate_limit::redis::{RedisLimiter, StoreError};
-use crate::rate_limit::{LimiterClock, LimiterSet};
+use crate::rate_limit::{Limiter, LimiterClock, LimiterSet};
 use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -23,8 +23,8 @@ pub(super) struct Runtime {
     /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) tenants: HashMap<String, TenantPolicy>,
-    pub(super) accounts: HashMap<String, Arc<AccountCredentials>>,
-    pub(super) limiters: LimiterSet,
+    /// Kept for the next reload, which carries over every limiter whose limit is the same.
+    limiters: LimiterSet,
     /// Limiter state shared by every replica, when `rate_limit_store.kind` is redis.
     pub(super) shared_limits: Option<SharedLimits>,
     pub(super) upstream: Arc<PlivoClient>,
@@ -32,11 +32,20 @@ pub(super) struct Runtime {
     upstream_settings: UpstreamSettings,
 }
 
+/// One tenant, resolved at load: the request path needs no further lookup.
 pub(super) struct TenantPolicy {
     pub(super) allow: Vec<NamePattern>,
-    pub(super) account: Arc<str>,
+    pub(super) limiter: Arc<Limiter>,
+    pub(super) account: Arc<AccountRuntime>,
     /// Basic username of this tenant on the Plivo-compatible route.
     pub(super) sdk_auth_id: Option<String>,
+}
+
+/// A Plivo account as the tenants that use it share it.
+pub(super) struct AccountRuntime {
+    pub(super) name: Arc<str>,
+    pub(super) credentials: Arc<AccountCredentials>,
+    pub(super) limiter: Arc<Limiter>,
 }
 
 impl TenantPolicy {
@@ -50,6 +59,9 @@ impl TenantPolicy {
 /// still fail here, e.g. a TLS library refusal).
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// Validation makes this impossible; the check keeps a runtime from ever lacking it.
+    #[error("tenants.{0}: names an account or a limit that was not built")]
+    UnresolvedTenant(String),
     #[error("{0}")]
     Upstream(#[from] UpstreamBuildError),
     #[error("rate_limit_store: {0}")]
@@ -91,31 +103,6 @@ impl Runtime {
         previous: Option<&Runtime>,
         clock: &LimiterClock,
     ) -> Result<Runtime, BuildError> {
-        let mut tokens = TokenDirectory::default();
-        let mut sans = HashMap::new();
-        let mut tenants = HashMap::new();
-        for (name, tenant) in &config.tenants {
-            let shared: Arc<str> = Arc::from(name.as_str());
-            for hash in &tenant.tokens {
-                tokens.insert(*hash, Arc::clone(&shared));
-            }
-            for san in &tenant.client_cert_sans {
-                sans.insert(san.clone(), Arc::clone(&shared));
-            }
-            tenants.insert(
-                name.clone(),
-                TenantPolicy {
-                    allow: tenant.allow.clone(),
-                    account: Arc::from(tenant.account.as_str()),
-                    sdk_auth_id: tenant.sdk_auth_id.clone(),
-                },
-            );
-        }
-        let accounts = config
-            .accounts
-            .iter()
-            .map(|(name, account)| (name.clone(), Arc::new(AccountCredentials::new(account))))
-            .collect();
         warn_of_accounts_that_never_admit_by_uuid(config);
         let limiters = LimiterSet::rebuild(
             previous.map(|runtime| &runtime.limiters),
@@ -129,6 +116,43 @@ impl Runtime {
                 .map(|(n, a)| (n.as_str(), a.rate_limit)),
             clock,
         );
+        let accounts: HashMap<&str, Arc<AccountRuntime>> = config
+            .accounts
+            .iter()
+            .filter_map(|(name, account)| {
+                let limiter = Arc::clone(limiters.account(name)?);
+                let runtime = AccountRuntime {
+                    name: Arc::from(name.as_str()),
+                    credentials: Arc::new(AccountCredentials::new(account)),
+                    limiter,
+                };
+                Some((name.as_str(), Arc::new(runtime)))
+            })
+            .collect();
+        let mut tokens = TokenDirectory::default();
+        let mut sans = HashMap::new();
+        let mut tenants = HashMap::new();
+        for (name, tenant) in &config.tenants {
+            let shared: Arc<str> = Arc::from(name.as_str());
+            for hash in &tenant.tokens {
+                tokens.insert(*hash, Arc::clone(&shared));
+            }
+            for san in &tenant.client_cert_sans {
+                sans.insert(san.clone(), Arc::clone(&shared));
+            }
+            let unresolved = || BuildError::UnresolvedTenant(name.clone());
+            let policy = TenantPolicy {
+                allow: tenant.allow.clone(),
+                limiter: Arc::clone(limiters.tenant(name).ok_or_else(unresolved)?),
+                account: Arc::clone(
+                    accounts
+                        .get(tenant.account.as_str())
+                        .ok_or_else(unresolved)?,
+                ),
+                sdk_auth_id: tenant.sdk_auth_id.clone(),
+            };
+            tenants.insert(name.clone(), policy);
+        }
         let shared_limits = SharedLimits::build(
             &config.rate_limit_store,
             previous.and_then(|runtime| runtime.shared_limits.as_ref()),
@@ -145,7 +169,6 @@ impl Runtime {
                 .as_ref()
                 .map(|tls| TlsAcceptor::from(Arc::clone(&tls.server_config))),
             tenants,
-            accounts,
             limiters,
             upstream,
             upstream_settings: config.upstream.clone(),
@@ -166,5 +189,33 @@ fn warn_of_accounts_that_never_admit_by_uuid(config: &Config) {
                 "this account's burst is below the two calls a by-uuid request costs: such requests are always refused (429); raise the burst to 2 or more"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_tenant_is_resolved_at_load_or_the_load_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::config::for_tests(dir.path(), "");
+        let clock = LimiterClock::monotonic();
+        let runtime = Runtime::build(&config, None, &clock).expect("a valid config builds");
+        let billing = runtime.tenants.get("billing").expect("billing");
+        assert_eq!(&*billing.account.name, "default");
+        assert!(Arc::ptr_eq(
+            &billing.limiter,
+            runtime.limiters.tenant("billing").expect("limiter")
+        ));
+
+        // Only a config that skipped validation can name a missing account.
+        let tenant = config.tenants.get_mut("billing").expect("billing");
+        tenant.account = "missing".into();
+        let refused = Runtime::build(&config, Some(&runtime), &clock).err();
+        assert!(
+            matches!(&refused, Some(BuildError::UnresolvedTenant(name)) if name == "billing"),
+            "{refused:?}"
+        );
     }
 }
