@@ -274,15 +274,9 @@ impl Gateway {
             .await?;
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
-        let account_cells = upstream_calls;
-        self.limit(
-            runtime,
-            &account.limiter,
-            &account.name,
-            account_cells,
-            trail,
-        )
-        .await?;
+        let (limiter, name) = (&account.limiter, &account.name);
+        self.limit(runtime, limiter, name, upstream_calls, trail)
+            .await?;
         let account = Arc::clone(&account.credentials);
         Ok(Admitted { account, mpc })
     }
