@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
-use crate::server::HEADER_READ_TIMEOUT;
 
 /// prometheus-client writes OpenMetrics text (it ends with `# EOF`).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -26,6 +25,7 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 /// scrapers need a handful; the cap keeps a flood of idle connections from taking the
 /// file descriptors the data path needs (upstream connections, audit rotation).
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
     serve_at_most(listener, gateway, MAX_ADMIN_CONNECTIONS).await;
@@ -36,10 +36,13 @@ async fn serve_at_most(listener: TcpListener, gateway: Gateway, max_connections:
     // HTTP/1.1 only: probes and scrapers speak it, and without version sniffing (which
     // has no timeout) the header read timeout covers a connection that sends nothing.
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    // One request per connection, its head within 2 s: an idle or slow connection holds
+    // one of the few admin slots only briefly, so probes are not kept waiting.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
+        .keep_alive(false);
     loop {
         let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
             return;
@@ -137,7 +140,7 @@ mod tests {
 
     async fn healthz(stream: &mut TcpStream) -> String {
         stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
             .await
             .expect("write");
         let mut answer = String::new();
@@ -168,6 +171,11 @@ mod tests {
         .await
         .expect("answered once a slot was free");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // One request per connection: it gives its slot back at once.
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
         serving.abort();
     }
 }

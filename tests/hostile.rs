@@ -1342,7 +1342,8 @@ async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
     }
     // Far over the contract's limits the h2 library refuses the head itself (an HTTP/2
     // connection holds up to 256 heads at once, so that room is bounded): a bare `431`
-    // or a refused stream, and no record.
+    // and a refused stream, or, when the block spans CONTINUATION frames, a GOAWAY for
+    // the connection; either way no record and nothing forwarded.
     let huge = send("/mpc/billing-h2-huge/end".into(), 80 * 1024, "h2-pad-80k");
     if let Ok(answer) = tokio::time::timeout(WAIT, huge).await.expect("in time") {
         assert_eq!(answer.status().as_u16(), 431);

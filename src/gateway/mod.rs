@@ -116,7 +116,7 @@ enum Mpc {
 }
 
 struct Admitted {
-    account: Arc<AccountCredentials>,
+    credentials: Arc<AccountCredentials>,
     mpc: Mpc,
 }
 
@@ -226,15 +226,15 @@ impl Gateway {
         let report = match &admitted.mpc {
             Mpc::Name(name) => {
                 let call = runtime.upstream.end_mpc(
-                    &admitted.account,
+                    &admitted.credentials,
                     MpcRef::Name(name),
                     runtime.upstream.deadline(),
                 );
                 call.await
             }
             Mpc::Uuid { uuid, tenant } => {
-                let account = &admitted.account;
-                self.end_by_uuid(&runtime, account, uuid, tenant, &mut trail, &ticket)
+                let credentials = &admitted.credentials;
+                self.end_by_uuid(&runtime, credentials, uuid, tenant, &mut trail, &ticket)
                     .await
             }
         };
@@ -274,11 +274,16 @@ impl Gateway {
             .await?;
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
-        let (limiter, name) = (&account.limiter, &account.name);
-        self.limit(runtime, limiter, name, upstream_calls, trail)
-            .await?;
-        let account = Arc::clone(&account.credentials);
-        Ok(Admitted { account, mpc })
+        self.limit(
+            runtime,
+            &account.limiter,
+            &account.name,
+            upstream_calls,
+            trail,
+        )
+        .await?;
+        let credentials = Arc::clone(&account.credentials);
+        Ok(Admitted { credentials, mpc })
     }
 
     /// Reads the MPC to learn its name, authorizes that name, then ends it by uuid; both

@@ -60,8 +60,8 @@ impl TenantPolicy {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Validation makes this impossible; the check keeps a runtime from ever lacking it.
-    #[error("tenants.{0}: names an account or a limit that was not built")]
-    UnresolvedTenant(String),
+    #[error("{0}: names an account or has a limit that was not built")]
+    Unresolved(String),
     #[error("{0}")]
     Upstream(#[from] UpstreamBuildError),
     #[error("rate_limit_store: {0}")]
@@ -116,19 +116,16 @@ impl Runtime {
                 .map(|(n, a)| (n.as_str(), a.rate_limit)),
             clock,
         );
-        let accounts: HashMap<&str, Arc<AccountRuntime>> = config
-            .accounts
-            .iter()
-            .filter_map(|(name, account)| {
-                let limiter = Arc::clone(limiters.account(name)?);
-                let runtime = AccountRuntime {
-                    name: Arc::from(name.as_str()),
-                    credentials: Arc::new(AccountCredentials::new(account)),
-                    limiter,
-                };
-                Some((name.as_str(), Arc::new(runtime)))
-            })
-            .collect();
+        let mut accounts = HashMap::new();
+        for (name, account) in &config.accounts {
+            let unresolved = || BuildError::Unresolved(format!("accounts.{name}"));
+            let runtime = AccountRuntime {
+                name: Arc::from(name.as_str()),
+                credentials: Arc::new(AccountCredentials::new(account)),
+                limiter: Arc::clone(limiters.account(name).ok_or_else(unresolved)?),
+            };
+            accounts.insert(name.as_str(), Arc::new(runtime));
+        }
         let mut tokens = TokenDirectory::default();
         let mut sans = HashMap::new();
         let mut tenants = HashMap::new();
@@ -140,7 +137,7 @@ impl Runtime {
             for san in &tenant.client_cert_sans {
                 sans.insert(san.clone(), Arc::clone(&shared));
             }
-            let unresolved = || BuildError::UnresolvedTenant(name.clone());
+            let unresolved = || BuildError::Unresolved(format!("tenants.{name}"));
             let policy = TenantPolicy {
                 allow: tenant.allow.clone(),
                 limiter: Arc::clone(limiters.tenant(name).ok_or_else(unresolved)?),
@@ -214,7 +211,7 @@ mod tests {
         tenant.account = "missing".into();
         let refused = Runtime::build(&config, Some(&runtime), &clock).err();
         assert!(
-            matches!(&refused, Some(BuildError::UnresolvedTenant(name)) if name == "billing"),
+            matches!(&refused, Some(BuildError::Unresolved(key)) if key == "tenants.billing"),
             "{refused:?}"
         );
     }

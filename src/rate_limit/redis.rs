@@ -9,12 +9,12 @@
 //!
 //! The connection is a [`ConnectionManager`], created lazily: start-up never waits for
 //! Redis, a dropped connection is replaced in the background, and one on which Redis
-//! stopped answering is replaced after two timeouts in a row. Every check is bounded by
+//! has answered nothing for twice the `timeout` is replaced by the next check to time out. Every check is bounded by
 //! the configured `timeout`; what to do when it fails is the caller's `on_error`.
 
 use std::fmt;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,11 +76,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// request path nothing, and is probed a few times a second rather than once per request.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
-/// Timeouts in a row after which the connection is given up for a new one. A Redis that
-/// stops answering (stopped, overloaded, cut off without a reset) leaves its connection
-/// open, so no error ever says it broke; without this, every check would wait out
-/// `timeout` on it, and the calls queued on it would pile up unanswered.
-const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
+/// How many `timeout`s a connection may go without any answer before a check that times
+/// out on it gives it up for a new one. A Redis that stops answering (stopped, cut off
+/// without a reset) leaves its connection open, so no error ever says it broke; without
+/// this, every check would wait out `timeout` on it. One stall a little over `timeout`
+/// (a fork for a snapshot) is not enough: checks answered since keep the connection.
+const SILENT_TIMEOUTS_BEFORE_RECONNECT: u64 = 2;
 
 /// Why a shared check gave no decision. Messages never contain the URL or its password.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +106,8 @@ pub struct RedisLimiter {
 }
 
 struct Inner {
-    /// Swapped for a new one when Redis stops answering ([`TIMEOUTS_BEFORE_RECONNECT`]).
+    /// Swapped for a new one when Redis stops answering
+    /// ([`SILENT_TIMEOUTS_BEFORE_RECONNECT`]).
     manager: ArcSwap<ConnectionManager>,
     /// What a new connection manager is made from.
     client: redis::Client,
@@ -116,7 +118,9 @@ struct Inner {
     origin: Instant,
     /// Milliseconds since `origin` before which checks fail without trying Redis.
     paused_until_ms: AtomicU64,
-    timeouts_in_a_row: AtomicU32,
+    /// Milliseconds since `origin` of the last answer from Redis (or of the current
+    /// connection's creation).
+    last_answer_ms: AtomicU64,
     /// Strings to scrub from error messages: the URL and the password inside it.
     secrets: Vec<String>,
 }
@@ -181,7 +185,7 @@ impl RedisLimiter {
                 timeout: settings.timeout,
                 origin: Instant::now(),
                 paused_until_ms: AtomicU64::new(0),
-                timeouts_in_a_row: AtomicU32::new(0),
+                last_answer_ms: AtomicU64::new(0),
                 secrets,
             }),
         })
@@ -219,7 +223,8 @@ impl RedisLimiter {
         let extra_us = t_us.saturating_mul(u64::from(cells.get() - 1));
         let key = self.key(kind, name);
 
-        let mut connection = ConnectionManager::clone(&self.inner.manager.load());
+        let manager = self.inner.manager.load_full();
+        let mut connection = ConnectionManager::clone(&manager);
         let call = async {
             self.inner
                 .script
@@ -231,10 +236,12 @@ impl RedisLimiter {
                 .await
         };
         let answered = match tokio::time::timeout(self.inner.timeout, call).await {
-            Err(_elapsed) => return Err(self.timed_out()),
+            Err(_elapsed) => return Err(self.timed_out(&manager)),
             Ok(answered) => answered,
         };
-        self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        self.inner
+            .last_answer_ms
+            .store(self.now_ms(), Ordering::Relaxed);
         let reply = answered.map_err(|err| self.failed(&err))?;
         decision_from(&reply, limit, interval)
     }
@@ -261,24 +268,36 @@ impl RedisLimiter {
         StoreError::Redis(redact(&err.to_string(), &self.inner.secrets))
     }
 
-    /// A check ran out of time. After [`TIMEOUTS_BEFORE_RECONNECT`] in a row the
-    /// connection is treated as broken: replaced by a new (lazy) one, which drops the
-    /// calls still queued on the old, and checks pause as after a break.
-    fn timed_out(&self) -> StoreError {
-        let in_a_row = self.inner.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if in_a_row >= TIMEOUTS_BEFORE_RECONNECT {
-            self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
-            let fresh = ConnectionManager::new_lazy_with_config(
-                self.inner.client.clone(),
-                self.inner.manager_config.clone(),
-            );
-            match fresh {
-                Ok(fresh) => self.inner.manager.store(Arc::new(fresh)),
-                Err(err) => {
-                    tracing::debug!(kind = ?err.kind(), "rate-limit store: no new connection")
+    /// A check on `used` ran out of time. When nothing has answered for
+    /// [`SILENT_TIMEOUTS_BEFORE_RECONNECT`] `timeout`s, the connection is treated as
+    /// broken: replaced by a new (lazy) one and checks pause as after a break. The old one,
+    /// and the calls queued on it, go when the last check still waiting on it ends. Of
+    /// several checks timing out together, only the one that swaps pauses.
+    fn timed_out(&self, used: &Arc<ConnectionManager>) -> StoreError {
+        let now = self.now_ms();
+        let silent_for = now.saturating_sub(self.inner.last_answer_ms.load(Ordering::Relaxed));
+        let limit = millis(self.inner.timeout).saturating_mul(SILENT_TIMEOUTS_BEFORE_RECONNECT);
+        let still_current = Arc::ptr_eq(&self.inner.manager.load(), used);
+        if silent_for < limit || !still_current {
+            return StoreError::Timeout;
+        }
+        let fresh = ConnectionManager::new_lazy_with_config(
+            self.inner.client.clone(),
+            self.inner.manager_config.clone(),
+        );
+        match fresh {
+            Ok(fresh) => {
+                let before = self.inner.manager.compare_and_swap(used, Arc::new(fresh));
+                if Arc::ptr_eq(&before, used) {
+                    // The new connection gets its own allowance of silence.
+                    self.inner.last_answer_ms.store(now, Ordering::Relaxed);
+                    self.pause();
                 }
             }
-            self.pause();
+            Err(err) => {
+                tracing::debug!(kind = ?err.kind(), "rate-limit store: no new connection");
+                self.pause();
+            }
         }
         StoreError::Timeout
     }

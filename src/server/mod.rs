@@ -63,8 +63,11 @@ pub const MAX_HEADERS: usize = 100;
 /// and `431` for heads somewhat over them; larger heads get h2's own refusal, as HTTP/1.1
 /// heads over `MAX_HEAD_BYTES` get hyper's. Not more: an HTTP/2 connection may hold up
 /// to `max_concurrent_streams` heads at once, each until its body arrives.
-const H2_MAX_HEADER_LIST_BYTES: u32 =
-    ((MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES) * 5 / 4 + (MAX_HEADERS + 4) * 32) as u32;
+const H2_MAX_HEADER_LIST_BYTES: u32 = {
+    let bytes = (MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES) * 5 / 4 + (MAX_HEADERS + 4) * 32;
+    assert!(bytes <= u32::MAX as usize);
+    bytes as u32
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -355,10 +358,10 @@ async fn sniff_version(stream: &TcpStream, deadline: Instant) -> Result<HttpVers
         }
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let n = match peeked {
-            Ok(Ok(n)) if n > 0 => n,
             // (A client that closes after part of a preface still has those bytes
             // peeked, so it waits out the deadline above.)
-            Ok(Ok(_)) | Ok(Err(_)) => return Err(NoVersion::Closed),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(NoVersion::Closed),
+            Ok(Ok(n)) => n,
             Err(_) => return Err(NoVersion::TimedOut),
         };
         if buf[..n] != H2_PREFACE[..n] {
@@ -670,9 +673,10 @@ fn record_connection_error(metrics: &Metrics, err: &(dyn std::error::Error + 'st
     let kind = match err.downcast_ref::<hyper::Error>() {
         Some(e) if e.is_parse_too_large() => "too-large",
         Some(e) if e.is_parse() => "malformed",
-        // hyper's own header timer runs only for the heads after the first (the first is
-        // timed from the accept, above): a kept-alive connection whose next head did not
-        // come, which is mostly an idle client, not a refusal.
+        // The first head is timed from the accept (above), before hyper's own header timer
+        // can fire; so this is a kept-alive HTTP/1.1 connection whose next head did not
+        // come in time (mostly an idle client), or an HTTP/2 client that stopped answering
+        // pings: not a refusal.
         Some(e) if e.is_timeout() => "idle-timeout",
         Some(_) => "io",
         None => "other",
