@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
+use crate::server::accept_within;
 
 /// prometheus-client writes OpenMetrics text (it ends with `# EOF`).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -43,18 +44,7 @@ async fn serve_at_most(listener: TcpListener, gateway: Gateway, max_connections:
         .timer(TokioTimer::new())
         .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
         .keep_alive(false);
-    loop {
-        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
-            return;
-        };
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(error = %err, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((permit, stream, _)) = accept_within(&listener, &connections, "admin").await {
         let gateway = gateway.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let response = answer(&gateway, request.method(), request.uri().path());

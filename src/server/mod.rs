@@ -21,7 +21,7 @@ use hyper_util::service::TowerToHyperService;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
@@ -424,23 +424,12 @@ async fn serve_data(
     // here and now, as the process exit would drop it.
     let (grace_over, grace_over_seen) = watch::channel(false);
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&connections).acquire_owned() => permit,
-            _ = stop.changed() => break,
-        };
-        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = accept_within(&listener, &connections, "data") => accepted,
             _ = stop.changed() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((permit, stream, peer)) = accepted else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
@@ -474,6 +463,26 @@ async fn serve_data(
             // way out must reach the log before it closes. Detached HTTP/2 requests may
             // still be with Plivo: not waited for, their results are the drain's.
             let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, drained).await;
+        }
+    }
+}
+
+/// Waits for one of the `slots`, then for a connection on `listener`; the permit goes with
+/// the connection. An accept error (EMFILE and friends) is logged and retried after a
+/// short pause instead of spinning. `None` once the slots are closed.
+pub(crate) async fn accept_within(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    listener_name: &str,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = Arc::clone(slots).acquire_owned().await.ok()?;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return Some((permit, stream, peer)),
+            Err(err) => {
+                tracing::warn!(listener = listener_name, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }
