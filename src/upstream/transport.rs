@@ -10,22 +10,28 @@
 //! future, URI rewriting and, over HTTP/1.1, a task spawned per call to return the
 //! connection cost 4–6% of the gateway's CPU per request (benches/RESULTS.md). Here a
 //! connection goes back to the pool when its answer has been read, on the calling task.
+//!
+//! HTTP/2 is spoken with the `h2` crate directly, not through hyper's client: hyper
+//! hands each call to its connection task over a channel and spawns a task per call to
+//! carry the answer back, about 6% of the gateway's CPU per request. Here the calling
+//! task opens the stream and awaits its answer itself; the connection task only drives
+//! the connection and its keep-alive pings.
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{BaseUrl, UpstreamSettings};
@@ -37,13 +43,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// connection is dropped.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 limits, as hyper's client sets them: flow-control windows that never hold up
+/// an answer (Plivo's are a few hundred bytes), and a bound on an answer's head.
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// At most this many idle HTTP/1.1 connections are kept; more are closed when their call
 /// ends.
 const H1_MAX_IDLE: usize = 64;
 
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
-type Sender = http2::SendRequest<Empty<Bytes>>;
+type Sender = h2::client::SendRequest<Bytes>;
 type H1Sender = http1::SendRequest<Empty<Bytes>>;
 pub(super) type ConnectError = Box<dyn StdError + Send + Sync>;
 
@@ -52,8 +64,10 @@ pub(super) type ConnectError = Box<dyn StdError + Send + Sync>;
 pub(super) enum SendError {
     /// No connection could be opened: TCP, TLS, timeout or HTTP/2 handshake.
     Connect(ConnectError),
-    /// The request failed on an open connection.
+    /// The request failed on an open HTTP/1.1 connection.
     Request(hyper::Error),
+    /// The request failed on the open HTTP/2 connection: the stream or the connection.
+    Stream(h2::Error),
 }
 
 impl SendError {
@@ -61,7 +75,7 @@ impl SendError {
     pub(super) fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Request(_) => false,
+            SendError::Request(_) | SendError::Stream(_) => false,
         }
     }
 
@@ -69,6 +83,7 @@ impl SendError {
         match self {
             SendError::Connect(err) => err.as_ref(),
             SendError::Request(err) => err,
+            SendError::Stream(err) => err,
         }
     }
 }
@@ -83,10 +98,12 @@ pub(super) struct Transport {
     origin: Uri,
     /// `Host` for HTTP/1.1 calls, from the base URL.
     host: HeaderValue,
-    h2_builder: http2::Builder<TokioExecutor>,
+    h2_builder: h2::client::Builder,
     /// The open HTTP/2 connection, if any; shared with its idle watcher.
     h2: Arc<H2Slot>,
     idle_timeout: Duration,
+    /// How often the HTTP/2 connection is pinged, and how long a pong may take.
+    ping: KeepAlive,
     /// One connect at a time, so a burst of calls opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
     /// Connects started through `connecting`, and how the last one failed (if it did):
@@ -111,15 +128,13 @@ impl Transport {
         let connector = TimedConnector::new(tls.clone(), http.clone(), Offer::H2First, timeout);
         let h1_connector = TimedConnector::new(tls, http, Offer::Http1Only, timeout);
         let origin = origin_uri(&settings.base_url);
-        let mut h2_builder = http2::Builder::new(TokioExecutor::new());
-        // One connection carries every call, so a connection that died silently (a NAT or
-        // load balancer forgot it) must be found by pings, not by calls that hang until
-        // their `timeout`.
+        let mut h2_builder = h2::client::Builder::new();
         h2_builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
-            .keep_alive_while_idle(true);
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+            .enable_push(false);
         Transport {
             connector,
             h1_connector,
@@ -129,6 +144,10 @@ impl Transport {
             h2_builder,
             h2: Arc::new(H2Slot::default()),
             idle_timeout: IDLE_TIMEOUT,
+            ping: KeepAlive {
+                interval: H2_PING_INTERVAL,
+                timeout: H2_PING_TIMEOUT,
+            },
             connecting: tokio::sync::Mutex::new(()),
             connects: AtomicU64::new(0),
             last_connect_failure: Mutex::new(None),
@@ -159,6 +178,9 @@ impl Transport {
         }
     }
 
+    /// Opens a stream for `request` on the HTTP/2 connection and reads its answer. A
+    /// failure other than the upstream resetting this one stream means the connection
+    /// is unusable: the next call opens another.
     async fn send_h2(
         &self,
         open: OpenH2,
@@ -166,17 +188,23 @@ impl Transport {
         body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
         let OpenH2 {
-            generation,
-            mut sender,
+            generation, sender, ..
         } = open;
         self.h2.calls.fetch_add(1, Ordering::Relaxed);
-        let response = sender.send_request(request).await.map_err(|err| {
-            if ends_connection(&err) {
+        let failed = |err: h2::Error| {
+            if !err.is_reset() {
                 self.h2.forget(generation);
             }
-            SendError::Request(err)
-        })?;
-        Ok(read_body(response, body).await.0)
+            SendError::Stream(err)
+        };
+        // Waits for a stream slot if the upstream's concurrent-stream limit is reached.
+        let mut sender = sender.ready().await.map_err(failed)?;
+        let (head, _empty) = request.into_parts();
+        let (answer, _no_body) = sender
+            .send_request(Request::from_parts(head, ()), true)
+            .map_err(failed)?;
+        let response = answer.await.map_err(failed)?;
+        Ok(read_h2_body(response, body).await)
     }
 
     /// Sends `request` on `fresh` (a connection just opened for it), or on an idle
@@ -270,17 +298,15 @@ impl Transport {
             self.http1_only.store(true, Ordering::Relaxed);
             return Ok(Connected::Http1(handshake_h1(stream).await?));
         }
-        let handshake = self.h2_builder.handshake(stream);
-        let (sender, connection) = tokio::time::timeout(self.connector.timeout, handshake)
+        let handshake = self.h2_builder.handshake(TokioIo::new(stream));
+        let (sender, mut connection) = tokio::time::timeout(self.connector.timeout, handshake)
             .await
             .map_err(|_| SendError::Connect(ConnectTimedOut.into()))?
             .map_err(|err| SendError::Connect(err.into()))?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "upstream HTTP/2 connection ended");
-            }
-        });
-        let open = self.h2.install(sender);
+        let ended = Arc::new(AtomicBool::new(false));
+        let pings = connection.ping_pong();
+        tokio::spawn(drive_h2(connection, pings, self.ping, Arc::clone(&ended)));
+        let open = self.h2.install(sender, ended);
         tracing::debug!(
             origin = %self.origin,
             generation = open.generation,
@@ -301,6 +327,8 @@ impl Transport {
 struct OpenH2 {
     generation: u64,
     sender: Sender,
+    /// Set by the connection's task once the connection has ended.
+    ended: Arc<AtomicBool>,
 }
 
 /// The HTTP/2 connection in use, and how many calls went over HTTP/2.
@@ -321,15 +349,16 @@ impl H2Slot {
     fn open(&self) -> Option<OpenH2> {
         self.lock()
             .as_ref()
-            .filter(|open| !open.sender.is_closed())
+            .filter(|open| !open.ended.load(Ordering::Acquire))
             .cloned()
     }
 
     /// Makes `sender` the connection in use, under a new generation.
-    fn install(&self, sender: Sender) -> OpenH2 {
+    fn install(&self, sender: Sender, ended: Arc<AtomicBool>) -> OpenH2 {
         let open = OpenH2 {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
             sender,
+            ended,
         };
         *self.lock() = Some(open.clone());
         open
@@ -340,8 +369,8 @@ impl H2Slot {
     }
 
     /// Stops using connection `generation`, so the next call opens a new one, and
-    /// leaves a newer connection alone. hyper closes the connection once the last
-    /// sender (a call still in flight holds one) is gone.
+    /// leaves a newer connection alone. `h2` closes the connection once the last
+    /// sender is gone and its last stream (a call still in flight) has ended.
     fn forget(&self, generation: u64) {
         let mut current = self.lock();
         if holds(&current, generation) {
@@ -377,6 +406,57 @@ async fn close_when_idle(slot: Weak<H2Slot>, generation: u64, idle: Duration) {
             return;
         }
         calls_seen = calls;
+    }
+}
+
+/// How often an HTTP/2 connection is pinged, and how long a pong may take.
+#[derive(Clone, Copy, Debug)]
+struct KeepAlive {
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// Drives one HTTP/2 connection until it ends, or until a ping goes unanswered: one
+/// connection carries every call, so a connection that died silently (a NAT or load
+/// balancer forgot it) must be found by pings, not by calls that hang until their
+/// `timeout`. Dropping the connection fails the calls still on it, which are retried.
+async fn drive_h2(
+    mut connection: h2::client::Connection<TokioIo<Stream>, Bytes>,
+    pings: Option<h2::PingPong>,
+    keep_alive: KeepAlive,
+    ended: Arc<AtomicBool>,
+) {
+    let unanswered = async {
+        match pings {
+            Some(pings) => ping_until_unanswered(pings, keep_alive).await,
+            // Taken already: impossible, as it is taken once, here.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        result = &mut connection => {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "upstream HTTP/2 connection ended");
+            }
+        }
+        () = unanswered => {
+            tracing::warn!(timeout = ?keep_alive.timeout, "upstream HTTP/2 connection did not answer a ping; closing it");
+        }
+    }
+    ended.store(true, Ordering::Release);
+}
+
+/// Pings every `interval`; returns when a pong takes longer than `timeout`. A ping the
+/// connection refuses (it is closing) waits for the connection to end instead.
+async fn ping_until_unanswered(mut pings: h2::PingPong, keep_alive: KeepAlive) {
+    loop {
+        tokio::time::sleep(keep_alive.interval).await;
+        match tokio::time::timeout(keep_alive.timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_closing)) => return std::future::pending().await,
+            Err(_elapsed) => return,
+        }
     }
 }
 
@@ -499,12 +579,38 @@ async fn read_body(response: Response<Incoming>, bounds: BodyBounds) -> (Respons
     match tokio::time::timeout_at(bounds.deadline, read).await {
         Ok(Ok(collected)) => (Response::from_parts(parts, collected.to_bytes()), true),
         Ok(Err(_)) => (Response::from_parts(parts, Bytes::new()), false),
-        Err(_elapsed) => {
-            let mut cut = Response::from_parts(parts, Bytes::new());
-            cut.extensions_mut().insert(BodyCutByDeadline);
-            (cut, false)
-        }
+        Err(_elapsed) => (body_cut_by_deadline(parts), false),
     }
+}
+
+/// [`read_body`] for an HTTP/2 answer. Every chunk read is handed back to the
+/// stream's flow control, so a body never waits for window updates.
+async fn read_h2_body(response: Response<h2::RecvStream>, bounds: BodyBounds) -> Response<Bytes> {
+    let (parts, mut body) = response.into_parts();
+    let read = async {
+        let mut collected = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.ok()?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if collected.len() + chunk.len() > bounds.limit {
+                return None;
+            }
+            collected.extend_from_slice(&chunk);
+        }
+        Some(collected.freeze())
+    };
+    match tokio::time::timeout_at(bounds.deadline, read).await {
+        Ok(Some(collected)) => Response::from_parts(parts, collected),
+        Ok(None) => Response::from_parts(parts, Bytes::new()),
+        Err(_elapsed) => body_cut_by_deadline(parts),
+    }
+}
+
+/// An answer whose head came in time and whose body did not.
+fn body_cut_by_deadline(parts: http::response::Parts) -> Response<Bytes> {
+    let mut cut = Response::from_parts(parts, Bytes::new());
+    cut.extensions_mut().insert(BodyCutByDeadline);
+    cut
 }
 
 /// Where a call goes.
@@ -547,20 +653,6 @@ fn host_header(uri: &Uri) -> Option<HeaderValue> {
         Some(port) if port != default_port => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
         _ => HeaderValue::from_str(host).ok(),
     }
-}
-
-/// Whether a failed call means its HTTP/2 connection is unusable: anything but the
-/// upstream resetting that one stream (`RST_STREAM`), after which the connection carries
-/// on. A GOAWAY, an I/O error or a closed connection all need a new one.
-fn ends_connection(err: &hyper::Error) -> bool {
-    let mut source = err.source();
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return !h2.is_reset();
-        }
-        source = cause.source();
-    }
-    true
 }
 
 /// `scheme://authority/` of the base URL, which is what the connector needs.
@@ -654,6 +746,14 @@ mod tests {
     /// A transport to a TLS simulator that offers `h2` (or only HTTP/1.1), closing idle
     /// connections after `idle`.
     async fn transport(idle: Duration, http2: bool) -> (Simulator, Transport) {
+        let (sim, ca) = simulator(http2).await;
+        let mut transport = transport_to(&sim.base_url(), vec![ca]);
+        transport.idle_timeout = idle;
+        (sim, transport)
+    }
+
+    /// A TLS simulator for `localhost` and 127.0.0.1, and its CA.
+    async fn simulator(http2: bool) -> (Simulator, CertificateDer<'static>) {
         let pki = generate_pki(&["localhost", "127.0.0.1"]).expect("pki");
         let mut config = SimulatorConfig::new("MAIDLE", "token");
         config.tls = Some(pki.server_tls());
@@ -661,15 +761,9 @@ mod tests {
         // Every call ends the same name, and every answer is 204.
         config.liveness = crate::simulator::Liveness::AllNames { forget_ended: true };
         let sim = Simulator::start(config).await.expect("simulator");
-        let roots = rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .expect("CA");
-        let mut transport = transport_to(&sim.base_url(), roots);
-        transport.idle_timeout = idle;
-        (sim, transport)
+        (sim, pki.ca_cert_der())
     }
 
-    /// A transport to `base_url` trusting `extra_roots`, one attempt per call.
     fn test_bounds() -> BodyBounds {
         BodyBounds {
             limit: 1024,
@@ -727,6 +821,75 @@ mod tests {
         tokio::time::sleep(idle * 2 + idle / 2).await;
         assert!(transport.h2.open().is_none(), "idle: forgotten");
         call(&sim, &transport).await;
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
+        sim.shutdown().await;
+    }
+
+    /// A TCP relay to `target` whose connections stop carrying bytes, in both
+    /// directions and without closing, once `silent` is set: a peer that vanished
+    /// without a reset (a NAT or load balancer that forgot the connection).
+    async fn relay_that_can_go_silent(target: std::net::SocketAddr) -> (u16, Arc<AtomicBool>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let silent = Arc::new(AtomicBool::new(false));
+        let switch = Arc::clone(&silent);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                for (mut from, mut to) in [(in_read, out_write), (out_read, in_write)] {
+                    let silent = Arc::clone(&switch);
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf).await {
+                            if silent.load(Ordering::SeqCst) {
+                                // Holds both sockets open and carries nothing more.
+                                return std::future::pending().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        (port, silent)
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_that_stops_answering_pings_is_closed() {
+        let (sim, ca) = simulator(true).await;
+        let (port, silent) = relay_that_can_go_silent(sim.local_addr()).await;
+        let mut transport = transport_to(&format!("https://localhost:{port}"), vec![ca]);
+        transport.ping = KeepAlive {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+        };
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
+        // Answered pings keep an idle connection.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(transport.h2.open().is_some(), "pings answered: kept");
+        silent.store(true, Ordering::SeqCst);
+        // The next ping is unanswered: closed after at most interval + timeout.
+        let closed = async {
+            while transport.h2.open().is_some() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), closed)
+            .await
+            .expect("the silent connection is given up");
+        assert_eq!(sim.connection_count(), 1);
+        // New connections through the relay carry bytes again.
+        silent.store(false, Ordering::SeqCst);
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
         assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
         sim.shutdown().await;
     }
