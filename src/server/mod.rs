@@ -3,6 +3,7 @@
 //! slow and oversized input) serving [`Gateway`], the admin listener, graceful drain, and
 //! the `serve` command's signal handling (SIGHUP reload, SIGTERM/SIGINT drain).
 
+mod drain;
 mod idle;
 
 use std::convert::Infallible;
@@ -16,7 +17,6 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
@@ -39,6 +39,7 @@ use crate::request_id::RequestIdLayer;
 use crate::routes::Flavor;
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
+use drain::{Drain, Watcher};
 use idle::{FirstHead, H2Activity};
 
 /// A client must send its whole request head within this time (slowloris).
@@ -418,11 +419,8 @@ async fn serve_data(
     grace: Duration,
 ) {
     let builders = Arc::new(Builders::new());
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    // Turned on when `shutdown_grace` runs out: every connection still open is dropped,
-    // here and now, as the process exit would drop it.
-    let (grace_over, grace_over_seen) = watch::channel(false);
     loop {
         let accepted = tokio::select! {
             accepted = accept_within(&listener, &connections, "data") => accepted,
@@ -435,30 +433,29 @@ async fn serve_data(
         let connection = Connection {
             gateway: gateway.clone(),
             builders: Arc::clone(&builders),
-            watcher: graceful.watcher(),
-            requests_watcher: graceful.watcher(),
+            watcher: drain.watcher(),
+            requests_watcher: drain.watcher(),
             peer,
         };
-        let mut grace_over_seen = grace_over_seen.clone();
+        // When `shutdown_grace` runs out, every connection still open is dropped, here
+        // and now, as the process exit would drop it.
+        let closing = drain.watcher();
         tokio::spawn(async move {
             let metrics = Arc::clone(connection.gateway.metrics());
             metrics.connection_opened();
-            tokio::select! {
-                () = connection.serve(stream) => {}
-                _ = grace_over_seen.wait_for(|over| *over) => {}
-            }
+            closing.until_closed(connection.serve(stream)).await;
             metrics.connection_closed();
             drop(permit);
         });
     }
     drop(listener);
-    let drained = graceful.shutdown();
+    let drained = drain.finish();
     tokio::pin!(drained);
     tokio::select! {
         () = &mut drained => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown_grace elapsed with requests still in flight; closing their connections");
-            let _ = grace_over.send(true);
+            drain.close();
             // Each connection sees that at its next turn; what its requests write on the
             // way out must reach the log before it closes. Detached HTTP/2 requests may
             // still be with Plivo: not waited for, their results are the drain's.
@@ -576,7 +573,7 @@ impl Connection {
         );
         let builder = self.builders.for_version(version);
         let connection = builder.serve_connection(io, service).into_owned();
-        let mut served = std::pin::pin!(self.watcher.watch(connection));
+        let mut served = std::pin::pin!(self.watcher.graceful(connection));
         tokio::select! {
             // hyper's own header timer, started a little later, can be due in the same
             // tick: the first head's deadline is this one, and decides how it is counted.
