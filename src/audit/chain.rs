@@ -79,10 +79,21 @@ impl ChainHasher {
 }
 
 /// Appends the sealed line for `body` (a compact JSON object) to `out`: the body without
-/// its final `}`, then `,"hash":"<hex>"}` and a newline.
+/// its final `}`, then `,"hash":"<hex>"}` and a newline. (Tests build lines with it.)
+#[cfg(test)]
 pub(crate) fn seal_into(body: &[u8], hash_hex: &str, out: &mut Vec<u8>) {
-    let open = body.len().saturating_sub(1); // drop the closing brace
-    out.extend_from_slice(&body[..open]);
+    let body_start = out.len();
+    out.extend_from_slice(body);
+    seal_in_place(out, body_start, hash_hex);
+}
+
+/// Seals the body written into `out` from `body_start` on, where it was hashed: its
+/// final `}` becomes `,"hash":"<hex>"}` and a newline. The writer serializes each record
+/// straight into its batch, so a record is never copied.
+pub(crate) fn seal_in_place(out: &mut Vec<u8>, body_start: usize, hash_hex: &str) {
+    if out.len() > body_start {
+        out.pop(); // the closing brace
+    }
     out.extend_from_slice(HASH_OPEN);
     out.extend_from_slice(hash_hex.as_bytes());
     out.extend_from_slice(HASH_CLOSE);
@@ -131,6 +142,22 @@ mod tests {
         let (b, claimed) = unseal(&line[..line.len() - 1]).unwrap_or_default();
         assert_eq!(b, body);
         assert_eq!(claimed, h);
+    }
+
+    #[test]
+    fn a_body_sealed_in_place_after_another_line_is_the_same_line() {
+        let first = br#"{"seq":1}"#;
+        let second = br#"{"seq":2,"prev":"p"}"#;
+        let mut expected = Vec::new();
+        seal_into(first, "a", &mut expected);
+        seal_into(second, "b", &mut expected);
+        let mut batch = Vec::new();
+        seal_into(first, "a", &mut batch);
+        let start = batch.len();
+        batch.extend_from_slice(second);
+        assert_eq!(&batch[start..], second, "hashed where it was written");
+        seal_in_place(&mut batch, start, "b");
+        assert_eq!(batch, expected);
     }
 
     #[test]

@@ -250,7 +250,6 @@ impl AuditLog {
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
             writable: writable.clone(),
             buf: Vec::new(),
-            body: Vec::new(),
             ts_cache: None,
             lock: Some(lock),
             dir_needs_sync: false,
@@ -556,8 +555,6 @@ struct Writer {
     writable: Arc<AtomicBool>,
     /// The batch being written.
     buf: Vec<u8>,
-    /// One record's body while it is hashed; reused so records cost no allocation.
-    body: Vec<u8>,
     /// The last formatted `ts`.
     ts_cache: Option<(OffsetDateTime, String)>,
     /// Held until the log is closed: see [`lock_exclusively`].
@@ -666,20 +663,24 @@ impl Writer {
             let ts = record::now_ms().max(last_ts);
             self.cache_ts_text(ts);
             let ts_text = self.ts_cache.as_ref().map_or("", |(_, text)| text.as_str());
-            self.body.clear();
+            let body_start = self.buf.len();
             let body = Body::new(seq, ts_text, prev.as_str(), &req.event);
-            match body.write_json(&mut self.body) {
+            match body.write_json(&mut self.buf) {
                 Ok(()) => {
-                    let hash = self.hasher.digest(&self.body);
-                    chain::seal_into(&self.body, hash.as_str(), &mut self.buf);
+                    let hash = self.hasher.digest(&self.buf[body_start..]);
+                    chain::seal_in_place(&mut self.buf, body_start, hash.as_str());
                     outcomes.push(Ok(seq));
                     seq = next_seq;
                     prev = hash;
                     last_ts = ts;
                 }
-                Err(e) => outcomes.push(Err(AuditError::Encode {
-                    detail: e.to_string(),
-                })),
+                Err(e) => {
+                    // Nothing of a record that could not be encoded is written.
+                    self.buf.truncate(body_start);
+                    outcomes.push(Err(AuditError::Encode {
+                        detail: e.to_string(),
+                    }));
+                }
             }
         }
         Encoded {
