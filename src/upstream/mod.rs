@@ -367,7 +367,7 @@ fn classify_error(err: &SendError) -> Attempt {
     if caused_by_tls(err.as_std()) {
         return Attempt::Fatal;
     }
-    if err.is_connect() || caused_by_reset(err.as_std()) {
+    if err.is_unsent() || caused_by_reset(err.as_std()) {
         return Attempt::Retriable;
     }
     Attempt::Fatal

@@ -66,15 +66,21 @@ pub(super) enum SendError {
     Connect(ConnectError),
     /// The request failed on an open HTTP/1.1 connection.
     Request(hyper::Error),
-    /// The request failed on the open HTTP/2 connection: the stream or the connection.
+    /// The open HTTP/2 connection could not take the request (it had failed or was
+    /// closing, or ran out of stream ids): nothing was sent, so another connection may
+    /// carry it.
+    NotSent(h2::Error),
+    /// The request failed on the open HTTP/2 connection after it was sent: the stream
+    /// or the connection.
     Stream(h2::Error),
 }
 
 impl SendError {
-    /// Whether the failure happened before a connection existed.
-    pub(super) fn is_connect(&self) -> bool {
+    /// Whether the request never left: no connection could be opened, or the open one
+    /// could not take it. Such a request can always be sent again.
+    pub(super) fn is_unsent(&self) -> bool {
         match self {
-            SendError::Connect(_) => true,
+            SendError::Connect(_) | SendError::NotSent(_) => true,
             SendError::Request(_) | SendError::Stream(_) => false,
         }
     }
@@ -83,7 +89,7 @@ impl SendError {
         match self {
             SendError::Connect(err) => err.as_ref(),
             SendError::Request(err) => err,
-            SendError::Stream(err) => err,
+            SendError::NotSent(err) | SendError::Stream(err) => err,
         }
     }
 }
@@ -191,19 +197,25 @@ impl Transport {
             generation, sender, ..
         } = open;
         self.h2.calls.fetch_add(1, Ordering::Relaxed);
-        let failed = |err: h2::Error| {
+        let forget_unless_reset = |err: &h2::Error| {
             if !err.is_reset() {
                 self.h2.forget(generation);
             }
-            SendError::Stream(err)
+        };
+        let not_sent = |err: h2::Error| {
+            forget_unless_reset(&err);
+            SendError::NotSent(err)
         };
         // Waits for a stream slot if the upstream's concurrent-stream limit is reached.
-        let mut sender = sender.ready().await.map_err(failed)?;
+        let mut sender = sender.ready().await.map_err(not_sent)?;
         let (head, _empty) = request.into_parts();
         let (answer, _no_body) = sender
             .send_request(Request::from_parts(head, ()), true)
-            .map_err(failed)?;
-        let response = answer.await.map_err(failed)?;
+            .map_err(not_sent)?;
+        let response = answer.await.map_err(|err| {
+            forget_unless_reset(&err);
+            SendError::Stream(err)
+        })?;
         Ok(read_h2_body(response, body).await)
     }
 
@@ -788,17 +800,20 @@ mod tests {
         Transport::new(&settings, tls)
     }
 
-    async fn call(sim: &Simulator, transport: &Transport) -> http::Version {
+    fn delete_request(sim: &Simulator) -> Request<Empty<Bytes>> {
         let uri = format!(
             "{}/v1/Account/MAIDLE/MultiPartyCall/name_idle/",
             sim.base_url()
         );
-        let request = Request::delete(uri)
+        Request::delete(uri)
             .header(http::header::AUTHORIZATION, "Basic TUFJRExFOnRva2Vu")
             .body(Empty::new())
-            .expect("request");
+            .expect("request")
+    }
+
+    async fn call(sim: &Simulator, transport: &Transport) -> http::Version {
         let response = transport
-            .send(request, test_bounds())
+            .send(delete_request(sim), test_bounds())
             .await
             .expect("answered");
         assert_eq!(response.status(), 204);
@@ -875,7 +890,7 @@ mod tests {
         assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
         // Answered pings keep an idle connection.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(transport.h2.open().is_some(), "pings answered: kept");
+        let stale = transport.h2.open().expect("pings answered: kept");
         silent.store(true, Ordering::SeqCst);
         // The next ping is unanswered: closed after at most interval + timeout.
         let closed = async {
@@ -887,6 +902,14 @@ mod tests {
             .await
             .expect("the silent connection is given up");
         assert_eq!(sim.connection_count(), 1);
+        // A call that still took the closed connection is refused before anything is
+        // sent, and so may go out again on another connection.
+        let refused = transport
+            .send_h2(stale, delete_request(&sim), test_bounds())
+            .await
+            .expect_err("the connection is closed");
+        assert!(matches!(refused, SendError::NotSent(_)), "{refused:?}");
+        assert!(refused.is_unsent());
         // New connections through the relay carry bytes again.
         silent.store(false, Ordering::SeqCst);
         assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
