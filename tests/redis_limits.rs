@@ -6,7 +6,7 @@
 use crate::common;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -500,6 +500,73 @@ async fn a_redis_that_stops_answering_is_given_up_after_two_timeouts() {
         "after the pause, a new connection"
     );
     silent.abort();
+}
+
+/// A relay to the Redis on `port` that holds back Redis' next answer for `stall` once
+/// `stall_next` is set: a Redis that pauses once (a fork for a snapshot, a slow command).
+async fn stalling_relay(port: u16, stall: Duration) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("redis://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let stall_next = Arc::new(AtomicBool::new(false));
+    let (counter, switch) = (Arc::clone(&accepted), Arc::clone(&stall_next));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut redis_read, mut redis_write) = redis.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut redis_write).await;
+            });
+            let switch = Arc::clone(&switch);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = redis_read.read(&mut buf).await {
+                    if switch.swap(false, Ordering::SeqCst) {
+                        tokio::time::sleep(stall).await;
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted, stall_next)
+}
+
+/// One stall a little over `timeout` is a timeout for the check it hits and nothing
+/// more: the connection is kept (no pause, no reconnect) and the next check is answered
+/// on it. Only silence for twice `timeout` gives a connection up (the test above).
+#[tokio::test]
+async fn a_single_stall_keeps_the_connection() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(150);
+    let (url, accepted, stall_next) =
+        stalling_relay(server.port(), timeout + Duration::from_millis(60)).await;
+    let shared = RedisLimiter::new(&settings(&url, timeout)).expect("limiter");
+    let l = limit(100, 100);
+    // Connects and loads the script: answered.
+    let first = shared.check(LimitKind::Tenant, "stall", l, ONE).await;
+    assert!(matches!(first, Ok(Decision::Allowed { .. })), "{first:?}");
+
+    stall_next.store(true, Ordering::SeqCst);
+    let stalled = shared.check(LimitKind::Tenant, "stall", l, ONE).await;
+    assert!(matches!(stalled, Err(StoreError::Timeout)), "{stalled:?}");
+
+    // The held answer has gone by; the next check is answered on the same connection.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let start = Instant::now();
+    let after = shared.check(LimitKind::Tenant, "stall", l, ONE).await;
+    assert!(matches!(after, Ok(Decision::Allowed { .. })), "{after:?}");
+    assert!(start.elapsed() < timeout, "answered, not waited out");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
 }
 
 #[tokio::test]
