@@ -92,6 +92,7 @@ pub(crate) fn seal_into(body: &[u8], hash_hex: &str, out: &mut Vec<u8>) {
 /// straight into its batch, so a record is never copied.
 pub(crate) fn seal_in_place(out: &mut Vec<u8>, body_start: usize, hash_hex: &str) {
     if out.len() > body_start {
+        debug_assert_eq!(out.last(), Some(&b'}'), "a record body is a JSON object");
         out.pop(); // the closing brace
     }
     out.extend_from_slice(HASH_OPEN);

@@ -443,7 +443,9 @@ async fn serve_data(
         tokio::spawn(async move {
             let metrics = Arc::clone(connection.gateway.metrics());
             metrics.connection_opened();
-            closing.until_closed(connection.serve(stream)).await;
+            if !closing.until_closed(connection.serve(stream)).await {
+                tracing::debug!(%peer, "connection closed at the end of shutdown_grace");
+            }
             metrics.connection_closed();
             drop(permit);
         });

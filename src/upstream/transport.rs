@@ -44,7 +44,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 limits, as hyper's client sets them: flow-control windows that never hold up
-/// an answer (Plivo's are a few hundred bytes), and a bound on an answer's head.
+/// an answer (Plivo's are a few hundred bytes), a bound on an answer's head, and at most
+/// 100 streams until the upstream's SETTINGS say how many it takes (h2's own default is
+/// no limit, and a burst of calls waiting for the first connection could exceed it).
+const H2_INITIAL_MAX_SEND_STREAMS: usize = 100;
 const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -70,8 +73,9 @@ pub(super) enum SendError {
     /// closing, or ran out of stream ids): nothing was sent, so another connection may
     /// carry it.
     NotSent(h2::Error),
-    /// The request failed on the open HTTP/2 connection after it was sent: the stream
-    /// or the connection.
+    /// The request's stream failed on the open HTTP/2 connection, or the connection
+    /// under it. Usually after the request was sent; a stream still queued behind the
+    /// upstream's concurrent-stream limit fails this way too.
     Stream(h2::Error),
 }
 
@@ -136,6 +140,7 @@ impl Transport {
         let origin = origin_uri(&settings.base_url);
         let mut h2_builder = h2::client::Builder::new();
         h2_builder
+            .initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
             .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_header_list_size(H2_MAX_HEADER_LIST)
@@ -206,7 +211,8 @@ impl Transport {
             forget_unless_reset(&err);
             SendError::NotSent(err)
         };
-        // Waits for a stream slot if the upstream's concurrent-stream limit is reached.
+        // Fails at once if the connection has failed or is going away. (Calls beyond the
+        // upstream's concurrent-stream limit wait inside h2, under the call's deadline.)
         let mut sender = sender.ready().await.map_err(not_sent)?;
         let (head, _empty) = request.into_parts();
         let (answer, _no_body) = sender
@@ -311,13 +317,12 @@ impl Transport {
             return Ok(Connected::Http1(handshake_h1(stream).await?));
         }
         let handshake = self.h2_builder.handshake(TokioIo::new(stream));
-        let (sender, mut connection) = tokio::time::timeout(self.connector.timeout, handshake)
+        let (sender, connection) = tokio::time::timeout(self.connector.timeout, handshake)
             .await
             .map_err(|_| SendError::Connect(ConnectTimedOut.into()))?
             .map_err(|err| SendError::Connect(err.into()))?;
         let ended = Arc::new(AtomicBool::new(false));
-        let pings = connection.ping_pong();
-        tokio::spawn(drive_h2(connection, pings, self.ping, Arc::clone(&ended)));
+        tokio::spawn(drive_h2(connection, self.ping, Arc::clone(&ended)));
         let open = self.h2.install(sender, ended);
         tracing::debug!(
             origin = %self.origin,
@@ -434,14 +439,14 @@ struct KeepAlive {
 /// `timeout`. Dropping the connection fails the calls still on it, which are retried.
 async fn drive_h2(
     mut connection: h2::client::Connection<TokioIo<Stream>, Bytes>,
-    pings: Option<h2::PingPong>,
     keep_alive: KeepAlive,
     ended: Arc<AtomicBool>,
 ) {
+    let pings = connection.ping_pong();
     let unanswered = async {
         match pings {
             Some(pings) => ping_until_unanswered(pings, keep_alive).await,
-            // Taken already: impossible, as it is taken once, here.
+            // h2 hands its ping handle out once, and this is the only place that asks.
             None => std::future::pending().await,
         }
     };
