@@ -175,17 +175,48 @@ impl Transport {
         request: Request<Empty<Bytes>>,
         body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
-        // Connecting is rare, and its future is large: boxed, it stays out of the future
-        // every request carries.
-        let connected = match self.h2.open() {
-            Some(open) => Connected::Http2(open),
-            None if self.http1_only.load(Ordering::Relaxed) => Connected::Pool,
-            None => Box::pin(self.connect_first()).await?,
-        };
-        match connected {
-            Connected::Http2(open) => self.send_h2(open, request, body).await,
-            Connected::Pool => self.send_h1(None, request, body).await,
-            Connected::Http1(sender) => self.send_h1(Some(sender), request, body).await,
+        match self.connection().await? {
+            Connected::Http2(open) => match self.ready(open).await {
+                Ok(ready) => self.send_h2(ready, request, body).await,
+                // The connection failed or is going away (a GOAWAY racing this call):
+                // nothing was sent, so the call goes on a new connection, once, and that
+                // is not another attempt (as with an HTTP/1.1 connection closed under it).
+                Err(_gone) => match self.connection().await? {
+                    Connected::Http2(open) => {
+                        let ready = self.ready(open).await?;
+                        self.send_h2(ready, request, body).await
+                    }
+                    http1 => self.send_h1(http1.into_h1(), request, body).await,
+                },
+            },
+            http1 => self.send_h1(http1.into_h1(), request, body).await,
+        }
+    }
+
+    /// Where the next call goes: the open HTTP/2 connection, the HTTP/1.1 pool, or a
+    /// new connection.
+    async fn connection(&self) -> Result<Connected, SendError> {
+        match self.h2.open() {
+            Some(open) => Ok(Connected::Http2(open)),
+            None if self.http1_only.load(Ordering::Relaxed) => Ok(Connected::Pool),
+            // Connecting is rare, and its future is large: boxed, it stays out of the
+            // future every request carries.
+            None => Box::pin(self.connect_first()).await,
+        }
+    }
+
+    /// The HTTP/2 connection, ready for a stream; or why it cannot take one (it has
+    /// failed or is going away), and then it is forgotten.
+    async fn ready(&self, open: OpenH2) -> Result<ReadyH2, SendError> {
+        let OpenH2 {
+            generation, sender, ..
+        } = open;
+        match sender.ready().await {
+            Ok(sender) => Ok(ReadyH2 { generation, sender }),
+            Err(err) => {
+                self.h2.forget(generation);
+                Err(SendError::NotSent(err))
+            }
         }
     }
 
@@ -194,30 +225,29 @@ impl Transport {
     /// is unusable: the next call opens another.
     async fn send_h2(
         &self,
-        open: OpenH2,
+        ready: ReadyH2,
         request: Request<Empty<Bytes>>,
         body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
-        let OpenH2 {
-            generation, sender, ..
-        } = open;
+        let ReadyH2 {
+            generation,
+            mut sender,
+        } = ready;
         self.h2.calls.fetch_add(1, Ordering::Relaxed);
         let forget_unless_reset = |err: &h2::Error| {
             if !err.is_reset() {
                 self.h2.forget(generation);
             }
         };
-        let not_sent = |err: h2::Error| {
-            forget_unless_reset(&err);
-            SendError::NotSent(err)
-        };
-        // Fails at once if the connection has failed or is going away. (Calls beyond the
-        // upstream's concurrent-stream limit wait inside h2, under the call's deadline.)
-        let mut sender = sender.ready().await.map_err(not_sent)?;
         let (head, _empty) = request.into_parts();
+        // Calls beyond the upstream's concurrent-stream limit wait inside h2, under the
+        // call's deadline.
         let (answer, _no_body) = sender
             .send_request(Request::from_parts(head, ()), true)
-            .map_err(not_sent)?;
+            .map_err(|err| {
+                forget_unless_reset(&err);
+                SendError::NotSent(err)
+            })?;
         let response = answer.await.map_err(|err| {
             forget_unless_reset(&err);
             SendError::Stream(err)
@@ -346,6 +376,12 @@ struct OpenH2 {
     sender: Sender,
     /// Set by the connection's task once the connection has ended.
     ended: Arc<AtomicBool>,
+}
+
+/// An HTTP/2 connection that can take a stream now.
+struct ReadyH2 {
+    generation: u64,
+    sender: Sender,
 }
 
 /// The HTTP/2 connection in use, and how many calls went over HTTP/2.
@@ -640,6 +676,16 @@ enum Connected {
     Http1(H1Sender),
 }
 
+impl Connected {
+    /// The HTTP/1.1 connection a call goes on: `None` for the pool.
+    fn into_h1(self) -> Option<H1Sender> {
+        match self {
+            Connected::Http1(sender) => Some(sender),
+            Connected::Http2(_) | Connected::Pool => None,
+        }
+    }
+}
+
 /// An HTTP/1.1 request line carries only the path; the authority goes in `Host`.
 fn into_origin_form(
     mut request: Request<Empty<Bytes>>,
@@ -883,6 +929,8 @@ mod tests {
         (port, silent)
     }
 
+    /// Also: a call on a connection that has failed is not sent there, and goes out on a
+    /// new connection in the same attempt.
     #[tokio::test]
     async fn an_http2_connection_that_stops_answering_pings_is_closed() {
         let (sim, ca) = simulator(true).await;
@@ -910,15 +958,24 @@ mod tests {
         // A call that still took the closed connection is refused before anything is
         // sent, and so may go out again on another connection.
         let refused = transport
-            .send_h2(stale, delete_request(&sim), test_bounds())
+            .ready(stale.clone())
             .await
-            .expect_err("the connection is closed");
+            .err()
+            .expect("the connection is closed");
         assert!(matches!(refused, SendError::NotSent(_)), "{refused:?}");
         assert!(refused.is_unsent());
         // New connections through the relay carry bytes again.
         silent.store(false, Ordering::SeqCst);
         assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
         assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
+
+        // A call that finds the connection in use failed, before its task noticed (a
+        // GOAWAY racing the call): it goes out on a new connection, in the same attempt.
+        transport
+            .h2
+            .install(stale.sender, Arc::new(AtomicBool::new(false)));
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
+        assert_eq!(sim.connection_count(), 3, "sent on a new connection");
         sim.shutdown().await;
     }
 
