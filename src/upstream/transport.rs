@@ -175,20 +175,21 @@ impl Transport {
         request: Request<Empty<Bytes>>,
         body: BodyBounds,
     ) -> Result<Response<Bytes>, SendError> {
-        match self.connection().await? {
+        let connected = match self.connection().await? {
             Connected::Http2(open) => match self.ready(open).await {
-                Ok(ready) => self.send_h2(ready, request, body).await,
+                Ok(ready) => return self.send_h2(ready, request, body).await,
                 // The connection failed or is going away (a GOAWAY racing this call):
                 // nothing was sent, so the call goes on a new connection, once, and that
                 // is not another attempt (as with an HTTP/1.1 connection closed under it).
-                Err(_gone) => match self.connection().await? {
-                    Connected::Http2(open) => {
-                        let ready = self.ready(open).await?;
-                        self.send_h2(ready, request, body).await
-                    }
-                    http1 => self.send_h1(http1.into_h1(), request, body).await,
-                },
+                Err(_gone) => self.connection().await?,
             },
+            http1 => http1,
+        };
+        match connected {
+            Connected::Http2(open) => {
+                let ready = self.ready(open).await?;
+                self.send_h2(ready, request, body).await
+            }
             http1 => self.send_h1(http1.into_h1(), request, body).await,
         }
     }
@@ -628,12 +629,11 @@ pub(super) struct BodyCutByDeadline;
 /// [`BodyCutByDeadline`].
 async fn read_body(response: Response<Incoming>, bounds: BodyBounds) -> (Response<Bytes>, bool) {
     let (parts, body) = response.into_parts();
-    let read = Limited::new(body, bounds.limit).collect();
-    match tokio::time::timeout_at(bounds.deadline, read).await {
-        Ok(Ok(collected)) => (Response::from_parts(parts, collected.to_bytes()), true),
-        Ok(Err(_)) => (Response::from_parts(parts, Bytes::new()), false),
-        Err(_elapsed) => (body_cut_by_deadline(parts), false),
-    }
+    let read = async {
+        let collected = Limited::new(body, bounds.limit).collect().await.ok()?;
+        Some(collected.to_bytes())
+    };
+    within_deadline(parts, bounds.deadline, read).await
 }
 
 /// [`read_body`] for an HTTP/2 answer. Every chunk read is handed back to the
@@ -652,18 +652,26 @@ async fn read_h2_body(response: Response<h2::RecvStream>, bounds: BodyBounds) ->
         }
         Some(collected.freeze())
     };
-    match tokio::time::timeout_at(bounds.deadline, read).await {
-        Ok(Some(collected)) => Response::from_parts(parts, collected),
-        Ok(None) => Response::from_parts(parts, Bytes::new()),
-        Err(_elapsed) => body_cut_by_deadline(parts),
-    }
+    within_deadline(parts, bounds.deadline, read).await.0
 }
 
-/// An answer whose head came in time and whose body did not.
-fn body_cut_by_deadline(parts: http::response::Parts) -> Response<Bytes> {
-    let mut cut = Response::from_parts(parts, Bytes::new());
-    cut.extensions_mut().insert(BodyCutByDeadline);
-    cut
+/// The answer with the body `read` gives by `deadline` (`None`: too long or broken),
+/// and whether the body was read to the end. Empty if not; marked with
+/// [`BodyCutByDeadline`] if the deadline cut it.
+async fn within_deadline(
+    parts: http::response::Parts,
+    deadline: tokio::time::Instant,
+    read: impl std::future::Future<Output = Option<Bytes>>,
+) -> (Response<Bytes>, bool) {
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Some(body)) => (Response::from_parts(parts, body), true),
+        Ok(None) => (Response::from_parts(parts, Bytes::new()), false),
+        Err(_elapsed) => {
+            let mut cut = Response::from_parts(parts, Bytes::new());
+            cut.extensions_mut().insert(BodyCutByDeadline);
+            (cut, false)
+        }
+    }
 }
 
 /// Where a call goes.
