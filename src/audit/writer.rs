@@ -651,6 +651,8 @@ impl Writer {
         let mut prev = self.prev;
         let mut last_ts = self.last_ts;
         let mut outcomes = Vec::with_capacity(batch.len());
+        // One clock read per batch: its records are written together.
+        let now = record::now_ms();
         for req in batch {
             // No record may take a seq that nothing could follow (a recovered log near
             // u64::MAX): refuse it instead of overflowing.
@@ -660,11 +662,11 @@ impl Writer {
                 }));
                 continue;
             };
-            let ts = record::now_ms().max(last_ts);
+            let ts = now.max(last_ts);
             self.cache_ts_text(ts);
             let ts_text = self.ts_cache.as_ref().map_or("", |(_, text)| text.as_str());
             let body_start = self.buf.len();
-            let body = Body::new(seq, ts_text, prev.as_str(), &req.event);
+            let body = Body::new(seq, ts_text, &prev, &req.event);
             match body.write_json(&mut self.buf) {
                 Ok(()) => {
                     let hash = self.hasher.digest(&self.buf[body_start..]);
