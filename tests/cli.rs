@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::served::{wait_bounded, BackgroundSim, Served, BIN};
 use common::{assert_chain, read_records, token_hash};
-use mpc_gateway::simulator::{Fault, SimulatorConfig};
+use mpc_gateway::simulator::{generate_pki, Fault, SimulatorConfig};
 use sha2::{Digest, Sha256};
 
 const AUTH_ID: &str = "MAQQQQQQQQQQQQQQQQQQ";
@@ -837,6 +837,63 @@ fn sigterm_whose_grace_runs_out_writes_the_cut_requests_result() {
 
 /// `audit query` through the binary, on a log `serve` wrote: filters, JSON Lines, the
 /// table's header, an empty selection, and a bad argument.
+/// A call that gets no answer says why in the operational log, with the cause (here:
+/// Plivo's certificate is not trusted), at most once per 10 s however many fail; the
+/// callers get `502 upstream-unavailable` and nothing reaches the upstream.
+#[test]
+fn an_upstream_that_cannot_be_reached_is_logged_with_its_cause_once_per_interval() {
+    let pki = generate_pki(&["127.0.0.1"]).expect("pki");
+    let mut config = SimulatorConfig::new(AUTH_ID, PLIVO_TOKEN);
+    config.tls = Some(pki.server_tls());
+    let sim = BackgroundSim::start(config, 1);
+    assert!(sim.base_url().starts_with("https://"), "{}", sim.base_url());
+    let c = ConfigDir::new();
+    // No `ca_file`: the simulator's CA, made by this test, is in no trust store.
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let served = Served::start(&c.config_path());
+
+    for name in ["billing-1", "billing-2", "billing-3"] {
+        let (status, body) = end(&served, name);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("upstream-unavailable"), "{body}");
+    }
+    assert_eq!(sim.sim.request_count(), 0);
+
+    let unanswered = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("an upstream call got no answer"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || !unanswered(&served.log_text())
+            .is_empty()),
+        "no line about the failed calls; log:\n{}",
+        served.log_text()
+    );
+    let log = served.log_text();
+    let lines = unanswered(&log);
+    assert_eq!(
+        lines.len(),
+        1,
+        "three failures within 10 s, one line: {log}"
+    );
+    let line = &lines[0];
+    assert!(
+        line.contains("certificate") && line.contains("UnknownIssuer"),
+        "the line names the cause: {line}"
+    );
+    assert!(line.contains(&sim.base_url()), "and the upstream: {line}");
+    assert!(
+        line.contains("\"retriable\":false"),
+        "a TLS failure is not retried: {line}"
+    );
+    assert!(
+        !log.contains(PLIVO_TOKEN),
+        "the log holds the Plivo token: {log}"
+    );
+}
+
 #[test]
 fn audit_query_selects_from_the_log_serve_wrote() {
     let sim = start_sim();

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::config::{Account, UpstreamSettings};
-use crate::millis::millis;
+use crate::millis::{millis, Throttle};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
 
@@ -29,6 +29,9 @@ use crate::problem::Problem;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// At most one log line per this interval about calls that got no answer: an upstream
+/// that cannot be reached fails every request, and each would say the same.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Calls to Plivo in flight at once. Plivo allows 60 requests/s per account, so more
 /// than this means Plivo is slow; callers then wait (within `timeout`) instead of piling
 /// up sockets.
@@ -127,6 +130,8 @@ pub struct PlivoClient {
     timeout: Duration,
     max_attempts: u32,
     in_flight: tokio::sync::Semaphore,
+    /// Throttles the lines that say why calls got no answer.
+    failure_log: Throttle,
 }
 
 /// One attempt's result, before the retry decision.
@@ -157,6 +162,7 @@ impl PlivoClient {
             timeout: settings.timeout,
             max_attempts: settings.max_attempts,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            failure_log: Throttle::new(FAILURE_LOG_INTERVAL),
         })
     }
 
@@ -231,7 +237,7 @@ impl PlivoClient {
         // The answer's head came in time and its body (the name) did not: what Plivo
         // said is unknown, as when nothing came back at all.
         if body_cut {
-            return Lookup::Failed(report(Err(Problem::UpstreamTimeout), None, attempts));
+            return Lookup::Failed(self.timed_out(attempts));
         }
         let answer = conclude(attempt, attempts);
         match (name, answer.outcome.is_ok()) {
@@ -271,7 +277,7 @@ impl PlivoClient {
             Ok(slot) => slot,
             Err(_) => match tokio::time::timeout_at(deadline, self.in_flight.acquire()).await {
                 Ok(Ok(slot)) => slot,
-                _ => return Err(report(Err(Problem::UpstreamTimeout), None, 0)),
+                _ => return Err(self.timed_out(0)),
             },
         };
         let mut attempts = 0;
@@ -279,7 +285,7 @@ impl PlivoClient {
             attempts += 1;
             let attempt = self.attempt(method.clone(), uri.clone(), account, deadline);
             let Ok(attempt) = tokio::time::timeout_at(deadline, attempt).await else {
-                return Err(report(Err(Problem::UpstreamTimeout), None, attempts));
+                return Err(self.timed_out(attempts));
             };
             if attempts >= self.max_attempts || !is_retriable(&attempt) {
                 return Ok((attempt, attempts));
@@ -287,7 +293,7 @@ impl PlivoClient {
             let backoff = backoff_delay(attempts);
             if Instant::now() + backoff >= deadline {
                 tokio::time::sleep_until(deadline).await;
-                return Err(report(Err(Problem::UpstreamTimeout), None, attempts));
+                return Err(self.timed_out(attempts));
             }
             tokio::time::sleep(backoff).await;
         }
@@ -324,8 +330,55 @@ impl PlivoClient {
                     body,
                 }
             }
-            Err(err) => classify_error(&err),
+            Err(err) => {
+                let attempt = classify_error(&err);
+                if self.failure_log.ready() {
+                    tracing::warn!(
+                        origin = %self.origin,
+                        error = %Causes(err.as_std()),
+                        retriable = is_retriable(&attempt),
+                        "an upstream call got no answer"
+                    );
+                }
+                attempt
+            }
         }
+    }
+
+    /// The report of a call that ran out of `timeout` (`504`), logged at most once per
+    /// [`FAILURE_LOG_INTERVAL`].
+    fn timed_out(&self, attempts: u32) -> UpstreamReport {
+        if self.failure_log.ready() {
+            tracing::warn!(
+                origin = %self.origin,
+                timeout = ?self.timeout,
+                attempts,
+                "an upstream call got no (complete) answer within the timeout"
+            );
+        }
+        report(Err(Problem::UpstreamTimeout), None, attempts)
+    }
+}
+
+/// An error and its causes, `outer: inner: ...`, each message once: an I/O error
+/// wrapping another repeats its message, and some errors end with their cause's.
+struct Causes<'a>(&'a (dyn StdError + 'static));
+
+impl fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut last = String::new();
+        for (i, err) in error_chain(self.0).into_iter().enumerate() {
+            let text = err.to_string();
+            if !last.is_empty() && last.ends_with(&text) {
+                continue;
+            }
+            if i > 0 {
+                f.write_str(": ")?;
+            }
+            f.write_str(&text)?;
+            last = text;
+        }
+        Ok(())
     }
 }
 
@@ -364,7 +417,7 @@ fn backoff_delay(attempts_so_far: u32) -> Duration {
 }
 
 fn classify_error(err: &SendError) -> Attempt {
-    if caused_by_tls(err.as_std()) {
+    if err.is_tls() {
         return Attempt::Fatal;
     }
     if err.is_unsent() || caused_by_reset(err.as_std()) {
@@ -392,11 +445,7 @@ fn error_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError +
 }
 
 fn caused_by_tls(err: &(dyn StdError + 'static)) -> bool {
-    error_chain(err).iter().any(|e| {
-        e.is::<rustls::Error>()
-            || e.downcast_ref::<transport::SharedConnectFailure>()
-                .is_some_and(|shared| shared.tls)
-    })
+    error_chain(err).iter().any(|e| e.is::<rustls::Error>())
 }
 
 fn caused_by_reset(err: &(dyn StdError + 'static)) -> bool {
@@ -553,6 +602,7 @@ impl PlivoBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use transport::ConnectError;
 
     #[tokio::test]
     async fn mpc_urls_are_built_exactly_as_the_sdks_send_them() {
@@ -684,23 +734,41 @@ mod tests {
     /// original: retried, except a TLS failure.
     #[test]
     fn a_shared_connect_failure_keeps_the_original_class() {
-        let refused = SendError::Connect(Box::new(std::io::Error::from(
+        let refused = SendError::Connect(ConnectError::Connector(Box::new(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
-        )));
-        let tls = SendError::Connect(Box::new(std::io::Error::other(rustls::Error::General(
-            "bad certificate".into(),
+        ))));
+        let tls = SendError::Connect(ConnectError::Connector(Box::new(std::io::Error::other(
+            rustls::Error::General("bad certificate".into()),
         ))));
         assert!(matches!(classify_error(&refused), Attempt::Retriable));
         assert!(matches!(classify_error(&tls), Attempt::Fatal));
         for (original, retriable) in [(refused, true), (tls, false)] {
-            let shared =
-                SendError::Connect(Box::new(transport::SharedConnectFailure::of(&original)));
+            let shared = SendError::Connect(ConnectError::Shared(
+                transport::SharedConnectFailure::of(&original),
+            ));
             assert_eq!(
                 matches!(classify_error(&shared), Attempt::Retriable),
                 retriable,
                 "{shared:?}"
             );
         }
+    }
+
+    /// What the "no answer" log line shows: each cause once, outermost first.
+    #[test]
+    fn causes_are_listed_once_each() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error trying to connect")]
+        struct Outer(#[source] std::io::Error);
+        // An I/O error wrapping another shows the inner one's message: listed once.
+        let inner = std::io::Error::other(rustls::Error::General("bad certificate".into()));
+        let text = Causes(&Outer(inner)).to_string();
+        assert_eq!(
+            text,
+            "error trying to connect: unexpected error: bad certificate"
+        );
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Causes(&refused).to_string(), refused.to_string());
     }
 
     #[test]

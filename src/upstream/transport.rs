@@ -60,7 +60,23 @@ const H1_MAX_IDLE: usize = 64;
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = h2::client::SendRequest<Bytes>;
 type H1Sender = http1::SendRequest<Empty<Bytes>>;
-pub(super) type ConnectError = Box<dyn StdError + Send + Sync>;
+
+/// Why no connection to the upstream could be opened.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnectError {
+    /// TCP or TLS, as the connector reports it (hyper-rustls boxes its errors).
+    #[error(transparent)]
+    Connector(Box<dyn StdError + Send + Sync>),
+    /// TCP and TLS together took longer than `connect_timeout`, or the HTTP/2 handshake
+    /// after them did.
+    #[error("connect timed out")]
+    TimedOut,
+    #[error("HTTP/2 handshake failed: {0}")]
+    Handshake(h2::Error),
+    /// The connect this call waited for, made by another call, failed.
+    #[error(transparent)]
+    Shared(SharedConnectFailure),
+}
 
 /// Why a request got no response.
 #[derive(Debug)]
@@ -89,9 +105,22 @@ impl SendError {
         }
     }
 
+    /// Whether TLS failed: the upstream's certificate, or the handshake. Another attempt
+    /// would fail the same way.
+    pub(super) fn is_tls(&self) -> bool {
+        match self {
+            SendError::Connect(ConnectError::Shared(shared)) => shared.tls,
+            _ => super::caused_by_tls(self.as_std()),
+        }
+    }
+
+    /// The error whose chain of causes says what happened: for a connect, the
+    /// connector's own error rather than the enum around it.
     pub(super) fn as_std(&self) -> &(dyn StdError + 'static) {
         match self {
-            SendError::Connect(err) => err.as_ref(),
+            SendError::Connect(ConnectError::Connector(err)) => err.as_ref(),
+            SendError::Connect(ConnectError::Handshake(err)) => err,
+            SendError::Connect(err) => err,
             SendError::Request(err) => err,
             SendError::NotSent(err) | SendError::Stream(err) => err,
         }
@@ -323,7 +352,7 @@ impl Transport {
         // (an unreachable upstream must not cost each queued call a connect_timeout).
         if self.connects.load(Ordering::Acquire) != seen {
             if let Some(failure) = lock(&self.last_connect_failure).clone() {
-                return Err(SendError::Connect(Box::new(failure)));
+                return Err(SendError::Connect(ConnectError::Shared(failure)));
             }
         }
         self.connects.fetch_add(1, Ordering::AcqRel);
@@ -350,8 +379,8 @@ impl Transport {
         let handshake = self.h2_builder.handshake(TokioIo::new(stream));
         let (sender, connection) = tokio::time::timeout(self.connector.timeout, handshake)
             .await
-            .map_err(|_| SendError::Connect(ConnectTimedOut.into()))?
-            .map_err(|err| SendError::Connect(err.into()))?;
+            .map_err(|_| SendError::Connect(ConnectError::TimedOut))?
+            .map_err(|err| SendError::Connect(ConnectError::Handshake(err)))?;
         let ended = Arc::new(AtomicBool::new(false));
         tokio::spawn(drive_h2(connection, self.ping, Arc::clone(&ended)));
         let open = self.h2.install(sender, ended);
@@ -746,10 +775,6 @@ struct TimedConnector {
     timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("connect timed out")]
-struct ConnectTimedOut;
-
 /// The failure of a connect that other calls waited for, handed to each of them.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the connect this call waited for failed: {detail}")]
@@ -763,7 +788,7 @@ impl SharedConnectFailure {
     pub(super) fn of(err: &SendError) -> SharedConnectFailure {
         SharedConnectFailure {
             detail: err.as_std().to_string(),
-            tls: super::caused_by_tls(err.as_std()),
+            tls: err.is_tls(),
         }
     }
 }
@@ -801,8 +826,8 @@ impl TimedConnector {
     async fn connect(&self, uri: Uri) -> Result<Stream, ConnectError> {
         let connecting = tower::ServiceExt::oneshot(self.inner.clone(), uri);
         match tokio::time::timeout(self.timeout, connecting).await {
-            Ok(connected) => connected,
-            Err(_) => Err(ConnectTimedOut.into()),
+            Ok(connected) => connected.map_err(ConnectError::Connector),
+            Err(_) => Err(ConnectError::TimedOut),
         }
     }
 }
