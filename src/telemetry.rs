@@ -133,6 +133,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -150,6 +155,9 @@ pub struct Metrics {
     http_rejected: Family<KindLabels, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
     store_errors: Counter,
+    /// A family rather than a gauge: without `listen_tls` there is no series at all, where
+    /// a gauge would read 0, a certificate that expired in 1970.
+    certificate_expiry: Family<ListenerLabels, Gauge<i64, AtomicI64>>,
     /// The `tenant` label of requests refused before authentication.
     no_tenant: Arc<str>,
 }
@@ -172,6 +180,7 @@ impl Metrics {
         let http_rejected = Family::<KindLabels, Counter>::default();
         let open_connections = Gauge::<i64, AtomicI64>::default();
         let store_errors = Counter::default();
+        let certificate_expiry = Family::<ListenerLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "mpc_gateway_requests",
             "Requests answered, by tenant and reason (problem slug or ended)",
@@ -217,6 +226,11 @@ impl Metrics {
             "Shared rate-limit store calls that failed or were slower than their timeout",
             store_errors.clone(),
         );
+        registry.register(
+            "mpc_gateway_tls_certificate_expiry_timestamp_seconds",
+            "When the data listener's TLS certificate expires, in Unix time (only with listen_tls)",
+            certificate_expiry.clone(),
+        );
         // Every result from the start: an alert on `increase(...{result="error"}[5m])`
         // sees the first failure only if the series existed, at 0, before it.
         for result in ["ok", "error"] {
@@ -226,6 +240,7 @@ impl Metrics {
         }
         Metrics {
             store_errors,
+            certificate_expiry,
             no_tenant: Arc::from(""),
             registry,
             requests,
@@ -284,6 +299,14 @@ impl Metrics {
 
     pub fn rate_limit_store_error(&self) {
         self.store_errors.inc();
+    }
+
+    /// The data listener's certificate (as loaded at start or by the last reload)
+    /// expires at `unix_seconds`.
+    pub fn listener_certificate_expires_at(&self, unix_seconds: i64) {
+        self.certificate_expiry
+            .get_or_create(&ListenerLabels { listener: "data" })
+            .set(unix_seconds);
     }
 
     pub fn audit_failure(&self) {
@@ -396,6 +419,16 @@ mod tests {
             ),
             Some(1.0)
         );
+    }
+
+    /// No series without `listen_tls`: a gauge at 0 would be a certificate expired in 1970.
+    #[test]
+    fn the_certificate_expiry_exists_only_once_a_certificate_is_loaded() {
+        let series = "mpc_gateway_tls_certificate_expiry_timestamp_seconds{listener=\"data\"}";
+        let metrics = Metrics::new();
+        assert_eq!(sample(&metrics.encode(), series), None);
+        metrics.listener_certificate_expires_at(1_900_000_000);
+        assert_eq!(sample(&metrics.encode(), series), Some(1_900_000_000.0));
     }
 
     #[test]

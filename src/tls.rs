@@ -20,6 +20,8 @@ pub struct ListenTls {
     pub client_ca_file: Option<PathBuf>,
     pub require_client_cert: bool,
     pub server_config: Arc<rustls::ServerConfig>,
+    /// When the served certificate expires, in Unix seconds (exported as a metric).
+    pub expires_at: i64,
 }
 
 /// Builds the server TLS config from files; every error names the file and the problem.
@@ -30,7 +32,7 @@ pub fn load_listen_tls(
     require_client_cert: bool,
 ) -> Result<ListenTls, String> {
     let chain = read_certs(cert_file)?;
-    check_validity(cert_file, &chain[0])?;
+    let expires_at = check_validity(cert_file, &chain[0])?;
     let key = read_key(key_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let signing_key = provider
@@ -83,6 +85,7 @@ pub fn load_listen_tls(
         client_ca_file: client_ca_file.map(Path::to_owned),
         require_client_cert,
         server_config: Arc::new(config),
+        expires_at,
     })
 }
 
@@ -108,8 +111,8 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 }
 
 /// An expired or not-yet-valid server certificate is a config error, not a surprise for
-/// every client.
-fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), String> {
+/// every client. Returns when it expires, in Unix seconds.
+fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())
         .map_err(|err| format!("{}: cannot parse the certificate: {err}", path.display()))?;
     let validity = parsed.validity();
@@ -121,7 +124,7 @@ fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), String> 
             validity.not_after
         ));
     }
-    Ok(())
+    Ok(validity.not_after.timestamp())
 }
 
 /// A client certificate the TLS handshake verified.

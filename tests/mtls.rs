@@ -23,7 +23,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mpc_gateway::config::Config;
 use mpc_gateway::server::{RunningGateway, StartOptions};
-use mpc_gateway::simulator::{generate_pki, IssuedCert, Simulator, SimulatorConfig, TestPki};
+use mpc_gateway::simulator::{
+    generate_pki, IssuedCert, LeafSpec, Simulator, SimulatorConfig, TestPki,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
 
@@ -180,6 +182,13 @@ async fn admin_metrics(admin: SocketAddr) -> String {
 /// One series of the admin listener's `/metrics` (0 when absent).
 async fn metric(admin: SocketAddr, series: &str) -> f64 {
     mpc_gateway::telemetry::sample(&admin_metrics(admin).await, series).unwrap_or(0.0)
+}
+
+/// When the (first) certificate in `pem` expires, in Unix seconds, as the metric has it.
+fn not_after(pem: &str) -> f64 {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    let cert = pem.parse_x509().expect("certificate");
+    cert.validity().not_after.timestamp() as f64
 }
 
 fn der_certs(pem: &str) -> Vec<CertificateDer<'static>> {
@@ -567,6 +576,12 @@ async fn without_a_client_certificate_bearer_works_unless_one_is_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_server_certificate_is_served_to_new_connections_after_reload() {
     let g = MtlsGateway::start(false).await;
+    let admin = g.gateway.admin_addr();
+    let expiry = "mpc_gateway_tls_certificate_expiry_timestamp_seconds{listener=\"data\"}";
+    assert_eq!(
+        metric(admin, expiry).await,
+        not_after(&g.pki.server_cert_pem)
+    );
     let config = client_config(&g.pki.ca_cert_pem, None);
     let before = end_over_tls(&g, Arc::clone(&config), "billing-1", Some(BILLING_TOKEN))
         .await
@@ -575,10 +590,11 @@ async fn a_rotated_server_certificate_is_served_to_new_connections_after_reload(
         before.server_cert_fp,
         full_fingerprint(&g.pki.server_cert_pem)
     );
-    let rotated = g
-        .pki
-        .issue_server_cert(&["localhost", "127.0.0.1"])
-        .expect("cert");
+    // The new certificate expires in 30 days, the old one later: the metric follows.
+    let mut spec = LeafSpec::server(&["localhost", "127.0.0.1"]);
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let rotated = g.pki.issue(&spec).expect("cert");
+    assert!(not_after(&rotated.cert_pem) < not_after(&g.pki.server_cert_pem));
     g.write_server_pair(&rotated);
     g.gateway.reload_from(&g.config_path).expect("reload");
     let after = end_over_tls(&g, Arc::clone(&config), "billing-2", Some(BILLING_TOKEN))
@@ -587,12 +603,13 @@ async fn a_rotated_server_certificate_is_served_to_new_connections_after_reload(
     assert_eq!(after.status, 204);
     assert_ne!(before.server_cert_fp, after.server_cert_fp);
     assert_eq!(after.server_cert_fp, full_fingerprint(&rotated.cert_pem));
+    assert_eq!(metric(admin, expiry).await, not_after(&rotated.cert_pem));
 
     // A key that does not match the certificate is refused and the old pair stays: a new
     // connection still gets the rotated certificate and is served.
     write(g.dir.path(), "server-key.pem", &g.pki.server_key_pem);
     assert!(g.gateway.reload_from(&g.config_path).is_err());
-    let admin = g.gateway.admin_addr();
+    assert_eq!(metric(admin, expiry).await, not_after(&rotated.cert_pem));
     let errors = "mpc_gateway_config_reloads_total{result=\"error\"}";
     assert_eq!(metric(admin, errors).await, 1.0);
     let kept = end_over_tls(&g, config, "billing-3", Some(BILLING_TOKEN))

@@ -129,6 +129,7 @@ impl Gateway {
     ) -> Result<Gateway, BuildError> {
         let runtime = Runtime::build(config, None, &clock)?;
         declare_tenants(&metrics, config);
+        export_listener_certificate(&metrics, config);
         Ok(Gateway {
             inner: Arc::new(Inner {
                 runtime: ArcSwap::from_pointee(runtime),
@@ -149,6 +150,7 @@ impl Gateway {
         let next = Runtime::build(config, Some(&current), &self.inner.clock)?;
         self.inner.runtime.store(Arc::new(next));
         declare_tenants(&self.inner.metrics, config);
+        export_listener_certificate(&self.inner.metrics, config);
         Ok(())
     }
 
@@ -523,6 +525,12 @@ where
 fn declare_tenants(metrics: &Metrics, config: &Config) {
     for tenant in config.tenants.keys() {
         metrics.declare_tenant(tenant);
+    }
+}
+
+fn export_listener_certificate(metrics: &Metrics, config: &Config) {
+    if let Some(tls) = &config.listen_tls {
+        metrics.listener_certificate_expires_at(tls.expires_at);
     }
 }
 
