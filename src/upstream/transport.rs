@@ -71,8 +71,9 @@ pub(super) enum ConnectError {
     /// after them did.
     #[error("connect timed out")]
     TimedOut,
+    /// The HTTP/2 handshake on the new connection failed.
     #[error("HTTP/2 handshake failed: {0}")]
-    Handshake(h2::Error),
+    Handshake(#[source] h2::Error),
     /// The connect this call waited for, made by another call, failed.
     #[error(transparent)]
     Shared(SharedConnectFailure),
@@ -119,7 +120,6 @@ impl SendError {
     pub(super) fn as_std(&self) -> &(dyn StdError + 'static) {
         match self {
             SendError::Connect(ConnectError::Connector(err)) => err.as_ref(),
-            SendError::Connect(ConnectError::Handshake(err)) => err,
             SendError::Connect(err) => err,
             SendError::Request(err) => err,
             SendError::NotSent(err) | SendError::Stream(err) => err,
