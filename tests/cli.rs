@@ -859,12 +859,7 @@ fn an_upstream_that_cannot_be_reached_is_logged_with_its_cause_once_per_interval
     }
     assert_eq!(sim.sim.request_count(), 0);
 
-    let unanswered = |log: &str| {
-        log.lines()
-            .filter(|line| line.contains("an upstream call got no answer"))
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let unanswered = |log: &str| lines_with(log, "an upstream call got no answer");
     assert!(
         eventually(Duration::from_secs(5), || !unanswered(&served.log_text())
             .is_empty()),
@@ -892,6 +887,92 @@ fn an_upstream_that_cannot_be_reached_is_logged_with_its_cause_once_per_interval
         !log.contains(PLIVO_TOKEN),
         "the log holds the Plivo token: {log}"
     );
+}
+
+/// The lines of `log` holding `message`.
+fn lines_with(log: &str, message: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains(message))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Plivo refusing the gateway's credentials is an error in the log naming the account's
+/// auth_id (never its token), once per 10 s however many calls it refuses; a Plivo 5xx
+/// is a warning, likewise throttled.
+#[test]
+fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
+    let refusing = BackgroundSim::start(SimulatorConfig::new(AUTH_ID, "not-the-gateways-token"), 1);
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&refusing.base_url(), ALLOW));
+    let served = Served::start(&c.config_path());
+    for name in ["billing-1", "billing-2", "billing-3"] {
+        let (status, body) = end(&served, name);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("upstream-credentials-rejected"), "{body}");
+    }
+    let rejected = "Plivo rejected the gateway's credentials";
+    assert!(
+        eventually(Duration::from_secs(5), || !lines_with(
+            &served.log_text(),
+            rejected
+        )
+        .is_empty()),
+        "no line about the refused credentials; log:\n{}",
+        served.log_text()
+    );
+    let log = served.log_text();
+    let lines = lines_with(&log, rejected);
+    assert_eq!(
+        lines.len(),
+        1,
+        "three refusals within 10 s, one line: {log}"
+    );
+    assert!(lines[0].contains("\"level\":\"ERROR\""), "{}", lines[0]);
+    assert!(
+        lines[0].contains(AUTH_ID),
+        "the line names the auth_id: {}",
+        lines[0]
+    );
+    assert!(
+        !log.contains(PLIVO_TOKEN),
+        "the log holds the Plivo token: {log}"
+    );
+    drop(served);
+
+    let failing = start_sim();
+    for _ in 0..6 {
+        failing.sim.push_fault(Fault::Status {
+            status: 500,
+            headers: Vec::new(),
+            body: String::new(),
+        });
+    }
+    c.write(&c.yaml(&failing.base_url(), ALLOW));
+    let served = Served::start(&c.config_path());
+    for name in ["billing-4", "billing-5", "billing-6"] {
+        let (status, body) = end(&served, name);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("upstream-error"), "{body}");
+    }
+    let server_error = "Plivo answered with a server error";
+    assert!(
+        eventually(Duration::from_secs(5), || !lines_with(
+            &served.log_text(),
+            server_error
+        )
+        .is_empty()),
+        "no line about Plivo's 500s; log:\n{}",
+        served.log_text()
+    );
+    let log = served.log_text();
+    let lines = lines_with(&log, server_error);
+    assert_eq!(
+        lines.len(),
+        1,
+        "three failed calls within 10 s, one line: {log}"
+    );
+    assert!(lines[0].contains("\"status\":500"), "{}", lines[0]);
 }
 
 #[test]

@@ -130,8 +130,10 @@ pub struct PlivoClient {
     timeout: Duration,
     max_attempts: u32,
     in_flight: tokio::sync::Semaphore,
-    /// Throttles the lines that say why calls got no answer.
+    /// Throttles the lines that say why calls got no answer, or a failing one.
     failure_log: Throttle,
+    /// Throttles the error that Plivo refused an account's credentials.
+    credentials_log: Throttle,
 }
 
 /// One attempt's result, before the retry decision.
@@ -163,6 +165,7 @@ impl PlivoClient {
             max_attempts: settings.max_attempts,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             failure_log: Throttle::new(FAILURE_LOG_INTERVAL),
+            credentials_log: Throttle::new(FAILURE_LOG_INTERVAL),
         })
     }
 
@@ -207,7 +210,7 @@ impl PlivoClient {
     ) -> UpstreamReport {
         let url = self.mpc_url(&account.auth_id, mpc);
         match self.call(Method::DELETE, url, account, deadline).await {
-            Ok((attempt, attempts)) => conclude(attempt, attempts),
+            Ok((attempt, attempts)) => self.conclude_logged(account, attempt, attempts),
             Err(timed_out) => timed_out,
         }
     }
@@ -239,7 +242,7 @@ impl PlivoClient {
         if body_cut {
             return Lookup::Failed(self.timed_out(attempts));
         }
-        let answer = conclude(attempt, attempts);
+        let answer = self.conclude_logged(account, attempt, attempts);
         match (name, answer.outcome.is_ok()) {
             (Some(name), true) => Lookup::Found {
                 name,
@@ -343,6 +346,38 @@ impl PlivoClient {
                 attempt
             }
         }
+    }
+
+    /// [`conclude`], and a log line when Plivo refused the account's credentials (an
+    /// error: no call on that account can succeed) or failed with a 5xx; each at most
+    /// once per [`FAILURE_LOG_INTERVAL`], as every call would say the same.
+    fn conclude_logged(
+        &self,
+        account: &AccountCredentials,
+        attempt: Attempt,
+        attempts: u32,
+    ) -> UpstreamReport {
+        let report = conclude(attempt, attempts);
+        let status = report.status.unwrap_or_default();
+        match &report.outcome {
+            Err(Problem::UpstreamCredentialsRejected { .. }) if self.credentials_log.ready() => {
+                tracing::error!(
+                    status,
+                    auth_id = %account.auth_id,
+                    "Plivo rejected the gateway's credentials; check the account's auth_id and auth_token"
+                );
+            }
+            Err(Problem::UpstreamError { .. }) if status >= 500 && self.failure_log.ready() => {
+                tracing::warn!(
+                    origin = %self.origin,
+                    status,
+                    attempts,
+                    "Plivo answered with a server error"
+                );
+            }
+            _ => {}
+        }
+        report
     }
 
     /// The report of a call that ran out of `timeout` (`504`), logged at most once per
@@ -520,13 +555,7 @@ fn conclude(attempt: Attempt, attempts: u32) -> UpstreamReport {
             retry_after: retry_after_secs(&headers, SystemTime::now()),
             api_id,
         }),
-        401 | 403 => {
-            tracing::error!(
-                status = code,
-                "Plivo rejected the gateway's credentials; check the account's auth_id and auth_token"
-            );
-            Err(Problem::UpstreamCredentialsRejected { api_id })
-        }
+        401 | 403 => Err(Problem::UpstreamCredentialsRejected { api_id }),
         _ => Err(Problem::UpstreamError {
             status: code,
             api_id,
