@@ -153,6 +153,9 @@ fn check_config(path: &Path) -> ExitCode {
         write_stderr(&format!("{}: upstream: {err}\n", path.display()));
         return ExitCode::FAILURE;
     }
+    for warning in config.warnings() {
+        write_stderr(&format!("{}: warning: {warning}\n", path.display()));
+    }
     let out = format!("{}{}: configuration OK\n", config.summary(), path.display());
     // The exit code is the verdict on the config; a reader that went away cannot
     // change it (like `audit verify`).

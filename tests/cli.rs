@@ -258,6 +258,28 @@ fn check_config_accepts_a_valid_config_and_prints_no_secret() {
     assert!(leftovers.is_empty(), "no probe file left behind");
 }
 
+/// A valid but risky setting is a warning on stderr: the exit code stays 0.
+#[test]
+fn check_config_warns_of_a_grace_not_above_the_upstream_timeout() {
+    let c = ConfigDir::new();
+    // The test config's grace and upstream timeout are both 5s.
+    let out = c.check(&c.yaml(BASE, ALLOW));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: shutdown_grace: 5s is not above upstream.timeout (5s)"),
+        "{stderr}"
+    );
+    let out = c.check(&replaced(
+        &c.yaml(BASE, ALLOW),
+        "shutdown_grace: 5s",
+        "shutdown_grace: 6s",
+    ));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 /// `serve` refuses a bad config the way `check-config` reports it: exit 1, the key path
 /// on stderr, nothing listening, no audit file.
 #[test]

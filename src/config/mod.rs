@@ -158,6 +158,20 @@ fn join_lines(errors: &[FieldError]) -> String {
         .join("\n")
 }
 
+/// A valid setting that is probably a mistake (see [`Config::warnings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// The key path, as errors name it (`shutdown_grace`, `accounts.x.rate_limit.burst`).
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
 impl Config {
     /// Reads, parses, validates and resolves the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -170,6 +184,35 @@ impl Config {
 
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         Config::try_from(parse_raw(text)?)
+    }
+
+    /// Settings that are valid but almost certainly not what the operator meant: said by
+    /// `check-config`, and logged by `serve` at start and at every reload.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut warnings = Vec::new();
+        for (name, account) in &self.accounts {
+            let burst = account.rate_limit.burst.get();
+            // A by-uuid request takes two of its account's cells at once.
+            if burst < 2 {
+                warnings.push(ConfigWarning {
+                    key: format!("accounts.{name}.rate_limit.burst"),
+                    message: format!(
+                        "{burst} is below the two calls a by-uuid request costs: such requests are always refused (429); raise it to 2 or more"
+                    ),
+                });
+            }
+        }
+        if self.shutdown_grace <= self.upstream.timeout {
+            warnings.push(ConfigWarning {
+                key: "shutdown_grace".into(),
+                message: format!(
+                    "{} is not above upstream.timeout ({}): a drain can cut requests while Plivo is handling them, and whether their MPC ended is then unknown; make it longer than upstream.timeout",
+                    humantime::format_duration(self.shutdown_grace),
+                    humantime::format_duration(self.upstream.timeout)
+                ),
+            });
+        }
+        warnings
     }
 
     /// A human summary for `check-config`: shapes and counts, never a secret or hash.

@@ -361,3 +361,42 @@ fn a_tenant_with_neither_tokens_nor_certificates_is_one_error() {
     assert_eq!(err.matches(expected).count(), 1, "{err}");
     assert_eq!(err.matches("tenants.billing.tokens").count(), 1, "{err}");
 }
+
+#[test]
+fn warns_of_a_grace_not_above_the_upstream_timeout_and_of_a_burst_below_two() {
+    let f = Fixture::new();
+    let config = f.load(MINIMAL).expect("valid");
+    assert_eq!(
+        config.warnings(),
+        [],
+        "the defaults: 20s grace, 10s timeout, burst 10"
+    );
+
+    let risky = MINIMAL.replace(
+        "    auth_token: {file: \"{dir}/token\"}\n",
+        "    auth_token: {file: \"{dir}/token\"}\n    rate_limit: {per_second: 1, burst: 1}\n",
+    ) + "shutdown_grace: 5s\nupstream:\n  timeout: 5s\n";
+    let config = f.load(&risky).expect("valid, if unwise");
+    let warnings = config.warnings();
+    let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["accounts.default.rate_limit.burst", "shutdown_grace"]
+    );
+    assert!(
+        warnings[0].message.starts_with("1 is below the two calls"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[1]
+            .message
+            .starts_with("5s is not above upstream.timeout (5s)"),
+        "{}",
+        warnings[1]
+    );
+
+    let longer = risky.replace("shutdown_grace: 5s", "shutdown_grace: 5s 1ms");
+    let config = f.load(&longer).expect("valid");
+    assert!(config.warnings().iter().all(|w| w.key != "shutdown_grace"));
+}

@@ -103,7 +103,9 @@ impl Runtime {
         previous: Option<&Runtime>,
         clock: &LimiterClock,
     ) -> Result<Runtime, BuildError> {
-        warn_of_accounts_that_never_admit_by_uuid(config);
+        for warning in config.warnings() {
+            tracing::warn!(key = %warning.key, "{}", warning.message);
+        }
         let limiters = LimiterSet::rebuild(
             previous.map(|runtime| &runtime.limiters),
             config
@@ -171,21 +173,6 @@ impl Runtime {
             upstream_settings: config.upstream.clone(),
             shared_limits,
         })
-    }
-}
-
-/// A by-uuid request costs its account two cells at once; an account whose burst is
-/// smaller refuses every one. Said once per load (start and each reload), where the
-/// config is, rather than on every refused request.
-fn warn_of_accounts_that_never_admit_by_uuid(config: &Config) {
-    for (name, account) in &config.accounts {
-        if account.rate_limit.burst < super::TWO_CELLS {
-            tracing::warn!(
-                account = %name,
-                burst = account.rate_limit.burst.get(),
-                "this account's burst is below the two calls a by-uuid request costs: such requests are always refused (429); raise the burst to 2 or more"
-            );
-        }
     }
 }
 
