@@ -12,6 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::filter::{LevelFilter, ParseError, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -225,6 +226,12 @@ impl Metrics {
             "mpc_gateway_rate_limit_store_errors",
             "Shared rate-limit store calls that failed or were slower than their timeout",
             store_errors.clone(),
+        );
+        // Which build runs where, for a fleet of sidecars: `mpc_gateway_build_info`.
+        registry.register(
+            "mpc_gateway_build",
+            "The running build",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register(
             "mpc_gateway_tls_certificate_expiry_timestamp_seconds",
@@ -452,6 +459,11 @@ mod tests {
             "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"} 1",
             "mpc_gateway_audit_failures_total 1",
             "mpc_gateway_config_reloads_total{result=\"ok\"} 1",
+            concat!(
+                "mpc_gateway_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -209,7 +209,12 @@ impl RunningGateway {
             config.shutdown_grace,
         ));
         let admin_task = tokio::spawn(admin::serve(admin, gateway.clone()));
-        tracing::info!(%local_addr, %admin_addr, "mpc-gateway listening");
+        tracing::info!(
+            %local_addr,
+            %admin_addr,
+            version = env!("CARGO_PKG_VERSION"),
+            "mpc-gateway listening"
+        );
         Ok(RunningGateway {
             gateway,
             local_addr,
