@@ -32,7 +32,7 @@ pub fn load_listen_tls(
     require_client_cert: bool,
 ) -> Result<ListenTls, String> {
     let chain = read_certs(cert_file)?;
-    let expires_at = check_validity(cert_file, &chain[0])?;
+    let expires_at = valid_until(cert_file, &chain[0])?;
     let key = read_key(key_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let signing_key = provider
@@ -112,7 +112,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 
 /// An expired or not-yet-valid server certificate is a config error, not a surprise for
 /// every client. Returns when it expires, in Unix seconds.
-fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
+fn valid_until(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())
         .map_err(|err| format!("{}: cannot parse the certificate: {err}", path.display()))?;
     let validity = parsed.validity();

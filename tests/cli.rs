@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::served::{wait_bounded, BackgroundSim, Served, BIN};
 use common::{assert_chain, read_records, token_hash};
 use mpc_gateway::simulator::{generate_pki, Fault, SimulatorConfig};
@@ -854,12 +855,40 @@ fn sigterm_whose_grace_runs_out_writes_the_cut_requests_result() {
 }
 
 // ---------------------------------------------------------------------------------------
-// audit verify
+// Log lines about failing Plivo calls
 // ---------------------------------------------------------------------------------------
 
-/// `audit query` through the binary, on a log `serve` wrote: filters, JSON Lines, the
-/// table's header, an empty selection, and a bad argument.
-/// A call that gets no answer says why in the operational log, with the cause (here:
+/// Stops `served` with SIGTERM and returns its whole log, read to the last line.
+fn stop_and_read_log(mut served: Served) -> String {
+    served.signal("TERM");
+    assert!(served.wait_exit(Duration::from_secs(20)).success());
+    let stopped = |log: &str| log.contains("\"message\":\"stopped\"");
+    assert!(
+        eventually(Duration::from_secs(5), || stopped(&served.log_text())),
+        "no final line; log:\n{}",
+        served.log_text()
+    );
+    served.log_text()
+}
+
+/// The lines of `log` holding `message`.
+fn lines_with(log: &str, message: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains(message))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Neither the Plivo token nor the Basic credentials made of it.
+fn assert_no_plivo_secret(log: &str) {
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{PLIVO_TOKEN}"));
+    for secret in [PLIVO_TOKEN, basic.as_str()] {
+        assert!(!log.contains(secret), "the log holds a secret: {log}");
+    }
+}
+
+/// An attempt that gets no answer says why in the operational log, with the cause (here:
 /// Plivo's certificate is not trusted), at most once per 10 s however many fail; the
 /// callers get `502 upstream-unavailable` and nothing reaches the upstream.
 #[test]
@@ -881,15 +910,8 @@ fn an_upstream_that_cannot_be_reached_is_logged_with_its_cause_once_per_interval
     }
     assert_eq!(sim.sim.request_count(), 0);
 
-    let unanswered = |log: &str| lines_with(log, "an upstream call got no answer");
-    assert!(
-        eventually(Duration::from_secs(5), || !unanswered(&served.log_text())
-            .is_empty()),
-        "no line about the failed calls; log:\n{}",
-        served.log_text()
-    );
-    let log = served.log_text();
-    let lines = unanswered(&log);
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, "an attempt to call Plivo got no answer");
     assert_eq!(
         lines.len(),
         1,
@@ -901,27 +923,17 @@ fn an_upstream_that_cannot_be_reached_is_logged_with_its_cause_once_per_interval
         "the line names the cause: {line}"
     );
     assert!(line.contains(&sim.base_url()), "and the upstream: {line}");
+    assert!(line.contains("\"attempt\":1"), "and the attempt: {line}");
     assert!(
         line.contains("\"retriable\":false"),
         "a TLS failure is not retried: {line}"
     );
-    assert!(
-        !log.contains(PLIVO_TOKEN),
-        "the log holds the Plivo token: {log}"
-    );
+    assert_no_plivo_secret(&log);
 }
 
-/// The lines of `log` holding `message`.
-fn lines_with(log: &str, message: &str) -> Vec<String> {
-    log.lines()
-        .filter(|line| line.contains(message))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Plivo refusing the gateway's credentials is an error in the log naming the account's
-/// auth_id (never its token), once per 10 s however many calls it refuses; a Plivo 5xx
-/// is a warning, likewise throttled.
+/// Plivo refusing the gateway's credentials is an error in the log naming the account
+/// (not its auth_id, a config value), once per 10 s however many calls it refuses; a
+/// Plivo 5xx is a warning, likewise throttled.
 #[test]
 fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
     let refusing = BackgroundSim::start(SimulatorConfig::new(AUTH_ID, "not-the-gateways-token"), 1);
@@ -933,37 +945,20 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
         assert_eq!(status, 502, "{body}");
         assert!(body.contains("upstream-credentials-rejected"), "{body}");
     }
-    let rejected = "Plivo rejected the gateway's credentials";
-    assert!(
-        eventually(Duration::from_secs(5), || !lines_with(
-            &served.log_text(),
-            rejected
-        )
-        .is_empty()),
-        "no line about the refused credentials; log:\n{}",
-        served.log_text()
-    );
-    let log = served.log_text();
-    let lines = lines_with(&log, rejected);
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, "Plivo rejected the gateway's credentials");
     assert_eq!(
         lines.len(),
         1,
         "three refusals within 10 s, one line: {log}"
     );
     assert!(lines[0].contains("\"level\":\"ERROR\""), "{}", lines[0]);
-    assert!(
-        lines[0].contains(AUTH_ID),
-        "the line names the auth_id: {}",
-        lines[0]
-    );
-    assert!(
-        !log.contains(PLIVO_TOKEN),
-        "the log holds the Plivo token: {log}"
-    );
-    drop(served);
+    assert!(lines[0].contains("\"account\":\"default\""), "{}", lines[0]);
+    assert!(!lines[0].contains(AUTH_ID), "{}", lines[0]);
+    assert_no_plivo_secret(&log);
 
     let failing = start_sim();
-    for _ in 0..6 {
+    for _ in 0..3 {
         failing.sim.push_fault(Fault::Status {
             status: 500,
             headers: Vec::new(),
@@ -977,18 +972,9 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
         assert_eq!(status, 502, "{body}");
         assert!(body.contains("upstream-error"), "{body}");
     }
-    let server_error = "Plivo answered with a server error";
-    assert!(
-        eventually(Duration::from_secs(5), || !lines_with(
-            &served.log_text(),
-            server_error
-        )
-        .is_empty()),
-        "no line about Plivo's 500s; log:\n{}",
-        served.log_text()
-    );
-    let log = served.log_text();
-    let lines = lines_with(&log, server_error);
+    assert_eq!(failing.sim.request_count(), 3, "a 500 is not retried");
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, "Plivo answered with a server error");
     assert_eq!(
         lines.len(),
         1,
@@ -997,6 +983,12 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
     assert!(lines[0].contains("\"status\":500"), "{}", lines[0]);
 }
 
+// ---------------------------------------------------------------------------------------
+// audit verify
+// ---------------------------------------------------------------------------------------
+
+/// `audit query` through the binary, on a log `serve` wrote: filters, JSON Lines, the
+/// table's header, an empty selection, and a bad argument.
 #[test]
 fn audit_query_selects_from_the_log_serve_wrote() {
     let sim = start_sim();

@@ -97,7 +97,8 @@ pub struct AuditEvent {
 #[cfg_attr(test, derive(Serialize))]
 pub(crate) struct Body<'a> {
     seq: u64,
-    ts: &'a str,
+    #[cfg_attr(test, serde(serialize_with = "ts_text"))]
+    ts: &'a TsText,
     event: EventKind,
     request_id: &'a str,
     tenant: Option<&'a str>,
@@ -118,9 +119,7 @@ pub(crate) struct Body<'a> {
 }
 
 impl<'a> Body<'a> {
-    /// `ts` is the writer's own [`format_ts`] text.
-    pub(crate) fn new(seq: u64, ts: &'a str, prev: &'a HexDigest, ev: &'a AuditEvent) -> Self {
-        debug_assert!(is_plain(ts), "format_ts writes digits and separators only");
+    pub(crate) fn new(seq: u64, ts: &'a TsText, prev: &'a HexDigest, ev: &'a AuditEvent) -> Self {
         Body {
             seq,
             ts,
@@ -150,7 +149,7 @@ impl<'a> Body<'a> {
         out.extend_from_slice(b"{\"seq\":");
         serde_json::to_writer(&mut *out, &self.seq)?;
         let members: [(&[u8], Value<'_>); 17] = [
-            (b",\"ts\":", Value::Plain(self.ts)),
+            (b",\"ts\":", Value::Plain(self.ts.as_str())),
             (b",\"event\":", Value::Plain(self.event.as_str())),
             (b",\"request_id\":", Value::Text(Some(self.request_id))),
             (b",\"tenant\":", Value::Text(self.tenant)),
@@ -220,6 +219,12 @@ enum Value<'a> {
     Number(Option<u64>),
 }
 
+/// The serde reference of `ts` (tests only): its text.
+#[cfg(test)]
+fn ts_text<S: serde::Serializer>(ts: &&TsText, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(ts.as_str())
+}
+
 /// The serde reference of `prev` (tests only): the hash as its hex text.
 #[cfg(test)]
 fn hex_digest_text<S: serde::Serializer>(digest: &&HexDigest, s: S) -> Result<S::Ok, S::Error> {
@@ -245,11 +250,22 @@ pub(crate) fn now_ms() -> OffsetDateTime {
     now.replace_nanosecond(millis).unwrap_or(now)
 }
 
+/// A record's `ts` as the writer writes it: digits and separators only, so it is its
+/// own JSON string. Made only by [`format_ts`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct TsText(String);
+
+impl TsText {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T09:03:32.123Z`. Written by hand
 /// because it cannot fail, unlike a format description.
-pub(crate) fn format_ts(t: OffsetDateTime) -> String {
+pub(crate) fn format_ts(t: OffsetDateTime) -> TsText {
     let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
+    TsText(format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
         u8::from(t.month()),
@@ -258,7 +274,7 @@ pub(crate) fn format_ts(t: OffsetDateTime) -> String {
         t.minute(),
         t.second(),
         t.millisecond()
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -269,9 +285,9 @@ mod tests {
     #[test]
     fn ts_has_milliseconds_and_z() {
         let t = datetime!(2026-11-26 09:03:32.123456 UTC);
-        assert_eq!(format_ts(t), "2026-11-26T09:03:32.123Z");
+        assert_eq!(format_ts(t).as_str(), "2026-11-26T09:03:32.123Z");
         let t = datetime!(2026-01-02 03:04:05 +02:00);
-        assert_eq!(format_ts(t), "2026-01-02T01:04:05.000Z");
+        assert_eq!(format_ts(t).as_str(), "2026-01-02T01:04:05.000Z");
     }
 
     #[test]
@@ -345,8 +361,9 @@ mod tests {
             duration_ms: Some(u64::MAX),
         };
         let prev = HexDigest::parse(&"0123456789abcdef".repeat(4)).expect("hex");
+        let ts = format_ts(datetime!(2026-11-26 09:03:32.123 UTC));
         for (seq, ev) in [(1, AuditEvent::default()), (u64::MAX, full)] {
-            let body = Body::new(seq, "2026-11-26T09:03:32.123Z", &prev, &ev);
+            let body = Body::new(seq, &ts, &prev, &ev);
             let mut written = Vec::new();
             body.write_json(&mut written).expect("write");
             let reference = serde_json::to_vec(&body).expect("serialize");
@@ -361,7 +378,8 @@ mod tests {
     fn body_members_are_in_contract_order() {
         let ev = AuditEvent::default();
         let prev = HexDigest::parse(super::super::chain::GENESIS).expect("hex");
-        let body = Body::new(1, "t", &prev, &ev);
+        let ts = format_ts(OffsetDateTime::UNIX_EPOCH);
+        let body = Body::new(1, &ts, &prev, &ev);
         let mut written = Vec::new();
         body.write_json(&mut written).expect("write");
         let json = String::from_utf8(written).unwrap_or_default();

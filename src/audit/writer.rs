@@ -30,7 +30,7 @@ use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, ChainHasher, HexDigest};
-use super::record::{self, AuditEvent, Body};
+use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
@@ -408,6 +408,15 @@ impl AuditLog {
     }
 }
 
+/// The text of `ts`, from `cache` when `ts` is the millisecond it holds (under load most
+/// records share their millisecond with the one before), else made and cached.
+fn cached_ts_text(cache: &mut Option<(OffsetDateTime, TsText)>, ts: OffsetDateTime) -> &TsText {
+    if cache.as_ref().is_some_and(|(cached, _)| *cached != ts) {
+        *cache = None;
+    }
+    &cache.get_or_insert_with(|| (ts, record::format_ts(ts))).1
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -556,7 +565,7 @@ struct Writer {
     /// The batch being written.
     buf: Vec<u8>,
     /// The last formatted `ts`.
-    ts_cache: Option<(OffsetDateTime, String)>,
+    ts_cache: Option<(OffsetDateTime, TsText)>,
     /// Held until the log is closed: see [`lock_exclusively`].
     lock: Option<File>,
     /// A file was created whose directory entry is not yet known to be on disk.
@@ -663,8 +672,7 @@ impl Writer {
                 continue;
             };
             let ts = now.max(last_ts);
-            self.cache_ts_text(ts);
-            let ts_text = self.ts_cache.as_ref().map_or("", |(_, text)| text.as_str());
+            let ts_text = cached_ts_text(&mut self.ts_cache, ts);
             let body_start = self.buf.len();
             let body = Body::new(seq, ts_text, &prev, &req.event);
             match body.write_json(&mut self.buf) {
@@ -690,14 +698,6 @@ impl Writer {
             next_seq: seq,
             prev,
             last_ts,
-        }
-    }
-
-    /// Makes `ts_cache` hold the text of `ts`, reusing the last text when `ts` is the same
-    /// millisecond: under load most records share their millisecond with the one before.
-    fn cache_ts_text(&mut self, ts: OffsetDateTime) {
-        if !matches!(&self.ts_cache, Some((cached, _)) if *cached == ts) {
-            self.ts_cache = Some((ts, record::format_ts(ts)));
         }
     }
 

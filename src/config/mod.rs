@@ -158,6 +158,10 @@ fn join_lines(errors: &[FieldError]) -> String {
         .join("\n")
 }
 
+/// The Plivo calls a by-uuid request makes (a lookup, then the end), and so the cells it
+/// takes from its account's limit, at once.
+pub(crate) const BY_UUID_CALLS: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
+
 /// A valid setting that is probably a mistake (see [`Config::warnings`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigWarning {
@@ -187,13 +191,18 @@ impl Config {
     }
 
     /// Settings that are valid but almost certainly not what the operator meant: said by
-    /// `check-config`, and logged by `serve` at start and at every reload.
+    /// `check-config`, and logged by `serve` at start.
     pub fn warnings(&self) -> Vec<ConfigWarning> {
+        self.warnings_with_grace(self.shutdown_grace)
+    }
+
+    /// [`warnings`](Self::warnings) for a reload: `shutdown_grace` takes effect only at
+    /// a restart, so the file's `upstream.timeout` is held to the running grace.
+    pub fn warnings_with_grace(&self, shutdown_grace: Duration) -> Vec<ConfigWarning> {
         let mut warnings = Vec::new();
         for (name, account) in &self.accounts {
-            let burst = account.rate_limit.burst.get();
-            // A by-uuid request takes two of its account's cells at once.
-            if burst < 2 {
+            let burst = account.rate_limit.burst;
+            if burst < BY_UUID_CALLS {
                 warnings.push(ConfigWarning {
                     key: format!("accounts.{name}.rate_limit.burst"),
                     message: format!(
@@ -202,12 +211,12 @@ impl Config {
                 });
             }
         }
-        if self.shutdown_grace <= self.upstream.timeout {
+        if shutdown_grace <= self.upstream.timeout {
             warnings.push(ConfigWarning {
                 key: "shutdown_grace".into(),
                 message: format!(
                     "{} is not above upstream.timeout ({}): a drain can cut requests while Plivo is handling them, and whether their MPC ended is then unknown; make it longer than upstream.timeout",
-                    humantime::format_duration(self.shutdown_grace),
+                    humantime::format_duration(shutdown_grace),
                     humantime::format_duration(self.upstream.timeout)
                 ),
             });

@@ -369,7 +369,7 @@ fn warns_of_a_grace_not_above_the_upstream_timeout_and_of_a_burst_below_two() {
     assert_eq!(
         config.warnings(),
         [],
-        "the defaults: 20s grace, 10s timeout, burst 10"
+        "the defaults: 20s grace, 10s timeout, account burst 50"
     );
 
     let risky = MINIMAL.replace(
@@ -394,6 +394,13 @@ fn warns_of_a_grace_not_above_the_upstream_timeout_and_of_a_burst_below_two() {
             .starts_with("5s is not above upstream.timeout (5s)"),
         "{}",
         warnings[1]
+    );
+
+    // After a reload the grace still running counts, not the file's.
+    let running = config.warnings_with_grace(Duration::from_secs(20));
+    assert!(
+        running.iter().all(|w| w.key != "shutdown_grace"),
+        "{running:?}"
     );
 
     let longer = risky.replace("shutdown_grace: 5s", "shutdown_grace: 5s 1ms");

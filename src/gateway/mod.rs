@@ -34,7 +34,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditError, AuditLog, EventKind};
-use crate::config::{Config, OnStoreError};
+use crate::config::{Config, OnStoreError, BY_UUID_CALLS};
 use crate::millis::Throttle;
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
@@ -48,10 +48,8 @@ pub use runtime::BuildError;
 use runtime::{Runtime, SharedLimits, TenantPolicy};
 use trail::Trail;
 
-/// What a request costs a limiter: one cell, or two for a by-uuid request (a lookup and
-/// the DELETE, two Plivo calls).
+/// What a request costs a limiter: one cell, or [`BY_UUID_CALLS`] for a by-uuid request.
 const ONE_CELL: NonZeroU32 = NonZeroU32::MIN;
-const TWO_CELLS: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
 
 /// Bodies are ignored, but a caller may not make the gateway buffer more than this.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
@@ -566,7 +564,7 @@ fn check_target(
         Target::Uuid(text) => {
             let uuid = MpcUuid::parse(text).map_err(Problem::InvalidMpcUuid)?;
             let tenant = Arc::clone(tenant);
-            Ok((Mpc::Uuid { uuid, tenant }, TWO_CELLS))
+            Ok((Mpc::Uuid { uuid, tenant }, BY_UUID_CALLS))
         }
     }
 }

@@ -103,9 +103,6 @@ impl Runtime {
         previous: Option<&Runtime>,
         clock: &LimiterClock,
     ) -> Result<Runtime, BuildError> {
-        for warning in config.warnings() {
-            tracing::warn!(key = %warning.key, "{}", warning.message);
-        }
         let limiters = LimiterSet::rebuild(
             previous.map(|runtime| &runtime.limiters),
             config
@@ -121,9 +118,10 @@ impl Runtime {
         let mut accounts = HashMap::new();
         for (name, account) in &config.accounts {
             let unresolved = || BuildError::Unresolved(format!("accounts.{name}"));
+            let shared: Arc<str> = Arc::from(name.as_str());
             let runtime = AccountRuntime {
-                name: Arc::from(name.as_str()),
-                credentials: Arc::new(AccountCredentials::new(account)),
+                credentials: Arc::new(AccountCredentials::new(Arc::clone(&shared), account)),
+                name: shared,
                 limiter: Arc::clone(limiters.account(name).ok_or_else(unresolved)?),
             };
             accounts.insert(name.as_str(), Arc::new(runtime));

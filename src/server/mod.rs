@@ -197,6 +197,7 @@ impl RunningGateway {
         let audit = AuditLog::open(config.audit.clone())?;
         let metrics = Arc::new(Metrics::new());
         let gateway = Gateway::new(config, audit, metrics, options.limiter_clock)?;
+        log_warnings(config.warnings());
         let data = bind(config.listen).await?;
         let admin = bind(config.admin_listen).await?;
         let local_addr = local_addr_of(&data, config.listen)?;
@@ -266,6 +267,7 @@ impl RunningGateway {
             );
         }
         self.gateway.reload(config)?;
+        log_warnings(config.warnings_with_grace(self.shutdown_grace));
         Ok(())
     }
 
@@ -391,6 +393,13 @@ const SNIFF_LONGEST_PAUSE: Duration = Duration::from_millis(250);
 /// 10 s a head may take, where a fixed 5 ms pause made 2,000.
 fn next_sniff_pause(pause: Duration) -> Duration {
     (pause * 2).min(SNIFF_LONGEST_PAUSE)
+}
+
+/// Valid but risky settings of a config just put to use (see [`Config::warnings`]).
+fn log_warnings(warnings: Vec<crate::config::ConfigWarning>) {
+    for warning in warnings {
+        tracing::warn!(key = %warning.key, "{}", warning.message);
+    }
 }
 
 fn http_builder() -> auto::Builder<TokioExecutor> {

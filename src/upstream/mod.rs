@@ -39,12 +39,18 @@ pub const MAX_IN_FLIGHT: usize = 256;
 
 /// The credentials of one Plivo account, ready to put on the wire.
 pub struct AccountCredentials {
+    /// The account's name in the config, for log lines (never the auth_id: a config
+    /// value).
+    name: Arc<str>,
     auth_id: String,
     authorization: HeaderValue,
+    /// Throttles the error that Plivo refused these credentials: per account, so that
+    /// one account refused often cannot hide another.
+    refused_log: Throttle,
 }
 
 impl AccountCredentials {
-    pub fn new(account: &Account) -> AccountCredentials {
+    pub fn new(name: Arc<str>, account: &Account) -> AccountCredentials {
         // The plain copies are wiped when dropped; only the (sensitive) header stays.
         let pair = Zeroizing::new(format!(
             "{}:{}",
@@ -58,8 +64,10 @@ impl AccountCredentials {
             HeaderValue::from_str(&header).unwrap_or_else(|_| HeaderValue::from_static(""));
         authorization.set_sensitive(true);
         AccountCredentials {
+            name,
             auth_id: account.auth_id.clone(),
             authorization,
+            refused_log: Throttle::new(FAILURE_LOG_INTERVAL),
         }
     }
 
@@ -71,6 +79,7 @@ impl AccountCredentials {
 impl fmt::Debug for AccountCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccountCredentials")
+            .field("name", &self.name)
             .field("auth_id", &self.auth_id)
             .field("authorization", &"<redacted>")
             .finish()
@@ -130,10 +139,11 @@ pub struct PlivoClient {
     timeout: Duration,
     max_attempts: u32,
     in_flight: tokio::sync::Semaphore,
-    /// Throttles the lines that say why calls got no answer, or a failing one.
-    failure_log: Throttle,
-    /// Throttles the error that Plivo refused an account's credentials.
-    credentials_log: Throttle,
+    /// Each throttles one kind of log line about failing calls: attempts that got no
+    /// answer, calls that ran out of `timeout`, Plivo's 5xx answers.
+    unanswered_log: Throttle,
+    timeout_log: Throttle,
+    server_error_log: Throttle,
 }
 
 /// One attempt's result, before the retry decision.
@@ -164,8 +174,9 @@ impl PlivoClient {
             timeout: settings.timeout,
             max_attempts: settings.max_attempts,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
-            failure_log: Throttle::new(FAILURE_LOG_INTERVAL),
-            credentials_log: Throttle::new(FAILURE_LOG_INTERVAL),
+            unanswered_log: Throttle::new(FAILURE_LOG_INTERVAL),
+            timeout_log: Throttle::new(FAILURE_LOG_INTERVAL),
+            server_error_log: Throttle::new(FAILURE_LOG_INTERVAL),
         })
     }
 
@@ -286,7 +297,7 @@ impl PlivoClient {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let attempt = self.attempt(method.clone(), uri.clone(), account, deadline);
+            let attempt = self.attempt(method.clone(), uri.clone(), account, deadline, attempts);
             let Ok(attempt) = tokio::time::timeout_at(deadline, attempt).await else {
                 return Err(self.timed_out(attempts));
             };
@@ -302,12 +313,14 @@ impl PlivoClient {
         }
     }
 
+    /// One attempt (`number`, from 1) of a call.
     async fn attempt(
         &self,
         method: Method,
         uri: Uri,
         account: &AccountCredentials,
         deadline: Instant,
+        number: u32,
     ) -> Attempt {
         let request = Request::builder()
             .method(method)
@@ -335,12 +348,13 @@ impl PlivoClient {
             }
             Err(err) => {
                 let attempt = classify_error(&err);
-                if self.failure_log.ready() {
+                if self.unanswered_log.ready() {
                     tracing::warn!(
                         origin = %self.origin,
                         error = %Causes(err.as_std()),
+                        attempt = number,
                         retriable = is_retriable(&attempt),
-                        "an upstream call got no answer"
+                        "an attempt to call Plivo got no answer"
                     );
                 }
                 attempt
@@ -350,7 +364,8 @@ impl PlivoClient {
 
     /// [`conclude`], and a log line when Plivo refused the account's credentials (an
     /// error: no call on that account can succeed) or failed with a 5xx; each at most
-    /// once per [`FAILURE_LOG_INTERVAL`], as every call would say the same.
+    /// once per [`FAILURE_LOG_INTERVAL`] (per account for the credentials), as every
+    /// call would say the same.
     fn conclude_logged(
         &self,
         account: &AccountCredentials,
@@ -360,14 +375,16 @@ impl PlivoClient {
         let report = conclude(attempt, attempts);
         let status = report.status.unwrap_or_default();
         match &report.outcome {
-            Err(Problem::UpstreamCredentialsRejected { .. }) if self.credentials_log.ready() => {
+            Err(Problem::UpstreamCredentialsRejected { .. }) if account.refused_log.ready() => {
                 tracing::error!(
                     status,
-                    auth_id = %account.auth_id,
+                    account = %account.name,
                     "Plivo rejected the gateway's credentials; check the account's auth_id and auth_token"
                 );
             }
-            Err(Problem::UpstreamError { .. }) if status >= 500 && self.failure_log.ready() => {
+            Err(Problem::UpstreamError { .. })
+                if status >= 500 && self.server_error_log.ready() =>
+            {
                 tracing::warn!(
                     origin = %self.origin,
                     status,
@@ -383,7 +400,7 @@ impl PlivoClient {
     /// The report of a call that ran out of `timeout` (`504`), logged at most once per
     /// [`FAILURE_LOG_INTERVAL`].
     fn timed_out(&self, attempts: u32) -> UpstreamReport {
-        if self.failure_log.ready() {
+        if self.timeout_log.ready() {
             tracing::warn!(
                 origin = %self.origin,
                 timeout = ?self.timeout,
