@@ -871,6 +871,15 @@ fn stop_and_read_log(mut served: Served) -> String {
     served.log_text()
 }
 
+/// Ends each MPC of `names` through `served`: each must get `502` with `slug`.
+fn assert_each_ends_with_502(served: &Served, names: &[&str], slug: &str) {
+    for name in names {
+        let (status, body) = end(served, name);
+        assert_eq!(status, 502, "{name}: {body}");
+        assert!(body.contains(slug), "{name}: {body}");
+    }
+}
+
 /// The lines of `log` holding `message`.
 fn lines_with(log: &str, message: &str) -> Vec<String> {
     log.lines()
@@ -903,11 +912,11 @@ fn an_upstream_that_cannot_be_reached_is_logged_with_its_cause_once_per_interval
     c.write(&c.yaml(&sim.base_url(), ALLOW));
     let served = Served::start(&c.config_path());
 
-    for name in ["billing-1", "billing-2", "billing-3"] {
-        let (status, body) = end(&served, name);
-        assert_eq!(status, 502, "{body}");
-        assert!(body.contains("upstream-unavailable"), "{body}");
-    }
+    assert_each_ends_with_502(
+        &served,
+        &["billing-1", "billing-2", "billing-3"],
+        "upstream-unavailable",
+    );
     assert_eq!(sim.sim.request_count(), 0);
 
     let log = stop_and_read_log(served);
@@ -940,11 +949,11 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
     let c = ConfigDir::new();
     c.write(&c.yaml(&refusing.base_url(), ALLOW));
     let served = Served::start(&c.config_path());
-    for name in ["billing-1", "billing-2", "billing-3"] {
-        let (status, body) = end(&served, name);
-        assert_eq!(status, 502, "{body}");
-        assert!(body.contains("upstream-credentials-rejected"), "{body}");
-    }
+    assert_each_ends_with_502(
+        &served,
+        &["billing-1", "billing-2", "billing-3"],
+        "upstream-credentials-rejected",
+    );
     let log = stop_and_read_log(served);
     let lines = lines_with(&log, "Plivo rejected the gateway's credentials");
     assert_eq!(
@@ -967,11 +976,11 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
     }
     c.write(&c.yaml(&failing.base_url(), ALLOW));
     let served = Served::start(&c.config_path());
-    for name in ["billing-4", "billing-5", "billing-6"] {
-        let (status, body) = end(&served, name);
-        assert_eq!(status, 502, "{body}");
-        assert!(body.contains("upstream-error"), "{body}");
-    }
+    assert_each_ends_with_502(
+        &served,
+        &["billing-4", "billing-5", "billing-6"],
+        "upstream-error",
+    );
     assert_eq!(failing.sim.request_count(), 3, "a 500 is not retried");
     let log = stop_and_read_log(served);
     let lines = lines_with(&log, "Plivo answered with a server error");
