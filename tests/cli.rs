@@ -665,6 +665,45 @@ fn reloads(served: &Served, result: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// `serve` warns of a grace not above the upstream timeout at start, and after a reload
+/// holds the new timeout to the grace still running: a grace raised in the file applies
+/// only at a restart, so it does not silence the warning.
+#[test]
+fn serve_holds_a_reloaded_upstream_timeout_to_the_running_grace() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    let fine = replaced(
+        &c.yaml(&sim.base_url(), ALLOW),
+        "shutdown_grace: 5s",
+        "shutdown_grace: 6s",
+    );
+    c.write(&fine);
+    let served = Served::start(&c.config_path());
+    let warning = "\"key\":\"shutdown_grace\"";
+
+    // upstream.timeout 5s → 8s, and the file's grace 6s → 20s (restart-only).
+    let raised = replaced(
+        &replaced(&fine, "  timeout: 5s", "  timeout: 8s"),
+        "shutdown_grace: 6s",
+        "shutdown_grace: 20s",
+    );
+    c.write(&raised);
+    served.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&served, "ok") >= 1.0),
+        "reload counted; log:\n{}",
+        served.log_text()
+    );
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, warning);
+    assert_eq!(lines.len(), 1, "none at start, one after the reload: {log}");
+    assert!(
+        lines[0].contains("6s is not above upstream.timeout (8s)"),
+        "the running grace, not the file's: {}",
+        lines[0]
+    );
+}
+
 #[test]
 fn serve_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     let sim = start_sim();
