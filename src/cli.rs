@@ -120,18 +120,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 /// The error and its causes, each said once: most of our errors already include their
 /// source's message, which `{:#}` would repeat.
 fn error_chain(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let message = cause.to_string();
-        if text.contains(&message) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&message);
-    }
-    text
+    crate::causes::one_line(err.chain())
 }
 
 fn check_config(path: &Path) -> ExitCode {

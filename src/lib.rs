@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+mod causes;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -20,6 +20,7 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
+use crate::causes::one_line;
 use crate::config::{Account, UpstreamSettings};
 use crate::millis::{millis, Throttle};
 use crate::mpc_name::{MpcName, MpcUuid};
@@ -351,7 +352,7 @@ impl PlivoClient {
                 if self.unanswered_log.ready() {
                     tracing::warn!(
                         origin = %self.origin,
-                        error = %Causes(err.as_std()),
+                        error = %one_line(error_chain(err.as_std())),
                         attempt = number,
                         retriable = is_retriable(&attempt),
                         "an attempt to call Plivo got no answer"
@@ -409,28 +410,6 @@ impl PlivoClient {
             );
         }
         report(Err(Problem::UpstreamTimeout), None, attempts)
-    }
-}
-
-/// An error and its causes, `outer: inner: ...`, each message once: an I/O error
-/// wrapping another repeats its message, and some errors end with their cause's.
-struct Causes<'a>(&'a (dyn StdError + 'static));
-
-impl fmt::Display for Causes<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut last = String::new();
-        for (i, err) in error_chain(self.0).into_iter().enumerate() {
-            let text = err.to_string();
-            if !last.is_empty() && last.ends_with(&text) {
-                continue;
-            }
-            if i > 0 {
-                f.write_str(": ")?;
-            }
-            f.write_str(&text)?;
-            last = text;
-        }
-        Ok(())
     }
 }
 
@@ -808,13 +787,13 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         // An I/O error wrapping another shows the inner one's message: listed once.
         let inner = std::io::Error::other(rustls::Error::General("bad certificate".into()));
-        let text = Causes(&Outer(inner)).to_string();
+        let text = one_line(error_chain(&Outer(inner)));
         assert_eq!(
             text,
             "error trying to connect: unexpected error: bad certificate"
         );
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(Causes(&refused).to_string(), refused.to_string());
+        assert_eq!(one_line(error_chain(&refused)), refused.to_string());
     }
 
     #[test]
