@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::RedisServer;
 use mpc_gateway::config::{OnStoreError, RedisStoreSettings};
-use mpc_gateway::rate_limit::redis::{RedisLimiter, StoreError};
+use mpc_gateway::rate_limit::redis::{Bucket, PairDecision, RedisLimiter, StoreError};
 use mpc_gateway::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RateLimit};
 
 /// The cost of an ordinary request.
@@ -169,6 +169,165 @@ async fn two_cells_are_taken_together_or_not_at_all_as_locally() {
         check(&shared, LimitKind::Account, "tiny", one).await,
         Decision::Allowed { .. }
     ));
+}
+
+fn bucket(kind: LimitKind, name: &str, limit: RateLimit, cells: NonZeroU32) -> Bucket<'_> {
+    Bucket {
+        kind,
+        name,
+        limit,
+        cells,
+    }
+}
+
+async fn check_pair(limiter: &RedisLimiter, first: Bucket<'_>, second: Bucket<'_>) -> PairDecision {
+    limiter
+        .check_pair(first, second)
+        .await
+        .unwrap_or_else(|err| panic!("check_pair {}/{}: {err}", first.name, second.name))
+}
+
+/// What two local limiters decide when called one after the other, the second only if
+/// the first admits: the meaning of a shared pair check.
+fn local_pair(first: &Limiter, second: &Limiter, second_cells: NonZeroU32) -> PairDecision {
+    match first.check() {
+        refused @ Decision::Refused { .. } => PairDecision::FirstRefused(refused),
+        admitted => PairDecision::Both {
+            first: admitted,
+            second: second.check_n(second_cells),
+        },
+    }
+}
+
+/// A tenant and its account in one round trip decide as two checks in a row: the
+/// account is charged only when the tenant admits, and a refused account still leaves
+/// the tenant charged (as the local limiters do).
+#[tokio::test]
+async fn a_pair_decides_as_two_checks_in_a_row() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let two = NonZeroU32::new(2).expect("two");
+    let (tenant_limit, account_limit) = (limit(1, 3), limit(1, 4));
+    let tenant = Limiter::new(LimitKind::Tenant, tenant_limit, LimiterClock::monotonic());
+    let account = Limiter::new(LimitKind::Account, account_limit, LimiterClock::monotonic());
+    // Tenant 3 cells, account 4: two by-uuid requests empty the account while the tenant
+    // has one left; the third is refused by the account, the fourth by the tenant.
+    for step in 0..5 {
+        let expected = local_pair(&tenant, &account, two);
+        let got = check_pair(
+            &shared,
+            bucket(LimitKind::Tenant, "t", tenant_limit, ONE),
+            bucket(LimitKind::Account, "a", account_limit, two),
+        )
+        .await;
+        assert_eq!(got, expected, "request {step}");
+    }
+    // Spelled out, so a change in the local limiters cannot drag this along unseen.
+    let fresh = |name| bucket(LimitKind::Tenant, name, limit(1, 1), ONE);
+    let account_of_one = bucket(LimitKind::Account, "b", limit(1, 2), ONE);
+    assert_eq!(
+        check_pair(&shared, fresh("u"), account_of_one).await,
+        PairDecision::Both {
+            first: Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            },
+            second: Decision::Allowed {
+                remaining: 1,
+                reset_secs: 0
+            },
+        }
+    );
+    assert_eq!(
+        check_pair(&shared, fresh("u"), account_of_one).await,
+        PairDecision::FirstRefused(Decision::Refused {
+            retry_after_secs: 1
+        }),
+    );
+    // The refused tenant did not charge the account: its last cell is still there.
+    assert_eq!(
+        check_pair(&shared, fresh("v"), account_of_one).await,
+        PairDecision::Both {
+            first: Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            },
+            second: Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            },
+        }
+    );
+}
+
+/// An account cost above its burst never fits (as locally), without a Redis call of its
+/// own: the tenant is still checked and charged in Redis.
+#[tokio::test]
+async fn a_pair_whose_account_cost_never_fits_still_charges_the_tenant() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let two = NonZeroU32::new(2).expect("two");
+    let account_of_one = limit(1, 1);
+    let got = check_pair(
+        &shared,
+        bucket(LimitKind::Tenant, "t", limit(1, 2), ONE),
+        bucket(LimitKind::Account, "a", account_of_one, two),
+    )
+    .await;
+    assert_eq!(
+        got,
+        PairDecision::Both {
+            first: Decision::Allowed {
+                remaining: 1,
+                reset_secs: 0
+            },
+            second: Limiter::new(
+                LimitKind::Account,
+                account_of_one,
+                LimiterClock::monotonic()
+            )
+            .check_n(two),
+        }
+    );
+    assert_eq!(
+        check(&shared, LimitKind::Tenant, "t", limit(1, 2)).await,
+        Decision::Allowed {
+            remaining: 0,
+            reset_secs: 1
+        },
+        "the tenant was charged once"
+    );
+    assert!(
+        matches!(
+            check(&shared, LimitKind::Account, "a", account_of_one).await,
+            Decision::Allowed { .. }
+        ),
+        "the account was not charged"
+    );
+}
+
+/// The point of the pair: one script call per request, not one per limit.
+#[tokio::test]
+async fn a_pair_is_one_round_trip() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let tenant = bucket(LimitKind::Tenant, "t", limit(100, 100), ONE);
+    let account = bucket(LimitKind::Account, "a", limit(100, 100), ONE);
+    // The first call loads the script; count from the second on.
+    check_pair(&shared, tenant, account).await;
+    let calls = || async {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut admin(&server).await)
+            .await
+            .expect("INFO");
+        command_calls(&info, "evalsha")
+    };
+    let before = calls().await;
+    for _ in 0..10 {
+        check_pair(&shared, tenant, account).await;
+    }
+    assert_eq!(calls().await - before, 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

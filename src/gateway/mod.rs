@@ -38,6 +38,7 @@ use crate::config::{Config, OnStoreError, BY_UUID_CALLS};
 use crate::millis::Throttle;
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
+use crate::rate_limit::redis::{Bucket, PairDecision, StoreError};
 use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
 use crate::routes::{route, Route, Target};
 use crate::telemetry::Metrics;
@@ -270,18 +271,10 @@ impl Gateway {
         let (mpc, upstream_calls) = check_target(&route, policy, &tenant, trail)?;
         let account = &policy.account;
         trail.account = Some(Arc::clone(&account.name));
-        self.limit(runtime, &policy.limiter, &tenant, ONE_CELL, trail)
-            .await?;
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
-        self.limit(
-            runtime,
-            &account.limiter,
-            &account.name,
-            upstream_calls,
-            trail,
-        )
-        .await?;
+        self.limit(runtime, policy, &tenant, upstream_calls, trail)
+            .await?;
         let credentials = Arc::clone(&account.credentials);
         Ok(Admitted { credentials, mpc })
     }
@@ -329,24 +322,42 @@ impl Gateway {
         report
     }
 
-    /// Applies one limit, from the shared store when there is one.
+    /// Applies the tenant's limit and then, if it admits, the account's: both from the
+    /// shared store (one round trip) when there is one, else from this replica's own
+    /// limiters.
     async fn limit(
         &self,
         runtime: &Runtime,
-        limiter: &Limiter,
-        name: &str,
-        cells: NonZeroU32,
+        policy: &TenantPolicy,
+        tenant: &str,
+        account_cells: NonZeroU32,
         trail: &mut Trail,
     ) -> Result<(), Problem> {
-        let decision = match &runtime.shared_limits {
-            None => limiter.check_n(cells),
-            Some(shared) => match self
-                .shared_decision(shared, limiter, name, cells, trail)
-                .await
-            {
-                Some(decision) => decision,
-                None => match shared.on_error {
-                    OnStoreError::Local => limiter.check_n(cells),
+        let tenant_limiter = &policy.limiter;
+        let account = &policy.account;
+        if let Some(shared) = &runtime.shared_limits {
+            let tenant_bucket = Bucket {
+                kind: LimitKind::Tenant,
+                name: tenant,
+                limit: tenant_limiter.limit(),
+                cells: ONE_CELL,
+            };
+            let account_bucket = Bucket {
+                kind: LimitKind::Account,
+                name: &account.name,
+                limit: account.limiter.limit(),
+                cells: account_cells,
+            };
+            match shared.store.check_pair(tenant_bucket, account_bucket).await {
+                Ok(PairDecision::FirstRefused(refused)) => {
+                    return self.enforce(tenant_limiter, refused, trail);
+                }
+                Ok(PairDecision::Both { first, second }) => {
+                    self.enforce(tenant_limiter, first, trail)?;
+                    return self.enforce(&account.limiter, second, trail);
+                }
+                Err(err) => match self.store_failed(shared, &err) {
+                    OnStoreError::Local => {}
                     OnStoreError::Deny => return Err(Problem::RateLimitStoreUnavailable),
                     OnStoreError::Allow => {
                         // Admitted unchecked: no RateLimit headers would be true.
@@ -354,8 +365,35 @@ impl Gateway {
                         return Ok(());
                     }
                 },
-            },
-        };
+            }
+        }
+        self.enforce(tenant_limiter, tenant_limiter.check_n(ONE_CELL), trail)?;
+        self.enforce(
+            &account.limiter,
+            account.limiter.check_n(account_cells),
+            trail,
+        )
+    }
+
+    /// Counts a failure of the shared store, logs it at most once per
+    /// [`STORE_ERROR_LOG_INTERVAL`] (a Redis outage must not flood the log), and says
+    /// what to do instead.
+    fn store_failed(&self, shared: &SharedLimits, err: &StoreError) -> OnStoreError {
+        self.inner.metrics.rate_limit_store_error();
+        if self.inner.store_error_log.ready() {
+            tracing::warn!(error = %err, on_error = ?shared.on_error, "rate-limit store failed");
+        }
+        shared.on_error
+    }
+
+    /// Turns one limit's decision into the request's fate: admitted (the tenant's
+    /// RateLimit headers kept for the reply) or `429`.
+    fn enforce(
+        &self,
+        limiter: &Limiter,
+        decision: Decision,
+        trail: &mut Trail,
+    ) -> Result<(), Problem> {
         match decision {
             Decision::Allowed { .. } => {
                 if limiter.kind() == LimitKind::Tenant {
@@ -376,38 +414,6 @@ impl Gateway {
                     policy: limiter.policy_header(),
                     state: limiter.state_header(decision),
                 })
-            }
-        }
-    }
-
-    /// The shared store's decision, or `None` when it failed (counted, and logged at most
-    /// once per [`STORE_ERROR_LOG_INTERVAL`] so a Redis outage cannot flood the log), or
-    /// failed this request's other limit already (a request waits out at most one store
-    /// `timeout`).
-    async fn shared_decision(
-        &self,
-        shared: &SharedLimits,
-        limiter: &Limiter,
-        name: &str,
-        cells: NonZeroU32,
-        trail: &mut Trail,
-    ) -> Option<Decision> {
-        if trail.store_failed {
-            return None;
-        }
-        match shared
-            .store
-            .check(limiter.kind(), name, limiter.limit(), cells)
-            .await
-        {
-            Ok(decision) => Some(decision),
-            Err(err) => {
-                trail.store_failed = true;
-                self.inner.metrics.rate_limit_store_error();
-                if self.inner.store_error_log.ready() {
-                    tracing::warn!(error = %err, on_error = ?shared.on_error, "rate-limit store failed");
-                }
-                None
             }
         }
     }

@@ -36,9 +36,6 @@ pub(super) struct Trail {
     pub(super) plivo_api_id: Option<Arc<str>>,
     pub(super) attempts: Option<u32>,
     pub(super) rate_headers: Option<(HeaderValue, HeaderValue)>,
-    /// The shared rate-limit store failed this request once: its other limit goes
-    /// straight to `on_error` rather than wait out the store's `timeout` a second time.
-    pub(super) store_failed: bool,
     /// Set until the request's terminal record is in hand: a `denied` record handed to
     /// the log, or (once forwarded) the table of forwarded requests. A trail dropped
     /// while set belongs to a request whose connection was closed when `shutdown_grace`
@@ -77,7 +74,6 @@ impl Trail {
             plivo_api_id: None,
             attempts: None,
             rate_headers: None,
-            store_failed: false,
             unrecorded: Some(audit.clone()),
         }
     }

@@ -26,13 +26,17 @@ use super::{ceil_secs, Decision, LimitKind, RateLimit};
 use crate::config::RedisStoreSettings;
 use crate::millis::millis;
 
-/// GCRA with governor's semantics, in integer microseconds of the Redis server's clock.
+/// GCRA with governor's semantics, in integer microseconds of the Redis server's clock,
+/// over one or more buckets checked in order: a tenant's and then its account's, in one
+/// round trip.
 ///
-/// `KEYS[1]`: the bucket. `ARGV[1]`: emission interval T (µs, >= 1). `ARGV[2]`: tolerance
-/// TAU = T * (burst - 1) (µs). `ARGV[3]`: the weight beyond one cell, T * (cells - 1) (µs;
-/// at most TAU). The stored value is the bucket's theoretical arrival time (TAT). Reply:
-/// `{1, remaining burst}` when admitted, `{0, wait in µs}` when refused; all cells or
-/// none are taken, as governor's `check_n`.
+/// `KEYS[i]`: bucket i. For each, three `ARGV`: emission interval T (µs, >= 1), tolerance
+/// TAU = T * (burst - 1) (µs), and the weight beyond one cell, T * (cells - 1) (µs; at
+/// most TAU). The stored value is the bucket's theoretical arrival time (TAT). Reply: a
+/// pair per bucket checked, `1, remaining burst` when admitted and `0, wait in µs` when
+/// refused. The first refusal ends the check, so the buckets after it are neither checked
+/// nor charged, as when the local limiters are called one after the other. Within a
+/// bucket all cells or none are taken, as governor's `check_n`.
 ///
 /// Lua numbers are doubles: microsecond timestamps (~1.7e15) stay exact below 2^53, while
 /// nanoseconds would not. Numbers are written with `%.0f` because Lua's default `%.14g`
@@ -41,30 +45,37 @@ const GCRA_SCRIPT: &str = r"
 -- Needed before a write that follows TIME on Redis 3.2 to 4; the default (and a no-op)
 -- since Redis 5.
 redis.replicate_commands()
-local t = tonumber(ARGV[1])
-local tau = tonumber(ARGV[2])
-local extra = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local stored = redis.call('GET', KEYS[1])
--- A missing (or unreadable) bucket is a full one: governor starts a fresh key at TAT = now.
-local tat = (stored and tonumber(stored)) or now
--- No admitted request can leave TAT beyond now + TAU + T. A larger value means the server
--- clock stepped back (e.g. a failover) or the limit was lowered; cap it so that a bucket
--- is never locked for longer than one full refill.
-if tat > now + tau + t then
-  tat = now + tau + t
+local reply = {}
+for i = 1, #KEYS do
+  local t = tonumber(ARGV[3 * i - 2])
+  local tau = tonumber(ARGV[3 * i - 1])
+  local extra = tonumber(ARGV[3 * i])
+  local stored = redis.call('GET', KEYS[i])
+  -- A missing (or unreadable) bucket is a full one: governor starts a fresh key at TAT = now.
+  local tat = (stored and tonumber(stored)) or now
+  -- No admitted request can leave TAT beyond now + TAU + T. A larger value means the
+  -- server clock stepped back (e.g. a failover) or the limit was lowered; cap it so that
+  -- a bucket is never locked for longer than one full refill.
+  if tat > now + tau + t then
+    tat = now + tau + t
+  end
+  local earliest = tat + extra - tau
+  if now < earliest then
+    reply[#reply + 1] = 0
+    reply[#reply + 1] = earliest - now
+    return reply
+  end
+  local new_tat = math.max(tat, now) + t + extra
+  -- Once TAT is in the past the bucket behaves exactly like a missing key, so it may
+  -- vanish then: the expiry is the time until the bucket is full again.
+  local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
+  redis.call('SET', KEYS[i], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
+  reply[#reply + 1] = 1
+  reply[#reply + 1] = math.floor((now + tau + t - new_tat) / t)
 end
-local earliest = tat + extra - tau
-if now < earliest then
-  return {0, earliest - now}
-end
-local new_tat = math.max(tat, now) + t + extra
--- Once TAT is in the past the bucket behaves exactly like a missing key, so it may vanish
--- then: the expiry is the time until the bucket is full again.
-local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
-return {1, math.floor((now + tau + t - new_tat) / t)}
+return reply
 ";
 
 /// Longest wait for a new connection (TCP, TLS, AUTH, SELECT). Longer than a check's
@@ -96,6 +107,49 @@ pub enum StoreError {
     Reply(String),
     #[error("rate-limit store settings: {0}")]
     Config(String),
+}
+
+/// One bucket of a shared check: whose, under which limit, and at what cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket<'a> {
+    pub kind: LimitKind,
+    pub name: &'a str,
+    pub limit: RateLimit,
+    pub cells: NonZeroU32,
+}
+
+/// What [`RedisLimiter::check_pair`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairDecision {
+    /// The first bucket refused; the second was neither checked nor charged.
+    FirstRefused(Decision),
+    /// The first bucket admitted, and the second decided.
+    Both { first: Decision, second: Decision },
+}
+
+/// A bucket's script arguments, in microseconds (the resolution of Redis' `TIME`).
+struct GcraArgs {
+    interval: Duration,
+    t_us: u64,
+    tau_us: u64,
+    extra_us: u64,
+}
+
+impl GcraArgs {
+    fn of(limit: RateLimit, cells: NonZeroU32) -> GcraArgs {
+        let interval = limit.quota().replenish_interval();
+        // governor floors the interval to whole nanoseconds and then clamps it to at
+        // least one; the same here in microseconds.
+        let t_us = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        GcraArgs {
+            interval,
+            t_us,
+            tau_us: t_us.saturating_mul(u64::from(limit.burst.get() - 1)),
+            extra_us: t_us.saturating_mul(u64::from(cells.get() - 1)),
+        }
+    }
 }
 
 /// A GCRA limiter whose buckets live in Redis. Cheap to clone; clones share the
@@ -206,35 +260,75 @@ impl RedisLimiter {
         limit: RateLimit,
         cells: NonZeroU32,
     ) -> Result<Decision, StoreError> {
+        let bucket = Bucket {
+            kind,
+            name,
+            limit,
+            cells,
+        };
         if cells > limit.burst {
             return Ok(limit.never_fits());
         }
+        let decisions = self.run(&[bucket]).await?;
+        decisions
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Reply("no decision".into()))
+    }
+
+    /// Checks `first` and, if it admits, `second`, in one atomic round trip: the same
+    /// decisions as two [`check`](Self::check)s one after the other, at half the cost
+    /// (a request checks its tenant's limit and then its account's).
+    pub async fn check_pair(
+        &self,
+        first: Bucket<'_>,
+        second: Bucket<'_>,
+    ) -> Result<PairDecision, StoreError> {
+        // A cost above the burst is refused without asking Redis, as in `check`.
+        if first.cells > first.limit.burst {
+            return Ok(PairDecision::FirstRefused(first.limit.never_fits()));
+        }
+        let second_fits = second.cells <= second.limit.burst;
+        let decisions = if second_fits {
+            self.run(&[first, second]).await?
+        } else {
+            self.run(&[first]).await?
+        };
+        match (decisions.as_slice(), second_fits) {
+            ([refused @ Decision::Refused { .. }], _) => Ok(PairDecision::FirstRefused(*refused)),
+            ([admitted], false) => Ok(PairDecision::Both {
+                first: *admitted,
+                second: second.limit.never_fits(),
+            }),
+            ([admitted, decided], true) => Ok(PairDecision::Both {
+                first: *admitted,
+                second: *decided,
+            }),
+            _ => Err(StoreError::Reply(format!(
+                "{} decisions for a pair",
+                decisions.len()
+            ))),
+        }
+    }
+
+    /// Runs the script over `buckets` (each of which fits its burst), bounded by
+    /// `timeout`: one decision per bucket checked.
+    async fn run(&self, buckets: &[Bucket<'_>]) -> Result<Vec<Decision>, StoreError> {
         if self.paused() {
             return Err(StoreError::Unavailable);
         }
-        let quota = limit.quota();
-        let interval = quota.replenish_interval();
-        // governor floors the interval to whole nanoseconds and then clamps it to at least
-        // one; the same here in microseconds (the resolution of Redis' TIME).
-        let t_us = u64::try_from(interval.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let tau_us = t_us.saturating_mul(u64::from(limit.burst.get() - 1));
-        let extra_us = t_us.saturating_mul(u64::from(cells.get() - 1));
-        let key = self.key(kind, name);
-
+        let mut invocation = self.inner.script.prepare_invoke();
+        for bucket in buckets {
+            let args = GcraArgs::of(bucket.limit, bucket.cells);
+            invocation
+                .key(self.key(bucket.kind, bucket.name))
+                .arg(args.t_us)
+                .arg(args.tau_us)
+                .arg(args.extra_us);
+        }
         let manager = self.inner.manager.load_full();
         let mut connection = ConnectionManager::clone(&manager);
-        let call = async {
-            self.inner
-                .script
-                .key(&key)
-                .arg(t_us)
-                .arg(tau_us)
-                .arg(extra_us)
-                .invoke_async::<Vec<i64>>(&mut connection)
-                .await
-        };
+        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
         let answered = match tokio::time::timeout(self.inner.timeout, call).await {
             Err(_elapsed) => return Err(self.timed_out(&manager)),
             Ok(answered) => answered,
@@ -243,7 +337,7 @@ impl RedisLimiter {
             .last_answer_ms
             .store(self.now_ms(), Ordering::Relaxed);
         let reply = answered.map_err(|err| self.failed(&err))?;
-        decision_from(&reply, limit, interval)
+        decisions_from(&reply, buckets)
     }
 
     fn now_ms(&self) -> u64 {
@@ -303,7 +397,40 @@ impl RedisLimiter {
     }
 }
 
-/// Maps the script's reply to the local limiter's `Decision`.
+/// Maps the script's reply to one `Decision` per bucket it checked: a pair per bucket,
+/// up to and including the first refusal, or for every bucket when none refused.
+fn decisions_from(reply: &[i64], buckets: &[Bucket<'_>]) -> Result<Vec<Decision>, StoreError> {
+    let pairs = reply.chunks_exact(2);
+    if !pairs.remainder().is_empty() || pairs.len() > buckets.len() || reply.is_empty() {
+        return Err(StoreError::Reply(format!(
+            "{} values for {} buckets",
+            reply.len(),
+            buckets.len()
+        )));
+    }
+    let mut decisions = Vec::with_capacity(pairs.len());
+    for (pair, bucket) in pairs.zip(buckets) {
+        let interval = GcraArgs::of(bucket.limit, bucket.cells).interval;
+        decisions.push(decision_from(pair, bucket.limit, interval)?);
+    }
+    let refused_at = decisions
+        .iter()
+        .position(|d| matches!(d, Decision::Refused { .. }));
+    let complete = match refused_at {
+        Some(at) => at + 1 == decisions.len(),
+        None => decisions.len() == buckets.len(),
+    };
+    if !complete {
+        return Err(StoreError::Reply(format!(
+            "{} decisions for {} buckets",
+            decisions.len(),
+            buckets.len()
+        )));
+    }
+    Ok(decisions)
+}
+
+/// Maps one bucket's pair of the reply to the local limiter's `Decision`.
 fn decision_from(
     reply: &[i64],
     limit: RateLimit,
@@ -414,6 +541,54 @@ mod tests {
         assert!(decision_from(&[1, 3], l, t).is_err());
         assert!(decision_from(&[0, -1], l, t).is_err());
         assert!(decision_from(&[7], l, t).is_err());
+    }
+
+    #[test]
+    fn a_reply_must_hold_a_pair_per_bucket_up_to_the_first_refusal() {
+        let one = NonZeroU32::MIN;
+        let buckets = [
+            Bucket {
+                kind: LimitKind::Tenant,
+                name: "t",
+                limit: limit(2, 3),
+                cells: one,
+            },
+            Bucket {
+                kind: LimitKind::Account,
+                name: "a",
+                limit: limit(1, 2),
+                cells: one,
+            },
+        ];
+        let admitted = |remaining, reset_secs| Decision::Allowed {
+            remaining,
+            reset_secs,
+        };
+        let refused = Decision::Refused {
+            retry_after_secs: 1,
+        };
+        assert_eq!(
+            decisions_from(&[1, 2, 1, 0], &buckets).expect("both"),
+            [admitted(2, 0), admitted(0, 1)]
+        );
+        assert_eq!(
+            decisions_from(&[1, 2, 0, 5], &buckets).expect("second refused"),
+            [admitted(2, 0), refused]
+        );
+        assert_eq!(
+            decisions_from(&[0, 5], &buckets).expect("first refused"),
+            [refused]
+        );
+        for bad in [
+            &[][..],
+            &[1],
+            &[1, 2],             // admitted, yet the second bucket went unchecked
+            &[0, 5, 1, 1],       // checked on past a refusal
+            &[1, 2, 1, 1, 1, 0], // more pairs than buckets
+            &[1, 2, 1],
+        ] {
+            assert!(decisions_from(bad, &buckets).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
