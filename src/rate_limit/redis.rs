@@ -2,7 +2,8 @@
 //! replicas").
 //!
 //! Each check is one atomic Lua script that reads the Redis server's `TIME`, so replicas
-//! whose clocks disagree still share one timeline. The script is governor's GCRA
+//! whose clocks disagree still share one timeline. A request's tenant and account buckets
+//! go in one call ([`RedisLimiter::check_pair`]): one round trip per request. The script is governor's GCRA
 //! transcribed (same emission interval, same tolerance, same fresh-bucket rule), so a
 //! bucket in Redis gives the same [`Decision`]s as this replica's own [`super::Limiter`]
 //! for the same [`RateLimit`].
