@@ -333,10 +333,10 @@ fn assert_took_about_the_store_timeout(took: Duration, waits: u32) {
     );
 }
 
-/// `deny`: the tenant limit cannot be checked, so the request is refused with `503
+/// `deny`: the limits cannot be checked, so the request is refused with `503
 /// rate-limit-store-unavailable` and `Retry-After: 1` once the store's `timeout` passed,
 /// without RateLimit headers (no limit was applied), nothing goes upstream, one `denied`
-/// record, one store error (the account limit is never reached).
+/// record, one store error (one store call per request, for both of its limits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_slower_than_the_timeout_with_deny_is_503_after_the_timeout() {
     let (h, redis) = gateway_with_a_stopped_redis("deny", (100, 100)).await;
@@ -367,8 +367,8 @@ async fn a_redis_slower_than_the_timeout_with_deny_is_503_after_the_timeout() {
 
 /// `allow`: admitted unchecked once the store's `timeout` passed, so the answer carries no
 /// RateLimit headers; the DELETE goes upstream and the audit has its `forward` and
-/// `result`. Once the tenant limit found the store failing, the account limit does not
-/// ask it again: the request waits out the timeout once, and counts one store error.
+/// `result`. Both limits go in one store call: the request waits out the timeout once,
+/// and counts one store error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_slower_than_the_timeout_with_allow_admits_without_ratelimit_headers() {
     let (h, redis) = gateway_with_a_stopped_redis("allow", (100, 100)).await;
@@ -439,9 +439,8 @@ async fn a_redis_slower_than_the_timeout_with_local_falls_back_to_the_replicas_l
             "denied \"rate-limited\"",
         ]
     );
-    // Every request found the store failing at its tenant limit (the third one at once:
-    // after two timeouts in a row the store is given up for a moment), and none asked
-    // it again for its account limit.
+    // Every request found the store failing (the third one at once: after two timeouts
+    // in a row the store is given up for a moment), one store call for both limits.
     assert_eq!(store_errors(&h).await, 3.0);
     h.assert_chain();
     h.shutdown().await;

@@ -324,7 +324,8 @@ impl Gateway {
 
     /// Applies the tenant's limit and then, if it admits, the account's: both from the
     /// shared store (one round trip) when there is one, else from this replica's own
-    /// limiters.
+    /// limiters. When the store fails, `on_error` decides for both at once (`local`:
+    /// this replica's limiters).
     async fn limit(
         &self,
         runtime: &Runtime,

@@ -2,8 +2,10 @@
 //! replicas").
 //!
 //! Each check is one atomic Lua script that reads the Redis server's `TIME`, so replicas
-//! whose clocks disagree still share one timeline. A request's tenant and account buckets
-//! go in one call ([`RedisLimiter::check_pair`]): one round trip per request. The script is governor's GCRA
+//! whose clocks disagree still share one timeline. A request's tenant and account
+//! buckets go in one call ([`RedisLimiter::check_pair`]): one round trip per request.
+//! Both keys are then touched by one script, so the store must be one Redis server (a
+//! cluster or a sharding proxy would split or refuse such a script). The script is governor's GCRA
 //! transcribed (same emission interval, same tolerance, same fresh-bucket rule), so a
 //! bucket in Redis gives the same [`Decision`]s as this replica's own [`super::Limiter`]
 //! for the same [`RateLimit`].
@@ -192,7 +194,7 @@ impl fmt::Debug for RedisLimiter {
 
 impl RedisLimiter {
     /// Prepares the shared limiter without waiting for Redis: the connection is made in
-    /// the background (and on first use), and until it works `check` returns `Err`.
+    /// the background (and on first use), and until it works `check` and `check_pair` return `Err`.
     /// Fails only on settings that can never work (an unparsable URL) or when called
     /// outside a Tokio runtime.
     pub fn new(settings: &RedisStoreSettings) -> Result<RedisLimiter, StoreError> {
@@ -279,7 +281,9 @@ impl RedisLimiter {
 
     /// Checks `first` and, if it admits, `second`, in one atomic round trip: the same
     /// decisions as two [`check`](Self::check)s one after the other, at half the cost
-    /// (a request checks its tenant's limit and then its account's).
+    /// (a request checks its tenant's limit and then its account's). Slower than
+    /// `timeout` is `Err(StoreError::Timeout)`, and then both buckets may still have
+    /// been charged in Redis.
     pub async fn check_pair(
         &self,
         first: Bucket<'_>,
@@ -315,6 +319,8 @@ impl RedisLimiter {
     /// Runs the script over `buckets` (each of which fits its burst), bounded by
     /// `timeout`: one decision per bucket checked.
     async fn run(&self, buckets: &[Bucket<'_>]) -> Result<Vec<Decision>, StoreError> {
+        // The script would refuse such a bucket with a shorter wait than `never_fits`.
+        debug_assert!(buckets.iter().all(|b| b.cells <= b.limit.burst));
         if self.paused() {
             return Err(StoreError::Unavailable);
         }

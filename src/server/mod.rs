@@ -739,8 +739,9 @@ fn raise_malloc_trim_threshold() {
 /// (benches/RESULTS.md, session 11, the simulator unchanged): HTTP/2 upstream 16.5 → 16.0
 /// µs of CPU per request and 47.1k → 49.6k requests/s; HTTP/1.1 upstream within the
 /// noise; latency at 2,000/s unchanged, since a turn that runs out of ready tasks looks
-/// at the sockets at once anyway. 256 polls take well under a millisecond, so no timer
-/// or signal waits longer than that.
+/// at the sockets at once anyway. A turn of 256 polls takes about a millisecond at
+/// saturation (more if it holds TLS handshakes), which is how late a timer or a signal
+/// can then be noticed.
 const GATEWAY_EVENT_INTERVAL: u32 = 256;
 
 /// The gateway's runtime: [`build_runtime`]'s, with [`GATEWAY_EVENT_INTERVAL`] when it
