@@ -263,15 +263,15 @@ impl RedisLimiter {
         limit: RateLimit,
         cells: NonZeroU32,
     ) -> Result<Decision, StoreError> {
+        if cells > limit.burst {
+            return Ok(limit.never_fits());
+        }
         let bucket = Bucket {
             kind,
             name,
             limit,
             cells,
         };
-        if cells > limit.burst {
-            return Ok(limit.never_fits());
-        }
         let decisions = self.run(&[bucket]).await?;
         decisions
             .first()
