@@ -63,24 +63,32 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BLOCK_BYTES: usize = 32 * 1024;
 
-/// The peer of the connection a request came on, put in its extensions by the server.
-/// Its text (the audit record's `client`) is made once per connection, not per request:
-/// formatting an address costs more than the rest of the record's fields together.
-#[derive(Debug, Clone)]
-pub struct ClientAddr {
-    text: Arc<str>,
+/// What the server knows of the connection a request came on, made once per connection
+/// and handed to [`Gateway::handle`] with each of its requests. The address's text (the
+/// audit record's `client`) is made here once: formatting an address costs more than the
+/// rest of the record's fields together.
+#[derive(Debug)]
+pub struct Peer {
+    client: Arc<str>,
+    certificate: Option<ClientCertificate>,
 }
 
-impl ClientAddr {
-    pub fn new(addr: SocketAddr) -> ClientAddr {
-        ClientAddr {
-            text: Arc::from(addr.to_string()),
+impl Peer {
+    /// `certificate`: the client certificate the TLS handshake verified, if any.
+    pub fn new(addr: SocketAddr, certificate: Option<ClientCertificate>) -> Peer {
+        Peer {
+            client: Arc::from(addr.to_string()),
+            certificate,
         }
     }
 
     /// `ip:port`, as the audit record's `client`.
-    pub fn text(&self) -> &Arc<str> {
-        &self.text
+    pub fn client(&self) -> &Arc<str> {
+        &self.client
+    }
+
+    pub fn certificate(&self) -> Option<&ClientCertificate> {
+        self.certificate.as_ref()
     }
 }
 
@@ -198,15 +206,16 @@ impl Gateway {
         self.inner.runtime.load().tls.clone()
     }
 
-    /// Serves one request end to end. Never fails: every outcome is a response.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    /// Serves one request that came from `peer`, end to end. Never fails: every outcome
+    /// is a response.
+    pub async fn handle<B>(&self, request: Request<B>, peer: &Peer) -> Response<Full<Bytes>>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let runtime = self.inner.runtime.load_full();
-        let mut trail = Trail::new(&request, Instant::now(), &self.inner.audit);
-        let admitted = match self.admit(&runtime, request, &mut trail).await {
+        let mut trail = Trail::new(&request, peer, Instant::now(), &self.inner.audit);
+        let admitted = match self.admit(&runtime, request, peer, &mut trail).await {
             Ok(admitted) => admitted,
             Err(problem) => return self.deny(trail, problem).await,
         };
@@ -247,6 +256,7 @@ impl Gateway {
         &self,
         runtime: &Runtime,
         request: Request<B>,
+        peer: &Peer,
         trail: &mut Trail,
     ) -> Result<Admitted, Problem>
     where
@@ -260,8 +270,8 @@ impl Gateway {
         check_framing(&parts)?;
         let route = route(&parts.method, &parts.uri)?;
         read_bounded_body(&parts.headers, body).await?;
-        let certificate = parts.extensions.get::<ClientCertificate>();
-        let tenant = identify::authenticate(runtime, &parts.headers, certificate, &route, trail)?;
+        let tenant =
+            identify::authenticate(runtime, &parts.headers, peer.certificate(), &route, trail)?;
         // Authentication names only tenants of this runtime; one it lacks (impossible)
         // is refused rather than forwarded.
         let policy = runtime

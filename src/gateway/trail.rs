@@ -13,7 +13,7 @@ use crate::millis::millis;
 use crate::request_id::RequestId;
 use crate::routes::{flavor_of, Flavor};
 
-use super::ClientAddr;
+use super::Peer;
 
 /// What the audit record and the metrics need to know about one request, filled in as
 /// the request moves along the path. Text is kept as the audit event wants it, so each
@@ -44,7 +44,12 @@ pub(super) struct Trail {
 }
 
 impl Trail {
-    pub(super) fn new<B>(request: &Request<B>, started: Instant, audit: &AuditLog) -> Trail {
+    pub(super) fn new<B>(
+        request: &Request<B>,
+        peer: &Peer,
+        started: Instant,
+        audit: &AuditLog,
+    ) -> Trail {
         let request_id = request
             .extensions()
             .get::<RequestId>()
@@ -54,10 +59,7 @@ impl Trail {
             started,
             flavor: flavor_of(request.uri().path()),
             request_id: request_id.into_shared(),
-            client: request
-                .extensions()
-                .get::<ClientAddr>()
-                .map(|addr| Arc::clone(addr.text())),
+            client: Some(Arc::clone(peer.client())),
             method: method_text(request.method()),
             // Cut here already, so a long target is not copied into both records.
             path: Arc::from(truncate_on_char_boundary(

@@ -30,9 +30,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::admin;
 use crate::audit::{AuditError, AuditLog, Fsync};
 use crate::config::{Config, ConfigError, LogSettings};
-use crate::gateway::{
-    BuildError, ClientAddr, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES,
-};
+use crate::gateway::{BuildError, Gateway, Peer, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
 use crate::problem::Problem;
 use crate::rate_limit::LimiterClock;
 use crate::request_id::RequestIdLayer;
@@ -641,7 +639,7 @@ fn record_result(metrics: &Metrics, result: Result<(), Box<dyn std::error::Error
 /// task: with `half_close`, hyper never drops a request mid-flight.
 fn data_service(
     gateway: &Gateway,
-    peer: SocketAddr,
+    addr: SocketAddr,
     certificate: Option<ClientCertificate>,
     detach: Option<H2Requests>,
     first_head: Arc<FirstHead>,
@@ -654,16 +652,13 @@ fn data_service(
         > + Clone,
 > {
     let gateway = gateway.clone();
-    let client = ClientAddr::new(peer);
+    let peer = Arc::new(Peer::new(addr, certificate));
     let stack = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
-        .service_fn(move |mut request: Request<Incoming>| {
+        .service_fn(move |request: Request<Incoming>| {
             first_head.arrive();
-            request.extensions_mut().insert(client.clone());
-            if let Some(certificate) = &certificate {
-                request.extensions_mut().insert(certificate.clone());
-            }
+            let peer = Arc::clone(&peer);
             let gateway = gateway.clone();
             let detach = detach.clone();
             // Counted from here, before the task exists, so the idle timer never sees a
@@ -671,12 +666,12 @@ fn data_service(
             let in_flight = detach.as_ref().map(|h2| h2.activity.begin());
             async move {
                 let Some(H2Requests { watcher, .. }) = detach else {
-                    return Ok::<_, Infallible>(gateway.handle(request).await);
+                    return Ok::<_, Infallible>(gateway.handle(request, &peer).await);
                 };
                 let detached = tokio::spawn(async move {
                     let _drain_waits = watcher;
                     let _busy = in_flight;
-                    gateway.handle(request).await
+                    gateway.handle(request, &peer).await
                 });
                 match detached.await {
                     Ok(response) => Ok(response),
