@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio_rustls::TlsAcceptor;
 
@@ -40,6 +40,7 @@ use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
 use crate::rate_limit::redis::{Bucket, PairDecision, StoreError};
 use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
+use crate::request_id::X_REQUEST_ID;
 use crate::routes::{route, Route, Target};
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
@@ -517,8 +518,10 @@ impl Gateway {
         mut response: Response<Full<Bytes>>,
     ) -> Response<Full<Bytes>> {
         // Moved, not cloned: cloning a freshly built header value allocates.
+        let headers = response.headers_mut();
+        let id = std::mem::replace(&mut trail.request_id_header, HeaderValue::from_static(""));
+        headers.insert(X_REQUEST_ID.clone(), id);
         if let Some((policy, state)) = trail.rate_headers.take() {
-            let headers = response.headers_mut();
             headers.insert(RATELIMIT_POLICY, policy);
             headers.insert(RATELIMIT, state);
         }

@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Request};
 use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::millis::millis;
-use crate::request_id::RequestId;
+use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::{flavor_of, Flavor};
 
 use super::Peer;
@@ -23,6 +23,8 @@ pub(super) struct Trail {
     /// How replies to this request are shaped.
     pub(super) flavor: Flavor,
     pub(super) request_id: Arc<str>,
+    /// The reply's `X-Request-Id`.
+    pub(super) request_id_header: HeaderValue,
     pub(super) client: Option<Arc<str>>,
     pub(super) method: Cow<'static, str>,
     pub(super) path: Arc<str>,
@@ -50,15 +52,13 @@ impl Trail {
         started: Instant,
         audit: &AuditLog,
     ) -> Trail {
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(RequestId::fresh);
+        let (request_id, request_id_header) =
+            RequestId::from_header(request.headers().get(&X_REQUEST_ID)).into_parts();
         Trail {
             started,
             flavor: flavor_of(request.uri().path()),
-            request_id: request_id.into_shared(),
+            request_id,
+            request_id_header,
             client: Some(Arc::clone(peer.client())),
             method: method_text(request.method()),
             // Cut here already, so a long target is not copied into both records.

@@ -33,7 +33,7 @@ use crate::config::{Config, ConfigError, LogSettings};
 use crate::gateway::{BuildError, Gateway, Peer, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
 use crate::problem::Problem;
 use crate::rate_limit::LimiterClock;
-use crate::request_id::RequestIdLayer;
+use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::Flavor;
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
@@ -654,7 +654,6 @@ fn data_service(
     let gateway = gateway.clone();
     let peer = Arc::new(Peer::new(addr, certificate));
     let stack = ServiceBuilder::new()
-        .layer(RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
         .service_fn(move |request: Request<Incoming>| {
             first_head.arrive();
@@ -678,11 +677,20 @@ fn data_service(
                     // A panic: pass it on as if the request had run inline.
                     Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
                     // Cancelled: only by the runtime shutting down, when no one reads this.
-                    Err(_) => Ok(Problem::ShuttingDown.to_response("", Flavor::Native)),
+                    Err(_) => Ok(shutting_down()),
                 }
             }
         });
     TowerToHyperService::new(stack)
+}
+
+/// The reply to a request whose task the runtime cancelled while shutting down: the
+/// request, and its id, went with the task, so the reply gets an id of its own.
+fn shutting_down() -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let (id, header) = RequestId::fresh().into_parts();
+    let mut response = Problem::ShuttingDown.to_response(&id, Flavor::Native);
+    response.headers_mut().insert(X_REQUEST_ID.clone(), header);
+    response
 }
 
 /// Counts what the HTTP layer refused before a request reached the gateway.
