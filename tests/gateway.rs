@@ -751,6 +751,21 @@ async fn request_ids_are_kept_when_valid_and_made_otherwise() {
             id.as_str()
         );
     }
+    // An MPC ended with no id sent: a fresh one on the 204 and in both of its records.
+    let reply = h.end("billing-2", BILLING_TOKEN).await;
+    assert_eq!(reply.status, 204);
+    let id = reply.header("x-request-id").expect("request id").to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let records = h.records();
+    let [.., forward, result] = records.as_slice() else {
+        panic!("two records for the ended MPC");
+    };
+    assert_eq!(
+        (&forward["event"], &result["event"]),
+        (&"forward".into(), &"result".into())
+    );
+    assert_eq!(forward["request_id"], id.as_str());
+    assert_eq!(result["request_id"], id.as_str());
     h.shutdown().await;
 }
 

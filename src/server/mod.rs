@@ -653,6 +653,8 @@ fn data_service(
 > {
     let gateway = gateway.clone();
     let peer = Arc::new(Peer::new(addr, certificate));
+    // The request id is read by the gateway itself (`Trail::new`) and put on every reply
+    // it builds (`Gateway::respond`).
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
         .service_fn(move |request: Request<Incoming>| {
@@ -667,6 +669,8 @@ fn data_service(
                 let Some(H2Requests { watcher, .. }) = detach else {
                     return Ok::<_, Infallible>(gateway.handle(request, &peer).await);
                 };
+                // For the reply if the task is cancelled (the request goes with it).
+                let caller_id = request.headers().get(&X_REQUEST_ID).cloned();
                 let detached = tokio::spawn(async move {
                     let _drain_waits = watcher;
                     let _busy = in_flight;
@@ -677,7 +681,7 @@ fn data_service(
                     // A panic: pass it on as if the request had run inline.
                     Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
                     // Cancelled: only by the runtime shutting down, when no one reads this.
-                    Err(_) => Ok(shutting_down()),
+                    Err(_) => Ok(shutting_down(caller_id.as_ref())),
                 }
             }
         });
@@ -685,9 +689,11 @@ fn data_service(
 }
 
 /// The reply to a request whose task the runtime cancelled while shutting down: the
-/// request, and its id, went with the task, so the reply gets an id of its own.
-fn shutting_down() -> http::Response<http_body_util::Full<bytes::Bytes>> {
-    let (id, header) = RequestId::fresh().into_parts();
+/// caller's id when it sent a valid one, else a fresh one.
+fn shutting_down(
+    caller_id: Option<&http::HeaderValue>,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let (id, header) = RequestId::from_header(caller_id).into_parts();
     let mut response = Problem::ShuttingDown.to_response(&id, Flavor::Native);
     response.headers_mut().insert(X_REQUEST_ID.clone(), header);
     response
@@ -821,6 +827,30 @@ mod tests {
             key_file.display()
         );
         crate::config::for_tests(dir, &audit)
+    }
+
+    /// The reply to a request cancelled by shutdown names the caller's id when it sent a
+    /// valid one, else a fresh one; the header and the body agree.
+    #[tokio::test]
+    async fn a_request_cancelled_by_shutdown_is_answered_with_its_id() {
+        use http_body_util::BodyExt as _;
+        let caller = http::HeaderValue::from_static("caller-7");
+        for (sent, expect_caller) in [(Some(&caller), true), (None, false)] {
+            let reply = shutting_down(sent);
+            assert_eq!(reply.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+            let header = reply.headers()[&X_REQUEST_ID]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let body = reply.into_body().collect().await.expect("body").to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(body["request_id"], header.as_str());
+            if expect_caller {
+                assert_eq!(header, "caller-7");
+            } else {
+                assert!(uuid::Uuid::parse_str(&header).is_ok(), "{header}");
+            }
+        }
     }
 
     #[test]
