@@ -18,18 +18,9 @@ pub struct RequestId {
 }
 
 impl RequestId {
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
     /// The text, for the audit log and error bodies, and the reply's header value.
     pub fn into_parts(self) -> (Arc<str>, HeaderValue) {
         (self.text, self.header)
-    }
-
-    /// The value of the reply's `X-Request-Id`.
-    pub fn header(&self) -> &HeaderValue {
-        &self.header
     }
 
     /// The caller's id when acceptable (its header value reused as is), else a fresh one.
@@ -73,27 +64,28 @@ fn acceptable(value: &HeaderValue) -> Option<&str> {
 mod tests {
     use super::*;
 
-    fn id_for(incoming: Option<&str>) -> RequestId {
+    /// The id's text and the reply's header value.
+    fn id_for(incoming: Option<&str>) -> (Arc<str>, HeaderValue) {
         let value = incoming.map(|text| HeaderValue::from_str(text).expect("header value"));
-        RequestId::from_header(value.as_ref())
+        RequestId::from_header(value.as_ref()).into_parts()
     }
 
     #[test]
     fn keeps_a_valid_caller_id() {
-        let id = id_for(Some("abc-123"));
-        assert_eq!(id.as_str(), "abc-123");
-        assert_eq!(id.header(), "abc-123");
+        let (text, header) = id_for(Some("abc-123"));
+        assert_eq!(&*text, "abc-123");
+        assert_eq!(header, "abc-123");
         let longest = "y".repeat(128);
-        assert_eq!(id_for(Some(&longest)).as_str(), longest);
+        assert_eq!(*id_for(Some(&longest)).0, *longest);
     }
 
     #[test]
     fn replaces_invalid_ids_with_a_uuid() {
         let too_long = "x".repeat(129);
         for bad in [None, Some(""), Some("has space"), Some(too_long.as_str())] {
-            let id = id_for(bad);
-            assert_eq!(id.header(), id.as_str());
-            assert!(uuid::Uuid::parse_str(id.as_str()).is_ok(), "{bad:?}");
+            let (text, header) = id_for(bad);
+            assert_eq!(header, &*text);
+            assert!(uuid::Uuid::parse_str(&text).is_ok(), "{bad:?}");
         }
         assert_ne!(id_for(None), id_for(None), "fresh ids differ");
     }

@@ -132,7 +132,6 @@ pub enum PairDecision {
 
 /// A bucket's script arguments, in microseconds (the resolution of Redis' `TIME`).
 struct GcraArgs {
-    interval: Duration,
     t_us: u64,
     tau_us: u64,
     extra_us: u64,
@@ -147,7 +146,6 @@ impl GcraArgs {
             .unwrap_or(u64::MAX)
             .max(1);
         GcraArgs {
-            interval,
             t_us,
             tau_us: t_us.saturating_mul(u64::from(limit.burst.get() - 1)),
             extra_us: t_us.saturating_mul(u64::from(cells.get() - 1)),
@@ -417,8 +415,7 @@ fn decisions_from(reply: &[i64], buckets: &[Bucket<'_>]) -> Result<Vec<Decision>
     }
     let mut decisions = Vec::with_capacity(pairs.len());
     for (pair, bucket) in pairs.zip(buckets) {
-        let interval = GcraArgs::of(bucket.limit, bucket.cells).interval;
-        decisions.push(decision_from(pair, bucket.limit, interval)?);
+        decisions.push(decision_from(pair, bucket.limit)?);
     }
     let refused_at = decisions
         .iter()
@@ -438,11 +435,7 @@ fn decisions_from(reply: &[i64], buckets: &[Bucket<'_>]) -> Result<Vec<Decision>
 }
 
 /// Maps one bucket's pair of the reply to the local limiter's `Decision`.
-fn decision_from(
-    reply: &[i64],
-    limit: RateLimit,
-    interval: Duration,
-) -> Result<Decision, StoreError> {
+fn decision_from(reply: &[i64], limit: RateLimit) -> Result<Decision, StoreError> {
     match *reply {
         [1, remaining] => {
             let remaining = u32::try_from(remaining)
@@ -454,7 +447,7 @@ fn decision_from(
             let reset_secs = if remaining > 0 {
                 0
             } else {
-                ceil_secs(interval)
+                ceil_secs(limit.quota().replenish_interval())
             };
             Ok(Decision::Allowed {
                 remaining,
@@ -518,36 +511,35 @@ mod tests {
     #[test]
     fn replies_map_like_the_local_limiter() {
         let l = limit(2, 3);
-        let t = Duration::from_millis(500);
         assert_eq!(
-            decision_from(&[1, 2], l, t).expect("ok"),
+            decision_from(&[1, 2], l).expect("ok"),
             Decision::Allowed {
                 remaining: 2,
                 reset_secs: 0
             }
         );
         assert_eq!(
-            decision_from(&[1, 0], l, t).expect("ok"),
+            decision_from(&[1, 0], l).expect("ok"),
             Decision::Allowed {
                 remaining: 0,
                 reset_secs: 1
             }
         );
         assert_eq!(
-            decision_from(&[0, 1], l, t).expect("ok"),
+            decision_from(&[0, 1], l).expect("ok"),
             Decision::Refused {
                 retry_after_secs: 1
             }
         );
         assert_eq!(
-            decision_from(&[0, 1_000_001], l, t).expect("ok"),
+            decision_from(&[0, 1_000_001], l).expect("ok"),
             Decision::Refused {
                 retry_after_secs: 2
             }
         );
-        assert!(decision_from(&[1, 3], l, t).is_err());
-        assert!(decision_from(&[0, -1], l, t).is_err());
-        assert!(decision_from(&[7], l, t).is_err());
+        assert!(decision_from(&[1, 3], l).is_err());
+        assert!(decision_from(&[0, -1], l).is_err());
+        assert!(decision_from(&[7], l).is_err());
     }
 
     #[test]
