@@ -9,13 +9,15 @@
 //!   commit), writes and fsyncs once, and wakes one caller of the batch, which wakes the
 //!   rest (`AckRelay`).
 //! - [`Fsync::Never`]: nothing to wait for but the page cache, so callers write under a
-//!   mutex themselves; the records appended in one turn of the runtime share one write
-//!   (`InlineFlush`).
+//!   mutex themselves; the records appended in one turn of the runtime share one write,
+//!   and each caller collects its record's outcome by ticket (`InlineTicket`): no
+//!   channel, no allocation per record.
 //!
 //! A failed write or fsync is undone (the file is cut back to its length before the
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
 //! log reports not writable until a later write or a periodic probe succeeds.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -135,58 +137,105 @@ enum Mode {
     /// `fsync: never`: nothing to wait for but a write into the page cache, so callers
     /// write under a mutex themselves; handing each record to another thread would cost
     /// more (two context switches) than the write. Records appended in the same turn of
-    /// the runtime share one write (see [`AuditLog::append`]). A small thread only probes
+    /// the runtime share one write (see [`InlineTicket`]). A small thread only probes
     /// while the log is not writable.
     Inline(Arc<Mutex<InlineState>>),
 }
 
+/// The inline mode's records, by ticket: each append takes the next ticket. Tickets
+/// from `first_uncollected` on are first `settled` (written or refused, their outcome
+/// waiting to be collected), then `pending` (not yet written), in that order.
 struct InlineState {
     /// `None` once closed.
     writer: Option<Writer>,
-    /// Appended, not yet written; the first of them flushes (see [`InlineFlush`]).
-    pending: Vec<Request>,
+    /// Outcomes not yet collected; `None` where collected out of order.
+    settled: VecDeque<Option<Result<u64, AuditError>>>,
+    /// Appended, not yet written.
+    pending: Vec<AuditEvent>,
+    /// The ticket of `settled`'s first entry.
+    first_uncollected: u64,
     /// The final flush's outcome, once closed.
     outcome: Outcome,
 }
 
 impl InlineState {
-    /// Writes (or, once closed, refuses) every pending record and acknowledges each.
+    /// Queues a record; returns its ticket.
+    fn push(&mut self, event: AuditEvent) -> u64 {
+        self.pending.push(event);
+        self.first_uncollected + (self.settled.len() + self.pending.len() - 1) as u64
+    }
+
+    /// Writes (or, once closed, refuses) every pending record; their outcomes wait to be
+    /// collected.
     fn flush(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        match self.writer.as_mut() {
-            Some(writer) => writer.commit(&mut self.pending),
-            None => AckRelay::send_all(
-                self.pending
-                    .drain(..)
-                    .map(|req| (req.ack, Err(AuditError::Closed)))
-                    .collect(),
-            ),
+        let outcomes = match self.writer.as_mut() {
+            Some(writer) => writer.commit(&self.pending),
+            None => self
+                .pending
+                .iter()
+                .map(|_| Err(AuditError::Closed))
+                .collect(),
+        };
+        self.pending.clear();
+        self.settled.extend(outcomes.into_iter().map(Some));
+    }
+
+    /// The outcome of `ticket`'s record, flushing first if it is still pending. Each
+    /// ticket is collected exactly once (see [`InlineTicket`]).
+    fn collect(&mut self, ticket: u64) -> Result<u64, AuditError> {
+        let index = ticket
+            .checked_sub(self.first_uncollected)
+            .and_then(|index| usize::try_from(index).ok());
+        if index.is_some_and(|index| index >= self.settled.len()) {
+            self.flush();
+        }
+        // Always there: each ticket is collected once, and flushed before.
+        let outcome = index
+            .and_then(|index| self.settled.get_mut(index))
+            .and_then(Option::take)
+            .unwrap_or(Err(AuditError::WriterGone));
+        while let Some(None) = self.settled.front() {
+            self.settled.pop_front();
+            self.first_uncollected += 1;
+        }
+        outcome
+    }
+}
+
+/// An inline append's claim on its record's outcome. It yields once, so that the other
+/// requests ready in this turn of the runtime append theirs, and then collects: the first
+/// of a turn's appends to get there writes every pending record in one write, the others
+/// find theirs written. Dropped before that, it collects on drop, writing what is still
+/// pending, so that no record waits for an append that may never come.
+struct InlineTicket<'a> {
+    state: &'a Mutex<InlineState>,
+    ticket: u64,
+    collected: bool,
+}
+
+impl InlineTicket<'_> {
+    async fn after_this_turn(mut self) -> Result<u64, AuditError> {
+        tokio::task::yield_now().await;
+        self.collected = true;
+        lock(self.state).collect(self.ticket)
+    }
+}
+
+impl Drop for InlineTicket<'_> {
+    fn drop(&mut self) {
+        if !self.collected {
+            let _ = lock(self.state).collect(self.ticket);
         }
     }
 }
 
-/// Held by the append that found no pending record: it owes the flush of everything
-/// pending. It normally flushes after one yield; if its future is dropped first, it
-/// flushes on drop, so no follower waits forever.
-struct InlineFlush<'a> {
-    state: &'a Mutex<InlineState>,
-}
-
-impl InlineFlush<'_> {
-    async fn after_this_turn(self) {
-        // Let the other requests that are ready now append theirs first, so one write
-        // carries the records of a whole turn of the runtime.
-        tokio::task::yield_now().await;
-        // Dropping `self` flushes.
-    }
-}
-
-impl Drop for InlineFlush<'_> {
-    fn drop(&mut self) {
-        lock(self.state).flush();
-    }
+/// What an appended record's future waits on.
+enum Acknowledgement<'a> {
+    Threaded(oneshot::Receiver<Ack>),
+    Inline(InlineTicket<'a>),
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -294,7 +343,9 @@ impl AuditLog {
         let path = writer.path.clone();
         let state = Arc::new(Mutex::new(InlineState {
             writer: Some(writer),
+            settled: VecDeque::new(),
             pending: Vec::new(),
+            first_uncollected: 0,
             outcome: None,
         }));
         let weak = Arc::downgrade(&state);
@@ -321,47 +372,47 @@ impl AuditLog {
     /// [`append`](Self::append)'s does. For callers that must order a record against
     /// other state under their own lock. Dropping the future does not withdraw it.
     ///
-    /// Records of one batch are acknowledged through one of them, which passes the
-    /// acknowledgement on when polled: futures handed over together must be polled
-    /// together (`join_all`), never awaited one after another.
+    /// With `fsync: always`, the records of one batch are acknowledged through one of
+    /// them, which passes the acknowledgement on when polled: futures handed over together
+    /// must be polled together (`join_all`), never awaited one after another.
     pub fn submit(
         &self,
         event: AuditEvent,
     ) -> Result<impl Future<Output = Result<u64, AuditError>> + '_, AuditError> {
-        let (ack, acked) = oneshot::channel();
-        let request = Request { event, ack };
-        let flush = match &self.shared.mode {
+        let acknowledgement = match &self.shared.mode {
             Mode::Threaded { tx, .. } => {
+                let (ack, acked) = oneshot::channel();
                 let guard = tx.lock().unwrap_or_else(PoisonError::into_inner);
                 let tx = guard.as_ref().ok_or(AuditError::Closed)?;
-                tx.send(request).map_err(|_| AuditError::WriterGone)?;
-                None
+                tx.send(Request { event, ack })
+                    .map_err(|_| AuditError::WriterGone)?;
+                Acknowledgement::Threaded(acked)
             }
             Mode::Inline(state) => {
-                let leads = {
-                    let mut state = lock(state);
-                    if state.writer.is_none() {
+                let ticket = {
+                    let mut guard = lock(state);
+                    if guard.writer.is_none() {
                         return Err(AuditError::Closed);
                     }
-                    state.pending.push(request);
-                    state.pending.len() == 1
+                    guard.push(event)
                 };
-                // Not `then_some`: an `InlineFlush` built and dropped would flush at once.
-                if leads {
-                    Some(InlineFlush { state })
-                } else {
-                    None
-                }
+                Acknowledgement::Inline(InlineTicket {
+                    state,
+                    ticket,
+                    collected: false,
+                })
             }
         };
         Ok(async move {
-            if let Some(flush) = flush {
-                flush.after_this_turn().await;
+            match acknowledgement {
+                Acknowledgement::Threaded(acked) => {
+                    let (outcome, relay) = acked.await.map_err(|_| AuditError::WriterGone)?;
+                    // Acknowledges the rest of the batch, if this record carried them.
+                    drop(relay);
+                    outcome
+                }
+                Acknowledgement::Inline(ticket) => ticket.after_this_turn().await,
             }
-            let (outcome, relay) = acked.await.map_err(|_| AuditError::WriterGone)?;
-            // Acknowledges the rest of the batch, if this record carried them.
-            drop(relay);
-            outcome
         })
     }
 
@@ -582,20 +633,21 @@ struct Encoded {
 
 impl Writer {
     fn run(mut self, rx: Receiver<Request>, done: watch::Sender<Outcome>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut events = Vec::with_capacity(MAX_BATCH);
+        let mut acks = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = self.next_request(&rx) {
-            batch.push(first);
             // The first record woke this thread, usually in the middle of a turn of the
             // runtime that is about to send more; step aside once so that they join this
             // batch instead of waiting for the fsync after it.
             std::thread::yield_now();
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(req) => batch.push(req),
-                    Err(_) => break,
-                }
+            let batch = std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1));
+            for Request { event, ack } in batch {
+                events.push(event);
+                acks.push(ack);
             }
-            self.commit(&mut batch);
+            let outcomes = self.commit(&events);
+            events.clear();
+            AckRelay::send_all(acks.drain(..).zip(outcomes).collect());
         }
         let outcome = self.finish();
         self.writable.store(false, Ordering::SeqCst);
@@ -617,8 +669,8 @@ impl Writer {
         }
     }
 
-    /// Writes one batch and acknowledges every request in it.
-    fn commit(&mut self, batch: &mut Vec<Request>) {
+    /// Writes one batch; returns each record's seq, or why it was not written.
+    fn commit(&mut self, batch: &[AuditEvent]) -> Vec<Result<u64, AuditError>> {
         let encoded = self.encode(batch);
         let result = if self.buf.is_empty() {
             Ok(())
@@ -631,30 +683,23 @@ impl Writer {
                 self.prev = encoded.prev;
                 self.last_ts = encoded.last_ts;
                 self.set_writable(true);
-                AckRelay::send_all(
-                    batch
-                        .drain(..)
-                        .zip(encoded.outcomes)
-                        .map(|(req, outcome)| (req.ack, outcome))
-                        .collect(),
-                );
                 self.maybe_rotate();
+                encoded.outcomes
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
                 self.set_writable(false);
-                let acks = batch
-                    .drain(..)
-                    .map(|req| (req.ack, Err(self.io_error("write", &e))))
-                    .collect();
-                AckRelay::send_all(acks);
+                batch
+                    .iter()
+                    .map(|_| Err(self.io_error("write", &e)))
+                    .collect()
             }
         }
     }
 
     /// Serializes the batch into `self.buf`, chaining from the committed state without
     /// changing it (a failed write must not advance `seq` or `prev`).
-    fn encode(&mut self, batch: &[Request]) -> Encoded {
+    fn encode(&mut self, batch: &[AuditEvent]) -> Encoded {
         self.buf.clear();
         let mut seq = self.next_seq;
         let mut prev = self.prev;
@@ -662,7 +707,7 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(batch.len());
         // One clock read per batch: its records are written together.
         let now = record::now_ms();
-        for req in batch {
+        for event in batch {
             // No record may take a seq that nothing could follow (a recovered log near
             // u64::MAX): refuse it instead of overflowing.
             let Some(next_seq) = seq.checked_add(1) else {
@@ -674,7 +719,7 @@ impl Writer {
             let ts = now.max(last_ts);
             let ts_text = cached_ts_text(&mut self.ts_cache, ts);
             let body_start = self.buf.len();
-            let body = Body::new(seq, ts_text, &prev, &req.event);
+            let body = Body::new(seq, ts_text, &prev, event);
             match body.write_json(&mut self.buf) {
                 Ok(()) => {
                     let hash = self.hasher.digest(&self.buf[body_start..]);

@@ -323,25 +323,25 @@ async fn inline_appends_of_one_turn_share_one_write() {
     assert_eq!(intact(dir.path(), None), 21);
 }
 
-/// The append that owes the flush is dropped before it flushes (a caller that went
+/// The first append of a turn is dropped while parked in its yield (a caller that went
 /// away): its record and the others pending are still written and acknowledged.
 #[tokio::test(flavor = "current_thread")]
-async fn a_dropped_inline_leader_still_flushes_the_turn() {
+async fn a_dropped_first_inline_append_still_flushes_the_turn() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
-    let mut leader = Box::pin(log.append(event(0)));
-    // One poll: the record is pending and the leader is parked in its yield.
+    let mut first = Box::pin(log.append(event(0)));
+    // One poll: the record is pending and the append is parked in its yield.
     let first_poll =
-        std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
+        std::future::poll_fn(|cx| std::task::Poll::Ready(first.as_mut().poll(cx))).await;
     assert!(first_poll.is_pending());
-    let follower = log.clone();
-    let follower = tokio::spawn(async move { follower.append(event(1)).await });
+    let second = log.clone();
+    let second = tokio::spawn(async move { second.append(event(1)).await });
     tokio::task::yield_now().await;
-    drop(leader);
-    let seq = tokio::time::timeout(Duration::from_secs(5), follower)
+    drop(first);
+    let seq = tokio::time::timeout(Duration::from_secs(5), second)
         .await
-        .expect("the follower is acknowledged")
+        .expect("the second append is acknowledged")
         .expect("task")
         .expect("append");
     assert_eq!(seq, 2);
@@ -349,9 +349,78 @@ async fn a_dropped_inline_leader_still_flushes_the_turn() {
     assert_eq!(
         lines(&path).len(),
         2,
-        "the dropped leader's record is written too"
+        "the dropped append's record is written too"
     );
     assert_eq!(intact(dir.path(), None), 2);
+}
+
+/// An append dropped before it was ever polled (a request cancelled right after handing
+/// its record over) writes its record at once: no other append may come to do it.
+#[tokio::test(flavor = "current_thread")]
+async fn an_inline_append_dropped_unpolled_writes_its_record_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    drop(log.submit(event(0)).expect("submitted"));
+    assert_eq!(lines(&path).len(), 1, "written on drop");
+    assert_eq!(log.append(event(1)).await.expect("append"), 2);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 2);
+}
+
+/// Inline appends do not depend on each other: awaited one after another, in any order,
+/// each completes, the first awaited writing the records of both in one write.
+#[tokio::test(flavor = "current_thread")]
+async fn inline_appends_awaited_in_any_order_complete_in_one_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let (log, faults) = open_with_faults(&path, Fsync::Never);
+    let first = log.submit(event(0)).expect("submitted");
+    let second = log.submit(event(1)).expect("submitted");
+    let within = |append| tokio::time::timeout(Duration::from_secs(5), append);
+    assert_eq!(within(second).await.expect("in time").expect("append"), 2);
+    assert_eq!(within(first).await.expect("in time").expect("append"), 1);
+    assert_eq!(faults.appends(), 1, "one write for both");
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 2);
+}
+
+/// Outcomes collected out of order, or never (an append dropped unpolled), are each
+/// collected once, and nothing is kept once every append is done with.
+#[tokio::test(flavor = "current_thread")]
+async fn inline_outcomes_are_kept_only_until_collected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let Mode::Inline(state) = &log.shared.mode else {
+        panic!("fsync: never writes inline");
+    };
+    let appends: Vec<_> = (0..4)
+        .map(|i| log.submit(event(i)).expect("submitted"))
+        .collect();
+    let mut appends = appends.into_iter();
+    let (a, b, c, d) = (
+        appends.next().expect("a"),
+        appends.next().expect("b"),
+        appends.next().expect("c"),
+        appends.next().expect("d"),
+    );
+    assert_eq!(c.await.expect("append"), 3, "c flushed all four");
+    assert_eq!(lock(state).settled.len(), 4, "a, b and d not collected yet");
+    drop(b);
+    assert_eq!(d.await.expect("append"), 4);
+    assert_eq!(lock(state).settled.len(), 4, "a is still to come");
+    assert_eq!(a.await.expect("append"), 1);
+    {
+        let state = lock(state);
+        assert!(state.settled.is_empty(), "every outcome collected");
+        assert_eq!(state.first_uncollected, 4);
+    }
+    // A later record gets the next ticket and its own outcome.
+    assert_eq!(log.append(event(4)).await.expect("append"), 5);
+    assert!(lock(state).settled.is_empty());
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 5);
 }
 
 #[tokio::test(flavor = "multi_thread")]
