@@ -38,6 +38,11 @@ impl HexDigest {
         // Only ever filled by `hex::encode_to_slice`: ASCII.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
+
+    /// The hex digits, for the writer (without `as_str`'s UTF-8 check).
+    pub(crate) fn as_bytes(&self) -> &[u8; HEX_LEN] {
+        &self.0
+    }
 }
 
 impl ChainHasher {
@@ -84,19 +89,19 @@ impl ChainHasher {
 pub(crate) fn seal_into(body: &[u8], hash_hex: &str, out: &mut Vec<u8>) {
     let body_start = out.len();
     out.extend_from_slice(body);
-    seal_in_place(out, body_start, hash_hex);
+    seal_in_place(out, body_start, hash_hex.as_bytes());
 }
 
 /// Seals the body written into `out` from `body_start` on, where it was hashed: its
 /// final `}` becomes `,"hash":"<hex>"}` and a newline. The writer serializes each record
 /// straight into its batch, so a record is never copied.
-pub(crate) fn seal_in_place(out: &mut Vec<u8>, body_start: usize, hash_hex: &str) {
+pub(crate) fn seal_in_place(out: &mut Vec<u8>, body_start: usize, hash_hex: &[u8]) {
     if out.len() > body_start {
         debug_assert_eq!(out.last(), Some(&b'}'), "a record body is a JSON object");
         out.pop(); // the closing brace
     }
     out.extend_from_slice(HASH_OPEN);
-    out.extend_from_slice(hash_hex.as_bytes());
+    out.extend_from_slice(hash_hex);
     out.extend_from_slice(HASH_CLOSE);
     out.push(b'\n');
 }
@@ -157,7 +162,7 @@ mod tests {
         let start = batch.len();
         batch.extend_from_slice(second);
         assert_eq!(&batch[start..], second, "hashed where it was written");
-        seal_in_place(&mut batch, start, "b");
+        seal_in_place(&mut batch, start, b"b");
         assert_eq!(batch, expected);
     }
 

@@ -723,7 +723,7 @@ impl Writer {
             match body.write_json(&mut self.buf) {
                 Ok(()) => {
                     let hash = self.hasher.digest(&self.buf[body_start..]);
-                    chain::seal_in_place(&mut self.buf, body_start, hash.as_str());
+                    chain::seal_in_place(&mut self.buf, body_start, hash.as_bytes());
                     outcomes.push(Ok(seq));
                     seq = next_seq;
                     prev = hash;
