@@ -6,10 +6,11 @@
 //! answer), `reason` `shutting-down`, nothing known of Plivo's answer. Exactly one side
 //! writes each record: whoever takes the entry out of the table.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
+
+use foldhash::HashMap;
 
 use crate::audit::{AuditEvent, EventKind};
 use crate::millis::millis;

@@ -2,8 +2,9 @@
 //! directories, tenant policies, account credentials, limiters, the upstream client and
 //! the listener's TLS acceptor. Built on start and on every reload, then swapped whole.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use tokio_rustls::TlsAcceptor;
 
@@ -115,7 +116,7 @@ impl Runtime {
                 .map(|(n, a)| (n.as_str(), a.rate_limit)),
             clock,
         );
-        let mut accounts = HashMap::new();
+        let mut accounts = HashMap::default();
         for (name, account) in &config.accounts {
             let unresolved = || BuildError::Unresolved(format!("accounts.{name}"));
             let shared: Arc<str> = Arc::from(name.as_str());
@@ -127,8 +128,8 @@ impl Runtime {
             accounts.insert(name.as_str(), Arc::new(runtime));
         }
         let mut tokens = TokenDirectory::default();
-        let mut sans = HashMap::new();
-        let mut tenants = HashMap::new();
+        let mut sans = HashMap::default();
+        let mut tenants = HashMap::default();
         for (name, tenant) in &config.tenants {
             let shared: Arc<str> = Arc::from(name.as_str());
             for hash in &tenant.tokens {
