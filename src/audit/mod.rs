@@ -1,5 +1,6 @@
 //! The audit log (DESIGN.md §3 and §4, contract): a durable, hash-chained JSON Lines file
-//! written by one dedicated writer thread, plus the `audit verify` and `audit query` tools.
+//! written in batches by one writer (a thread of its own with `fsync: always`, its callers
+//! in turn with `fsync: never`), plus the `audit verify` and `audit query` tools.
 //!
 //! This module owns everything about the audit log and nothing else:
 //! - [`record`]: what callers hand in ([`AuditEvent`]) and the exact member order of a line;

@@ -359,6 +359,19 @@ mod tests {
                 }
             }
         }
+        // And the text written is serde_json's, for every ASCII character, in the part
+        // scanned by words and in the tail.
+        for c in (0..0x80u8).map(char::from) {
+            for at in [0, 5, 9] {
+                let mut text: Vec<char> = "abcdefghij".chars().collect();
+                text[at] = c;
+                let text: String = text.into_iter().collect();
+                let mut ours = Vec::new();
+                write_json_string(&mut ours, &text).expect("written");
+                let reference = serde_json::to_vec(&text).expect("serialized");
+                assert_eq!(ours, reference, "{c:?} at {at}");
+            }
+        }
         assert!(is_plain("conf-ü-1 and a longer plain text".as_bytes()));
         assert!(!is_plain(b"a longer text with a \"quote\""));
         assert!(!is_plain(b"a longer text with a \\ backslash"));

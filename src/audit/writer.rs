@@ -171,16 +171,27 @@ impl InlineState {
         if self.pending.is_empty() {
             return;
         }
-        let outcomes = match self.writer.as_mut() {
-            Some(writer) => writer.commit(&self.pending),
-            None => self
-                .pending
-                .iter()
-                .map(|_| Err(AuditError::Closed))
-                .collect(),
+        // Out of `pending` before anything is written, so that no record can be written
+        // twice, whatever happens after the write.
+        let mut events = std::mem::take(&mut self.pending);
+        let committed = match self.writer.as_mut() {
+            Some(writer) => writer.commit(&events),
+            None => Committed {
+                outcomes: events.iter().map(|_| Err(AuditError::Closed)).collect(),
+                written: false,
+            },
         };
-        self.pending.clear();
-        self.settled.extend(outcomes.into_iter().map(Some));
+        // Tickets are positions: one outcome per record, in order.
+        debug_assert_eq!(committed.outcomes.len(), events.len());
+        self.settled
+            .extend(committed.outcomes.into_iter().map(Some));
+        events.clear();
+        self.pending = events;
+        // Once every outcome is there to collect; a rotation (a rename and a new file)
+        // then delays only the next batch.
+        if let (true, Some(writer)) = (committed.written, self.writer.as_mut()) {
+            writer.maybe_rotate();
+        }
     }
 
     /// The outcome of `ticket`'s record, flushing first if it is still pending. Each
@@ -192,11 +203,12 @@ impl InlineState {
         if index.is_some_and(|index| index >= self.settled.len()) {
             self.flush();
         }
-        // Always there: each ticket is collected once, and flushed before.
         let outcome = index
             .and_then(|index| self.settled.get_mut(index))
-            .and_then(Option::take)
-            .unwrap_or(Err(AuditError::WriterGone));
+            .and_then(Option::take);
+        // Always there: each ticket is collected once, and flushed before.
+        debug_assert!(outcome.is_some(), "ticket {ticket} collected twice");
+        let outcome = outcome.unwrap_or(Err(AuditError::WriterGone));
         while let Some(None) = self.settled.front() {
             self.settled.pop_front();
             self.first_uncollected += 1;
@@ -251,7 +263,8 @@ impl AuditLog {
     /// Opens (creating with mode 0600, creating parent dirs is NOT done: a missing dir is
     /// an error), recovers the chain (continues seq/prev from the last complete record,
     /// also from the newest rotated sibling when the live file is empty or missing), cuts
-    /// a torn last line with a `tracing::warn!`, and starts the dedicated writer thread.
+    /// a torn last line with a `tracing::warn!`, and starts the writer thread (`fsync:
+    /// always`) or the probe thread (`fsync: never`).
     /// Callable from inside or outside a tokio runtime (it never blocks on async work).
     pub fn open(settings: AuditSettings) -> Result<AuditLog, AuditError> {
         Self::open_with(settings, Box::new(FsOpener))
@@ -368,13 +381,20 @@ impl AuditLog {
         self.submit(event)?.await
     }
 
-    /// Hands one record to the writer now, in this call; the future resolves as
-    /// [`append`](Self::append)'s does. For callers that must order a record against
-    /// other state under their own lock. Dropping the future does not withdraw it.
+    /// Hands one record to the writer now, in this call: its place in the chain is taken
+    /// here, before any record handed over later. For callers that must order a record
+    /// against other state under their own lock. The future resolves as
+    /// [`append`](Self::append)'s does; dropping it does not withdraw the record.
     ///
-    /// With `fsync: always`, the records of one batch are acknowledged through one of
-    /// them, which passes the acknowledgement on when polled: futures handed over together
-    /// must be polled together (`join_all`), never awaited one after another.
+    /// - `fsync: always`: the writer thread takes the record at once. The records of one
+    ///   batch are acknowledged through one of them, which passes the acknowledgement on
+    ///   when polled: futures handed over together must be polled together (`join_all`),
+    ///   never awaited one after another.
+    /// - `fsync: never`: the record is written when its future, after one yield, collects
+    ///   its outcome, when the future is dropped, or when another append writes the
+    ///   pending records first; so each future must be awaited or dropped promptly (an
+    ///   outcome not yet collected keeps the ones after it in memory too). The futures
+    ///   may be awaited in any order.
     pub fn submit(
         &self,
         event: AuditEvent,
@@ -594,7 +614,8 @@ pub fn check_writable(path: &Path) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// State owned by the writer thread.
+/// The file, the chain's head and the batch buffer: owned by the writer thread (`fsync:
+/// always`) or by the inline state's mutex (`fsync: never`).
 struct Writer {
     path: PathBuf,
     dir: PathBuf,
@@ -623,6 +644,15 @@ struct Writer {
     dir_needs_sync: bool,
 }
 
+/// What [`Writer::commit`] did with a batch.
+struct Committed {
+    /// Each record's seq, or why it was not written: exactly one per record, in order
+    /// (the inline mode's tickets are positions).
+    outcomes: Vec<Result<u64, AuditError>>,
+    /// The batch reached the file: time to check whether the file is due to rotate.
+    written: bool,
+}
+
 /// The encoded batch: per request, its seq or why it could not be encoded.
 struct Encoded {
     outcomes: Vec<Result<u64, AuditError>>,
@@ -645,9 +675,14 @@ impl Writer {
                 events.push(event);
                 acks.push(ack);
             }
-            let outcomes = self.commit(&events);
+            let committed = self.commit(&events);
             events.clear();
-            AckRelay::send_all(acks.drain(..).zip(outcomes).collect());
+            AckRelay::send_all(acks.drain(..).zip(committed.outcomes).collect());
+            // After the acknowledgements: a rotation (fsyncs, a rename, a new file) then
+            // delays only the next batch.
+            if committed.written {
+                self.maybe_rotate();
+            }
         }
         let outcome = self.finish();
         self.writable.store(false, Ordering::SeqCst);
@@ -669,8 +704,9 @@ impl Writer {
         }
     }
 
-    /// Writes one batch; returns each record's seq, or why it was not written.
-    fn commit(&mut self, batch: &[AuditEvent]) -> Vec<Result<u64, AuditError>> {
+    /// Writes one batch. Rotation is the caller's, once the outcomes are delivered and if
+    /// the batch was written: [`Writer::maybe_rotate`].
+    fn commit(&mut self, batch: &[AuditEvent]) -> Committed {
         let encoded = self.encode(batch);
         let result = if self.buf.is_empty() {
             Ok(())
@@ -683,16 +719,21 @@ impl Writer {
                 self.prev = encoded.prev;
                 self.last_ts = encoded.last_ts;
                 self.set_writable(true);
-                self.maybe_rotate();
-                encoded.outcomes
+                Committed {
+                    outcomes: encoded.outcomes,
+                    written: true,
+                }
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
                 self.set_writable(false);
-                batch
-                    .iter()
-                    .map(|_| Err(self.io_error("write", &e)))
-                    .collect()
+                Committed {
+                    outcomes: batch
+                        .iter()
+                        .map(|_| Err(self.io_error("write", &e)))
+                        .collect(),
+                    written: false,
+                }
             }
         }
     }

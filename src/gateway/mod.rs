@@ -183,9 +183,9 @@ impl Gateway {
         for result in &cut {
             tracing::warn!(request_id = %result.request_id, "shutdown_grace ran out while the request was with Plivo; its result is unknown");
         }
-        // Polled together: one batch (one write, one fsync) carries them all, and its
-        // acknowledgement, handed to one of them, reaches the rest (awaiting them one by
-        // one would wait for ever on the first).
+        // Polled together: one batch (one write, one fsync) carries them all; with
+        // `fsync: always` its acknowledgement, handed to one of them, reaches the rest
+        // (awaiting them one by one would wait for ever on the first).
         let appends = cut
             .into_iter()
             .map(|result| self.inner.audit.append(result));

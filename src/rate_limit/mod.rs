@@ -259,6 +259,10 @@ impl HeaderText {
     /// Appends `bytes`; the longest value fits (see the type), so nothing is ever cut.
     fn push(&mut self, bytes: &[u8]) {
         let end = self.len + bytes.len();
+        debug_assert!(
+            end <= self.bytes.len(),
+            "a RateLimit value is at most 45 bytes"
+        );
         if let Some(slot) = self.bytes.get_mut(self.len..end) {
             slot.copy_from_slice(bytes);
             self.len = end;

@@ -323,34 +323,27 @@ async fn inline_appends_of_one_turn_share_one_write() {
     assert_eq!(intact(dir.path(), None), 21);
 }
 
-/// The first append of a turn is dropped while parked in its yield (a caller that went
-/// away): its record and the others pending are still written and acknowledged.
+/// An append dropped while parked in its yield (a caller that went away), with no other
+/// append to come: dropping it writes its record.
 #[tokio::test(flavor = "current_thread")]
-async fn a_dropped_first_inline_append_still_flushes_the_turn() {
+async fn an_inline_append_dropped_in_its_yield_writes_its_record() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
-    let mut first = Box::pin(log.append(event(0)));
+    let Mode::Inline(state) = &log.shared.mode else {
+        panic!("fsync: never writes inline");
+    };
+    let mut append = Box::pin(log.append(event(0)));
     // One poll: the record is pending and the append is parked in its yield.
     let first_poll =
-        std::future::poll_fn(|cx| std::task::Poll::Ready(first.as_mut().poll(cx))).await;
+        std::future::poll_fn(|cx| std::task::Poll::Ready(append.as_mut().poll(cx))).await;
     assert!(first_poll.is_pending());
-    let second = log.clone();
-    let second = tokio::spawn(async move { second.append(event(1)).await });
-    tokio::task::yield_now().await;
-    drop(first);
-    let seq = tokio::time::timeout(Duration::from_secs(5), second)
-        .await
-        .expect("the second append is acknowledged")
-        .expect("task")
-        .expect("append");
-    assert_eq!(seq, 2);
+    assert!(lines(&path).is_empty(), "not written before the yield");
+    drop(append);
+    assert_eq!(lines(&path).len(), 1, "written on drop");
+    assert!(lock(state).settled.is_empty(), "its outcome collected");
+    assert_eq!(log.append(event(1)).await.expect("append"), 2);
     log.close().await.expect("close");
-    assert_eq!(
-        lines(&path).len(),
-        2,
-        "the dropped append's record is written too"
-    );
     assert_eq!(intact(dir.path(), None), 2);
 }
 
@@ -421,6 +414,61 @@ async fn inline_outcomes_are_kept_only_until_collected() {
     assert!(lock(state).settled.is_empty());
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 5);
+}
+
+/// A failed inline write fails every record of its batch, advances nothing, and keeps
+/// no outcome once each is collected.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_inline_write_fails_each_record_of_the_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let (log, faults) = open_with_faults(&path, Fsync::Never);
+    let Mode::Inline(state) = &log.shared.mode else {
+        panic!("fsync: never writes inline");
+    };
+    assert_eq!(log.append(event(0)).await.expect("append"), 1);
+    let before = std::fs::read(&path).expect("read");
+    faults.set(fault::PARTIAL_WRITE);
+    let appends: Vec<_> = (1..4).map(|i| log.append(event(i))).collect();
+    for outcome in futures_util::future::join_all(appends).await {
+        let err = outcome.expect_err("the batch failed");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+    }
+    assert_eq!(faults.appends(), 2, "one write for the failed batch");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "no partial line"
+    );
+    assert!(lock(state).settled.is_empty());
+    faults.set(fault::NONE);
+    assert_eq!(
+        log.append(event(4)).await.expect("append"),
+        2,
+        "seq not advanced"
+    );
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 2);
+}
+
+/// Appends handed over before `close` are written by it, and their futures still get
+/// their seqs afterwards; appends after it are refused.
+#[tokio::test(flavor = "current_thread")]
+async fn inline_appends_outstanding_at_close_are_written_by_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let first = log.submit(event(0)).expect("submitted");
+    let second = log.submit(event(1)).expect("submitted");
+    log.close().await.expect("close");
+    assert_eq!(lines(&path).len(), 2, "written by close");
+    assert_eq!(second.await.expect("append"), 2);
+    assert_eq!(first.await.expect("append"), 1);
+    assert!(matches!(
+        log.append(event(2)).await,
+        Err(AuditError::Closed)
+    ));
+    assert_eq!(intact(dir.path(), None), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
