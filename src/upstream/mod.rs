@@ -325,7 +325,9 @@ impl PlivoClient {
     ) -> Attempt {
         // Built from its parts: everything is already typed, so nothing can fail, and the
         // builder's checks and re-conversions are not paid on every call.
-        let mut headers = HeaderMap::with_capacity(3);
+        // Room for the `Host` an HTTP/1.1 connection adds: a fourth header would grow (and
+        // rehash) a map made for three.
+        let mut headers = HeaderMap::with_capacity(4);
         headers.insert(AUTHORIZATION, account.authorization.clone());
         headers.insert(USER_AGENT, self.user_agent.clone());
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
