@@ -169,6 +169,15 @@ pub struct Metrics {
 /// Plivo's status for an MPC ended.
 const NO_CONTENT: u16 = 204;
 
+/// The `reason` of a request whose MPC was ended (the others carry a problem slug).
+pub const ENDED: &str = "ended";
+
+/// One tenant's `mpc_gateway_requests_total{reason="ended"}` series, resolved when the
+/// tenant's first MPC is ended (so that it appears only once counted, like every other
+/// series): see [`Metrics::request_ended`]. One per tenant and config version.
+#[derive(Debug, Default)]
+pub struct EndedRequests(OnceLock<Counter>);
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -278,6 +287,24 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 tenant: Tenant(Arc::clone(tenant.unwrap_or(&self.no_tenant))),
                 reason,
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// [`request_finished`](Self::request_finished) for an MPC ended, through the
+    /// tenant's own handle to its series: no lookup of the labels (a hash of them under a
+    /// lock) on the outcome of nearly every request.
+    pub fn request_ended(&self, series: &EndedRequests, tenant: &Arc<str>, elapsed: Duration) {
+        series
+            .0
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        tenant: Tenant(Arc::clone(tenant)),
+                        reason: ENDED,
+                    })
+                    .clone()
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
@@ -468,6 +495,30 @@ mod tests {
         assert_eq!(
             sample(&text, "mpc_gateway_upstream_requests_total{status=\"404\"}"),
             Some(1.0)
+        );
+    }
+
+    /// A tenant's ended MPCs are counted through its handle into the family's own series,
+    /// which appears with the first of them; a handle made anew (a reload) continues it,
+    /// as does a count by label.
+    #[test]
+    fn ended_requests_count_into_the_tenants_series() {
+        let series = "mpc_gateway_requests_total{tenant=\"billing\",reason=\"ended\"}";
+        let metrics = Metrics::new();
+        let billing: Arc<str> = Arc::from("billing");
+        let before_reload = EndedRequests::default();
+        assert_eq!(sample(&metrics.encode(), series), None);
+        metrics.request_ended(&before_reload, &billing, Duration::from_millis(1));
+        metrics.request_ended(&before_reload, &billing, Duration::from_millis(1));
+        assert_eq!(sample(&metrics.encode(), series), Some(2.0));
+        let after_reload = EndedRequests::default();
+        metrics.request_ended(&after_reload, &billing, Duration::from_millis(1));
+        metrics.request_finished(Some(&billing), ENDED, Duration::from_millis(1));
+        let text = metrics.encode();
+        assert_eq!(sample(&text, series), Some(4.0));
+        assert_eq!(
+            sample(&text, "mpc_gateway_request_duration_seconds_count"),
+            Some(4.0)
         );
     }
 

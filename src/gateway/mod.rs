@@ -42,7 +42,7 @@ use crate::rate_limit::redis::{Bucket, PairDecision, StoreError};
 use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{route, Route, Target};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, ENDED};
 use crate::tls::ClientCertificate;
 use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamReport};
 use forwarded::{Forwarded, Ticket};
@@ -282,6 +282,7 @@ impl Gateway {
         let (mpc, upstream_calls) = check_target(&route, policy, &tenant, trail)?;
         let account = &policy.account;
         trail.account = Some(Arc::clone(&account.name));
+        trail.ended_requests = Some(Arc::clone(&policy.ended_requests));
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
         self.limit(runtime, policy, &tenant, upstream_calls, trail)
@@ -487,7 +488,7 @@ impl Gateway {
             Ok(()) => no_content(),
             Err(problem) => problem.to_response(&trail.request_id, trail.flavor),
         };
-        let reason = report.outcome.as_ref().err().map_or("ended", Problem::slug);
+        let reason = report.outcome.as_ref().err().map_or(ENDED, Problem::slug);
         trail.status = Some(response.status().as_u16());
         trail.reason = Some(reason);
         trail.upstream_status = report.status;
@@ -525,9 +526,14 @@ impl Gateway {
             headers.insert(RATELIMIT_POLICY, policy);
             headers.insert(RATELIMIT, state);
         }
-        self.inner
-            .metrics
-            .request_finished(trail.tenant.as_ref(), reason, trail.started.elapsed());
+        let metrics = &self.inner.metrics;
+        let elapsed = trail.started.elapsed();
+        match (&trail.ended_requests, &trail.tenant) {
+            (Some(series), Some(tenant)) if reason == ENDED => {
+                metrics.request_ended(series, tenant, elapsed);
+            }
+            _ => metrics.request_finished(trail.tenant.as_ref(), reason, elapsed),
+        }
         response
     }
 }

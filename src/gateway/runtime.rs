@@ -14,6 +14,7 @@ use crate::config::{
 };
 use crate::rate_limit::redis::{RedisLimiter, StoreError};
 use crate::rate_limit::{Limiter, LimiterClock, LimiterSet};
+use crate::telemetry::EndedRequests;
 use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -40,6 +41,8 @@ pub(super) struct TenantPolicy {
     pub(super) account: Arc<AccountRuntime>,
     /// Basic username of this tenant on the Plivo-compatible route.
     pub(super) sdk_auth_id: Option<String>,
+    /// Where this tenant's ended MPCs are counted.
+    pub(super) ended_requests: Arc<EndedRequests>,
 }
 
 /// A Plivo account as the tenants that use it share it.
@@ -148,6 +151,7 @@ impl Runtime {
                         .ok_or_else(unresolved)?,
                 ),
                 sdk_auth_id: tenant.sdk_auth_id.clone(),
+                ended_requests: Arc::default(),
             };
             tenants.insert(name.clone(), policy);
         }

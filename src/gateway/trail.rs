@@ -12,6 +12,7 @@ use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::millis::millis;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::{flavor_of, Flavor};
+use crate::telemetry::EndedRequests;
 
 use super::Peer;
 
@@ -38,6 +39,8 @@ pub(super) struct Trail {
     pub(super) plivo_api_id: Option<Arc<str>>,
     pub(super) attempts: Option<u32>,
     pub(super) rate_headers: Option<(HeaderValue, HeaderValue)>,
+    /// The authenticated tenant's series for an ended MPC.
+    pub(super) ended_requests: Option<Arc<EndedRequests>>,
     /// Set until the request's terminal record is in hand: a `denied` record handed to
     /// the log, or (once forwarded) the table of forwarded requests. A trail dropped
     /// while set belongs to a request whose connection was closed when `shutdown_grace`
@@ -76,6 +79,7 @@ impl Trail {
             plivo_api_id: None,
             attempts: None,
             rate_headers: None,
+            ended_requests: None,
             unrecorded: Some(audit.clone()),
         }
     }
