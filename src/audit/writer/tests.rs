@@ -416,6 +416,68 @@ async fn inline_outcomes_are_kept_only_until_collected() {
     assert_eq!(intact(dir.path(), None), 5);
 }
 
+/// Inline appends from several worker threads, some dropped unpolled and some dropped
+/// parked in their yield (callers that went away), the rest awaited: every record is
+/// written exactly once, every awaited append gets its own seq, and no outcome is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inline_appends_dropped_at_any_point_under_concurrency_lose_nothing() {
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 150;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 30)).expect("open");
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..PER_TASK {
+                let record = event(t * PER_TASK + i);
+                match i % 3 {
+                    // Handed over, then dropped unpolled (an `append` future dropped
+                    // unpolled has handed nothing over).
+                    0 => drop(log.submit(record).expect("submitted")),
+                    1 => {
+                        let mut append = Box::pin(log.append(record));
+                        let polled = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(append.as_mut().poll(cx))
+                        })
+                        .await;
+                        assert!(polled.is_pending(), "parked in its yield");
+                        drop(append);
+                    }
+                    _ => seqs.push(log.append(record).await.expect("append")),
+                }
+                if i % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            seqs
+        }));
+    }
+    let mut seqs = Vec::new();
+    for handle in handles {
+        seqs.extend(handle.await.expect("task"));
+    }
+    let Mode::Inline(state) = &log.shared.mode else {
+        panic!("fsync: never writes inline");
+    };
+    assert!(lock(state).settled.is_empty(), "every outcome collected");
+    log.close().await.expect("close");
+    let total = (TASKS * PER_TASK) as u64;
+    assert_eq!(
+        lines(&path).len() as u64,
+        total,
+        "every record written once"
+    );
+    assert_eq!(intact(dir.path(), None), total);
+    seqs.sort_unstable();
+    let awaited = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), awaited, "no seq given to two appends");
+    assert!(seqs.iter().all(|seq| (1..=total).contains(seq)));
+}
+
 /// A failed inline write fails every record of its batch, advances nothing, and keeps
 /// no outcome once each is collected.
 #[tokio::test(flavor = "current_thread")]
