@@ -161,9 +161,8 @@ pub struct Metrics {
     certificate_expiry: Family<ListenerLabels, Gauge<i64, AtomicI64>>,
     /// The `tenant` label of requests refused before authentication.
     no_tenant: Arc<str>,
-    /// The series of Plivo's answer to every MPC ended, once it exists: counted without
-    /// the lookup (a hash of the labels, under a lock) that `Family` makes on each call.
-    upstream_no_content: OnceLock<Counter>,
+    /// The series of Plivo's answer to every MPC ended.
+    upstream_no_content: CachedSeries,
 }
 
 /// Plivo's status for an MPC ended.
@@ -172,11 +171,19 @@ const NO_CONTENT: u16 = 204;
 /// The `reason` of a request whose MPC was ended (the others carry a problem slug).
 pub const ENDED: &str = "ended";
 
-/// One tenant's `mpc_gateway_requests_total{reason="ended"}` series, resolved when the
-/// tenant's first MPC is ended (so that it appears only once counted, like every other
-/// series): see [`Metrics::request_ended`]. One per tenant and config version.
+/// A counter series of a `Family`, resolved on its first count and from then on counted
+/// without the lookup `Family` makes on every call (a hash of the labels, under a lock):
+/// for the outcomes of nearly every request. It still appears only once counted, like
+/// every other series.
 #[derive(Debug, Default)]
-pub struct EndedRequests(OnceLock<Counter>);
+pub struct CachedSeries(OnceLock<Counter>);
+
+impl CachedSeries {
+    /// Counts one; `resolve` finds the series the first time.
+    fn inc(&self, resolve: impl FnOnce() -> Counter) {
+        self.0.get_or_init(resolve).inc();
+    }
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -264,7 +271,7 @@ impl Metrics {
             store_errors,
             certificate_expiry,
             no_tenant: Arc::from(""),
-            upstream_no_content: OnceLock::new(),
+            upstream_no_content: CachedSeries::default(),
             registry,
             requests,
             duration,
@@ -292,21 +299,17 @@ impl Metrics {
         self.duration.observe(elapsed.as_secs_f64());
     }
 
-    /// [`request_finished`](Self::request_finished) for an MPC ended, through the
-    /// tenant's own handle to its series: no lookup of the labels (a hash of them under a
-    /// lock) on the outcome of nearly every request.
-    pub fn request_ended(&self, series: &EndedRequests, tenant: &Arc<str>, elapsed: Duration) {
-        series
-            .0
-            .get_or_init(|| {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        tenant: Tenant(Arc::clone(tenant)),
-                        reason: ENDED,
-                    })
-                    .clone()
-            })
-            .inc();
+    /// [`request_finished`](Self::request_finished) for an MPC ended, through `series`,
+    /// the tenant's own handle to it (one per tenant and config version).
+    pub fn request_ended(&self, series: &CachedSeries, tenant: &Arc<str>, elapsed: Duration) {
+        series.inc(|| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    tenant: Tenant(Arc::clone(tenant)),
+                    reason: ENDED,
+                })
+                .clone()
+        });
         self.duration.observe(elapsed.as_secs_f64());
     }
 
@@ -317,9 +320,7 @@ impl Metrics {
             })
         };
         if status == Some(NO_CONTENT) {
-            self.upstream_no_content
-                .get_or_init(|| series().clone())
-                .inc();
+            self.upstream_no_content.inc(|| series().clone());
         } else {
             series().inc();
         }
@@ -506,12 +507,12 @@ mod tests {
         let series = "mpc_gateway_requests_total{tenant=\"billing\",reason=\"ended\"}";
         let metrics = Metrics::new();
         let billing: Arc<str> = Arc::from("billing");
-        let before_reload = EndedRequests::default();
+        let before_reload = CachedSeries::default();
         assert_eq!(sample(&metrics.encode(), series), None);
         metrics.request_ended(&before_reload, &billing, Duration::from_millis(1));
         metrics.request_ended(&before_reload, &billing, Duration::from_millis(1));
         assert_eq!(sample(&metrics.encode(), series), Some(2.0));
-        let after_reload = EndedRequests::default();
+        let after_reload = CachedSeries::default();
         metrics.request_ended(&after_reload, &billing, Duration::from_millis(1));
         metrics.request_finished(Some(&billing), ENDED, Duration::from_millis(1));
         let text = metrics.encode();

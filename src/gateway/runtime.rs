@@ -14,7 +14,7 @@ use crate::config::{
 };
 use crate::rate_limit::redis::{RedisLimiter, StoreError};
 use crate::rate_limit::{Limiter, LimiterClock, LimiterSet};
-use crate::telemetry::EndedRequests;
+use crate::telemetry::CachedSeries;
 use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -42,7 +42,7 @@ pub(super) struct TenantPolicy {
     /// Basic username of this tenant on the Plivo-compatible route.
     pub(super) sdk_auth_id: Option<String>,
     /// Where this tenant's ended MPCs are counted.
-    pub(super) ended_requests: Arc<EndedRequests>,
+    pub(super) ended_requests: Arc<CachedSeries>,
 }
 
 /// A Plivo account as the tenants that use it share it.

@@ -12,7 +12,7 @@ use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::millis::millis;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::{flavor_of, Flavor};
-use crate::telemetry::EndedRequests;
+use crate::telemetry::CachedSeries;
 
 use super::Peer;
 
@@ -40,7 +40,7 @@ pub(super) struct Trail {
     pub(super) attempts: Option<u32>,
     pub(super) rate_headers: Option<(HeaderValue, HeaderValue)>,
     /// The authenticated tenant's series for an ended MPC.
-    pub(super) ended_requests: Option<Arc<EndedRequests>>,
+    pub(super) ended_requests: Option<Arc<CachedSeries>>,
     /// Set until the request's terminal record is in hand: a `denied` record handed to
     /// the log, or (once forwarded) the table of forwarded requests. A trail dropped
     /// while set belongs to a request whose connection was closed when `shutdown_grace`
