@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use rand::Rng;
@@ -21,7 +22,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::causes::one_line;
-use crate::config::{Account, UpstreamSettings};
+use crate::config::{Account, BaseUrl, UpstreamSettings};
 use crate::millis::{millis, Throttle};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
@@ -134,7 +135,9 @@ use transport::{BodyBounds, BodyCutByDeadline, SendError, Transport};
 
 pub struct PlivoClient {
     transport: Transport,
-    /// `scheme://authority` of `upstream.base_url`, the start of every request URL.
+    /// `upstream.base_url`: the scheme and authority of every request's URI.
+    base: BaseUrl,
+    /// The same as text, for log lines.
     origin: String,
     user_agent: HeaderValue,
     timeout: Duration,
@@ -167,6 +170,7 @@ impl PlivoClient {
         let tls = client_tls_config(settings)?;
         Ok(PlivoClient {
             transport: Transport::new(settings, tls),
+            base: settings.base_url.clone(),
             origin: settings.base_url.to_string(),
             user_agent: HeaderValue::from_static(concat!(
                 "mpc-gateway/",
@@ -181,30 +185,39 @@ impl PlivoClient {
         })
     }
 
-    /// The exact upstream URL of an MPC on an account. Built with plain appends (this is
-    /// on every request's path), then parsed once for all attempts.
-    pub fn mpc_url(&self, auth_id: &str, mpc: MpcRef<'_>) -> String {
+    /// The exact upstream path of an MPC on an account, built with plain appends (this
+    /// is on every request's path).
+    fn mpc_path(auth_id: &str, mpc: MpcRef<'_>) -> String {
         const ACCOUNT: &str = "/v1/Account/";
         const MPC: &str = "/MultiPartyCall/";
-        let mut url = String::with_capacity(
-            self.origin.len() + ACCOUNT.len() + auth_id.len() + MPC.len() + 64,
-        );
-        url.push_str(&self.origin);
-        url.push_str(ACCOUNT);
-        url.push_str(auth_id);
-        url.push_str(MPC);
+        let mut path = String::with_capacity(ACCOUNT.len() + auth_id.len() + MPC.len() + 64);
+        path.push_str(ACCOUNT);
+        path.push_str(auth_id);
+        path.push_str(MPC);
         match mpc {
             MpcRef::Name(name) => {
-                url.push_str("name_");
-                url.extend(name.upstream_encoded());
+                path.push_str("name_");
+                path.extend(name.upstream_encoded());
             }
             MpcRef::Uuid(uuid) => {
-                url.push_str("uuid_");
-                url.push_str(uuid.as_str());
+                path.push_str("uuid_");
+                path.push_str(uuid.as_str());
             }
         }
-        url.push('/');
-        url
+        path.push('/');
+        path
+    }
+
+    /// The URI of `path` on Plivo, once for all attempts. The scheme and authority were
+    /// parsed from the config at start-up, so only the path is checked here; and the
+    /// path keeps its own buffer, which a whole URL parsed from one string would first
+    /// have to turn into a shared one (an allocation) to hand out its three parts.
+    fn uri(&self, path: String) -> Option<Uri> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.base.scheme.clone());
+        parts.authority = Some(self.base.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path)).ok()?);
+        Uri::from_parts(parts).ok()
     }
 
     /// When a call starting now must be over: `timeout` covers the whole call, every
@@ -220,8 +233,8 @@ impl PlivoClient {
         mpc: MpcRef<'_>,
         deadline: Instant,
     ) -> UpstreamReport {
-        let url = self.mpc_url(&account.auth_id, mpc);
-        match self.call(Method::DELETE, url, account, deadline).await {
+        let path = PlivoClient::mpc_path(&account.auth_id, mpc);
+        match self.call(Method::DELETE, path, account, deadline).await {
             Ok((attempt, attempts)) => self.conclude_logged(account, attempt, attempts),
             Err(timed_out) => timed_out,
         }
@@ -235,8 +248,8 @@ impl PlivoClient {
         uuid: &MpcUuid,
         deadline: Instant,
     ) -> Lookup {
-        let url = self.mpc_url(&account.auth_id, MpcRef::Uuid(uuid));
-        let (attempt, attempts) = match self.call(Method::GET, url, account, deadline).await {
+        let path = PlivoClient::mpc_path(&account.auth_id, MpcRef::Uuid(uuid));
+        let (attempt, attempts) = match self.call(Method::GET, path, account, deadline).await {
             Ok(done) => done,
             Err(timed_out) => return Lookup::Failed(timed_out),
         };
@@ -273,17 +286,17 @@ impl PlivoClient {
         }
     }
 
-    /// Sends `method url` with retries until `deadline`; `Err` carries the timeout report.
+    /// Sends `method path` with retries until `deadline`; `Err` carries the timeout report.
     async fn call(
         &self,
         method: Method,
-        url: String,
+        path: String,
         account: &AccountCredentials,
         deadline: Instant,
     ) -> Result<(Attempt, u32), UpstreamReport> {
         // Every part was validated (config, name, uuid), so this cannot fail; if it did,
         // no attempt could succeed.
-        let Ok(uri) = Uri::try_from(url) else {
+        let Some(uri) = self.uri(path) else {
             return Ok((Attempt::Fatal, 1));
         };
         // A free slot is the usual case: take it without arming a timer. Waiting for one
@@ -646,18 +659,21 @@ mod tests {
         };
         let client = PlivoClient::new(&settings).expect("client");
         let name = MpcName::from_path_segment("conf%20%C3%BC+1").expect("valid name");
+        let uri = |mpc| {
+            let path = PlivoClient::mpc_path("MAXXXXXXXXXXXXXXXXXX", mpc);
+            client
+                .uri(path)
+                .expect("every path built this way is a valid URI")
+        };
         assert_eq!(
-            client.mpc_url("MAXXXXXXXXXXXXXXXXXX", MpcRef::Name(&name)),
+            uri(MpcRef::Name(&name)).to_string(),
             "https://api.example.test:8443/v1/Account/MAXXXXXXXXXXXXXXXXXX/MultiPartyCall/name_conf%20%C3%BC%2B1/"
         );
         let uuid = MpcUuid::parse("0c4a4a3e-5a8e-4c1e-9a55-2f6f8b1d2c3e").expect("uuid");
-        let url = client.mpc_url("MAXXXXXXXXXXXXXXXXXX", MpcRef::Uuid(&uuid));
         assert_eq!(
-            url,
+            uri(MpcRef::Uuid(&uuid)).to_string(),
             "https://api.example.test:8443/v1/Account/MAXXXXXXXXXXXXXXXXXX/MultiPartyCall/uuid_0c4a4a3e-5a8e-4c1e-9a55-2f6f8b1d2c3e/"
         );
-        // Every URL built this way parses, so no call fails before its first attempt.
-        assert!(Uri::try_from(url).is_ok());
     }
 
     fn answered(status: u16, headers: &[(&'static str, &'static str)], body: &str) -> Attempt {
