@@ -295,6 +295,17 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
+/// Whether the two listeners would fight over one port: `serve` would then fail to bind
+/// the second, so `check-config` says so first. A wildcard address takes the port on
+/// every address (an IPv6 one, by default, on IPv4 too); port 0 is a fresh port each.
+fn listeners_collide(listen: SocketAddr, admin: SocketAddr) -> bool {
+    listen.port() != 0
+        && listen.port() == admin.port()
+        && (listen.ip() == admin.ip()
+            || listen.ip().is_unspecified()
+            || admin.ip().is_unspecified())
+}
+
 /// serde_yaml prefixes its own (sometimes shorter) key path; keep only the message so
 /// the exact path from serde_path_to_error leads.
 fn strip_yaml_path<'a>(message: &'a str, path: &str) -> &'a str {
@@ -319,6 +330,15 @@ impl TryFrom<RawConfig> for Config {
         let rate_limit_store = validate_store(&raw.rate_limit_store, &mut errors);
         if raw.shutdown_grace.0 > MAX_SHUTDOWN_GRACE {
             errors.push("shutdown_grace", "expected at most 1h");
+        }
+        if listeners_collide(raw.listen, raw.admin_listen) {
+            errors.push(
+                "admin_listen",
+                format!(
+                    "{} cannot be bound beside listen ({}): give the admin endpoints their own port",
+                    raw.admin_listen, raw.listen
+                ),
+            );
         }
         match (upstream, audit, log, listen_tls, rate_limit_store) {
             (Some(upstream), Some(audit), Some(log), Some(listen_tls), Some(rate_limit_store))

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::secret::ValueSource;
@@ -27,9 +28,11 @@ pub struct RawConfig {
     pub listen_tls: Option<RawListenTls>,
     #[serde(default)]
     pub rate_limit_store: RawRateLimitStore,
+    #[serde(deserialize_with = "unique_keys")]
     pub accounts: BTreeMap<String, RawAccount>,
     #[serde(default)]
     pub upstream: RawUpstream,
+    #[serde(deserialize_with = "unique_keys")]
     pub tenants: BTreeMap<String, RawTenant>,
     pub audit: RawAudit,
     #[serde(default)]
@@ -204,6 +207,42 @@ pub enum LogFormat {
 }
 
 /// A duration written the humantime way (`500ms`, `2s`, `1m`).
+/// A map whose keys must each appear once. YAML lets a key repeat, and serde's map types
+/// keep the last value: a second `billing:` block under `tenants` would silently replace
+/// the first, its tokens and its allow list with it, and a second `default:` under
+/// `accounts` the credentials. Both are refused instead.
+fn unique_keys<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    deserializer.deserialize_map(UniqueKeys(PhantomData))
+}
+
+struct UniqueKeys<V>(PhantomData<V>);
+
+impl<'de, V: Deserialize<'de>> Visitor<'de> for UniqueKeys<V> {
+    type Value = BTreeMap<String, V>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map of names, each given once")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = BTreeMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if entries.contains_key(&key) {
+                return Err(de::Error::custom(format_args!(
+                    "`{key}` is given twice; each name may appear once"
+                )));
+            }
+            let value = map.next_value()?;
+            entries.insert(key, value);
+        }
+        Ok(entries)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -285,7 +324,8 @@ fn default_account_rate_limit() -> RawRateLimit {
         burst: PositiveInt(50),
     }
 }
-/// A tenant without its own limit is held only by its account's limit.
+/// A tenant without its own `rate_limit` gets a limit of its own with the account
+/// default's values (50/s, burst 50), whatever its account's limit is.
 fn default_tenant_rate_limit() -> RawRateLimit {
     default_account_rate_limit()
 }

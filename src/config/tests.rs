@@ -407,3 +407,74 @@ fn warns_of_a_grace_not_above_the_upstream_timeout_and_of_a_burst_below_two() {
     let config = f.load(&longer).expect("valid");
     assert!(config.warnings().iter().all(|w| w.key != "shutdown_grace"));
 }
+
+#[test]
+fn a_tenant_or_account_given_twice_is_refused_not_replaced() {
+    let fixture = Fixture::new();
+    let tenant_twice = MINIMAL.replace(
+        "audit:",
+        r#"  billing:
+    tokens: ["sha256:fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"]
+    allow: ["*"]
+audit:"#,
+    );
+    let err = messages(
+        fixture
+            .load(&tenant_twice)
+            .err()
+            .expect("a repeated tenant"),
+    );
+    assert!(err.contains("tenants"), "{err}");
+    assert!(err.contains("`billing` is given twice"), "{err}");
+
+    let account_twice = MINIMAL.replace(
+        "tenants:",
+        r#"  default:
+    auth_id: MAYYYYYYYYYYYYYYYYYY
+    auth_token: {file: "{dir}/token"}
+tenants:"#,
+    );
+    let err = messages(
+        fixture
+            .load(&account_twice)
+            .err()
+            .expect("a repeated account"),
+    );
+    assert!(err.contains("accounts"), "{err}");
+    assert!(err.contains("`default` is given twice"), "{err}");
+
+    // Different names still load, in any number.
+    let two_tenants = MINIMAL.replace(
+        "audit:",
+        r#"  support:
+    tokens: ["sha256:fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"]
+    allow: ["support-*"]
+audit:"#,
+    );
+    let config = fixture.load(&two_tenants).expect("two tenants");
+    assert_eq!(config.tenants.len(), 2);
+}
+
+#[test]
+fn listeners_on_one_port_are_a_config_error() {
+    let fixture = Fixture::new();
+    for (listen, admin, collide) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080", true),
+        ("0.0.0.0:8080", "127.0.0.1:8080", true),
+        ("127.0.0.1:8080", "[::]:8080", true),
+        ("127.0.0.1:8080", "127.0.0.1:9090", false),
+        ("127.0.0.1:8080", "127.0.0.2:8080", false),
+        ("127.0.0.1:0", "127.0.0.1:0", false),
+    ] {
+        let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n{MINIMAL}");
+        match fixture.load(&yaml) {
+            Ok(_) => assert!(!collide, "{listen} and {admin} were accepted"),
+            Err(err) => {
+                let err = messages(err);
+                assert!(collide, "{listen} and {admin}: {err}");
+                assert!(err.contains("admin_listen"), "{err}");
+                assert!(err.contains("own port"), "{err}");
+            }
+        }
+    }
+}
