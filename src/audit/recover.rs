@@ -185,36 +185,63 @@ fn from_rotated(live: &Path) -> Result<ChainHead, AuditError> {
         source,
     })?;
     for (_, path) in siblings {
-        let io_err = |source| AuditError::Io {
-            op: "repair",
-            path: path.clone(),
-            source,
-        };
-        // With `fsync: never` a file is not synced before it is rotated, so a crash can
-        // leave the newest rotated file with a torn tail: it is cut like the live file's,
-        // or `audit verify` would find a torn line in the middle of the set.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
-        let end = cut_torn_tail(&file, &path).map_err(io_err)?;
-        if end == 0 {
-            if len > 0 {
-                // It never held a record; left empty, its name could block a rotation.
-                std::fs::remove_file(&path).map_err(io_err)?;
-            }
-            continue;
+        if let Some(head) = last_of_rotated(&path)? {
+            return Ok(head);
         }
-        return head_from_line(&file, end, &path);
     }
     Ok(ChainHead::genesis())
+}
+
+/// The chain head in a rotated file, `None` when it holds no complete record. Read-only
+/// unless its tail is torn: ops may make rotated files read-only (`chmod 0400`,
+/// `chattr +i`), and that must not stop start-up when there is nothing to repair.
+fn last_of_rotated(path: &Path) -> Result<Option<ChainHead>, AuditError> {
+    let io_err = |op| {
+        move |source| AuditError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = File::open(path).map_err(io_err("read"))?;
+    let len = file.metadata().map_err(io_err("read"))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    if last_byte(&file, len).map_err(io_err("read"))? == b'\n' {
+        return head_from_line(&file, len, path).map(Some);
+    }
+    // With `fsync: never` a file is not synced before it is rotated, so a crash can
+    // leave the newest rotated file with a torn tail: it is cut like the live file's,
+    // or `audit verify` would find a torn line in the middle of the set.
+    let file = open_for_repair(path).map_err(io_err("repair"))?;
+    let end = cut_torn_tail(&file, path).map_err(io_err("repair"))?;
+    if end == 0 {
+        // It never held a record; left empty, its name could block a rotation.
+        std::fs::remove_file(path).map_err(io_err("remove"))?;
+        return Ok(None);
+    }
+    head_from_line(&file, end, path).map(Some)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Rotated files opened for writing by this thread: lets tests running as root (whom
+    /// mode bits do not stop) see that a file without a torn tail is only read.
+    static REPAIR_OPENS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Opens a rotated file for cutting its torn tail.
+fn open_for_repair(path: &Path) -> io::Result<File> {
+    #[cfg(test)]
+    REPAIR_OPENS.with(|n| n.set(n.get() + 1));
+    OpenOptions::new().read(true).write(true).open(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
     use std::io::Write;
 
     fn sealed(seq: u64, prev: &str) -> (String, String) {
@@ -290,6 +317,26 @@ mod tests {
             !newest.exists(),
             "a file that never held a record is removed"
         );
+    }
+
+    /// Ops may make rotated files read-only (`chmod 0400`, `chattr +i`): with an empty
+    /// live file, start-up only reads the newest one when there is nothing to cut. Run
+    /// as a user, opening it for writing fails with EACCES; run as root (whom mode bits
+    /// do not stop), the count of write-opens shows it.
+    #[test]
+    fn a_read_only_rotated_file_is_continued_from_without_opening_it_for_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l6, _) = sealed(6, "a");
+        let (l7, h7) = sealed(7, "b");
+        let rotated = dir.path().join("audit.jsonl.00000000000000000007");
+        std::fs::write(&rotated, format!("{l6}{l7}")).expect("w");
+        std::fs::set_permissions(&rotated, Permissions::from_mode(0o400)).expect("chmod");
+        std::fs::write(&live, "").expect("w");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        assert_eq!(REPAIR_OPENS.with(Cell::get), 0, "opened for writing");
     }
 
     #[test]
