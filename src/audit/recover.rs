@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::chain::{self, GENESIS};
-use super::segment::rotated_siblings;
+use super::segment::{parent_dir, rotated_path, rotated_siblings, sync_dir};
 use super::writer::AuditError;
 
 /// A record longer than this is not one the writer produced.
@@ -184,18 +184,23 @@ fn from_rotated(live: &Path) -> Result<ChainHead, AuditError> {
         path: live.to_path_buf(),
         source,
     })?;
-    for (_, path) in siblings {
-        if let Some(head) = last_of_rotated(&path)? {
+    for (named, path) in siblings {
+        if let Some(head) = last_of_rotated(live, named, &path)? {
             return Ok(head);
         }
     }
     Ok(ChainHead::genesis())
 }
 
-/// The chain head in a rotated file, `None` when it holds no complete record. Read-only
-/// unless its tail is torn: ops may make rotated files read-only (`chmod 0400`,
-/// `chattr +i`), and that must not stop start-up when there is nothing to repair.
-fn last_of_rotated(path: &Path) -> Result<Option<ChainHead>, AuditError> {
+/// The chain head in the rotated file `path` (named for seq `named`), `None` when it
+/// holds no complete record. Read-only unless its tail is torn: ops may make rotated
+/// files read-only (`chmod 0400`, `chattr +i`), and that must not stop start-up when
+/// there is nothing to repair.
+fn last_of_rotated(
+    live: &Path,
+    named: u64,
+    path: &Path,
+) -> Result<Option<ChainHead>, AuditError> {
     let io_err = |op| {
         move |source| AuditError::Io {
             op,
@@ -221,7 +226,56 @@ fn last_of_rotated(path: &Path) -> Result<Option<ChainHead>, AuditError> {
         std::fs::remove_file(path).map_err(io_err("remove"))?;
         return Ok(None);
     }
-    head_from_line(&file, end, path).map(Some)
+    let head = head_from_line(&file, end, path)?;
+    name_after_last_record(live, path, named, head.next_seq.saturating_sub(1))?;
+    Ok(Some(head))
+}
+
+/// A rotated file is named for its last record, and `audit verify` checks that. Cutting
+/// a torn tail removed that record, so the file is renamed for the last record kept:
+/// otherwise verify would report records missing at its end for ever, although the
+/// live file continues right after it. An existing file of that name is never replaced.
+fn name_after_last_record(
+    live: &Path,
+    path: &Path,
+    named: u64,
+    last: u64,
+) -> Result<(), AuditError> {
+    // A name below its last record was not made by the writer: not ours to hide.
+    if last >= named {
+        return Ok(());
+    }
+    let target = rotated_path(live, last);
+    let io_err = |op| {
+        move |source| AuditError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    match target.symlink_metadata() {
+        Ok(_) => {
+            tracing::warn!(
+                path = %path.display(),
+                target = %target.display(),
+                records_lost = named - last,
+                "a rotated audit file lost its last records (torn tail cut), but the name for its last complete record is taken; keeping its name, so `audit verify` reports records missing at its end"
+            );
+            return Ok(());
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspect the new name of")(e)),
+    }
+    // The cut is already synced (`cut_torn_tail`); the directory makes the name durable.
+    std::fs::rename(path, &target).map_err(io_err("rename"))?;
+    sync_dir(&parent_dir(live)).map_err(io_err("sync the directory of"))?;
+    tracing::warn!(
+        path = %path.display(),
+        renamed_to = %target.display(),
+        records_lost = named - last,
+        "a rotated audit file lost its last records in a crash (torn tail cut); renamed for its last complete record"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -294,28 +348,54 @@ mod tests {
     }
 
     /// `fsync: never` does not sync a file before rotating it: after a crash the newest
-    /// rotated file may end torn. Its tail is cut and the chain continues before it; a
-    /// rotated file that holds only a torn line is removed and passed over.
+    /// rotated files may end torn, each named (as the writer names them) for the seq of
+    /// its torn last record. A tail is cut, the file renamed for its last complete record
+    /// and the chain continues after it; a rotated file that holds only a torn line is
+    /// removed and passed over.
     #[test]
     fn a_torn_newest_rotated_file_is_cut_and_continued_from() {
         let dir = tempfile::tempdir().expect("tempdir");
         let live = dir.path().join("audit.jsonl");
         let (l6, _) = sealed(6, "a");
         let (l7, h7) = sealed(7, "b");
-        let older = dir.path().join("audit.jsonl.00000000000000000007");
+        let older = dir.path().join("audit.jsonl.00000000000000000008");
         let newest = dir.path().join("audit.jsonl.00000000000000000009");
         std::fs::write(&older, format!("{l6}{l7}{{\"seq\":8,\"ts")).expect("w");
         std::fs::write(&newest, "{\"seq\":9,").expect("w");
         let head = recover(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
+        let renamed = dir.path().join("audit.jsonl.00000000000000000007");
         assert_eq!(
-            std::fs::read_to_string(&older).expect("read"),
+            std::fs::read_to_string(&renamed).expect("renamed for seq 7"),
             format!("{l6}{l7}")
         );
+        assert!(!older.exists(), "renamed, not copied");
         assert!(
             !newest.exists(),
             "a file that never held a record is removed"
+        );
+        assert!(REPAIR_OPENS.with(Cell::get) > 0, "the count sees repairs");
+    }
+
+    /// The name for the last complete record may be taken (by hand): it is not replaced,
+    /// and the cut file keeps its name.
+    #[test]
+    fn a_cut_rotated_file_keeps_its_name_when_the_new_one_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l7, h7) = sealed(7, "b");
+        let cut = dir.path().join("audit.jsonl.00000000000000000008");
+        let taken = dir.path().join("audit.jsonl.00000000000000000007");
+        std::fs::write(&cut, format!("{l7}{{\"seq\":8,\"ts")).expect("w");
+        std::fs::write(&taken, "someone else's\n").expect("w");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        assert_eq!(std::fs::read_to_string(&cut).expect("kept"), l7);
+        assert_eq!(
+            std::fs::read_to_string(&taken).expect("untouched"),
+            "someone else's\n"
         );
     }
 

@@ -533,23 +533,56 @@ async fn inline_appends_outstanding_at_close_are_written_by_it() {
     assert_eq!(intact(dir.path(), None), 2);
 }
 
+/// Appends until a rotation leaves the live file empty, closes; returns the last seq.
+async fn append_until_rotated(log: &AuditLog, path: &Path) -> u64 {
+    let mut n = 0;
+    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) > 0 || n == 0 {
+        n += 1;
+        log.append(event(n)).await.expect("append");
+    }
+    log.close().await.expect("close");
+    n as u64
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_live_file_after_rotation_continues_from_rotated_sibling() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
-    let mut n = 0;
-    while std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 0 || n == 0 {
-        n += 1;
-        log.append(event(n)).await.expect("append");
-    }
-    log.close().await.expect("close");
+    let n = append_until_rotated(&log, &path).await;
     assert_eq!(std::fs::metadata(&path).expect("live").len(), 0);
     std::fs::remove_file(&path).expect("remove live"); // also a missing live file works
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
-    assert_eq!(log.append(event(0)).await.expect("append"), n as u64 + 1);
+    assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
     log.close().await.expect("close");
-    assert_eq!(intact(dir.path(), None), n as u64 + 1);
+    assert_eq!(intact(dir.path(), None), n + 1);
+}
+
+/// `fsync: never` rotates without syncing: a crash can leave the newest rotated file
+/// with its last record torn. Start-up cuts it and renames the file for its last
+/// complete record, so that the set verifies once the chain continues from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_torn_newest_rotated_file_is_renamed_and_the_set_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    let n = append_until_rotated(&log, &path).await;
+    let newest = segment::rotated_path(&path, n);
+    // The crash: only part of record n reached the disk.
+    let len = std::fs::metadata(&newest).expect("newest rotated file").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .expect("open");
+    file.set_len(len - 10).expect("tear");
+    drop(file);
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("reopen");
+    assert_eq!(log.append(event(0)).await.expect("append"), n, "record n was lost");
+    log.close().await.expect("close");
+    assert!(!newest.exists(), "still named for the lost record");
+    assert!(segment::rotated_path(&path, n - 1).exists());
+    assert_eq!(intact(dir.path(), None), n);
 }
 
 #[tokio::test(flavor = "multi_thread")]
