@@ -1,20 +1,23 @@
 //! Start-up recovery of the chain (DESIGN.md §3, "Restarts"): cut a torn last line of the
 //! live file (a crash mid-write) with a warning, then find the last complete record —
-//! in the live file, or in the newest rotated sibling when the live file is empty or
-//! missing — so that `seq` and `prev` continue from it.
+//! in the live file, or, when the live file is empty or missing, in the newest rotated
+//! sibling or the head saved at the last rotation (see `saved_head`) — so that `seq`
+//! and `prev` continue from it.
 //!
 //! Recovery only reads the tail of files; it never loads a whole file.
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::chain::{self, GENESIS};
+use super::record::format_ts;
+use super::saved_head::{self, SavedHead};
 use super::segment::{parent_dir, rotated_path, rotated_siblings, sync_dir};
 use super::writer::AuditError;
 
@@ -65,7 +68,7 @@ pub(crate) fn recover(live: &Path) -> Result<ChainHead, AuditError> {
         let file = File::open(live).map_err(io_err("read"))?;
         return head_from_line(&file, kept, live);
     }
-    from_rotated(live)
+    beyond_live_file(live)
 }
 
 /// The contract wants mode 0600; a file created by hand (or by an older version) with a
@@ -159,14 +162,18 @@ fn parse_head(line: &[u8]) -> Result<ChainHead, &'static str> {
     Ok(ChainHead {
         next_seq,
         prev: hash.to_string(),
-        // Kept in UTC, the writer's clock floor; a valid RFC 3339 time that UTC cannot
-        // represent (9999-12-31T23:59:59-01:00) is ignored rather than left to panic in
-        // `format_ts`.
-        last_ts: OffsetDateTime::parse(&tail.ts, &Rfc3339)
-            .ok()
-            .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)),
+        last_ts: parse_ts(&tail.ts),
         last_body: Some(body),
     })
+}
+
+/// A record's `ts`, kept in UTC as the writer's clock floor; a valid RFC 3339 time that
+/// UTC cannot represent (9999-12-31T23:59:59-01:00) is ignored rather than left to panic
+/// in `format_ts`.
+fn parse_ts(ts: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(ts, &Rfc3339)
+        .ok()
+        .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC))
 }
 
 fn corrupt(path: &Path, why: &str) -> AuditError {
@@ -176,31 +183,96 @@ fn corrupt(path: &Path, why: &str) -> AuditError {
     }
 }
 
-/// The live file is empty or missing: continue from the newest rotated sibling that
-/// holds a complete record, or start a new chain when there is none.
-fn from_rotated(live: &Path) -> Result<ChainHead, AuditError> {
+/// The live file holds no record: the chain continues after the newest rotated file's
+/// last record or after the head saved at the last rotation, whichever is later. The
+/// saved head is what is left when the newest rotated files were moved off the host; it
+/// never wins over a record actually in a file. With neither, this is a new log.
+fn beyond_live_file(live: &Path) -> Result<ChainHead, AuditError> {
     let siblings = rotated_siblings(live).map_err(|source| AuditError::Io {
         op: "list the directory of",
         path: live.to_path_buf(),
         source,
     })?;
+    // The newest rotated file is named for its last record when it was rotated, the one
+    // the saved head holds. A crash may have torn that record since (`fsync: never`):
+    // then the cut files are still the truth and the chain continues before the lost
+    // record, as for the live file; the saved head is for records whose file is gone.
+    let newest_name = siblings.first().map(|(seq, _)| *seq).unwrap_or(0);
+    let in_files = from_rotated(live, siblings)?;
+    let saved = saved_head::load(live).map(head_from_saved);
+    match (in_files, saved) {
+        (Some(files), Some(saved)) if saved.next_seq - 1 > newest_name.max(files.next_seq - 1) => {
+            Ok(continue_from_saved(live, saved, Some(files.next_seq - 1)))
+        }
+        (None, Some(saved)) => Ok(continue_from_saved(live, saved, None)),
+        (Some(files), saved) => {
+            if saved.is_none_or(|saved| saved.next_seq != files.next_seq) {
+                resave(live, &files);
+            }
+            Ok(files)
+        }
+        (None, None) => Ok(ChainHead::genesis()),
+    }
+}
+
+/// Operators learn that the files on the host no longer hold the chain's last record.
+fn continue_from_saved(live: &Path, saved: ChainHead, newest_in_files: Option<u64>) -> ChainHead {
+    tracing::warn!(
+        path = %saved_head::head_path(live).display(),
+        seq = saved.next_seq - 1,
+        newest_seq_in_files = newest_in_files,
+        "no audit file holds the chain's last record (rotated files moved away?); continuing after it from the head saved at the last rotation"
+    );
+    saved
+}
+
+/// Where a saved head continues the chain. Its record is not at hand, so the key check
+/// at open (`continues_under`) has nothing to check.
+fn head_from_saved(saved: SavedHead) -> ChainHead {
+    ChainHead {
+        // `saved_head::load` refuses seq u64::MAX.
+        next_seq: saved.seq.saturating_add(1),
+        last_ts: parse_ts(&saved.ts),
+        prev: saved.hash,
+        last_body: None,
+    }
+}
+
+/// Saves the head found in a rotated file when the saved one is missing, damaged or
+/// older (written by a version without it, or restored from a backup), so that it is
+/// there when the rotated files are moved away before the next rotation. Best effort:
+/// the chain is intact on disk either way.
+fn resave(live: &Path, head: &ChainHead) {
+    let saved = SavedHead {
+        seq: head.next_seq - 1,
+        ts: format_ts(head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH))
+            .as_str()
+            .to_owned(),
+        hash: head.prev.clone(),
+    };
+    if let Err(e) = saved_head::save(live, &saved) {
+        tracing::warn!(path = %saved_head::head_path(live).display(), error = %e, "cannot save the audit chain head; the chain continues, but if the rotated files are moved away before the next rotation, a restart starts a new chain");
+    }
+}
+
+/// The head in the newest of `siblings` (newest first) that holds a complete record.
+fn from_rotated(
+    live: &Path,
+    siblings: Vec<(u64, PathBuf)>,
+) -> Result<Option<ChainHead>, AuditError> {
     for (named, path) in siblings {
         if let Some(head) = last_of_rotated(live, named, &path)? {
-            return Ok(head);
+            return Ok(Some(head));
         }
     }
-    Ok(ChainHead::genesis())
+    Ok(None)
 }
 
 /// The chain head in the rotated file `path` (named for seq `named`), `None` when it
 /// holds no complete record. Read-only unless its tail is torn: ops may make rotated
 /// files read-only (`chmod 0400`, `chattr +i`), and that must not stop start-up when
 /// there is nothing to repair.
-fn last_of_rotated(
-    live: &Path,
-    named: u64,
-    path: &Path,
-) -> Result<Option<ChainHead>, AuditError> {
+fn last_of_rotated(live: &Path, named: u64, path: &Path) -> Result<Option<ChainHead>, AuditError> {
     let io_err = |op| {
         move |source| AuditError::Io {
             op,
@@ -376,6 +448,48 @@ mod tests {
             "a file that never held a record is removed"
         );
         assert!(REPAIR_OPENS.with(Cell::get) > 0, "the count sees repairs");
+    }
+
+    /// The newest rotated files were moved away (shipped), an older one is left: the
+    /// chain continues after the saved head, whose record is in no file at hand.
+    #[test]
+    fn the_saved_head_wins_over_files_named_for_earlier_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l7, _) = sealed(7, "b");
+        std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
+        let saved = SavedHead {
+            seq: 9,
+            ts: "2026-01-01T00:00:09.000Z".into(),
+            hash: "c".repeat(64),
+        };
+        saved_head::save(&live, &saved).expect("save");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 10);
+        assert_eq!(head.prev, saved.hash);
+        assert_eq!(head.last_ts, parse_ts(&saved.ts));
+        assert_eq!(head.last_body, None);
+    }
+
+    /// A saved head older than the files (restored from a backup, say) never wins over a
+    /// record in a file; it is replaced by the files' head.
+    #[test]
+    fn a_saved_head_older_than_the_files_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l7, h7) = sealed(7, "b");
+        std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
+        let stale = SavedHead {
+            seq: 5,
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            hash: "c".repeat(64),
+        };
+        saved_head::save(&live, &stale).expect("save");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        let saved = saved_head::load(&live).expect("saved again");
+        assert_eq!((saved.seq, saved.hash), (7, h7));
     }
 
     /// The name for the last complete record may be taken (by hand): it is not replaced,
