@@ -47,8 +47,39 @@ impl ChainHead {
     }
 }
 
+/// How far ahead of this host's clock the last record's `ts` may be and still be carried
+/// over: the writer keeps `ts` non-decreasing from it, which absorbs a restart on a clock
+/// slightly behind (NTP not yet synced). A `ts` further ahead came from a wrong clock (a
+/// bad boot clock) or an altered line, and carried over it would pin every later
+/// record's `ts` to it, across restarts.
+const MAX_TS_AHEAD: time::Duration = time::Duration::minutes(1);
+
 /// Repairs the live file's tail and returns where the chain continues.
 pub(crate) fn recover(live: &Path) -> Result<ChainHead, AuditError> {
+    let head = find_head(live)?;
+    Ok(without_future_ts(head, OffsetDateTime::now_utc(), live))
+}
+
+/// Drops the head's `ts` when it is more than [`MAX_TS_AHEAD`] ahead of `now`.
+fn without_future_ts(mut head: ChainHead, now: OffsetDateTime, live: &Path) -> ChainHead {
+    let too_far = |ts: &OffsetDateTime| {
+        now.checked_add(MAX_TS_AHEAD)
+            .is_some_and(|limit| *ts > limit)
+    };
+    if let Some(ts) = head.last_ts.filter(too_far) {
+        tracing::warn!(
+            path = %live.display(),
+            seq = head.next_seq - 1,
+            ts = format_ts(ts).as_str(),
+            "the last audit record's ts is more than a minute ahead of this host's clock (a wrong clock when it was written, or an altered record); later records are not held to it"
+        );
+        head.last_ts = None;
+    }
+    head
+}
+
+/// Repairs the live file's tail and finds the last record the chain continues from.
+fn find_head(live: &Path) -> Result<ChainHead, AuditError> {
     let io_err = |op: &'static str| {
         move |source: io::Error| AuditError::Io {
             op,
@@ -531,6 +562,27 @@ mod tests {
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         assert_eq!(REPAIR_OPENS.with(Cell::get), 0, "opened for writing");
+    }
+
+    /// The writer keeps `ts` non-decreasing from the recovered one: within a minute of the
+    /// clock that is kept, further ahead it would pin every later `ts`, so it is dropped.
+    #[test]
+    fn a_recovered_ts_far_ahead_of_the_clock_is_dropped() {
+        let now = OffsetDateTime::now_utc();
+        let head_at = |ts| ChainHead {
+            last_ts: Some(ts),
+            ..ChainHead::genesis()
+        };
+        let live = Path::new("audit.jsonl");
+        let near = now + time::Duration::seconds(30);
+        let far = now + time::Duration::minutes(2);
+        assert_eq!(
+            without_future_ts(head_at(near), now, live).last_ts,
+            Some(near)
+        );
+        assert_eq!(without_future_ts(head_at(far), now, live).last_ts, None);
+        let last = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
+        assert_eq!(without_future_ts(head_at(last), now, live).last_ts, None);
     }
 
     #[test]

@@ -213,6 +213,27 @@ async fn seq_continues_across_reopen_and_torn_tail_is_cut() {
     assert_eq!(intact(dir.path(), None), 5);
 }
 
+/// A last record with a far-future `ts` (a bad boot clock, an altered line) is not
+/// carried over: later records take the clock's time, not its.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_far_future_ts_is_not_carried_over_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let (line, _) = sealed(&format!(
+        r#"{{"seq":1,"ts":"2999-01-01T00:00:00.000Z","prev":"{GENESIS}"}}"#
+    ));
+    std::fs::write(&path, format!("{line}\n")).expect("write");
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let before = record::format_ts(record::now_ms());
+    assert_eq!(log.append(event(1)).await.expect("append"), 2);
+    let after = record::format_ts(record::now_ms());
+    log.close().await.expect("close");
+    let ts = member(&lines(&path)[1], "ts");
+    let ts = ts.as_str().expect("ts");
+    assert!(before.as_str() <= ts && ts <= after.as_str(), "{ts}");
+}
+
 /// Runs `tasks` concurrent appenders of `per_task` records each; returns all seqs.
 async fn hammer(log: &AuditLog, tasks: usize, per_task: usize) -> Vec<u64> {
     let mut handles = Vec::new();
