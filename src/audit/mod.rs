@@ -12,6 +12,7 @@
 
 mod chain;
 mod recover;
+mod saved_head;
 mod segment;
 mod source;
 

@@ -1,21 +1,24 @@
 //! Start-up recovery of the chain (DESIGN.md §3, "Restarts"): cut a torn last line of the
 //! live file (a crash mid-write) with a warning, then find the last complete record —
-//! in the live file, or in the newest rotated sibling when the live file is empty or
-//! missing — so that `seq` and `prev` continue from it.
+//! in the live file, or, when the live file is empty or missing, in the newest rotated
+//! sibling or the head saved at the last rotation (see `saved_head`) — so that `seq`
+//! and `prev` continue from it.
 //!
 //! Recovery only reads the tail of files; it never loads a whole file.
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::chain::{self, GENESIS};
-use super::segment::rotated_siblings;
+use super::record::format_ts;
+use super::saved_head::{self, SavedHead};
+use super::segment::{parent_dir, rotated_path, rotated_siblings, sync_dir};
 use super::writer::AuditError;
 
 /// A record longer than this is not one the writer produced.
@@ -44,8 +47,39 @@ impl ChainHead {
     }
 }
 
+/// How far ahead of this host's clock the last record's `ts` may be and still be carried
+/// over: the writer keeps `ts` non-decreasing from it, which absorbs a restart on a clock
+/// slightly behind (NTP not yet synced). A `ts` further ahead came from a wrong clock (a
+/// bad boot clock) or an altered line, and carried over it would pin every later
+/// record's `ts` to it, across restarts.
+const MAX_TS_AHEAD: time::Duration = time::Duration::minutes(1);
+
 /// Repairs the live file's tail and returns where the chain continues.
 pub(crate) fn recover(live: &Path) -> Result<ChainHead, AuditError> {
+    let head = find_head(live)?;
+    Ok(without_future_ts(head, OffsetDateTime::now_utc(), live))
+}
+
+/// Drops the head's `ts` when it is more than [`MAX_TS_AHEAD`] ahead of `now`.
+fn without_future_ts(mut head: ChainHead, now: OffsetDateTime, live: &Path) -> ChainHead {
+    let too_far = |ts: &OffsetDateTime| {
+        now.checked_add(MAX_TS_AHEAD)
+            .is_some_and(|limit| *ts > limit)
+    };
+    if let Some(ts) = head.last_ts.filter(too_far) {
+        tracing::warn!(
+            path = %live.display(),
+            seq = head.next_seq - 1,
+            ts = format_ts(ts).as_str(),
+            "the last audit record's ts is more than a minute ahead of this host's clock (a wrong clock when it was written, or an altered record); later records are not held to it"
+        );
+        head.last_ts = None;
+    }
+    head
+}
+
+/// Repairs the live file's tail and finds the last record the chain continues from.
+fn find_head(live: &Path) -> Result<ChainHead, AuditError> {
     let io_err = |op: &'static str| {
         move |source: io::Error| AuditError::Io {
             op,
@@ -65,7 +99,7 @@ pub(crate) fn recover(live: &Path) -> Result<ChainHead, AuditError> {
         let file = File::open(live).map_err(io_err("read"))?;
         return head_from_line(&file, kept, live);
     }
-    from_rotated(live)
+    beyond_live_file(live)
 }
 
 /// The contract wants mode 0600; a file created by hand (or by an older version) with a
@@ -159,14 +193,18 @@ fn parse_head(line: &[u8]) -> Result<ChainHead, &'static str> {
     Ok(ChainHead {
         next_seq,
         prev: hash.to_string(),
-        // Kept in UTC, the writer's clock floor; a valid RFC 3339 time that UTC cannot
-        // represent (9999-12-31T23:59:59-01:00) is ignored rather than left to panic in
-        // `format_ts`.
-        last_ts: OffsetDateTime::parse(&tail.ts, &Rfc3339)
-            .ok()
-            .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)),
+        last_ts: parse_ts(&tail.ts),
         last_body: Some(body),
     })
+}
+
+/// A record's `ts`, kept in UTC as the writer's clock floor; a valid RFC 3339 time that
+/// UTC cannot represent (9999-12-31T23:59:59-01:00) is ignored rather than left to panic
+/// in `format_ts`.
+fn parse_ts(ts: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(ts, &Rfc3339)
+        .ok()
+        .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC))
 }
 
 fn corrupt(path: &Path, why: &str) -> AuditError {
@@ -176,45 +214,191 @@ fn corrupt(path: &Path, why: &str) -> AuditError {
     }
 }
 
-/// The live file is empty or missing: continue from the newest rotated sibling that
-/// holds a complete record, or start a new chain when there is none.
-fn from_rotated(live: &Path) -> Result<ChainHead, AuditError> {
+/// The live file holds no record: the chain continues after the newest rotated file's
+/// last record or after the head saved at the last rotation, whichever is later. The
+/// saved head is what is left when the newest rotated files were moved off the host; it
+/// never wins over a record actually in a file. With neither, this is a new log.
+fn beyond_live_file(live: &Path) -> Result<ChainHead, AuditError> {
     let siblings = rotated_siblings(live).map_err(|source| AuditError::Io {
         op: "list the directory of",
         path: live.to_path_buf(),
         source,
     })?;
-    for (_, path) in siblings {
-        let io_err = |source| AuditError::Io {
-            op: "repair",
-            path: path.clone(),
-            source,
-        };
-        // With `fsync: never` a file is not synced before it is rotated, so a crash can
-        // leave the newest rotated file with a torn tail: it is cut like the live file's,
-        // or `audit verify` would find a torn line in the middle of the set.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
-        let end = cut_torn_tail(&file, &path).map_err(io_err)?;
-        if end == 0 {
-            if len > 0 {
-                // It never held a record; left empty, its name could block a rotation.
-                std::fs::remove_file(&path).map_err(io_err)?;
-            }
-            continue;
+    // The newest rotated file is named for its last record when it was rotated, the one
+    // the saved head holds. A crash may have torn that record since (`fsync: never`):
+    // then the cut files are still the truth and the chain continues before the lost
+    // record, as for the live file; the saved head is for records whose file is gone.
+    let newest_name = siblings.first().map(|(seq, _)| *seq).unwrap_or(0);
+    let in_files = from_rotated(live, siblings)?;
+    let saved = saved_head::load(live).map(head_from_saved);
+    match (in_files, saved) {
+        (Some(files), Some(saved)) if saved.next_seq - 1 > newest_name.max(files.next_seq - 1) => {
+            Ok(continue_from_saved(live, saved, Some(files.next_seq - 1)))
         }
-        return head_from_line(&file, end, &path);
+        (None, Some(saved)) => Ok(continue_from_saved(live, saved, None)),
+        (Some(files), saved) => {
+            if saved.is_none_or(|saved| saved.next_seq != files.next_seq) {
+                resave(live, &files);
+            }
+            Ok(files)
+        }
+        (None, None) => Ok(ChainHead::genesis()),
     }
-    Ok(ChainHead::genesis())
+}
+
+/// Operators learn that the files on the host no longer hold the chain's last record.
+fn continue_from_saved(live: &Path, saved: ChainHead, newest_in_files: Option<u64>) -> ChainHead {
+    tracing::warn!(
+        path = %saved_head::head_path(live).display(),
+        seq = saved.next_seq - 1,
+        newest_seq_in_files = newest_in_files,
+        "no audit file holds the chain's last record (rotated files moved away?); continuing after it from the head saved at the last rotation"
+    );
+    saved
+}
+
+/// Where a saved head continues the chain. Its record is not at hand, so the key check
+/// at open (`continues_under`) has nothing to check.
+fn head_from_saved(saved: SavedHead) -> ChainHead {
+    ChainHead {
+        // `saved_head::load` refuses seq u64::MAX.
+        next_seq: saved.seq.saturating_add(1),
+        last_ts: parse_ts(&saved.ts),
+        prev: saved.hash,
+        last_body: None,
+    }
+}
+
+/// Saves the head found in a rotated file when the saved one is missing, damaged or
+/// older (written by a version without it, or restored from a backup), so that it is
+/// there when the rotated files are moved away before the next rotation. Best effort:
+/// the chain is intact on disk either way.
+fn resave(live: &Path, head: &ChainHead) {
+    let saved = SavedHead {
+        seq: head.next_seq - 1,
+        ts: format_ts(head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH))
+            .as_str()
+            .to_owned(),
+        hash: head.prev.clone(),
+    };
+    if let Err(e) = saved_head::save(live, &saved) {
+        tracing::warn!(path = %saved_head::head_path(live).display(), error = %e, "cannot save the audit chain head; the chain continues, but if the rotated files are moved away before the next rotation, a restart starts a new chain");
+    }
+}
+
+/// The head in the newest of `siblings` (newest first) that holds a complete record.
+fn from_rotated(
+    live: &Path,
+    siblings: Vec<(u64, PathBuf)>,
+) -> Result<Option<ChainHead>, AuditError> {
+    for (named, path) in siblings {
+        if let Some(head) = last_of_rotated(live, named, &path)? {
+            return Ok(Some(head));
+        }
+    }
+    Ok(None)
+}
+
+/// The chain head in the rotated file `path` (named for seq `named`), `None` when it
+/// holds no complete record. Read-only unless its tail is torn: ops may make rotated
+/// files read-only (`chmod 0400`, `chattr +i`), and that must not stop start-up when
+/// there is nothing to repair.
+fn last_of_rotated(live: &Path, named: u64, path: &Path) -> Result<Option<ChainHead>, AuditError> {
+    let io_err = |op| {
+        move |source| AuditError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = File::open(path).map_err(io_err("read"))?;
+    let len = file.metadata().map_err(io_err("read"))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    if last_byte(&file, len).map_err(io_err("read"))? == b'\n' {
+        return head_from_line(&file, len, path).map(Some);
+    }
+    // With `fsync: never` a file is not synced before it is rotated, so a crash can
+    // leave the newest rotated file with a torn tail: it is cut like the live file's,
+    // or `audit verify` would find a torn line in the middle of the set.
+    let file = open_for_repair(path).map_err(io_err("repair"))?;
+    let end = cut_torn_tail(&file, path).map_err(io_err("repair"))?;
+    if end == 0 {
+        // It never held a record; left empty, its name could block a rotation.
+        std::fs::remove_file(path).map_err(io_err("remove"))?;
+        return Ok(None);
+    }
+    let head = head_from_line(&file, end, path)?;
+    name_after_last_record(live, path, named, head.next_seq.saturating_sub(1))?;
+    Ok(Some(head))
+}
+
+/// A rotated file is named for its last record, and `audit verify` checks that. Cutting
+/// a torn tail removed that record, so the file is renamed for the last record kept:
+/// otherwise verify would report records missing at its end for ever, although the
+/// live file continues right after it. An existing file of that name is never replaced.
+fn name_after_last_record(
+    live: &Path,
+    path: &Path,
+    named: u64,
+    last: u64,
+) -> Result<(), AuditError> {
+    // A name below its last record was not made by the writer: not ours to hide.
+    if last >= named {
+        return Ok(());
+    }
+    let target = rotated_path(live, last);
+    let io_err = |op| {
+        move |source| AuditError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    match target.symlink_metadata() {
+        Ok(_) => {
+            tracing::warn!(
+                path = %path.display(),
+                target = %target.display(),
+                records_lost = named - last,
+                "a rotated audit file lost its last records (torn tail cut), but the name for its last complete record is taken; keeping its name, so `audit verify` reports records missing at its end"
+            );
+            return Ok(());
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspect the new name of")(e)),
+    }
+    // The cut is already synced (`cut_torn_tail`); the directory makes the name durable.
+    std::fs::rename(path, &target).map_err(io_err("rename"))?;
+    sync_dir(&parent_dir(live)).map_err(io_err("sync the directory of"))?;
+    tracing::warn!(
+        path = %path.display(),
+        renamed_to = %target.display(),
+        records_lost = named - last,
+        "a rotated audit file lost its last records in a crash (torn tail cut); renamed for its last complete record"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Rotated files opened for writing by this thread: lets tests running as root (whom
+    /// mode bits do not stop) see that a file without a torn tail is only read.
+    static REPAIR_OPENS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Opens a rotated file for cutting its torn tail.
+fn open_for_repair(path: &Path) -> io::Result<File> {
+    #[cfg(test)]
+    REPAIR_OPENS.with(|n| n.set(n.get() + 1));
+    OpenOptions::new().read(true).write(true).open(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
     use std::io::Write;
 
     fn sealed(seq: u64, prev: &str) -> (String, String) {
@@ -267,29 +451,138 @@ mod tests {
     }
 
     /// `fsync: never` does not sync a file before rotating it: after a crash the newest
-    /// rotated file may end torn. Its tail is cut and the chain continues before it; a
-    /// rotated file that holds only a torn line is removed and passed over.
+    /// rotated files may end torn, each named (as the writer names them) for the seq of
+    /// its torn last record. A tail is cut, the file renamed for its last complete record
+    /// and the chain continues after it; a rotated file that holds only a torn line is
+    /// removed and passed over.
     #[test]
     fn a_torn_newest_rotated_file_is_cut_and_continued_from() {
         let dir = tempfile::tempdir().expect("tempdir");
         let live = dir.path().join("audit.jsonl");
         let (l6, _) = sealed(6, "a");
         let (l7, h7) = sealed(7, "b");
-        let older = dir.path().join("audit.jsonl.00000000000000000007");
+        let older = dir.path().join("audit.jsonl.00000000000000000008");
         let newest = dir.path().join("audit.jsonl.00000000000000000009");
         std::fs::write(&older, format!("{l6}{l7}{{\"seq\":8,\"ts")).expect("w");
         std::fs::write(&newest, "{\"seq\":9,").expect("w");
         let head = recover(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
+        let renamed = dir.path().join("audit.jsonl.00000000000000000007");
         assert_eq!(
-            std::fs::read_to_string(&older).expect("read"),
+            std::fs::read_to_string(&renamed).expect("renamed for seq 7"),
             format!("{l6}{l7}")
         );
+        assert!(!older.exists(), "renamed, not copied");
         assert!(
             !newest.exists(),
             "a file that never held a record is removed"
         );
+        assert!(REPAIR_OPENS.with(Cell::get) > 0, "the count sees repairs");
+    }
+
+    /// The newest rotated files were moved away (shipped), an older one is left: the
+    /// chain continues after the saved head, whose record is in no file at hand.
+    #[test]
+    fn the_saved_head_wins_over_files_named_for_earlier_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l7, _) = sealed(7, "b");
+        std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
+        let saved = SavedHead {
+            seq: 9,
+            ts: "2026-01-01T00:00:09.000Z".into(),
+            hash: "c".repeat(64),
+        };
+        saved_head::save(&live, &saved).expect("save");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 10);
+        assert_eq!(head.prev, saved.hash);
+        assert_eq!(head.last_ts, parse_ts(&saved.ts));
+        assert_eq!(head.last_body, None);
+    }
+
+    /// A saved head older than the files (restored from a backup, say) never wins over a
+    /// record in a file; it is replaced by the files' head.
+    #[test]
+    fn a_saved_head_older_than_the_files_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l7, h7) = sealed(7, "b");
+        std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
+        let stale = SavedHead {
+            seq: 5,
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            hash: "c".repeat(64),
+        };
+        saved_head::save(&live, &stale).expect("save");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        let saved = saved_head::load(&live).expect("saved again");
+        assert_eq!((saved.seq, saved.hash), (7, h7));
+    }
+
+    /// The name for the last complete record may be taken (by hand): it is not replaced,
+    /// and the cut file keeps its name.
+    #[test]
+    fn a_cut_rotated_file_keeps_its_name_when_the_new_one_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l7, h7) = sealed(7, "b");
+        let cut = dir.path().join("audit.jsonl.00000000000000000008");
+        let taken = dir.path().join("audit.jsonl.00000000000000000007");
+        std::fs::write(&cut, format!("{l7}{{\"seq\":8,\"ts")).expect("w");
+        std::fs::write(&taken, "someone else's\n").expect("w");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        assert_eq!(std::fs::read_to_string(&cut).expect("kept"), l7);
+        assert_eq!(
+            std::fs::read_to_string(&taken).expect("untouched"),
+            "someone else's\n"
+        );
+    }
+
+    /// Ops may make rotated files read-only (`chmod 0400`, `chattr +i`): with an empty
+    /// live file, start-up only reads the newest one when there is nothing to cut. Run
+    /// as a user, opening it for writing fails with EACCES; run as root (whom mode bits
+    /// do not stop), the count of write-opens shows it.
+    #[test]
+    fn a_read_only_rotated_file_is_continued_from_without_opening_it_for_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("audit.jsonl");
+        let (l6, _) = sealed(6, "a");
+        let (l7, h7) = sealed(7, "b");
+        let rotated = dir.path().join("audit.jsonl.00000000000000000007");
+        std::fs::write(&rotated, format!("{l6}{l7}")).expect("w");
+        std::fs::set_permissions(&rotated, Permissions::from_mode(0o400)).expect("chmod");
+        std::fs::write(&live, "").expect("w");
+        let head = recover(&live).expect("recover");
+        assert_eq!(head.next_seq, 8);
+        assert_eq!(head.prev, h7);
+        assert_eq!(REPAIR_OPENS.with(Cell::get), 0, "opened for writing");
+    }
+
+    /// The writer keeps `ts` non-decreasing from the recovered one: within a minute of the
+    /// clock that is kept, further ahead it would pin every later `ts`, so it is dropped.
+    #[test]
+    fn a_recovered_ts_far_ahead_of_the_clock_is_dropped() {
+        let now = OffsetDateTime::now_utc();
+        let head_at = |ts| ChainHead {
+            last_ts: Some(ts),
+            ..ChainHead::genesis()
+        };
+        let live = Path::new("audit.jsonl");
+        let near = now + time::Duration::seconds(30);
+        let far = now + time::Duration::minutes(2);
+        assert_eq!(
+            without_future_ts(head_at(near), now, live).last_ts,
+            Some(near)
+        );
+        assert_eq!(without_future_ts(head_at(far), now, live).last_ts, None);
+        let last = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
+        assert_eq!(without_future_ts(head_at(last), now, live).last_ts, None);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use tokio::sync::{oneshot, watch};
 use super::chain::{self, ChainHasher, HexDigest};
 use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
+use super::saved_head::{self, SavedHead};
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 
@@ -262,7 +263,8 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// Opens (creating with mode 0600, creating parent dirs is NOT done: a missing dir is
     /// an error), recovers the chain (continues seq/prev from the last complete record,
-    /// also from the newest rotated sibling when the live file is empty or missing), cuts
+    /// also from the newest rotated sibling or the head saved at the last rotation when
+    /// the live file is empty or missing), cuts
     /// a torn last line with a `tracing::warn!`, and starts the writer thread (`fsync:
     /// always`) or the probe thread (`fsync: never`).
     /// Callable from inside or outside a tokio runtime (it never blocks on async work).
@@ -922,6 +924,11 @@ impl Writer {
                 file.sync()?;
             }
         }
+        // Before the rename, whatever `fsync` says: once the records have left the live
+        // file they may be shipped off the host, and then only the saved head continues
+        // the chain at the next start. If it cannot be saved, the file is not rotated
+        // (retried after the next write).
+        self.save_head(last_seq)?;
         std::fs::rename(&self.path, &target)?;
         // From here on the records are in `target`; the next ones go to a fresh file.
         self.file = None;
@@ -932,6 +939,22 @@ impl Writer {
         }
         tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
         self.ensure_open()
+    }
+
+    /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`).
+    fn save_head(&self, last_seq: u64) -> io::Result<()> {
+        let head = SavedHead {
+            seq: last_seq,
+            ts: record::format_ts(self.last_ts).as_str().to_owned(),
+            hash: self.prev.as_str().to_owned(),
+        };
+        saved_head::save(&self.path, &head).map_err(|e| {
+            let path = saved_head::head_path(&self.path);
+            io::Error::new(
+                e.kind(),
+                format!("cannot save the chain head to {}: {e}", path.display()),
+            )
+        })
     }
 
     /// The final flush on close: fsync the file and its directory.

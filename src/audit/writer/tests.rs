@@ -213,6 +213,27 @@ async fn seq_continues_across_reopen_and_torn_tail_is_cut() {
     assert_eq!(intact(dir.path(), None), 5);
 }
 
+/// A last record with a far-future `ts` (a bad boot clock, an altered line) is not
+/// carried over: later records take the clock's time, not its.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_far_future_ts_is_not_carried_over_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let (line, _) = sealed(&format!(
+        r#"{{"seq":1,"ts":"2999-01-01T00:00:00.000Z","prev":"{GENESIS}"}}"#
+    ));
+    std::fs::write(&path, format!("{line}\n")).expect("write");
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
+    let before = record::format_ts(record::now_ms());
+    assert_eq!(log.append(event(1)).await.expect("append"), 2);
+    let after = record::format_ts(record::now_ms());
+    log.close().await.expect("close");
+    let ts = member(&lines(&path)[1], "ts");
+    let ts = ts.as_str().expect("ts");
+    assert!(before.as_str() <= ts && ts <= after.as_str(), "{ts}");
+}
+
 /// Runs `tasks` concurrent appenders of `per_task` records each; returns all seqs.
 async fn hammer(log: &AuditLog, tasks: usize, per_task: usize) -> Vec<u64> {
     let mut handles = Vec::new();
@@ -533,23 +554,129 @@ async fn inline_appends_outstanding_at_close_are_written_by_it() {
     assert_eq!(intact(dir.path(), None), 2);
 }
 
+/// Appends until a rotation (at 1024 bytes) leaves the live file empty, closes; returns
+/// the last seq.
+async fn append_until_rotated(log: &AuditLog, path: &Path) -> u64 {
+    let mut n = 0;
+    loop {
+        n += 1;
+        log.append(event(n)).await.expect("append");
+        if live_len_once_rotated(path).await == 0 {
+            break;
+        }
+        assert!(n < 100, "no rotation after {n} records");
+    }
+    log.close().await.expect("close");
+    n as u64
+}
+
+/// The live file's length once a rotation it is due for (at 1024 bytes) is done: with
+/// `fsync: always` the rotation runs after the acknowledgement, and a length read before
+/// it would send the next record into the file about to be rotated. 0 while the new
+/// file is not created yet.
+async fn live_len_once_rotated(path: &Path) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len < 1024 || std::time::Instant::now() > deadline {
+            return len;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_live_file_after_rotation_continues_from_rotated_sibling() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
-    let mut n = 0;
-    while std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 0 || n == 0 {
-        n += 1;
-        log.append(event(n)).await.expect("append");
-    }
-    log.close().await.expect("close");
+    let n = append_until_rotated(&log, &path).await;
     assert_eq!(std::fs::metadata(&path).expect("live").len(), 0);
     std::fs::remove_file(&path).expect("remove live"); // also a missing live file works
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
-    assert_eq!(log.append(event(0)).await.expect("append"), n as u64 + 1);
+    assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
     log.close().await.expect("close");
-    assert_eq!(intact(dir.path(), None), n as u64 + 1);
+    assert_eq!(intact(dir.path(), None), n + 1);
+}
+
+/// Log shippers move rotated files off the host. When that leaves no record on it (the
+/// live file is empty right after a rotation), the chain continues from the head saved
+/// at the rotation, not from seq 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chain_continues_from_the_saved_head_when_the_rotated_files_are_moved_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
+    let n = append_until_rotated(&log, &path).await;
+    let record_n = lines(&segment::rotated_path(&path, n))
+        .pop()
+        .expect("record n");
+    for file in rotated_files(dir.path()) {
+        let name = file.file_name().expect("name");
+        std::fs::rename(&file, archive.path().join(name)).expect("ship");
+    }
+
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
+    assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
+    log.close().await.expect("close");
+    let first = lines(&path).remove(0);
+    assert_eq!(member(&first, "prev"), member(&record_n, "hash"));
+    assert!(member(&first, "ts").as_str() >= member(&record_n, "ts").as_str());
+    match verify_paths(&[archive.path(), dir.path()], None) {
+        Verdict::Intact { records, .. } => assert_eq!(records, n + 1),
+        other => panic!("chain not intact: {other:?}"),
+    }
+}
+
+/// A damaged saved head does not stop start-up while the rotated files give the head;
+/// it is saved again from them, for when they are moved away.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_saved_head_is_replaced_from_the_rotated_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
+    let n = append_until_rotated(&log, &path).await;
+    std::fs::write(saved_head::head_path(&path), "{\"seq\":").expect("damage");
+
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
+    assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), n + 1);
+    assert_eq!(saved_head::load(&path).map(|head| head.seq), Some(n));
+}
+
+/// `fsync: never` rotates without syncing: a crash can leave the newest rotated file
+/// with its last record torn. Start-up cuts it and renames the file for its last
+/// complete record, so that the set verifies once the chain continues from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_torn_newest_rotated_file_is_renamed_and_the_set_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    let n = append_until_rotated(&log, &path).await;
+    let newest = segment::rotated_path(&path, n);
+    // The crash: only part of record n reached the disk.
+    let len = std::fs::metadata(&newest)
+        .expect("newest rotated file")
+        .len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .expect("open");
+    file.set_len(len - 10).expect("tear");
+    drop(file);
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("reopen");
+    assert_eq!(
+        log.append(event(0)).await.expect("append"),
+        n,
+        "record n was lost"
+    );
+    log.close().await.expect("close");
+    assert!(!newest.exists(), "still named for the lost record");
+    assert!(segment::rotated_path(&path, n - 1).exists());
+    assert_eq!(intact(dir.path(), None), n);
 }
 
 #[tokio::test(flavor = "multi_thread")]
