@@ -7,8 +7,9 @@
 //! to the previous record's `hash`, and `seq` continuing by one. Per rotated file (named
 //! `<live name>.<20 digits>`): it holds records, and the last one has the seq in its
 //! name, which catches records cut from its end and renamed files. Files are read as a
-//! stream, ordered by the seq of their first record (see the `source` module for how
-//! directories are expanded).
+//! stream in chain order: rotated files by the seq in their name, others by the seq of
+//! their first record (see the `source` module for that and for how directories are
+//! expanded).
 //!
 //! Exit codes: 0 chain intact; 1 tampering or a broken chain (file, line and what broke
 //! go to stdout), also when a key was given and no record verifies with it (the key may
