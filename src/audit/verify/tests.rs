@@ -544,3 +544,25 @@ fn a_torn_live_tail_after_rotated_files_exits_3() {
         r.stdout
     );
 }
+
+/// A keyed log checked without its key, with a line deleted: every hash fails, as
+/// without the key they must, so the first line is not known to be altered; the deleted
+/// line is a real break, reported where it is, with the hint that the log may be keyed.
+#[test]
+fn a_keyed_log_without_its_key_reports_a_deleted_line_where_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 8, Some(b"k3y"), 1 << 20);
+    edit_lines(&live, |l| {
+        l.remove(4);
+    });
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("audit.jsonl:5: seq gap: expected seq 5, found 6; broken link"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("--hmac-key-env"), "{}", r.stdout);
+    assert!(!r.stdout.contains("audit.jsonl:1:"), "{}", r.stdout);
+}
