@@ -1,6 +1,6 @@
 //! Reading audit files for the operator tools (`audit verify`, `audit query`): expanding
-//! PATH arguments, ordering files by the seq of their first record, and streaming lines
-//! with a length cap so that an enormous line never has to fit in memory.
+//! PATH arguments, ordering files into chain order (see [`Position`]), and streaming
+//! lines with a length cap so that an enormous line never has to fit in memory.
 //!
 //! The gateway may rotate (rename) the live file while a tool runs, and retention may
 //! delete old rotated files. So a live file is opened once, while listing, and read
@@ -127,8 +127,8 @@ fn rotated_seq(path: &Path) -> Option<u64> {
         .and_then(segment::any_rotated_seq)
 }
 
-/// Expands files and directories into the audit files to read, ordered by the seq of
-/// their first record; files without a readable first record (empty, torn) go last.
+/// Expands files and directories into the audit files to read, in chain order (see
+/// [`Position`]).
 pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<AuditFile>, SourceError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
@@ -177,11 +177,46 @@ pub(crate) fn collect(paths: &[PathBuf]) -> Result<Vec<AuditFile>, SourceError> 
         if !seen.insert(identity) {
             continue;
         }
-        let key = first_seq(&file)?;
-        keyed.push((key.is_none(), key.unwrap_or(0), file));
+        keyed.push((Position::of(&file)?, file));
     }
-    keyed.sort_by(|a, b| (a.0, a.1, &a.2.path).cmp(&(b.0, b.1, &b.2.path)));
-    Ok(keyed.into_iter().map(|(_, _, f)| f).collect())
+    keyed.sort_by(|a, b| (&a.0, &a.1.path).cmp(&(&b.0, &b.1.path)));
+    Ok(keyed.into_iter().map(|(_, f)| f).collect())
+}
+
+/// Where a file goes in the chain; files sort by it (then by path).
+///
+/// A rotated file goes by the seq in its name (that of its last record), never by its
+/// content: content is what `audit verify` checks, and a broken first line must be
+/// reported in its place rather than move its file to the end, where the files after it
+/// would be blamed for a seq gap (and the live file, no longer last, could not have a
+/// torn tail). Any other file (the live file, or a log passed under another name) goes
+/// by the seq of its first record: after the rotated files named lower, before those
+/// named the same or higher; without a readable first record (empty, torn, broken) it
+/// goes after every file that has a seq, as the live file right after a crash does.
+/// Directories and file arguments are ordered alike: a rotated file keeps its name.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Position {
+    /// `rotated` sorts a rotated file after another file starting at its name's seq.
+    Seq {
+        seq: u64,
+        rotated: bool,
+    },
+    Unknown,
+}
+
+impl Position {
+    fn of(file: &AuditFile) -> Result<Self, SourceError> {
+        if let Some(seq) = file.name_seq {
+            return Ok(Position::Seq { seq, rotated: true });
+        }
+        Ok(match first_seq(file)? {
+            Some(seq) => Position::Seq {
+                seq,
+                rotated: false,
+            },
+            None => Position::Unknown,
+        })
+    }
 }
 
 fn files_in(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
@@ -348,11 +383,13 @@ mod tests {
     }
 
     #[test]
-    fn directories_expand_to_jsonl_files_ordered_by_first_seq() {
+    fn directories_expand_to_jsonl_files_in_chain_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         std::fs::write(d.join("audit.jsonl"), "{\"seq\":5}\n").expect("w");
-        std::fs::write(d.join("audit.jsonl.00000000000000000004"), "{\"seq\":1}\n").expect("w");
+        std::fs::write(d.join("audit.jsonl.00000000000000000004"), "{\"seq\":3}\n").expect("w");
+        // Unreadable, yet in its place by its name: verify reports it there.
+        std::fs::write(d.join("audit.jsonl.00000000000000000002"), "x\n").expect("w");
         std::fs::write(d.join("notes.txt"), "x").expect("w");
         std::fs::write(d.join(".hidden.jsonl"), "x").expect("w");
         let got = collect(&[d.to_path_buf()]).expect("collect");
@@ -365,9 +402,16 @@ mod tests {
                     .map(String::from)
             })
             .collect();
-        assert_eq!(names, ["audit.jsonl.00000000000000000004", "audit.jsonl"]);
+        assert_eq!(
+            names,
+            [
+                "audit.jsonl.00000000000000000002",
+                "audit.jsonl.00000000000000000004",
+                "audit.jsonl"
+            ]
+        );
         let twice = collect(&[d.to_path_buf(), d.join("audit.jsonl")]).expect("collect");
-        assert_eq!(twice.len(), 2, "a file named twice is read once");
+        assert_eq!(twice.len(), 3, "a file named twice is read once");
         let err = collect(&[d.join("missing")]).expect_err("missing");
         assert!(err.to_string().contains("missing"), "{err}");
     }

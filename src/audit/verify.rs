@@ -7,8 +7,9 @@
 //! to the previous record's `hash`, and `seq` continuing by one. Per rotated file (named
 //! `<live name>.<20 digits>`): it holds records, and the last one has the seq in its
 //! name, which catches records cut from its end and renamed files. Files are read as a
-//! stream, ordered by the seq of their first record (see the `source` module for how
-//! directories are expanded).
+//! stream in chain order: rotated files by the seq in their name, others by the seq of
+//! their first record (see the `source` module for that and for how directories are
+//! expanded).
 //!
 //! Exit codes: 0 chain intact; 1 tampering or a broken chain (file, line and what broke
 //! go to stdout), also when a key was given and no record verifies with it (the key may
@@ -384,8 +385,9 @@ struct Chain<'h> {
     first_seq: Option<u64>,
     last: Option<(u64, String)>,
     /// The first record's hash did not match. Tampering, or a key problem? The rest of
-    /// the set decides: one matching hash or one broken link makes it tampering; see
-    /// `unresolved_suspect` for when every hash fails while every link holds.
+    /// the set decides: one matching hash makes it tampering; a broken link is reported
+    /// where it is, with the hint; see `unresolved_suspect` for when every hash fails
+    /// while every link holds.
     suspect: Option<(Location, Vec<u8>, String)>,
 }
 
@@ -405,13 +407,19 @@ impl<'h> Chain<'h> {
         let hash_ok = self.hasher.digest_hex(&rec.body) == rec.claimed;
         let mut problems = self.link_problems(&rec);
         if let Some(suspect) = &self.suspect {
-            // One matching hash, or any broken link, shows that the hash mode is right:
-            // then the first record's mismatch is an alteration.
-            if hash_ok || !problems.is_empty() {
+            // One matching hash shows that the hash mode is right: then the first
+            // record's mismatch is an alteration.
+            if hash_ok {
                 return Some(Verdict::Broken {
                     at: suspect.0.clone(),
                     what: ALTERED.into(),
                 });
+            }
+            // A broken link is a break wherever the hashes stand, and it is here: every
+            // hash so far failed alike, as under a missing or wrong key, so the first
+            // record is not known to be altered.
+            if !problems.is_empty() {
+                problems.push(self.no_hash_matches_since(&suspect.0));
             }
         } else if !hash_ok {
             if self.records == 0 && problems.is_empty() {
@@ -456,6 +464,20 @@ impl<'h> Chain<'h> {
             }
         }
         problems
+    }
+
+    /// The hint for a broken link found while every hash, from the first record's on,
+    /// has failed: the hash mode may be what is wrong, or all of those records were
+    /// altered too.
+    fn no_hash_matches_since(&self, first: &Location) -> String {
+        let cause = if self.hasher.is_keyed() {
+            "this log is not keyed with the given key"
+        } else {
+            "this log is HMAC-keyed (pass --hmac-key-env NAME)"
+        };
+        format!(
+            "hash mismatch, as for every record from {first} on: either {cause}, or all of them were altered too"
+        )
     }
 
     /// What to say when no record verifies under the given key while every link holds.

@@ -301,7 +301,8 @@ fn empty_and_renamed_rotated_files_are_broken() {
     std::fs::write(&rotated[1], b"").expect("empty");
     assert_eq!(execute(&args(&[dir.path()], None)).code, 1);
 
-    // Two rotated files' names swapped: the order by first seq still chains.
+    // Two rotated files' names swapped: read in the order of their names, the first
+    // one's last record is not the seq its name says.
     let dir = tempfile::tempdir().expect("tempdir");
     let rotated = rotated_set_with_empty_live(dir.path());
     let swap = dir.path().join("swap");
@@ -465,4 +466,103 @@ fn cli_arguments_parse() {
         Cli::try_parse_from(["verify"]).is_err(),
         "a PATH is required"
     );
+}
+
+/// 25 records split as a rotating writer leaves them: `audit.jsonl.…10` (seqs 1–10),
+/// `audit.jsonl.…20` (11–20) and the live `audit.jsonl` (21–25). Returns the rotated
+/// files, oldest first, and the live file.
+fn split_into_rotated_set(dir: &Path) -> (Vec<PathBuf>, PathBuf) {
+    let live = write_log(dir, 25, None, 1 << 20);
+    let text = std::fs::read_to_string(&live).expect("read");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut rotated = Vec::new();
+    for (part, last) in [(&lines[..10], 10), (&lines[10..20], 20)] {
+        let path = crate::audit::segment::rotated_path(&live, last);
+        std::fs::write(&path, part.join("\n") + "\n").expect("write rotated");
+        rotated.push(path);
+    }
+    std::fs::write(&live, lines[20..].join("\n") + "\n").expect("write live");
+    (rotated, live)
+}
+
+/// A rotated file whose first line is broken is still read in its place (by the seq in
+/// its name): the report names that line, not the next file's first record as a seq
+/// gap; a torn tail of the live file after it changes nothing.
+#[test]
+fn a_rotated_file_with_a_broken_first_line_is_reported_in_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rotated, live) = split_into_rotated_set(dir.path());
+    edit_lines(&rotated[1], |l| {
+        l[0] = l[0].replacen("\"seq\":11,", "\"seq\":\"11\",", 1);
+    });
+    let name = rotated[1].file_name().expect("name").to_string_lossy();
+    let expected = format!("{name}:1: malformed record: member `seq`");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains(&expected), "{}", r.stdout);
+    // The same files given one by one, in any order.
+    let r = execute(&args(&[&live, &rotated[1], &rotated[0]], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains(&expected), "{}", r.stdout);
+
+    let mut bytes = std::fs::read(&live).expect("read");
+    bytes.extend_from_slice(br#"{"seq":26,"ts":"2026-01"#);
+    std::fs::write(&live, bytes).expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains(&expected), "{}", r.stdout);
+}
+
+/// Ordered by the seqs in the rotated files' names, the live file still comes last: its
+/// torn tail is a crash artefact (exit 3) when everything else is intact, also when the
+/// torn line is all it holds (a crash right after a rotation).
+#[test]
+fn a_torn_live_tail_after_rotated_files_exits_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rotated, live) = split_into_rotated_set(dir.path());
+    let torn = br#"{"seq":26,"ts":"2026-01"#;
+    let mut bytes = std::fs::read(&live).expect("read");
+    bytes.extend_from_slice(torn);
+    std::fs::write(&live, bytes).expect("write");
+    for paths in [vec![dir.path()], vec![&live, &rotated[1], &rotated[0]]] {
+        let r = execute(&args(&paths, None));
+        assert_eq!(r.code, 3, "{r:?}");
+        assert!(
+            r.stdout.contains("audit.jsonl:6: torn final line"),
+            "{}",
+            r.stdout
+        );
+    }
+
+    std::fs::write(&live, torn).expect("write");
+    std::fs::remove_file(&rotated[0]).expect("retention");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stdout.contains("audit.jsonl:1: torn final line"),
+        "{}",
+        r.stdout
+    );
+}
+
+/// A keyed log checked without its key, with a line deleted: every hash fails, as
+/// without the key they must, so the first line is not known to be altered; the deleted
+/// line is a real break, reported where it is, with the hint that the log may be keyed.
+#[test]
+fn a_keyed_log_without_its_key_reports_a_deleted_line_where_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 8, Some(b"k3y"), 1 << 20);
+    edit_lines(&live, |l| {
+        l.remove(4);
+    });
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("audit.jsonl:5: seq gap: expected seq 5, found 6; broken link"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("--hmac-key-env"), "{}", r.stdout);
+    assert!(!r.stdout.contains("audit.jsonl:1:"), "{}", r.stdout);
 }

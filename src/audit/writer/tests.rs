@@ -751,18 +751,57 @@ async fn close_is_idempotent_and_later_appends_fail() {
     assert_eq!(lines(&path).len(), 1);
 }
 
+/// What dropping the last handle without [`AuditLog::close`] guarantees (DESIGN makes
+/// `close` the shutdown path: it alone waits for the final fsync). A record acknowledged
+/// before the drop is already written (and, with `fsync: always`, fsynced), so the drop
+/// can only lose records handed over but not yet acknowledged, whose futures were dropped
+/// unawaited; it loses none of them:
+/// - `fsync: never`: a record is written at the latest when its future is dropped, and
+///   futures borrow a handle, so all are in the file (not fsynced) before the last
+///   handle can go.
+/// - `fsync: always`: dropping the last handle closes the writer's queue; the writer
+///   thread writes and fsyncs what is queued, then lets go of the log's lock. The drop
+///   does not wait for that, so the test waits for the lock.
+///
+/// Also: opening and handing records over need no tokio runtime.
 #[test]
-fn open_works_outside_a_runtime_and_drop_flushes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("audit.jsonl");
-    let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    assert_eq!(rt.block_on(log.append(event(0))).expect("append"), 1);
-    assert!(format!("{log:?}").contains("audit.jsonl"));
-    drop(log);
-    assert_eq!(lines(&path).len(), 1);
+fn dropping_the_log_unclosed_loses_no_record_whose_future_was_dropped() {
+    for fsync in [Fsync::Never, Fsync::Always] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("open");
+        assert!(format!("{log:?}").contains("audit.jsonl"));
+        // Handed over and dropped unpolled.
+        drop(log.submit(event(0)).expect("submit"));
+        // Polled once (parked in its yield, or waiting for the writer), then dropped.
+        let mut append = Box::pin(log.append(event(1)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = append.as_mut().poll(&mut cx);
+        drop(append);
+        drop(log);
+        wait_until_unlocked(&path);
+        assert_eq!(lines(&path).len(), 2, "{fsync:?}");
+        assert_eq!(intact(dir.path(), None), 2, "{fsync:?}");
+    }
+}
+
+/// Waits (a bounded time) until no writer holds the log at `path`.
+fn wait_until_unlocked(path: &Path) {
+    let lock = path.with_file_name(".audit.jsonl.lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lock)
+        .expect("lock file");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return,
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the dropped log still holds {}: {e}", lock.display()),
+        }
+    }
 }
 
 #[test]
