@@ -15,6 +15,9 @@
 //! other processes is measured again, default 2), `E2E_ROTATE_BYTES` (audit `rotate_bytes`,
 //! default 104857600 as shipped), `E2E_BIN` (skip the build, use this binary).
 //!
+//! It runs only with `--bench` (as `cargo bench` passes it): under `cargo test
+//! --all-targets` it says so and succeeds at once. Run a built copy as `e2e-… --bench`.
+//!
 //! Safety: every child process is registered and killed when its guard drops, at the end of
 //! `main`, and from the panic hook (the bench profile inherits `panic = "abort"`, so drops do
 //! not run on a panic). All traffic goes to 127.0.0.1; every loop is bounded by a count and
@@ -1723,6 +1726,13 @@ fn run(pinned: bool) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target too,
+    // without it, and a benchmark of a quarter of an hour is no test. The pinned re-exec
+    // of itself carries the environment variable instead.
+    if !std::env::args().any(|arg| arg == "--bench") && std::env::var_os(PINNED_ENV).is_none() {
+        eprintln!("benches/e2e: not run by `cargo bench --bench e2e` (or with `--bench`): skipped");
+        return ExitCode::SUCCESS;
+    }
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         kill_registered();
