@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::chain::{self, GENESIS};
 use super::record::format_ts;
-use super::saved_head::{self, SavedHead};
+use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{parent_dir, rotated_path, rotated_siblings, sync_dir};
 use super::writer::AuditError;
 
@@ -281,7 +281,7 @@ fn resave(live: &Path, head: &ChainHead) {
             .to_owned(),
         hash: head.prev.clone(),
     };
-    if let Err(e) = saved_head::save(live, &saved) {
+    if let Err(e) = saved_head::save(live, &saved, Durability::Synced) {
         tracing::warn!(path = %saved_head::head_path(live).display(), error = %e, "cannot save the audit chain head; the chain continues, but if the rotated files are moved away before the next rotation, a restart starts a new chain");
     }
 }
@@ -494,7 +494,7 @@ mod tests {
             ts: "2026-01-01T00:00:09.000Z".into(),
             hash: "c".repeat(64),
         };
-        saved_head::save(&live, &saved).expect("save");
+        saved_head::save(&live, &saved, Durability::Synced).expect("save");
         let head = recover(&live).expect("recover");
         assert_eq!(head.next_seq, 10);
         assert_eq!(head.prev, saved.hash);
@@ -515,7 +515,7 @@ mod tests {
             ts: "2026-01-01T00:00:00.000Z".into(),
             hash: "c".repeat(64),
         };
-        saved_head::save(&live, &stale).expect("save");
+        saved_head::save(&live, &stale, Durability::Synced).expect("save");
         let head = recover(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);

@@ -46,9 +46,21 @@ fn dot_sibling(live: &Path, suffix: &str) -> PathBuf {
     live.with_file_name(name)
 }
 
-/// Replaces the saved head, atomically and durably: a fresh file (mode 0600) written and
-/// fsynced, renamed over the old one, the directory fsynced.
-pub(crate) fn save(live: &Path, head: &SavedHead) -> io::Result<()> {
+/// Whether a saved head waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// File and directory fsynced: with `fsync: always`, and at start-up.
+    Synced,
+    /// Written and renamed, not synced: with `fsync: never` a rotation runs inside a
+    /// request's append, and an fsync there can wait for the writeback of everything
+    /// the log wrote before it (tens of ms on a busy disk), which that setting exists to
+    /// avoid. The head is then as durable as the records themselves.
+    Written,
+}
+
+/// Replaces the saved head atomically: a fresh file (mode 0600) written, renamed over
+/// the old one; fsynced, with its directory, when `durability` says so.
+pub(crate) fn save(live: &Path, head: &SavedHead, durability: Durability) -> io::Result<()> {
     let mut text = serde_json::to_vec(head).map_err(io::Error::other)?;
     text.push(b'\n');
     let temp = dot_sibling(live, ".head.tmp");
@@ -64,9 +76,16 @@ pub(crate) fn save(live: &Path, head: &SavedHead) -> io::Result<()> {
         .mode(0o600)
         .open(&temp)?;
     file.write_all(&text)?;
-    file.sync_all()?;
+    if durability == Durability::Synced {
+        file.sync_all()?;
+        #[cfg(test)]
+        sync_count::add(live);
+    }
     std::fs::rename(&temp, head_path(live))?;
-    sync_dir(&parent_dir(live))
+    if durability == Durability::Synced {
+        sync_dir(&parent_dir(live))?;
+    }
+    Ok(())
 }
 
 /// The saved head, `None` when there is none. One that cannot be read or is not valid is
@@ -115,6 +134,33 @@ fn validate(head: &SavedHead) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Synced saves per log, for tests: the writer's thread (`fsync: always`) is not the
+/// test's, so the count is kept by path rather than per thread.
+#[cfg(test)]
+pub(crate) mod sync_count {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
+
+    static SYNCED: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+
+    pub(crate) fn add(live: &Path) {
+        let mut counts = SYNCED.lock().unwrap_or_else(PoisonError::into_inner);
+        *counts
+            .get_or_insert_with(HashMap::new)
+            .entry(live.to_path_buf())
+            .or_default() += 1;
+    }
+
+    pub(crate) fn of(live: &Path) -> usize {
+        let counts = SYNCED.lock().unwrap_or_else(PoisonError::into_inner);
+        counts
+            .as_ref()
+            .and_then(|counts| counts.get(live).copied())
+            .unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,8 +179,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let live = dir.path().join("audit.jsonl");
         assert_eq!(load(&live), None, "none saved yet");
-        save(&live, &head(7)).expect("save");
-        save(&live, &head(9)).expect("replace");
+        save(&live, &head(7), Durability::Synced).expect("save");
+        save(&live, &head(9), Durability::Written).expect("replace");
         assert_eq!(load(&live), Some(head(9)));
         let path = dir.path().join(".audit.jsonl.head");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();

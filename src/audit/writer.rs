@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 use super::chain::{self, ChainHasher, HexDigest};
 use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
-use super::saved_head::{self, SavedHead};
+use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 
@@ -924,10 +924,10 @@ impl Writer {
                 file.sync()?;
             }
         }
-        // Before the rename, whatever `fsync` says: once the records have left the live
-        // file they may be shipped off the host, and then only the saved head continues
-        // the chain at the next start. If it cannot be saved, the file is not rotated
-        // (retried after the next write).
+        // Before the rename: once the records have left the live file they may be shipped
+        // off the host, and then only the saved head continues the chain at the next
+        // start. If it cannot be saved, the file is not rotated (retried after the next
+        // write). Synced as the records are (see `Durability`).
         self.save_head(last_seq)?;
         std::fs::rename(&self.path, &target)?;
         // From here on the records are in `target`; the next ones go to a fresh file.
@@ -948,7 +948,11 @@ impl Writer {
             ts: record::format_ts(self.last_ts).as_str().to_owned(),
             hash: self.prev.as_str().to_owned(),
         };
-        saved_head::save(&self.path, &head).map_err(|e| {
+        let durability = match self.fsync {
+            Fsync::Always => Durability::Synced,
+            Fsync::Never => Durability::Written,
+        };
+        saved_head::save(&self.path, &head, durability).map_err(|e| {
             let path = saved_head::head_path(&self.path);
             io::Error::new(
                 e.kind(),

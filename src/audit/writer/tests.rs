@@ -629,6 +629,26 @@ async fn the_chain_continues_from_the_saved_head_when_the_rotated_files_are_move
     }
 }
 
+/// A rotation saves the chain head in both modes, waiting for the disk only as the
+/// records do: with `fsync: never` a rotation runs inside a request's append, where an
+/// fsync could wait for the writeback of everything written before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_saves_the_head_synced_only_with_fsync_always() {
+    for (fsync, synced) in [(Fsync::Always, true), (Fsync::Never, false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1024)).expect("open");
+        let n = append_until_rotated(&log, &path).await;
+        log.close().await.expect("close");
+        assert_eq!(
+            saved_head::load(&path).map(|head| head.seq),
+            Some(n),
+            "{fsync:?}"
+        );
+        assert_eq!(saved_head::sync_count::of(&path) > 0, synced, "{fsync:?}");
+    }
+}
+
 /// A damaged saved head does not stop start-up while the rotated files give the head;
 /// it is saved again from them, for when they are moved away.
 #[tokio::test(flavor = "multi_thread")]
