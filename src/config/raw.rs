@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::secret::ValueSource;
@@ -146,7 +146,7 @@ impl Default for RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_hashes")]
     pub tokens: Vec<String>,
     pub allow: Vec<String>,
     #[serde(default = "default_tenant_rate_limit")]
@@ -240,6 +240,60 @@ impl<'de, V: Deserialize<'de>> Visitor<'de> for UniqueKeys<V> {
             entries.insert(key, value);
         }
         Ok(entries)
+    }
+}
+
+/// `tokens`: a list of strings (checked as `sha256:<hex>` hashes later). Pasting the
+/// token itself where its hash belongs (`token new` prints both) is the likeliest slip
+/// in the file, and serde's messages quote what they found, into `check-config`'s output
+/// and the log of a reload: these say what kind of value was found, never the value.
+fn token_hashes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    // `any`, not `seq`: asked for a sequence, serde_yaml quotes a scalar it finds
+    // itself; asked for anything, it hands the scalar to the visitor.
+    deserializer.deserialize_any(TokenList)
+}
+
+const TOKEN_LIST: &str = r#"a list of token hashes, ["sha256:<64 hex digits>", ...]"#;
+
+fn value_not_shown<E: de::Error>(found: &str, expected: &str) -> E {
+    E::custom(format_args!(
+        "found {found} (value not shown: it may be a token); expected {expected}"
+    ))
+}
+
+struct TokenList;
+
+impl<'de> Visitor<'de> for TokenList {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(TOKEN_LIST)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut hashes = Vec::new();
+        // Entries are strings: serde_yaml hands any scalar over as one, and quotes
+        // nothing in its message about a map or list in their place.
+        while let Some(text) = seq.next_element::<String>()? {
+            hashes.push(text);
+        }
+        Ok(hashes)
+    }
+
+    fn visit_str<E: de::Error>(self, _value: &str) -> Result<Vec<String>, E> {
+        Err(value_not_shown("a single string", TOKEN_LIST))
+    }
+
+    fn visit_i64<E: de::Error>(self, _value: i64) -> Result<Vec<String>, E> {
+        Err(value_not_shown("a number", TOKEN_LIST))
+    }
+
+    fn visit_u64<E: de::Error>(self, _value: u64) -> Result<Vec<String>, E> {
+        Err(value_not_shown("a number", TOKEN_LIST))
+    }
+
+    fn visit_f64<E: de::Error>(self, _value: f64) -> Result<Vec<String>, E> {
+        Err(value_not_shown("a number", TOKEN_LIST))
     }
 }
 

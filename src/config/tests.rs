@@ -478,3 +478,31 @@ fn listeners_on_one_port_are_a_config_error() {
         }
     }
 }
+
+/// A token pasted where its hash belongs never reaches the error (which `check-config`
+/// prints and a failed reload logs), whatever YAML made of it.
+#[test]
+fn a_token_in_place_of_its_hash_is_refused_without_showing_it() {
+    let fixture = Fixture::new();
+    let hashes = r#"["sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]"#;
+    for (tokens, secret) in [
+        ("mpcgw_SecretTokenValue0123456789", "SecretTokenValue"),
+        ("[mpcgw_SecretTokenValue0123456789]", "SecretTokenValue"),
+        (
+            "[\"sha256:2c26\", mpcgw_SecretTokenValue0123456789]",
+            "SecretTokenValue",
+        ),
+        ("987654321987654321", "987654321"),
+        ("[987654321987654321]", "987654321"),
+        ("[9876543.21]", "9876543"),
+        ("9876543.21", "9876543"),
+        ("{mpcgw_SecretTokenValue0123456789: 1}", "SecretTokenValue"),
+        ("[[mpcgw_SecretTokenValue0123456789]]", "SecretTokenValue"),
+    ] {
+        let yaml = MINIMAL.replace(&format!("tokens: {hashes}"), &format!("tokens: {tokens}"));
+        assert_ne!(yaml, MINIMAL);
+        let err = messages(fixture.load(&yaml).err().expect("refused"));
+        assert!(err.contains("tenants.billing.tokens"), "{err}");
+        assert!(!err.contains(secret), "{tokens}: {err}");
+    }
+}
