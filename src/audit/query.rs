@@ -352,11 +352,37 @@ fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {
     writeln!(out, "{}", line.trim_end())
 }
 
-/// Control characters (terminal escapes in a hostile value) are shown as `?`.
+/// Control characters (terminal escapes in a hostile value) are shown as `?`, and so are
+/// the invisible format characters that reorder or hide text on a terminal: a tenant may
+/// put a right-to-left override in an MPC name (names are any text but control
+/// characters), and its record's row would then read backwards from there.
 fn printable(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| {
+            if c.is_control() || is_invisible_format(c) {
+                '?'
+            } else {
+                c
+            }
+        })
         .collect()
+}
+
+/// Bidirectional embeddings, overrides, isolates and marks, zero-width characters and
+/// the byte order mark (Unicode's format characters that change how a line shows).
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// Pads to `width` characters, or cuts with `…` so that columns stay aligned.

@@ -217,6 +217,16 @@ fn table_is_aligned() {
     );
     assert!(fit("abcdefgh", 4) == "abc…" && fit("ab", 4) == "ab  ");
     assert_eq!(printable("a\u{1b}[31m"), "a?[31m");
+    // A right-to-left override, an isolate and a zero-width joiner in a name.
+    assert_eq!(
+        printable("conf\u{202E}dne\u{2066}x\u{200D}y"),
+        "conf?dne?x?y"
+    );
+    assert_eq!(
+        printable("Zürich-日本"),
+        "Zürich-日本",
+        "other text is shown as it is"
+    );
 }
 
 #[test]
