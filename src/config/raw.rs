@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::secret::ValueSource;
+use super::secret::{value_not_shown, ValueSource};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,12 +254,6 @@ fn token_hashes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String
 }
 
 const TOKEN_LIST: &str = r#"a list of token hashes, ["sha256:<64 hex digits>", ...]"#;
-
-fn value_not_shown<E: de::Error>(found: &str, expected: &str) -> E {
-    E::custom(format_args!(
-        "found {found} (value not shown: it may be a token); expected {expected}"
-    ))
-}
 
 struct TokenList;
 

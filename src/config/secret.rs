@@ -152,8 +152,14 @@ impl<'de> Visitor<'de> for ValueSourceVisitor {
 }
 
 fn unquoted_scalar<E: de::Error>(found: &str) -> E {
+    value_not_shown(found, "{env: NAME}, {file: PATH} or a quoted string")
+}
+
+/// A type error that says what kind of value was found and never the value, which may
+/// be a secret (or a token) written in the wrong place.
+pub(super) fn value_not_shown<E: de::Error>(found: &str, expected: &str) -> E {
     E::custom(format_args!(
-        "found {found} (value not shown); expected {{env: NAME}}, {{file: PATH}} or a quoted string"
+        "found {found} (value not shown); expected {expected}"
     ))
 }
 
