@@ -363,6 +363,82 @@ async fn rotated_plivo_token_is_used_by_the_next_upstream_call_after_reload() {
     h.shutdown().await;
 }
 
+/// A reload is how a leaked token is revoked, so once it reports success no request may
+/// authenticate with the old token, even one whose head arrived before the reload and
+/// whose body is held back until after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_while_its_request_holds_back_the_body_is_refused() {
+    let h = Harness::start().await;
+    let mut conn = TcpStream::connect(h.addr()).await.expect("connect");
+    let head = format!(
+        "POST /mpc/billing-1/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{"
+    );
+    conn.write_all(head.as_bytes()).await.expect("write head");
+    // Time for the gateway to parse the head and start on the request: one that took its
+    // configuration then would authenticate against the token directory of before.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let revoked = replaced(
+        &h.config_yaml(),
+        &token_hash(BILLING_TOKEN),
+        &token_hash("a-token-nobody-holds"),
+    );
+    write_config(&h, &revoked);
+    h.running().reload_from(&h.config_path).expect("reload");
+    conn.write_all(b"}")
+        .await
+        .expect("write the last body byte");
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), conn.read_to_end(&mut answer))
+        .await
+        .expect("answered within 15 s")
+        .expect("read the answer");
+    let (responses, rest) = parse_responses(&answer);
+    assert_eq!((responses.len(), rest), (1, 0), "{answer:?}");
+    assert_eq!(responses[0].status, 401, "{:?}", responses[0]);
+    assert_eq!(h.sim.request_count(), 0, "nothing reached Plivo");
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["event"], "denied");
+    assert_eq!(records[0]["status"], 401);
+    assert_eq!(records[0]["tenant"], serde_json::Value::Null);
+    h.shutdown().await;
+}
+
+/// A by-uuid request learns the name it will end only from Plivo's answer, up to
+/// `timeout` later: the allow list that authorizes that name is the one in force then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_by_uuid_lookup_that_narrows_the_allow_list_is_obeyed() {
+    let h = Harness::with_explicit_liveness().await;
+    let uuid = h.sim.add_mpc("billing-weekly");
+    h.sim.push_fault(Fault::Delay(Duration::from_secs(1)));
+    let narrowed = replaced(
+        &h.config_yaml(),
+        r#"allow: ["billing-*"]"#,
+        r#"allow: ["billing-daily"]"#,
+    );
+    let reload_during_lookup = async {
+        let looking_up = eventually(Duration::from_secs(10), || async {
+            h.sim.request_count() == 1
+        })
+        .await;
+        assert!(looking_up, "the lookup reached the simulator");
+        write_config(&h, &narrowed);
+        h.running().reload_from(&h.config_path).expect("reload");
+    };
+    let by_uuid = format!("by-uuid/{uuid}");
+    let (reply, ()) = tokio::join!(h.end(&by_uuid, BILLING_TOKEN), reload_during_lookup);
+    reply.assert_problem(403, "forbidden");
+    assert!(h.sim.is_live("billing-weekly"), "not ended");
+    let methods: Vec<String> = h.sim.requests().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["GET"], "only the lookup");
+    let result = h.records().pop().expect("result");
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["reason"], "forbidden");
+    assert_eq!(result["mpc"], "billing-weekly");
+    h.shutdown().await;
+}
+
 /// A reload that leaves `upstream` as it was keeps the upstream connections (no new
 /// handshake with Plivo); one that changes it starts afresh with its new settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,6 +124,8 @@ enum Mpc {
 }
 
 struct Admitted {
+    /// The configuration the request was admitted under, used to its end.
+    runtime: Arc<Runtime>,
     credentials: Arc<AccountCredentials>,
     mpc: Mpc,
 }
@@ -214,9 +216,8 @@ impl Gateway {
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let runtime = self.inner.runtime.load_full();
         let mut trail = Trail::new(&request, peer, Instant::now(), &self.inner.audit);
-        let admitted = match self.admit(&runtime, request, peer, &mut trail).await {
+        let admitted = match self.admit(request, peer, &mut trail).await {
             Ok(admitted) => admitted,
             Err(problem) => return self.deny(trail, problem).await,
         };
@@ -234,6 +235,7 @@ impl Gateway {
         if let Err(err) = acknowledged(submitted).await {
             return self.refuse_unforwarded(trail, ticket, &err).await;
         }
+        let runtime = &admitted.runtime;
         let report = match &admitted.mpc {
             Mpc::Name(name) => {
                 let call = runtime.upstream.end_mpc(
@@ -245,7 +247,7 @@ impl Gateway {
             }
             Mpc::Uuid { uuid, tenant } => {
                 let credentials = &admitted.credentials;
-                self.end_by_uuid(&runtime, credentials, uuid, tenant, &mut trail, &ticket)
+                self.end_by_uuid(runtime, credentials, uuid, tenant, &mut trail, &ticket)
                     .await
             }
         };
@@ -255,7 +257,6 @@ impl Gateway {
     /// The checks, in contract order; the first that fails decides the reply.
     async fn admit<B>(
         &self,
-        runtime: &Runtime,
         request: Request<B>,
         peer: &Peer,
         trail: &mut Trail,
@@ -271,8 +272,11 @@ impl Gateway {
         check_framing(&parts)?;
         let route = route(&parts.method, &parts.uri)?;
         read_bounded_body(&parts.headers, body).await?;
+        // The configuration is taken only now that the body is in: a caller that holds
+        // its body back must not keep a token that a reload has since revoked usable.
+        let runtime = self.inner.runtime.load_full();
         let tenant =
-            identify::authenticate(runtime, &parts.headers, peer.certificate(), &route, trail)?;
+            identify::authenticate(&runtime, &parts.headers, peer.certificate(), &route, trail)?;
         // Authentication names only tenants of this runtime; one it lacks (impossible)
         // is refused rather than forwarded.
         let policy = runtime
@@ -285,10 +289,14 @@ impl Gateway {
         trail.ended_requests = Some(Arc::clone(&policy.ended_requests));
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
-        self.limit(runtime, policy, &tenant, upstream_calls, trail)
+        self.limit(&runtime, policy, &tenant, upstream_calls, trail)
             .await?;
         let credentials = Arc::clone(&account.credentials);
-        Ok(Admitted { credentials, mpc })
+        Ok(Admitted {
+            runtime: Arc::clone(&runtime),
+            credentials,
+            mpc,
+        })
     }
 
     /// Reads the MPC to learn its name, authorizes that name, then ends it by uuid; both
@@ -315,7 +323,12 @@ impl Gateway {
         let name_shared: Arc<str> = Arc::from(name.as_str());
         self.inner.forwarded.name_learned(ticket, &name_shared);
         trail.mpc = Some(name_shared);
-        let allowed = runtime
+        // The lookup can take up to `timeout`: the name is authorized by the allow list
+        // in force now, so a reload during the lookup that narrows it is obeyed.
+        let allowed = self
+            .inner
+            .runtime
+            .load()
             .tenants
             .get(tenant)
             .is_some_and(|policy| policy.may_end(&name));
