@@ -5,15 +5,17 @@
 //! whose clocks disagree still share one timeline. A request's tenant and account
 //! buckets go in one call ([`RedisLimiter::check_pair`]): one round trip per request.
 //! Both keys are then touched by one script, so the store must be one Redis server (a
-//! cluster or a sharding proxy would split or refuse such a script). The script is governor's GCRA
-//! transcribed (same emission interval, same tolerance, same fresh-bucket rule), so a
-//! bucket in Redis gives the same [`Decision`]s as this replica's own [`super::Limiter`]
-//! for the same [`RateLimit`].
+//! cluster or a sharding proxy would split or refuse such a script). The script is
+//! governor's GCRA transcribed (same tolerance, same fresh-bucket rule, the emission
+//! interval in whole microseconds rounded up), so a bucket in Redis gives the same
+//! [`Decision`]s as this replica's own [`super::Limiter`] for the same [`RateLimit`], or,
+//! where the interval is not a whole number of microseconds, never looser ones.
 //!
 //! The connection is a [`ConnectionManager`], created lazily: start-up never waits for
-//! Redis, a dropped connection is replaced in the background, and one on which Redis
-//! has answered nothing for twice the `timeout` is replaced by the next check to time out. Every check is bounded by
-//! the configured `timeout`; what to do when it fails is the caller's `on_error`.
+//! Redis, a dropped connection is replaced in the background, and one that has left a
+//! question unanswered for twice the `timeout` is replaced by the next check to time
+//! out. Every check is bounded by the configured `timeout`; what to do when it fails is
+//! the caller's `on_error`.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -90,12 +92,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// request path nothing, and is probed a few times a second rather than once per request.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
-/// How many `timeout`s a connection may go without any answer before a check that times
-/// out on it gives it up for a new one. A Redis that stops answering (stopped, cut off
-/// without a reset) leaves its connection open, so no error ever says it broke; without
-/// this, every check would wait out `timeout` on it. One stall a little over `timeout`
-/// (a fork for a snapshot) is not enough: checks answered since keep the connection.
+/// How many `timeout`s a connection may leave a question unanswered before a check that
+/// times out on it gives it up for a new one. A Redis that stops answering (stopped, cut
+/// off without a reset) leaves its connection open, so no error ever says it broke;
+/// without this, every check would wait out `timeout` on it. One stall a little over
+/// `timeout` (a fork for a snapshot) is not enough, however long the quiet before it:
+/// silence counts from the first question asked since the last answer.
 const SILENT_TIMEOUTS_BEFORE_RECONNECT: u64 = 2;
+
+/// `unanswered_since_ms` when every question asked has been answered.
+const ANSWERED: u64 = u64::MAX;
 
 /// Why a shared check gave no decision. Messages never contain the URL or its password.
 #[derive(Debug, thiserror::Error)]
@@ -140,9 +146,9 @@ struct GcraArgs {
 impl GcraArgs {
     fn of(limit: RateLimit, cells: NonZeroU32) -> GcraArgs {
         let interval = limit.quota().replenish_interval();
-        // governor floors the interval to whole nanoseconds and then clamps it to at
-        // least one; the same here in microseconds.
-        let t_us = u64::try_from(interval.as_micros())
+        // Whole microseconds, rounded up: never a shorter interval (a looser limit) than
+        // the local limiter's, whose interval governor keeps in nanoseconds.
+        let t_us = u64::try_from(interval.as_nanos().div_ceil(1_000))
             .unwrap_or(u64::MAX)
             .max(1);
         GcraArgs {
@@ -173,9 +179,9 @@ struct Inner {
     origin: Instant,
     /// Milliseconds since `origin` before which checks fail without trying Redis.
     paused_until_ms: AtomicU64,
-    /// Milliseconds since `origin` of the last answer from Redis (or of the current
-    /// connection's creation).
-    last_answer_ms: AtomicU64,
+    /// Milliseconds since `origin` of the first question asked since the last answer
+    /// from Redis (or since the current connection's creation); [`ANSWERED`] when none.
+    unanswered_since_ms: AtomicU64,
     /// Strings to scrub from error messages: the URL and the password inside it.
     secrets: Vec<String>,
 }
@@ -240,7 +246,7 @@ impl RedisLimiter {
                 timeout: settings.timeout,
                 origin: Instant::now(),
                 paused_until_ms: AtomicU64::new(0),
-                last_answer_ms: AtomicU64::new(0),
+                unanswered_since_ms: AtomicU64::new(ANSWERED),
                 secrets,
             }),
         })
@@ -319,9 +325,17 @@ impl RedisLimiter {
     async fn run(&self, buckets: &[Bucket<'_>]) -> Result<Vec<Decision>, StoreError> {
         // The script would refuse such a bucket with a shorter wait than `never_fits`.
         debug_assert!(buckets.iter().all(|b| b.cells <= b.limit.burst));
-        if self.paused() {
+        let asked_ms = self.now_ms();
+        if self.paused_at(asked_ms) {
             return Err(StoreError::Unavailable);
         }
+        // Only the first question after an answer starts the silence.
+        let _ = self.inner.unanswered_since_ms.compare_exchange(
+            ANSWERED,
+            asked_ms,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         let mut invocation = self.inner.script.prepare_invoke();
         for bucket in buckets {
             let args = GcraArgs::of(bucket.limit, bucket.cells);
@@ -339,8 +353,8 @@ impl RedisLimiter {
             Ok(answered) => answered,
         };
         self.inner
-            .last_answer_ms
-            .store(self.now_ms(), Ordering::Relaxed);
+            .unanswered_since_ms
+            .store(ANSWERED, Ordering::Relaxed);
         let reply = answered.map_err(|err| self.failed(&err))?;
         decisions_from(&reply, buckets)
     }
@@ -349,8 +363,8 @@ impl RedisLimiter {
         millis(self.inner.origin.elapsed())
     }
 
-    fn paused(&self) -> bool {
-        self.now_ms() < self.inner.paused_until_ms.load(Ordering::Relaxed)
+    fn paused_at(&self, now_ms: u64) -> bool {
+        now_ms < self.inner.paused_until_ms.load(Ordering::Relaxed)
     }
 
     fn pause(&self) {
@@ -367,14 +381,20 @@ impl RedisLimiter {
         StoreError::Redis(redact(&err.to_string(), &self.inner.secrets))
     }
 
-    /// A check on `used` ran out of time. When nothing has answered for
+    /// A check on `used` ran out of time. When a question has gone unanswered for
     /// [`SILENT_TIMEOUTS_BEFORE_RECONNECT`] `timeout`s, the connection is treated as
     /// broken: replaced by a new (lazy) one and checks pause as after a break. The old one,
     /// and the calls queued on it, go when the last check still waiting on it ends. Of
     /// several checks timing out together, only the one that swaps pauses.
     fn timed_out(&self, used: &Arc<ConnectionManager>) -> StoreError {
         let now = self.now_ms();
-        let silent_for = now.saturating_sub(self.inner.last_answer_ms.load(Ordering::Relaxed));
+        // An answer to another check since (`ANSWERED`) means the connection lives.
+        let silent_for = now.saturating_sub(
+            self.inner
+                .unanswered_since_ms
+                .load(Ordering::Relaxed)
+                .min(now),
+        );
         let limit = millis(self.inner.timeout).saturating_mul(SILENT_TIMEOUTS_BEFORE_RECONNECT);
         let still_current = Arc::ptr_eq(&self.inner.manager.load(), used);
         if silent_for < limit || !still_current {
@@ -389,7 +409,9 @@ impl RedisLimiter {
                 let before = self.inner.manager.compare_and_swap(used, Arc::new(fresh));
                 if Arc::ptr_eq(&before, used) {
                     // The new connection gets its own allowance of silence.
-                    self.inner.last_answer_ms.store(now, Ordering::Relaxed);
+                    self.inner
+                        .unanswered_since_ms
+                        .store(ANSWERED, Ordering::Relaxed);
                     self.pause();
                 }
             }
@@ -503,6 +525,21 @@ fn redact(message: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shared_interval_is_never_shorter_than_the_local_one() {
+        let one = NonZeroU32::MIN;
+        for per_second in [1, 3, 7, 60, 300, 400_000, 1_500_000, u32::MAX] {
+            let l = limit(per_second, 1);
+            let local = l.quota().replenish_interval();
+            let shared = Duration::from_micros(GcraArgs::of(l, one).t_us);
+            assert!(shared >= local, "{per_second}/s: {shared:?} < {local:?}");
+            assert!(
+                shared - local <= Duration::from_micros(1),
+                "{per_second}/s: rounded up by at most a microsecond"
+            );
+        }
+    }
 
     fn limit(per_second: u32, burst: u32) -> RateLimit {
         RateLimit::new(per_second, burst).expect("non-zero")
