@@ -722,8 +722,17 @@ pub fn run_serve(config_path: PathBuf) -> anyhow::Result<()> {
     crate::telemetry::init_tracing(&config.log);
     raise_malloc_trim_threshold();
     let runtime = gateway_runtime(config.worker_threads)?;
-    runtime.block_on(serve_until_signalled(config, config_path))
+    let served = runtime.block_on(serve_until_signalled(config, config_path));
+    // The audit log is flushed and synced by now. What may still run is a blocking
+    // thread inside `getaddrinfo` (an upstream or Redis name lookup), which cannot be
+    // cancelled: dropping the runtime would wait for the resolver's own timeouts, past
+    // `shutdown_grace`, into the supervisor's SIGKILL.
+    runtime.shutdown_timeout(EXIT_WAIT_FOR_BLOCKING);
+    served
 }
+
+/// How long an exiting gateway waits for blocking threads still at work.
+const EXIT_WAIT_FOR_BLOCKING: Duration = Duration::from_millis(250);
 
 /// Stops glibc's malloc from shrinking and regrowing the heap on every upstream answer.
 ///
