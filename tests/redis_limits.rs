@@ -119,9 +119,11 @@ async fn decisions_match_the_local_limiter() {
                 reset_secs: 1
             },
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 1
             },
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 1
             },
         ]
@@ -241,6 +243,7 @@ async fn a_pair_decides_as_two_checks_in_a_row() {
     assert_eq!(
         check_pair(&shared, fresh("u"), account_of_two).await,
         PairDecision::FirstRefused(Decision::Refused {
+            remaining: 0,
             retry_after_secs: 1
         }),
     );
@@ -286,6 +289,7 @@ async fn a_pair_whose_account_cost_never_fits_still_charges_the_tenant() {
     assert_eq!(
         never_fits,
         Decision::Refused {
+            remaining: 0,
             retry_after_secs: 2
         }
     );
@@ -357,6 +361,7 @@ async fn instances_on_one_redis_share_one_bucket() {
     assert_eq!(
         check(&b, LimitKind::Account, "shared", l).await,
         Decision::Refused {
+            remaining: 0,
             retry_after_secs: 1
         },
         "b sees the bucket a drained"

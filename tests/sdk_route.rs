@@ -490,6 +490,8 @@ async fn by_uuid_refusals_unknown_and_lookup_failures() {
         refused.header("ratelimit-policy"),
         Some("\"account\";q=3;w=3")
     );
+    // One cell is left (the two it needs are there within the interval of 1 s).
+    assert_eq!(refused.header("ratelimit"), Some("\"account\";r=1;t=1"));
     // The refusal took nothing: the one call left in the budget is still there.
     h.sim.add_mpc("billing-after");
     assert_eq!(h.end("billing-after", BILLING_TOKEN).await.status, 204);

@@ -428,7 +428,9 @@ impl Gateway {
                 }
                 Ok(())
             }
-            Decision::Refused { retry_after_secs } => {
+            Decision::Refused {
+                retry_after_secs, ..
+            } => {
                 let limit = limiter.kind().as_str();
                 self.inner
                     .metrics

@@ -40,9 +40,27 @@ impl RateLimit {
     /// The refusal of a cost above the burst, which no wait can admit: the Retry-After of
     /// a whole refill. (Only a config change helps; the gateway warns of it when it loads
     /// the config, not on every refused request.)
+    ///
+    /// How many cells the bucket holds is not known without taking them, so `remaining`
+    /// says none: nothing this request could use.
     pub(crate) fn never_fits(&self) -> Decision {
         Decision::Refused {
+            remaining: 0,
             retry_after_secs: u64::from(self.window_secs()).max(1),
+        }
+    }
+
+    /// The refusal of `cells` that would fit after `wait`: cells arrive one emission
+    /// interval apart, so the bucket holds now as many as arrive in the interval-long
+    /// steps still missing from `wait` fewer than `cells` (none for a single cell). A
+    /// refused request takes nothing, so those are also what remains after it.
+    pub(crate) fn refusal(&self, cells: NonZeroU32, wait: Duration) -> Decision {
+        let interval = self.quota().replenish_interval().as_nanos().max(1);
+        let missing = wait.as_nanos().div_ceil(interval).max(1);
+        let remaining = u128::from(cells.get()).saturating_sub(missing);
+        Decision::Refused {
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            retry_after_secs: ceil_secs(wait).max(1),
         }
     }
 
@@ -111,8 +129,15 @@ impl ManualClock {
 /// The outcome of one check, with what the response headers need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Allowed { remaining: u32, reset_secs: u64 },
-    Refused { retry_after_secs: u64 },
+    Allowed {
+        remaining: u32,
+        reset_secs: u64,
+    },
+    /// `remaining`: the cells the bucket holds now, fewer than the request needed.
+    Refused {
+        remaining: u32,
+        retry_after_secs: u64,
+    },
 }
 
 type GcraLimiter = RateLimiter<NotKeyed, InMemoryState, LimiterClock, StateInformationMiddleware>;
@@ -152,7 +177,7 @@ impl Limiter {
     pub fn check(&self) -> Decision {
         match self.gcra.check() {
             Ok(snapshot) => self.allowed(&snapshot),
-            Err(not_until) => self.refused(&not_until),
+            Err(not_until) => self.refused(NonZeroU32::MIN, &not_until),
         }
     }
 
@@ -161,7 +186,7 @@ impl Limiter {
     pub fn check_n(&self, cells: NonZeroU32) -> Decision {
         match self.gcra.check_n(cells) {
             Ok(Ok(snapshot)) => self.allowed(&snapshot),
-            Ok(Err(not_until)) => self.refused(&not_until),
+            Ok(Err(not_until)) => self.refused(cells, &not_until),
             Err(_insufficient) => self.limit.never_fits(),
         }
     }
@@ -181,12 +206,10 @@ impl Limiter {
         }
     }
 
-    fn refused(&self, not_until: &NotUntil<Nanos>) -> Decision {
+    fn refused(&self, cells: NonZeroU32, not_until: &NotUntil<Nanos>) -> Decision {
         let now = self.clock.now();
         let wait = not_until.earliest_possible().duration_since(now);
-        Decision::Refused {
-            retry_after_secs: ceil_secs(Duration::from(wait)).max(1),
-        }
+        self.limit.refusal(cells, Duration::from(wait))
     }
 
     /// `RateLimit-Policy: "<kind>";q=<burst>;w=<window>`.
@@ -201,7 +224,10 @@ impl Limiter {
                 remaining,
                 reset_secs,
             } => (remaining, reset_secs),
-            Decision::Refused { retry_after_secs } => (0, retry_after_secs),
+            Decision::Refused {
+                remaining,
+                retry_after_secs,
+            } => (remaining, retry_after_secs),
         };
         // Made on every admitted request: pieces and digits, not `write!`, which costs
         // more than the rest of the header's making.
@@ -388,6 +414,7 @@ mod tests {
         assert_eq!(
             limiter.check(),
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 1
             }
         );
@@ -413,6 +440,7 @@ mod tests {
         assert_eq!(
             limiter.check_n(two),
             Decision::Refused {
+                remaining: 1,
                 retry_after_secs: 1
             }
         );
@@ -430,6 +458,7 @@ mod tests {
         assert_eq!(
             tiny.check_n(two),
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 1
             }
         );
@@ -446,6 +475,7 @@ mod tests {
         assert_eq!(
             limiter.check(),
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 1
             }
         );
@@ -462,9 +492,17 @@ mod tests {
         assert_eq!(limiter.state_header(decision), "\"tenant\";r=9;t=0");
         assert_eq!(
             limiter.state_header(Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 3
             }),
             "\"tenant\";r=0;t=3"
+        );
+        assert_eq!(
+            limiter.state_header(Decision::Refused {
+                remaining: 1,
+                retry_after_secs: 1
+            }),
+            "\"tenant\";r=1;t=1"
         );
         // The longest value still fits the stack buffer.
         let account = Limiter::new(LimitKind::Account, limit(5, 10), manual().1);

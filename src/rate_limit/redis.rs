@@ -437,7 +437,7 @@ fn decisions_from(reply: &[i64], buckets: &[Bucket<'_>]) -> Result<Vec<Decision>
     }
     let mut decisions = Vec::with_capacity(pairs.len());
     for (pair, bucket) in pairs.zip(buckets) {
-        decisions.push(decision_from(pair, bucket.limit)?);
+        decisions.push(decision_from(pair, bucket.limit, bucket.cells)?);
     }
     let refused_at = decisions
         .iter()
@@ -457,7 +457,11 @@ fn decisions_from(reply: &[i64], buckets: &[Bucket<'_>]) -> Result<Vec<Decision>
 }
 
 /// Maps one bucket's pair of the reply to the local limiter's `Decision`.
-fn decision_from(reply: &[i64], limit: RateLimit) -> Result<Decision, StoreError> {
+fn decision_from(
+    reply: &[i64],
+    limit: RateLimit,
+    cells: NonZeroU32,
+) -> Result<Decision, StoreError> {
     match *reply {
         [1, remaining] => {
             let remaining = u32::try_from(remaining)
@@ -479,9 +483,7 @@ fn decision_from(reply: &[i64], limit: RateLimit) -> Result<Decision, StoreError
         [0, wait_us] => {
             let wait_us =
                 u64::try_from(wait_us).map_err(|_| StoreError::Reply(format!("wait {wait_us}")))?;
-            Ok(Decision::Refused {
-                retry_after_secs: ceil_secs(Duration::from_micros(wait_us)).max(1),
-            })
+            Ok(limit.refusal(cells, Duration::from_micros(wait_us)))
         }
         _ => Err(StoreError::Reply(format!("{} values", reply.len()))),
     }
@@ -548,35 +550,54 @@ mod tests {
     #[test]
     fn replies_map_like_the_local_limiter() {
         let l = limit(2, 3);
+        let one = NonZeroU32::MIN;
+        let two = NonZeroU32::new(2).expect("two");
         assert_eq!(
-            decision_from(&[1, 2], l).expect("ok"),
+            decision_from(&[1, 2], l, one).expect("ok"),
             Decision::Allowed {
                 remaining: 2,
                 reset_secs: 0
             }
         );
         assert_eq!(
-            decision_from(&[1, 0], l).expect("ok"),
+            decision_from(&[1, 0], l, one).expect("ok"),
             Decision::Allowed {
                 remaining: 0,
                 reset_secs: 1
             }
         );
         assert_eq!(
-            decision_from(&[0, 1], l).expect("ok"),
+            decision_from(&[0, 1], l, one).expect("ok"),
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 1
             }
         );
         assert_eq!(
-            decision_from(&[0, 1_000_001], l).expect("ok"),
+            decision_from(&[0, 1_000_001], l, one).expect("ok"),
             Decision::Refused {
+                remaining: 0,
                 retry_after_secs: 2
             }
         );
-        assert!(decision_from(&[1, 3], l).is_err());
-        assert!(decision_from(&[0, -1], l).is_err());
-        assert!(decision_from(&[7], l).is_err());
+        // Two cells refused for a wait shorter than one interval (0.5 s): one is there.
+        assert_eq!(
+            decision_from(&[0, 200_000], l, two).expect("ok"),
+            Decision::Refused {
+                remaining: 1,
+                retry_after_secs: 1
+            }
+        );
+        assert_eq!(
+            decision_from(&[0, 600_000], l, two).expect("ok"),
+            Decision::Refused {
+                remaining: 0,
+                retry_after_secs: 1
+            }
+        );
+        assert!(decision_from(&[1, 3], l, one).is_err());
+        assert!(decision_from(&[0, -1], l, one).is_err());
+        assert!(decision_from(&[7], l, one).is_err());
     }
 
     #[test]
@@ -601,6 +622,7 @@ mod tests {
             reset_secs,
         };
         let refused = Decision::Refused {
+            remaining: 0,
             retry_after_secs: 1,
         };
         assert_eq!(
