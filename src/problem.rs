@@ -245,11 +245,14 @@ impl Problem {
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
-    /// Plivo's error shape: the SDKs turn `error` into their exception message.
+    /// Plivo's error shape: the SDKs turn `error` into their exception message. With
+    /// `Retry-After`, also `retry_after` (DESIGN §1: every such response has it); the
+    /// SDKs ignore members they do not know.
     fn plivo_body(&self, request_id: &str) -> Vec<u8> {
         let body = PlivoErrorBody {
             api_id: request_id,
             error: self.to_string(),
+            retry_after: self.retry_after(),
         };
         serde_json::to_vec(&body).unwrap_or_default()
     }
@@ -259,6 +262,8 @@ impl Problem {
 struct PlivoErrorBody<'a> {
     api_id: &'a str,
     error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]

@@ -162,9 +162,19 @@ async fn sdk_route_refusals_are_plivo_shaped_with_the_native_status() {
     let limited = sdk_delete(&h, &path("name_billing-2"), &good, b"").await;
     assert_plivo_error(&limited, 429);
     assert_eq!(limited.header("retry-after"), Some("1"));
+    assert_eq!(
+        limited.json()["retry_after"],
+        1,
+        "as in every Retry-After reply"
+    );
     h.clock.advance(std::time::Duration::from_secs(1));
     let gone = sdk_delete(&h, &path("name_billing-1"), &good, b"").await;
     assert_plivo_error(&gone, 404);
+    assert_eq!(
+        gone.json().get("retry_after"),
+        None,
+        "only with Retry-After"
+    );
 
     let reasons: Vec<String> = h
         .records()
