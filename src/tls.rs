@@ -24,21 +24,42 @@ pub struct ListenTls {
     pub expires_at: i64,
 }
 
-/// Builds the server TLS config from files; every error names the file and the problem.
+/// A `listen_tls` setting that cannot be used: which key (`cert_file`, `key_file`,
+/// `client_ca_file`, `require_client_cert`) and why, naming the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenTlsError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ListenTlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Attaches the `listen_tls` key an error came from.
+fn at(key: &'static str) -> impl FnOnce(String) -> ListenTlsError {
+    move |message| ListenTlsError { key, message }
+}
+
+/// Builds the server TLS config from files; every error names its key, the file and the
+/// problem.
 pub fn load_listen_tls(
     cert_file: &Path,
     key_file: &Path,
     client_ca_file: Option<&Path>,
     require_client_cert: bool,
-) -> Result<ListenTls, String> {
-    let chain = read_certs(cert_file)?;
-    let expires_at = valid_until(cert_file, &chain[0])?;
-    let key = read_key(key_file)?;
+) -> Result<ListenTls, ListenTlsError> {
+    let chain = read_certs(cert_file).map_err(at("cert_file"))?;
+    let expires_at = valid_until(cert_file, &chain[0]).map_err(at("cert_file"))?;
+    let key = read_key(key_file).map_err(at("key_file"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let signing_key = provider
         .key_provider
         .load_private_key(key.clone_key())
-        .map_err(|err| format!("{}: unusable private key: {err}", key_file.display()))?;
+        .map_err(|err| format!("{}: unusable private key: {err}", key_file.display()))
+        .map_err(at("key_file"))?;
     CertifiedKey::new(chain.clone(), signing_key)
         .keys_match()
         .map_err(|err| {
@@ -47,37 +68,29 @@ pub fn load_listen_tls(
                 key_file.display(),
                 cert_file.display()
             )
-        })?;
+        })
+        .map_err(at("key_file"))?;
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|err| format!("TLS versions: {err}"))?;
+        .map_err(|err| format!("TLS versions: {err}"))
+        .map_err(at("cert_file"))?;
     let builder = match client_ca_file {
         Some(ca_file) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in read_certs(ca_file)? {
-                roots
-                    .add(cert)
-                    .map_err(|err| format!("{}: {err}", ca_file.display()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if require_client_cert {
-                verifier
-            } else {
-                verifier.allow_unauthenticated()
-            };
-            let verifier = verifier
-                .build()
-                .map_err(|err| format!("{}: {err}", ca_file.display()))?;
+            let verifier = client_verifier(ca_file, require_client_cert, provider)
+                .map_err(at("client_ca_file"))?;
             builder.with_client_cert_verifier(verifier)
         }
         None if require_client_cert => {
-            return Err("require_client_cert needs client_ca_file".to_owned());
+            return Err(at("require_client_cert")(
+                "require_client_cert needs client_ca_file".to_owned(),
+            ));
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|err| format!("{}: {err}", cert_file.display()))?;
+        .map_err(|err| format!("{}: {err}", cert_file.display()))
+        .map_err(at("cert_file"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(ListenTls {
         cert_file: cert_file.to_owned(),
@@ -87,6 +100,30 @@ pub fn load_listen_tls(
         server_config: Arc::new(config),
         expires_at,
     })
+}
+
+/// Verifies client certificates against the CAs in `ca_file`; without
+/// `require_client_cert`, a client may also present none.
+fn client_verifier(
+    ca_file: &Path,
+    require_client_cert: bool,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca_file)? {
+        roots
+            .add(cert)
+            .map_err(|err| format!("{}: {err}", ca_file.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let verifier = if require_client_cert {
+        verifier
+    } else {
+        verifier.allow_unauthenticated()
+    };
+    verifier
+        .build()
+        .map_err(|err| format!("{}: {err}", ca_file.display()))
 }
 
 /// Every certificate in a PEM file; at least one.
@@ -187,7 +224,8 @@ mod tests {
         let mismatch = load_listen_tls(&cert, &other_key, None, false)
             .err()
             .expect("mismatch");
-        assert!(mismatch.contains("does not match"), "{mismatch}");
+        assert_eq!(mismatch.key, "key_file");
+        assert!(mismatch.message.contains("does not match"), "{mismatch}");
         let expired = pki
             .issue_expired_server_cert(&["localhost"])
             .expect("expired");
@@ -196,13 +234,27 @@ mod tests {
         let err = load_listen_tls(&expired_cert, &expired_key, None, false)
             .err()
             .expect("expired");
-        assert!(err.contains("valid only from"), "{err}");
+        assert_eq!(err.key, "cert_file");
+        assert!(err.message.contains("valid only from"), "{err}");
         let err = load_listen_tls(&cert, &key, None, true)
             .err()
             .expect("needs CA");
-        assert!(err.contains("client_ca_file"), "{err}");
-        let missing = load_listen_tls(&dir.path().join("nope.pem"), &key, None, false).err();
-        assert!(missing.is_some_and(|e| e.contains("cannot read")));
+        assert_eq!(err.key, "require_client_cert");
+        assert!(err.message.contains("client_ca_file"), "{err}");
+        let missing = load_listen_tls(&dir.path().join("nope.pem"), &key, None, false)
+            .err()
+            .expect("missing certificate");
+        assert_eq!(missing.key, "cert_file");
+        assert!(missing.message.contains("cannot read"), "{missing}");
+        let missing = load_listen_tls(&cert, &dir.path().join("nope.pem"), None, false)
+            .err()
+            .expect("missing key");
+        assert_eq!(missing.key, "key_file");
+        let not_pem = write(dir.path(), "not-pem.pem", "no certificates here\n");
+        let err = load_listen_tls(&cert, &key, Some(&not_pem), false)
+            .err()
+            .expect("a CA file without certificates");
+        assert_eq!(err.key, "client_ca_file");
     }
 
     #[test]

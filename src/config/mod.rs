@@ -418,7 +418,7 @@ fn validate_listen_tls(
         raw.require_client_cert,
     )
     .map(Some)
-    .map_err(|msg| errors.push("listen_tls", msg))
+    .map_err(|err| errors.push(format!("listen_tls.{}", err.key), err.message))
     .ok()
 }
 

@@ -319,6 +319,32 @@ fn a_tenant_may_authenticate_by_client_certificate_only() {
 }
 
 #[test]
+fn listen_tls_errors_name_their_key() {
+    let fixture = Fixture::new();
+    let pki = crate::simulator::generate_pki(&["localhost"]).expect("pki");
+    std::fs::write(fixture.dir.path().join("server.pem"), &pki.server_cert_pem).expect("write");
+    let cases = [
+        (
+            "  cert_file: \"{dir}/server.pem\"\n  key_file: \"{dir}/no-such-key.pem\"\n",
+            "listen_tls.key_file: cannot read",
+        ),
+        (
+            "  cert_file: \"{dir}/no-such-cert.pem\"\n  key_file: \"{dir}/no-such-key.pem\"\n",
+            "listen_tls.cert_file: cannot read",
+        ),
+        (
+            "  cert_file: \"{dir}/server.pem\"\n  key_file: \"{dir}/server.pem\"\n",
+            "listen_tls.key_file:",
+        ),
+    ];
+    for (tls, expected) in cases {
+        let yaml = format!("listen_tls:\n{tls}{MINIMAL}");
+        let err = messages(fixture.load(&yaml).err().expect("invalid"));
+        assert!(err.contains(expected), "{expected:?} in {err}");
+    }
+}
+
+#[test]
 fn client_cert_sans_without_a_client_ca_is_an_error() {
     let fixture = Fixture::new();
     let yaml = MINIMAL.replace(
