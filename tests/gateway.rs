@@ -288,6 +288,26 @@ async fn every_refusal_has_its_status_slug_and_denied_record_and_forwards_nothin
     );
     big_anon.body = vec![b'x'; 4097];
     cases.push(big_anon);
+    // The route comes before the body limit: a big body elsewhere is 404 or 405.
+    let mut big_elsewhere = refusal(
+        "big body, unknown path",
+        "/nowhere",
+        Some(BILLING_TOKEN),
+        404,
+        "not-found",
+    );
+    big_elsewhere.body = vec![b'x'; 5 * 1024];
+    cases.push(big_elsewhere);
+    let mut big_get = refusal(
+        "big body, GET",
+        "/mpc/billing-1/end",
+        Some(BILLING_TOKEN),
+        405,
+        "method-not-allowed",
+    );
+    big_get.method = Method::GET;
+    big_get.body = vec![b'x'; 5 * 1024];
+    cases.push(big_get);
 
     for case in &cases {
         let headers: Vec<(&str, &str)> =
@@ -406,6 +426,51 @@ async fn account_limit_is_shared_by_the_tenants_of_an_account() {
     assert_eq!(h.sim.request_count(), 1);
     h.clock.advance(Duration::from_secs(1));
     assert_eq!(h.end("ops-2", OPS_TOKEN).await.status, 204);
+    h.shutdown().await;
+}
+
+/// The tenant's limit is checked before the account's, and a request the tenant's limit
+/// refuses takes nothing from the account: another tenant of the account still gets
+/// its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_limit_comes_first_and_its_refusal_spends_no_account_cell() {
+    let h = Harness::with(Options {
+        tenant_limit: (1, 1),
+        account_limit: (1, 2),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(h.end("billing-1", BILLING_TOKEN).await.status, 204);
+    let tenant_refused = h.end("billing-2", BILLING_TOKEN).await;
+    tenant_refused.assert_problem(429, "rate-limited");
+    assert_eq!(
+        tenant_refused.header("ratelimit-policy"),
+        Some("\"tenant\";q=1;w=1")
+    );
+    assert_eq!(
+        h.end("ops-1", OPS_TOKEN).await.status,
+        204,
+        "the account's second cell is still there"
+    );
+    let account_refused = h.end("ops-2", OPS_TOKEN).await;
+    account_refused.assert_problem(429, "rate-limited");
+    assert_eq!(
+        account_refused.header("ratelimit-policy"),
+        Some("\"account\";q=2;w=2")
+    );
+    assert_eq!(h.sim.request_count(), 2);
+    let reasons: Vec<_> = h.records().iter().map(|r| r["reason"].clone()).collect();
+    assert_eq!(
+        reasons,
+        [
+            serde_json::Value::Null,
+            "ended".into(),
+            "rate-limited".into(),
+            serde_json::Value::Null,
+            "ended".into(),
+            "rate-limited".into(),
+        ]
+    );
     h.shutdown().await;
 }
 

@@ -68,6 +68,24 @@ fn minimal_config_gets_defaults() {
     assert_eq!(config.audit.rotate_bytes, 104_857_600);
     assert!(config.audit.hmac_key.is_none());
     assert_eq!(config.log.format, LogFormat::Json);
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.worker_threads, 0, "one worker per CPU");
+    assert_eq!(config.rate_limit_store, RateLimitStoreSettings::Local);
+}
+
+#[test]
+fn a_redis_store_given_only_its_url_gets_the_documented_defaults() {
+    let fixture = Fixture::new();
+    let yaml =
+        format!("{MINIMAL}rate_limit_store:\n  kind: redis\n  url: redis://127.0.0.1:6379/0\n");
+    let config = fixture.load(&yaml).expect("valid");
+    let RateLimitStoreSettings::Redis(redis) = &config.rate_limit_store else {
+        panic!("kind: redis gives the Redis store");
+    };
+    assert_eq!(redis.url, "redis://127.0.0.1:6379/0");
+    assert_eq!(redis.key_prefix, "mpc-gateway");
+    assert_eq!(redis.timeout, Duration::from_millis(50));
+    assert_eq!(redis.on_error, OnStoreError::Local);
 }
 
 #[test]

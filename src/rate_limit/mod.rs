@@ -488,6 +488,9 @@ mod tests {
         let (_, clock) = manual();
         let limiter = Limiter::new(LimitKind::Tenant, limit(5, 10), clock);
         assert_eq!(limiter.policy_header(), "\"tenant\";q=10;w=2");
+        // `w` rounds up: a burst of 3 at 2 per second refills in 1.5 s.
+        let uneven = Limiter::new(LimitKind::Tenant, limit(2, 3), manual().1);
+        assert_eq!(uneven.policy_header(), "\"tenant\";q=3;w=2");
         let decision = limiter.check();
         assert_eq!(limiter.state_header(decision), "\"tenant\";r=9;t=0");
         assert_eq!(
