@@ -1,6 +1,7 @@
 //! The admin listener: `GET /healthz` (the process runs), `GET /readyz` (config loaded,
-//! audit log writable, not draining) and `GET /metrics` (Prometheus text). It stays up
-//! while the data listener drains, so probes see the 503.
+//! audit log writable, not draining) and `GET /metrics` (Prometheus text, or OpenMetrics
+//! for a scraper that asks for it). It stays up while the data listener drains, so
+//! probes see the 503.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use tokio::sync::Semaphore;
 use crate::gateway::Gateway;
 use crate::server::accept_within;
 
-/// prometheus-client writes OpenMetrics text (it ends with `# EOF`).
-const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What Prometheus asks for first; prometheus-client writes it (it ends with `# EOF`).
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, for every scraper that does not ask for OpenMetrics.
+const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Admin connections open at once; more wait in the kernel's accept queue. Probes and
 /// scrapers need a handful; the cap keeps a flood of idle connections from taking the
@@ -47,7 +50,7 @@ async fn serve_at_most(listener: TcpListener, gateway: Gateway, max_connections:
     while let Some((permit, stream, _)) = accept_within(&listener, &connections, "admin").await {
         let gateway = gateway.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let response = answer(&gateway, request.method(), request.uri().path());
+            let response = answer(&gateway, &request);
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = builder
@@ -71,7 +74,8 @@ pub fn readiness(gateway: &Gateway) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn answer(gateway: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes>> {
+fn answer<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Bytes>> {
+    let (method, path) = (request.method(), request.uri().path());
     if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -92,13 +96,45 @@ fn answer(gateway: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes
             ),
         },
         _ => {
-            let mut response = text(StatusCode::OK, &gateway.metrics().encode());
+            let metrics = gateway.metrics();
+            let (body, content_type) = if accepts_openmetrics(request.headers()) {
+                (metrics.encode(), OPENMETRICS_CONTENT_TYPE)
+            } else {
+                (
+                    metrics.encode_prometheus_text(),
+                    PROMETHEUS_TEXT_CONTENT_TYPE,
+                )
+            };
+            let mut response = text(StatusCode::OK, &body);
             response
                 .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         }
     }
+}
+
+/// Whether the scraper lists OpenMetrics in `Accept` (Prometheus does, first), and not
+/// with `q=0`.
+fn accepts_openmetrics(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let is_openmetrics = parts
+                .next()
+                .is_some_and(|media| media.eq_ignore_ascii_case("application/openmetrics-text"));
+            let refused = parts.any(|param| {
+                param
+                    .strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            is_openmetrics && !refused
+        })
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -117,6 +153,7 @@ mod tests {
     use crate::audit::AuditLog;
     use crate::rate_limit::LimiterClock;
     use crate::telemetry::Metrics;
+    use http_body_util::BodyExt as _;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -136,6 +173,60 @@ mod tests {
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.expect("read");
         answer
+    }
+
+    /// Prometheus asks for OpenMetrics first and gets it; anything else (curl, promtool,
+    /// a refusal of OpenMetrics with `q=0`) gets the classic text format.
+    #[tokio::test]
+    async fn metrics_are_openmetrics_only_for_a_scraper_that_asks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gateway = gateway(dir.path());
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, openmetrics) in [
+            (Some(prometheus), true),
+            (None, false),
+            (Some("*/*"), false),
+            (Some("text/plain;version=0.0.4"), false),
+            (Some("application/openmetrics-text; q=0"), false),
+        ] {
+            let mut request = Request::get("/metrics");
+            if let Some(accept) = accept {
+                request = request.header(http::header::ACCEPT, accept);
+            }
+            let response = answer(&gateway, &request.body(()).expect("request"));
+            let content_type = response.headers()[CONTENT_TYPE]
+                .to_str()
+                .unwrap_or("")
+                .to_owned();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            let body = String::from_utf8_lossy(&body);
+            if openmetrics {
+                assert!(
+                    content_type.starts_with("application/openmetrics-text"),
+                    "{accept:?}"
+                );
+                assert!(body.ends_with("# EOF\n"), "{accept:?}");
+            } else {
+                assert!(
+                    content_type.starts_with("text/plain; version=0.0.4"),
+                    "{accept:?}"
+                );
+                assert!(!body.contains("# EOF"), "{accept:?}");
+                assert!(
+                    body.contains("# TYPE mpc_gateway_requests_total counter\n"),
+                    "{accept:?}"
+                );
+                assert!(
+                    body.contains("# TYPE mpc_gateway_build_info gauge\n"),
+                    "{accept:?}"
+                );
+            }
+        }
     }
 
     /// Connections beyond the cap wait, unanswered, until one of those open closes.

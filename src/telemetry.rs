@@ -388,13 +388,66 @@ impl Metrics {
         self.open_connections.get()
     }
 
-    /// Prometheus text exposition format.
+    /// OpenMetrics text, what Prometheus asks for first.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools that ask for
+    /// nothing else (curl, promtool, older agents).
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.encode())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4. The samples are the same; the
+/// metadata differs: a counter family is named with its `_total` suffix, an info family
+/// becomes a gauge named `<name>_info`, `unknown` is `untyped`, and there are no `# UNIT`
+/// lines and no `# EOF`.
+fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let renamed: std::collections::HashMap<&str, (String, &str)> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .filter_map(|(family, kind)| match kind {
+            "counter" => Some((family, (format!("{family}_total"), "counter"))),
+            "info" => Some((family, (format!("{family}_info"), "gauge"))),
+            "unknown" => Some((family, (family.to_owned(), "untyped"))),
+            _ => None,
+        })
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let metadata = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match metadata {
+            Some((prefix, rest)) => {
+                let (family, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                match renamed.get(family) {
+                    Some((name, kind)) => {
+                        let tail = if prefix == "# TYPE " { *kind } else { tail };
+                        out.push_str(&format!("{prefix}{name} {tail}\n"));
+                    }
+                    None => {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Reads the current count of one labelled series from the exposition text; for tests
@@ -408,6 +461,43 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::openmetrics_to_prometheus_text;
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let openmetrics = "# HELP mpc_gateway_requests Requests answered.\n\
+# TYPE mpc_gateway_requests counter\n\
+mpc_gateway_requests_total{tenant=\"a\",reason=\"ended\"} 3\n\
+# HELP mpc_gateway_open_connections Open connections.\n\
+# TYPE mpc_gateway_open_connections gauge\n\
+mpc_gateway_open_connections 2\n\
+# HELP mpc_gateway_build The running build.\n\
+# TYPE mpc_gateway_build info\n\
+mpc_gateway_build_info{version=\"0.1.0\"} 1\n\
+# HELP mpc_gateway_wait Seconds waited.\n\
+# TYPE mpc_gateway_wait histogram\n\
+# UNIT mpc_gateway_wait seconds\n\
+mpc_gateway_wait_sum 0.5\n\
+mpc_gateway_wait_count 1\n\
+mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n\
+# EOF\n";
+        let expected = "# HELP mpc_gateway_requests_total Requests answered.\n\
+# TYPE mpc_gateway_requests_total counter\n\
+mpc_gateway_requests_total{tenant=\"a\",reason=\"ended\"} 3\n\
+# HELP mpc_gateway_open_connections Open connections.\n\
+# TYPE mpc_gateway_open_connections gauge\n\
+mpc_gateway_open_connections 2\n\
+# HELP mpc_gateway_build_info The running build.\n\
+# TYPE mpc_gateway_build_info gauge\n\
+mpc_gateway_build_info{version=\"0.1.0\"} 1\n\
+# HELP mpc_gateway_wait Seconds waited.\n\
+# TYPE mpc_gateway_wait histogram\n\
+mpc_gateway_wait_sum 0.5\n\
+mpc_gateway_wait_count 1\n\
+mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
+        assert_eq!(openmetrics_to_prometheus_text(openmetrics), expected);
+    }
+
     use super::*;
     use tracing::Level;
 
