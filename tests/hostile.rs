@@ -71,7 +71,11 @@ fn assert_raw_problem(response: &RawResponse, status: u16, slug: &str) {
     let body = response.json();
     assert_eq!(body["type"], format!("urn:mpc-gateway:{slug}"), "{body}");
     assert_eq!(body["status"], status);
-    assert_eq!(body["request_id"].as_str(), response.header("x-request-id"));
+    // Both sides required: comparing two Options would let None == None pass.
+    let header = response
+        .header("x-request-id")
+        .expect("every response carries X-Request-Id");
+    assert_eq!(body["request_id"].as_str(), Some(header), "{body}");
 }
 
 /// The value of one metric series (0 when absent).

@@ -132,10 +132,15 @@ impl Reply {
         assert_eq!(body["type"], format!("urn:mpc-gateway:{slug}"), "{body}");
         assert_eq!(body["status"], status);
         assert!(body["title"].is_string() && body["detail"].is_string());
+        // Both sides required: comparing two Options would let a body without
+        // `request_id` pass when the header is missing too.
+        let header = self
+            .header("x-request-id")
+            .expect("every response carries X-Request-Id");
         assert_eq!(
             body["request_id"].as_str(),
-            self.header("x-request-id"),
-            "request_id in body and header"
+            Some(header),
+            "request_id in body and header: {body}"
         );
     }
 }
