@@ -898,7 +898,10 @@ async fn a_flood_of_unauthenticated_requests_is_refused_with_bounded_audit_volum
                     builder = builder.header("authorization", bogus.as_str());
                 }
                 let request = builder.body(Empty::<Bytes>::new()).expect("request");
-                sender.ready().await.expect("connection kept alive");
+                tokio::time::timeout(WAIT, sender.ready())
+                    .await
+                    .expect("connection ready in time")
+                    .expect("connection kept alive");
                 let response = tokio::time::timeout(WAIT, sender.send_request(request))
                     .await
                     .expect("answered in time")

@@ -380,7 +380,10 @@ tenants:
             .uri(format!("http://{}{path}", self.admin_addr()))
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let response = self.client.request(request).await.expect("admin answered");
+        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(request))
+            .await
+            .expect("admin answered within 15 s")
+            .expect("admin answered");
         let (parts, body) = response.into_parts();
         Reply {
             status: parts.status.as_u16(),
