@@ -35,7 +35,12 @@ fn command(args: &[&str]) -> Command {
 /// Runs to completion with `stdin`, killing the child if it takes longer than
 /// [`PROCESS_TIMEOUT`].
 fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = command(args)
+    run_command(command(args), stdin)
+}
+
+/// [`run`] for a command set up by the caller (e.g. its working directory).
+fn run_command(mut command: Command, stdin: &[u8]) -> Output {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -48,9 +53,8 @@ fn run(args: &[&str], stdin: &[u8]) -> Output {
     });
     let stdout = collect(child.stdout.take().expect("stdout"));
     let stderr = collect(child.stderr.take().expect("stderr"));
-    let status = wait_bounded(&mut child, PROCESS_TIMEOUT).unwrap_or_else(|| {
-        panic!("mpc-gateway {args:?} did not finish within {PROCESS_TIMEOUT:?}")
-    });
+    let status = wait_bounded(&mut child, PROCESS_TIMEOUT)
+        .unwrap_or_else(|| panic!("{command:?} did not finish within {PROCESS_TIMEOUT:?}"));
     let _ = writer.join();
     Output {
         status,
@@ -224,7 +228,9 @@ fn replaced(text: &str, from: &str, to: &str) -> String {
     text.replace(from, to)
 }
 
-const BASE: &str = "https://api.plivo.com";
+/// Only parsed (check-config, or a `serve` that refuses its config): an unroutable
+/// loopback port, so that nothing here could ever reach the real Plivo.
+const BASE: &str = "https://127.0.0.1:9";
 const ALLOW: &str = "\"billing-*\"";
 
 #[test]
@@ -307,10 +313,9 @@ fn serve_refuses_a_bad_config_and_names_its_key_path() {
 fn the_default_config_is_config_gateway_yaml() {
     let c = ConfigDir::new();
     let cwd = tempfile::tempdir().expect("tempdir");
-    let out = command(&["check-config"])
-        .current_dir(cwd.path())
-        .output()
-        .expect("run");
+    let mut check = command(&["check-config"]);
+    check.current_dir(cwd.path());
+    let out = run_command(check, b"");
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("config/gateway.yaml"),
@@ -319,10 +324,9 @@ fn the_default_config_is_config_gateway_yaml() {
     );
     std::fs::create_dir(cwd.path().join("config")).expect("mkdir");
     std::fs::write(cwd.path().join("config/gateway.yaml"), c.yaml(BASE, ALLOW)).expect("write");
-    let out = command(&["check-config"])
-        .current_dir(cwd.path())
-        .output()
-        .expect("run");
+    let mut check = command(&["check-config"]);
+    check.current_dir(cwd.path());
+    let out = run_command(check, b"");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("config/gateway.yaml: configuration OK"),
@@ -1240,12 +1244,19 @@ fn serve_leaves_every_audit_file_owner_only_across_rotations() {
 // demo (README command 1)
 // ---------------------------------------------------------------------------------------
 
-/// `mpc-gateway demo` as a newcomer runs it, from an empty directory (the demo's config
-/// is built in): its printed `curl` line ends an MPC through the gateway (`204`, then
-/// `404`), Ctrl-C stops it with exit 0, and the audit log it wrote under the current
-/// directory verifies.
-/// The test holds port 8080 itself, so the demo's move to free ports is exercised too and
-/// the test never takes a port someone else may want.
+/// A demo process, killed and reaped when dropped: a failed assertion must not leave it
+/// serving after the test.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Ctrl-C: the demo stops with exit 0.
 fn interrupt_and_expect_a_clean_exit(child: &mut std::process::Child) {
     let interrupt = Command::new("kill")
@@ -1272,6 +1283,12 @@ fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rec
     lines
 }
 
+/// `mpc-gateway demo` as a newcomer runs it, from an empty directory (the demo's config
+/// is built in): its printed `curl` line ends an MPC through the gateway (`204`, then
+/// `404`), Ctrl-C stops it with exit 0, and the audit log it wrote under the current
+/// directory verifies.
+/// The test holds port 8080 itself, so the demo's move to free ports is exercised too and
+/// the test never takes a port someone else may want.
 #[test]
 fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1286,11 +1303,11 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
         .spawn()
         .expect("spawn demo");
     let lines = lines_of(child.stdout.take().expect("stdout"));
+    let mut demo = Demo(child);
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     let curl = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = lines.recv_timeout(left) else {
-            let _ = child.kill();
             panic!("the demo printed no curl line within {PROCESS_TIMEOUT:?}");
         };
         if line.trim_start().starts_with("curl ") {
@@ -1318,12 +1335,11 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     assert_eq!(status, 404, "a second call: {body}");
     assert!(body.contains("urn:mpc-gateway:mpc-not-found"), "{body}");
 
-    interrupt_and_expect_a_clean_exit(&mut child);
+    interrupt_and_expect_a_clean_exit(&mut demo.0);
 
-    let verify = command(&["audit", "verify", "target/demo/audit.jsonl"])
-        .current_dir(dir.path())
-        .output()
-        .expect("run audit verify");
+    let mut verify = command(&["audit", "verify", "target/demo/audit.jsonl"]);
+    verify.current_dir(dir.path());
+    let verify = run_command(verify, b"");
     assert!(verify.status.success(), "{verify:?}");
     assert_eq!(
         text(&verify.stdout),
@@ -1348,11 +1364,11 @@ fn demo_keeps_running_when_its_stdout_has_no_reader() {
         .spawn()
         .expect("spawn demo");
     let lines = lines_of(child.stderr.take().expect("stderr"));
+    let mut demo = Demo(child);
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = lines.recv_timeout(left) else {
-            let _ = child.kill();
             panic!("the demo did not log that it listens within {PROCESS_TIMEOUT:?}");
         };
         if line.contains("mpc-gateway listening") {
@@ -1361,11 +1377,11 @@ fn demo_keeps_running_when_its_stdout_has_no_reader() {
     }
     // The instructions are written right after that line.
     let died = eventually(Duration::from_secs(1), || {
-        matches!(child.try_wait(), Ok(Some(_)))
+        matches!(demo.0.try_wait(), Ok(Some(_)))
     });
     if died {
         let rest: Vec<String> = lines.try_iter().collect();
         panic!("the demo died without a reader: {}", rest.join("\n"));
     }
-    interrupt_and_expect_a_clean_exit(&mut child);
+    interrupt_and_expect_a_clean_exit(&mut demo.0);
 }

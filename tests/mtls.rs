@@ -288,7 +288,7 @@ async fn tls_request(
     let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
         .await
         .map_err(|_| "handshake timed out".to_owned())?
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| format!("handshake: {}", with_causes(&e)))?;
     let server_cert_fp = tls
         .get_ref()
         .1
@@ -299,8 +299,8 @@ async fn tls_request(
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
             .await
-            .map_err(|e| format!("http handshake: {e}"))?;
-    tokio::spawn(connection);
+            .map_err(|e| format!("http handshake: {}", with_causes(&e)))?;
+    let connection = tokio::spawn(connection);
     let mut request = Request::builder()
         .method(method)
         .uri(path)
@@ -309,10 +309,25 @@ async fn tls_request(
         request = request.header(*name, *value);
     }
     let request = request.body(Empty::new()).expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
-        .await
-        .map_err(|_| "no answer".to_owned())?
-        .map_err(|e| format!("request: {e}"))?;
+    let response =
+        match tokio::time::timeout(Duration::from_secs(5), sender.send_request(request)).await {
+            Err(_) => return Err("no answer".to_owned()),
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => {
+                // What ended the connection (e.g. the server's TLS alert) is the connection
+                // task's error; the request may only see that it was cancelled.
+                let ended = match tokio::time::timeout(Duration::from_secs(5), connection).await {
+                    Ok(Ok(Err(cause))) => with_causes(&cause),
+                    Ok(Ok(Ok(()))) => "closed".to_owned(),
+                    Ok(Err(panicked)) => panicked.to_string(),
+                    Err(_) => "still open".to_owned(),
+                };
+                return Err(format!(
+                    "request: {}; connection: {ended}",
+                    with_causes(&err)
+                ));
+            }
+        };
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let _ = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect()).await;
@@ -321,6 +336,53 @@ async fn tls_request(
         headers,
         server_cert_fp,
     })
+}
+
+/// `err` and its sources as one line: hyper's own message ("connection error") leaves
+/// out the TLS alert that caused it.
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+/// Asserts that the gateway refused the TLS handshake of `outcome` with the fatal
+/// `alert` (rustls's name for it). With TLS 1.3 the client's side of the handshake is
+/// done before the server has checked the client's certificate, so the alert can surface
+/// on the request or its connection instead of in `connect`: any step's error may carry
+/// it. The alert tells the refusals apart: `CertificateExpired`, `CertificateRequired`,
+/// and `DecryptError` for another CA's certificate (every test CA has the same name, so
+/// the chain is built to the trusted CA and its signature does not verify).
+fn assert_handshake_refused(outcome: Result<Answer, String>, alert: &str, what: &str) {
+    match outcome {
+        Ok(answer) => panic!("{what}: served, status {}", answer.status),
+        Err(err) => assert!(
+            err.contains(&format!("received fatal alert: {alert}")),
+            "{what}: not a TLS handshake refused with {alert}: {err}"
+        ),
+    }
+}
+
+/// The data listener's refused handshakes, as the admin listener counts them.
+const TLS_REJECTED: &str = "mpc_gateway_http_rejected_total{kind=\"tls-handshake\"}";
+
+/// Waits (at most 5 s) until `TLS_REJECTED` reaches `count`: the gateway counts a refusal
+/// after sending its alert, so the client may see the alert first.
+async fn assert_handshakes_refused(admin: SocketAddr, count: f64) {
+    let reached = common::eventually_async(Duration::from_secs(5), || async {
+        metric(admin, TLS_REJECTED).await == count
+    })
+    .await;
+    assert!(
+        reached,
+        "{count} refused handshakes counted, not {}",
+        metric(admin, TLS_REJECTED).await
+    );
 }
 
 /// SHA-256 (hex) of the first certificate in `pem`, as [`Answer::server_cert_fp`].
@@ -524,6 +586,7 @@ async fn an_unknown_san_authenticates_nobody_but_a_token_still_can() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_from_another_ca_or_expired_are_refused_at_the_handshake() {
     let g = MtlsGateway::start(false).await;
+    let admin = g.gateway.admin_addr();
     let stranger = generate_pki(&["localhost"]).expect("other ca");
     let foreign = stranger.issue_client_cert(&[BILLING_SAN]).expect("cert");
     let refused = end_over_tls(
@@ -533,10 +596,7 @@ async fn certificates_from_another_ca_or_expired_are_refused_at_the_handshake() 
         None,
     )
     .await;
-    assert!(
-        refused.is_err(),
-        "a certificate from another CA must be refused"
-    );
+    assert_handshake_refused(refused, "DecryptError", "a certificate from another CA");
 
     let expired = g
         .pki
@@ -549,8 +609,20 @@ async fn certificates_from_another_ca_or_expired_are_refused_at_the_handshake() 
         None,
     )
     .await;
-    assert!(refused.is_err(), "an expired certificate must be refused");
+    assert_handshake_refused(refused, "CertificateExpired", "an expired certificate");
     assert!(g.audit().is_empty(), "nothing reached the request path");
+    assert_handshakes_refused(admin, 2.0).await;
+
+    // The listener still serves a valid certificate.
+    let valid = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let served = end_over_tls(
+        &g,
+        client_config(&g.pki.ca_cert_pem, Some(&valid)),
+        "billing-1",
+        None,
+    )
+    .await;
+    assert_eq!(served.expect("served").status, 204);
     g.gateway.shutdown().await.expect("shutdown");
 }
 
@@ -565,11 +637,22 @@ async fn without_a_client_certificate_bearer_works_unless_one_is_required() {
     let required = MtlsGateway::start(true).await;
     let config = client_config(&required.pki.ca_cert_pem, None);
     let refused = end_over_tls(&required, config, "billing-1", Some(BILLING_TOKEN)).await;
-    assert!(
-        refused.is_err(),
-        "no client certificate with require_client_cert"
+    assert_handshake_refused(
+        refused,
+        "CertificateRequired",
+        "no client certificate with require_client_cert",
     );
     assert!(required.audit().is_empty());
+    assert_handshakes_refused(required.gateway.admin_addr(), 1.0).await;
+
+    // A certificate is all it takes: the listener still serves.
+    let cert = required
+        .pki
+        .issue_client_cert(&[BILLING_SAN])
+        .expect("cert");
+    let config = client_config(&required.pki.ca_cert_pem, Some(&cert));
+    let served = end_over_tls(&required, config, "billing-1", Some(BILLING_TOKEN)).await;
+    assert_eq!(served.expect("served with a certificate").status, 204);
     required.gateway.shutdown().await.expect("shutdown");
 }
 
@@ -636,7 +719,9 @@ async fn a_rotated_client_ca_decides_which_certificates_new_connections_may_pres
     let served = end_over_tls(&g, Arc::clone(&as_old), "billing-1", None).await;
     assert_eq!(served.expect("old CA trusted").status, 204);
     let refused = end_over_tls(&g, Arc::clone(&as_new), "billing-2", None).await;
-    assert!(refused.is_err(), "the new CA is not trusted yet");
+    assert_handshake_refused(refused, "DecryptError", "the new CA, not trusted yet");
+    let admin = g.gateway.admin_addr();
+    assert_handshakes_refused(admin, 1.0).await;
 
     // Both CAs in the file: both certificates are accepted.
     g.write_client_ca(&format!("{}{}", g.pki.ca_cert_pem, next.ca_cert_pem));
@@ -654,12 +739,13 @@ async fn a_rotated_client_ca_decides_which_certificates_new_connections_may_pres
     g.gateway.reload_from(&g.config_path).expect("reload");
     let audited = g.audit().len();
     let refused = end_over_tls(&g, Arc::clone(&as_old), "billing-5", None).await;
-    assert!(refused.is_err(), "the old CA is no longer trusted");
+    assert_handshake_refused(refused, "DecryptError", "the old CA, no longer trusted");
     assert_eq!(
         g.audit().len(),
         audited,
         "a refused handshake is not audited"
     );
+    assert_handshakes_refused(admin, 2.0).await;
     let served = end_over_tls(&g, as_new, "billing-6", None).await;
     assert_eq!(served.expect("new CA trusted").status, 204);
     let record = g.audit().pop().expect("record");
@@ -722,7 +808,7 @@ async fn a_dns_san_authenticates_its_tenant_and_other_sans_do_not() {
 async fn plain_http_to_the_tls_listener_is_refused_before_any_request() {
     let g = MtlsGateway::start(false).await;
     let admin = g.gateway.admin_addr();
-    let rejected = "mpc_gateway_http_rejected_total{kind=\"tls-handshake\"}";
+    let rejected = TLS_REJECTED;
     assert_eq!(metric(admin, rejected).await, 0.0);
     let request = format!(
         "POST /mpc/billing-1/end HTTP/1.1\r\nhost: localhost\r\n\
@@ -817,13 +903,23 @@ async fn serve_rereads_the_listener_certificate_and_client_ca_on_sighup() {
 
     let new_cert = next.issue_client_cert(&[BILLING_SAN]).expect("cert");
     let as_new = client_config(&pki.ca_cert_pem, Some(&new_cert));
-    let after = end_at(served.local, as_new, "billing-2", None)
+    let after = end_at(served.local, Arc::clone(&as_new), "billing-2", None)
         .await
         .expect("served with the new client CA");
     assert_eq!(after.status, 204);
     assert_eq!(after.server_cert_fp, full_fingerprint(&rotated.cert_pem));
     let refused = end_at(served.local, as_old, "billing-3", None).await;
-    assert!(refused.is_err(), "the old client CA is no longer trusted");
+    assert_handshake_refused(
+        refused,
+        "DecryptError",
+        "the old client CA, no longer trusted",
+    );
+    assert_handshakes_refused(admin, 1.0).await;
+    // Still serving the new CA's certificate after the refusal.
+    let again = end_at(served.local, as_new, "billing-4", None)
+        .await
+        .expect("served after a refused handshake");
+    assert_eq!(again.status, 204);
     assert!(served.is_running());
 
     served.signal("TERM");
@@ -838,10 +934,11 @@ async fn serve_rereads_the_listener_certificate_and_client_ca_on_sighup() {
     let results: Vec<_> = records.iter().filter(|r| r["event"] == "result").collect();
     assert_eq!(
         results.len(),
-        2,
-        "billing-1 and billing-2 only: {records:?}"
+        3,
+        "billing-1, billing-2 and billing-4 only: {records:?}"
     );
     assert_eq!(results[0]["token_fp"], fingerprint(&old_cert));
     assert_eq!(results[1]["token_fp"], fingerprint(&new_cert));
-    assert_eq!(sim.request_count(), 2);
+    assert_eq!(results[2]["token_fp"], fingerprint(&new_cert));
+    assert_eq!(sim.request_count(), 3);
 }

@@ -560,6 +560,11 @@ async fn account_limiter_state_survives_a_reload_unless_the_limit_changed() {
 
 /// At most `MAX_IN_FLIGHT` (256) calls to Plivo at once: with every slot held by a slow
 /// call, one more waits (within its deadline) and reaches Plivo only when a slot frees.
+///
+/// The simulator has no gate a test can release, so each slot is held by a `Delay` long
+/// enough that the whole check runs inside it. The extra call's `forward` record is the
+/// evidence that it reached the cap: it is acknowledged right before the upstream call
+/// (DESIGN §3), whose first step is taking a slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_calls_in_flight_are_capped() {
     let cap = mpc_gateway::upstream::MAX_IN_FLIGHT;
@@ -569,10 +574,12 @@ async fn upstream_calls_in_flight_are_capped() {
         ..Options::default()
     })
     .await;
-    let hold = Duration::from_millis(1500);
+    let hold = Duration::from_secs(3);
     for _ in 0..cap {
         h.sim.push_fault(Fault::Delay(hold));
     }
+    // No held call can reach the simulator, let alone be answered, before this.
+    let started = Instant::now();
     let names: Vec<String> = (0..cap).map(|i| format!("billing-held-{i}")).collect();
     let held = futures_util::future::join_all(names.iter().map(|name| h.end(name, BILLING_TOKEN)));
     let extra = async {
@@ -584,8 +591,20 @@ async fn upstream_calls_in_flight_are_capped() {
             "the first {cap} calls reached the simulator"
         );
         let (reply, seen_while_full) = tokio::join!(h.end("billing-extra", BILLING_TOKEN), async {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            h.sim.request_count()
+            assert!(
+                eventually_async(hold, || async { has_forward_record(&h, "billing-extra") }).await,
+                "the extra call's forward record was written"
+            );
+            // Time for a call past the cap to reach Plivo, were it not held there.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let seen = h.sim.request_count();
+            assert!(
+                started.elapsed() < hold,
+                "sampled {:?} after the held calls were sent, not within their {hold:?}: \
+                 a slot may have freed already",
+                started.elapsed()
+            );
+            seen
         });
         (reply, seen_while_full)
     };
@@ -604,6 +623,15 @@ async fn upstream_calls_in_flight_are_capped() {
         .expect("the extra call's result record");
     assert_eq!(result["attempts"], 1);
     h.shutdown().await;
+}
+
+/// Whether the audit log holds a `forward` record for `mpc`. Read while the gateway
+/// writes, so a line still being written is skipped rather than parsed.
+fn has_forward_record(h: &Harness, mpc: &str) -> bool {
+    let text = std::fs::read_to_string(&h.audit_path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|record| record["event"] == "forward" && record["mpc"] == mpc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,10 +681,9 @@ async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connectio
     let again = format!(
         "POST /mpc/billing-late/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 0\r\n\r\n"
     );
+    // A failed write means the gateway already closed it; the read below sees that too.
     let _ = idle.write_all(again.as_bytes()).await;
-    let mut late = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut late)).await;
-    let late = String::from_utf8_lossy(&late).into_owned();
+    let late = closed_or_answered(&mut idle, Duration::from_secs(5)).await;
     if !late.is_empty() {
         assert!(late.starts_with("HTTP/1.1 503"), "{late}");
         assert!(late.contains("urn:mpc-gateway:shutting-down"), "{late}");
@@ -869,6 +896,35 @@ async fn read_one_response_head(stream: &mut TcpStream) -> String {
         buf.extend_from_slice(&chunk[..n]);
     }
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Reads `stream` until the server closes it (EOF or a reset) or a complete response has
+/// arrived, and returns what was read (empty when it closed without answering). Panics
+/// when neither happens `within`: a connection left hanging is a failure, not a pass.
+async fn closed_or_answered(stream: &mut TcpStream, within: Duration) -> String {
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "neither closed nor answered within {within:?}; received {:?}",
+                    String::from_utf8_lossy(&received)
+                )
+            });
+        match read {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(err) => panic!("reading the idle connection: {err}"),
+        }
+        if !parse_responses(&received).0.is_empty() {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -36,7 +36,11 @@ fn assert_plivo_error(reply: &Reply, status: u16) {
     assert_eq!(reply.status, status, "{:?}", reply.body);
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let body = reply.json();
-    assert_eq!(body["api_id"].as_str(), reply.header("x-request-id"));
+    // Both sides required: comparing two Options would let None == None pass.
+    let header = reply
+        .header("x-request-id")
+        .expect("every response carries X-Request-Id");
+    assert_eq!(body["api_id"].as_str(), Some(header), "{body}");
     assert!(
         body["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{body}"

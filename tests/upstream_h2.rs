@@ -15,7 +15,8 @@ use common::*;
 use http::Method;
 use mpc_gateway::simulator::{Fault, RecordedRequest};
 
-/// How much later than `timeout` a timed-out call may answer.
+/// How much later than `timeout` a timed-out call may answer: scheduling and the reply.
+/// Tests bounded by it run with `fsync: never`, so the disk is not part of the budget.
 const SLACK: Duration = Duration::from_millis(700);
 
 const HTTP2: &str = "HTTP/2.0";
@@ -341,6 +342,7 @@ async fn a_slow_http2_stream_times_out_without_poisoning_the_connection() {
     let timeout = Duration::from_secs(1);
     let h = h2_harness(Options {
         timeout: "1s",
+        fsync: "never",
         ..Options::default()
     })
     .await;

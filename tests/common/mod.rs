@@ -132,10 +132,15 @@ impl Reply {
         assert_eq!(body["type"], format!("urn:mpc-gateway:{slug}"), "{body}");
         assert_eq!(body["status"], status);
         assert!(body["title"].is_string() && body["detail"].is_string());
+        // Both sides required: comparing two Options would let a body without
+        // `request_id` pass when the header is missing too.
+        let header = self
+            .header("x-request-id")
+            .expect("every response carries X-Request-Id");
         assert_eq!(
             body["request_id"].as_str(),
-            self.header("x-request-id"),
-            "request_id in body and header"
+            Some(header),
+            "request_id in body and header: {body}"
         );
     }
 }
@@ -375,7 +380,10 @@ tenants:
             .uri(format!("http://{}{path}", self.admin_addr()))
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let response = self.client.request(request).await.expect("admin answered");
+        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(request))
+            .await
+            .expect("admin answered within 15 s")
+            .expect("admin answered");
         let (parts, body) = response.into_parts();
         Reply {
             status: parts.status.as_u16(),
