@@ -293,7 +293,7 @@ impl Gateway {
             .await?;
         let credentials = Arc::clone(&account.credentials);
         Ok(Admitted {
-            runtime: Arc::clone(&runtime),
+            runtime,
             credentials,
             mpc,
         })
