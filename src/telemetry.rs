@@ -424,30 +424,28 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        let metadata = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
-        match metadata {
-            Some((prefix, rest)) => {
-                let (family, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                match renamed.get(family) {
-                    Some((name, kind)) => {
-                        let tail = if prefix == "# TYPE " { *kind } else { tail };
-                        out.push_str(&format!("{prefix}{name} {tail}\n"));
-                    }
-                    None => {
-                        out.push_str(line);
-                        out.push('\n');
-                    }
-                }
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
+        match renamed_metadata(line, &renamed) {
+            Some(rewritten) => out.push_str(&rewritten),
+            None => out.push_str(line),
         }
+        out.push('\n');
     }
     out
+}
+
+/// A `# HELP` or `# TYPE` line of a family that [`openmetrics_to_prometheus_text`]
+/// renames, under its new name (and, for `# TYPE`, its new type).
+fn renamed_metadata(
+    line: &str,
+    renamed: &std::collections::HashMap<&str, (String, &str)>,
+) -> Option<String> {
+    let (prefix, rest) = ["# HELP ", "# TYPE "]
+        .into_iter()
+        .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)))?;
+    let (family, tail) = rest.split_once(' ')?;
+    let (name, kind) = renamed.get(family)?;
+    let tail = if prefix == "# TYPE " { kind } else { tail };
+    Some(format!("{prefix}{name} {tail}"))
 }
 
 /// Reads the current count of one labelled series from the exposition text; for tests
@@ -461,7 +459,8 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::openmetrics_to_prometheus_text;
+    use super::*;
+    use tracing::Level;
 
     #[test]
     fn openmetrics_becomes_prometheus_text() {
@@ -497,9 +496,6 @@ mpc_gateway_wait_count 1\n\
 mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
         assert_eq!(openmetrics_to_prometheus_text(openmetrics), expected);
     }
-
-    use super::*;
-    use tracing::Level;
 
     #[test]
     fn log_filter_takes_a_level_or_target_directives() {
