@@ -52,24 +52,6 @@ async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
     status_of(&answer)
 }
 
-/// Polls `condition` every 20 ms until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn write_config(h: &Harness, yaml: &str) {
     std::fs::write(&h.config_path, yaml).expect("write config");
 }
@@ -418,7 +400,7 @@ async fn a_reload_during_a_by_uuid_lookup_that_narrows_the_allow_list_is_obeyed(
         r#"allow: ["billing-daily"]"#,
     );
     let reload_during_lookup = async {
-        let looking_up = eventually(Duration::from_secs(10), || async {
+        let looking_up = eventually_async(Duration::from_secs(10), || async {
             h.sim.request_count() == 1
         })
         .await;
@@ -656,7 +638,7 @@ async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connectio
     let shutdown = tokio::spawn(gateway.shutdown());
 
     assert!(
-        eventually(Duration::from_secs(2), || async {
+        eventually_async(Duration::from_secs(2), || async {
             TcpStream::connect(addr).await.is_err()
         })
         .await,
@@ -831,7 +813,7 @@ async fn a_request_not_yet_forwarded_when_the_grace_runs_out_gets_a_denied_recor
     waiting.write_all(head.as_bytes()).await.expect("write");
     // The head is read and the request is waiting for its body.
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually_async(Duration::from_secs(5), || async {
             value(&metrics_text(&h).await, "mpc_gateway_open_connections") >= 1.0
         })
         .await
@@ -872,7 +854,7 @@ async fn end_in_background(
         raw_exchange(addr, request.as_bytes(), Duration::from_secs(10)).await
     });
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually_async(Duration::from_secs(5), || async {
             h.sim.request_count() >= forwarded
         })
         .await,
@@ -988,7 +970,7 @@ async fn slowloris_partial_head_is_closed_by_the_header_timeout() {
     // What the HTTP layer refuses is counted in a metric instead of the audit log.
     let series = "mpc_gateway_http_rejected_total{kind=\"header-timeout\"}";
     assert!(
-        eventually(Duration::from_secs(2), || async {
+        eventually_async(Duration::from_secs(2), || async {
             sample(&metrics_text(&h).await, series) == Some(1.0)
         })
         .await,
@@ -1022,7 +1004,7 @@ async fn idle_keep_alive_connection_is_closed_by_the_header_timeout() {
     assert_eq!(h.records().len(), 2, "only the one request was recorded");
     let idle = "mpc_gateway_http_rejected_total{kind=\"idle-timeout\"}";
     assert!(
-        eventually(Duration::from_secs(2), || async {
+        eventually_async(Duration::from_secs(2), || async {
             sample(&metrics_text(&h).await, idle) == Some(1.0)
         })
         .await,
@@ -1074,7 +1056,7 @@ async fn a_connection_closed_before_its_first_byte_is_not_counted_as_refused() {
         204
     );
     assert!(
-        eventually(Duration::from_secs(2), || async {
+        eventually_async(Duration::from_secs(2), || async {
             let open = sample(&metrics_text(&h).await, "mpc_gateway_open_connections");
             matches!(open, Some(n) if n <= 1.0)
         })
@@ -1294,7 +1276,7 @@ async fn a_result_record_that_cannot_be_written_still_answers_the_real_outcome()
 
     std::fs::remove_file(mount.path.join("filler")).expect("remove filler");
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually_async(Duration::from_secs(10), || async {
             h.admin_get("/readyz").await.status == 200
         })
         .await,
@@ -1371,7 +1353,7 @@ async fn full_disk_fails_closed_and_recovers(fsync: &'static str) {
 
     std::fs::remove_file(&filler).expect("remove filler");
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually_async(Duration::from_secs(10), || async {
             h.admin_get("/readyz").await.status == 200
         })
         .await,
