@@ -422,9 +422,9 @@ async fn a_connect_that_gets_no_syn_ack_times_out_and_is_retried() {
     let connect_timeout = Duration::from_millis(300);
     let Some(upstream) = FullBacklog::bind().await else {
         eprintln!(
-            "SKIPPED a_connect_that_gets_no_syn_ack_times_out_and_is_retried: this kernel \
-             completed or refused every connect to a listener with a full accept queue, \
-             so it cannot make a connect hang"
+            "SKIPPED a_connect_that_gets_no_syn_ack_times_out_and_is_retried: on this \
+             kernel 8 connects to a never-accepting listener of backlog 1 all completed, \
+             or one was refused at once: no connect could be made to hang"
         );
         return;
     };
