@@ -640,11 +640,16 @@ fn try_http(
 }
 
 fn end(served: &Served, name: &str) -> (u16, String) {
+    end_as(served, name, CALLER_TOKEN)
+}
+
+/// [`end`] with another caller token.
+fn end_as(served: &Served, name: &str, token: &str) -> (u16, String) {
     http(
         served.local,
         "POST",
         &format!("/mpc/{name}/end"),
-        Some(CALLER_TOKEN),
+        Some(token),
     )
 }
 
@@ -781,6 +786,76 @@ fn serve_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     }
 }
 
+/// The caller token that replaces [`CALLER_TOKEN`] in a rotation.
+const ROTATED_TOKEN: &str = "cli-test-rotated-caller-token";
+
+/// DESIGN §5: SIGHUP re-reads the config, and that is how a leaked caller token is
+/// revoked: the file's hash for billing changes from the old token's to a new one's.
+/// Until the reload the old token is admitted and the new one is not; once the reload is
+/// reported (its `ok` count and its log line, awaited within 10 s) the old token is `401`
+/// and never forwarded, and the new one ends MPCs.
+#[test]
+fn sighup_rotating_a_tenant_token_refuses_the_old_one_and_admits_the_new() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    let before = c.yaml(&sim.base_url(), ALLOW);
+    c.write(&before);
+    let mut served = Served::start(&c.config_path());
+    assert_eq!(end_as(&served, "billing-1", CALLER_TOKEN).0, 204);
+    assert_eq!(end_as(&served, "billing-2", ROTATED_TOKEN).0, 401);
+
+    c.write(&replaced(
+        &before,
+        &token_hash(CALLER_TOKEN),
+        &token_hash(ROTATED_TOKEN),
+    ));
+    served.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            reloads(&served, "ok") >= 1.0 && served.log_text().contains("configuration reloaded")
+        }),
+        "reload counted and logged; log:\n{}",
+        served.log_text()
+    );
+    assert_eq!(reloads(&served, "error"), 0.0, "{}", served.log_text());
+
+    let (status, body) = end_as(&served, "billing-3", CALLER_TOKEN);
+    assert_eq!(status, 401, "the old token after the reload: {body}");
+    assert!(body.contains("urn:mpc-gateway:unauthenticated"), "{body}");
+    assert_eq!(end_as(&served, "billing-4", ROTATED_TOKEN).0, 204);
+    assert_eq!(
+        sim.sim.request_count(),
+        2,
+        "only billing-1 and billing-4 reached Plivo"
+    );
+
+    served.signal("TERM");
+    assert_eq!(served.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    let records = read_records(&c.audit_path());
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["path"] == "/mpc/billing-3/end")
+        .collect();
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert_eq!(refused[0]["event"], "denied");
+    assert_eq!(refused[0]["reason"], "unauthenticated");
+    assert_eq!(refused[0]["tenant"], serde_json::Value::Null);
+    assert_eq!(
+        refused[0]["token_fp"],
+        hex::encode(Sha256::digest(CALLER_TOKEN.as_bytes()))[..12],
+        "the revoked token's fingerprint, so ops can find the stale client"
+    );
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        6,
+        "2 + 1 + 1 + 2 records: {records:?}"
+    );
+    let log = served.log_text();
+    for secret in [CALLER_TOKEN, ROTATED_TOKEN, PLIVO_TOKEN, HMAC_KEY] {
+        assert!(!log.contains(secret), "the operational log holds a secret");
+    }
+}
+
 #[test]
 fn sigterm_lets_a_slow_in_flight_request_finish() {
     sigterm_drains_with(0);
@@ -895,6 +970,205 @@ fn sigterm_whose_grace_runs_out_writes_the_cut_requests_result() {
     assert_eq!(records[1]["request_id"], records[0]["request_id"]);
     assert_eq!(records[1]["status"], serde_json::Value::Null);
     assert_eq!(records[1]["reason"], "shutting-down");
+}
+
+/// Reads `stream` until the server closes it (EOF or a reset) or one complete response
+/// has arrived, for at most `within`; what was read (empty when it closed without an
+/// answer), or `None` when neither happened in time.
+fn closed_or_answered(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).expect("read timeout");
+        match stream.read(&mut chunk) {
+            Ok(0) => return Some(received),
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            // A reset: the server closed with our bytes unread.
+            Err(_) => return Some(received),
+        }
+        if !common::parse_responses(&received).0.is_empty() {
+            return Some(received);
+        }
+    }
+}
+
+/// A kept-alive `POST /mpc/{name}/end` (no `Connection: close`).
+fn keep_alive_end(name: &str) -> String {
+    format!(
+        "POST /mpc/{name}/end HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {CALLER_TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// DESIGN §5: on a real SIGTERM an idle kept-alive connection (one that already had its
+/// answer) is closed, or answers its next request `503 shutting-down` with `Connection:
+/// close`; either way it does not hold the drain until `shutdown_grace` (10 s here) runs
+/// out. The next request is sent once the drain is under way (`/readyz` 503, or the
+/// process already gone), so a `204` cannot be an answer that simply came first; the
+/// connection must be done with within 5 s of the signal, and the process exit 0 within
+/// 8 s, before the grace could have run out.
+#[test]
+fn sigterm_closes_an_idle_kept_alive_connection_or_answers_it_503() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&replaced(
+        &c.yaml(&sim.base_url(), ALLOW),
+        "shutdown_grace: 5s",
+        "shutdown_grace: 10s",
+    ));
+    let mut served = Served::start(&c.config_path());
+
+    let mut idle =
+        TcpStream::connect_timeout(&served.local, Duration::from_secs(3)).expect("connect");
+    idle.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("write timeout");
+    idle.write_all(keep_alive_end("billing-1").as_bytes())
+        .expect("write");
+    let first = closed_or_answered(&mut idle, Duration::from_secs(10))
+        .expect("the first request is answered");
+    let (responses, _) = common::parse_responses(&first);
+    assert_eq!(responses.len(), 1, "{:?}", text(&first));
+    assert_eq!(responses[0].status, 204, "{:?}", text(&first));
+    assert!(!responses[0].closes(), "kept alive: {:?}", text(&first));
+
+    let signalled = Instant::now();
+    served.signal("TERM");
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            !matches!(try_http(served.admin, "GET", "/readyz", None), Ok((200, _)))
+        }),
+        "/readyz did not turn 503 after SIGTERM"
+    );
+    // A failed write means the gateway already closed the connection; the read sees it.
+    let _ = idle.write_all(keep_alive_end("billing-late").as_bytes());
+    let within = Duration::from_secs(5).saturating_sub(signalled.elapsed());
+    let late = closed_or_answered(&mut idle, within).unwrap_or_else(|| {
+        panic!(
+            "the idle connection was neither closed nor answered within 5 s of SIGTERM; \
+             log:\n{}",
+            served.log_text()
+        )
+    });
+    if !late.is_empty() {
+        let (responses, _) = common::parse_responses(&late);
+        assert_eq!(responses.len(), 1, "{:?}", text(&late));
+        let answer = &responses[0];
+        assert_eq!(answer.status, 503, "{:?}", text(&late));
+        assert!(answer.closes(), "Connection: close: {:?}", text(&late));
+        assert_eq!(answer.json()["type"], "urn:mpc-gateway:shutting-down");
+    }
+
+    let exit = served.wait_exit(Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", served.log_text());
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "exit {took:?} after SIGTERM: something held the drain toward the 10 s grace"
+    );
+    assert_eq!(
+        sim.sim.request_count(),
+        1,
+        "the late request was not forwarded"
+    );
+}
+
+/// `yaml` with `audit.fsync: never`.
+fn with_fsync_never(yaml: &str) -> String {
+    replaced(yaml, "  fsync: always\n", "  fsync: never\n")
+}
+
+/// With `fsync: never` records are written, not fsynced, before they are acknowledged,
+/// and the flush at exit is the only one: a real SIGTERM right after a burst of 50 ends
+/// (5 callers at once, each request on its own connection) must leave every request's
+/// `forward` and `result` in the file, in one intact chain that `audit verify` accepts,
+/// and exit 0.
+#[test]
+fn sigterm_right_after_a_burst_keeps_every_record_with_fsync_never() {
+    const CALLERS: usize = 5;
+    const EACH: usize = 10;
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&replaced(
+        &with_fsync_never(&c.yaml(&sim.base_url(), ALLOW)),
+        "rate_limit: {per_second: 10, burst: 20}",
+        "rate_limit: {per_second: 1000, burst: 1000}",
+    ));
+    let mut served = Served::start(&c.config_path());
+    let local = served.local;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            std::thread::spawn(move || {
+                (0..EACH)
+                    .map(|n| {
+                        let path = format!("/mpc/billing-burst-{caller}-{n}/end");
+                        let answer = try_http(local, "POST", &path, Some(CALLER_TOKEN));
+                        (
+                            path,
+                            answer.map(|(status, _)| status).map_err(|e| e.to_string()),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let answers: Vec<_> = callers
+        .into_iter()
+        .flat_map(|caller| caller.join().expect("caller thread"))
+        .collect();
+    served.signal("TERM");
+    let exit = served.wait_exit(Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", served.log_text());
+    for (path, answer) in &answers {
+        assert_eq!(answer, &Ok(204), "{path}");
+    }
+
+    let records = read_records(&c.audit_path());
+    for (path, _) in &answers {
+        let mine: Vec<_> = records
+            .iter()
+            .filter(|r| r["path"] == path.as_str())
+            .collect();
+        assert_eq!(mine.len(), 2, "{path}: forward and result: {mine:?}");
+        assert_eq!(mine[0]["event"], "forward", "{path}");
+        assert_eq!(mine[1]["event"], "result", "{path}");
+        assert_eq!(mine[1]["request_id"], mine[0]["request_id"], "{path}");
+        assert_eq!(mine[1]["status"], 204, "{path}");
+    }
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        2 * CALLERS * EACH
+    );
+    let key_env = "MPC_GATEWAY_CLI_TEST_AUDIT_KEY";
+    let audit = c.audit_path();
+    let mut verify = command(&[
+        "audit",
+        "verify",
+        audit.to_str().expect("UTF-8"),
+        "--hmac-key-env",
+        key_env,
+    ]);
+    verify.env(key_env, HMAC_KEY);
+    let verified = run_command(verify, b"");
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    assert_eq!(
+        text(&verified.stdout),
+        format!(
+            "verified {} records in 1 files, chain intact\n",
+            2 * CALLERS * EACH
+        )
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1033,6 +1307,144 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
         "three failed calls within 10 s, one line: {log}"
     );
     assert!(lines[0].contains("\"status\":500"), "{}", lines[0]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The audit log on a full disk
+// ---------------------------------------------------------------------------------------
+
+/// tmpfs allocates whole pages.
+const PAGE: u64 = 4096;
+
+/// Sends a refused (unknown token) call whose raw path is `path_len` bytes, so that its
+/// `denied` record grows the audit file by a size the test chooses; returns what the
+/// record took besides the path.
+fn denied_record_base(served: &Served, audit: &Path, path_len: u64) -> u64 {
+    let size = || std::fs::metadata(audit).expect("audit file").len();
+    let name = "p".repeat(usize::try_from(path_len).expect("small") - "/mpc//end".len());
+    let before = size();
+    let path = format!("/mpc/{name}/end");
+    assert_eq!(
+        http(served.local, "POST", &path, Some("not-a-token")).0,
+        401
+    );
+    let last = read_records(audit).pop().expect("a denied record");
+    assert_eq!(last["path"], path.as_str(), "the path is recorded whole");
+    size() - before - path_len
+}
+
+/// Refused calls move the audit file's end until a record of `forward` bytes written next
+/// would end about half a `result` record before a page boundary (within a quarter of
+/// one): the `result` that follows it then needs a page of its own. Each refused call's
+/// record is measured, so the plan corrects itself as it goes (bounded: 32 calls).
+fn pad_so_a_result_needs_a_new_page(served: &Served, audit: &Path, forward: u64, result: u64) {
+    const SHORTEST: u64 = 16;
+    const LONGEST: u64 = 256;
+    let size = || std::fs::metadata(audit).expect("audit file").len();
+    let target = PAGE - result / 2;
+    let mut base = denied_record_base(served, audit, SHORTEST);
+    for _ in 0..32 {
+        let end = (size() + forward) % PAGE;
+        let gap = (target + PAGE - end) % PAGE;
+        if gap <= result / 4 || gap >= PAGE - result / 4 {
+            return;
+        }
+        let path_len = if gap < base + SHORTEST {
+            LONGEST
+        } else {
+            (gap - base).clamp(SHORTEST, LONGEST)
+        };
+        base = denied_record_base(served, audit, path_len);
+    }
+    panic!("padding plan failed: base {base}, size {}", size());
+}
+
+/// DESIGN §3: when only the `result` record cannot be written, "the caller gets the real
+/// outcome, the failure is logged and counted". The process-level half of the in-process
+/// test in `ops.rs`: the operational log `serve` writes (JSON lines on stderr) holds an
+/// error about the failed audit write, naming the request (its id, as in the `forward`
+/// record) and the cause, and no secret. The audit directory is a 256 KiB tmpfs that
+/// fills while the request is with Plivo; refused calls first place the `forward`
+/// record's end so that its `result` needs a new page (tmpfs allocates whole pages).
+#[test]
+fn a_result_record_that_cannot_be_written_is_an_error_in_the_operational_log() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    let audit_dir = c.path().join("audit");
+    let mount = common::TmpfsMount::mount(&audit_dir, "256k");
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let served = Served::start(&c.config_path());
+    let audit = c.audit_path();
+    let size = || std::fs::metadata(&audit).expect("audit file").len();
+
+    // The sizes of a forward and a result record for a name of this length.
+    assert_eq!(end(&served, "billing-0").0, 204);
+    let lines: Vec<u64> = std::fs::read_to_string(&audit)
+        .expect("read")
+        .lines()
+        .map(|line| line.len() as u64 + 1)
+        .collect();
+    let (forward, result) = (lines[lines.len() - 2], lines[lines.len() - 1]);
+    pad_so_a_result_needs_a_new_page(&served, &audit, forward, result);
+
+    sim.sim
+        .push_fault(Fault::Delay(Duration::from_millis(1500)));
+    let forwarded = sim.sim.request_count() + 1;
+    let local = served.local;
+    let in_flight = std::thread::spawn(move || {
+        try_http(local, "POST", "/mpc/billing-1/end", Some(CALLER_TOKEN))
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || sim.sim.request_count()
+            >= forwarded),
+        "the simulator received billing-1"
+    );
+    let room = PAGE - size() % PAGE;
+    assert!(
+        room < result - 8,
+        "the result fits the last page ({room} bytes left)"
+    );
+    common::fill_filesystem(&mount.path.join("filler"));
+
+    let (status, body) = in_flight
+        .join()
+        .expect("request thread")
+        .expect("billing-1 answered");
+    assert_eq!(status, 204, "the real outcome: {body}");
+    let last = read_records(&audit).pop().expect("records");
+    assert_eq!(last["event"], "forward", "no result record: {last}");
+    assert_eq!(last["mpc"], "billing-1");
+    assert_eq!(
+        mpc_gateway::telemetry::sample(&metrics(&served), "mpc_gateway_audit_failures_total"),
+        Some(1.0)
+    );
+
+    // Space returns, so the drain's final flush can succeed and the exit is clean.
+    std::fs::remove_file(mount.path.join("filler")).expect("remove filler");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            matches!(try_http(served.admin, "GET", "/readyz", None), Ok((200, _)))
+        }),
+        "ready again once space returns"
+    );
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, "audit result record failed after forwarding");
+    assert_eq!(lines.len(), 1, "{log}");
+    let line = &lines[0];
+    assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+    let request_id = last["request_id"].as_str().expect("request_id");
+    assert!(line.contains(request_id), "names the request: {line}");
+    assert!(
+        line.contains("cannot write") && line.contains("No space left on device"),
+        "names the cause: {line}"
+    );
+    assert_no_plivo_secret(&log);
+    let hash = token_hash(CALLER_TOKEN);
+    for secret in [CALLER_TOKEN, HMAC_KEY, &hash["sha256:".len()..]] {
+        assert!(!log.contains(secret), "the log holds a secret: {log}");
+    }
+    assert!(assert_chain(&[audit], Some(HMAC_KEY.as_bytes())) >= 3);
+    drop(mount);
 }
 
 // ---------------------------------------------------------------------------------------

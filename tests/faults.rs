@@ -26,6 +26,9 @@ const SLACK: Duration = Duration::from_millis(700);
 /// latency is the disk's, and a wall-clock bound on a deadline is not about it.
 const NO_FSYNC: &str = "never";
 
+/// The longest first backoff: jittered between half and all of 100 ms.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
 // ---------------------------------------------------------------------------------------
 // A raw upstream
 // ---------------------------------------------------------------------------------------
@@ -348,6 +351,106 @@ async fn calls_queued_behind_a_failing_connect_share_its_failure() {
     );
     drop(serving);
     h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A connect that never completes
+// ---------------------------------------------------------------------------------------
+
+/// A loopback listener that never accepts, with its accept queue full: held connections
+/// fill it, and the kernel drops further SYNs (the client retransmits after 1 s), so a
+/// connect is neither made nor refused, the way an upstream behind a black-holing
+/// firewall looks.
+struct FullBacklog {
+    listener: TcpListener,
+    _held: Vec<TcpStream>,
+}
+
+impl FullBacklog {
+    /// How long the probe connect may take before it counts as unanswered.
+    const PROBE: Duration = Duration::from_millis(300);
+
+    /// Listens with a backlog of 1 and connects (at most 8 times, each bounded by
+    /// [`Self::PROBE`]) until a connect does not complete: that probe is the proof that
+    /// SYNs go unanswered. `None` when every connect completed or failed at once (a kernel
+    /// that queues more or resets on overflow, `tcp_abort_on_overflow`).
+    async fn bind() -> Option<FullBacklog> {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let listener = socket.listen(1).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(Self::PROBE, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => held.push(stream),
+                Ok(Err(err)) => {
+                    eprintln!("a connect to the full accept queue failed at once: {err}");
+                    return None;
+                }
+                Err(_) => {
+                    return Some(FullBacklog {
+                        listener,
+                        _held: held,
+                    })
+                }
+            }
+        }
+        None
+    }
+
+    /// `https://127.0.0.1:PORT`: an IP, so no resolver and no second address family can
+    /// answer in its place.
+    fn base_url(&self) -> String {
+        let port = self.listener.local_addr().expect("addr").port();
+        format!("https://127.0.0.1:{port}")
+    }
+}
+
+/// A connect that times out is a connect error (DESIGN §1: "refused, reset, connect
+/// timeout"): each attempt ends at `connect_timeout` and is retried, and when the
+/// attempts run out the caller gets `502 upstream-unavailable`, not `504` at `timeout`.
+/// The listener's full accept queue makes the TCP connect itself hang (a silent
+/// listener, above, would complete it and hang the TLS handshake instead).
+///
+/// Two attempts of 300 ms and one backoff of 50-100 ms between them: at least 600 ms,
+/// at most 700 ms plus [`SLACK`], far below the 3 s `timeout` that a connect without its
+/// own timeout would run into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_gets_no_syn_ack_times_out_and_is_retried() {
+    let connect_timeout = Duration::from_millis(300);
+    let Some(upstream) = FullBacklog::bind().await else {
+        eprintln!(
+            "SKIPPED a_connect_that_gets_no_syn_ack_times_out_and_is_retried: on this \
+             kernel 8 connects to a never-accepting listener of backlog 1 all completed, \
+             or one was refused at once: no connect could be made to hang"
+        );
+        return;
+    };
+    let h = Harness::with(Options {
+        base_url: Some(upstream.base_url()),
+        connect_timeout: "300ms",
+        timeout: "3s",
+        max_attempts: 2,
+        fsync: NO_FSYNC,
+        ..Options::default()
+    })
+    .await;
+    let (reply, took) = timed_end(&h, "billing-no-syn-ack").await;
+    reply.assert_problem(502, "upstream-unavailable");
+    assert!(
+        took >= 2 * connect_timeout && took <= 2 * connect_timeout + FIRST_BACKOFF + SLACK,
+        "answered after {took:?}: two connect timeouts of {connect_timeout:?} and a backoff"
+    );
+    let result = last_result(&h);
+    assert_eq!(result["reason"], "upstream-unavailable");
+    assert_eq!(result["status"], 502);
+    assert_eq!(result["upstream_status"], serde_json::Value::Null);
+    assert_eq!(result["attempts"], 2, "a connect timeout is retried");
+    h.assert_chain();
+    h.shutdown().await;
+    drop(upstream);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -578,6 +578,35 @@ async fn plivo_429_becomes_503_with_plivos_retry_after() {
     h.shutdown().await;
 }
 
+/// RFC 9110 lets Plivo give `Retry-After` as an HTTP-date; the caller still gets whole
+/// seconds (DESIGN §1: "every response that carries `Retry-After` also has
+/// `retry_after`", with the same seconds), counted from now and rounded up. A date 3 s
+/// ahead, formatted to the whole second, is 2 to 4 s away by the time the gateway reads
+/// it; a gateway that cannot read dates falls back to 1 and fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plivo_429_with_an_http_date_retry_after_is_whole_seconds_from_now() {
+    let h = Harness::start().await;
+    let at = std::time::SystemTime::now() + Duration::from_secs(3);
+    h.sim.push_fault(Fault::Status {
+        status: 429,
+        headers: vec![("Retry-After".into(), httpdate::fmt_http_date(at))],
+        body: r#"{"api_id":"rl-date","error":"too many requests"}"#.into(),
+    });
+    let reply = h.end("billing-1", BILLING_TOKEN).await;
+    reply.assert_problem(503, "upstream-rate-limited");
+    let header = reply.header("retry-after").expect("Retry-After");
+    let seconds: u64 = header
+        .parse()
+        .unwrap_or_else(|_| panic!("Retry-After in whole seconds, not {header:?}"));
+    assert!((2..=4).contains(&seconds), "Retry-After {seconds}");
+    assert_eq!(reply.json()["retry_after"], seconds, "the body agrees");
+    assert_eq!(h.sim.request_count(), 1, "429 is not retried");
+    let record = h.records().pop().expect("record");
+    assert_eq!(record["upstream_status"], 429);
+    assert_eq!(record["reason"], "upstream-rate-limited");
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_retried_and_the_retry_can_succeed() {
     let h = Harness::start().await;

@@ -5,10 +5,7 @@
 
 use crate::common;
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1146,57 +1143,6 @@ async fn declared_body_never_sent_is_408_after_the_body_timeout() {
 // ---------------------------------------------------------------------------------------
 // Audit fail-closed on a full disk
 // ---------------------------------------------------------------------------------------
-
-/// A tiny tmpfs, unmounted on drop (also when the test panics).
-struct TmpfsMount {
-    path: PathBuf,
-}
-
-impl TmpfsMount {
-    fn mount(path: &Path, size: &str) -> TmpfsMount {
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run mount: {err}"));
-        assert!(
-            output.status.success(),
-            "mounting a tmpfs at {} failed (this test needs root, as in CI): {}",
-            path.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        TmpfsMount {
-            path: path.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            // Still busy (a writer thread closing its file): detach it lazily.
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
-
-/// Writes `path` until the filesystem is full; asserts it really ended with ENOSPC.
-fn fill_filesystem(path: &Path) {
-    let mut file = std::fs::File::create(path).expect("create filler");
-    let chunk = vec![0x5au8; 16 * 1024];
-    let err = loop {
-        if let Err(err) = file.write_all(&chunk) {
-            break err;
-        }
-    };
-    assert_eq!(err.raw_os_error(), Some(28), "expected ENOSPC, got {err}");
-    // Top up whatever page is left, byte by byte.
-    while file.write_all(&[0x5a]).is_ok() {}
-}
 
 /// DESIGN §3: "If only the `result` record fails, the MPC was already ended: the caller
 /// gets the real outcome, the failure is logged and counted", and `/readyz` reports not

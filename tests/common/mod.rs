@@ -980,3 +980,62 @@ pub fn assert_contract_upstream_request(
     assert!(!all_headers.contains(BILLING_TOKEN), "{all_headers}");
     assert!(!all_headers.contains("Bearer"), "{all_headers}");
 }
+
+// ---------------------------------------------------------------------------------------
+// A full disk for the audit log (the ops and cli suites)
+// ---------------------------------------------------------------------------------------
+
+/// A tiny tmpfs, unmounted on drop (also when the test panics).
+pub struct TmpfsMount {
+    pub path: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn mount(path: &Path, size: &str) -> TmpfsMount {
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run mount: {err}"));
+        assert!(
+            output.status.success(),
+            "mounting a tmpfs at {} failed (this test needs root, as in CI): {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        TmpfsMount {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a writer thread closing its file): detach it lazily.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.path)
+                .status();
+        }
+    }
+}
+
+/// Writes `path` until the filesystem is full; asserts it really ended with ENOSPC.
+pub fn fill_filesystem(path: &Path) {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).expect("create filler");
+    let chunk = vec![0x5au8; 16 * 1024];
+    let err = loop {
+        if let Err(err) = file.write_all(&chunk) {
+            break err;
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(28), "expected ENOSPC, got {err}");
+    // Top up whatever page is left, byte by byte.
+    while file.write_all(&[0x5a]).is_ok() {}
+}
