@@ -22,6 +22,17 @@ pub struct ListenTls {
     pub server_config: Arc<rustls::ServerConfig>,
     /// When the served certificate expires, in Unix seconds (exported as a metric).
     pub expires_at: i64,
+    /// Which client certificates a handshake accepts.
+    pub client_trust: ClientTrust,
+}
+
+/// What decides which client certificates are accepted: the trusted CAs (by the
+/// SHA-256 of their DER, in file order) and whether one is required. A reload that
+/// changes it ends the connections authenticated under the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTrust {
+    pub cas: Option<[u8; 32]>,
+    pub required: bool,
 }
 
 /// A `listen_tls` setting that cannot be used: which key (`cert_file`, `key_file`,
@@ -74,9 +85,12 @@ pub fn load_listen_tls(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|err| format!("TLS versions: {err}"))
         .map_err(at("cert_file"))?;
+    let mut trusted_cas = None;
     let builder = match client_ca_file {
         Some(ca_file) => {
-            let verifier = client_verifier(ca_file, require_client_cert, provider)
+            let cas = read_certs(ca_file).map_err(at("client_ca_file"))?;
+            trusted_cas = Some(digest_of(&cas));
+            let verifier = client_verifier(ca_file, cas, require_client_cert, provider)
                 .map_err(at("client_ca_file"))?;
             builder.with_client_cert_verifier(verifier)
         }
@@ -99,18 +113,33 @@ pub fn load_listen_tls(
         require_client_cert,
         server_config: Arc::new(config),
         expires_at,
+        client_trust: ClientTrust {
+            cas: trusted_cas,
+            required: require_client_cert,
+        },
     })
 }
 
-/// Verifies client certificates against the CAs in `ca_file`; without
+/// SHA-256 over the certificates' DER, each preceded by its length.
+fn digest_of(certs: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for cert in certs {
+        hasher.update((cert.len() as u64).to_be_bytes());
+        hasher.update(cert.as_ref());
+    }
+    hasher.finalize().into()
+}
+
+/// Verifies client certificates against `cas` (read from `ca_file`); without
 /// `require_client_cert`, a client may also present none.
 fn client_verifier(
     ca_file: &Path,
+    cas: Vec<CertificateDer<'static>>,
     require_client_cert: bool,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(ca_file)? {
+    for cert in cas {
         roots
             .add(cert)
             .map_err(|err| format!("{}: {err}", ca_file.display()))?;
@@ -255,6 +284,27 @@ mod tests {
             .err()
             .expect("a CA file without certificates");
         assert_eq!(err.key, "client_ca_file");
+    }
+
+    #[test]
+    fn client_trust_changes_with_the_cas_and_the_requirement_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_pki(&["localhost"]).expect("pki");
+        let other = generate_pki(&["localhost"]).expect("pki");
+        let cert = write(dir.path(), "cert.pem", &pki.server_cert_pem);
+        let key = write(dir.path(), "key.pem", &pki.server_key_pem);
+        let ca = write(dir.path(), "ca.pem", &pki.ca_cert_pem);
+        let trust = |ca: Option<&Path>, required| {
+            load_listen_tls(&cert, &key, ca, required)
+                .expect("valid")
+                .client_trust
+        };
+        let first = trust(Some(&ca), false);
+        assert_eq!(trust(Some(&ca), false), first, "the same CAs, read again");
+        assert_ne!(trust(Some(&ca), true), first, "now required");
+        assert_ne!(trust(None, false), first, "no client CAs");
+        write(dir.path(), "ca.pem", &other.ca_cert_pem);
+        assert_ne!(trust(Some(&ca), false), first, "another CA in the file");
     }
 
     #[test]

@@ -757,6 +757,133 @@ async fn a_rotated_client_ca_decides_which_certificates_new_connections_may_pres
     g.gateway.shutdown().await.expect("shutdown");
 }
 
+/// A kept-alive TLS connection: `version` by ALPN, its sender, and the task that drives
+/// it (which ends when the gateway closes the connection).
+struct KeptConnection {
+    send: KeptSender,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+enum KeptSender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl KeptConnection {
+    async fn open(addr: SocketAddr, config: &rustls::ClientConfig, http2: bool) -> KeptConnection {
+        let mut config = config.clone();
+        config.alpn_protocols = vec![if http2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let server_name = ServerName::try_from("localhost").expect("name");
+        let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
+            .await
+            .expect("handshake within 5 s")
+            .expect("handshake");
+        let io = TokioIo::new(tls);
+        if http2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .expect("h2 handshake");
+            KeptConnection {
+                send: KeptSender::Http2(sender),
+                driver: tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            }
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("http/1.1 handshake");
+            KeptConnection {
+                send: KeptSender::Http1(sender),
+                driver: tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            }
+        }
+    }
+
+    /// Ends `name` on this connection (certificate only, no token); its status.
+    async fn end(&mut self, name: &str) -> u16 {
+        let request = Request::post(format!("/mpc/{name}/end"))
+            .header("host", "localhost")
+            .body(Empty::new())
+            .expect("request");
+        let sent = async {
+            match &mut self.send {
+                KeptSender::Http1(sender) => sender.send_request(request).await,
+                KeptSender::Http2(sender) => sender.send_request(request).await,
+            }
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("answered within 5 s")
+            .expect("answered");
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        status
+    }
+
+    /// Whether the gateway closed the connection within `within`.
+    async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, &mut self.driver).await.is_ok()
+    }
+}
+
+/// A reload that changes the client CAs also ends the connections whose handshake the
+/// old CAs accepted: each finishes what it serves and closes, over HTTP/1.1 and over
+/// HTTP/2, so a revoked CA authenticates nothing more, however long its clients keep
+/// their connections. A reload that leaves the CAs alone keeps every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_the_client_ca_closes_the_connections_it_authenticated() {
+    let g = MtlsGateway::start(false).await;
+    let old_cert = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let as_old = client_config(&g.pki.ca_cert_pem, Some(&old_cert));
+    let mut http1 = KeptConnection::open(g.addr(), &as_old, false).await;
+    let mut http2 = KeptConnection::open(g.addr(), &as_old, true).await;
+    assert_eq!(http1.end("billing-1").await, 204);
+    assert_eq!(http2.end("billing-2").await, 204);
+
+    // Another change (a tenant's allow list): the connections stay and keep serving.
+    let yaml = std::fs::read_to_string(&g.config_path).expect("config");
+    let widened = yaml.replace(r#"allow: ["billing-*"]"#, r#"allow: ["billing-*", "x-*"]"#);
+    assert_ne!(widened, yaml, "the allow list is in the config");
+    write(g.dir.path(), "gateway.yaml", &widened);
+    g.gateway.reload_from(&g.config_path).expect("reload");
+    assert!(
+        !http1.closed_within(Duration::from_millis(300)).await,
+        "kept"
+    );
+    assert_eq!(http1.end("billing-3").await, 204);
+    assert_eq!(http2.end("billing-4").await, 204);
+
+    // The old CA is replaced: both connections are closed.
+    let next = generate_pki(&["localhost"]).expect("next ca");
+    g.write_client_ca(&next.ca_cert_pem);
+    g.gateway.reload_from(&g.config_path).expect("reload");
+    assert!(
+        http1.closed_within(Duration::from_secs(5)).await,
+        "HTTP/1.1 closed"
+    );
+    assert!(
+        http2.closed_within(Duration::from_secs(5)).await,
+        "HTTP/2 closed"
+    );
+    let ended = g.sim.requests().len();
+    assert_eq!(ended, 4, "billing-1 to -4");
+    // A new connection with the old CA's certificate is refused at the handshake.
+    let refused = end_over_tls(&g, as_old, "billing-5", None).await;
+    assert_handshake_refused(refused, "DecryptError", "the old CA, no longer trusted");
+    assert_eq!(g.sim.requests().len(), ended);
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
 /// `client_cert_sans` matches URI and DNS SANs (section 7). A DNS SAN names its tenant;
 /// an unlisted DNS name, an IP SAN (not a kind the contract matches; listing one is a
 /// config error) and a certificate whose URI and DNS SANs name two tenants authenticate

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditError, AuditLog, EventKind};
@@ -108,6 +109,19 @@ struct Inner {
     forwarded: Forwarded,
     clock: LimiterClock,
     store_error_log: Throttle,
+    /// Moves on at each reload that changes which client certificates are accepted:
+    /// TLS connections opened before then close gracefully (see [`DataTls`]).
+    client_trust_epoch: watch::Sender<u64>,
+}
+
+/// The data listener's TLS as a new connection should use it.
+pub struct DataTls {
+    pub acceptor: TlsAcceptor,
+    /// Changes when a reload changes which client certificates are accepted: the
+    /// connection then finishes what it serves and closes, and its client reconnects
+    /// under the new trust. Until then the handshake it made, under the old CAs, would
+    /// authenticate it for as long as it stays open.
+    pub trust_changed: watch::Receiver<u64>,
 }
 
 /// At most one log line about rate-limit store failures per this interval.
@@ -149,6 +163,7 @@ impl Gateway {
                 forwarded: Forwarded::default(),
                 clock,
                 store_error_log: Throttle::new(STORE_ERROR_LOG_INTERVAL),
+                client_trust_epoch: watch::Sender::new(0),
             }),
         })
     }
@@ -158,7 +173,14 @@ impl Gateway {
     pub fn reload(&self, config: &Config) -> Result<(), BuildError> {
         let current = self.inner.runtime.load();
         let next = Runtime::build(config, Some(&current), &self.inner.clock)?;
+        let trust_changed = next.client_trust != current.client_trust;
         self.inner.runtime.store(Arc::new(next));
+        if trust_changed {
+            tracing::info!("the client CAs changed: TLS connections opened before this reload finish what they serve and close");
+            self.inner
+                .client_trust_epoch
+                .send_modify(|epoch| *epoch += 1);
+        }
         declare_tenants(&self.inner.metrics, config);
         export_listener_certificate(&self.inner.metrics, config);
         Ok(())
@@ -204,9 +226,16 @@ impl Gateway {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
-    /// The TLS acceptor new data connections use, if the listener speaks TLS.
-    pub fn tls_acceptor(&self) -> Option<TlsAcceptor> {
-        self.inner.runtime.load().tls.clone()
+    /// The TLS new data connections use, if the listener speaks TLS.
+    pub fn data_tls(&self) -> Option<DataTls> {
+        // Subscribed before the acceptor is read: a reload in between is then seen as a
+        // change (a needless close at worst), never missed.
+        let trust_changed = self.inner.client_trust_epoch.subscribe();
+        let acceptor = self.inner.runtime.load().tls.clone()?;
+        Some(DataTls {
+            acceptor,
+            trust_changed,
+        })
     }
 
     /// Serves one request that came from `peer`, end to end. Never fails: every outcome

@@ -78,11 +78,25 @@ impl Drain {
 }
 
 impl Watcher {
-    /// `connection`, shut down gracefully once the drain starts; the drain waits for it
-    /// to end.
-    pub(crate) fn graceful<C: GracefulConnection>(self, connection: C) -> Graceful<C> {
+    /// `connection`, shut down gracefully once the drain starts, or once `superseded`
+    /// completes if there is one; the drain waits for it to end.
+    pub(crate) fn graceful<C: GracefulConnection>(
+        self,
+        connection: C,
+        superseded: Option<Superseded>,
+    ) -> Graceful<C> {
+        let finishing = self.phase_reached(Phase::Finishing);
+        let finishing = match superseded {
+            None => Signal::new(finishing),
+            Some(superseded) => Signal::new(async move {
+                tokio::select! {
+                    () = finishing => {}
+                    () = superseded => {}
+                }
+            }),
+        };
         Graceful {
-            finishing: Some(self.signal(Phase::Finishing)),
+            finishing: Some(finishing),
             connection,
             _drain_waits: self,
         }
@@ -91,7 +105,7 @@ impl Watcher {
     /// Runs `task` until it ends or the drain closes what is still open, whichever is
     /// first. `true` when the task ended by itself.
     pub(crate) async fn until_closed(&self, task: impl Future<Output = ()>) -> bool {
-        let closing = self.signal(Phase::Closing);
+        let closing = Signal::new(self.phase_reached(Phase::Closing));
         tokio::select! {
             biased;
             () = task => true,
@@ -99,15 +113,19 @@ impl Watcher {
         }
     }
 
-    fn signal(&self, phase: Phase) -> Signal {
+    fn phase_reached(&self, phase: Phase) -> impl Future<Output = ()> + Send + 'static {
         let mut seen = self.phase.clone();
-        Signal::new(async move {
+        async move {
             // A drain dropped without a word counts as reached: nothing is left to wait
             // for the connection.
             let _ = seen.wait_for(|current| *current >= phase).await;
-        })
+        }
     }
 }
+
+/// Completes when a connection should finish what it serves and close although the
+/// drain has not started (its client CAs were replaced).
+pub(crate) type Superseded = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pin_project! {
     /// A connection that starts its graceful shutdown when the drain starts.
@@ -292,7 +310,7 @@ mod tests {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
             }),
         );
-        let served = tokio::spawn(drain.watcher().graceful(connection));
+        let served = tokio::spawn(drain.watcher().graceful(connection, None));
         let (mut read, mut write) = tokio::io::split(client);
         write
             .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")

@@ -37,7 +37,7 @@ use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::Flavor;
 use crate::telemetry::Metrics;
 use crate::tls::ClientCertificate;
-use drain::{Drain, Watcher};
+use drain::{Drain, Superseded, Watcher};
 use idle::{FirstHead, H2Activity};
 
 /// A client must send its whole request head within this time (slowloris).
@@ -520,7 +520,7 @@ impl Connection {
         // The version sniff or the TLS handshake, and the first request head, all within
         // the header timeout of the accept.
         let head_deadline = Instant::now() + HEADER_READ_TIMEOUT;
-        let Some(acceptor) = self.gateway.tls_acceptor() else {
+        let Some(tls) = self.gateway.data_tls() else {
             let version = match sniff_version(&stream, head_deadline).await {
                 Ok(version) => version,
                 Err(NoVersion::TimedOut) => return metrics.http_rejected("header-timeout"),
@@ -528,12 +528,14 @@ impl Connection {
                 Err(NoVersion::Closed) => return,
             };
             let io = TokioIo::new(stream);
-            let result = self.serve_http(io, version, None, head_deadline).await;
+            let result = self
+                .serve_http(io, version, None, head_deadline, None)
+                .await;
             return record_result(&metrics, result);
         };
-        let handshake = tokio::time::timeout_at(head_deadline, acceptor.accept(stream));
-        let tls = match handshake.await {
-            Ok(Ok(tls)) => tls,
+        let handshake = tokio::time::timeout_at(head_deadline, tls.acceptor.accept(stream));
+        let stream = match handshake.await {
+            Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
                 tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
                 metrics.http_rejected("tls-handshake");
@@ -544,27 +546,29 @@ impl Connection {
                 return;
             }
         };
-        let session = tls.get_ref().1;
+        let session = stream.get_ref().1;
         let version = match session.alpn_protocol() {
             Some(b"h2") => HttpVersion::Http2,
             _ => HttpVersion::Http1,
         };
         let certificate = ClientCertificate::from_peer(session.peer_certificates());
-        let io = TokioIo::new(tls);
+        let io = TokioIo::new(stream);
+        let superseded = trust_replaced(tls.trust_changed);
         let result = self
-            .serve_http(io, version, certificate, head_deadline)
+            .serve_http(io, version, certificate, head_deadline, Some(superseded))
             .await;
         record_result(&metrics, result);
     }
 
     /// Serves requests until the connection ends; closes it at `head_deadline` if no
-    /// request head has arrived by then.
+    /// request head has arrived by then, and gracefully once `superseded` completes.
     async fn serve_http<I>(
         self,
         io: I,
         version: HttpVersion,
         certificate: Option<ClientCertificate>,
         head_deadline: Instant,
+        superseded: Option<Superseded>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -587,7 +591,7 @@ impl Connection {
         );
         let builder = self.builders.for_version(version);
         let connection = builder.serve_connection(io, service).into_owned();
-        let mut served = std::pin::pin!(self.watcher.graceful(connection));
+        let mut served = std::pin::pin!(self.watcher.graceful(connection, superseded));
         tokio::select! {
             // hyper's own header timer, started a little later, can be due in the same
             // tick: the first head's deadline is this one, and decides how it is counted.
@@ -614,6 +618,17 @@ impl Connection {
             }
         }
     }
+}
+
+/// Completes at the first reload after `trust_changed` was taken that changes which
+/// client certificates are accepted.
+fn trust_replaced(mut trust_changed: watch::Receiver<u64>) -> Superseded {
+    Box::pin(async move {
+        if trust_changed.changed().await.is_err() {
+            // The gateway is gone; the drain closes the connection.
+            std::future::pending::<()>().await;
+        }
+    })
 }
 
 /// What each HTTP/2 request's task holds: the drain waits for it, and the idle timer
