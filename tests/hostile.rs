@@ -1315,31 +1315,40 @@ async fn h2c_with_prior_knowledge_is_served() {
 
 /// HTTP/2 callers get the contract's head limits, as HTTP/1.1 callers do: a 20 KiB header
 /// block is served (the h2 library alone would refuse anything above 16 KiB), a header
-/// block over 32 KiB is `431` and a `:path` over 8 KiB `414`, each a problem+json answer
-/// with a `denied` record.
+/// block over 32 KiB or with more than 100 fields is `431` and a `:path` over 8 KiB `414`,
+/// each a problem+json answer with a `denied` record. (The field limit matters most here:
+/// HPACK lets a caller send a field indexed once in a single byte, so without it a small
+/// head could hold thousands of fields while the request waits for its body.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
     let h = Harness::start().await;
     let (mut sender, driver) = h2c_connect(h.addr()).await;
-    let mut send = |path: String, pad: usize, id: &str| {
-        let request = Request::builder()
+    let mut send = |path: String, pad: usize, id: &str, extra_fields: usize| {
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(format!("http://{}{path}", h.addr()))
             .header("x-request-id", id)
             .header("authorization", format!("Bearer {BILLING_TOKEN}"))
-            .header("x-pad", "p".repeat(pad))
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        sender.send_request(request)
+            .header("x-pad", "p".repeat(pad));
+        for field in 0..extra_fields {
+            request = request.header(format!("x-f{field}"), "");
+        }
+        sender.send_request(request.body(Empty::<Bytes>::new()).expect("request"))
     };
     let cases = [
         (
-            send("/mpc/billing-h2-pad/end".into(), 20 * 1024, "h2-pad-20k"),
+            send("/mpc/billing-h2-pad/end".into(), 20 * 1024, "h2-pad-20k", 0),
             204,
             None,
         ),
         (
-            send("/mpc/billing-h2-big/end".into(), 33 * 1024, "h2-pad-33k"),
+            send("/mpc/billing-h2-big/end".into(), 33 * 1024, "h2-pad-33k", 0),
+            431,
+            Some("request-header-fields-too-large"),
+        ),
+        // 101 fields in a small block: over the field limit HTTP/1.1 callers get too.
+        (
+            send("/mpc/billing-h2-many/end".into(), 0, "h2-101-fields", 98),
             431,
             Some("request-header-fields-too-large"),
         ),
@@ -1348,6 +1357,7 @@ async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
                 format!("/mpc/{}/end", "a".repeat(9 * 1024)),
                 0,
                 "h2-long-path",
+                0,
             ),
             414,
             Some("uri-too-long"),
@@ -1376,7 +1386,12 @@ async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
     // connection holds up to 256 heads at once, so that room is bounded): a bare `431`
     // and a refused stream, or, when the block spans CONTINUATION frames, a GOAWAY for
     // the connection; either way no record and nothing forwarded.
-    let huge = send("/mpc/billing-h2-huge/end".into(), 80 * 1024, "h2-pad-80k");
+    let huge = send(
+        "/mpc/billing-h2-huge/end".into(),
+        80 * 1024,
+        "h2-pad-80k",
+        0,
+    );
     if let Ok(answer) = tokio::time::timeout(WAIT, huge).await.expect("in time") {
         assert_eq!(answer.status().as_u16(), 431);
         assert!(
@@ -1391,7 +1406,11 @@ async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
     );
     let records = h.records();
     assert!(records.iter().all(|r| r["request_id"] != "h2-pad-80k"));
-    for (id, status) in [("h2-pad-33k", 431), ("h2-long-path", 414)] {
+    for (id, status) in [
+        ("h2-pad-33k", 431),
+        ("h2-101-fields", 431),
+        ("h2-long-path", 414),
+    ] {
         let denied = records
             .iter()
             .find(|r| r["request_id"] == id)

@@ -64,6 +64,9 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BLOCK_BYTES: usize = 32 * 1024;
+/// Header fields a request may carry: more is `431`, as a block over
+/// [`MAX_HEADER_BLOCK_BYTES`] is.
+pub const MAX_HEADER_FIELDS: usize = 100;
 
 /// What the server knows of the connection a request came on, made once per connection
 /// and handed to [`Gateway::handle`] with each of its requests. The address's text (the
@@ -655,6 +658,11 @@ fn check_framing(parts: &http::request::Parts) -> Result<(), Problem> {
     // "METHOD SP target SP HTTP/1.1"
     if parts.method.as_str().len() + 1 + target.len() + 9 > MAX_REQUEST_LINE_BYTES {
         return Err(Problem::UriTooLong);
+    }
+    // HTTP/1.1 heads are held to this count by hyper; HTTP/2 ones only here, where HPACK
+    // lets a field indexed once cost one byte each time after.
+    if parts.headers.len() > MAX_HEADER_FIELDS {
+        return Err(Problem::HeadersTooLarge);
     }
     let header_bytes: usize = parts
         .headers
