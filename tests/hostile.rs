@@ -167,6 +167,27 @@ async fn request_line_far_over_8_kib_is_414_too() {
     h.shutdown().await;
 }
 
+/// HTTP puts no bound on a method token: one of 20 KiB makes the request line too long
+/// (`414`), and its record keeps only the first 32 bytes of it, so an unauthenticated
+/// caller cannot make the audit log grow by its head's size per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_of_20_kib_is_414_and_cut_to_32_bytes_in_its_record() {
+    let h = Harness::start().await;
+    let method = "A".repeat(20 * 1024);
+    let request = format!(
+        "{method} /mpc/billing-1/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_send(h.addr(), request.as_bytes(), WAIT).await.single();
+    assert_raw_problem(&answer, 414, "uri-too-long");
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["event"], "denied");
+    assert_eq!(records[0]["method"], "A".repeat(32));
+    assert_eq!(h.sim.request_count(), 0);
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Header block: 32 KiB
 // ---------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ use super::chain::HexDigest;
 /// The raw request target is recorded with at most this many bytes.
 pub const MAX_PATH_BYTES: usize = 256;
 
+/// The most of `mpc` a record keeps: a name the gateway checked is at most 128 characters
+/// (512 bytes), but one Plivo returned for a by-uuid request is as long as Plivo made it.
+pub const MAX_MPC_BYTES: usize = 512;
+
 /// Every member of a line, in the contract order.
 pub(crate) const MEMBERS: [&str; 19] = [
     "seq",
@@ -130,7 +134,10 @@ impl<'a> Body<'a> {
             client: ev.client.as_deref(),
             method: &ev.method,
             path: truncate_on_char_boundary(&ev.path, MAX_PATH_BYTES),
-            mpc: ev.mpc.as_deref(),
+            mpc: ev
+                .mpc
+                .as_deref()
+                .map(|mpc| truncate_on_char_boundary(mpc, MAX_MPC_BYTES)),
             account: ev.account.as_deref(),
             status: ev.status,
             reason: ev.reason.as_deref(),
@@ -384,6 +391,19 @@ mod tests {
         assert_eq!(format_ts(t).as_str(), "2026-11-26T09:03:32.123Z");
         let t = datetime!(2026-01-02 03:04:05 +02:00);
         assert_eq!(format_ts(t).as_str(), "2026-01-02T01:04:05.000Z");
+    }
+
+    #[test]
+    fn a_record_keeps_at_most_512_bytes_of_mpc() {
+        let long = "ä".repeat(MAX_MPC_BYTES);
+        let ev = AuditEvent {
+            mpc: Some(long.as_str().into()),
+            ..AuditEvent::default()
+        };
+        let prev = HexDigest::parse(&"0".repeat(64)).expect("hex");
+        let ts = format_ts(datetime!(2026-11-26 09:03:32.123 UTC));
+        let body = Body::new(1, &ts, &prev, &ev);
+        assert_eq!(body.mpc, Some(&long[..MAX_MPC_BYTES]));
     }
 
     #[test]

@@ -127,7 +127,13 @@ impl Drop for Trail {
     }
 }
 
-/// The method's name, static for the methods callers actually use.
+/// The most of an unusual method's name a record keeps: HTTP puts no bound on a method
+/// token, and without one an unauthenticated caller could make every record of its
+/// requests as large as its head.
+pub(crate) const MAX_METHOD_BYTES: usize = 32;
+
+/// The method's name, static for the methods callers actually use; any other cut to
+/// [`MAX_METHOD_BYTES`] (a method is ASCII, so any cut is on a character boundary).
 fn method_text(method: &Method) -> Cow<'static, str> {
     let name = match *method {
         Method::POST => "POST",
@@ -137,7 +143,10 @@ fn method_text(method: &Method) -> Cow<'static, str> {
         Method::PUT => "PUT",
         Method::PATCH => "PATCH",
         Method::OPTIONS => "OPTIONS",
-        _ => return Cow::Owned(method.as_str().to_owned()),
+        _ => {
+            let name = truncate_on_char_boundary(method.as_str(), MAX_METHOD_BYTES);
+            return Cow::Owned(name.to_owned());
+        }
     };
     Cow::Borrowed(name)
 }
