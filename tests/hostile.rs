@@ -188,6 +188,27 @@ async fn a_method_of_20_kib_is_414_and_cut_to_32_bytes_in_its_record() {
     h.shutdown().await;
 }
 
+/// A name may hold a right-to-left override or a zero-width space (the contract refuses
+/// only control characters); its records spell them `\u202e` and `\u200b`, so `cat`,
+/// `less` or `tail -f` of the log shows what was recorded, and read as JSON the record
+/// has the name exactly as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_characters_in_a_name_are_escaped_in_the_raw_log() {
+    let h = Harness::start().await;
+    let reply = h.end("billing-%E2%80%AEdne%E2%80%8B", BILLING_TOKEN).await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    let raw = std::fs::read_to_string(&h.audit_path).expect("audit log");
+    assert!(raw.contains(r#""mpc":"billing-\u202edne\u200b""#), "{raw}");
+    assert!(!raw.contains(['\u{202e}', '\u{200b}']), "{raw}");
+    let records = h.records();
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r["mpc"] == "billing-\u{202e}dne\u{200b}"));
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Header block: 32 KiB
 // ---------------------------------------------------------------------------------------

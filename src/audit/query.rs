@@ -359,30 +359,13 @@ fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {
 fn printable(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() || is_invisible_format(c) {
+            if c.is_control() || super::record::is_invisible_format(c) {
                 '?'
             } else {
                 c
             }
         })
         .collect()
-}
-
-/// Bidirectional embeddings, overrides, isolates and marks, zero-width characters and
-/// the byte order mark (Unicode's format characters that change how a line shows).
-fn is_invisible_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-    )
 }
 
 /// Pads to `width` characters, or cuts with `…` so that columns stay aligned.

@@ -198,21 +198,21 @@ fn member<const N: usize>(
     out.extend_from_slice(name);
     match value {
         Value::Plain(text) => write_plain_string(out, text),
-        Value::Text(Some(text)) => write_json_string(out, text)?,
+        Value::Text(Some(text)) => write_json_string(out, text),
         Value::Number(Some(number)) => serde_json::to_writer(&mut *out, &number)?,
         Value::Text(None) | Value::Number(None) => out.extend_from_slice(b"null"),
     }
     Ok(())
 }
 
-/// `text` as a JSON string. Almost every value needs no escape, and is copied as is;
-/// the rest go through serde_json, which escapes exactly `"`, `\` and control characters.
-fn write_json_string(out: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
-    if !is_plain(text.as_bytes()) {
-        return serde_json::to_writer(&mut *out, text);
+/// `text` as a JSON string. Almost every value is ASCII that needs no escape, and is
+/// copied as is; the rest is escaped character by character.
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    if is_plain(text.as_bytes()) {
+        write_plain_string(out, text.as_bytes());
+    } else {
+        write_escaped_string(out, text);
     }
-    write_plain_string(out, text.as_bytes());
-    Ok(())
 }
 
 /// `text`, known to need no escape, as a JSON string.
@@ -223,8 +223,68 @@ fn write_plain_string(out: &mut Vec<u8>, text: &[u8]) {
     out.push(b'"');
 }
 
-/// Whether `text` is its own JSON string: no `"`, `\` or control character. Most of a
-/// record's text is scanned here, so eight bytes at a time.
+/// `text` as a JSON string with `"`, `\` and control characters escaped as JSON requires
+/// (and as serde_json writes them), and also the characters [`shown_escaped`] names, so
+/// that the raw file shows on a terminal exactly what was recorded.
+fn write_escaped_string(out: &mut Vec<u8>, text: &str) {
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    for c in text.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            c if shown_escaped(c) => write_unicode_escape(out, c),
+            c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
+    }
+    out.push(b'"');
+}
+
+/// `\uXXXX` (lower-case hex, as serde_json writes it) for a character of the Basic
+/// Multilingual Plane, which every character [`shown_escaped`] names is.
+fn write_unicode_escape(out: &mut Vec<u8>, c: char) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let code = c as u32;
+    out.extend_from_slice(b"\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(HEX[((code >> shift) & 0xf) as usize]);
+    }
+}
+
+/// Characters a record writes as `\u` escapes although JSON would take some of them raw:
+/// control characters (C1 included: terminal escapes in a hostile value), the line and
+/// paragraph separators, and the invisible format characters that reorder or hide text
+/// (bidi overrides, zero-width characters). A tenant may put them in an MPC name, and
+/// `cat`, `less` or `tail -f` of the log would otherwise show another text than the one
+/// recorded.
+pub(crate) fn shown_escaped(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || is_invisible_format(c)
+}
+
+/// Bidirectional embeddings, overrides, isolates and marks, zero-width characters and
+/// the byte order mark (Unicode's format characters that change how a line shows).
+pub(crate) fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
+}
+
+/// Whether `text` is its own JSON string and shows as itself: ASCII with no `"`, `\` or
+/// control character. Most of a record's text is scanned here, so eight bytes at a time.
 fn is_plain(text: &[u8]) -> bool {
     let (words, rest) = text.as_chunks::<8>();
     words
@@ -234,7 +294,7 @@ fn is_plain(text: &[u8]) -> bool {
 }
 
 fn byte_needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
+    b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f || !b.is_ascii()
 }
 
 const EVERY_BYTE: u64 = u64::from_le_bytes([1; 8]);
@@ -250,9 +310,11 @@ const fn has_byte_below(word: u64, n: u8) -> bool {
 
 /// [`byte_needs_escape`] for eight bytes at once.
 const fn needs_escape(word: u64) -> bool {
-    has_byte_below(word, 0x20)
+    word & TOP_BITS != 0
+        || has_byte_below(word, 0x20)
         || has_byte_below(word ^ (EVERY_BYTE * b'"' as u64), 1)
         || has_byte_below(word ^ (EVERY_BYTE * b'\\' as u64), 1)
+        || has_byte_below(word ^ (EVERY_BYTE * 0x7f), 1)
 }
 
 /// One member's value in [`Body::write_json`].
@@ -366,20 +428,21 @@ mod tests {
                 }
             }
         }
-        // And the text written is serde_json's, for every ASCII character, in the part
-        // scanned by words and in the tail.
+        // And the text written is the reference's, for every ASCII character, in the
+        // part scanned by words and in the tail.
         for c in (0..0x80u8).map(char::from) {
             for at in [0, 5, 9] {
                 let mut text: Vec<char> = "abcdefghij".chars().collect();
                 text[at] = c;
                 let text: String = text.into_iter().collect();
                 let mut ours = Vec::new();
-                write_json_string(&mut ours, &text).expect("written");
-                let reference = serde_json::to_vec(&text).expect("serialized");
-                assert_eq!(ours, reference, "{c:?} at {at}");
+                write_json_string(&mut ours, &text);
+                assert_eq!(ours, reference_json(&text), "{c:?} at {at}");
             }
         }
-        assert!(is_plain("conf-ü-1 and a longer plain text".as_bytes()));
+        assert!(is_plain(b"conf-1 and a longer plain text"));
+        // Non-ASCII text is looked at character by character.
+        assert!(!is_plain("conf-ü-1 and a longer plain text".as_bytes()));
         assert!(!is_plain(b"a longer text with a \"quote\""));
         assert!(!is_plain(b"a longer text with a \\ backslash"));
         assert!(!is_plain(b"a longer text with a\ttab"));
@@ -429,18 +492,36 @@ mod tests {
         }
     }
 
-    /// `write_json` is byte for byte what serde_json makes of the derive, for empty and
-    /// full events and for text that needs every kind of escape.
+    /// What a record's JSON must be: serde_json's, with every character that
+    /// [`shown_escaped`] names and serde_json leaves raw written as `\u` escape.
+    fn reference_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+        let serde = serde_json::to_string(value).expect("serialize");
+        let mut escaped = String::with_capacity(serde.len());
+        for c in serde.chars() {
+            if shown_escaped(c) {
+                escaped.push_str(&format!("\\u{:04x}", c as u32));
+            } else {
+                escaped.push(c);
+            }
+        }
+        escaped.into_bytes()
+    }
+
+    /// Strings are written as the reference says, on both paths, and read back as the
+    /// text they came from.
     #[test]
-    fn json_strings_match_serde_json_on_both_paths() {
+    fn json_strings_match_the_reference_on_both_paths() {
         let cases = [
             "",
             "plain",
             " ",
             "~\u{7f}",
-            "ä€😀\u{2028}",
+            "ä€😀\u{2028}\u{2029}",
             "\u{1f}",
             "\u{0}",
+            "\u{85}\u{9b}31m",
+            "billing-\u{202e}dne/x",
+            "zero\u{200b}width\u{feff}",
             "\"",
             "\\",
             "a\"b",
@@ -450,15 +531,24 @@ mod tests {
         ];
         for case in cases {
             let mut ours = Vec::new();
-            write_json_string(&mut ours, case).expect("write");
-            let reference = serde_json::to_vec(case).expect("serialize");
-            assert_eq!(ours, reference, "{case:?}");
+            write_json_string(&mut ours, case);
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&reference_json(case)),
+                "{case:?}"
+            );
+            let read: String = serde_json::from_slice(&ours).expect("valid JSON");
+            assert_eq!(read, case);
+            assert!(
+                !String::from_utf8_lossy(&ours).chars().any(shown_escaped),
+                "{case:?}: nothing shown raw that could hide or reorder text"
+            );
         }
     }
 
     #[test]
     fn write_json_matches_the_serde_reference() {
-        let hostile = "q\"b\\s/\u{0}\u{1f}\n\r\t\u{8}\u{c}\u{7f}ä€😀\u{2028}";
+        let hostile = "q\"b\\s/\u{0}\u{1f}\n\r\t\u{8}\u{c}\u{7f}ä€😀\u{2028}\u{202e}\u{9b}";
         let full = AuditEvent {
             event: EventKind::Result,
             request_id: hostile.into(),
@@ -482,10 +572,9 @@ mod tests {
             let body = Body::new(seq, &ts, &prev, &ev);
             let mut written = Vec::new();
             body.write_json(&mut written).expect("write");
-            let reference = serde_json::to_vec(&body).expect("serialize");
             assert_eq!(
                 String::from_utf8_lossy(&written),
-                String::from_utf8_lossy(&reference)
+                String::from_utf8_lossy(&reference_json(&body))
             );
         }
     }
