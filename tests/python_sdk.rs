@@ -11,7 +11,6 @@
 use crate::common;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -55,14 +54,9 @@ fn prepare_venv() -> Result<PathBuf, String> {
     std::fs::create_dir_all(target).map_err(|err| format!("{}: {err}", target.display()))?;
     let lock_path = target.join("python-sdk-venv.lock");
     let lock = File::create(&lock_path).map_err(|err| format!("{}: {err}", lock_path.display()))?;
-    // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "flock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
+    // Released when `lock` is closed.
+    lock.lock()
+        .map_err(|err| format!("lock {}: {err}", lock_path.display()))?;
 
     let marker = venv.join(MARKER);
     if python.exists() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&requirements) {
