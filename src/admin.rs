@@ -28,7 +28,7 @@ const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=u
 /// Admin connections open at once; more wait in the kernel's accept queue. Probes and
 /// scrapers need a handful; the cap keeps a flood of idle connections from taking the
 /// file descriptors the data path needs (upstream connections, audit rotation).
-pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub async fn serve(listener: TcpListener, gateway: Gateway) {

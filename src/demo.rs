@@ -16,7 +16,7 @@ use crate::simulator::{generate_pki, Liveness, SimTls, Simulator, SimulatorConfi
 /// is relative, so the log lands under the current directory.
 const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 /// The token whose hash is in config/demo.yaml. It opens nothing but the demo.
-pub const DEMO_TOKEN: &str = "mpcgw_demo_token_for_the_simulator_only";
+const DEMO_TOKEN: &str = "mpcgw_demo_token_for_the_simulator_only";
 const DEMO_AUTH_ID: &str = "MADEMO0000SIMULATOR0";
 
 pub fn run() -> anyhow::Result<()> {

@@ -1,7 +1,8 @@
 //! A Plivo MultiPartyCall simulator for the demo, the tests and the benchmark.
 //!
-//! This module owns a small, fast HTTP/1.1 server (optionally TLS) that answers like
-//! Plivo's MultiPartyCall API on loopback, and a test PKI helper ([`generate_pki`])
+//! This module owns a small, fast HTTP server (HTTP/1.1; optionally TLS, which also
+//! offers HTTP/2 by ALPN when asked to) that answers like Plivo's MultiPartyCall API on
+//! loopback, and a test PKI helper ([`generate_pki`])
 //! that makes a self-signed CA with server and client certificates. It is kept apart from
 //! the production request path: nothing in the gateway's request handling depends on it.
 //!
