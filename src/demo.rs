@@ -88,17 +88,8 @@ fn point_at_simulator(
     simulator: &Simulator,
     ca_pem: &str,
 ) -> anyhow::Result<()> {
-    let uri: http::Uri = simulator.base_url().parse().context("simulator URL")?;
-    config.upstream.base_url = BaseUrl {
-        scheme: uri
-            .scheme()
-            .cloned()
-            .context("simulator URL has no scheme")?,
-        authority: uri
-            .authority()
-            .cloned()
-            .context("simulator URL has no host")?,
-    };
+    config.upstream.base_url = BaseUrl::try_from(simulator.base_url().as_str())
+        .context("the simulator's URL as upstream.base_url")?;
     config.upstream.extra_roots = rustls_pemfile::certs(&mut ca_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("reading the simulator's CA")?;

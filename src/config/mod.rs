@@ -2,18 +2,17 @@
 //! error with its key path), then validated and resolved (secrets read) into [`Config`]
 //! in one place. `check-config`, start-up and SIGHUP all go through [`Config::load`].
 
+mod base_url;
 pub mod raw;
 pub mod secret;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use http::Uri;
 use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
@@ -21,6 +20,7 @@ use crate::audit::{AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
 use crate::rate_limit::RateLimit;
 use crate::tls::{load_listen_tls, read_certs, ListenTls};
+pub use base_url::{BaseUrl, InvalidBaseUrl};
 pub use raw::OnStoreError;
 use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream, StoreKind};
 use secret::ValueSource;
@@ -62,19 +62,6 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub max_attempts: u32,
-}
-
-/// Where Plivo is: scheme and authority only, never a path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseUrl {
-    pub scheme: Scheme,
-    pub authority: Authority,
-}
-
-impl std::fmt::Display for BaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
-    }
 }
 
 pub struct Tenant {
@@ -507,8 +494,8 @@ fn check_timeout(key: &str, value: Duration, errors: &mut Errors) {
 const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
 
 fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamSettings> {
-    let base_url = parse_base_url(&raw.base_url)
-        .map_err(|msg| errors.push("upstream.base_url", msg))
+    let base_url = BaseUrl::try_from(raw.base_url.as_str())
+        .map_err(|err| errors.push("upstream.base_url", err))
         .ok();
     let extra_roots = match &raw.ca_file {
         None => Some(Vec::new()),
@@ -529,50 +516,6 @@ fn validate_upstream(raw: &RawUpstream, errors: &mut Errors) -> Option<UpstreamS
         timeout: raw.timeout.0,
         max_attempts: raw.max_attempts.0,
     })
-}
-
-/// `https://host[:port]`, or `http://` to a loopback host only (the simulator): the
-/// credentials must never cross a network in the clear.
-fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
-    let uri: Uri = text
-        .parse()
-        .map_err(|err| format!("not a valid URL: {err}"))?;
-    let scheme = uri
-        .scheme()
-        .cloned()
-        .ok_or("expected an absolute URL like https://api.plivo.com")?;
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or("expected an absolute URL like https://api.plivo.com")?;
-    if authority.as_str().contains('@') {
-        return Err("must not contain credentials".into());
-    }
-    // `http` accepts `host:99999` or `host:` and then reports no port at all, which the
-    // connector would quietly replace by the scheme's default.
-    let port_text = authority
-        .as_str()
-        .strip_prefix(authority.host())
-        .unwrap_or_default();
-    if !port_text.is_empty() && authority.port_u16().is_none_or(|port| port == 0) {
-        return Err(format!("invalid port {port_text:?}: expected 1-65535"));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err("expected scheme and host only, without a path or query".into());
-    }
-    if scheme == Scheme::HTTPS {
-        return Ok(BaseUrl { scheme, authority });
-    }
-    if scheme == Scheme::HTTP && is_loopback_host(authority.host()) {
-        return Ok(BaseUrl { scheme, authority });
-    }
-    Err("must be https (plain http is allowed only to a loopback address)".into())
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn validate_tenants(

@@ -1,11 +1,11 @@
 //! The calls to Plivo: `DELETE /v1/Account/{auth_id}/MultiPartyCall/name_{name}/` (or
 //! `uuid_{uuid}/`, after a `GET` of it that learns its name, for the by-uuid routes) over
 //! rustls (one HTTP/2 connection when the upstream offers it by ALPN, else a keep-alive
-//! HTTP/1.1 pool: `transport.rs`), with a per-attempt connect timeout, one deadline over
-//! all attempts, jittered exponential backoff on connect errors and 502/503/504, and the
-//! mapping of Plivo's answer to what the caller gets.
+//! HTTP/1.1 pool: `transport`), with a per-attempt connect timeout, one deadline over
+//! all attempts, jittered exponential backoff on connect errors and 502/503/504 (which
+//! failures count as connect errors: `failure`), and the mapping of Plivo's answer to
+//! what the caller gets.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,7 +21,7 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::causes::one_line;
+use crate::causes;
 use crate::config::{Account, BaseUrl, UpstreamSettings};
 use crate::millis::{millis, Throttle};
 use crate::mpc_name::{MpcName, MpcUuid};
@@ -129,9 +129,10 @@ pub enum UpstreamBuildError {
     CaFile(String),
 }
 
+mod failure;
 mod transport;
 
-use transport::{BodyBounds, BodyCutByDeadline, SendError, Transport};
+use transport::{BodyBounds, BodyCutByDeadline, Transport};
 
 pub struct PlivoClient {
     transport: Transport,
@@ -212,12 +213,16 @@ impl PlivoClient {
     /// parsed from the config at start-up, so only the path is checked here; and the
     /// path keeps its own buffer, which a whole URL parsed from one string would first
     /// have to turn into a shared one (an allocation) to hand out its three parts.
-    fn uri(&self, path: String) -> Option<Uri> {
+    ///
+    /// `http` has no infallible way to build a URI, but this cannot fail for a path from
+    /// [`PlivoClient::mpc_path`]: the auth id is ASCII alphanumerics (config), the name is
+    /// percent-encoded and the uuid is hex digits. An error is a broken check.
+    fn uri_of(&self, path: String) -> Result<Uri, http::Error> {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.base.scheme.clone());
-        parts.authority = Some(self.base.authority.clone());
-        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path)).ok()?);
-        Uri::from_parts(parts).ok()
+        parts.scheme = Some(self.base.scheme().clone());
+        parts.authority = Some(self.base.authority().clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path))?);
+        Ok(Uri::from_parts(parts)?)
     }
 
     /// When a call starting now must be over: `timeout` covers the whole call, every
@@ -286,7 +291,8 @@ impl PlivoClient {
         }
     }
 
-    /// Sends `method path` with retries until `deadline`; `Err` carries the timeout report.
+    /// Sends `method path` with retries until `deadline`. `Err` is the report of a call
+    /// that ended with no attempt to conclude: it ran out of time, or was never sent.
     async fn call(
         &self,
         method: Method,
@@ -294,10 +300,9 @@ impl PlivoClient {
         account: &AccountCredentials,
         deadline: Instant,
     ) -> Result<(Attempt, u32), UpstreamReport> {
-        // Every part was validated (config, name, uuid), so this cannot fail; if it did,
-        // no attempt could succeed.
-        let Some(uri) = self.uri(path) else {
-            return Ok((Attempt::Fatal, 1));
+        let uri = match self.uri_of(path) {
+            Ok(uri) => uri,
+            Err(err) => return Err(self.not_sent(&err)),
         };
         // A free slot is the usual case: take it without arming a timer. Waiting for one
         // counts against the same deadline as the call itself.
@@ -363,11 +368,11 @@ impl PlivoClient {
                 }
             }
             Err(err) => {
-                let attempt = classify_error(&err);
+                let attempt = err.retry_class();
                 if self.unanswered_log.ready() {
                     tracing::warn!(
                         origin = %self.origin,
-                        error = %one_line(error_chain(err.as_std())),
+                        error = %causes::one_line(causes::chain(err.as_std())),
                         attempt = number,
                         retriable = is_retriable(&attempt),
                         "an attempt to call Plivo got no answer"
@@ -411,6 +416,17 @@ impl PlivoClient {
             _ => {}
         }
         report
+    }
+
+    /// The report of a call whose URI could not be built ([`PlivoClient::uri_of`]): no
+    /// attempt was made, and the error log says why.
+    fn not_sent(&self, err: &http::Error) -> UpstreamReport {
+        tracing::error!(
+            origin = %self.origin,
+            error = %err,
+            "bug: the URI of an upstream call could not be built from its validated parts; the call was not sent"
+        );
+        report(Err(Problem::UpstreamUnavailable), None, 0)
     }
 
     /// The report of a call that ran out of `timeout` (`504`), logged at most once per
@@ -460,80 +476,6 @@ fn backoff_delay(attempts_so_far: u32) -> Duration {
     let ceiling = FIRST_BACKOFF.saturating_mul(1 << exponent).min(MAX_BACKOFF);
     let ceiling_ms = millis(ceiling);
     Duration::from_millis(rand::thread_rng().gen_range(ceiling_ms / 2..=ceiling_ms))
-}
-
-fn classify_error(err: &SendError) -> Attempt {
-    if err.is_tls() {
-        return Attempt::Fatal;
-    }
-    if err.is_unsent() || caused_by_reset(err.as_std()) {
-        return Attempt::Retriable;
-    }
-    Attempt::Fatal
-}
-
-/// Walks the error chain. `io::Error::source()` skips the error it wraps, so step into
-/// an `io::Error`'s payload explicitly (hyper-rustls nests them two deep).
-fn error_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
-    let mut chain = Vec::new();
-    let mut current = Some(err);
-    while let Some(e) = current {
-        chain.push(e);
-        current = match e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn StdError + 'static)),
-            None => e.source(),
-        };
-    }
-    chain
-}
-
-fn caused_by_tls(err: &(dyn StdError + 'static)) -> bool {
-    error_chain(err).iter().any(|e| e.is::<rustls::Error>())
-}
-
-fn caused_by_reset(err: &(dyn StdError + 'static)) -> bool {
-    error_chain(err).iter().any(|e| {
-        let reset_io = e.downcast_ref::<std::io::Error>().is_some_and(is_reset_io);
-        let closed_early = e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled());
-        let h2_reset = e.downcast_ref::<h2::Error>().is_some_and(is_h2_reset);
-        reset_io || closed_early || h2_reset
-    })
-}
-
-fn is_reset_io(io: &std::io::Error) -> bool {
-    matches!(
-        io.kind(),
-        std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::BrokenPipe
-            // A TLS peer that vanishes without close_notify.
-            | std::io::ErrorKind::UnexpectedEof
-    )
-}
-
-/// The HTTP/2 forms of a reset connection: the socket reset under the connection, or
-/// the upstream resetting the stream (`RST_STREAM`) or going away (`GOAWAY`) before it
-/// answered, for a reason that says nothing about the request itself. (`h2::Error`
-/// keeps its I/O cause out of `source()`, so it is asked directly.)
-fn is_h2_reset(err: &h2::Error) -> bool {
-    if let Some(io) = err.get_io() {
-        return is_reset_io(io);
-    }
-    (err.is_reset() || err.is_go_away())
-        && matches!(
-            err.reason(),
-            Some(
-                h2::Reason::NO_ERROR
-                    | h2::Reason::REFUSED_STREAM
-                    | h2::Reason::CANCEL
-                    | h2::Reason::INTERNAL_ERROR
-            )
-        )
 }
 
 fn report(outcome: Result<(), Problem>, status: Option<u16>, attempts: u32) -> UpstreamReport {
@@ -642,15 +584,11 @@ impl PlivoBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use transport::ConnectError;
 
     #[tokio::test]
     async fn mpc_urls_are_built_exactly_as_the_sdks_send_them() {
         let settings = UpstreamSettings {
-            base_url: crate::config::BaseUrl {
-                scheme: http::uri::Scheme::HTTPS,
-                authority: http::uri::Authority::from_static("api.example.test:8443"),
-            },
+            base_url: BaseUrl::try_from("https://api.example.test:8443").expect("base URL"),
             ca_file: None,
             extra_roots: Vec::new(),
             connect_timeout: Duration::from_secs(2),
@@ -662,7 +600,7 @@ mod tests {
         let uri = |mpc| {
             let path = PlivoClient::mpc_path("MAXXXXXXXXXXXXXXXXXX", mpc);
             client
-                .uri(path)
+                .uri_of(path)
                 .expect("every path built this way is a valid URI")
         };
         assert_eq!(
@@ -771,47 +709,6 @@ mod tests {
         for status in [204, 404, 429, 500, 401] {
             assert!(!is_retriable(&answered(status, &[], "")));
         }
-    }
-
-    /// A connect failure handed to the calls that waited for it is classified as the
-    /// original: retried, except a TLS failure.
-    #[test]
-    fn a_shared_connect_failure_keeps_the_original_class() {
-        let refused = SendError::Connect(ConnectError::Connector(Box::new(std::io::Error::from(
-            std::io::ErrorKind::ConnectionRefused,
-        ))));
-        let tls = SendError::Connect(ConnectError::Connector(Box::new(std::io::Error::other(
-            rustls::Error::General("bad certificate".into()),
-        ))));
-        assert!(matches!(classify_error(&refused), Attempt::Retriable));
-        assert!(matches!(classify_error(&tls), Attempt::Fatal));
-        for (original, retriable) in [(refused, true), (tls, false)] {
-            let shared = SendError::Connect(ConnectError::Shared(
-                transport::SharedConnectFailure::of(&original),
-            ));
-            assert_eq!(
-                matches!(classify_error(&shared), Attempt::Retriable),
-                retriable,
-                "{shared:?}"
-            );
-        }
-    }
-
-    /// What the "no answer" log line shows: each cause once, outermost first.
-    #[test]
-    fn causes_are_listed_once_each() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("error trying to connect")]
-        struct Outer(#[source] std::io::Error);
-        // An I/O error wrapping another shows the inner one's message: listed once.
-        let inner = std::io::Error::other(rustls::Error::General("bad certificate".into()));
-        let text = one_line(error_chain(&Outer(inner)));
-        assert_eq!(
-            text,
-            "error trying to connect: unexpected error: bad certificate"
-        );
-        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(one_line(error_chain(&refused)), refused.to_string());
     }
 
     #[test]

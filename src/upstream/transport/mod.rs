@@ -16,10 +16,18 @@
 //! carry the answer back, about 6% of the gateway's CPU per request. Here the calling
 //! task opens the stream and awaits its answer itself; the connection task only drives
 //! the connection and its keep-alive pings.
+//!
+//! This module decides where each call goes and reads the answers; `connect` opens
+//! connections, `http2` holds the HTTP/2 connection and its tasks, `http1_pool` the
+//! idle HTTP/1.1 connections.
+
+mod connect;
+mod http1_pool;
+mod http2;
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -29,12 +37,16 @@ use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::config::{BaseUrl, UpstreamSettings};
+use crate::config::UpstreamSettings;
+pub(super) use connect::{ConnectError, SharedConnectFailure};
+use connect::{Offer, TimedConnector};
+use http1_pool::{close_idle_h1, handshake_h1, H1Pool};
+use http2::{close_when_idle, drive_h2, H2Slot, KeepAlive, OpenH2, ReadyH2};
 
 /// An upstream connection unused this long is closed (an HTTP/2 one after between one
 /// and two of these).
@@ -53,31 +65,8 @@ const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
 
-/// At most this many idle HTTP/1.1 connections are kept; more are closed when their call
-/// ends.
-const H1_MAX_IDLE: usize = 64;
-
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
-type Sender = h2::client::SendRequest<Bytes>;
 type H1Sender = http1::SendRequest<Empty<Bytes>>;
-
-/// Why no connection to the upstream could be opened.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum ConnectError {
-    /// TCP or TLS, as the connector reports it (hyper-rustls boxes its errors).
-    #[error(transparent)]
-    Connector(Box<dyn StdError + Send + Sync>),
-    /// TCP and TLS together took longer than `connect_timeout`, or the HTTP/2 handshake
-    /// after them did.
-    #[error("connect timed out")]
-    TimedOut,
-    /// The HTTP/2 handshake on the new connection failed.
-    #[error("HTTP/2 handshake failed: {0}")]
-    Handshake(#[source] h2::Error),
-    /// The connect this call waited for, made by another call, failed.
-    #[error(transparent)]
-    Shared(SharedConnectFailure),
-}
 
 /// Why a request got no response.
 #[derive(Debug)]
@@ -96,25 +85,8 @@ pub(super) enum SendError {
     Stream(h2::Error),
 }
 
+/// Which of these failures another attempt may cure is decided in `super::failure`.
 impl SendError {
-    /// Whether the request never left: no connection could be opened, or the open one
-    /// could not take it. Such a request can always be sent again.
-    pub(super) fn is_unsent(&self) -> bool {
-        match self {
-            SendError::Connect(_) | SendError::NotSent(_) => true,
-            SendError::Request(_) | SendError::Stream(_) => false,
-        }
-    }
-
-    /// Whether TLS failed: the upstream's certificate, or the handshake. Another attempt
-    /// would fail the same way.
-    pub(super) fn is_tls(&self) -> bool {
-        match self {
-            SendError::Connect(ConnectError::Shared(shared)) => shared.tls,
-            _ => super::caused_by_tls(self.as_std()),
-        }
-    }
-
     /// The error whose chain of causes says what happened: for a connect, the
     /// connector's own error rather than the enum around it.
     pub(super) fn as_std(&self) -> &(dyn StdError + 'static) {
@@ -166,7 +138,6 @@ impl Transport {
         // one read instead of one of each per call (see benches/RESULTS.md).
         let connector = TimedConnector::new(tls.clone(), http.clone(), Offer::H2First, timeout);
         let h1_connector = TimedConnector::new(tls, http, Offer::Http1Only, timeout);
-        let origin = origin_uri(&settings.base_url);
         let mut h2_builder = h2::client::Builder::new();
         h2_builder
             .initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
@@ -178,9 +149,8 @@ impl Transport {
         Transport {
             connector,
             h1_connector,
-            // The base URL's authority was validated when the config was loaded.
-            host: host_header(&origin).unwrap_or_else(|| HeaderValue::from_static("localhost")),
-            origin,
+            origin: settings.base_url.origin().clone(),
+            host: settings.base_url.host_header().clone(),
             h2_builder,
             h2: Arc::new(H2Slot::default()),
             idle_timeout: IDLE_TIMEOUT,
@@ -191,7 +161,7 @@ impl Transport {
             connecting: tokio::sync::Mutex::new(()),
             connects: AtomicU64::new(0),
             last_connect_failure: Mutex::new(None),
-            http1_only: AtomicBool::new(settings.base_url.scheme != Scheme::HTTPS),
+            http1_only: AtomicBool::new(*settings.base_url.scheme() != Scheme::HTTPS),
             h1: Arc::new(H1Pool::default()),
         }
     }
@@ -398,247 +368,6 @@ impl Transport {
     }
 }
 
-/// One HTTP/2 connection, numbered so that a failed call or an idle watcher forgets
-/// only the connection it knows, never a newer one.
-#[derive(Clone)]
-struct OpenH2 {
-    generation: u64,
-    sender: Sender,
-    /// Set by the connection's task once the connection has ended.
-    ended: Arc<AtomicBool>,
-}
-
-/// An HTTP/2 connection that can take a stream now.
-struct ReadyH2 {
-    generation: u64,
-    sender: Sender,
-}
-
-/// The HTTP/2 connection in use, and how many calls went over HTTP/2.
-#[derive(Default)]
-struct H2Slot {
-    /// A std mutex: it is held only to clone or swap a sender, never across an await.
-    current: Mutex<Option<OpenH2>>,
-    generations: AtomicU64,
-    /// Calls sent over any HTTP/2 connection; the idle watcher only compares it.
-    calls: AtomicU64,
-}
-
-impl H2Slot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OpenH2>> {
-        lock(&self.current)
-    }
-
-    fn open(&self) -> Option<OpenH2> {
-        self.lock()
-            .as_ref()
-            .filter(|open| !open.ended.load(Ordering::Acquire))
-            .cloned()
-    }
-
-    /// Makes `sender` the connection in use, under a new generation.
-    fn install(&self, sender: Sender, ended: Arc<AtomicBool>) -> OpenH2 {
-        let open = OpenH2 {
-            generation: self.generations.fetch_add(1, Ordering::Relaxed),
-            sender,
-            ended,
-        };
-        *self.lock() = Some(open.clone());
-        open
-    }
-
-    fn is_current(&self, generation: u64) -> bool {
-        holds(&self.lock(), generation)
-    }
-
-    /// Stops using connection `generation`, so the next call opens a new one, and
-    /// leaves a newer connection alone. `h2` closes the connection once the last
-    /// sender is gone and its last stream (a call still in flight) has ended.
-    fn forget(&self, generation: u64) {
-        let mut current = self.lock();
-        if holds(&current, generation) {
-            *current = None;
-        }
-    }
-}
-
-fn holds(current: &Option<OpenH2>, generation: u64) -> bool {
-    current
-        .as_ref()
-        .is_some_and(|open| open.generation == generation)
-}
-
-/// Forgets HTTP/2 connection `generation` once a whole `idle` period passed without a
-/// call, so an idle sidecar does not hold (and ping) a connection to Plivo forever. It
-/// counts calls rather than reading the clock on every call.
-async fn close_when_idle(slot: Weak<H2Slot>, generation: u64, idle: Duration) {
-    let mut calls_seen = match slot.upgrade() {
-        Some(slot) => slot.calls.load(Ordering::Relaxed),
-        None => return,
-    };
-    loop {
-        tokio::time::sleep(idle).await;
-        let Some(slot) = slot.upgrade() else { return };
-        if !slot.is_current(generation) {
-            return;
-        }
-        let calls = slot.calls.load(Ordering::Relaxed);
-        if calls == calls_seen {
-            tracing::debug!(generation, "closing the idle upstream HTTP/2 connection");
-            slot.forget(generation);
-            return;
-        }
-        calls_seen = calls;
-    }
-}
-
-/// How often an HTTP/2 connection is pinged, and how long a pong may take.
-#[derive(Clone, Copy, Debug)]
-struct KeepAlive {
-    interval: Duration,
-    timeout: Duration,
-}
-
-/// Drives one HTTP/2 connection until it ends, or until a ping goes unanswered: one
-/// connection carries every call, so a connection that died silently (a NAT or load
-/// balancer forgot it) must be found by pings, not by calls that hang until their
-/// `timeout`. Dropping the connection fails the calls still on it, which are retried.
-async fn drive_h2(
-    mut connection: h2::client::Connection<TokioIo<Stream>, Bytes>,
-    keep_alive: KeepAlive,
-    ended: Arc<AtomicBool>,
-) {
-    let pings = connection.ping_pong();
-    let unanswered = async {
-        match pings {
-            Some(pings) => ping_until_unanswered(pings, keep_alive).await,
-            // h2 hands its ping handle out once, and this is the only place that asks.
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        biased;
-        result = &mut connection => {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "upstream HTTP/2 connection ended");
-            }
-        }
-        () = unanswered => {
-            tracing::warn!(timeout = ?keep_alive.timeout, "upstream HTTP/2 connection did not answer a ping; closing it");
-        }
-    }
-    ended.store(true, Ordering::Release);
-}
-
-/// Pings every `interval`; returns when a pong takes longer than `timeout`. A ping the
-/// connection refuses (it is closing) waits for the connection to end instead.
-async fn ping_until_unanswered(mut pings: h2::PingPong, keep_alive: KeepAlive) {
-    loop {
-        tokio::time::sleep(keep_alive.interval).await;
-        match tokio::time::timeout(keep_alive.timeout, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_closing)) => return std::future::pending().await,
-            Err(_elapsed) => return,
-        }
-    }
-}
-
-/// Idle HTTP/1.1 connections, the most recently used on top (its TLS session and
-/// buffers are the warmest).
-#[derive(Default)]
-struct H1Pool {
-    /// A std mutex: held only to push or pop, never across an await.
-    idle: Mutex<Vec<IdleH1>>,
-    /// Advanced once per idle period by the sweeper; an idle connection is stamped with
-    /// it, so nothing on the request path reads the clock for this.
-    period: AtomicU64,
-    /// Whether the sweeper task runs.
-    sweeping: AtomicBool,
-}
-
-struct IdleH1 {
-    sender: H1Sender,
-    period: u64,
-}
-
-impl H1Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleH1>> {
-        lock(&self.idle)
-    }
-
-    /// An idle connection ready for a call, if any is left open.
-    async fn take_ready(&self) -> Option<H1Sender> {
-        loop {
-            let mut sender = self.pop()?;
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            // Given back the moment its previous answer was read: ready as soon as its
-            // connection task has run, or an error if the upstream closed it meanwhile.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
-            }
-        }
-    }
-
-    fn pop(&self) -> Option<H1Sender> {
-        let mut idle = self.lock();
-        while let Some(IdleH1 { sender, .. }) = idle.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    /// Keeps `sender` for a later call; false if it was closed or the pool is full.
-    fn put(&self, sender: H1Sender) -> bool {
-        if sender.is_closed() {
-            return false;
-        }
-        let mut idle = self.lock();
-        if idle.len() >= H1_MAX_IDLE {
-            return false;
-        }
-        let period = self.period.load(Ordering::Relaxed);
-        idle.push(IdleH1 { sender, period });
-        true
-    }
-
-    /// Starts a new period and closes the connections that stayed idle through the
-    /// whole of the last one. Returns how many it closed.
-    fn sweep(&self) -> usize {
-        let now = self.period.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = self.lock();
-        let before = idle.len();
-        idle.retain(|conn| conn.period + 1 >= now && !conn.sender.is_closed());
-        before - idle.len()
-    }
-}
-
-/// Closes HTTP/1.1 connections idle for between one and two `idle` periods, for as long
-/// as the transport exists.
-async fn close_idle_h1(pool: Weak<H1Pool>, idle: Duration) {
-    loop {
-        tokio::time::sleep(idle).await;
-        let Some(pool) = pool.upgrade() else { return };
-        let closed = pool.sweep();
-        if closed > 0 {
-            tracing::debug!(closed, "closed idle upstream HTTP/1.1 connections");
-        }
-    }
-}
-
-async fn handshake_h1(stream: Stream) -> Result<H1Sender, SendError> {
-    let (sender, connection) = http1::handshake(stream).await.map_err(SendError::Request)?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "upstream HTTP/1.1 connection ended");
-        }
-    });
-    Ok(sender)
-}
-
 /// How much of an answer's body is read, and until when.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct BodyBounds {
@@ -741,100 +470,16 @@ fn into_origin_form(
     request
 }
 
-/// `Host` for `uri`: with the port unless it is the scheme's default.
-fn host_header(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    match uri.port_u16() {
-        Some(port) if port != default_port => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
-        _ => HeaderValue::from_str(host).ok(),
-    }
-}
-
-/// `scheme://authority/` of the base URL, which is what the connector needs.
-fn origin_uri(base_url: &BaseUrl) -> Uri {
-    Uri::builder()
-        .scheme(base_url.scheme.clone())
-        .authority(base_url.authority.clone())
-        .path_and_query("/")
-        .build()
-        // Scheme and authority were validated when the config was loaded.
-        .unwrap_or_default()
-}
-
-/// The rustls connector with `connect_timeout` over the TCP connect *and* the TLS
-/// handshake: an upstream that accepts TCP but never speaks TLS is a connect failure
-/// (retried), not a wait for the whole call's `timeout`.
-#[derive(Clone)]
-struct TimedConnector {
-    inner: HttpsConnector<HttpConnector>,
-    timeout: Duration,
-}
-
-/// The failure of a connect that other calls waited for, handed to each of them.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("the connect this call waited for failed: {detail}")]
-pub(super) struct SharedConnectFailure {
-    detail: String,
-    /// A TLS failure is not retried; the others are, like the original error.
-    pub(super) tls: bool,
-}
-
-impl SharedConnectFailure {
-    pub(super) fn of(err: &SendError) -> SharedConnectFailure {
-        SharedConnectFailure {
-            detail: err.as_std().to_string(),
-            tls: err.is_tls(),
-        }
-    }
-}
-
 /// Locks a mutex that is only ever held to read or swap a value, so a panic elsewhere
 /// cannot leave it half-changed: a poisoned one is used as is.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What a connector offers by ALPN.
-#[derive(Clone, Copy)]
-enum Offer {
-    H2First,
-    Http1Only,
-}
-
-impl TimedConnector {
-    fn new(
-        tls: rustls::ClientConfig,
-        http: HttpConnector,
-        offer: Offer,
-        timeout: Duration,
-    ) -> Self {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http();
-        let inner = match offer {
-            Offer::H2First => builder.enable_all_versions().wrap_connector(http),
-            Offer::Http1Only => builder.enable_http1().wrap_connector(http),
-        };
-        TimedConnector { inner, timeout }
-    }
-
-    async fn connect(&self, uri: Uri) -> Result<Stream, ConnectError> {
-        let connecting = tower::ServiceExt::oneshot(self.inner.clone(), uri);
-        match tokio::time::timeout(self.timeout, connecting).await {
-            Ok(connected) => connected.map_err(ConnectError::Connector),
-            Err(_) => Err(ConnectError::TimedOut),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::BaseUrl;
     use crate::simulator::{generate_pki, Simulator, SimulatorConfig};
     use rustls::pki_types::CertificateDer;
     use std::sync::mpsc::{Receiver, Sender};
@@ -868,12 +513,8 @@ mod tests {
     }
 
     fn transport_to(base_url: &str, extra_roots: Vec<CertificateDer<'static>>) -> Transport {
-        let base_url: Uri = base_url.parse().expect("base url");
         let settings = UpstreamSettings {
-            base_url: BaseUrl {
-                scheme: base_url.scheme().expect("scheme").clone(),
-                authority: base_url.authority().expect("authority").clone(),
-            },
+            base_url: BaseUrl::try_from(base_url).expect("base url"),
             ca_file: None,
             extra_roots,
             connect_timeout: Duration::from_secs(2),
@@ -1021,10 +662,10 @@ mod tests {
             tokio::time::sleep(idle / 10).await;
         }
         assert_eq!(sim.connection_count(), 1, "the ALPN connection, reused");
-        assert_eq!(transport.h1.lock().len(), 1, "back in the pool");
+        assert_eq!(transport.h1.idle_count(), 1, "back in the pool");
         // Two idle periods without a call close it.
         tokio::time::sleep(idle * 2 + idle / 2).await;
-        assert_eq!(transport.h1.lock().len(), 0, "idle: closed");
+        assert_eq!(transport.h1.idle_count(), 0, "idle: closed");
         call(&sim, &transport).await;
         assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
         sim.shutdown().await;
@@ -1045,7 +686,7 @@ mod tests {
         );
         assert_eq!([a, b, c], [http::Version::HTTP_11; 3]);
         assert_eq!(sim.connection_count(), 3);
-        assert_eq!(transport.h1.lock().len(), 3, "every connection kept");
+        assert_eq!(transport.h1.idle_count(), 3, "every connection kept");
         for _ in 0..5 {
             call(&sim, &transport).await;
         }
@@ -1136,7 +777,7 @@ mod tests {
             transport.send(request, test_bounds())
         };
         assert_eq!(send().await.expect("first call").status(), 204);
-        assert_eq!(transport.h1.lock().len(), 1, "pooled");
+        assert_eq!(transport.h1.idle_count(), 1, "pooled");
         // Blocks the runtime while the upstream closes: the FIN arrives, but the
         // connection task cannot see it.
         let (closed, is_closed) = std::sync::mpsc::channel();
@@ -1146,10 +787,7 @@ mod tests {
             .expect("upstream closed the connection");
         let err = send().await.expect_err("written to a closed connection");
         assert!(
-            matches!(
-                super::super::classify_error(&err),
-                super::super::Attempt::Retriable
-            ),
+            matches!(err.retry_class(), super::super::Attempt::Retriable),
             "{err:?} is retried like a reset"
         );
         assert_eq!(send().await.expect("third call").status(), 204);
@@ -1160,10 +798,12 @@ mod tests {
         );
     }
 
-    fn origin_form(uri: &str) -> (String, Option<String>) {
+    /// The request line's target and `Host` of `path` on `base`, over HTTP/1.1.
+    fn origin_form(base: &str, path: &str) -> (String, Option<String>) {
+        let base = BaseUrl::try_from(base).expect("base url");
+        let uri = format!("{base}{path}");
         let request = Request::get(uri).body(Empty::new()).expect("request");
-        let host = host_header(request.uri()).expect("host");
-        let request = into_origin_form(request, &host);
+        let request = into_origin_form(request, base.host_header());
         let host = request
             .headers()
             .get(HOST)
@@ -1174,22 +814,25 @@ mod tests {
     #[test]
     fn origin_form_moves_the_authority_to_host_without_a_default_port() {
         assert_eq!(
-            origin_form("https://api.plivo.com/v1/Account/MA1/MultiPartyCall/name_a/"),
+            origin_form(
+                "https://api.plivo.com",
+                "/v1/Account/MA1/MultiPartyCall/name_a/"
+            ),
             (
                 "/v1/Account/MA1/MultiPartyCall/name_a/".to_owned(),
                 Some("api.plivo.com".to_owned())
             )
         );
         assert_eq!(
-            origin_form("https://api.plivo.com:443/v1/"),
+            origin_form("https://api.plivo.com:443", "/v1/"),
             ("/v1/".to_owned(), Some("api.plivo.com".to_owned()))
         );
         assert_eq!(
-            origin_form("https://127.0.0.1:8443/v1/?q=1"),
+            origin_form("https://127.0.0.1:8443", "/v1/?q=1"),
             ("/v1/?q=1".to_owned(), Some("127.0.0.1:8443".to_owned()))
         );
         assert_eq!(
-            origin_form("http://localhost:443/"),
+            origin_form("http://localhost:443", "/"),
             ("/".to_owned(), Some("localhost:443".to_owned()))
         );
     }
