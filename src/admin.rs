@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
-use crate::server::accept_within;
+use crate::server::accept::accept_within;
 
 /// What Prometheus asks for first; prometheus-client writes it (it ends with `# EOF`).
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

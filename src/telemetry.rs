@@ -20,6 +20,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::raw::LogFormat;
 use crate::config::LogSettings;
+use crate::server::Rejection;
 
 /// Parses `log.level` (or `RUST_LOG`): a level, or comma-separated `target=level`
 /// directives with an optional default level (`warn,mpc_gateway::server=info`).
@@ -140,7 +141,7 @@ struct ListenerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
-    kind: String,
+    kind: &'static str,
 }
 
 /// Every metric the gateway exports. Label values are bounded: tenants come from config
@@ -236,7 +237,7 @@ impl Metrics {
         );
         registry.register(
             "mpc_gateway_http_rejected",
-            "Connections the HTTP layer refused before a request was parsed, by kind",
+            "Data connections that ended in the HTTP layer on an error or a timeout, by kind: a request head refused (too-large, malformed) or not sent in time (header-timeout), a failed TLS handshake (tls-handshake), a kept-alive connection gone silent (idle-timeout), a failed connection (io, other)",
             http_rejected.clone(),
         );
         registry.register(
@@ -367,10 +368,11 @@ impl Metrics {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
-    pub fn http_rejected(&self, kind: &str) {
+    /// A data connection the HTTP layer ended on an error or a timeout.
+    pub fn http_rejected(&self, rejection: Rejection) {
         self.http_rejected
             .get_or_create(&KindLabels {
-                kind: kind.to_owned(),
+                kind: rejection.as_str(),
             })
             .inc();
     }
@@ -620,6 +622,7 @@ mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
         metrics.rate_limited(Some(&billing), "tenant");
         metrics.audit_failure();
         metrics.config_reload(true);
+        metrics.http_rejected(Rejection::IdleTimeout);
         let text = metrics.encode();
         for name in [
             "mpc_gateway_requests_total{tenant=\"billing\",reason=\"ended\"} 1",
@@ -630,6 +633,7 @@ mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
             "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"} 1",
             "mpc_gateway_audit_failures_total 1",
             "mpc_gateway_config_reloads_total{result=\"ok\"} 1",
+            "mpc_gateway_http_rejected_total{kind=\"idle-timeout\"} 1",
             concat!(
                 "mpc_gateway_build_info{version=\"",
                 env!("CARGO_PKG_VERSION"),
