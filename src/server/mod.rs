@@ -56,8 +56,9 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// the gateway decides between 414 and 431 for every head below this size. Only a head
 /// larger than this gets hyper's 431. Hyper grows the buffer only as bytes arrive.
 const MAX_HEAD_BYTES: usize = 64 * 1024 + MAX_HEADER_BLOCK_BYTES + 1024;
-/// Header fields per request; more is `431` from the HTTP layer.
-pub const MAX_HEADERS: usize = 100;
+/// Header fields per request; more is `431`: from hyper over HTTP/1.1, from the gateway's
+/// framing check over HTTP/2 (the same limit, [`crate::gateway::MAX_HEADER_FIELDS`]).
+pub const MAX_HEADERS: usize = crate::gateway::MAX_HEADER_FIELDS;
 /// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE, which counts 32 bytes per field besides its
 /// name and value: the contract's largest request line and header block with a quarter
 /// to spare, so the gateway, not the h2 library (whose default is 16 KiB), answers `414`
