@@ -140,12 +140,14 @@ fn validate(head: &SavedHead) -> Result<(), &'static str> {
 pub(crate) mod sync_count {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
-    use std::sync::{Mutex, PoisonError};
+    use std::sync::Mutex;
+
+    use crate::sync::lock_unpoisoned;
 
     static SYNCED: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
 
     pub(crate) fn add(live: &Path) {
-        let mut counts = SYNCED.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = lock_unpoisoned(&SYNCED);
         *counts
             .get_or_insert_with(HashMap::new)
             .entry(live.to_path_buf())
@@ -153,7 +155,7 @@ pub(crate) mod sync_count {
     }
 
     pub(crate) fn of(live: &Path) -> usize {
-        let counts = SYNCED.lock().unwrap_or_else(PoisonError::into_inner);
+        let counts = lock_unpoisoned(&SYNCED);
         counts
             .as_ref()
             .and_then(|counts| counts.get(live).copied())

@@ -25,7 +25,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -37,6 +37,7 @@ use super::recover::{recover, ChainHead};
 use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
+use crate::sync::lock_unpoisoned;
 
 /// Upper bound of one group commit, so one batch cannot grow without limit.
 const MAX_BATCH: usize = 512;
@@ -233,14 +234,14 @@ impl InlineTicket<'_> {
     async fn after_this_turn(mut self) -> Result<u64, AuditError> {
         tokio::task::yield_now().await;
         self.collected = true;
-        lock(self.state).collect(self.ticket)
+        lock_unpoisoned(self.state).collect(self.ticket)
     }
 }
 
 impl Drop for InlineTicket<'_> {
     fn drop(&mut self) {
         if !self.collected {
-            let _ = lock(self.state).collect(self.ticket);
+            let _ = lock_unpoisoned(self.state).collect(self.ticket);
         }
     }
 }
@@ -404,7 +405,7 @@ impl AuditLog {
         let acknowledgement = match &self.shared.mode {
             Mode::Threaded { tx, .. } => {
                 let (ack, acked) = oneshot::channel();
-                let guard = tx.lock().unwrap_or_else(PoisonError::into_inner);
+                let guard = lock_unpoisoned(tx);
                 let tx = guard.as_ref().ok_or(AuditError::Closed)?;
                 tx.send(Request { event, ack })
                     .map_err(|_| AuditError::WriterGone)?;
@@ -412,7 +413,7 @@ impl AuditLog {
             }
             Mode::Inline(state) => {
                 let ticket = {
-                    let mut guard = lock(state);
+                    let mut guard = lock_unpoisoned(state);
                     if guard.writer.is_none() {
                         return Err(AuditError::Closed);
                     }
@@ -449,7 +450,7 @@ impl AuditLog {
     pub async fn close(&self) -> Result<(), AuditError> {
         let outcome = match &self.shared.mode {
             Mode::Threaded { tx, done } => {
-                let sender = tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+                let sender = lock_unpoisoned(tx).take();
                 // The writer drains the channel and finishes once every sender is gone.
                 drop(sender);
                 let mut done = done.clone();
@@ -460,7 +461,7 @@ impl AuditLog {
                 outcome.clone()
             }
             Mode::Inline(state) => {
-                let mut state = lock(state);
+                let mut state = lock_unpoisoned(state);
                 state.flush();
                 if let Some(mut writer) = state.writer.take() {
                     let finished = writer.finish();
@@ -490,10 +491,6 @@ fn cached_ts_text(cache: &mut Option<(OffsetDateTime, TsText)>, ts: OffsetDateTi
     &cache.get_or_insert_with(|| (ts, record::format_ts(ts))).1
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// The inline mode's probe loop: while the log is open but not writable, checks once
 /// per [`PROBE_INTERVAL`] whether the disk takes writes again. Ends with the log.
 fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
@@ -502,7 +499,7 @@ fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        let mut state = lock(&state);
+        let mut state = lock_unpoisoned(&state);
         let Some(writer) = state.writer.as_mut() else {
             return;
         };

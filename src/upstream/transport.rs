@@ -19,7 +19,7 @@
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{BaseUrl, UpstreamSettings};
+use crate::sync::lock_unpoisoned;
 
 /// An upstream connection unused this long is closed (an HTTP/2 one after between one
 /// and two of these).
@@ -351,13 +352,13 @@ impl Transport {
         // Or tried while this call waited, and failed: that is this attempt's outcome too
         // (an unreachable upstream must not cost each queued call a connect_timeout).
         if self.connects.load(Ordering::Acquire) != seen {
-            if let Some(failure) = lock(&self.last_connect_failure).clone() {
+            if let Some(failure) = lock_unpoisoned(&self.last_connect_failure).clone() {
                 return Err(SendError::Connect(ConnectError::Shared(failure)));
             }
         }
         self.connects.fetch_add(1, Ordering::AcqRel);
         let connected = self.open_first_connection().await;
-        *lock(&self.last_connect_failure) = match &connected {
+        *lock_unpoisoned(&self.last_connect_failure) = match &connected {
             Err(err) => Some(SharedConnectFailure::of(err)),
             Ok(_) => None,
         };
@@ -426,7 +427,7 @@ struct H2Slot {
 
 impl H2Slot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<OpenH2>> {
-        lock(&self.current)
+        lock_unpoisoned(&self.current)
     }
 
     fn open(&self) -> Option<OpenH2> {
@@ -563,7 +564,7 @@ struct IdleH1 {
 
 impl H1Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleH1>> {
-        lock(&self.idle)
+        lock_unpoisoned(&self.idle)
     }
 
     /// An idle connection ready for a call, if any is left open.
@@ -791,12 +792,6 @@ impl SharedConnectFailure {
             tls: err.is_tls(),
         }
     }
-}
-
-/// Locks a mutex that is only ever held to read or swap a value, so a panic elsewhere
-/// cannot leave it half-changed: a poisoned one is used as is.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a connector offers by ALPN.

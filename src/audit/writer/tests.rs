@@ -362,7 +362,10 @@ async fn an_inline_append_dropped_in_its_yield_writes_its_record() {
     assert!(lines(&path).is_empty(), "not written before the yield");
     drop(append);
     assert_eq!(lines(&path).len(), 1, "written on drop");
-    assert!(lock(state).settled.is_empty(), "its outcome collected");
+    assert!(
+        lock_unpoisoned(state).settled.is_empty(),
+        "its outcome collected"
+    );
     assert_eq!(log.append(event(1)).await.expect("append"), 2);
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 2);
@@ -420,19 +423,27 @@ async fn inline_outcomes_are_kept_only_until_collected() {
         appends.next().expect("d"),
     );
     assert_eq!(c.await.expect("append"), 3, "c flushed all four");
-    assert_eq!(lock(state).settled.len(), 4, "a, b and d not collected yet");
+    assert_eq!(
+        lock_unpoisoned(state).settled.len(),
+        4,
+        "a, b and d not collected yet"
+    );
     drop(b);
     assert_eq!(d.await.expect("append"), 4);
-    assert_eq!(lock(state).settled.len(), 4, "a is still to come");
+    assert_eq!(
+        lock_unpoisoned(state).settled.len(),
+        4,
+        "a is still to come"
+    );
     assert_eq!(a.await.expect("append"), 1);
     {
-        let state = lock(state);
+        let state = lock_unpoisoned(state);
         assert!(state.settled.is_empty(), "every outcome collected");
         assert_eq!(state.first_uncollected, 4);
     }
     // A later record gets the next ticket and its own outcome.
     assert_eq!(log.append(event(4)).await.expect("append"), 5);
-    assert!(lock(state).settled.is_empty());
+    assert!(lock_unpoisoned(state).settled.is_empty());
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 5);
 }
@@ -483,7 +494,10 @@ async fn inline_appends_dropped_at_any_point_under_concurrency_lose_nothing() {
     let Mode::Inline(state) = &log.shared.mode else {
         panic!("fsync: never writes inline");
     };
-    assert!(lock(state).settled.is_empty(), "every outcome collected");
+    assert!(
+        lock_unpoisoned(state).settled.is_empty(),
+        "every outcome collected"
+    );
     log.close().await.expect("close");
     let total = (TASKS * PER_TASK) as u64;
     assert_eq!(
@@ -523,7 +537,7 @@ async fn a_failed_inline_write_fails_each_record_of_the_batch() {
         before,
         "no partial line"
     );
-    assert!(lock(state).settled.is_empty());
+    assert!(lock_unpoisoned(state).settled.is_empty());
     faults.set(fault::NONE);
     assert_eq!(
         log.append(event(4)).await.expect("append"),
