@@ -66,14 +66,32 @@ pub enum AuditError {
     Corrupt { path: PathBuf, detail: String },
     #[error("audit log: a record could not be serialized: {detail}")]
     Encode { detail: String },
+    #[error("audit log: the HMAC key (audit.hmac_key) cannot be used: {source}")]
+    UnusableHmacKey {
+        #[source]
+        source: hmac::digest::InvalidLength,
+    },
     #[error("audit log: {} is in use by another process (it holds {}); one gateway per audit log, or the chain forks", path.display(), lock.display())]
     InUse { path: PathBuf, lock: PathBuf },
     #[error("audit log is closed")]
     Closed,
     #[error("audit log: the writer thread has stopped")]
     WriterGone,
-    #[error("audit log: final flush of {} failed: {detail}", path.display())]
-    CloseFailed { path: PathBuf, detail: String },
+    /// A batch could not be written (or fsynced); every record of it gets this error,
+    /// so they share the one I/O error, kept as the OS reported it (ENOSPC, EIO, ...).
+    #[error("audit log: cannot write {}: {source}", path.display())]
+    WriteFailed {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// Every call of [`AuditLog::close`] returns the same outcome, so the error is shared.
+    #[error("audit log: final flush of {} failed: {source}", path.display())]
+    CloseFailed {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
 }
 
 /// A record waiting for the writer, and where to report its fate.
@@ -113,7 +131,7 @@ impl Drop for AckRelay {
 }
 
 /// `None` while running; the final flush's outcome once the writer stopped.
-type Outcome = Option<Result<(), String>>;
+type Outcome = Option<Result<(), Arc<io::Error>>>;
 
 /// Cheap, cloneable handle to the audit writer.
 #[derive(Clone)]
@@ -286,9 +304,8 @@ impl AuditLog {
         let dir = existing_dir(&path)?;
         let lock = lock_exclusively(&path, &dir)?;
         let head = recover(&path)?;
-        let hasher = ChainHasher::new(hmac_key).map_err(|err| AuditError::Encode {
-            detail: format!("the HMAC key cannot be used: {err}"),
-        })?;
+        let hasher =
+            ChainHasher::new(hmac_key).map_err(|source| AuditError::UnusableHmacKey { source })?;
         if !continues_under(&head, &hasher) {
             tracing::error!(
                 path = %path.display(),
@@ -473,9 +490,9 @@ impl AuditLog {
         };
         match outcome {
             Some(Ok(())) => Ok(()),
-            Some(Err(detail)) => Err(AuditError::CloseFailed {
+            Some(Err(source)) => Err(AuditError::CloseFailed {
                 path: self.shared.path.clone(),
-                detail,
+                source,
             }),
             None => Err(AuditError::WriterGone),
         }
@@ -726,10 +743,16 @@ impl Writer {
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
                 self.set_writable(false);
+                let e = Arc::new(e);
                 Committed {
                     outcomes: batch
                         .iter()
-                        .map(|_| Err(self.io_error("write", &e)))
+                        .map(|_| {
+                            Err(AuditError::WriteFailed {
+                                path: self.path.clone(),
+                                source: Arc::clone(&e),
+                            })
+                        })
                         .collect(),
                     written: false,
                 }
@@ -959,24 +982,15 @@ impl Writer {
     }
 
     /// The final flush on close: fsync the file and its directory.
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<(), Arc<io::Error>> {
         let synced = match self.file.as_mut() {
-            Some(file) => file.sync().map_err(|e| e.to_string()),
+            Some(file) => file.sync(),
             None => Ok(()),
         };
-        let finished =
-            synced.and_then(|()| segment::sync_dir(&self.dir).map_err(|e| e.to_string()));
+        let finished = synced.and_then(|()| segment::sync_dir(&self.dir));
         // Closed: another gateway may take the log over.
         self.lock = None;
-        finished
-    }
-
-    fn io_error(&self, op: &'static str, e: &io::Error) -> AuditError {
-        AuditError::Io {
-            op,
-            path: self.path.clone(),
-            source: io::Error::new(e.kind(), e.to_string()),
-        }
+        finished.map_err(Arc::new)
     }
 }
 

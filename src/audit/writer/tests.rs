@@ -527,10 +527,20 @@ async fn a_failed_inline_write_fails_each_record_of_the_batch() {
     let before = std::fs::read(&path).expect("read");
     faults.set(fault::PARTIAL_WRITE);
     let appends: Vec<_> = (1..4).map(|i| log.append(event(i))).collect();
+    let mut causes = Vec::new();
     for outcome in futures_util::future::join_all(appends).await {
         let err = outcome.expect_err("the batch failed");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        let AuditError::WriteFailed { source, .. } = err else {
+            panic!("not a write failure: {err}");
+        };
+        causes.push(source);
     }
+    assert!(
+        causes.iter().all(|cause| Arc::ptr_eq(cause, &causes[0])),
+        "the batch's records share its one error"
+    );
+    assert_eq!(causes[0].raw_os_error(), Some(libc::ENOSPC));
     assert_eq!(faults.appends(), 2, "one write for the failed batch");
     assert_eq!(
         std::fs::read(&path).expect("read"),
@@ -722,10 +732,14 @@ async fn failed_write_leaves_no_partial_line_and_does_not_advance_seq() {
     log.append(event(1)).await.expect("append");
     let before = std::fs::read(&path).expect("read");
 
-    for mode in [fault::PARTIAL_WRITE, fault::SYNC] {
+    for (mode, errno) in [
+        (fault::PARTIAL_WRITE, libc::ENOSPC),
+        (fault::SYNC, libc::EIO),
+    ] {
         faults.set(mode);
         let err = log.append(event(2)).await.expect_err("must fail");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        assert_eq!(os_error(&err), Some(errno), "{err}");
         assert!(!log.is_writable());
         assert_eq!(
             std::fs::read(&path).expect("read"),
@@ -766,6 +780,35 @@ async fn probe_restores_writability_without_leaving_bytes() {
     assert!(log.is_writable(), "probe should succeed");
     assert_eq!(std::fs::read(&path).expect("read"), before);
     log.close().await.expect("close");
+}
+
+/// The OS error a write or close failure carries, as the disk reported it.
+fn os_error(err: &AuditError) -> Option<i32> {
+    match err {
+        AuditError::WriteFailed { source, .. } | AuditError::CloseFailed { source, .. } => {
+            source.raw_os_error()
+        }
+        _ => None,
+    }
+}
+
+/// A failed final fsync is reported with the OS error itself (EIO here, ENOSPC on a full
+/// disk), and every later close reports the same one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_final_flush_keeps_its_os_error() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let (log, faults) = open_with_faults(&path, fsync);
+        log.append(event(0)).await.expect("append");
+        faults.set(fault::SYNC);
+        let err = log.close().await.expect_err("the final fsync fails");
+        assert!(matches!(err, AuditError::CloseFailed { .. }), "{err}");
+        assert_eq!(os_error(&err), Some(libc::EIO), "{fsync:?}: {err}");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        let again = log.close().await.expect_err("the same outcome");
+        assert_eq!(os_error(&again), Some(libc::EIO), "{fsync:?}: {again}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
