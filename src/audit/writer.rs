@@ -32,6 +32,7 @@ use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, ChainHasher, HexDigest};
+use super::path::AuditPath;
 use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
 use super::saved_head::{self, Durability, SavedHead};
@@ -60,8 +61,6 @@ pub enum AuditError {
     MissingDirectory { dir: PathBuf },
     #[error("audit log: {} is not a directory", dir.display())]
     NotADirectory { dir: PathBuf },
-    #[error("audit log: {} does not name a file", path.display())]
-    InvalidPath { path: PathBuf },
     #[error("audit log: {} cannot be continued: {detail}; check it with `mpc-gateway audit verify` and move it aside to start a new file", path.display())]
     Corrupt { path: PathBuf, detail: String },
     #[error("audit log: a record could not be serialized: {detail}")]
@@ -140,7 +139,7 @@ pub struct AuditLog {
 }
 
 struct Shared {
-    path: PathBuf,
+    path: AuditPath,
     writable: Arc<AtomicBool>,
     mode: Mode,
 }
@@ -273,7 +272,7 @@ enum Acknowledgement<'a> {
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
-            .field("path", &self.shared.path)
+            .field("path", &self.shared.path.as_path())
             .field("writable", &self.is_writable())
             .finish()
     }
@@ -301,8 +300,8 @@ impl AuditLog {
             rotate_bytes,
             hmac_key,
         } = settings;
-        let dir = existing_dir(&path)?;
-        let lock = lock_exclusively(&path, &dir)?;
+        existing_dir(&path)?;
+        let lock = lock_exclusively(&path)?;
         let head = recover(&path)?;
         let hasher =
             ChainHasher::new(hmac_key).map_err(|source| AuditError::UnusableHmacKey { source })?;
@@ -316,7 +315,6 @@ impl AuditLog {
         let writable = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
             path: path.clone(),
-            dir,
             fsync,
             rotate_bytes,
             hasher,
@@ -326,7 +324,7 @@ impl AuditLog {
             undo_to: None,
             next_seq: head.next_seq,
             prev: HexDigest::parse(&head.prev).ok_or_else(|| AuditError::Corrupt {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 detail: "its last hash is not 64 lower-case hex digits".into(),
             })?,
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
@@ -338,7 +336,7 @@ impl AuditLog {
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         })?;
         let mode = match fsync {
@@ -355,7 +353,7 @@ impl AuditLog {
     }
 
     fn start_thread(writer: Writer) -> Result<Mode, AuditError> {
-        let path = writer.path.clone();
+        let path = writer.path.to_path_buf();
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = watch::channel(None);
         std::thread::Builder::new()
@@ -373,7 +371,7 @@ impl AuditLog {
     }
 
     fn start_inline(writer: Writer) -> Result<Mode, AuditError> {
-        let path = writer.path.clone();
+        let path = writer.path.to_path_buf();
         let state = Arc::new(Mutex::new(InlineState {
             writer: Some(writer),
             settled: VecDeque::new(),
@@ -491,7 +489,7 @@ impl AuditLog {
         match outcome {
             Some(Ok(())) => Ok(()),
             Some(Err(source)) => Err(AuditError::CloseFailed {
-                path: self.shared.path.clone(),
+                path: self.shared.path.to_path_buf(),
                 source,
             }),
             None => Err(AuditError::WriterGone),
@@ -544,9 +542,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// and one's undo of a failed write would cut the other's acknowledged records. The lock
 /// is a file of its own because the log itself is renamed by rotation; its name starts
 /// with a dot so `audit verify DIR` skips it.
-fn lock_exclusively(path: &Path, dir: &Path) -> Result<File, AuditError> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let lock_path = dir.join(format!(".{name}.lock"));
+fn lock_exclusively(path: &AuditPath) -> Result<File, AuditError> {
+    let lock_path = path.lock_file();
     let io_err = |op, source| AuditError::Io {
         op,
         path: lock_path.clone(),
@@ -577,21 +574,20 @@ fn lock_exclusively(path: &Path, dir: &Path) -> Result<File, AuditError> {
     }
 }
 
-/// The directory that must already hold the audit file.
-fn existing_dir(path: &Path) -> Result<PathBuf, AuditError> {
-    if path.file_name().is_none() {
-        return Err(AuditError::InvalidPath {
-            path: path.to_path_buf(),
-        });
-    }
-    let dir = segment::parent_dir(path);
-    match std::fs::metadata(&dir) {
+/// The directory that must already hold the audit file (it is not created).
+fn existing_dir(path: &AuditPath) -> Result<&Path, AuditError> {
+    let dir = path.dir();
+    match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(dir),
-        Ok(_) => Err(AuditError::NotADirectory { dir }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AuditError::MissingDirectory { dir }),
+        Ok(_) => Err(AuditError::NotADirectory {
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AuditError::MissingDirectory {
+            dir: dir.to_path_buf(),
+        }),
         Err(source) => Err(AuditError::Io {
             op: "inspect",
-            path: dir,
+            path: dir.to_path_buf(),
             source,
         }),
     }
@@ -600,7 +596,7 @@ fn existing_dir(path: &Path) -> Result<PathBuf, AuditError> {
 /// Used by `check-config`: verifies that the directory of `path` exists and is writable
 /// (creates and removes a temporary file), and that an existing audit file can be opened
 /// for appending. Writes nothing to the audit file itself.
-pub fn check_writable(path: &Path) -> Result<(), AuditError> {
+pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
     let dir = existing_dir(path)?;
     let probe = dir.join(format!(
         ".mpc-gateway-audit-check.{}.{}",
@@ -619,13 +615,13 @@ pub fn check_writable(path: &Path) -> Result<(), AuditError> {
         .write(true)
         .create_new(true)
         .open(&probe)
-        .map_err(io_err("create a file in", &dir))?;
+        .map_err(io_err("create a file in", dir))?;
     std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
-    if path.exists() {
+    if path.as_path().exists() {
         std::fs::OpenOptions::new()
             .append(true)
             .open(path)
-            .map_err(io_err("open for appending", path))?;
+            .map_err(io_err("open for appending", path.as_path()))?;
     }
     Ok(())
 }
@@ -633,8 +629,7 @@ pub fn check_writable(path: &Path) -> Result<(), AuditError> {
 /// The file, the chain's head and the batch buffer: owned by the writer thread (`fsync:
 /// always`) or by the inline state's mutex (`fsync: never`).
 struct Writer {
-    path: PathBuf,
-    dir: PathBuf,
+    path: AuditPath,
     fsync: Fsync,
     rotate_bytes: u64,
     hasher: ChainHasher,
@@ -749,7 +744,7 @@ impl Writer {
                         .iter()
                         .map(|_| {
                             Err(AuditError::WriteFailed {
-                                path: self.path.clone(),
+                                path: self.path.to_path_buf(),
                                 source: Arc::clone(&e),
                             })
                         })
@@ -856,7 +851,7 @@ impl Writer {
     /// fsyncs the directory when the file had to be created.
     fn ensure_open(&mut self) -> io::Result<()> {
         if self.file.is_none() {
-            let opened = self.opener.open(&self.path)?;
+            let opened = self.opener.open(self.path.as_path())?;
             self.dir_needs_sync |= opened.created;
             self.file = Some(opened.file);
             self.len = opened.len;
@@ -864,7 +859,7 @@ impl Writer {
         // Until it succeeds: a failed directory fsync must not be forgotten because the
         // next attempt finds the file already created.
         if self.dir_needs_sync {
-            self.opener.sync_dir(&self.dir)?;
+            self.opener.sync_dir(self.path.dir())?;
             self.dir_needs_sync = false;
         }
         if let (Some(len), Some(file)) = (self.undo_to, self.file.as_mut()) {
@@ -929,7 +924,7 @@ impl Writer {
 
     fn rotate(&mut self) -> io::Result<()> {
         let last_seq = self.next_seq.saturating_sub(1);
-        let target = segment::rotated_path(&self.path, last_seq);
+        let target = self.path.rotated(last_seq);
         if target.exists() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -955,7 +950,7 @@ impl Writer {
         self.len = 0;
         self.undo_to = None;
         if self.fsync == Fsync::Always {
-            segment::sync_dir(&self.dir)?;
+            segment::sync_dir(self.path.dir())?;
         }
         tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
         self.ensure_open()
@@ -973,7 +968,7 @@ impl Writer {
             Fsync::Never => Durability::Written,
         };
         saved_head::save(&self.path, &head, durability).map_err(|e| {
-            let path = saved_head::head_path(&self.path);
+            let path = self.path.saved_head();
             io::Error::new(
                 e.kind(),
                 format!("cannot save the chain head to {}: {e}", path.display()),
@@ -987,7 +982,7 @@ impl Writer {
             Some(file) => file.sync(),
             None => Ok(()),
         };
-        let finished = synced.and_then(|()| segment::sync_dir(&self.dir));
+        let finished = synced.and_then(|()| segment::sync_dir(self.path.dir()));
         // Closed: another gateway may take the log over.
         self.lock = None;
         finished.map_err(Arc::new)

@@ -28,7 +28,7 @@ use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin;
-use crate::audit::{AuditError, AuditLog, Fsync};
+use crate::audit::{AuditError, AuditLog, AuditPath, Fsync};
 use crate::config::{Config, ConfigError, LogSettings};
 use crate::gateway::{BuildError, Gateway, Peer, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
 use crate::problem::Problem;
@@ -127,7 +127,7 @@ struct RestartOnlySettings {
     /// The subscriber is installed once per process.
     log: LogSettings,
     tls: bool,
-    audit_path: PathBuf,
+    audit_path: AuditPath,
     audit_fsync: Fsync,
     audit_rotate_bytes: u64,
     /// SHA-256 of the key, so a key changed in its file is noticed without keeping a copy.

@@ -14,9 +14,13 @@ use crate::audit::record::EventKind;
 use crate::audit::segment::fault::{self, Faults, FaultyOpener};
 use crate::audit::verify::{verify_paths, Verdict};
 
+fn audit_path(path: &Path) -> AuditPath {
+    AuditPath::try_from(path).expect("a valid audit path")
+}
+
 fn settings(path: &Path, fsync: Fsync, rotate_bytes: u64) -> AuditSettings {
     AuditSettings {
-        path: path.to_path_buf(),
+        path: audit_path(path),
         fsync,
         rotate_bytes,
         hmac_key: None,
@@ -633,7 +637,7 @@ async fn the_chain_continues_from_the_saved_head_when_the_rotated_files_are_move
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
     let n = append_until_rotated(&log, &path).await;
-    let record_n = lines(&segment::rotated_path(&path, n))
+    let record_n = lines(&audit_path(&path).rotated(n))
         .pop()
         .expect("record n");
     for file in rotated_files(dir.path()) {
@@ -665,7 +669,7 @@ async fn a_rotation_saves_the_head_synced_only_with_fsync_always() {
         let n = append_until_rotated(&log, &path).await;
         log.close().await.expect("close");
         assert_eq!(
-            saved_head::load(&path).map(|head| head.seq),
+            saved_head::load(&audit_path(&path)).map(|head| head.seq),
             Some(n),
             "{fsync:?}"
         );
@@ -681,13 +685,16 @@ async fn a_damaged_saved_head_is_replaced_from_the_rotated_files() {
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
     let n = append_until_rotated(&log, &path).await;
-    std::fs::write(saved_head::head_path(&path), "{\"seq\":").expect("damage");
+    std::fs::write(audit_path(&path).saved_head(), "{\"seq\":").expect("damage");
 
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
     assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), n + 1);
-    assert_eq!(saved_head::load(&path).map(|head| head.seq), Some(n));
+    assert_eq!(
+        saved_head::load(&audit_path(&path)).map(|head| head.seq),
+        Some(n)
+    );
 }
 
 /// `fsync: never` rotates without syncing: a crash can leave the newest rotated file
@@ -699,7 +706,7 @@ async fn a_torn_newest_rotated_file_is_renamed_and_the_set_verifies() {
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
     let n = append_until_rotated(&log, &path).await;
-    let newest = segment::rotated_path(&path, n);
+    let newest = audit_path(&path).rotated(n);
     // The crash: only part of record n reached the disk.
     let len = std::fs::metadata(&newest)
         .expect("newest rotated file")
@@ -719,7 +726,7 @@ async fn a_torn_newest_rotated_file_is_renamed_and_the_set_verifies() {
     );
     log.close().await.expect("close");
     assert!(!newest.exists(), "still named for the lost record");
-    assert!(segment::rotated_path(&path, n - 1).exists());
+    assert!(audit_path(&path).rotated(n - 1).exists());
     assert_eq!(intact(dir.path(), None), n);
 }
 
@@ -888,8 +895,8 @@ fn missing_directory_is_an_error_and_check_writable_reports_it() {
     let err = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect_err("missing dir");
     assert!(matches!(err, AuditError::MissingDirectory { .. }), "{err}");
     assert!(err.to_string().contains("nope"), "{err}");
-    assert!(check_writable(&path).is_err());
-    let ok = dir.path().join("audit.jsonl");
+    assert!(check_writable(&audit_path(&path)).is_err());
+    let ok = audit_path(&dir.path().join("audit.jsonl"));
     check_writable(&ok).expect("writable");
     assert_eq!(
         std::fs::read_dir(dir.path()).expect("list").count(),
@@ -1015,13 +1022,13 @@ async fn the_record_the_chain_continues_from_is_checked_under_the_key() {
     let path = dir.path().join("audit.jsonl");
     let plain = ChainHasher::new(None).expect("plain");
     let keyed = ChainHasher::new(Some(SecretSlice::from(b"k3y".to_vec()))).expect("keyed");
-    let fresh = recover(&path).expect("recover");
+    let fresh = recover(&audit_path(&path)).expect("recover");
     assert!(continues_under(&fresh, &plain) && continues_under(&fresh, &keyed));
 
     let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
     log.append(event(1)).await.expect("append");
     log.close().await.expect("close");
-    let head = recover(&path).expect("recover");
+    let head = recover(&audit_path(&path)).expect("recover");
     assert!(continues_under(&head, &plain));
     assert!(!continues_under(&head, &keyed), "a key added since");
 }
