@@ -200,7 +200,8 @@ fn valid_until(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
 pub struct ClientCertificate {
     /// URI and DNS subject alternative names.
     pub sans: Vec<String>,
-    /// Of the certificate's SHA-256; made once per connection, cloned per request.
+    /// The certificate's fingerprint (the first 12 hex digits of its SHA-256): made once
+    /// per connection, cloned per request.
     pub fingerprint: Fingerprint,
 }
 
