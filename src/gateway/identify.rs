@@ -84,11 +84,11 @@ fn by_certificate_or_bearer(
         None => Identity::Anonymous,
     };
     let by_certificate = certificate.and_then(|cert| tenant_of_certificate(runtime, cert));
-    match (by_certificate, token) {
+    match (by_certificate, &token) {
         (Some((tenant, cert_fp)), Identity::Anonymous) => {
             Authenticated::tenant(tenant, Some(cert_fp))
         }
-        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. }) if other == tenant => {
+        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. }) if *other == tenant => {
             Authenticated::tenant(tenant, Some(cert_fp))
         }
         (Some((_, cert_fp)), _) => Authenticated::nobody(Some(cert_fp)),
@@ -98,7 +98,7 @@ fn by_certificate_or_bearer(
                 tenant,
                 fingerprint,
             },
-        ) => Authenticated::tenant(tenant, Some(fingerprint)),
+        ) => Authenticated::tenant(Arc::clone(tenant), Some(fingerprint.clone())),
         (None, identity) => Authenticated::nobody(identity.fingerprint().cloned()),
     }
 }
