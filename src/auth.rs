@@ -1,5 +1,6 @@
 //! Who is calling and what they may end: Bearer tokens checked against the configured
-//! `sha256:` hashes in constant time, and each tenant's `allow` list of name patterns.
+//! `sha256:` hashes in constant time, each tenant's `allow` list of name patterns, and
+//! the [`Fingerprint`] by which the audit log names a token or client certificate.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,17 +18,9 @@ impl TokenHash {
         TokenHash(Sha256::digest(token).into())
     }
 
-    /// First 12 hex digits: enough for ops to find a client, useless to an attacker.
-    pub fn fingerprint(&self) -> String {
-        self.fingerprint_shared().to_string()
-    }
-
-    /// [`fingerprint`](Self::fingerprint) with one allocation, for the request path.
-    fn fingerprint_shared(&self) -> Arc<str> {
-        let mut hex = [0u8; 12];
-        // 6 bytes always fill 12 hex digits exactly.
-        let _ = hex::encode_to_slice(&self.0[..6], &mut hex);
-        Arc::from(std::str::from_utf8(&hex).unwrap_or_default())
+    /// What the audit log records for this token.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_sha256(&self.0)
     }
 
     /// The `sha256:` line printed by `token new` / `token hash`.
@@ -40,6 +33,44 @@ impl fmt::Debug for TokenHash {
     // Token hashes are guessable offline for weak tokens: show only the fingerprint.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TokenHash({}…)", self.fingerprint())
+    }
+}
+
+/// The first 12 hex digits of a credential's SHA-256 (a token's or a client
+/// certificate's), the audit log's `token_fp`: enough for ops to find a client, useless to
+/// an attacker. Made once per configured token or verified certificate; a clone shares
+/// the text, so recording it on a request costs no allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fingerprint(Arc<str>);
+
+/// Digest bytes shown: 6 bytes, 12 hex digits.
+const FINGERPRINT_BYTES: usize = 6;
+
+impl Fingerprint {
+    /// The fingerprint of the credential whose SHA-256 is `digest`.
+    pub fn of_sha256(digest: &[u8; 32]) -> Fingerprint {
+        let mut hex = [0u8; 2 * FINGERPRINT_BYTES];
+        // Always fits: the buffer is sized for exactly these bytes.
+        let _ = hex::encode_to_slice(&digest[..FINGERPRINT_BYTES], &mut hex);
+        // Hex digits are ASCII, so the text is always valid UTF-8.
+        Fingerprint(Arc::from(std::str::from_utf8(&hex).unwrap_or_default()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The audit record's `token_fp`, without a copy.
+impl From<Fingerprint> for Arc<str> {
+    fn from(fingerprint: Fingerprint) -> Arc<str> {
+        fingerprint.0
     }
 }
 
@@ -136,15 +167,15 @@ pub enum Identity {
     Anonymous,
     /// A token was presented but belongs to no tenant; `fingerprint` lets ops find the
     /// client that still uses it.
-    Unknown { fingerprint: Arc<str> },
+    Unknown { fingerprint: Fingerprint },
     Tenant {
         tenant: Arc<str>,
-        fingerprint: Arc<str>,
+        fingerprint: Fingerprint,
     },
 }
 
 impl Identity {
-    pub fn fingerprint(&self) -> Option<&Arc<str>> {
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
         match self {
             Identity::Anonymous => None,
             Identity::Unknown { fingerprint } | Identity::Tenant { fingerprint, .. } => {
@@ -166,12 +197,12 @@ pub struct TokenDirectory {
 struct Entry {
     hash: TokenHash,
     tenant: Arc<str>,
-    fingerprint: Arc<str>,
+    fingerprint: Fingerprint,
 }
 
 impl TokenDirectory {
     pub fn insert(&mut self, hash: TokenHash, tenant: Arc<str>) {
-        let fingerprint = hash.fingerprint_shared();
+        let fingerprint = hash.fingerprint();
         self.entries.push(Entry {
             hash,
             tenant,
@@ -192,10 +223,10 @@ impl TokenDirectory {
         match found {
             Some(entry) => Identity::Tenant {
                 tenant: Arc::clone(&entry.tenant),
-                fingerprint: Arc::clone(&entry.fingerprint),
+                fingerprint: entry.fingerprint.clone(),
             },
             None => Identity::Unknown {
-                fingerprint: presented.fingerprint_shared(),
+                fingerprint: presented.fingerprint(),
             },
         }
     }
@@ -255,6 +286,18 @@ mod tests {
     }
 
     #[test]
+    fn a_fingerprint_is_the_first_12_hex_digits_and_clones_share_them() {
+        let fingerprint = TokenHash::of(b"foo").fingerprint();
+        assert_eq!(fingerprint.as_str(), "2c26b46b68ff");
+        assert_eq!(fingerprint.to_string(), "2c26b46b68ff");
+        let recorded: Arc<str> = fingerprint.clone().into();
+        assert!(std::ptr::eq(
+            recorded.as_ptr(),
+            fingerprint.as_str().as_ptr()
+        ));
+    }
+
+    #[test]
     fn glob_patterns() {
         let cases = [
             ("billing-*", "billing-", true),
@@ -293,13 +336,13 @@ mod tests {
             dir.identify(b"tok-b"),
             Identity::Tenant {
                 tenant: Arc::from("b"),
-                fingerprint: TokenHash::of(b"tok-b").fingerprint().into()
+                fingerprint: TokenHash::of(b"tok-b").fingerprint()
             }
         );
         assert_eq!(
             dir.identify(b"stale"),
             Identity::Unknown {
-                fingerprint: TokenHash::of(b"stale").fingerprint().into()
+                fingerprint: TokenHash::of(b"stale").fingerprint()
             }
         );
     }

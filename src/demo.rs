@@ -27,10 +27,9 @@ pub fn run() -> anyhow::Result<()> {
     let mut config =
         Config::from_yaml(DEMO_CONFIG).context("loading the built-in config/demo.yaml")?;
     crate::telemetry::init_tracing(&config.log);
-    if let Some(dir) = config.audit.path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the audit directory {}", dir.display()))?;
-    }
+    let audit_dir = config.audit.path.dir();
+    std::fs::create_dir_all(audit_dir)
+        .with_context(|| format!("creating the audit directory {}", audit_dir.display()))?;
     let runtime = build_runtime(0)?;
     runtime.block_on(async move {
         let pki = generate_pki(&["localhost", "127.0.0.1"]).context("making the simulator's CA")?;

@@ -22,6 +22,7 @@ pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod simulator;
+mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

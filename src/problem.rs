@@ -7,6 +7,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::gateway::{MAX_BODY_BYTES, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid};
 use crate::rate_limit::{RATELIMIT, RATELIMIT_POLICY};
 use crate::routes::Flavor;
@@ -17,15 +18,15 @@ use crate::routes::Flavor;
 pub enum Problem {
     #[error("the request is malformed: {0}")]
     BadRequest(&'static str),
-    #[error("the request line is longer than 8 KiB")]
+    #[error("the request line is longer than {REQUEST_LINE_KIB} KiB")]
     UriTooLong,
-    #[error("the request headers are larger than 32 KiB")]
+    #[error("the request headers are larger than {HEADER_BLOCK_KIB} KiB")]
     HeadersTooLarge,
     #[error("no such route")]
     NotFound,
     #[error("only {allow} is allowed here")]
     MethodNotAllowed { allow: &'static str },
-    #[error("the request body is larger than 4 KiB")]
+    #[error("the request body is larger than {BODY_KIB} KiB")]
     PayloadTooLarge,
     #[error("the request body was not received in time")]
     BodyTimeout,
@@ -72,6 +73,22 @@ pub enum Problem {
     UpstreamUnavailable,
     #[error("Plivo did not answer in time")]
     UpstreamTimeout,
+}
+
+// The size limits as the refusals state them, from the limits the gateway enforces, so
+// the two cannot drift apart.
+const REQUEST_LINE_KIB: usize = whole_kib(MAX_REQUEST_LINE_BYTES);
+const HEADER_BLOCK_KIB: usize = whole_kib(MAX_HEADER_BLOCK_BYTES);
+const BODY_KIB: usize = whole_kib(MAX_BODY_BYTES);
+
+/// `bytes` in KiB; a limit that is not a whole number of KiB fails the build rather than
+/// be stated rounded down.
+const fn whole_kib(bytes: usize) -> usize {
+    assert!(
+        bytes.is_multiple_of(1024),
+        "a size limit is not a whole number of KiB"
+    );
+    bytes / 1024
 }
 
 fn upstream_detail(what: &str, api_id: &Option<String>, error: &Option<String>) -> String {
@@ -341,6 +358,23 @@ mod tests {
         assert_eq!(
             not_allowed.to_response("r", Flavor::Native).headers()[ALLOW],
             "POST"
+        );
+    }
+
+    /// The texts are part of the contract; the numbers in them come from the limits.
+    #[test]
+    fn size_refusals_state_the_enforced_limits() {
+        assert_eq!(
+            Problem::UriTooLong.to_string(),
+            "the request line is longer than 8 KiB"
+        );
+        assert_eq!(
+            Problem::HeadersTooLarge.to_string(),
+            "the request headers are larger than 32 KiB"
+        );
+        assert_eq!(
+            Problem::PayloadTooLarge.to_string(),
+            "the request body is larger than 4 KiB"
         );
     }
 

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::auth::Fingerprint;
+
 /// Validated `listen_tls` settings with the rustls server config built from them.
 #[derive(Clone)]
 pub struct ListenTls {
@@ -198,15 +200,16 @@ fn valid_until(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
 pub struct ClientCertificate {
     /// URI and DNS subject alternative names.
     pub sans: Vec<String>,
-    /// First 12 hex digits of the certificate's SHA-256.
-    pub fingerprint: String,
+    /// The certificate's fingerprint (the first 12 hex digits of its SHA-256): made once
+    /// per connection, cloned per request.
+    pub fingerprint: Fingerprint,
 }
 
 impl ClientCertificate {
     /// Reads the end-entity certificate of a verified peer chain.
     pub fn from_peer(chain: Option<&[CertificateDer<'_>]>) -> Option<ClientCertificate> {
         let leaf = chain?.first()?;
-        let fingerprint = hex::encode(&Sha256::digest(leaf.as_ref())[..6]);
+        let fingerprint = Fingerprint::of_sha256(&Sha256::digest(leaf.as_ref()).into());
         let (_, parsed) = X509Certificate::from_der(leaf.as_ref()).ok()?;
         let sans = parsed
             .subject_alternative_name()
@@ -325,7 +328,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            identity.fingerprint,
+            identity.fingerprint.as_str(),
             hex::encode(&Sha256::digest(der[0].as_ref())[..6])
         );
         assert_eq!(ClientCertificate::from_peer(None), None);

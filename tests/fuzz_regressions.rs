@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use mpc_gateway::audit::{
-    run_verify, AuditError, AuditEvent, AuditLog, AuditSettings, EventKind, Fsync, VerifyArgs,
+    run_verify, AuditError, AuditEvent, AuditLog, AuditPath, AuditSettings, EventKind, Fsync,
+    VerifyArgs,
 };
 use sha2::{Digest, Sha256};
 
@@ -29,7 +30,7 @@ fn sealed(seq: u64, ts: &str, prev: &str) -> (String, String) {
 
 fn settings(path: &Path) -> AuditSettings {
     AuditSettings {
-        path: path.to_path_buf(),
+        path: AuditPath::try_from(path).expect("a valid audit path"),
         fsync: Fsync::Always,
         rotate_bytes: 1 << 20,
         hmac_key: None,

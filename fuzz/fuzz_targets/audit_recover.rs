@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use mpc_gateway::audit::{
-    run_verify, AuditError, AuditEvent, AuditLog, AuditSettings, EventKind, Fsync, VerifyArgs,
+    run_verify, AuditError, AuditEvent, AuditLog, AuditPath, AuditSettings, EventKind, Fsync,
+    VerifyArgs,
 };
 use mpc_gateway_fuzz::{reseal, scratch, split_files, write_set, Reseal};
 
@@ -50,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
         },
     );
     write_set(dir, &bodies, false);
-    let live = dir.join("audit.jsonl");
+    let live = AuditPath::try_from(dir.join("audit.jsonl")).expect("a valid audit path");
     let verify = || {
         run_verify(&VerifyArgs {
             paths: vec![dir.to_path_buf()],

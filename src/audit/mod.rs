@@ -5,12 +5,14 @@
 //! This module owns everything about the audit log and nothing else:
 //! - [`record`]: what callers hand in ([`AuditEvent`]) and the exact member order of a line;
 //! - [`writer`]: [`AuditLog`], the group-committing writer with recovery and rotation;
+//! - [`AuditPath`]: where the live file is, and the names of the files beside it;
 //! - [`verify`] and [`query`]: the operator tools behind `mpc-gateway audit ...`.
 //!
 //! The audit log is deliberately not a tracing layer: a tracing layer may drop records,
 //! this writer acknowledges a record only once it is on disk.
 
 mod chain;
+mod path;
 mod recover;
 mod saved_head;
 mod segment;
@@ -22,8 +24,8 @@ pub mod verify;
 pub mod writer;
 
 use std::fmt;
-use std::path::PathBuf;
 
+pub use path::{AuditPath, InvalidAuditPath};
 pub use query::{run_query, OutputFormat, QueryArgs};
 pub use record::{AuditEvent, EventKind};
 pub use verify::{run_verify, VerifyArgs};
@@ -41,7 +43,7 @@ pub enum Fsync {
 /// Everything [`AuditLog::open`] needs, resolved from the `audit` config section.
 pub struct AuditSettings {
     /// The live file; rotated files are renamed beside it.
-    pub path: PathBuf,
+    pub path: AuditPath,
     /// When records are fsynced.
     pub fsync: Fsync,
     /// Rotate once a write leaves the live file at this size or more (>= 1024, checked by

@@ -16,9 +16,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::chain::{self, GENESIS};
+use super::path::AuditPath;
 use super::record::format_ts;
 use super::saved_head::{self, Durability, SavedHead};
-use super::segment::{parent_dir, rotated_path, rotated_siblings, sync_dir};
+use super::segment::{rotated_siblings, sync_dir};
 use super::writer::AuditError;
 
 /// A record longer than this is not one the writer produced.
@@ -55,9 +56,13 @@ impl ChainHead {
 const MAX_TS_AHEAD: time::Duration = time::Duration::minutes(1);
 
 /// Repairs the live file's tail and returns where the chain continues.
-pub(crate) fn recover(live: &Path) -> Result<ChainHead, AuditError> {
+pub(crate) fn recover(live: &AuditPath) -> Result<ChainHead, AuditError> {
     let head = find_head(live)?;
-    Ok(without_future_ts(head, OffsetDateTime::now_utc(), live))
+    Ok(without_future_ts(
+        head,
+        OffsetDateTime::now_utc(),
+        live.as_path(),
+    ))
 }
 
 /// Drops the head's `ts` when it is more than [`MAX_TS_AHEAD`] ahead of `now`.
@@ -79,7 +84,7 @@ fn without_future_ts(mut head: ChainHead, now: OffsetDateTime, live: &Path) -> C
 }
 
 /// Repairs the live file's tail and finds the last record the chain continues from.
-fn find_head(live: &Path) -> Result<ChainHead, AuditError> {
+fn find_head(live: &AuditPath) -> Result<ChainHead, AuditError> {
     let io_err = |op: &'static str| {
         move |source: io::Error| AuditError::Io {
             op,
@@ -89,15 +94,15 @@ fn find_head(live: &Path) -> Result<ChainHead, AuditError> {
     };
     let kept = match OpenOptions::new().read(true).write(true).open(live) {
         Ok(file) => {
-            enforce_owner_only(&file, live).map_err(io_err("set mode 0600 on"))?;
-            cut_torn_tail(&file, live).map_err(io_err("repair"))?
+            enforce_owner_only(&file, live.as_path()).map_err(io_err("set mode 0600 on"))?;
+            cut_torn_tail(&file, live.as_path()).map_err(io_err("repair"))?
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(io_err("open")(e)),
     };
     if kept > 0 {
         let file = File::open(live).map_err(io_err("read"))?;
-        return head_from_line(&file, kept, live);
+        return head_from_line(&file, kept, live.as_path());
     }
     beyond_live_file(live)
 }
@@ -218,7 +223,7 @@ fn corrupt(path: &Path, why: &str) -> AuditError {
 /// last record or after the head saved at the last rotation, whichever is later. The
 /// saved head is what is left when the newest rotated files were moved off the host; it
 /// never wins over a record actually in a file. With neither, this is a new log.
-fn beyond_live_file(live: &Path) -> Result<ChainHead, AuditError> {
+fn beyond_live_file(live: &AuditPath) -> Result<ChainHead, AuditError> {
     let siblings = rotated_siblings(live).map_err(|source| AuditError::Io {
         op: "list the directory of",
         path: live.to_path_buf(),
@@ -247,9 +252,13 @@ fn beyond_live_file(live: &Path) -> Result<ChainHead, AuditError> {
 }
 
 /// Operators learn that the files on the host no longer hold the chain's last record.
-fn continue_from_saved(live: &Path, saved: ChainHead, newest_in_files: Option<u64>) -> ChainHead {
+fn continue_from_saved(
+    live: &AuditPath,
+    saved: ChainHead,
+    newest_in_files: Option<u64>,
+) -> ChainHead {
     tracing::warn!(
-        path = %saved_head::head_path(live).display(),
+        path = %live.saved_head().display(),
         seq = saved.next_seq - 1,
         newest_seq_in_files = newest_in_files,
         "no audit file holds the chain's last record (rotated files moved away?); continuing after it from the head saved at the last rotation"
@@ -273,7 +282,7 @@ fn head_from_saved(saved: SavedHead) -> ChainHead {
 /// older (written by a version without it, or restored from a backup), so that it is
 /// there when the rotated files are moved away before the next rotation. Best effort:
 /// the chain is intact on disk either way.
-fn resave(live: &Path, head: &ChainHead) {
+fn resave(live: &AuditPath, head: &ChainHead) {
     let saved = SavedHead {
         seq: head.next_seq - 1,
         ts: format_ts(head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH))
@@ -282,13 +291,13 @@ fn resave(live: &Path, head: &ChainHead) {
         hash: head.prev.clone(),
     };
     if let Err(e) = saved_head::save(live, &saved, Durability::Synced) {
-        tracing::warn!(path = %saved_head::head_path(live).display(), error = %e, "cannot save the audit chain head; the chain continues, but if the rotated files are moved away before the next rotation, a restart starts a new chain");
+        tracing::warn!(path = %live.saved_head().display(), error = %e, "cannot save the audit chain head; the chain continues, but if the rotated files are moved away before the next rotation, a restart starts a new chain");
     }
 }
 
 /// The head in the newest of `siblings` (newest first) that holds a complete record.
 fn from_rotated(
-    live: &Path,
+    live: &AuditPath,
     siblings: Vec<(u64, PathBuf)>,
 ) -> Result<Option<ChainHead>, AuditError> {
     for (named, path) in siblings {
@@ -303,7 +312,11 @@ fn from_rotated(
 /// holds no complete record. Read-only unless its tail is torn: ops may make rotated
 /// files read-only (`chmod 0400`, `chattr +i`), and that must not stop start-up when
 /// there is nothing to repair.
-fn last_of_rotated(live: &Path, named: u64, path: &Path) -> Result<Option<ChainHead>, AuditError> {
+fn last_of_rotated(
+    live: &AuditPath,
+    named: u64,
+    path: &Path,
+) -> Result<Option<ChainHead>, AuditError> {
     let io_err = |op| {
         move |source| AuditError::Io {
             op,
@@ -339,7 +352,7 @@ fn last_of_rotated(live: &Path, named: u64, path: &Path) -> Result<Option<ChainH
 /// otherwise verify would report records missing at its end for ever, although the
 /// live file continues right after it. An existing file of that name is never replaced.
 fn name_after_last_record(
-    live: &Path,
+    live: &AuditPath,
     path: &Path,
     named: u64,
     last: u64,
@@ -348,7 +361,7 @@ fn name_after_last_record(
     if last >= named {
         return Ok(());
     }
-    let target = rotated_path(live, last);
+    let target = live.rotated(last);
     let io_err = |op| {
         move |source| AuditError::Io {
             op,
@@ -371,7 +384,7 @@ fn name_after_last_record(
     }
     // The cut is already synced (`cut_torn_tail`); the directory makes the name durable.
     std::fs::rename(path, &target).map_err(io_err("rename"))?;
-    sync_dir(&parent_dir(live)).map_err(io_err("sync the directory of"))?;
+    sync_dir(live.dir()).map_err(io_err("sync the directory of"))?;
     tracing::warn!(
         path = %path.display(),
         renamed_to = %target.display(),
@@ -401,6 +414,11 @@ mod tests {
     use std::cell::Cell;
     use std::io::Write;
 
+    /// `audit.jsonl` in `dir`.
+    fn live_in(dir: &Path) -> AuditPath {
+        AuditPath::try_from(dir.join("audit.jsonl")).expect("valid")
+    }
+
     fn sealed(seq: u64, prev: &str) -> (String, String) {
         let body = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00.000Z","prev":"{prev}"}}"#);
         let h = chain::ChainHasher::Plain.digest_hex(body.as_bytes());
@@ -412,14 +430,14 @@ mod tests {
     #[test]
     fn missing_file_and_no_siblings_is_genesis() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let head = recover(&dir.path().join("audit.jsonl")).expect("recover");
+        let head = recover(&live_in(dir.path())).expect("recover");
         assert_eq!(head, ChainHead::genesis());
     }
 
     #[test]
     fn torn_tail_is_cut_and_chain_continues_from_last_complete() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("audit.jsonl");
+        let path = live_in(dir.path());
         let (l1, _) = sealed(1, GENESIS);
         let (l2, h2) = sealed(2, "a");
         let mut f = std::fs::File::create(&path).expect("create");
@@ -438,7 +456,7 @@ mod tests {
     #[test]
     fn empty_live_file_continues_from_newest_rotated_sibling() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         let (l1, _) = sealed(1, GENESIS);
         let (l7, h7) = sealed(7, "b");
         std::fs::write(dir.path().join("audit.jsonl.00000000000000000001"), &l1).expect("w");
@@ -458,7 +476,7 @@ mod tests {
     #[test]
     fn a_torn_newest_rotated_file_is_cut_and_continued_from() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         let (l6, _) = sealed(6, "a");
         let (l7, h7) = sealed(7, "b");
         let older = dir.path().join("audit.jsonl.00000000000000000008");
@@ -486,7 +504,7 @@ mod tests {
     #[test]
     fn the_saved_head_wins_over_files_named_for_earlier_records() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         let (l7, _) = sealed(7, "b");
         std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
         let saved = SavedHead {
@@ -507,7 +525,7 @@ mod tests {
     #[test]
     fn a_saved_head_older_than_the_files_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         let (l7, h7) = sealed(7, "b");
         std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
         let stale = SavedHead {
@@ -528,7 +546,7 @@ mod tests {
     #[test]
     fn a_cut_rotated_file_keeps_its_name_when_the_new_one_is_taken() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         let (l7, h7) = sealed(7, "b");
         let cut = dir.path().join("audit.jsonl.00000000000000000008");
         let taken = dir.path().join("audit.jsonl.00000000000000000007");
@@ -551,7 +569,7 @@ mod tests {
     #[test]
     fn a_read_only_rotated_file_is_continued_from_without_opening_it_for_writing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         let (l6, _) = sealed(6, "a");
         let (l7, h7) = sealed(7, "b");
         let rotated = dir.path().join("audit.jsonl.00000000000000000007");
@@ -588,7 +606,7 @@ mod tests {
     #[test]
     fn corrupt_last_record_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = live_in(dir.path());
         std::fs::write(&live, "not json at all\n").expect("w");
         let err = recover(&live).expect_err("must refuse");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");

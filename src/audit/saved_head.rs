@@ -9,18 +9,18 @@
 //! the lock file would swap the inode that another gateway's `flock` waits on. Its name
 //! starts with a dot, so `audit verify DIR` and `audit query DIR` skip it.
 
-use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::chain::HexDigest;
-use super::segment::{parent_dir, sync_dir};
+use super::path::AuditPath;
+use super::segment::sync_dir;
 
 /// The last record written before a rotation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,18 +33,6 @@ pub(crate) struct SavedHead {
 
 /// Far more than a saved head takes; a larger file is not one.
 const MAX_LEN: u64 = 4096;
-
-/// `.<live file name>.head` beside the live file.
-pub(crate) fn head_path(live: &Path) -> PathBuf {
-    dot_sibling(live, ".head")
-}
-
-fn dot_sibling(live: &Path, suffix: &str) -> PathBuf {
-    let mut name = OsString::from(".");
-    name.push(live.file_name().unwrap_or_default());
-    name.push(suffix);
-    live.with_file_name(name)
-}
 
 /// Whether a saved head waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,10 +48,10 @@ pub(crate) enum Durability {
 
 /// Replaces the saved head atomically: a fresh file (mode 0600) written, renamed over
 /// the old one; fsynced, with its directory, when `durability` says so.
-pub(crate) fn save(live: &Path, head: &SavedHead, durability: Durability) -> io::Result<()> {
+pub(crate) fn save(live: &AuditPath, head: &SavedHead, durability: Durability) -> io::Result<()> {
     let mut text = serde_json::to_vec(head).map_err(io::Error::other)?;
     text.push(b'\n');
-    let temp = dot_sibling(live, ".head.tmp");
+    let temp = live.saved_head_temp();
     // A leftover of a crash mid-save: removed so that `create_new` makes a fresh 0600
     // file and follows no symlink planted there.
     match std::fs::remove_file(&temp) {
@@ -79,11 +67,11 @@ pub(crate) fn save(live: &Path, head: &SavedHead, durability: Durability) -> io:
     if durability == Durability::Synced {
         file.sync_all()?;
         #[cfg(test)]
-        sync_count::add(live);
+        sync_count::add(live.as_path());
     }
-    std::fs::rename(&temp, head_path(live))?;
+    std::fs::rename(&temp, live.saved_head())?;
     if durability == Durability::Synced {
-        sync_dir(&parent_dir(live))?;
+        sync_dir(live.dir())?;
     }
     Ok(())
 }
@@ -91,8 +79,8 @@ pub(crate) fn save(live: &Path, head: &SavedHead, durability: Durability) -> io:
 /// The saved head, `None` when there is none. One that cannot be read or is not valid is
 /// reported and ignored: the files themselves may still hold the head, and a damaged
 /// side file must not stop the gateway.
-pub(crate) fn load(live: &Path) -> Option<SavedHead> {
-    let path = head_path(live);
+pub(crate) fn load(live: &AuditPath) -> Option<SavedHead> {
+    let path = live.saved_head();
     match read(&path) {
         Ok(head) => head,
         Err(why) => {
@@ -140,12 +128,14 @@ fn validate(head: &SavedHead) -> Result<(), &'static str> {
 pub(crate) mod sync_count {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
-    use std::sync::{Mutex, PoisonError};
+    use std::sync::Mutex;
+
+    use crate::sync::lock_unpoisoned;
 
     static SYNCED: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
 
     pub(crate) fn add(live: &Path) {
-        let mut counts = SYNCED.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = lock_unpoisoned(&SYNCED);
         *counts
             .get_or_insert_with(HashMap::new)
             .entry(live.to_path_buf())
@@ -153,7 +143,7 @@ pub(crate) mod sync_count {
     }
 
     pub(crate) fn of(live: &Path) -> usize {
-        let counts = SYNCED.lock().unwrap_or_else(PoisonError::into_inner);
+        let counts = lock_unpoisoned(&SYNCED);
         counts
             .as_ref()
             .and_then(|counts| counts.get(live).copied())
@@ -177,7 +167,7 @@ mod tests {
     #[test]
     fn a_saved_head_is_loaded_back_from_a_0600_dot_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
+        let live = AuditPath::try_from(dir.path().join("audit.jsonl")).expect("valid");
         assert_eq!(load(&live), None, "none saved yet");
         save(&live, &head(7), Durability::Synced).expect("save");
         save(&live, &head(9), Durability::Written).expect("replace");
@@ -191,7 +181,7 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec![OsString::from(".audit.jsonl.head")],
+            vec![std::ffi::OsString::from(".audit.jsonl.head")],
             "no temp left"
         );
     }
@@ -199,8 +189,8 @@ mod tests {
     #[test]
     fn a_damaged_saved_head_is_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("audit.jsonl");
-        let path = head_path(&live);
+        let live = AuditPath::try_from(dir.path().join("audit.jsonl")).expect("valid");
+        let path = live.saved_head();
         let hash = "ab".repeat(32);
         for text in [
             "garbage".to_string(),

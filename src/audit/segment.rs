@@ -1,18 +1,17 @@
 //! File-system plumbing of the writer: opening the live file (mode 0600, append-only),
-//! the seam that lets tests inject write and fsync failures, directory fsyncs, and the
-//! names of rotated files.
+//! the seam that lets tests inject write and fsync failures, directory fsyncs, and
+//! finding rotated files by name.
 //!
-//! Rotated files are named `<live file name>.<last seq, 20 digits>`, so they start with
-//! the live file's name and sort by seq as plain strings.
+//! Rotated files are named `<live file name>.<last seq, 20 digits>` (made by
+//! [`AuditPath::rotated`]), so they start with the live file's name and sort by seq as
+//! plain strings.
 
-use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Number of digits of the seq suffix of a rotated file.
-pub(crate) const ROTATED_DIGITS: usize = 20;
+use super::path::{AuditPath, ROTATED_DIGITS};
 
 /// The live file as the writer uses it. A trait only so that tests can make writes and
 /// fsyncs fail the way a full disk does.
@@ -88,21 +87,6 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The directory holding `path` (`.` for a bare file name).
-pub(crate) fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Where the live file goes when it is rotated after the record `last_seq`.
-pub(crate) fn rotated_path(live: &Path, last_seq: u64) -> PathBuf {
-    let mut name: OsString = live.file_name().map(OsString::from).unwrap_or_default();
-    name.push(format!(".{last_seq:0width$}", width = ROTATED_DIGITS));
-    live.with_file_name(name)
-}
-
 /// The seq in a rotated file's name, when `name` is `<live_name>.<20 digits>`.
 pub(crate) fn rotated_seq(live_name: &str, name: &str) -> Option<u64> {
     let digits = name.strip_prefix(live_name)?.strip_prefix('.')?;
@@ -123,16 +107,12 @@ pub(crate) fn any_rotated_seq(name: &str) -> Option<u64> {
 }
 
 /// Rotated siblings of the live file, newest (highest seq) first.
-pub(crate) fn rotated_siblings(live: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let dir = parent_dir(live);
-    let Some(live_name) = live.file_name().and_then(|n| n.to_str()) else {
-        return Ok(Vec::new());
-    };
+pub(crate) fn rotated_siblings(live: &AuditPath) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(&dir)? {
+    for entry in std::fs::read_dir(live.dir())? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(seq) = name.to_str().and_then(|n| rotated_seq(live_name, n)) else {
+        let Some(seq) = name.to_str().and_then(|n| rotated_seq(live.file_name(), n)) else {
             continue;
         };
         if entry.file_type()?.is_file() {
@@ -245,15 +225,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rotated_names_start_with_live_name_and_sort_by_seq() {
-        let live = Path::new("/x/audit.jsonl");
-        let a = rotated_path(live, 9);
-        let b = rotated_path(live, 10);
-        assert_eq!(
-            a,
-            Path::new("/x/audit.jsonl.00000000000000000009").to_path_buf()
-        );
-        assert!(a < b);
+    fn rotated_names_are_read_back() {
+        let live = AuditPath::try_from(Path::new("/x/audit.jsonl")).expect("valid");
+        let name = live.rotated(10);
+        let name = name.file_name().and_then(|n| n.to_str()).expect("a name");
+        assert_eq!(rotated_seq("audit.jsonl", name), Some(10));
+        assert_eq!(any_rotated_seq(name), Some(10));
         assert_eq!(
             rotated_seq("audit.jsonl", "audit.jsonl.00000000000000000010"),
             Some(10)
@@ -263,7 +240,6 @@ mod tests {
             rotated_seq("audit.jsonl", "other.jsonl.00000000000000000010"),
             None
         );
-        assert_eq!(parent_dir(Path::new("audit.jsonl")), PathBuf::from("."));
         assert_eq!(any_rotated_seq("audit.log.00000000000000000010"), Some(10));
         assert_eq!(any_rotated_seq("audit.jsonl"), None);
         assert_eq!(any_rotated_seq(".00000000000000000010"), None);

@@ -25,18 +25,20 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, ChainHasher, HexDigest};
+use super::path::AuditPath;
 use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
 use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{self, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
+use crate::sync::lock_unpoisoned;
 
 /// Upper bound of one group commit, so one batch cannot grow without limit.
 const MAX_BATCH: usize = 512;
@@ -59,20 +61,36 @@ pub enum AuditError {
     MissingDirectory { dir: PathBuf },
     #[error("audit log: {} is not a directory", dir.display())]
     NotADirectory { dir: PathBuf },
-    #[error("audit log: {} does not name a file", path.display())]
-    InvalidPath { path: PathBuf },
     #[error("audit log: {} cannot be continued: {detail}; check it with `mpc-gateway audit verify` and move it aside to start a new file", path.display())]
     Corrupt { path: PathBuf, detail: String },
     #[error("audit log: a record could not be serialized: {detail}")]
     Encode { detail: String },
+    #[error("audit log: the HMAC key (audit.hmac_key) cannot be used: {source}")]
+    UnusableHmacKey {
+        #[source]
+        source: hmac::digest::InvalidLength,
+    },
     #[error("audit log: {} is in use by another process (it holds {}); one gateway per audit log, or the chain forks", path.display(), lock.display())]
     InUse { path: PathBuf, lock: PathBuf },
     #[error("audit log is closed")]
     Closed,
     #[error("audit log: the writer thread has stopped")]
     WriterGone,
-    #[error("audit log: final flush of {} failed: {detail}", path.display())]
-    CloseFailed { path: PathBuf, detail: String },
+    /// A batch could not be written (or fsynced); every record of it gets this error,
+    /// so they share the one I/O error, kept as the OS reported it (ENOSPC, EIO, ...).
+    #[error("audit log: cannot write {}: {source}", path.display())]
+    WriteFailed {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// Every call of [`AuditLog::close`] returns the same outcome, so the error is shared.
+    #[error("audit log: final flush of {} failed: {source}", path.display())]
+    CloseFailed {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
 }
 
 /// A record waiting for the writer, and where to report its fate.
@@ -112,7 +130,7 @@ impl Drop for AckRelay {
 }
 
 /// `None` while running; the final flush's outcome once the writer stopped.
-type Outcome = Option<Result<(), String>>;
+type Outcome = Option<Result<(), Arc<io::Error>>>;
 
 /// Cheap, cloneable handle to the audit writer.
 #[derive(Clone)]
@@ -121,7 +139,7 @@ pub struct AuditLog {
 }
 
 struct Shared {
-    path: PathBuf,
+    path: AuditPath,
     writable: Arc<AtomicBool>,
     mode: Mode,
 }
@@ -233,14 +251,14 @@ impl InlineTicket<'_> {
     async fn after_this_turn(mut self) -> Result<u64, AuditError> {
         tokio::task::yield_now().await;
         self.collected = true;
-        lock(self.state).collect(self.ticket)
+        lock_unpoisoned(self.state).collect(self.ticket)
     }
 }
 
 impl Drop for InlineTicket<'_> {
     fn drop(&mut self) {
         if !self.collected {
-            let _ = lock(self.state).collect(self.ticket);
+            let _ = lock_unpoisoned(self.state).collect(self.ticket);
         }
     }
 }
@@ -254,7 +272,7 @@ enum Acknowledgement<'a> {
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
-            .field("path", &self.shared.path)
+            .field("path", &self.shared.path.as_path())
             .field("writable", &self.is_writable())
             .finish()
     }
@@ -282,12 +300,11 @@ impl AuditLog {
             rotate_bytes,
             hmac_key,
         } = settings;
-        let dir = existing_dir(&path)?;
-        let lock = lock_exclusively(&path, &dir)?;
+        existing_dir(&path)?;
+        let lock = lock_exclusively(&path)?;
         let head = recover(&path)?;
-        let hasher = ChainHasher::new(hmac_key).map_err(|err| AuditError::Encode {
-            detail: format!("the HMAC key cannot be used: {err}"),
-        })?;
+        let hasher =
+            ChainHasher::new(hmac_key).map_err(|source| AuditError::UnusableHmacKey { source })?;
         if !continues_under(&head, &hasher) {
             tracing::error!(
                 path = %path.display(),
@@ -298,7 +315,6 @@ impl AuditLog {
         let writable = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
             path: path.clone(),
-            dir,
             fsync,
             rotate_bytes,
             hasher,
@@ -308,7 +324,7 @@ impl AuditLog {
             undo_to: None,
             next_seq: head.next_seq,
             prev: HexDigest::parse(&head.prev).ok_or_else(|| AuditError::Corrupt {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 detail: "its last hash is not 64 lower-case hex digits".into(),
             })?,
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
@@ -320,7 +336,7 @@ impl AuditLog {
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         })?;
         let mode = match fsync {
@@ -337,7 +353,7 @@ impl AuditLog {
     }
 
     fn start_thread(writer: Writer) -> Result<Mode, AuditError> {
-        let path = writer.path.clone();
+        let path = writer.path.to_path_buf();
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = watch::channel(None);
         std::thread::Builder::new()
@@ -355,7 +371,7 @@ impl AuditLog {
     }
 
     fn start_inline(writer: Writer) -> Result<Mode, AuditError> {
-        let path = writer.path.clone();
+        let path = writer.path.to_path_buf();
         let state = Arc::new(Mutex::new(InlineState {
             writer: Some(writer),
             settled: VecDeque::new(),
@@ -404,7 +420,7 @@ impl AuditLog {
         let acknowledgement = match &self.shared.mode {
             Mode::Threaded { tx, .. } => {
                 let (ack, acked) = oneshot::channel();
-                let guard = tx.lock().unwrap_or_else(PoisonError::into_inner);
+                let guard = lock_unpoisoned(tx);
                 let tx = guard.as_ref().ok_or(AuditError::Closed)?;
                 tx.send(Request { event, ack })
                     .map_err(|_| AuditError::WriterGone)?;
@@ -412,7 +428,7 @@ impl AuditLog {
             }
             Mode::Inline(state) => {
                 let ticket = {
-                    let mut guard = lock(state);
+                    let mut guard = lock_unpoisoned(state);
                     if guard.writer.is_none() {
                         return Err(AuditError::Closed);
                     }
@@ -449,7 +465,7 @@ impl AuditLog {
     pub async fn close(&self) -> Result<(), AuditError> {
         let outcome = match &self.shared.mode {
             Mode::Threaded { tx, done } => {
-                let sender = tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+                let sender = lock_unpoisoned(tx).take();
                 // The writer drains the channel and finishes once every sender is gone.
                 drop(sender);
                 let mut done = done.clone();
@@ -460,7 +476,7 @@ impl AuditLog {
                 outcome.clone()
             }
             Mode::Inline(state) => {
-                let mut state = lock(state);
+                let mut state = lock_unpoisoned(state);
                 state.flush();
                 if let Some(mut writer) = state.writer.take() {
                     let finished = writer.finish();
@@ -472,9 +488,9 @@ impl AuditLog {
         };
         match outcome {
             Some(Ok(())) => Ok(()),
-            Some(Err(detail)) => Err(AuditError::CloseFailed {
-                path: self.shared.path.clone(),
-                detail,
+            Some(Err(source)) => Err(AuditError::CloseFailed {
+                path: self.shared.path.to_path_buf(),
+                source,
             }),
             None => Err(AuditError::WriterGone),
         }
@@ -490,10 +506,6 @@ fn cached_ts_text(cache: &mut Option<(OffsetDateTime, TsText)>, ts: OffsetDateTi
     &cache.get_or_insert_with(|| (ts, record::format_ts(ts))).1
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// The inline mode's probe loop: while the log is open but not writable, checks once
 /// per [`PROBE_INTERVAL`] whether the disk takes writes again. Ends with the log.
 fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
@@ -502,7 +514,7 @@ fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        let mut state = lock(&state);
+        let mut state = lock_unpoisoned(&state);
         let Some(writer) = state.writer.as_mut() else {
             return;
         };
@@ -530,9 +542,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// and one's undo of a failed write would cut the other's acknowledged records. The lock
 /// is a file of its own because the log itself is renamed by rotation; its name starts
 /// with a dot so `audit verify DIR` skips it.
-fn lock_exclusively(path: &Path, dir: &Path) -> Result<File, AuditError> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let lock_path = dir.join(format!(".{name}.lock"));
+fn lock_exclusively(path: &AuditPath) -> Result<File, AuditError> {
+    let lock_path = path.lock_file();
     let io_err = |op, source| AuditError::Io {
         op,
         path: lock_path.clone(),
@@ -563,21 +574,20 @@ fn lock_exclusively(path: &Path, dir: &Path) -> Result<File, AuditError> {
     }
 }
 
-/// The directory that must already hold the audit file.
-fn existing_dir(path: &Path) -> Result<PathBuf, AuditError> {
-    if path.file_name().is_none() {
-        return Err(AuditError::InvalidPath {
-            path: path.to_path_buf(),
-        });
-    }
-    let dir = segment::parent_dir(path);
-    match std::fs::metadata(&dir) {
+/// The directory that must already hold the audit file (it is not created).
+fn existing_dir(path: &AuditPath) -> Result<&Path, AuditError> {
+    let dir = path.dir();
+    match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(dir),
-        Ok(_) => Err(AuditError::NotADirectory { dir }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AuditError::MissingDirectory { dir }),
+        Ok(_) => Err(AuditError::NotADirectory {
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AuditError::MissingDirectory {
+            dir: dir.to_path_buf(),
+        }),
         Err(source) => Err(AuditError::Io {
             op: "inspect",
-            path: dir,
+            path: dir.to_path_buf(),
             source,
         }),
     }
@@ -586,7 +596,7 @@ fn existing_dir(path: &Path) -> Result<PathBuf, AuditError> {
 /// Used by `check-config`: verifies that the directory of `path` exists and is writable
 /// (creates and removes a temporary file), and that an existing audit file can be opened
 /// for appending. Writes nothing to the audit file itself.
-pub fn check_writable(path: &Path) -> Result<(), AuditError> {
+pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
     let dir = existing_dir(path)?;
     let probe = dir.join(format!(
         ".mpc-gateway-audit-check.{}.{}",
@@ -605,13 +615,13 @@ pub fn check_writable(path: &Path) -> Result<(), AuditError> {
         .write(true)
         .create_new(true)
         .open(&probe)
-        .map_err(io_err("create a file in", &dir))?;
+        .map_err(io_err("create a file in", dir))?;
     std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
-    if path.exists() {
+    if path.as_path().exists() {
         std::fs::OpenOptions::new()
             .append(true)
             .open(path)
-            .map_err(io_err("open for appending", path))?;
+            .map_err(io_err("open for appending", path.as_path()))?;
     }
     Ok(())
 }
@@ -619,8 +629,7 @@ pub fn check_writable(path: &Path) -> Result<(), AuditError> {
 /// The file, the chain's head and the batch buffer: owned by the writer thread (`fsync:
 /// always`) or by the inline state's mutex (`fsync: never`).
 struct Writer {
-    path: PathBuf,
-    dir: PathBuf,
+    path: AuditPath,
     fsync: Fsync,
     rotate_bytes: u64,
     hasher: ChainHasher,
@@ -729,10 +738,16 @@ impl Writer {
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
                 self.set_writable(false);
+                let e = Arc::new(e);
                 Committed {
                     outcomes: batch
                         .iter()
-                        .map(|_| Err(self.io_error("write", &e)))
+                        .map(|_| {
+                            Err(AuditError::WriteFailed {
+                                path: self.path.to_path_buf(),
+                                source: Arc::clone(&e),
+                            })
+                        })
                         .collect(),
                     written: false,
                 }
@@ -836,7 +851,7 @@ impl Writer {
     /// fsyncs the directory when the file had to be created.
     fn ensure_open(&mut self) -> io::Result<()> {
         if self.file.is_none() {
-            let opened = self.opener.open(&self.path)?;
+            let opened = self.opener.open(self.path.as_path())?;
             self.dir_needs_sync |= opened.created;
             self.file = Some(opened.file);
             self.len = opened.len;
@@ -844,7 +859,7 @@ impl Writer {
         // Until it succeeds: a failed directory fsync must not be forgotten because the
         // next attempt finds the file already created.
         if self.dir_needs_sync {
-            self.opener.sync_dir(&self.dir)?;
+            self.opener.sync_dir(self.path.dir())?;
             self.dir_needs_sync = false;
         }
         if let (Some(len), Some(file)) = (self.undo_to, self.file.as_mut()) {
@@ -909,7 +924,7 @@ impl Writer {
 
     fn rotate(&mut self) -> io::Result<()> {
         let last_seq = self.next_seq.saturating_sub(1);
-        let target = segment::rotated_path(&self.path, last_seq);
+        let target = self.path.rotated(last_seq);
         if target.exists() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -935,7 +950,7 @@ impl Writer {
         self.len = 0;
         self.undo_to = None;
         if self.fsync == Fsync::Always {
-            segment::sync_dir(&self.dir)?;
+            segment::sync_dir(self.path.dir())?;
         }
         tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
         self.ensure_open()
@@ -953,7 +968,7 @@ impl Writer {
             Fsync::Never => Durability::Written,
         };
         saved_head::save(&self.path, &head, durability).map_err(|e| {
-            let path = saved_head::head_path(&self.path);
+            let path = self.path.saved_head();
             io::Error::new(
                 e.kind(),
                 format!("cannot save the chain head to {}: {e}", path.display()),
@@ -962,24 +977,15 @@ impl Writer {
     }
 
     /// The final flush on close: fsync the file and its directory.
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<(), Arc<io::Error>> {
         let synced = match self.file.as_mut() {
-            Some(file) => file.sync().map_err(|e| e.to_string()),
+            Some(file) => file.sync(),
             None => Ok(()),
         };
-        let finished =
-            synced.and_then(|()| segment::sync_dir(&self.dir).map_err(|e| e.to_string()));
+        let finished = synced.and_then(|()| segment::sync_dir(self.path.dir()));
         // Closed: another gateway may take the log over.
         self.lock = None;
-        finished
-    }
-
-    fn io_error(&self, op: &'static str, e: &io::Error) -> AuditError {
-        AuditError::Io {
-            op,
-            path: self.path.clone(),
-            source: io::Error::new(e.kind(), e.to_string()),
-        }
+        finished.map_err(Arc::new)
     }
 }
 

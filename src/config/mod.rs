@@ -16,7 +16,7 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
-use crate::audit::{AuditSettings, Fsync};
+use crate::audit::{AuditPath, AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
 use crate::rate_limit::RateLimit;
 use crate::tls::{load_listen_tls, read_certs, ListenTls};
@@ -683,9 +683,9 @@ fn validate_allow(path: &str, raw: &[String], errors: &mut Errors) -> Vec<NamePa
 }
 
 fn validate_audit(raw: &raw::RawAudit, errors: &mut Errors) -> Option<AuditSettings> {
-    if raw.path.as_os_str().is_empty() {
-        errors.push("audit.path", "must not be empty");
-    }
+    let path = AuditPath::try_from(raw.path.clone())
+        .map_err(|err| errors.push("audit.path", err))
+        .ok();
     if raw.rotate_bytes < MIN_ROTATE_BYTES {
         errors.push(
             "audit.rotate_bytes",
@@ -700,7 +700,7 @@ fn validate_audit(raw: &raw::RawAudit, errors: &mut Errors) -> Option<AuditSetti
             .ok(),
     };
     Some(AuditSettings {
-        path: raw.path.clone(),
+        path: path?,
         fsync: match raw.fsync {
             raw::RawFsync::Always => Fsync::Always,
             raw::RawFsync::Never => Fsync::Never,

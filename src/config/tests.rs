@@ -255,6 +255,30 @@ fn rotate_bytes_below_minimum_is_an_error() {
     );
 }
 
+/// The writer names its lock, saved head and rotated files after the live file, so
+/// `audit.path` must end in a file name; a directory is refused here, with its key,
+/// rather than when the log is opened.
+#[test]
+fn an_audit_path_that_names_no_file_is_refused() {
+    let fixture = Fixture::new();
+    for (path, expected) in [
+        ("", "audit.path: must not be empty"),
+        ("{dir}/", "audit.path: must name a file;"),
+        ("{dir}/logs/.", "audit.path: must name a file;"),
+        ("{dir}/..", "audit.path: must name a file;"),
+    ] {
+        let yaml = MINIMAL.replace(
+            "  path: \"{dir}/audit.jsonl\"",
+            &format!("  path: \"{path}\""),
+        );
+        let err = messages(fixture.load(&yaml).err().expect("invalid"));
+        assert!(err.contains(expected), "{path:?}: {err}");
+    }
+    let config = fixture.load(MINIMAL).expect("valid");
+    assert_eq!(config.audit.path.file_name(), "audit.jsonl");
+    assert_eq!(config.audit.path.dir(), fixture.dir.path());
+}
+
 #[test]
 fn hmac_key_from_file_is_trimmed_bytes() {
     let fixture = Fixture::new();

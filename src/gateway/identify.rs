@@ -8,7 +8,7 @@ use base64::Engine as _;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
-use crate::auth::{bearer_token, Identity};
+use crate::auth::{bearer_token, Fingerprint, Identity};
 use crate::problem::Problem;
 use crate::routes::{Flavor, Route};
 use crate::tls::ClientCertificate;
@@ -36,8 +36,9 @@ pub(super) fn authenticate(
     };
     // With no credential of its own, a caller is still known by its verified certificate
     // (DESIGN §7), so ops can find a client whose SANs no tenant lists.
-    trail.token_fp =
-        fingerprint.or_else(|| certificate.map(|cert| Arc::from(cert.fingerprint.as_str())));
+    trail.token_fp = fingerprint
+        .or_else(|| certificate.map(|cert| cert.fingerprint.clone()))
+        .map(Arc::from);
     let tenant = tenant.ok_or(Problem::Unauthenticated)?;
     trail.tenant = Some(Arc::clone(&tenant));
     Ok(tenant)
@@ -47,18 +48,18 @@ pub(super) fn authenticate(
 /// audit log's `token_fp`), which a refused credential has too.
 struct Authenticated {
     tenant: Option<Arc<str>>,
-    fingerprint: Option<Arc<str>>,
+    fingerprint: Option<Fingerprint>,
 }
 
 impl Authenticated {
-    fn tenant(tenant: Arc<str>, fingerprint: Option<Arc<str>>) -> Self {
+    fn tenant(tenant: Arc<str>, fingerprint: Option<Fingerprint>) -> Self {
         Authenticated {
             tenant: Some(tenant),
             fingerprint,
         }
     }
 
-    fn nobody(fingerprint: Option<Arc<str>>) -> Self {
+    fn nobody(fingerprint: Option<Fingerprint>) -> Self {
         Authenticated {
             tenant: None,
             fingerprint,
@@ -97,7 +98,7 @@ fn by_certificate_or_bearer(
                 tenant,
                 fingerprint,
             },
-        ) => Authenticated::tenant(Arc::clone(tenant), Some(Arc::clone(fingerprint))),
+        ) => Authenticated::tenant(Arc::clone(tenant), Some(fingerprint.clone())),
         (None, identity) => Authenticated::nobody(identity.fingerprint().cloned()),
     }
 }
@@ -176,7 +177,7 @@ fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
 fn tenant_of_certificate(
     runtime: &Runtime,
     certificate: &ClientCertificate,
-) -> Option<(Arc<str>, Arc<str>)> {
+) -> Option<(Arc<str>, Fingerprint)> {
     let mut found: Option<&Arc<str>> = None;
     for san in &certificate.sans {
         match (runtime.sans.get(san), found) {
@@ -185,12 +186,7 @@ fn tenant_of_certificate(
             (None, _) => {}
         }
     }
-    found.map(|tenant| {
-        (
-            Arc::clone(tenant),
-            Arc::from(certificate.fingerprint.as_str()),
-        )
-    })
+    found.map(|tenant| (Arc::clone(tenant), certificate.fingerprint.clone()))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ mod rejection;
 mod sniff;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
-use crate::audit::{AuditError, AuditLog, Fsync};
+use crate::audit::{AuditError, AuditLog, AuditPath, Fsync};
 use crate::config::{Config, ConfigError, LogSettings};
 use crate::gateway::{BuildError, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
 use crate::rate_limit::LimiterClock;
@@ -130,7 +130,7 @@ struct RestartOnlySettings {
     /// The subscriber is installed once per process.
     log: LogSettings,
     tls: bool,
-    audit_path: PathBuf,
+    audit_path: AuditPath,
     audit_fsync: Fsync,
     audit_rotate_bytes: u64,
     /// SHA-256 of the key, so a key changed in its file is noticed without keeping a copy.

@@ -16,10 +16,12 @@ use hyper::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGT
 use hyper::{Method, Request, Response, StatusCode};
 use uuid::Uuid;
 
+use crate::sync::lock_unpoisoned;
+
 use super::conn::stopped;
 use super::registry::MpcInfo;
 use super::stream::ConnectionSwitch;
-use super::{lock, Fault, RecordedRequest, Shared};
+use super::{Fault, RecordedRequest, Shared};
 
 /// Largest request body the simulator reads (and records); a larger one fails the request.
 const MAX_BODY: usize = 1 << 20;
@@ -72,7 +74,7 @@ pub(super) async fn handle(
                 .collect(),
             body,
         };
-        lock(&shared.requests).push(recorded);
+        lock_unpoisoned(&shared.requests).push(recorded);
     }
 
     match shared.next_fault() {
@@ -270,7 +272,7 @@ fn route(
     match *method {
         Method::DELETE => {
             let ended = {
-                let mut registry = lock(&shared.registry);
+                let mut registry = lock_unpoisoned(&shared.registry);
                 match &mpc {
                     MpcRef::Name(name) => registry.end_by_name(name),
                     MpcRef::Uuid(uuid) => registry.end_by_uuid(*uuid),
@@ -284,7 +286,7 @@ fn route(
         }
         Method::GET => {
             let info = {
-                let mut registry = lock(&shared.registry);
+                let mut registry = lock_unpoisoned(&shared.registry);
                 match &mpc {
                     MpcRef::Name(name) => registry.describe_name(name),
                     MpcRef::Uuid(uuid) => registry.describe_uuid(*uuid),

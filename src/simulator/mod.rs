@@ -40,7 +40,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -48,6 +48,8 @@ use bytes::Bytes;
 use hyper::header::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+
+use crate::sync::lock_unpoisoned;
 
 use conn::{accept_loop, tls_acceptor};
 pub use pki::{generate_pki, IssuedCert, LeafSpec, Pki, PkiError, TestPki};
@@ -234,11 +236,8 @@ impl RecordedRequest {
 // Shared state
 // ---------------------------------------------------------------------------------------
 
-/// Lock a mutex, ignoring poisoning: every critical section leaves the data consistent.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
+/// What the simulator's connections share. Its mutexes are taken with
+/// [`lock_unpoisoned`]: every critical section leaves its data consistent.
 struct Shared {
     auth_id: String,
     auth_token: String,
@@ -262,7 +261,7 @@ impl Shared {
         if self.fault_len.load(Ordering::SeqCst) == 0 {
             return None;
         }
-        let mut faults = lock(&self.faults);
+        let mut faults = lock_unpoisoned(&self.faults);
         let fault = faults.pop_front();
         if fault.is_some() {
             self.fault_len.fetch_sub(1, Ordering::SeqCst);
@@ -398,17 +397,17 @@ impl Simulator {
     /// of that name is already live, its uuid is returned; if one was ended, a new one
     /// starts.
     pub fn add_mpc(&self, name: &str) -> String {
-        lock(&self.shared.registry).add(name).to_string()
+        lock_unpoisoned(&self.shared.registry).add(name).to_string()
     }
 
     /// Whether a DELETE for `name` would end a live MPC now.
     pub fn is_live(&self, name: &str) -> bool {
-        lock(&self.shared.registry).is_live(name)
+        lock_unpoisoned(&self.shared.registry).is_live(name)
     }
 
     /// Queue a one-shot fault for a coming request (FIFO).
     pub fn push_fault(&self, fault: Fault) {
-        let mut faults = lock(&self.shared.faults);
+        let mut faults = lock_unpoisoned(&self.shared.faults);
         faults.push_back(fault);
         self.shared.fault_len.fetch_add(1, Ordering::SeqCst);
     }
@@ -416,7 +415,7 @@ impl Simulator {
     /// Every request received since start (or the last [`Simulator::clear_requests`]),
     /// when recording is on.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.shared.requests).clone()
+        lock_unpoisoned(&self.shared.requests).clone()
     }
 
     /// Number of requests received (counted even when recording is off; not reset by
@@ -432,7 +431,7 @@ impl Simulator {
 
     /// Forget the recorded requests.
     pub fn clear_requests(&self) {
-        lock(&self.shared.requests).clear();
+        lock_unpoisoned(&self.shared.requests).clear();
     }
 
     /// Stop accepting, let in-flight requests finish (at most a short grace period; hung

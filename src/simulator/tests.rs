@@ -522,7 +522,7 @@ async fn forget_ended_answers_204_forever() -> TestResult {
             StatusCode::NO_CONTENT
         );
         {
-            let registry = lock(&sim.shared.registry);
+            let registry = lock_unpoisoned(&sim.shared.registry);
             assert!(
                 registry.by_name.is_empty() && registry.by_uuid.is_empty(),
                 "nothing kept"

@@ -4,13 +4,17 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::audit::record::{AuditEvent, EventKind};
-use crate::audit::{AuditLog, AuditSettings, Fsync};
+use crate::audit::{AuditLog, AuditPath, AuditSettings, Fsync};
+
+fn audit_path(path: &Path) -> AuditPath {
+    AuditPath::try_from(path).expect("a valid audit path")
+}
 
 /// Writes `n` records with the real writer; returns the live file's path.
 fn write_log(dir: &Path, n: usize, key: Option<&[u8]>, rotate_bytes: u64) -> PathBuf {
     let path = dir.join("audit.jsonl");
     let settings = AuditSettings {
-        path: path.clone(),
+        path: audit_path(&path),
         fsync: Fsync::Never,
         rotate_bytes,
         hmac_key: key.map(|k| SecretSlice::from(k.to_vec())),
@@ -231,7 +235,7 @@ fn a_rotation_between_listing_and_reading_keeps_the_chain() {
     );
     // The gateway rotates while `audit verify` runs: the listed live file gets its
     // rotated name, and a new live file continues the chain.
-    std::fs::rename(&live, crate::audit::segment::rotated_path(&live, end)).expect("rotate");
+    std::fs::rename(&live, audit_path(&live).rotated(end)).expect("rotate");
     write_log(dir.path(), 3, None, 1 << 20);
     assert_eq!(last_seq(&live), 64, "the new live file continues the chain");
     let verdict = verify_files(&files, &ChainHasher::Plain).expect("verify");
@@ -477,7 +481,7 @@ fn split_into_rotated_set(dir: &Path) -> (Vec<PathBuf>, PathBuf) {
     let lines: Vec<&str> = text.lines().collect();
     let mut rotated = Vec::new();
     for (part, last) in [(&lines[..10], 10), (&lines[10..20], 20)] {
-        let path = crate::audit::segment::rotated_path(&live, last);
+        let path = audit_path(&live).rotated(last);
         std::fs::write(&path, part.join("\n") + "\n").expect("write rotated");
         rotated.push(path);
     }

@@ -14,9 +14,13 @@ use crate::audit::record::EventKind;
 use crate::audit::segment::fault::{self, Faults, FaultyOpener};
 use crate::audit::verify::{verify_paths, Verdict};
 
+fn audit_path(path: &Path) -> AuditPath {
+    AuditPath::try_from(path).expect("a valid audit path")
+}
+
 fn settings(path: &Path, fsync: Fsync, rotate_bytes: u64) -> AuditSettings {
     AuditSettings {
-        path: path.to_path_buf(),
+        path: audit_path(path),
         fsync,
         rotate_bytes,
         hmac_key: None,
@@ -362,7 +366,10 @@ async fn an_inline_append_dropped_in_its_yield_writes_its_record() {
     assert!(lines(&path).is_empty(), "not written before the yield");
     drop(append);
     assert_eq!(lines(&path).len(), 1, "written on drop");
-    assert!(lock(state).settled.is_empty(), "its outcome collected");
+    assert!(
+        lock_unpoisoned(state).settled.is_empty(),
+        "its outcome collected"
+    );
     assert_eq!(log.append(event(1)).await.expect("append"), 2);
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 2);
@@ -420,19 +427,27 @@ async fn inline_outcomes_are_kept_only_until_collected() {
         appends.next().expect("d"),
     );
     assert_eq!(c.await.expect("append"), 3, "c flushed all four");
-    assert_eq!(lock(state).settled.len(), 4, "a, b and d not collected yet");
+    assert_eq!(
+        lock_unpoisoned(state).settled.len(),
+        4,
+        "a, b and d not collected yet"
+    );
     drop(b);
     assert_eq!(d.await.expect("append"), 4);
-    assert_eq!(lock(state).settled.len(), 4, "a is still to come");
+    assert_eq!(
+        lock_unpoisoned(state).settled.len(),
+        4,
+        "a is still to come"
+    );
     assert_eq!(a.await.expect("append"), 1);
     {
-        let state = lock(state);
+        let state = lock_unpoisoned(state);
         assert!(state.settled.is_empty(), "every outcome collected");
         assert_eq!(state.first_uncollected, 4);
     }
     // A later record gets the next ticket and its own outcome.
     assert_eq!(log.append(event(4)).await.expect("append"), 5);
-    assert!(lock(state).settled.is_empty());
+    assert!(lock_unpoisoned(state).settled.is_empty());
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 5);
 }
@@ -483,7 +498,10 @@ async fn inline_appends_dropped_at_any_point_under_concurrency_lose_nothing() {
     let Mode::Inline(state) = &log.shared.mode else {
         panic!("fsync: never writes inline");
     };
-    assert!(lock(state).settled.is_empty(), "every outcome collected");
+    assert!(
+        lock_unpoisoned(state).settled.is_empty(),
+        "every outcome collected"
+    );
     log.close().await.expect("close");
     let total = (TASKS * PER_TASK) as u64;
     assert_eq!(
@@ -513,17 +531,27 @@ async fn a_failed_inline_write_fails_each_record_of_the_batch() {
     let before = std::fs::read(&path).expect("read");
     faults.set(fault::PARTIAL_WRITE);
     let appends: Vec<_> = (1..4).map(|i| log.append(event(i))).collect();
+    let mut causes = Vec::new();
     for outcome in futures_util::future::join_all(appends).await {
         let err = outcome.expect_err("the batch failed");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        let AuditError::WriteFailed { source, .. } = err else {
+            panic!("not a write failure: {err}");
+        };
+        causes.push(source);
     }
+    assert!(
+        causes.iter().all(|cause| Arc::ptr_eq(cause, &causes[0])),
+        "the batch's records share its one error"
+    );
+    assert_eq!(causes[0].raw_os_error(), Some(libc::ENOSPC));
     assert_eq!(faults.appends(), 2, "one write for the failed batch");
     assert_eq!(
         std::fs::read(&path).expect("read"),
         before,
         "no partial line"
     );
-    assert!(lock(state).settled.is_empty());
+    assert!(lock_unpoisoned(state).settled.is_empty());
     faults.set(fault::NONE);
     assert_eq!(
         log.append(event(4)).await.expect("append"),
@@ -609,7 +637,7 @@ async fn the_chain_continues_from_the_saved_head_when_the_rotated_files_are_move
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
     let n = append_until_rotated(&log, &path).await;
-    let record_n = lines(&segment::rotated_path(&path, n))
+    let record_n = lines(&audit_path(&path).rotated(n))
         .pop()
         .expect("record n");
     for file in rotated_files(dir.path()) {
@@ -641,7 +669,7 @@ async fn a_rotation_saves_the_head_synced_only_with_fsync_always() {
         let n = append_until_rotated(&log, &path).await;
         log.close().await.expect("close");
         assert_eq!(
-            saved_head::load(&path).map(|head| head.seq),
+            saved_head::load(&audit_path(&path)).map(|head| head.seq),
             Some(n),
             "{fsync:?}"
         );
@@ -657,13 +685,16 @@ async fn a_damaged_saved_head_is_replaced_from_the_rotated_files() {
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("open");
     let n = append_until_rotated(&log, &path).await;
-    std::fs::write(saved_head::head_path(&path), "{\"seq\":").expect("damage");
+    std::fs::write(audit_path(&path).saved_head(), "{\"seq\":").expect("damage");
 
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
     assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), n + 1);
-    assert_eq!(saved_head::load(&path).map(|head| head.seq), Some(n));
+    assert_eq!(
+        saved_head::load(&audit_path(&path)).map(|head| head.seq),
+        Some(n)
+    );
 }
 
 /// `fsync: never` rotates without syncing: a crash can leave the newest rotated file
@@ -675,7 +706,7 @@ async fn a_torn_newest_rotated_file_is_renamed_and_the_set_verifies() {
     let path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
     let n = append_until_rotated(&log, &path).await;
-    let newest = segment::rotated_path(&path, n);
+    let newest = audit_path(&path).rotated(n);
     // The crash: only part of record n reached the disk.
     let len = std::fs::metadata(&newest)
         .expect("newest rotated file")
@@ -695,7 +726,7 @@ async fn a_torn_newest_rotated_file_is_renamed_and_the_set_verifies() {
     );
     log.close().await.expect("close");
     assert!(!newest.exists(), "still named for the lost record");
-    assert!(segment::rotated_path(&path, n - 1).exists());
+    assert!(audit_path(&path).rotated(n - 1).exists());
     assert_eq!(intact(dir.path(), None), n);
 }
 
@@ -708,10 +739,14 @@ async fn failed_write_leaves_no_partial_line_and_does_not_advance_seq() {
     log.append(event(1)).await.expect("append");
     let before = std::fs::read(&path).expect("read");
 
-    for mode in [fault::PARTIAL_WRITE, fault::SYNC] {
+    for (mode, errno) in [
+        (fault::PARTIAL_WRITE, libc::ENOSPC),
+        (fault::SYNC, libc::EIO),
+    ] {
         faults.set(mode);
         let err = log.append(event(2)).await.expect_err("must fail");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        assert_eq!(os_error(&err), Some(errno), "{err}");
         assert!(!log.is_writable());
         assert_eq!(
             std::fs::read(&path).expect("read"),
@@ -752,6 +787,35 @@ async fn probe_restores_writability_without_leaving_bytes() {
     assert!(log.is_writable(), "probe should succeed");
     assert_eq!(std::fs::read(&path).expect("read"), before);
     log.close().await.expect("close");
+}
+
+/// The OS error a write or close failure carries, as the disk reported it.
+fn os_error(err: &AuditError) -> Option<i32> {
+    match err {
+        AuditError::WriteFailed { source, .. } | AuditError::CloseFailed { source, .. } => {
+            source.raw_os_error()
+        }
+        _ => None,
+    }
+}
+
+/// A failed final fsync is reported with the OS error itself (EIO here, ENOSPC on a full
+/// disk), and every later close reports the same one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_final_flush_keeps_its_os_error() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let (log, faults) = open_with_faults(&path, fsync);
+        log.append(event(0)).await.expect("append");
+        faults.set(fault::SYNC);
+        let err = log.close().await.expect_err("the final fsync fails");
+        assert!(matches!(err, AuditError::CloseFailed { .. }), "{err}");
+        assert_eq!(os_error(&err), Some(libc::EIO), "{fsync:?}: {err}");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        let again = log.close().await.expect_err("the same outcome");
+        assert_eq!(os_error(&again), Some(libc::EIO), "{fsync:?}: {again}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -831,8 +895,8 @@ fn missing_directory_is_an_error_and_check_writable_reports_it() {
     let err = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect_err("missing dir");
     assert!(matches!(err, AuditError::MissingDirectory { .. }), "{err}");
     assert!(err.to_string().contains("nope"), "{err}");
-    assert!(check_writable(&path).is_err());
-    let ok = dir.path().join("audit.jsonl");
+    assert!(check_writable(&audit_path(&path)).is_err());
+    let ok = audit_path(&dir.path().join("audit.jsonl"));
     check_writable(&ok).expect("writable");
     assert_eq!(
         std::fs::read_dir(dir.path()).expect("list").count(),
@@ -958,13 +1022,13 @@ async fn the_record_the_chain_continues_from_is_checked_under_the_key() {
     let path = dir.path().join("audit.jsonl");
     let plain = ChainHasher::new(None).expect("plain");
     let keyed = ChainHasher::new(Some(SecretSlice::from(b"k3y".to_vec()))).expect("keyed");
-    let fresh = recover(&path).expect("recover");
+    let fresh = recover(&audit_path(&path)).expect("recover");
     assert!(continues_under(&fresh, &plain) && continues_under(&fresh, &keyed));
 
     let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
     log.append(event(1)).await.expect("append");
     log.close().await.expect("close");
-    let head = recover(&path).expect("recover");
+    let head = recover(&audit_path(&path)).expect("recover");
     assert!(continues_under(&head, &plain));
     assert!(!continues_under(&head, &keyed), "a key added since");
 }

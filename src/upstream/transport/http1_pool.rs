@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use hyper::client::conn::http1;
 
-use super::{lock, H1Sender, SendError, Stream};
+use super::{H1Sender, SendError, Stream};
+use crate::sync::lock_unpoisoned;
 
 /// At most this many idle HTTP/1.1 connections are kept; more are closed when their call
 /// ends.
@@ -35,7 +36,7 @@ struct IdleH1 {
 
 impl H1Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleH1>> {
-        lock(&self.idle)
+        lock_unpoisoned(&self.idle)
     }
 
     #[cfg(test)]

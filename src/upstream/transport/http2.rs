@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 
-use super::{lock, Stream};
+use super::Stream;
+use crate::sync::lock_unpoisoned;
 
 type Sender = h2::client::SendRequest<Bytes>;
 
@@ -42,7 +43,7 @@ pub(super) struct H2Slot {
 
 impl H2Slot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<OpenH2>> {
-        lock(&self.current)
+        lock_unpoisoned(&self.current)
     }
 
     pub(super) fn open(&self) -> Option<OpenH2> {

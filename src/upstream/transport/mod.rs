@@ -27,7 +27,7 @@ mod http2;
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -43,6 +43,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamSettings;
+use crate::sync::lock_unpoisoned;
 pub(super) use connect::{ConnectError, SharedConnectFailure};
 use connect::{Offer, TimedConnector};
 use http1_pool::{close_idle_h1, handshake_h1, H1Pool};
@@ -321,13 +322,13 @@ impl Transport {
         // Or tried while this call waited, and failed: that is this attempt's outcome too
         // (an unreachable upstream must not cost each queued call a connect_timeout).
         if self.connects.load(Ordering::Acquire) != seen {
-            if let Some(failure) = lock(&self.last_connect_failure).clone() {
+            if let Some(failure) = lock_unpoisoned(&self.last_connect_failure).clone() {
                 return Err(SendError::Connect(ConnectError::Shared(failure)));
             }
         }
         self.connects.fetch_add(1, Ordering::AcqRel);
         let connected = self.open_first_connection().await;
-        *lock(&self.last_connect_failure) = match &connected {
+        *lock_unpoisoned(&self.last_connect_failure) = match &connected {
             Err(err) => Some(SharedConnectFailure::of(err)),
             Ok(_) => None,
         };
@@ -468,12 +469,6 @@ fn into_origin_form(
         .entry(HOST)
         .or_insert_with(|| host.clone());
     request
-}
-
-/// Locks a mutex that is only ever held to read or swap a value, so a panic elsewhere
-/// cannot leave it half-changed: a poisoned one is used as is.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
