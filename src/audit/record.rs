@@ -300,21 +300,29 @@ fn byte_needs_escape(b: u8) -> bool {
 const EVERY_BYTE: u64 = u64::from_le_bytes([1; 8]);
 const TOP_BITS: u64 = EVERY_BYTE * 0x80;
 
-/// Whether a byte of `word` is below `n` (`n` ≤ 0x80): subtracting `n` from each byte
-/// sets its top bit when it borrows, and bytes that had their top bit set already (any
-/// byte ≥ 0x80) are masked out. A borrow only ever comes from a byte below `n`, so the
-/// answer is exact, although which byte it flags may be off.
-const fn has_byte_below(word: u64, n: u8) -> bool {
-    word.wrapping_sub(EVERY_BYTE * n as u64) & !word & TOP_BITS != 0
+/// Top bit of each byte of `word` below `n` (`n` ≤ 0x80): subtracting `n` from each
+/// byte sets its top bit when it borrows, and bytes that had their top bit set already
+/// (any byte ≥ 0x80) are masked out. A borrow only ever comes from a byte below `n`, so
+/// whether any is flagged is exact, although which byte it flags may be off.
+const fn below(word: u64, n: u8) -> u64 {
+    word.wrapping_sub(EVERY_BYTE * n as u64) & !word & TOP_BITS
+}
+
+/// Top bit of each byte at or above 0x7f (DEL and every non-ASCII byte): adding one
+/// sets it for 0x7f, and a byte at 0x80 or above has it already. Only a byte at 0xff
+/// carries into the next, which is then flagged or not, but the word is flagged anyway.
+const fn from_del(word: u64) -> u64 {
+    (word.wrapping_add(EVERY_BYTE) | word) & TOP_BITS
 }
 
 /// [`byte_needs_escape`] for eight bytes at once.
 const fn needs_escape(word: u64) -> bool {
-    word & TOP_BITS != 0
-        || has_byte_below(word, 0x20)
-        || has_byte_below(word ^ (EVERY_BYTE * b'"' as u64), 1)
-        || has_byte_below(word ^ (EVERY_BYTE * b'\\' as u64), 1)
-        || has_byte_below(word ^ (EVERY_BYTE * 0x7f), 1)
+    let flags = below(word, 0x20)
+        | below(word ^ (EVERY_BYTE * b'"' as u64), 1)
+        | below(word ^ (EVERY_BYTE * b'\\' as u64), 1)
+        | from_del(word);
+    // One branch for the four tests.
+    flags != 0
 }
 
 /// One member's value in [`Body::write_json`].
