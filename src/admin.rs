@@ -129,8 +129,9 @@ fn accepts_openmetrics(headers: &http::HeaderMap) -> bool {
                 .is_some_and(|media| media.eq_ignore_ascii_case("application/openmetrics-text"));
             let refused = parts.any(|param| {
                 param
-                    .strip_prefix("q=")
-                    .and_then(|q| q.parse::<f32>().ok())
+                    .split_once('=')
+                    .filter(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                    .and_then(|(_, q)| q.trim().parse::<f32>().ok())
                     .is_some_and(|q| q <= 0.0)
             });
             is_openmetrics && !refused
@@ -188,6 +189,8 @@ mod tests {
             (Some("*/*"), false),
             (Some("text/plain;version=0.0.4"), false),
             (Some("application/openmetrics-text; q=0"), false),
+            (Some("Application/OpenMetrics-Text;Q=0.0"), false),
+            (Some("APPLICATION/OPENMETRICS-TEXT"), true),
         ] {
             let mut request = Request::get("/metrics");
             if let Some(accept) = accept {

@@ -7,7 +7,9 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::gateway::{MAX_BODY_BYTES, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
+use crate::gateway::{
+    MAX_BODY_BYTES, MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, MAX_REQUEST_LINE_BYTES,
+};
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid};
 use crate::rate_limit::{RATELIMIT, RATELIMIT_POLICY};
 use crate::routes::Flavor;
@@ -20,7 +22,7 @@ pub enum Problem {
     BadRequest(&'static str),
     #[error("the request line is longer than {REQUEST_LINE_KIB} KiB")]
     UriTooLong,
-    #[error("the request headers are larger than {HEADER_BLOCK_KIB} KiB")]
+    #[error("the request headers are larger than {HEADER_BLOCK_KIB} KiB or have more than {MAX_HEADER_FIELDS} fields")]
     HeadersTooLarge,
     #[error("no such route")]
     NotFound,
@@ -370,7 +372,7 @@ mod tests {
         );
         assert_eq!(
             Problem::HeadersTooLarge.to_string(),
-            "the request headers are larger than 32 KiB"
+            "the request headers are larger than 32 KiB or have more than 100 fields"
         );
         assert_eq!(
             Problem::PayloadTooLarge.to_string(),

@@ -234,7 +234,7 @@ fn header_block_of(total: usize) -> Vec<String> {
     headers.push(last);
     assert_eq!(used, total);
     assert!(
-        headers.len() < mpc_gateway::server::MAX_HEADERS,
+        headers.len() < mpc_gateway::gateway::MAX_HEADER_FIELDS,
         "under the header-count limit"
     );
     headers
@@ -295,7 +295,7 @@ async fn header_block_beyond_the_read_buffer_is_431_from_the_http_layer() {
     h.shutdown().await;
 }
 
-/// Exactly `MAX_HEADERS` (100) header fields are served; one more is `431` from the HTTP
+/// Exactly `MAX_HEADER_FIELDS` (100) header fields are served; one more is `431` from the HTTP
 /// layer, before any request exists (no audit record, nothing forwarded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_header_fields_are_served_and_one_more_is_431() {
@@ -307,7 +307,7 @@ async fn a_hundred_header_fields_are_served_and_one_more_is_431() {
         assert_eq!(headers.len(), total);
         request("POST", "/mpc/billing-100/end", &headers)
     };
-    let limit = mpc_gateway::server::MAX_HEADERS;
+    let limit = mpc_gateway::gateway::MAX_HEADER_FIELDS;
     let at_limit = raw_send(h.addr(), with_fields(limit).as_bytes(), WAIT).await;
     assert_eq!(at_limit.single().status, 204, "{limit} fields are served");
     let over = raw_send(h.addr(), with_fields(limit + 1).as_bytes(), WAIT).await;

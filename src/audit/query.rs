@@ -352,14 +352,14 @@ fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {
     writeln!(out, "{}", line.trim_end())
 }
 
-/// Control characters (terminal escapes in a hostile value) are shown as `?`, and so are
-/// the invisible format characters that reorder or hide text on a terminal: a tenant may
-/// put a right-to-left override in an MPC name (names are any text but control
-/// characters), and its record's row would then read backwards from there.
+/// The characters the raw log writes as `\u` escapes (control characters, line
+/// separators, the invisible format characters that reorder or hide text) are shown as
+/// `?`: a tenant may put a right-to-left override in an MPC name (names are any text but
+/// control characters), and its record's row would then read backwards from there.
 fn printable(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() || super::record::is_invisible_format(c) {
+            if super::record::shown_escaped(c) {
                 '?'
             } else {
                 c

@@ -268,7 +268,7 @@ pub(crate) fn shown_escaped(c: char) -> bool {
 
 /// Bidirectional embeddings, overrides, isolates and marks, zero-width characters and
 /// the byte order mark (Unicode's format characters that change how a line shows).
-pub(crate) fn is_invisible_format(c: char) -> bool {
+fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'

@@ -7,13 +7,14 @@
 //! writes each record: whoever takes the entry out of the table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use foldhash::HashMap;
 
 use crate::audit::{AuditEvent, EventKind};
 use crate::millis::millis;
+use crate::sync::lock_unpoisoned;
 
 /// Forwarded requests not concluded yet, by ticket.
 #[derive(Default)]
@@ -90,7 +91,7 @@ impl Forwarded {
 
     fn lock(&self) -> MutexGuard<'_, Table> {
         // The table stays consistent whatever panicked while holding it.
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+        lock_unpoisoned(&self.table)
     }
 }
 

@@ -231,6 +231,8 @@ impl Gateway {
 
     /// The TLS new data connections use, if the listener speaks TLS.
     pub fn data_tls(&self) -> Option<DataTls> {
+        // A reload cannot turn TLS on or off: a plain listener stays plain.
+        self.inner.runtime.load().tls.as_ref()?;
         // Subscribed before the acceptor is read: a reload in between is then seen as a
         // change (a needless close at worst), never missed.
         let trust_changed = self.inner.client_trust_epoch.subscribe();

@@ -2,7 +2,8 @@
 //! accepted connection from its first byte to its close: the TLS handshake or the version
 //! sniff, hyper's HTTP/1.1 or HTTP/2 connection with the gateway as its service (each
 //! HTTP/2 request detached into its own task), the first head's deadline, HTTP/2's idle
-//! timeout, and the count of what the HTTP layer ended itself ([`Rejection`]).
+//! timeout, the graceful close of a TLS connection whose client CAs a reload replaced,
+//! and the count of what the HTTP layer ended itself ([`Rejection`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use tokio::time::Instant;
 use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::gateway::{Gateway, Peer};
+use crate::gateway::{Gateway, Peer, MAX_HEADER_FIELDS};
 use crate::problem::Problem;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::Flavor;
@@ -35,7 +36,7 @@ use super::rejection::Rejection;
 use super::sniff::{sniff_version, HttpVersion, NoVersion};
 use super::{
     FORCED_CLOSE_WAIT, H2_IDLE_TIMEOUT, H2_MAX_HEADER_LIST_BYTES, HEADER_READ_TIMEOUT,
-    MAX_CONNECTIONS, MAX_HEADERS, MAX_HEAD_BYTES,
+    MAX_CONNECTIONS, MAX_HEAD_BYTES,
 };
 
 /// Accepts data connections and serves each in its own task until `stop` says so; then
@@ -127,7 +128,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
         // Envoy's default too; up to 100, hyper parses a head without allocating.
-        .max_headers(MAX_HEADERS)
+        .max_headers(MAX_HEADER_FIELDS)
         // A caller that closes its side mid-request must not cancel the request: once
         // the forward record is written, the upstream call and its result record must
         // finish. (Without this hyper reads mid-request to notice the close, and drops the
@@ -156,7 +157,9 @@ struct Connection {
 
 impl Connection {
     /// Plain HTTP, or TLS first when `listen_tls` is set; the acceptor is read per
-    /// connection so certificates re-read on SIGHUP apply to new connections only.
+    /// connection so certificates re-read on SIGHUP apply to new connections, and a
+    /// reload that replaces the client CAs also has this one finish what it serves and
+    /// close.
     async fn serve(self, stream: TcpStream) {
         let metrics = Arc::clone(self.gateway.metrics());
         // The version sniff or the TLS handshake, and the first request head, all within

@@ -1,7 +1,9 @@
 //! The data listener's drain: on shutdown every connection is told to finish what it
 //! serves (hyper's graceful shutdown), the drain waits until every connection and every
 //! detached HTTP/2 request is gone, and once `shutdown_grace` has run out, whatever is
-//! still open is closed at its next turn.
+//! still open is closed at its next turn. A connection can also be told to finish by
+//! itself, before any drain ([`Superseded`]: a TLS connection whose client CAs a reload
+//! replaced).
 //!
 //! In place of hyper-util's `GracefulShutdown` plus a `watch` per connection: a `watch`
 //! receiver waiting for a change takes the channel's shared lock each time it is polled,
@@ -128,7 +130,8 @@ impl Watcher {
 pub(crate) type Superseded = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pin_project! {
-    /// A connection that starts its graceful shutdown when the drain starts.
+    /// A connection that starts its graceful shutdown when the drain starts, or when it
+    /// is superseded.
     pub(crate) struct Graceful<C> {
         #[pin]
         connection: C,

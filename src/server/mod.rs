@@ -34,7 +34,9 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::audit::{AuditError, AuditLog, AuditPath, Fsync};
 use crate::config::{Config, ConfigError, LogSettings};
-use crate::gateway::{BuildError, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_REQUEST_LINE_BYTES};
+use crate::gateway::{
+    BuildError, Gateway, MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, MAX_REQUEST_LINE_BYTES,
+};
 use crate::rate_limit::LimiterClock;
 use crate::telemetry::Metrics;
 use connection::serve_data;
@@ -56,9 +58,6 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// the gateway decides between 414 and 431 for every head below this size. Only a head
 /// larger than this gets hyper's 431. Hyper grows the buffer only as bytes arrive.
 const MAX_HEAD_BYTES: usize = 64 * 1024 + MAX_HEADER_BLOCK_BYTES + 1024;
-/// Header fields per request; more is `431`: from hyper over HTTP/1.1, from the gateway's
-/// framing check over HTTP/2 (the same limit, [`crate::gateway::MAX_HEADER_FIELDS`]).
-pub const MAX_HEADERS: usize = crate::gateway::MAX_HEADER_FIELDS;
 /// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE, which counts 32 bytes per field besides its
 /// name and value: the contract's largest request line and header block with a quarter
 /// to spare, so the gateway, not the h2 library (whose default is 16 KiB), answers `414`
@@ -66,7 +65,8 @@ pub const MAX_HEADERS: usize = crate::gateway::MAX_HEADER_FIELDS;
 /// heads over `MAX_HEAD_BYTES` get hyper's. Not more: an HTTP/2 connection may hold up
 /// to `max_concurrent_streams` heads at once, each until its body arrives.
 const H2_MAX_HEADER_LIST_BYTES: u32 = {
-    let bytes = (MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES) * 5 / 4 + (MAX_HEADERS + 4) * 32;
+    let bytes =
+        (MAX_REQUEST_LINE_BYTES + MAX_HEADER_BLOCK_BYTES) * 5 / 4 + (MAX_HEADER_FIELDS + 4) * 32;
     assert!(bytes <= u32::MAX as usize);
     bytes as u32
 };
