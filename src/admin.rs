@@ -92,7 +92,7 @@ fn answer<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Bytes>> {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("not ready: {why}\n"),
+                format!("not ready: {why}\n"),
             ),
         },
         _ => {
@@ -105,7 +105,7 @@ fn answer<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Bytes>> {
                     PROMETHEUS_TEXT_CONTENT_TYPE,
                 )
             };
-            let mut response = text(StatusCode::OK, &body);
+            let mut response = text(StatusCode::OK, body);
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -138,8 +138,8 @@ fn accepts_openmetrics(headers: &http::HeaderMap) -> bool {
         })
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -44,7 +44,7 @@ use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, R
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{route, Route, Target};
 use crate::telemetry::{Metrics, ENDED};
-use crate::tls::ClientCertificate;
+use crate::tls::{ClientCertificate, ClientTrust};
 use crate::upstream::{AccountCredentials, Lookup, MpcRef, UpstreamReport};
 use forwarded::{Forwarded, Ticket};
 pub use runtime::BuildError;
@@ -112,9 +112,15 @@ struct Inner {
     forwarded: Forwarded,
     clock: LimiterClock,
     store_error_log: Throttle,
-    /// Moves on at each reload that changes which client certificates are accepted:
-    /// TLS connections opened before then close gracefully (see [`DataTls`]).
-    client_trust_epoch: watch::Sender<u64>,
+    /// Which client certificates the data listener accepts (`None` without TLS),
+    /// changed only by a reload that changes it: TLS connections opened before then
+    /// close gracefully (see [`DataTls`]).
+    client_trust: watch::Sender<Option<ClientTrust>>,
+}
+
+/// Which client certificates `config`'s data listener accepts; `None` without TLS.
+fn client_trust_of(config: &Config) -> Option<ClientTrust> {
+    config.listen_tls.as_ref().map(|tls| tls.client_trust)
 }
 
 /// The data listener's TLS as a new connection should use it.
@@ -124,7 +130,7 @@ pub struct DataTls {
     /// connection then finishes what it serves and closes, and its client reconnects
     /// under the new trust. Until then the handshake it made, under the old CAs, would
     /// authenticate it for as long as it stays open.
-    pub trust_changed: watch::Receiver<u64>,
+    pub trust_changed: watch::Receiver<Option<ClientTrust>>,
 }
 
 /// At most one log line about rate-limit store failures per this interval.
@@ -166,7 +172,7 @@ impl Gateway {
                 forwarded: Forwarded::default(),
                 clock,
                 store_error_log: Throttle::new(STORE_ERROR_LOG_INTERVAL),
-                client_trust_epoch: watch::Sender::new(0),
+                client_trust: watch::Sender::new(client_trust_of(config)),
             }),
         })
     }
@@ -176,13 +182,16 @@ impl Gateway {
     pub fn reload(&self, config: &Config) -> Result<(), BuildError> {
         let current = self.inner.runtime.load();
         let next = Runtime::build(config, Some(&current), &self.inner.clock)?;
-        let trust_changed = next.client_trust != current.client_trust;
         self.inner.runtime.store(Arc::new(next));
+        // After the store: a connection that sees the change took the new acceptor.
+        let trust = client_trust_of(config);
+        let trust_changed = self.inner.client_trust.send_if_modified(|current| {
+            let changed = *current != trust;
+            *current = trust;
+            changed
+        });
         if trust_changed {
             tracing::info!("the client CAs changed: TLS connections opened before this reload finish what they serve and close");
-            self.inner
-                .client_trust_epoch
-                .send_modify(|epoch| *epoch += 1);
         }
         declare_tenants(&self.inner.metrics, config);
         export_listener_certificate(&self.inner.metrics, config);
@@ -235,7 +244,7 @@ impl Gateway {
         self.inner.runtime.load().tls.as_ref()?;
         // Subscribed before the acceptor is read: a reload in between is then seen as a
         // change (a needless close at worst), never missed.
-        let trust_changed = self.inner.client_trust_epoch.subscribe();
+        let trust_changed = self.inner.client_trust.subscribe();
         let acceptor = self.inner.runtime.load().tls.clone()?;
         Some(DataTls {
             acceptor,

@@ -8,8 +8,6 @@ use foldhash::HashMap;
 
 use tokio_rustls::TlsAcceptor;
 
-use crate::tls::ClientTrust;
-
 use crate::auth::{NamePattern, TokenDirectory};
 use crate::config::{
     Config, OnStoreError, RateLimitStoreSettings, RedisStoreSettings, UpstreamSettings,
@@ -26,8 +24,6 @@ pub(super) struct Runtime {
     pub(super) sans: HashMap<String, Arc<str>>,
     /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
     pub(super) tls: Option<TlsAcceptor>,
-    /// Which client certificates `tls` accepts, to tell a reload that changed it.
-    pub(super) client_trust: Option<ClientTrust>,
     pub(super) tenants: HashMap<String, TenantPolicy>,
     /// Kept for the next reload, which carries over every limiter whose limit is the same.
     limiters: LimiterSet,
@@ -174,7 +170,6 @@ impl Runtime {
                 .listen_tls
                 .as_ref()
                 .map(|tls| TlsAcceptor::from(Arc::clone(&tls.server_config))),
-            client_trust: config.listen_tls.as_ref().map(|tls| tls.client_trust),
             tenants,
             limiters,
             upstream,

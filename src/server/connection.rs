@@ -27,7 +27,7 @@ use crate::problem::Problem;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routes::Flavor;
 use crate::telemetry::Metrics;
-use crate::tls::ClientCertificate;
+use crate::tls::{ClientCertificate, ClientTrust};
 
 use super::accept::accept_within;
 use super::drain::{Drain, Superseded, Watcher};
@@ -268,7 +268,7 @@ impl Connection {
 
 /// Completes at the first reload after `trust_changed` was taken that changes which
 /// client certificates are accepted.
-fn trust_replaced(mut trust_changed: watch::Receiver<u64>) -> Superseded {
+fn trust_replaced(mut trust_changed: watch::Receiver<Option<ClientTrust>>) -> Superseded {
     Box::pin(async move {
         if trust_changed.changed().await.is_err() {
             // The gateway is gone; the drain closes the connection.
