@@ -160,21 +160,24 @@ pub fn glob_match<T: Copy + Eq>(pattern: &[T], text: &[T], any_run: T, any_one: 
     pattern[p..].iter().all(|&c| c == any_run)
 }
 
-/// What the gateway learned from the caller's credentials.
+/// What the gateway learned from the caller's credentials; `T` is what a token names
+/// (the gateway's directory maps each token straight to its tenant's policy).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
+pub enum Identity<T> {
     /// No usable credentials were presented.
     Anonymous,
     /// A token was presented but belongs to no tenant; `fingerprint` lets ops find the
     /// client that still uses it.
-    Unknown { fingerprint: Fingerprint },
+    Unknown {
+        fingerprint: Fingerprint,
+    },
     Tenant {
-        tenant: Arc<str>,
+        tenant: T,
         fingerprint: Fingerprint,
     },
 }
 
-impl Identity {
+impl<T> Identity<T> {
     pub fn fingerprint(&self) -> Option<&Fingerprint> {
         match self {
             Identity::Anonymous => None,
@@ -185,23 +188,31 @@ impl Identity {
     }
 }
 
-/// Maps token hashes to tenants.
-#[derive(Debug, Default)]
-pub struct TokenDirectory {
-    entries: Vec<Entry>,
+/// Maps token hashes to what each names (a tenant).
+#[derive(Debug)]
+pub struct TokenDirectory<T> {
+    entries: Vec<Entry<T>>,
 }
 
 /// A configured token: its hash, its tenant, and its fingerprint made once, since every
 /// authenticated request records it.
 #[derive(Debug)]
-struct Entry {
+struct Entry<T> {
     hash: TokenHash,
-    tenant: Arc<str>,
+    tenant: T,
     fingerprint: Fingerprint,
 }
 
-impl TokenDirectory {
-    pub fn insert(&mut self, hash: TokenHash, tenant: Arc<str>) {
+impl<T> Default for TokenDirectory<T> {
+    fn default() -> Self {
+        TokenDirectory {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> TokenDirectory<T> {
+    pub fn insert(&mut self, hash: TokenHash, tenant: T) {
         let fingerprint = hash.fingerprint();
         self.entries.push(Entry {
             hash,
@@ -212,9 +223,9 @@ impl TokenDirectory {
 
     /// Looks a presented token up. Every configured hash is compared, in constant time,
     /// so the time taken says nothing about which tenant (if any) came close.
-    pub fn identify(&self, token: &[u8]) -> Identity {
+    pub fn identify(&self, token: &[u8]) -> Identity<T> {
         let presented = TokenHash::of(token);
-        let mut found: Option<&Entry> = None;
+        let mut found: Option<&Entry<T>> = None;
         for entry in &self.entries {
             if bool::from(entry.hash.0.ct_eq(&presented.0)) {
                 found = Some(entry);
@@ -222,7 +233,7 @@ impl TokenDirectory {
         }
         match found {
             Some(entry) => Identity::Tenant {
-                tenant: Arc::clone(&entry.tenant),
+                tenant: entry.tenant.clone(),
                 fingerprint: entry.fingerprint.clone(),
             },
             None => Identity::Unknown {
@@ -330,12 +341,12 @@ mod tests {
     #[test]
     fn directory_identifies_tenants_and_fingerprints_unknown_tokens() {
         let mut dir = TokenDirectory::default();
-        dir.insert(TokenHash::of(b"tok-a"), Arc::from("a"));
-        dir.insert(TokenHash::of(b"tok-b"), Arc::from("b"));
+        dir.insert(TokenHash::of(b"tok-a"), "a");
+        dir.insert(TokenHash::of(b"tok-b"), "b");
         assert_eq!(
             dir.identify(b"tok-b"),
             Identity::Tenant {
-                tenant: Arc::from("b"),
+                tenant: "b",
                 fingerprint: TokenHash::of(b"tok-b").fingerprint()
             }
         );

@@ -13,7 +13,7 @@ use crate::problem::Problem;
 use crate::routes::{Flavor, Route};
 use crate::tls::ClientCertificate;
 
-use super::runtime::Runtime;
+use super::runtime::{Runtime, TenantPolicy};
 use super::trail::Trail;
 
 pub(super) fn authenticate(
@@ -22,7 +22,7 @@ pub(super) fn authenticate(
     certificate: Option<&ClientCertificate>,
     route: &Route<'_>,
     trail: &mut Trail,
-) -> Result<Arc<str>, Problem> {
+) -> Result<Arc<TenantPolicy>, Problem> {
     let Authenticated {
         tenant,
         fingerprint,
@@ -40,19 +40,19 @@ pub(super) fn authenticate(
         .or_else(|| certificate.map(|cert| cert.fingerprint.clone()))
         .map(Arc::from);
     let tenant = tenant.ok_or(Problem::Unauthenticated)?;
-    trail.tenant = Some(Arc::clone(&tenant));
+    trail.tenant = Some(Arc::clone(&tenant.name));
     Ok(tenant)
 }
 
 /// Who a credential names, if anyone, and the fingerprint of what was presented (the
 /// audit log's `token_fp`), which a refused credential has too.
 struct Authenticated {
-    tenant: Option<Arc<str>>,
+    tenant: Option<Arc<TenantPolicy>>,
     fingerprint: Option<Fingerprint>,
 }
 
 impl Authenticated {
-    fn tenant(tenant: Arc<str>, fingerprint: Option<Fingerprint>) -> Self {
+    fn tenant(tenant: Arc<TenantPolicy>, fingerprint: Option<Fingerprint>) -> Self {
         Authenticated {
             tenant: Some(tenant),
             fingerprint,
@@ -88,7 +88,9 @@ fn by_certificate_or_bearer(
         (Some((tenant, cert_fp)), Identity::Anonymous) => {
             Authenticated::tenant(tenant, Some(cert_fp))
         }
-        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. }) if *other == tenant => {
+        (Some((tenant, cert_fp)), Identity::Tenant { tenant: other, .. })
+            if Arc::ptr_eq(other, &tenant) =>
+        {
             Authenticated::tenant(tenant, Some(cert_fp))
         }
         (Some((_, cert_fp)), _) => Authenticated::nobody(Some(cert_fp)),
@@ -113,7 +115,12 @@ fn confirmed_by_certificate(
 ) -> Authenticated {
     match certificate.and_then(|cert| tenant_of_certificate(runtime, cert)) {
         None => by_basic,
-        Some((by_certificate, cert_fp)) if by_basic.tenant.as_ref() == Some(&by_certificate) => {
+        Some((by_certificate, cert_fp))
+            if by_basic
+                .tenant
+                .as_ref()
+                .is_some_and(|tenant| Arc::ptr_eq(tenant, &by_certificate)) =>
+        {
             Authenticated::tenant(by_certificate, Some(cert_fp))
         }
         Some((_, cert_fp)) => Authenticated::nobody(Some(cert_fp)),
@@ -135,10 +142,7 @@ fn by_basic(runtime: &Runtime, headers: &HeaderMap, path_auth_id: Option<&str>) 
     let Identity::Tenant { tenant, .. } = identity else {
         return Authenticated::nobody(fingerprint);
     };
-    let sdk_auth_id = runtime
-        .tenants
-        .get(&*tenant)
-        .and_then(|policy| policy.sdk_auth_id.as_deref());
+    let sdk_auth_id = tenant.sdk_auth_id.as_deref();
     if sdk_auth_id == Some(username.as_str()) && path_auth_id == Some(username.as_str()) {
         Authenticated::tenant(tenant, fingerprint)
     } else {
@@ -177,11 +181,11 @@ fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
 fn tenant_of_certificate(
     runtime: &Runtime,
     certificate: &ClientCertificate,
-) -> Option<(Arc<str>, Fingerprint)> {
-    let mut found: Option<&Arc<str>> = None;
+) -> Option<(Arc<TenantPolicy>, Fingerprint)> {
+    let mut found: Option<&Arc<TenantPolicy>> = None;
     for san in &certificate.sans {
         match (runtime.sans.get(san), found) {
-            (Some(tenant), Some(previous)) if tenant != previous => return None,
+            (Some(tenant), Some(previous)) if !Arc::ptr_eq(tenant, previous) => return None,
             (Some(tenant), _) => found = Some(tenant),
             (None, _) => {}
         }

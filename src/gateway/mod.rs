@@ -318,21 +318,16 @@ impl Gateway {
         // The configuration is taken only now that the body is in: a caller that holds
         // its body back must not keep a token that a reload has since revoked usable.
         let runtime = self.inner.runtime.load_full();
-        let tenant =
+        let policy =
             identify::authenticate(&runtime, &parts.headers, peer.certificate(), &route, trail)?;
-        // Authentication names only tenants of this runtime; one it lacks (impossible)
-        // is refused rather than forwarded.
-        let policy = runtime
-            .tenants
-            .get(&*tenant)
-            .ok_or(Problem::Unauthenticated)?;
-        let (mpc, upstream_calls) = check_target(&route, policy, &tenant, trail)?;
+        let tenant = &policy.name;
+        let (mpc, upstream_calls) = check_target(&route, &policy, tenant, trail)?;
         let account = &policy.account;
         trail.account = Some(Arc::clone(&account.name));
         trail.ended_requests = Some(Arc::clone(&policy.ended_requests));
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
-        self.limit(&runtime, policy, &tenant, upstream_calls, trail)
+        self.limit(&runtime, &policy, tenant, upstream_calls, trail)
             .await?;
         let credentials = Arc::clone(&account.credentials);
         Ok(Admitted {

@@ -19,12 +19,14 @@ use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
 
 /// Everything derived from one version of the config; swapped whole on reload.
 pub(super) struct Runtime {
-    pub(super) tokens: TokenDirectory,
-    /// Client-certificate SAN → tenant (`client_cert_sans`).
-    pub(super) sans: HashMap<String, Arc<str>>,
+    /// Token hash → its tenant's policy, so authentication needs no further lookup.
+    pub(super) tokens: TokenDirectory<Arc<TenantPolicy>>,
+    /// Client-certificate SAN → its tenant's policy (`client_cert_sans`).
+    pub(super) sans: HashMap<String, Arc<TenantPolicy>>,
     /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
     pub(super) tls: Option<TlsAcceptor>,
-    pub(super) tenants: HashMap<String, TenantPolicy>,
+    /// By name: what a by-uuid request re-checks once Plivo has told it the MPC's name.
+    pub(super) tenants: HashMap<String, Arc<TenantPolicy>>,
     /// Kept for the next reload, which carries over every limiter whose limit is the same.
     limiters: LimiterSet,
     /// Limiter state shared by every replica, when `rate_limit_store.kind` is redis.
@@ -36,6 +38,7 @@ pub(super) struct Runtime {
 
 /// One tenant, resolved at load: the request path needs no further lookup.
 pub(super) struct TenantPolicy {
+    pub(super) name: Arc<str>,
     pub(super) allow: Vec<NamePattern>,
     pub(super) limiter: Arc<Limiter>,
     pub(super) account: Arc<AccountRuntime>,
@@ -134,15 +137,9 @@ impl Runtime {
         let mut sans = HashMap::default();
         let mut tenants = HashMap::default();
         for (name, tenant) in &config.tenants {
-            let shared: Arc<str> = Arc::from(name.as_str());
-            for hash in &tenant.tokens {
-                tokens.insert(*hash, Arc::clone(&shared));
-            }
-            for san in &tenant.client_cert_sans {
-                sans.insert(san.clone(), Arc::clone(&shared));
-            }
             let unresolved = || BuildError::Unresolved(format!("tenants.{name}"));
-            let policy = TenantPolicy {
+            let policy = Arc::new(TenantPolicy {
+                name: Arc::from(name.as_str()),
                 allow: tenant.allow.clone(),
                 limiter: Arc::clone(limiters.tenant(name).ok_or_else(unresolved)?),
                 account: Arc::clone(
@@ -152,7 +149,13 @@ impl Runtime {
                 ),
                 sdk_auth_id: tenant.sdk_auth_id.clone(),
                 ended_requests: Arc::default(),
-            };
+            });
+            for hash in &tenant.tokens {
+                tokens.insert(*hash, Arc::clone(&policy));
+            }
+            for san in &tenant.client_cert_sans {
+                sans.insert(san.clone(), Arc::clone(&policy));
+            }
             tenants.insert(name.clone(), policy);
         }
         let shared_limits = SharedLimits::build(
