@@ -216,15 +216,24 @@ pub(crate) fn verify_files(
                 file: file.path.clone(),
                 line: line.no,
             };
-            let verdict = match parse_line(&line) {
-                Ok(rec) => chain.push(at, rec),
+            let parsed = parse_line(&line);
+            let terminated = line.terminated;
+            let crash_tail = !terminated && may_be_torn && lines.at_eof()?;
+            let verdict = match parsed {
+                Ok(rec) if terminated => chain.push(at, rec),
+                // A crash that lost only the newline leaves the whole record, which
+                // recovery cuts too; its hash and link still hold, as a crash cannot
+                // alter bytes it wrote.
+                Ok(rec) if crash_tail => Some(chain.unterminated(at, rec, files.len())),
+                Ok(_) => Some(Verdict::Broken {
+                    at,
+                    what: NO_NEWLINE.into(),
+                }),
                 // A crash mid-write leaves a final line without its newline (start-up
                 // recovery cuts exactly that); a complete line that is not a record is
                 // not a crash artefact.
-                Err(Bad::Unreadable(why))
-                    if !line.terminated && may_be_torn && lines.at_eof()? =>
-                {
-                    Some(chain.torn(at, why, files.len()))
+                Err(Bad::Unreadable(_)) if crash_tail => {
+                    Some(chain.torn(at, NO_NEWLINE.into(), files.len()))
                 }
                 Err(Bad::Unreadable(what) | Bad::Invalid(what)) => {
                     Some(Verdict::Broken { at, what })
@@ -241,6 +250,10 @@ pub(crate) fn verify_files(
     }
     Ok(chain.finish(files.len()))
 }
+
+/// What a final line without its newline is called: one a crash may leave, or (in a
+/// rotated file, or followed by more bytes) one it may not.
+const NO_NEWLINE: &str = "malformed: no newline at the end of the line";
 
 /// Why a line is not a record.
 enum Bad {
@@ -262,11 +275,6 @@ struct Parsed {
 fn parse_line(line: &Line<'_>) -> Result<Parsed, Bad> {
     if line.too_long {
         return Err(Bad::Unreadable("malformed: line longer than 1 MiB".into()));
-    }
-    if !line.terminated {
-        return Err(Bad::Unreadable(
-            "malformed: no newline at the end of the line".into(),
-        ));
     }
     let text = std::str::from_utf8(line.bytes)
         .map_err(|_| Bad::Unreadable("malformed: not valid UTF-8".into()))?;
@@ -529,6 +537,19 @@ impl<'h> Chain<'h> {
     }
 
     /// A torn final line: exit 3 only if all before it holds.
+    /// A whole record without its newline at the very end of the live file: torn (a
+    /// crash can lose just the last byte of a write) if its hash and link hold, and
+    /// start-up recovery cuts it, so the chain stops before it; altered if they do not,
+    /// since a crash cannot change the bytes it did write.
+    fn unterminated(&mut self, at: Location, rec: Parsed, files: usize) -> Verdict {
+        let records = self.records;
+        if let Some(broken) = self.push(at.clone(), rec) {
+            return broken;
+        }
+        self.records = records;
+        self.torn(at, "a whole record without its newline".into(), files)
+    }
+
     fn torn(&mut self, at: Location, why: String, files: usize) -> Verdict {
         if let Some(v) = self.unresolved_suspect() {
             return v;

@@ -570,3 +570,39 @@ fn a_keyed_log_without_its_key_reports_a_deleted_line_where_it_is() {
     assert!(r.stdout.contains("--hmac-key-env"), "{}", r.stdout);
     assert!(!r.stdout.contains("audit.jsonl:1:"), "{}", r.stdout);
 }
+
+/// A crash can lose just the newline of the last write, so a whole record without it
+/// at the end of the live file is torn (exit 3) when its hash and link hold; a crash
+/// cannot alter the bytes it wrote, so one whose hash fails is tampering (exit 1), not
+/// a torn line.
+#[test]
+fn a_whole_last_record_without_its_newline_is_torn_only_if_it_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 4, Some(b"k3y"), 1 << 20);
+    let intact = std::fs::read(&live).expect("read");
+    let unterminated = &intact[..intact.len() - 1];
+
+    std::fs::write(&live, unterminated).expect("write");
+    match verify_paths(&[dir.path()], Some(b"k3y")) {
+        Verdict::Torn {
+            records, at, why, ..
+        } => {
+            assert_eq!((records, at.line), (3, 4));
+            assert!(why.contains("whole record without its newline"), "{why}");
+        }
+        other => panic!("expected torn, got {other:?}"),
+    }
+
+    let altered = String::from_utf8(unterminated.to_vec())
+        .expect("utf-8")
+        .replacen("\"status\":403", "\"status\":204", 4);
+    assert!(altered.ends_with("}") && altered.matches("\"status\":204").count() == 4);
+    let last_line_start = altered.rfind('\n').expect("several lines") + 1;
+    let mut bytes = unterminated[..last_line_start].to_vec();
+    bytes.extend_from_slice(&altered.as_bytes()[last_line_start..]);
+    std::fs::write(&live, &bytes).expect("write");
+    let v = verify_paths(&[dir.path()], Some(b"k3y"));
+    let (line, what) = broken_at(&v);
+    assert_eq!(line, 4);
+    assert!(what.contains("altered"), "{what}");
+}
