@@ -18,6 +18,12 @@ impl TokenHash {
         TokenHash(Sha256::digest(token).into())
     }
 
+    /// The 64 zeros that example configs list where a real hash goes: no token hashes
+    /// to it, so a tenant that lists only this cannot authenticate by token.
+    pub fn is_placeholder(&self) -> bool {
+        self.0 == [0; 32]
+    }
+
     /// What the audit log records for this token.
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint::of_sha256(&self.0)

@@ -40,6 +40,16 @@ pub enum Fsync {
     Never,
 }
 
+impl std::fmt::Display for Fsync {
+    /// The config's spelling (`always`, `never`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fsync::Always => "always",
+            Fsync::Never => "never",
+        })
+    }
+}
+
 /// Everything [`AuditLog::open`] needs, resolved from the `audit` config section.
 pub struct AuditSettings {
     /// The live file; rotated files are renamed beside it.

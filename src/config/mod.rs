@@ -198,6 +198,19 @@ impl Config {
                 });
             }
         }
+        for (name, tenant) in &self.tenants {
+            for (index, _) in tenant
+                .tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, hash)| hash.is_placeholder())
+            {
+                warnings.push(ConfigWarning {
+                    key: format!("tenants.{name}.tokens[{index}]"),
+                    message: "the all-zero placeholder, which no token hashes to: mint a token with `mpc-gateway token new` and list the sha256: line it prints".into(),
+                });
+            }
+        }
         if shutdown_grace <= self.upstream.timeout {
             warnings.push(ConfigWarning {
                 key: "shutdown_grace".into(),
@@ -254,7 +267,7 @@ impl Config {
         }
         let _ = writeln!(
             out,
-            "audit: {} (fsync {:?}, rotate at {} bytes, {})",
+            "audit: {} (fsync {}, rotate at {} bytes, {})",
             self.audit.path.display(),
             self.audit.fsync,
             self.audit.rotate_bytes,

@@ -402,6 +402,24 @@ fn a_tenant_with_neither_tokens_nor_certificates_is_one_error() {
     assert_eq!(err.matches("tenants.billing.tokens").count(), 1, "{err}");
 }
 
+/// The example configs list 64 zeros where a hash goes; one left in place is said, so
+/// a tenant that cannot authenticate is found before its first refused call.
+#[test]
+fn warns_of_a_placeholder_token_hash_left_in_place() {
+    let f = Fixture::new();
+    let real = "\"sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\"";
+    let placeholder = format!("{real}, \"sha256:{}\"", "0".repeat(64));
+    let config = f.load(&MINIMAL.replace(real, &placeholder)).expect("valid");
+    let warnings = config.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].key, "tenants.billing.tokens[1]");
+    assert!(
+        warnings[0].message.contains("placeholder"),
+        "{}",
+        warnings[0]
+    );
+}
+
 #[test]
 fn warns_of_a_grace_not_above_the_upstream_timeout_and_of_a_burst_below_two() {
     let f = Fixture::new();
