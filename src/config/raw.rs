@@ -296,11 +296,26 @@ pub struct HumanDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
+        // Through a visitor, so that an error is raised while the parser is at the value
+        // and names its line (an error after the value was taken names the mapping's).
+        deserializer.deserialize_str(HumanDurationVisitor)
+    }
+}
+
+struct HumanDurationVisitor;
+
+impl Visitor<'_> for HumanDurationVisitor {
+    type Value = HumanDuration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration like 500ms, 2s or 1m")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+        humantime::parse_duration(text)
             .map(HumanDuration)
             .map_err(|err| {
-                de::Error::custom(format!(
+                E::custom(format!(
                     "expected a duration like 500ms, 2s or 1m, got {text:?} ({err})"
                 ))
             })

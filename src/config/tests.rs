@@ -402,6 +402,22 @@ fn a_tenant_with_neither_tokens_nor_certificates_is_one_error() {
     assert_eq!(err.matches("tenants.billing.tokens").count(), 1, "{err}");
 }
 
+/// A bad duration's error names its own line, not the line of the mapping around it.
+#[test]
+fn a_bad_duration_names_its_line() {
+    let f = Fixture::new();
+    let text = format!("{MINIMAL}upstream:\n  max_attempts: 3\n  timeout: 20\n");
+    let line = text
+        .lines()
+        .position(|l| l == "  timeout: 20")
+        .expect("line")
+        + 1;
+    let err = messages(f.load(&text).err().expect("a number without a unit"));
+    assert!(err.contains("upstream.timeout"), "{err}");
+    assert!(err.contains("got \"20\""), "{err}");
+    assert!(err.contains(&format!("line {line} ")), "{err}");
+}
+
 /// The example configs list 64 zeros where a hash goes; one left in place is said, so
 /// a tenant that cannot authenticate is found before its first refused call.
 #[test]
