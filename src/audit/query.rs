@@ -1,7 +1,7 @@
 //! `mpc-gateway audit query PATH...` (DESIGN.md §4, issue 3): finds records by tenant,
 //! MPC name glob, event, reason, status and time, and prints them as an aligned table,
-//! as JSON Lines (the matching lines verbatim, for `jq`), or as counts per tenant and
-//! reason (`--summary`).
+//! as JSON Lines (the matching lines verbatim, for `jq`), or as counts of requests per
+//! tenant and reason (`--summary`, by each request's terminal record).
 //!
 //! Files are streamed line by line with a 1 MiB cap per line; a malformed, non-UTF-8 or
 //! over-long line is skipped with a warning naming file and line. `--since` and
@@ -59,7 +59,9 @@ pub struct QueryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
-    /// Print counts per tenant and reason of the selected records instead of the records.
+    /// Print counts per tenant and reason of the selected requests instead of the
+    /// records: each request counts once, by its `denied` or `result` record (`forward`
+    /// records only with `--event forward`).
     #[arg(long)]
     pub summary: bool,
 }
@@ -165,7 +167,8 @@ pub(crate) fn query(
         until: resolve_time(args.until.as_deref(), now, "--until")?,
     };
     let files = source::collect(&args.paths)?;
-    let mut sink = Sink::new(args.format, args.summary);
+    let count_forward = args.event.as_deref() == Some("forward");
+    let mut sink = Sink::new(args.format, args.summary, count_forward);
     sink.start(out)?;
     for file in &files {
         let path = &file.path;
@@ -256,6 +259,9 @@ enum Sink {
     Summary {
         json: bool,
         counts: BTreeMap<(Option<String>, Option<String>), u64>,
+        /// A forwarded request has a `forward` and a `result` record: counting both would
+        /// count it twice, so `forward` records count only when `--event forward` asks.
+        count_forward: bool,
     },
 }
 
@@ -273,11 +279,12 @@ const COLUMNS: [(&str, usize); 9] = [
 ];
 
 impl Sink {
-    fn new(format: OutputFormat, summary: bool) -> Self {
+    fn new(format: OutputFormat, summary: bool, count_forward: bool) -> Self {
         match (format, summary) {
             (f, true) => Sink::Summary {
                 json: f == OutputFormat::Json,
                 counts: BTreeMap::new(),
+                count_forward,
             },
             (OutputFormat::Json, false) => Sink::Json,
             (OutputFormat::Table, false) => Sink::Table,
@@ -299,6 +306,10 @@ impl Sink {
                 out.write_all(b"\n")
             }
             Sink::Table => write_row(out, &table_cells(row)),
+            Sink::Summary {
+                count_forward: false,
+                ..
+            } if row.event == "forward" => Ok(()),
             Sink::Summary { counts, .. } => {
                 *counts
                     .entry((row.tenant.clone(), row.reason.clone()))
@@ -309,7 +320,7 @@ impl Sink {
     }
 
     fn finish(self, out: &mut dyn Write) -> Result<(), Failure> {
-        if let Sink::Summary { json, counts } = self {
+        if let Sink::Summary { json, counts, .. } = self {
             if json {
                 summary_json(out, &counts)?;
             } else {

@@ -230,7 +230,7 @@ fn table_is_aligned() {
 }
 
 #[test]
-fn summary_counts_per_tenant_and_reason() {
+fn summary_counts_requests_per_tenant_and_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     sample(dir.path());
     let mut a = args(dir.path());
@@ -240,12 +240,19 @@ fn summary_counts_per_tenant_and_reason() {
     let expected = "\
 TENANT   REASON           COUNT
 -        unauthenticated  1
-billing  ended            2
+billing  ended            1
 billing  forbidden        1
 support  rate-limited     1
-total 5
+total 4
 ";
-    assert_eq!(out, expected);
+    assert_eq!(
+        out, expected,
+        "a forwarded request counts once, by its result"
+    );
+
+    a.event = Some("forward".into());
+    let (out, _) = run(&a);
+    assert_eq!(out, "TENANT   REASON  COUNT\nbilling  ended   1\ntotal 1\n");
 
     a.format = OutputFormat::Json;
     a.event = Some("result".into());
