@@ -363,6 +363,12 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
+/// Whether `url` starts with `scheme://` (scheme names are case-insensitive).
+fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(found, _)| found.eq_ignore_ascii_case(scheme))
+}
+
 fn validate_store(
     raw: &raw::RawRateLimitStore,
     errors: &mut Errors,
@@ -381,6 +387,13 @@ fn validate_store(
                     return None;
                 }
             };
+            if has_scheme(&url, "rediss") {
+                errors.push(
+                    "rate_limit_store.url",
+                    "rediss:// (TLS to Redis) is not supported by this build: use redis:// to a Redis on loopback or a private network",
+                );
+                return None;
+            }
             if let Err(err) = redis::Client::open(url.as_str()) {
                 // The URL may hold a password: report the problem, not the value.
                 errors.push(

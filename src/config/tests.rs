@@ -402,6 +402,22 @@ fn a_tenant_with_neither_tokens_nor_certificates_is_one_error() {
     assert_eq!(err.matches("tenants.billing.tokens").count(), 1, "{err}");
 }
 
+/// TLS to Redis is not built in: the error says so, without showing the URL (it may
+/// hold a password).
+#[test]
+fn a_rediss_url_is_refused_as_unsupported() {
+    let f = Fixture::new();
+    let text = format!(
+        "{MINIMAL}rate_limit_store:\n  kind: redis\n  url: REDISS://:hunter2@cache.internal:6380/0\n"
+    );
+    let err = messages(f.load(&text).err().expect("unsupported"));
+    assert!(
+        err.contains("rate_limit_store.url: rediss:// (TLS to Redis) is not supported"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
 /// A bad duration's error names its own line, not the line of the mapping around it.
 #[test]
 fn a_bad_duration_names_its_line() {
