@@ -53,6 +53,7 @@ fn verifies(dir: &Path) -> bool {
     run_verify(&VerifyArgs {
         paths: vec![dir.to_path_buf()],
         hmac_key_env: None,
+        hmac_key_file: None,
     }) == ExitCode::SUCCESS
 }
 

@@ -56,6 +56,7 @@ fuzz_target!(|data: &[u8]| {
         run_verify(&VerifyArgs {
             paths: vec![dir.to_path_buf()],
             hmac_key_env: None,
+            hmac_key_file: None,
         })
     };
     let intact_before = single && verify() == ExitCode::SUCCESS;

@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let args = VerifyArgs {
         paths,
         hmac_key_env: (flags & 1 != 0).then(|| AUDIT_KEY_ENV.to_string()),
+        hmac_key_file: None,
     };
     let _ = run_verify(&args);
 });

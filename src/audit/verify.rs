@@ -14,7 +14,7 @@
 //! Exit codes: 0 chain intact; 1 tampering or a broken chain (file, line and what broke
 //! go to stdout), also when a key was given and no record verifies with it (the key may
 //! be wrong, but a whole rewritten log looks the same, so it must not pass as a usage
-//! error); 2 usage or I/O error, and also a keyed log checked without `--hmac-key-env`
+//! error); 2 usage or I/O error, and also a keyed log checked without a key
 //! (links hold, no hash is plain SHA-256: a key is needed); 3 intact except a torn final
 //! line of the last file (a crash mid-write). A set without any record is intact (a
 //! live file right after start-up) with a warning on stderr.
@@ -24,7 +24,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use secrecy::SecretSlice;
@@ -37,6 +37,7 @@ use time::OffsetDateTime;
 use super::chain::{self, ChainHasher, GENESIS};
 use super::record::MEMBERS;
 use super::source::{self, AuditFile, Line, LineReader, SourceError};
+use crate::config::secret::ValueSource;
 
 /// Arguments of `mpc-gateway audit verify`.
 #[derive(clap::Args, Debug)]
@@ -47,8 +48,12 @@ pub struct VerifyArgs {
     pub paths: Vec<PathBuf>,
     /// Environment variable holding the HMAC key of a keyed log (used as-is, like the
     /// `{env: NAME}` form of `audit.hmac_key`).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "hmac_key_file")]
     pub hmac_key_env: Option<String>,
+    /// File holding the HMAC key of a keyed log (surrounding whitespace trimmed, like the
+    /// `{file: PATH}` form of `audit.hmac_key`): keeps the key out of the environment.
+    #[arg(long, value_name = "PATH")]
+    pub hmac_key_file: Option<PathBuf>,
 }
 
 /// Runs `audit verify`, printing the verdict, and returns the process exit code.
@@ -73,7 +78,12 @@ pub(crate) struct Report {
 }
 
 pub(crate) fn execute(args: &VerifyArgs) -> Report {
-    let hasher = match key_from_env(args.hmac_key_env.as_deref()) {
+    let key = match (&args.hmac_key_env, &args.hmac_key_file) {
+        (Some(name), _) => key_from_env(name),
+        (None, Some(path)) => key_from_file(path),
+        (None, None) => Ok(ChainHasher::Plain),
+    };
+    let hasher = match key {
         Ok(h) => h,
         Err(msg) => return usage(msg),
     };
@@ -95,10 +105,7 @@ fn usage(msg: String) -> Report {
     }
 }
 
-fn key_from_env(name: Option<&str>) -> Result<ChainHasher, String> {
-    let Some(name) = name else {
-        return Ok(ChainHasher::Plain);
-    };
+fn key_from_env(name: &str) -> Result<ChainHasher, String> {
     let value: OsString = std::env::var_os(name)
         .ok_or_else(|| format!("environment variable {name} (--hmac-key-env) is not set"))?;
     let bytes = value.into_vec();
@@ -109,6 +116,12 @@ fn key_from_env(name: Option<&str>) -> Result<ChainHasher, String> {
     }
     ChainHasher::new(Some(SecretSlice::from(bytes)))
         .map_err(|err| format!("environment variable {name} (--hmac-key-env): {err}"))
+}
+
+fn key_from_file(path: &Path) -> Result<ChainHasher, String> {
+    let key = crate::config::resolve_key(&ValueSource::File(path.to_path_buf()))
+        .map_err(|err| format!("--hmac-key-file: {err}"))?;
+    ChainHasher::new(Some(key)).map_err(|err| format!("--hmac-key-file: {err}"))
 }
 
 /// A place in the set of files.
@@ -481,7 +494,7 @@ impl<'h> Chain<'h> {
         let cause = if self.hasher.is_keyed() {
             "this log is not keyed with the given key"
         } else {
-            "this log is HMAC-keyed (pass --hmac-key-env NAME)"
+            "this log is HMAC-keyed (pass --hmac-key-env NAME or --hmac-key-file PATH)"
         };
         format!(
             "hash mismatch, as for every record from {first} on: either {cause}, or all of them were altered too"
@@ -492,7 +505,7 @@ impl<'h> Chain<'h> {
     fn keyed_hint(body: &[u8], claimed: &str) -> String {
         if ChainHasher::Plain.digest_hex(body) == claimed {
             // Also what a forger without the key would make: a consistent plain chain.
-            return "no record verifies with the given key, but plain SHA-256 matches: this log is not HMAC-keyed: either it was written without audit.hmac_key (then run without --hmac-key-env), or it was rewritten by someone without the key; if the gateway had hmac_key set when it wrote these records, that is tampering".into();
+            return "no record verifies with the given key, but plain SHA-256 matches: this log is not HMAC-keyed: either it was written without audit.hmac_key (then run without a key), or it was rewritten by someone without the key; if the gateway had hmac_key set when it wrote these records, that is tampering".into();
         }
         "no record verifies with the given key while every link holds: every record was rewritten, or the HMAC key is wrong (the log may be keyed with another key)".into()
     }
@@ -590,12 +603,12 @@ impl<'h> Chain<'h> {
         if self.records >= 2 {
             return Some(Verdict::KeyProblem {
                 at,
-                what: "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME".into(),
+                what: "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME or --hmac-key-file PATH".into(),
             });
         }
         Some(Verdict::Broken {
             at,
-            what: format!("{ALTERED} (or this log is HMAC-keyed: pass --hmac-key-env NAME)"),
+            what: format!("{ALTERED} (or this log is HMAC-keyed: pass --hmac-key-env NAME or --hmac-key-file PATH)"),
         })
     }
 }

@@ -736,7 +736,9 @@ fn validate_audit(raw: &raw::RawAudit, errors: &mut Errors) -> Option<AuditSetti
     })
 }
 
-fn resolve_key(source: &ValueSource) -> Result<SecretSlice<u8>, secret::ResolveError> {
+/// The audit HMAC key's bytes, as the gateway uses them (also what `audit verify
+/// --hmac-key-file` reads, so both agree on a file's trimming).
+pub(crate) fn resolve_key(source: &ValueSource) -> Result<SecretSlice<u8>, secret::ResolveError> {
     let secret = source.resolve_secret()?;
     Ok(SecretSlice::from(
         secret.expose_secret().as_bytes().to_vec(),

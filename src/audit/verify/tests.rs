@@ -54,6 +54,7 @@ fn args(paths: &[&Path], key_env: Option<&str>) -> VerifyArgs {
     VerifyArgs {
         paths: paths.iter().map(|p| p.to_path_buf()).collect(),
         hmac_key_env: key_env.map(String::from),
+        hmac_key_file: None,
     }
 }
 
@@ -466,6 +467,20 @@ fn cli_arguments_parse() {
     Cli::command().debug_assert();
     let cli = Cli::try_parse_from(["verify", "d", "--hmac-key-env", "K"]).expect("parse");
     assert_eq!(cli.v.hmac_key_env.as_deref(), Some("K"));
+    let cli = Cli::try_parse_from(["verify", "d", "--hmac-key-file", "/k"]).expect("parse");
+    assert_eq!(cli.v.hmac_key_file, Some(PathBuf::from("/k")));
+    assert!(
+        Cli::try_parse_from([
+            "verify",
+            "d",
+            "--hmac-key-env",
+            "K",
+            "--hmac-key-file",
+            "/k"
+        ])
+        .is_err(),
+        "one key source at a time"
+    );
     assert!(
         Cli::try_parse_from(["verify"]).is_err(),
         "a PATH is required"
@@ -605,4 +620,45 @@ fn a_whole_last_record_without_its_newline_is_torn_only_if_it_verifies() {
     let (line, what) = broken_at(&v);
     assert_eq!(line, 4);
     assert!(what.contains("altered"), "{what}");
+}
+
+/// `--hmac-key-file` reads a key as the gateway reads `audit.hmac_key: {file: PATH}`:
+/// surrounding whitespace (an editor's newline) trimmed; an unreadable or empty file is
+/// a usage error (exit 2) that names the flag.
+#[test]
+fn a_key_file_is_read_as_the_gateway_reads_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).expect("mkdir");
+    write_log(&logs, 3, Some(b"k3y"), 1 << 20);
+    let key = dir.path().join("hmac-key");
+    let with_file = |path: &Path| VerifyArgs {
+        paths: vec![logs.clone()],
+        hmac_key_env: None,
+        hmac_key_file: Some(path.to_path_buf()),
+    };
+
+    std::fs::write(&key, "  k3y\n").expect("write");
+    let r = execute(&with_file(&key));
+    assert_eq!(r.code, 0, "{r:?}");
+
+    std::fs::write(&key, "other\n").expect("write");
+    assert_eq!(execute(&with_file(&key)).code, 1, "a wrong key");
+
+    std::fs::write(&key, "\n").expect("write");
+    let r = execute(&with_file(&key));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("--hmac-key-file: is empty"),
+        "{}",
+        r.stderr
+    );
+
+    let r = execute(&with_file(&dir.path().join("missing")));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("--hmac-key-file: cannot read"),
+        "{}",
+        r.stderr
+    );
 }
