@@ -59,8 +59,8 @@ pub fn run() -> anyhow::Result<()> {
     })
 }
 
-/// Starts on the configured ports, or, when one is taken (another demo, a dev server on
-/// 8080), on free ones: the instructions print whichever were bound.
+/// Starts on the configured ports, or, when one is taken (a dev server on 8080, a demo run
+/// from another directory), on free ones: the instructions print whichever were bound.
 async fn start_gateway(config: &mut Config) -> Result<RunningGateway, StartError> {
     match RunningGateway::start(config, StartOptions::default()).await {
         Err(StartError::Bind { addr, source }) if source.kind() == io::ErrorKind::AddrInUse => {

@@ -74,7 +74,11 @@ pub fn init_tracing(settings: &LogSettings) {
     let filter = from_env
         .or_else(|| parse_log_filter(&settings.level).ok())
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: a file or the journal would keep the
+    // escape codes as text.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests, demo) keeps the first subscriber; that is fine.
     let _ = match settings.format {

@@ -1707,11 +1707,13 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     // Busy already (then the demo moves anyway) or held by us until the test ends.
     let _held = std::net::TcpListener::bind("127.0.0.1:8080");
 
+    let stderr_path = dir.path().join("demo.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("create");
     let mut child = command(&["demo"])
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn demo");
     let lines = lines_of(child.stdout.take().expect("stdout"));
@@ -1748,6 +1750,10 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     assert!(body.contains("urn:mpc-gateway:mpc-not-found"), "{body}");
 
     interrupt_and_expect_a_clean_exit(&mut demo.0);
+    // Its log went to a file, not a terminal: no colour escape codes in it.
+    let log = std::fs::read_to_string(&stderr_path).expect("read");
+    assert!(log.contains("listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
 
     let mut verify = command(&["audit", "verify", "target/demo/audit.jsonl"]);
     verify.current_dir(dir.path());
