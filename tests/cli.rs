@@ -287,8 +287,8 @@ fn check_config_warns_of_a_grace_not_above_the_upstream_timeout() {
     assert!(!stderr.contains("warning"), "{stderr}");
 }
 
-/// `serve` refuses a bad config the way `check-config` reports it: exit 1, the key path
-/// on stderr, nothing listening, no audit file.
+/// `serve` refuses a bad config the way `check-config` reports it: exit 1, the file and
+/// the key path on stderr, nothing listening, no audit file.
 #[test]
 fn serve_refuses_a_bad_config_and_names_its_key_path() {
     let c = ConfigDir::new();
@@ -298,6 +298,14 @@ fn serve_refuses_a_bad_config_and_names_its_key_path() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("tenants.billing.rate_limit.burst"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "error: {}: invalid configuration: ",
+            config.display()
+        )),
         "{}",
         text(&out.stderr)
     );

@@ -5,13 +5,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use crate::config::Config;
 
 use super::{RunningGateway, StartOptions};
 
 /// `mpc-gateway serve`: runs until SIGTERM/SIGINT; SIGHUP reloads.
 pub fn run_serve(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&config_path)?;
+    // Named like `check-config` names it: a supervisor's log may hold several files' errors.
+    let config = Config::load(&config_path)
+        .with_context(|| format!("{}: invalid configuration", config_path.display()))?;
     crate::telemetry::init_tracing(&config.log);
     raise_malloc_trim_threshold();
     let runtime = gateway_runtime(config.worker_threads)?;
