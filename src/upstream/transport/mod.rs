@@ -38,7 +38,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::MaybeHttpsStream;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -130,15 +130,11 @@ pub(super) struct Transport {
 
 impl Transport {
     pub(super) fn new(settings: &UpstreamSettings, tls: rustls::ClientConfig) -> Transport {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(30)));
         let timeout = settings.connect_timeout;
         // h2 first: over one multiplexed connection, a burst of calls costs one write and
         // one read instead of one of each per call (see benches/RESULTS.md).
-        let connector = TimedConnector::new(tls.clone(), http.clone(), Offer::H2First, timeout);
-        let h1_connector = TimedConnector::new(tls, http, Offer::Http1Only, timeout);
+        let connector = TimedConnector::new(tls.clone(), Offer::H2First, timeout);
+        let h1_connector = TimedConnector::new(tls, Offer::Http1Only, timeout);
         let mut h2_builder = h2::client::Builder::new();
         h2_builder
             .initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
