@@ -118,11 +118,11 @@ pub(super) struct Transport {
     ping: KeepAlive,
     /// One connect at a time, so a burst of calls opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
-    /// Connects started through `connecting`, and how the last one failed (if it did):
-    /// calls that waited for a connect share its failure instead of each waiting a whole
-    /// `connect_timeout` of its own behind it.
+    /// Connects started through `connecting`, and how the last one to run to its end
+    /// failed (if it did), with its number: calls that waited for a connect share its
+    /// failure instead of each waiting a whole `connect_timeout` of its own behind it.
     connects: AtomicU64,
-    last_connect_failure: Mutex<Option<SharedConnectFailure>>,
+    last_connect_failure: Mutex<Option<NumberedFailure>>,
     /// Set once an upstream answered ALPN without `h2` (or the base URL is plain `http`).
     http1_only: AtomicBool,
     h1: Arc<H1Pool>,
@@ -317,18 +317,38 @@ impl Transport {
         }
         // Or tried while this call waited, and failed: that is this attempt's outcome too
         // (an unreachable upstream must not cost each queued call a connect_timeout).
-        if self.connects.load(Ordering::Acquire) != seen {
-            if let Some(failure) = lock_unpoisoned(&self.last_connect_failure).clone() {
-                return Err(SendError::Connect(ConnectError::Shared(failure)));
-            }
+        if let Some(failure) = self.failure_waited_for(seen) {
+            return Err(SendError::Connect(ConnectError::Shared(failure)));
         }
-        self.connects.fetch_add(1, Ordering::AcqRel);
+        let connect = self.connects.fetch_add(1, Ordering::AcqRel) + 1;
+        // If this future is dropped here (its call's deadline passed), nothing is
+        // recorded: the next call finds an older connect's number beside any failure.
         let connected = self.open_first_connection().await;
         *lock_unpoisoned(&self.last_connect_failure) = match &connected {
-            Err(err) => Some(SharedConnectFailure::of(err)),
+            Err(err) => Some(NumberedFailure {
+                connect,
+                failure: SharedConnectFailure::of(err),
+            }),
             Ok(_) => None,
         };
         connected
+    }
+
+    /// How the connect made while this call waited for its turn failed: the last one
+    /// (no other runs while the turn is held), if it started after `seen` and ran to its
+    /// end. A connect cut off mid-way left no outcome; the failure recorded then is an
+    /// older connect's, which says nothing about this call's chances (it may even be a
+    /// TLS failure, which is not retried), so the call connects itself.
+    fn failure_waited_for(&self, seen: u64) -> Option<SharedConnectFailure> {
+        let last = self.connects.load(Ordering::Acquire);
+        if last == seen {
+            return None;
+        }
+        let recorded = lock_unpoisoned(&self.last_connect_failure);
+        recorded
+            .as_ref()
+            .filter(|recorded| recorded.connect == last)
+            .map(|recorded| recorded.failure.clone())
     }
 
     /// Connects, and opens HTTP/2 on the connection or learns it is HTTP/1.1.
@@ -427,6 +447,12 @@ async fn within_deadline(
             (cut, false)
         }
     }
+}
+
+/// A connect's failure, and which connect it was (its number in `Transport::connects`).
+struct NumberedFailure {
+    connect: u64,
+    failure: SharedConnectFailure,
 }
 
 /// Where a call goes.
@@ -786,6 +812,81 @@ mod tests {
             connections.load(Ordering::Relaxed),
             2,
             "on a new connection"
+        );
+    }
+
+    /// Whether `connect_first` ended without being cut off, and how.
+    type Outcome = Result<(), SendError>;
+
+    fn connect_first_in_a_task(transport: &Arc<Transport>) -> tokio::task::JoinHandle<Outcome> {
+        let transport = Arc::clone(transport);
+        tokio::spawn(async move { transport.connect_first().await.map(|_| ()) })
+    }
+
+    /// The next connection the test upstream accepted, if one comes within 2 s.
+    async fn next_connection(
+        connections: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+    ) -> Option<TcpStream> {
+        let next = connections.recv();
+        tokio::time::timeout(Duration::from_secs(2), next)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Runs every other task that is ready (on this single-threaded runtime) until it
+    /// waits.
+    async fn let_others_run() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A connect whose call is dropped mid-way leaves no outcome: a call queued behind it
+    /// must not take an older connect's failure (here a TLS failure, which is not
+    /// retried) as its own, and connects itself.
+    #[tokio::test]
+    async fn a_call_queued_behind_a_cancelled_connect_connects_itself() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (accepted, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if accepted.send(stream).is_err() {
+                    return;
+                }
+            }
+        });
+        let transport = Arc::new(transport_to(&format!("https://127.0.0.1:{port}"), vec![]));
+
+        // Connect 1 is under way; A and then B queue behind it.
+        let first = connect_first_in_a_task(&transport);
+        let mut not_tls = next_connection(&mut connections).await.expect("connect 1");
+        let cancelled = connect_first_in_a_task(&transport);
+        let_others_run().await;
+        let queued = connect_first_in_a_task(&transport);
+        let_others_run().await;
+        // Connect 1 fails in TLS.
+        tokio::io::AsyncWriteExt::write_all(&mut not_tls, b"HTTP/1.1 400 Bad\r\n\r\n")
+            .await
+            .expect("write");
+        drop(not_tls);
+        let failed = first.await.expect("task").err().expect("connect 1 fails");
+        assert!(failed.is_tls(), "{failed:?}");
+        // A's connect (2) starts, and A's call is dropped before it ends.
+        let _hanging = next_connection(&mut connections).await.expect("connect 2");
+        cancelled.abort();
+        assert!(cancelled.await.is_err_and(|err| err.is_cancelled()));
+        // B waited for connect 2, which has no outcome: B makes connect 3.
+        let own = next_connection(&mut connections).await;
+        assert!(own.is_some(), "the queued call connected itself");
+        drop(own);
+        let outcome = queued.await.expect("task");
+        assert!(
+            !matches!(outcome, Err(SendError::Connect(ConnectError::Shared(_)))),
+            "{outcome:?}"
         );
     }
 
