@@ -47,7 +47,7 @@ use crate::sync::lock_unpoisoned;
 pub(super) use connect::{ConnectError, SharedConnectFailure};
 use connect::{Offer, TimedConnector};
 use http1_pool::{close_idle_h1, handshake_h1, H1Pool};
-use http2::{close_when_idle, drive_h2, H2Slot, KeepAlive, OpenH2, ReadyH2};
+use http2::{close_when_idle, drive_h2, H2Slot, HeadWait, KeepAlive, OpenH2, ReadyH2};
 
 /// An upstream connection unused this long is closed (an HTTP/2 one after between one
 /// and two of these).
@@ -219,7 +219,8 @@ impl Transport {
 
     /// Opens a stream for `request` on the HTTP/2 connection and reads its answer. A
     /// failure other than the upstream resetting this one stream means the connection
-    /// is unusable: the next call opens another.
+    /// is unusable: the next call opens another. So does reaching the call's deadline
+    /// with no answer's head ([`HeadWait`]).
     async fn send_h2(
         &self,
         ready: ReadyH2,
@@ -245,7 +246,10 @@ impl Transport {
                 forget_unless_reset(&err);
                 SendError::NotSent(err)
             })?;
-        let response = answer.await.map_err(|err| {
+        let waiting = HeadWait::new(&self.h2, generation, body.deadline);
+        let response = answer.await;
+        waiting.answered();
+        let response = response.map_err(|err| {
             forget_unless_reset(&err);
             SendError::Stream(err)
         })?;
@@ -670,6 +674,42 @@ mod tests {
         sim.shutdown().await;
     }
 
+    /// The upstream vanished without a reset (the relay goes silent): a call that reaches
+    /// its deadline with no answer's head retires the HTTP/2 connection, so the next call
+    /// goes on a new one instead of hanging on the dead one until the pings notice. A
+    /// call dropped before its deadline (its caller went away) keeps the connection.
+    #[tokio::test]
+    async fn a_call_with_no_answer_at_its_deadline_retires_the_http2_connection() {
+        let (sim, ca) = simulator(true).await;
+        let (port, silent) = relay_that_can_go_silent(sim.local_addr()).await;
+        let transport = transport_to(&format!("https://localhost:{port}"), vec![ca]);
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
+
+        // Dropped long before its deadline: the connection stays.
+        sim.push_fault(crate::simulator::Fault::Hang);
+        let abandoned = transport.send(delete_request(&sim), test_bounds());
+        let abandoned = tokio::time::timeout(Duration::from_millis(200), abandoned).await;
+        assert!(abandoned.is_err(), "the hung stream gave no answer");
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
+        assert_eq!(sim.connection_count(), 1, "kept after a caller went away");
+
+        silent.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        let bounds = BodyBounds {
+            limit: 1024,
+            deadline,
+        };
+        let cut = tokio::time::timeout_at(deadline, transport.send(delete_request(&sim), bounds));
+        assert!(cut.await.is_err(), "no answer through the silent relay");
+        silent.store(false, Ordering::SeqCst);
+        let next = tokio::time::timeout(Duration::from_secs(2), call(&sim, &transport))
+            .await
+            .expect("the next call is not held up by the silent connection");
+        assert_eq!(next, http::Version::HTTP_2);
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
+        sim.shutdown().await;
+    }
+
     #[tokio::test]
     async fn http1_calls_reuse_a_pooled_connection_until_it_idles_out() {
         let idle = Duration::from_millis(500);
@@ -708,6 +748,24 @@ mod tests {
             call(&sim, &transport).await;
         }
         assert_eq!(sim.connection_count(), 3, "later calls reuse them");
+        sim.shutdown().await;
+    }
+
+    /// A call dropped while waiting for its answer (its deadline passed) takes its
+    /// HTTP/1.1 connection with it: the connection is given back only once an answer has
+    /// been read, so the next call opens a new one.
+    #[tokio::test]
+    async fn http1_connection_of_a_call_cut_off_without_an_answer_is_not_reused() {
+        let (sim, transport) = transport(IDLE_TIMEOUT, false).await;
+        call(&sim, &transport).await;
+        assert_eq!(transport.h1.idle_count(), 1);
+        sim.push_fault(crate::simulator::Fault::Hang);
+        let cut = transport.send(delete_request(&sim), test_bounds());
+        let cut = tokio::time::timeout(Duration::from_millis(200), cut).await;
+        assert!(cut.is_err(), "no answer");
+        assert_eq!(transport.h1.idle_count(), 0, "not given back");
+        call(&sim, &transport).await;
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
         sim.shutdown().await;
     }
 
