@@ -931,7 +931,7 @@ mod tests {
             .await
             .expect("write");
         drop(not_tls);
-        let failed = first.await.expect("task").err().expect("connect 1 fails");
+        let failed = first.await.expect("task").expect_err("connect 1 fails");
         assert!(failed.is_tls(), "{failed:?}");
         // A's connect (2) starts, and A's call is dropped before it ends.
         let _hanging = next_connection(&mut connections).await.expect("connect 2");
