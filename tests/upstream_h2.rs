@@ -4,7 +4,8 @@
 //! multiplexed over one connection with one forward and one result record each, and the
 //! contract's fault handling over HTTP/2: a retried 503, a 429 mapped to
 //! `503 upstream-rate-limited` with Plivo's `Retry-After`, a reset connection retried on a
-//! new one, a reset stream retried on the same one, and a slow stream that times out without poisoning the shared connection.
+//! new one, a reset stream retried on the same one, and an unanswered stream that times
+//! out and retires its connection (the next call opens a new one).
 
 use crate::common;
 
@@ -335,10 +336,12 @@ async fn a_reset_http2_stream_is_retried_on_the_same_connection() {
     h.shutdown().await;
 }
 
-/// One stream slower than `timeout` ends with `504 upstream-timeout` at the deadline; the
-/// shared connection stays usable for the next call.
+/// A stream the upstream accepts and never answers ends with `504 upstream-timeout` at
+/// the deadline, and the connection it was on gets no more calls: an upstream that
+/// vanished without a reset would answer none of them. The next call goes out at once on
+/// a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_http2_stream_times_out_without_poisoning_the_connection() {
+async fn an_unanswered_http2_stream_times_out_and_the_next_call_uses_a_new_connection() {
     let timeout = Duration::from_secs(1);
     let h = h2_harness(Options {
         timeout: "1s",
@@ -347,8 +350,8 @@ async fn a_slow_http2_stream_times_out_without_poisoning_the_connection() {
     })
     .await;
     warm_up(&h).await;
-    h.sim.push_fault(Fault::Delay(Duration::from_secs(3)));
-    let (reply, took) = timed_end(&h, "billing-slow").await;
+    h.sim.push_fault(Fault::Hang);
+    let (reply, took) = timed_end(&h, "billing-unanswered").await;
     reply.assert_problem(504, "upstream-timeout");
     assert!(
         took >= timeout - Duration::from_millis(50) && took <= timeout + SLACK,
@@ -360,19 +363,27 @@ async fn a_slow_http2_stream_times_out_without_poisoning_the_connection() {
     assert_eq!(result["upstream_status"], serde_json::Value::Null);
     assert_eq!(result["attempts"], 1);
 
-    let (reply, took) = timed_end(&h, "billing-after-slow").await;
-    assert_eq!(reply.status, 204, "after the slow stream: {:?}", reply.body);
+    let (reply, took) = timed_end(&h, "billing-after-unanswered").await;
+    assert_eq!(
+        reply.status, 204,
+        "after the unanswered stream: {:?}",
+        reply.body
+    );
     assert!(took < timeout, "the next call is not held up: {took:?}");
     let result = last_result(&h);
     assert_eq!(result["status"], 204);
     assert_eq!(result["attempts"], 1);
     let upstream = h.sim.requests();
-    assert_eq!(upstream.len(), 3, "warm-up, the slow call, the next call");
+    assert_eq!(
+        upstream.len(),
+        3,
+        "warm-up, the unanswered call, the next call"
+    );
     assert_all_http2(&upstream);
     assert_eq!(
         h.sim.connection_count(),
-        1,
-        "the timed-out stream did not cost the connection"
+        2,
+        "the next call went on a new connection"
     );
     h.assert_chain();
     h.shutdown().await;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use super::Stream;
 use crate::sync::lock_unpoisoned;
@@ -75,6 +76,51 @@ impl H2Slot {
         let mut current = self.lock();
         if holds(&current, generation) {
             *current = None;
+        }
+    }
+}
+
+/// A call waiting for its answer's head on HTTP/2 connection `generation`. If the call
+/// is dropped at its deadline still waiting, the connection is forgotten: an upstream
+/// that vanished without a reset (a NAT or load balancer forgot the connection) answers
+/// nothing, and until the pings find that out (up to `H2_PING_INTERVAL` +
+/// `H2_PING_TIMEOUT`) every later call on it would hang for its whole `timeout`. The
+/// next call opens a new connection; the streams still on this one end on their own.
+/// An upstream that is merely slow costs one new connection. A call dropped before its
+/// deadline (its caller went away) says nothing about the connection, and keeps it.
+pub(super) struct HeadWait<'a> {
+    slot: &'a H2Slot,
+    generation: u64,
+    deadline: Instant,
+    waiting: bool,
+}
+
+impl<'a> HeadWait<'a> {
+    pub(super) fn new(slot: &'a H2Slot, generation: u64, deadline: Instant) -> Self {
+        HeadWait {
+            slot,
+            generation,
+            deadline,
+            waiting: true,
+        }
+    }
+
+    /// The head came, or the stream failed: either way the connection answered.
+    pub(super) fn answered(mut self) {
+        self.waiting = false;
+    }
+}
+
+impl Drop for HeadWait<'_> {
+    fn drop(&mut self) {
+        // The clock is read only here, for a call cut off while waiting.
+        if self.waiting && Instant::now() >= self.deadline {
+            tracing::debug!(
+                generation = self.generation,
+                "a call reached its deadline with no answer on the upstream HTTP/2 \
+                 connection; later calls go on a new one"
+            );
+            self.slot.forget(self.generation);
         }
     }
 }

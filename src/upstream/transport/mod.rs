@@ -38,7 +38,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::MaybeHttpsStream;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -47,7 +47,7 @@ use crate::sync::lock_unpoisoned;
 pub(super) use connect::{ConnectError, SharedConnectFailure};
 use connect::{Offer, TimedConnector};
 use http1_pool::{close_idle_h1, handshake_h1, H1Pool};
-use http2::{close_when_idle, drive_h2, H2Slot, KeepAlive, OpenH2, ReadyH2};
+use http2::{close_when_idle, drive_h2, H2Slot, HeadWait, KeepAlive, OpenH2, ReadyH2};
 
 /// An upstream connection unused this long is closed (an HTTP/2 one after between one
 /// and two of these).
@@ -118,11 +118,11 @@ pub(super) struct Transport {
     ping: KeepAlive,
     /// One connect at a time, so a burst of calls opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
-    /// Connects started through `connecting`, and how the last one failed (if it did):
-    /// calls that waited for a connect share its failure instead of each waiting a whole
-    /// `connect_timeout` of its own behind it.
+    /// Connects started through `connecting`, and how the last one to run to its end
+    /// failed (if it did), with its number: calls that waited for a connect share its
+    /// failure instead of each waiting a whole `connect_timeout` of its own behind it.
     connects: AtomicU64,
-    last_connect_failure: Mutex<Option<SharedConnectFailure>>,
+    last_connect_failure: Mutex<Option<NumberedFailure>>,
     /// Set once an upstream answered ALPN without `h2` (or the base URL is plain `http`).
     http1_only: AtomicBool,
     h1: Arc<H1Pool>,
@@ -130,15 +130,11 @@ pub(super) struct Transport {
 
 impl Transport {
     pub(super) fn new(settings: &UpstreamSettings, tls: rustls::ClientConfig) -> Transport {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(30)));
         let timeout = settings.connect_timeout;
         // h2 first: over one multiplexed connection, a burst of calls costs one write and
         // one read instead of one of each per call (see benches/RESULTS.md).
-        let connector = TimedConnector::new(tls.clone(), http.clone(), Offer::H2First, timeout);
-        let h1_connector = TimedConnector::new(tls, http, Offer::Http1Only, timeout);
+        let connector = TimedConnector::new(tls.clone(), Offer::H2First, timeout);
+        let h1_connector = TimedConnector::new(tls, Offer::Http1Only, timeout);
         let mut h2_builder = h2::client::Builder::new();
         h2_builder
             .initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
@@ -223,7 +219,8 @@ impl Transport {
 
     /// Opens a stream for `request` on the HTTP/2 connection and reads its answer. A
     /// failure other than the upstream resetting this one stream means the connection
-    /// is unusable: the next call opens another.
+    /// is unusable: the next call opens another. So does reaching the call's deadline
+    /// with no answer's head ([`HeadWait`]).
     async fn send_h2(
         &self,
         ready: ReadyH2,
@@ -249,7 +246,10 @@ impl Transport {
                 forget_unless_reset(&err);
                 SendError::NotSent(err)
             })?;
-        let response = answer.await.map_err(|err| {
+        let waiting = HeadWait::new(&self.h2, generation, body.deadline);
+        let response = answer.await;
+        waiting.answered();
+        let response = response.map_err(|err| {
             forget_unless_reset(&err);
             SendError::Stream(err)
         })?;
@@ -321,18 +321,38 @@ impl Transport {
         }
         // Or tried while this call waited, and failed: that is this attempt's outcome too
         // (an unreachable upstream must not cost each queued call a connect_timeout).
-        if self.connects.load(Ordering::Acquire) != seen {
-            if let Some(failure) = lock_unpoisoned(&self.last_connect_failure).clone() {
-                return Err(SendError::Connect(ConnectError::Shared(failure)));
-            }
+        if let Some(failure) = self.failure_waited_for(seen) {
+            return Err(SendError::Connect(ConnectError::Shared(failure)));
         }
-        self.connects.fetch_add(1, Ordering::AcqRel);
+        let connect = self.connects.fetch_add(1, Ordering::AcqRel) + 1;
+        // If this future is dropped here (its call's deadline passed), nothing is
+        // recorded: the next call finds an older connect's number beside any failure.
         let connected = self.open_first_connection().await;
         *lock_unpoisoned(&self.last_connect_failure) = match &connected {
-            Err(err) => Some(SharedConnectFailure::of(err)),
+            Err(err) => Some(NumberedFailure {
+                connect,
+                failure: SharedConnectFailure::of(err),
+            }),
             Ok(_) => None,
         };
         connected
+    }
+
+    /// How the connect made while this call waited for its turn failed: the last one
+    /// (no other runs while the turn is held), if it started after `seen` and ran to its
+    /// end. A connect cut off mid-way left no outcome; the failure recorded then is an
+    /// older connect's, which says nothing about this call's chances (it may even be a
+    /// TLS failure, which is not retried), so the call connects itself.
+    fn failure_waited_for(&self, seen: u64) -> Option<SharedConnectFailure> {
+        let last = self.connects.load(Ordering::Acquire);
+        if last == seen {
+            return None;
+        }
+        let recorded = lock_unpoisoned(&self.last_connect_failure);
+        recorded
+            .as_ref()
+            .filter(|recorded| recorded.connect == last)
+            .map(|recorded| recorded.failure.clone())
     }
 
     /// Connects, and opens HTTP/2 on the connection or learns it is HTTP/1.1.
@@ -431,6 +451,12 @@ async fn within_deadline(
             (cut, false)
         }
     }
+}
+
+/// A connect's failure, and which connect it was (its number in `Transport::connects`).
+struct NumberedFailure {
+    connect: u64,
+    failure: SharedConnectFailure,
 }
 
 /// Where a call goes.
@@ -648,6 +674,42 @@ mod tests {
         sim.shutdown().await;
     }
 
+    /// The upstream vanished without a reset (the relay goes silent): a call that reaches
+    /// its deadline with no answer's head retires the HTTP/2 connection, so the next call
+    /// goes on a new one instead of hanging on the dead one until the pings notice. A
+    /// call dropped before its deadline (its caller went away) keeps the connection.
+    #[tokio::test]
+    async fn a_call_with_no_answer_at_its_deadline_retires_the_http2_connection() {
+        let (sim, ca) = simulator(true).await;
+        let (port, silent) = relay_that_can_go_silent(sim.local_addr()).await;
+        let transport = transport_to(&format!("https://localhost:{port}"), vec![ca]);
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
+
+        // Dropped long before its deadline: the connection stays.
+        sim.push_fault(crate::simulator::Fault::Hang);
+        let abandoned = transport.send(delete_request(&sim), test_bounds());
+        let abandoned = tokio::time::timeout(Duration::from_millis(200), abandoned).await;
+        assert!(abandoned.is_err(), "the hung stream gave no answer");
+        assert_eq!(call(&sim, &transport).await, http::Version::HTTP_2);
+        assert_eq!(sim.connection_count(), 1, "kept after a caller went away");
+
+        silent.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        let bounds = BodyBounds {
+            limit: 1024,
+            deadline,
+        };
+        let cut = tokio::time::timeout_at(deadline, transport.send(delete_request(&sim), bounds));
+        assert!(cut.await.is_err(), "no answer through the silent relay");
+        silent.store(false, Ordering::SeqCst);
+        let next = tokio::time::timeout(Duration::from_secs(2), call(&sim, &transport))
+            .await
+            .expect("the next call is not held up by the silent connection");
+        assert_eq!(next, http::Version::HTTP_2);
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
+        sim.shutdown().await;
+    }
+
     #[tokio::test]
     async fn http1_calls_reuse_a_pooled_connection_until_it_idles_out() {
         let idle = Duration::from_millis(500);
@@ -686,6 +748,24 @@ mod tests {
             call(&sim, &transport).await;
         }
         assert_eq!(sim.connection_count(), 3, "later calls reuse them");
+        sim.shutdown().await;
+    }
+
+    /// A call dropped while waiting for its answer (its deadline passed) takes its
+    /// HTTP/1.1 connection with it: the connection is given back only once an answer has
+    /// been read, so the next call opens a new one.
+    #[tokio::test]
+    async fn http1_connection_of_a_call_cut_off_without_an_answer_is_not_reused() {
+        let (sim, transport) = transport(IDLE_TIMEOUT, false).await;
+        call(&sim, &transport).await;
+        assert_eq!(transport.h1.idle_count(), 1);
+        sim.push_fault(crate::simulator::Fault::Hang);
+        let cut = transport.send(delete_request(&sim), test_bounds());
+        let cut = tokio::time::timeout(Duration::from_millis(200), cut).await;
+        assert!(cut.is_err(), "no answer");
+        assert_eq!(transport.h1.idle_count(), 0, "not given back");
+        call(&sim, &transport).await;
+        assert_eq!(sim.connection_count(), 2, "the next call opened a new one");
         sim.shutdown().await;
     }
 
@@ -790,6 +870,81 @@ mod tests {
             connections.load(Ordering::Relaxed),
             2,
             "on a new connection"
+        );
+    }
+
+    /// Whether `connect_first` ended without being cut off, and how.
+    type Outcome = Result<(), SendError>;
+
+    fn connect_first_in_a_task(transport: &Arc<Transport>) -> tokio::task::JoinHandle<Outcome> {
+        let transport = Arc::clone(transport);
+        tokio::spawn(async move { transport.connect_first().await.map(|_| ()) })
+    }
+
+    /// The next connection the test upstream accepted, if one comes within 2 s.
+    async fn next_connection(
+        connections: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+    ) -> Option<TcpStream> {
+        let next = connections.recv();
+        tokio::time::timeout(Duration::from_secs(2), next)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Runs every other task that is ready (on this single-threaded runtime) until it
+    /// waits.
+    async fn let_others_run() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A connect whose call is dropped mid-way leaves no outcome: a call queued behind it
+    /// must not take an older connect's failure (here a TLS failure, which is not
+    /// retried) as its own, and connects itself.
+    #[tokio::test]
+    async fn a_call_queued_behind_a_cancelled_connect_connects_itself() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (accepted, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if accepted.send(stream).is_err() {
+                    return;
+                }
+            }
+        });
+        let transport = Arc::new(transport_to(&format!("https://127.0.0.1:{port}"), vec![]));
+
+        // Connect 1 is under way; A and then B queue behind it.
+        let first = connect_first_in_a_task(&transport);
+        let mut not_tls = next_connection(&mut connections).await.expect("connect 1");
+        let cancelled = connect_first_in_a_task(&transport);
+        let_others_run().await;
+        let queued = connect_first_in_a_task(&transport);
+        let_others_run().await;
+        // Connect 1 fails in TLS.
+        tokio::io::AsyncWriteExt::write_all(&mut not_tls, b"HTTP/1.1 400 Bad\r\n\r\n")
+            .await
+            .expect("write");
+        drop(not_tls);
+        let failed = first.await.expect("task").expect_err("connect 1 fails");
+        assert!(failed.is_tls(), "{failed:?}");
+        // A's connect (2) starts, and A's call is dropped before it ends.
+        let _hanging = next_connection(&mut connections).await.expect("connect 2");
+        cancelled.abort();
+        assert!(cancelled.await.is_err_and(|err| err.is_cancelled()));
+        // B waited for connect 2, which has no outcome: B makes connect 3.
+        let own = next_connection(&mut connections).await;
+        assert!(own.is_some(), "the queued call connected itself");
+        drop(own);
+        let outcome = queued.await.expect("task");
+        assert!(
+            !matches!(outcome, Err(SendError::Connect(ConnectError::Shared(_)))),
+            "{outcome:?}"
         );
     }
 
