@@ -1078,3 +1078,37 @@ async fn writable_within(log: &AuditLog, want: bool) -> bool {
     }
     log.is_writable() == want
 }
+
+/// `fsync: never` and a power loss soon after a rotation: the newest rotated file's name
+/// reached the disk (the new live file's creation synced the directory) but not its
+/// data, so it is empty. Start-up removes it like a rotated file torn down to nothing,
+/// and the chain continues from the file before it, so the set verifies intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_newest_rotated_file_is_removed_and_the_set_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    let mut last = 0;
+    while rotated_files(dir.path()).len() < 2 {
+        last = log.append(event(last as usize)).await.expect("append");
+        assert!(last < 100, "no second rotation after {last} records");
+    }
+    log.close().await.expect("close");
+    let rotated = rotated_files(dir.path());
+    let (older, newest) = (&rotated[0], &rotated[1]);
+    assert_eq!(newest, &audit_path(&path).rotated(last));
+    let older_last = member(&lines(older).pop().expect("a record"), "seq");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(newest)
+        .expect("open");
+    file.set_len(0).expect("the power loss");
+    drop(file);
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("reopen");
+    let next = log.append(event(0)).await.expect("append");
+    log.close().await.expect("close");
+    assert_eq!(Some(next - 1), older_last.as_u64(), "continues from the older file");
+    assert!(!newest.exists(), "the empty file is removed");
+    assert_eq!(intact(dir.path(), None), next);
+}
