@@ -16,6 +16,11 @@
 //! A failed write or fsync is undone (the file is cut back to its length before the
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
 //! log reports not writable until a later write or a periodic probe succeeds.
+//!
+//! With [`Fsync::Never`] a rotation does not fsync the file it renames (that could stall
+//! the request path behind the writeback of 100 MiB); the file is fsynced later, off the
+//! request path, by the probe thread, and at the latest by [`AuditLog::close`], so that
+//! a clean exit leaves every file of the log fsynced (DESIGN §5), not only the live one.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -333,6 +338,7 @@ impl AuditLog {
             ts_cache: None,
             lock: Some(lock),
             dir_needs_sync: false,
+            unsynced: Arc::default(),
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
@@ -372,6 +378,8 @@ impl AuditLog {
 
     fn start_inline(writer: Writer) -> Result<Mode, AuditError> {
         let path = writer.path.to_path_buf();
+        let unsynced = Arc::clone(&writer.unsynced);
+        let audit_path = writer.path.clone();
         let state = Arc::new(Mutex::new(InlineState {
             writer: Some(writer),
             settled: VecDeque::new(),
@@ -382,7 +390,7 @@ impl AuditLog {
         let weak = Arc::downgrade(&state);
         std::thread::Builder::new()
             .name("audit-probe".into())
-            .spawn(move || probe_while_open(&weak))
+            .spawn(move || probe_while_open(&weak, &unsynced, &audit_path))
             .map_err(|source| AuditError::Io {
                 op: "start the probe thread for",
                 path,
@@ -506,11 +514,19 @@ fn cached_ts_text(cache: &mut Option<(OffsetDateTime, TsText)>, ts: OffsetDateTi
     &cache.get_or_insert_with(|| (ts, record::format_ts(ts))).1
 }
 
-/// The inline mode's probe loop: while the log is open but not writable, checks once
-/// per [`PROBE_INTERVAL`] whether the disk takes writes again. Ends with the log.
-fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
+/// The inline mode's background thread: once per [`PROBE_INTERVAL`], fsyncs the files
+/// rotated since (outside the state's lock, so appends go on meanwhile) and, while the
+/// log is open but not writable, checks whether the disk takes writes again. Ends with
+/// the log.
+fn probe_while_open(
+    state: &std::sync::Weak<Mutex<InlineState>>,
+    unsynced: &Unsynced,
+    path: &AuditPath,
+) {
     loop {
         std::thread::sleep(PROBE_INTERVAL);
+        // Failures are logged here and reported by close.
+        let _ = unsynced.sync_all(path);
         let Some(state) = state.upgrade() else {
             return;
         };
@@ -653,6 +669,42 @@ struct Writer {
     lock: Option<File>,
     /// A file was created whose directory entry is not yet known to be on disk.
     dir_needs_sync: bool,
+    /// Files this writer no longer writes to whose records no fsync covers yet.
+    unsynced: Arc<Unsynced>,
+}
+
+/// With `fsync: never`, the handles of files the writer stopped writing to (rotated
+/// away) while their records were not yet fsynced. They are fsynced in the background
+/// (the inline mode's probe thread) and at the latest on close, never on the request path.
+#[derive(Default)]
+struct Unsynced {
+    /// Handed over by rotations. Locked only to push or take, never across an fsync, so
+    /// a rotation on the request path never waits for the disk.
+    queue: Mutex<Vec<Box<dyn LiveFile>>>,
+    /// Held across the fsyncs, so that close waits for a background fsync in flight
+    /// instead of reporting the log fsynced before it is. Holds the first failure, which
+    /// close reports: a failed fsync cannot be trusted to succeed when retried.
+    syncing: Mutex<Option<Arc<io::Error>>>,
+}
+
+impl Unsynced {
+    fn push(&self, file: Box<dyn LiveFile>) {
+        lock_unpoisoned(&self.queue).push(file);
+    }
+
+    /// fsyncs (and lets go of) every file handed over so far. Err with the first failure
+    /// of this or any earlier call.
+    fn sync_all(&self, path: &AuditPath) -> Result<(), Arc<io::Error>> {
+        let mut failure = lock_unpoisoned(&self.syncing);
+        let files = std::mem::take(&mut *lock_unpoisoned(&self.queue));
+        for mut file in files {
+            if let Err(e) = file.sync() {
+                tracing::error!(path = %path.display(), error = %e, "cannot fsync a rotated audit file; its last records may not survive a power loss");
+                failure.get_or_insert(Arc::new(e));
+            }
+        }
+        failure.clone().map_or(Ok(()), Err)
+    }
 }
 
 /// What [`Writer::commit`] did with a batch.
@@ -933,7 +985,8 @@ impl Writer {
         }
         // With `fsync: always` every record is already synced and this is cheap; with
         // `never` the caller chose not to wait for the disk, and syncing a 100 MiB file
-        // here would stall every request behind the rotation.
+        // here would stall every request behind the rotation: it is fsynced later
+        // (`retire_file`).
         if self.fsync == Fsync::Always {
             if let Some(file) = self.file.as_mut() {
                 file.sync()?;
@@ -946,7 +999,7 @@ impl Writer {
         self.save_head(last_seq)?;
         std::fs::rename(&self.path, &target)?;
         // From here on the records are in `target`; the next ones go to a fresh file.
-        self.file = None;
+        self.retire_file();
         self.len = 0;
         self.undo_to = None;
         if self.fsync == Fsync::Always {
@@ -954,6 +1007,16 @@ impl Writer {
         }
         tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
         self.ensure_open()
+    }
+
+    /// Stops writing through the live file's handle. With `fsync: never` its records may
+    /// not be on disk yet, so it goes to be fsynced off the request path ([`Unsynced`]).
+    fn retire_file(&mut self) {
+        if let Some(file) = self.file.take() {
+            if self.fsync == Fsync::Never {
+                self.unsynced.push(file);
+            }
+        }
     }
 
     /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`).
@@ -976,16 +1039,21 @@ impl Writer {
         })
     }
 
-    /// The final flush on close: fsync the file and its directory.
+    /// The final flush on close: fsync the files rotated and not yet fsynced, the live
+    /// file and their directory.
     fn finish(&mut self) -> Result<(), Arc<io::Error>> {
+        let rotated = self.unsynced.sync_all(&self.path);
         let synced = match self.file.as_mut() {
             Some(file) => file.sync(),
             None => Ok(()),
         };
-        let finished = synced.and_then(|()| segment::sync_dir(self.path.dir()));
+        let finished = synced
+            .and_then(|()| segment::sync_dir(self.path.dir()))
+            .map_err(Arc::new)
+            .and(rotated);
         // Closed: another gateway may take the log over.
         self.lock = None;
-        finished.map_err(Arc::new)
+        finished
     }
 }
 

@@ -1079,6 +1079,96 @@ async fn writable_within(log: &AuditLog, want: bool) -> bool {
     log.is_writable() == want
 }
 
+/// An opener whose files report, per handle opened, whether it holds writes that no
+/// fsync has covered yet.
+#[derive(Clone, Default)]
+struct Tracked {
+    /// By handle, in the order opened: written since its last fsync.
+    dirty: Arc<Mutex<Vec<bool>>>,
+}
+
+impl Tracked {
+    /// How many handles were opened, and which of them hold unsynced writes.
+    fn unsynced(&self) -> (usize, Vec<usize>) {
+        let dirty = lock_unpoisoned(&self.dirty);
+        let unsynced = (0..dirty.len()).filter(|&i| dirty[i]).collect();
+        (dirty.len(), unsynced)
+    }
+}
+
+impl Opener for Tracked {
+    fn open(&self, path: &Path) -> io::Result<segment::Opened> {
+        let (file, created) = segment::open_append(path)?;
+        let len = file.metadata()?.len();
+        let id = {
+            let mut dirty = lock_unpoisoned(&self.dirty);
+            dirty.push(false);
+            dirty.len() - 1
+        };
+        let file = TrackedFile {
+            file,
+            id,
+            tracked: self.clone(),
+        };
+        Ok(segment::Opened {
+            file: Box::new(file),
+            len,
+            created,
+        })
+    }
+}
+
+struct TrackedFile {
+    file: File,
+    id: usize,
+    tracked: Tracked,
+}
+
+impl TrackedFile {
+    fn set_dirty(&self, dirty: bool) {
+        lock_unpoisoned(&self.tracked.dirty)[self.id] = dirty;
+    }
+}
+
+impl LiveFile for TrackedFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.set_dirty(true);
+        std::io::Write::write_all(&mut self.file, bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        self.set_dirty(false);
+        Ok(())
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// DESIGN §5: a clean close leaves the log "flushed and fsynced". With `fsync: never`
+/// that covers the files rotated during the run too, not only the live one: every
+/// handle the writer wrote through is fsynced after its last write by `close()`.
+#[tokio::test(flavor = "multi_thread")]
+async fn close_fsyncs_the_files_rotated_during_the_run_with_fsync_never() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let tracked = Tracked::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Never, 1024),
+        Box::new(tracked.clone()),
+    )
+    .expect("open");
+    for i in 0..30 {
+        log.append(event(i)).await.expect("append");
+    }
+    log.close().await.expect("close");
+    assert!(rotated_files(dir.path()).len() >= 2, "rotated a few times");
+    let (opened, unsynced) = tracked.unsynced();
+    assert!(opened >= 3, "one handle per file: {opened}");
+    assert_eq!(unsynced, Vec::<usize>::new(), "handles never fsynced");
+    assert_eq!(intact(dir.path(), None), 30);
+}
+
 /// `fsync: never` and a power loss soon after a rotation: the newest rotated file's name
 /// reached the disk (the new live file's creation synced the directory) but not its
 /// data, so it is empty. Start-up removes it like a rotated file torn down to nothing,
