@@ -17,6 +17,15 @@
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
 //! log reports not writable until a later write or a periodic probe succeeds.
 //!
+//! The live file may be removed or moved away under the writer (by hand, by logrotate
+//! without `copytruncate`). A batch that finds its file removed (`fstat`: no name left)
+//! fails like any failed write; a file moved away is noticed by a check of `audit.path`
+//! once per [`PROBE_INTERVAL`] and before every rotation. Either way the writer stops
+//! writing to it and continues the chain in a new file at `audit.path`, as after a
+//! rotation; records acknowledged before stay where the file went. A non-empty file
+//! put in its place by someone else is neither written to nor rotated: the log is not
+//! writable until the path is free (see [`Writer::ensure_open`]).
+//!
 //! With [`Fsync::Never`] a rotation does not fsync the file it renames (that could stall
 //! the request path behind the writeback of 100 MiB); the file is fsynced later, off the
 //! request path, by the probe thread, and at the latest by [`AuditLog::close`], so that
@@ -26,12 +35,12 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
@@ -41,13 +50,14 @@ use super::path::AuditPath;
 use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
 use super::saved_head::{self, Durability, SavedHead};
-use super::segment::{self, FsOpener, LiveFile, Opener};
+use super::segment::{self, FileId, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 use crate::sync::lock_unpoisoned;
 
 /// Upper bound of one group commit, so one batch cannot grow without limit.
 const MAX_BATCH: usize = 512;
-/// How often a not-writable log checks whether the disk accepts writes again.
+/// How often a not-writable log checks whether the disk accepts writes again, and any
+/// log whether `audit.path` still names its live file.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Size of the probe write: large enough to notice a full disk.
 const PROBE_BYTES: usize = 4096;
@@ -325,6 +335,8 @@ impl AuditLog {
             hasher,
             opener,
             file: None,
+            // The file recovery repaired, if any, is the writer's to continue.
+            live_id: std::fs::metadata(&path).ok().map(|meta| FileId::of(&meta)),
             len: 0,
             undo_to: None,
             next_seq: head.next_seq,
@@ -515,9 +527,8 @@ fn cached_ts_text(cache: &mut Option<(OffsetDateTime, TsText)>, ts: OffsetDateTi
 }
 
 /// The inline mode's background thread: once per [`PROBE_INTERVAL`], fsyncs the files
-/// rotated since (outside the state's lock, so appends go on meanwhile) and, while the
-/// log is open but not writable, checks whether the disk takes writes again. Ends with
-/// the log.
+/// rotated since (outside the state's lock, so appends go on meanwhile) and runs the
+/// periodic [`Writer::check`]. Ends with the log.
 fn probe_while_open(
     state: &std::sync::Weak<Mutex<InlineState>>,
     unsynced: &Unsynced,
@@ -534,9 +545,7 @@ fn probe_while_open(
         let Some(writer) = state.writer.as_mut() else {
             return;
         };
-        if !writer.writable.load(Ordering::SeqCst) {
-            writer.probe();
-        }
+        writer.check();
     }
 }
 
@@ -652,6 +661,10 @@ struct Writer {
     opener: Box<dyn Opener>,
     /// `None` after a rotation whose new file could not be created yet.
     file: Option<Box<dyn LiveFile>>,
+    /// The live file the writer last wrote to, which it may reopen with records in it
+    /// (after a failed undo); `None` once it stopped using it (rotated, moved away or
+    /// removed), when only a new or empty file at the path is taken.
+    live_id: Option<FileId>,
     /// Length of the live file as far as committed records go.
     len: u64,
     /// A failed batch that could not be cut off yet: cut to this length before writing.
@@ -728,7 +741,8 @@ impl Writer {
     fn run(mut self, rx: Receiver<Request>, done: watch::Sender<Outcome>) {
         let mut events = Vec::with_capacity(MAX_BATCH);
         let mut acks = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = self.next_request(&rx) {
+        let mut checked = Instant::now();
+        while let Some(first) = self.next_request(&rx, &mut checked) {
             // The first record woke this thread, usually in the middle of a turn of the
             // runtime that is about to send more; step aside once so that they join this
             // batch instead of waiting for the fsync after it.
@@ -746,24 +760,39 @@ impl Writer {
             if committed.written {
                 self.maybe_rotate();
             }
+            // Under a steady load the wait for a request never times out.
+            if checked.elapsed() >= PROBE_INTERVAL {
+                self.check();
+                checked = Instant::now();
+            }
         }
         let outcome = self.finish();
         self.writable.store(false, Ordering::SeqCst);
         done.send_replace(Some(outcome));
     }
 
-    /// Blocks for the next record; while not writable, wakes up every second to probe.
-    /// `None` once every sender is gone and the channel is drained.
-    fn next_request(&mut self, rx: &Receiver<Request>) -> Option<Request> {
+    /// Blocks for the next record, waking up to [`check`](Self::check) once per
+    /// [`PROBE_INTERVAL`] since `checked`. `None` once every sender is gone and the channel
+    /// is drained.
+    fn next_request(&mut self, rx: &Receiver<Request>, checked: &mut Instant) -> Option<Request> {
         loop {
-            if self.writable.load(Ordering::SeqCst) {
-                return rx.recv().ok();
-            }
-            match rx.recv_timeout(PROBE_INTERVAL) {
+            match rx.recv_timeout(PROBE_INTERVAL.saturating_sub(checked.elapsed())) {
                 Ok(req) => return Some(req),
-                Err(RecvTimeoutError::Timeout) => self.probe(),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check();
+                    *checked = Instant::now();
+                }
                 Err(RecvTimeoutError::Disconnected) => return None,
             }
+        }
+    }
+
+    /// The periodic check, once per [`PROBE_INTERVAL`]: follows a live file moved away
+    /// and, while the log is not writable, probes whether the disk takes writes again.
+    fn check(&mut self) {
+        self.follow_path();
+        if !self.writable.load(Ordering::SeqCst) {
+            self.probe();
         }
     }
 
@@ -865,13 +894,26 @@ impl Writer {
         let Some(file) = self.file.as_mut() else {
             return Err(io::Error::other("live file is not open"));
         };
+        // The `fstat` after the write: a file removed under the writer takes writes
+        // that nobody can ever read, and they must not be acknowledged.
         let written = file
             .append(&self.buf)
-            .and_then(|()| if always { file.sync() } else { Ok(()) });
+            .and_then(|()| if always { file.sync() } else { Ok(()) })
+            .and_then(|()| file.metadata());
         match written {
-            Ok(()) => {
+            Ok(meta) if meta.nlink() > 0 => {
                 self.len += self.buf.len() as u64;
                 Ok(())
+            }
+            Ok(_) => {
+                tracing::error!(path = %self.path.display(), "the audit log's live file was removed under the writer; the records of this write are rejected, and the chain continues in a new file at audit.path");
+                // Nothing to undo in a file without a name, nor to fsync.
+                self.file = None;
+                self.leave_live_file();
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the live file was removed while it was written to",
+                ))
             }
             Err(e) => {
                 self.undo(start);
@@ -900,11 +942,26 @@ impl Writer {
     }
 
     /// Opens the live file when it is not open, finishing a pending undo first, and
-    /// fsyncs the directory when the file had to be created.
+    /// fsyncs the directory when the file had to be created. Only the writer's own file
+    /// or a new or empty one is taken: a non-empty file someone else put at the path is
+    /// not the chain's to continue (appending to it would break the chain, or their
+    /// file), so it is refused until the path is free again.
     fn ensure_open(&mut self) -> io::Result<()> {
         if self.file.is_none() {
             let opened = self.opener.open(self.path.as_path())?;
             self.dir_needs_sync |= opened.created;
+            let id = FileId::of(&opened.file.metadata()?);
+            if self.live_id != Some(id) {
+                if opened.len > 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "audit.path names a file with content that this writer did not write (its own file was moved away); move that file aside and the log continues in a new one",
+                    ));
+                }
+                // A new file: a failed batch left nothing in it to cut.
+                self.undo_to = None;
+                self.live_id = Some(id);
+            }
             self.file = Some(opened.file);
             self.len = opened.len;
         }
@@ -957,6 +1014,51 @@ impl Writer {
         }
     }
 
+    /// Whether `audit.path` still names the live file; if the file was moved away or
+    /// removed (and no write noticed it yet), stops writing to it and starts a new live
+    /// file at the path, which continues the chain as after a rotation. Records already
+    /// acknowledged stay where the file went. Returns whether it had gone.
+    fn follow_path(&mut self) -> bool {
+        let Some(ours) = self.live_id.filter(|_| self.file.is_some()) else {
+            return false;
+        };
+        let at_path = match std::fs::metadata(&self.path) {
+            Ok(meta) => Some(FileId::of(&meta)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot check that audit.path still names the live file");
+                return false;
+            }
+        };
+        if at_path == Some(ours) {
+            return false;
+        }
+        tracing::error!(path = %self.path.display(), path_names_a_file = at_path.is_some(), "the audit log's live file was moved away or removed; the records written to it stay where it went, and the chain continues in a new file at audit.path");
+        self.retire_file();
+        self.leave_live_file();
+        // Now, not at the next write: readiness then tells whether records can be written.
+        if let Err(e) = self.ensure_open() {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot start a new audit file; not writable until it can");
+            self.set_writable(false);
+        }
+        true
+    }
+
+    /// The live file is gone from `audit.path` (its handle already let go of): the next
+    /// records start a new file there, and the chain head is saved, as at a rotation, so
+    /// that a restart before they are written continues from the last record, which is
+    /// no longer at the path.
+    fn leave_live_file(&mut self) {
+        self.live_id = None;
+        self.len = 0;
+        self.undo_to = None;
+        if let Some(last_seq) = self.next_seq.checked_sub(1).filter(|&seq| seq > 0) {
+            if let Err(e) = self.save_head(last_seq) {
+                tracing::error!(path = %self.path.display(), error = %e, "a restart before the next record would not continue the chain from the last one");
+            }
+        }
+    }
+
     /// Rotates once the live file reached `rotate_bytes`. A failed rotation is logged and
     /// retried after the next write; the records already written are safe either way.
     fn maybe_rotate(&mut self) {
@@ -975,6 +1077,11 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
+        // Never rename a file that is not the writer's: a live file moved away already
+        // left the path to a new one (or to someone else's file).
+        if self.follow_path() {
+            return Ok(());
+        }
         let last_seq = self.next_seq.saturating_sub(1);
         let target = self.path.rotated(last_seq);
         if target.exists() {

@@ -1143,6 +1143,9 @@ impl LiveFile for TrackedFile {
     fn truncate(&mut self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+    fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
 }
 
 /// DESIGN §5: a clean close leaves the log "flushed and fsynced". With `fsync: never`
@@ -1215,4 +1218,159 @@ async fn an_empty_newest_rotated_file_is_removed_and_the_set_verifies() {
     assert_eq!(Some(next - 1), older_last.as_u64(), "continues from the older file");
     assert!(!newest.exists(), "the empty file is removed");
     assert_eq!(intact(dir.path(), None), next);
+}
+
+/// The seqs of the records in the file at `path` (none when there is no file).
+fn seqs_in(path: &Path) -> Vec<u64> {
+    if !path.exists() {
+        return Vec::new();
+    }
+    lines(path)
+        .iter()
+        .filter_map(|line| member(line, "seq").as_u64())
+        .collect()
+}
+
+/// A live file removed under the writer (by hand, a clean-up script) would take every
+/// later record, acknowledged, into a file nobody can read. The write that finds it
+/// removed fails instead, and the chain continues in a new file at `audit.path` from
+/// the last record acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_live_file_takes_no_acknowledged_record_and_a_new_file_continues_the_chain() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("open");
+        log.append(event(0)).await.expect("append");
+        let last_hash = member(&lines(&path)[0], "hash");
+        std::fs::remove_file(&path).expect("remove");
+        // Refused; unless the periodic check found the removal first and started the new
+        // file, which then holds it.
+        match log.append(event(1)).await {
+            Ok(seq) => assert_eq!(seqs_in(&path), vec![seq], "{fsync:?}: acknowledged"),
+            Err(err) => assert!(
+                matches!(err, AuditError::WriteFailed { .. }),
+                "{fsync:?}: {err}"
+            ),
+        }
+        let next = log.append(event(2)).await.expect("the next append is written");
+        log.close().await.expect("close");
+        let seqs = seqs_in(&path);
+        assert_eq!(seqs.last(), Some(&next), "{fsync:?}");
+        assert_eq!(seqs, (2..=next).collect::<Vec<_>>(), "{fsync:?}");
+        assert_eq!(member(&lines(&path)[0], "prev"), last_hash, "{fsync:?}");
+        assert_eq!(intact(dir.path(), None), next - 1, "{fsync:?}");
+    }
+}
+
+/// The live file moved away (logrotate without `copytruncate`, an operator), with or
+/// without an empty file made in its place (logrotate's `create`): the records already
+/// written stay where it was moved, and the chain continues in the file at
+/// `audit.path`, so that the directory verifies intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_file_moved_away_is_left_there_and_the_chain_continues_at_the_path() {
+    for (fsync, create) in [
+        (Fsync::Always, false),
+        (Fsync::Never, false),
+        (Fsync::Never, true),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let moved = dir.path().join("moved-away.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("open");
+        log.append(event(0)).await.expect("append");
+        std::fs::rename(&path, &moved).expect("move");
+        if create {
+            std::fs::write(&path, "").expect("create");
+        }
+        // Records written before the writer notices go with the moved file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let last = loop {
+            let seq = log.append(event(1)).await.expect("append");
+            if seqs_in(&path).contains(&seq) {
+                break seq;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{fsync:?}: records still go to the moved file"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        log.close().await.expect("close");
+        let in_moved = lines(&moved);
+        let at_path = lines(&path);
+        assert_eq!(member(&in_moved[0], "seq"), 1, "{fsync:?}");
+        assert_eq!(
+            member(&at_path[0], "prev"),
+            member(in_moved.last().expect("a record"), "hash"),
+            "{fsync:?}"
+        );
+        assert_eq!(intact(dir.path(), None), last, "{fsync:?}");
+    }
+}
+
+/// The live file moved away and a file of someone else's put at `audit.path`: the writer
+/// neither rotates (renames) that file nor appends to it; it reports not writable until
+/// the path is free again, and then continues the chain in a new file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_file_at_the_path_is_neither_rotated_nor_written_into() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let moved = dir.path().join("moved-away.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    log.append(event(0)).await.expect("append");
+    std::fs::rename(&path, &moved).expect("move");
+    std::fs::write(&path, "someone else's\n").expect("write");
+    // Past `rotate_bytes`, so that a rotation is due, whether or not the periodic check
+    // noticed the move first.
+    for i in 1..10 {
+        let _ = log.append(event(i)).await;
+    }
+    assert!(writable_within(&log, false).await, "still writable");
+    assert!(log.append(event(10)).await.is_err(), "written somewhere");
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("still there"),
+        "someone else's\n"
+    );
+    for file in rotated_files(dir.path()) {
+        assert!(
+            lines(&file).iter().all(|l| member(l, "seq").is_u64()),
+            "{} holds the foreign file",
+            file.display()
+        );
+    }
+    std::fs::remove_file(&path).expect("free the path");
+    assert!(writable_within(&log, true).await, "not writable again");
+    let last = log.append(event(11)).await.expect("append");
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), last);
+}
+
+/// A restart after the live file was moved away, before a record was written to the new
+/// one: no file at hand holds the chain's last record, so it continues from the head
+/// saved when the writer left the moved file, not from seq 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_the_live_file_was_moved_away_continues_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let moved = dir.path().join("moved-away.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("open");
+    log.append(event(0)).await.expect("append");
+    log.append(event(1)).await.expect("append");
+    std::fs::rename(&path, &moved).expect("move");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no new live file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log.close().await.expect("close");
+
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("reopen");
+    assert_eq!(log.append(event(2)).await.expect("append"), 3);
+    log.close().await.expect("close");
+    assert_eq!(
+        member(&lines(&path)[0], "prev"),
+        member(&lines(&moved)[1], "hash")
+    );
+    assert_eq!(intact(dir.path(), None), 3);
 }
