@@ -20,11 +20,15 @@
 //! The live file may be removed or moved away under the writer (by hand, by logrotate
 //! without `copytruncate`). A batch that finds its file removed (`fstat`: no name left)
 //! fails like any failed write; a file moved away is noticed by a check of `audit.path`
-//! once per [`PROBE_INTERVAL`] and before every rotation. Either way the writer stops
+//! once per `PROBE_INTERVAL` (1 s) and before every rotation. Either way the writer stops
 //! writing to it and continues the chain in a new file at `audit.path`, as after a
 //! rotation; records acknowledged before stay where the file went. A non-empty file
 //! put in its place by someone else is neither written to nor rotated: the log is not
-//! writable until the path is free (see [`Writer::ensure_open`]).
+//! writable until the path is free (see `Writer::ensure_open`).
+//!
+//! A disk that stops answering (a `write` or `fsync` that does not return) makes the log
+//! not writable once a batch has been in progress for `STALL_BOUND` (5 s); with
+//! [`Fsync::Always`] the callers waiting for it are then refused (see `stall`).
 //!
 //! With [`Fsync::Never`] a rotation does not fsync the file it renames (that could stall
 //! the request path behind the writeback of 100 MiB); the file is fsynced later, off the
@@ -38,7 +42,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,12 +57,19 @@ use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{self, FileId, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 use crate::sync::lock_unpoisoned;
+use stall::{Progress, Queue};
 
 /// Upper bound of one group commit, so one batch cannot grow without limit.
 const MAX_BATCH: usize = 512;
 /// How often a not-writable log checks whether the disk accepts writes again, and any
 /// log whether `audit.path` still names its live file.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a batch (a write, with `fsync: always` its fsync) may be in progress before
+/// the log reports not writable and, with `fsync: always`, its waiting callers are
+/// refused (see `stall`). A healthy disk answers in milliseconds and a busy one well
+/// within a second; 5 s is a disk (or network volume) that stopped answering, and still
+/// below the timeouts callers and readiness probes are usually given.
+const STALL_BOUND: Duration = Duration::from_secs(5);
 /// Size of the probe write: large enough to notice a full disk.
 const PROBE_BYTES: usize = 4096;
 
@@ -156,6 +167,9 @@ pub struct AuditLog {
 struct Shared {
     path: AuditPath,
     writable: Arc<AtomicBool>,
+    /// When the batch in progress started: not writable while it is stuck.
+    progress: Arc<Progress>,
+    stall_bound: Duration,
     mode: Mode,
 }
 
@@ -171,7 +185,8 @@ enum Mode {
     /// `fsync: never`: nothing to wait for but a write into the page cache, so callers
     /// write under a mutex themselves; handing each record to another thread would cost
     /// more (two context switches) than the write. Records appended in the same turn of
-    /// the runtime share one write (see [`InlineTicket`]). A small thread only probes
+    /// the runtime share one write (see [`InlineTicket`]). A small thread does the
+    /// periodic work: fsyncing rotated files, following a live file moved away, probing
     /// while the log is not writable.
     Inline(Arc<Mutex<InlineState>>),
 }
@@ -208,24 +223,18 @@ impl InlineState {
         // Out of `pending` before anything is written, so that no record can be written
         // twice, whatever happens after the write.
         let mut events = std::mem::take(&mut self.pending);
-        let committed = match self.writer.as_mut() {
-            Some(writer) => writer.commit(&events),
-            None => Committed {
-                outcomes: events.iter().map(|_| Err(AuditError::Closed)).collect(),
-                written: false,
-            },
+        let settled = &mut self.settled;
+        let mut settle = |outcomes: Vec<Result<u64, AuditError>>| {
+            // Tickets are positions: one outcome per record, in order.
+            debug_assert_eq!(outcomes.len(), events.len());
+            settled.extend(outcomes.into_iter().map(Some));
         };
-        // Tickets are positions: one outcome per record, in order.
-        debug_assert_eq!(committed.outcomes.len(), events.len());
-        self.settled
-            .extend(committed.outcomes.into_iter().map(Some));
+        match self.writer.as_mut() {
+            Some(writer) => writer.commit_and_rotate(&events, settle),
+            None => settle(events.iter().map(|_| Err(AuditError::Closed)).collect()),
+        }
         events.clear();
         self.pending = events;
-        // Once every outcome is there to collect; a rotation (a rename and a new file)
-        // then delays only the next batch.
-        if let (true, Some(writer)) = (committed.written, self.writer.as_mut()) {
-            writer.maybe_rotate();
-        }
     }
 
     /// The outcome of `ticket`'s record, flushing first if it is still pending. Each
@@ -309,6 +318,16 @@ impl AuditLog {
         settings: AuditSettings,
         opener: Box<dyn Opener>,
     ) -> Result<AuditLog, AuditError> {
+        Self::open_bounded(settings, opener, STALL_BOUND)
+    }
+
+    /// [`open_with`](Self::open_with), with the time a batch may take before the log
+    /// counts as stuck (tests shorten it).
+    fn open_bounded(
+        settings: AuditSettings,
+        opener: Box<dyn Opener>,
+        stall_bound: Duration,
+    ) -> Result<AuditLog, AuditError> {
         let AuditSettings {
             path,
             fsync,
@@ -328,6 +347,7 @@ impl AuditLog {
             );
         }
         let writable = Arc::new(AtomicBool::new(true));
+        let progress = Arc::new(Progress::new());
         let mut writer = Writer {
             path: path.clone(),
             fsync,
@@ -346,6 +366,7 @@ impl AuditLog {
             })?,
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
             writable: writable.clone(),
+            progress: Arc::clone(&progress),
             buf: Vec::new(),
             ts_cache: None,
             lock: Some(lock),
@@ -358,30 +379,48 @@ impl AuditLog {
             source,
         })?;
         let mode = match fsync {
-            Fsync::Always => Self::start_thread(writer)?,
+            Fsync::Always => Self::start_thread(writer, stall_bound)?,
             Fsync::Never => Self::start_inline(writer)?,
         };
         Ok(AuditLog {
             shared: Arc::new(Shared {
                 path,
                 writable,
+                progress,
+                stall_bound,
                 mode,
             }),
         })
     }
 
-    fn start_thread(writer: Writer) -> Result<Mode, AuditError> {
-        let path = writer.path.to_path_buf();
+    /// Starts the writer thread and its watchdog, which ends with it.
+    fn start_thread(writer: Writer, stall_bound: Duration) -> Result<Mode, AuditError> {
+        let path = writer.path.clone();
+        let progress = Arc::clone(&writer.progress);
         let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::new(rx));
+        let watched = Arc::downgrade(&queue);
         let (done_tx, done) = watch::channel(None);
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer.run(rx, done_tx))
-            .map_err(|source| AuditError::Io {
+        let spawn_error = |path: &AuditPath| {
+            let path = path.to_path_buf();
+            move |source| AuditError::Io {
                 op: "start the writer thread for",
                 path,
                 source,
-            })?;
+            }
+        };
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(&queue, done_tx))
+            .map_err(spawn_error(&path))?;
+        // Failing here drops the sender: the writer thread then finishes.
+        std::thread::Builder::new()
+            .name("audit-watchdog".into())
+            .spawn({
+                let path = path.clone();
+                move || stall::watchdog(&watched, &progress, stall_bound, &path)
+            })
+            .map_err(spawn_error(&path))?;
         Ok(Mode::Threaded {
             tx: Mutex::new(Some(tx)),
             done,
@@ -475,9 +514,11 @@ impl AuditLog {
     }
 
     /// False after a failed write, until a later write (or a probe) succeeds; false
-    /// after [`close`](Self::close).
+    /// while a write (or fsync) has been in progress for longer than the stall bound (a
+    /// disk that stopped answering); false after [`close`](Self::close).
     pub fn is_writable(&self) -> bool {
-        self.shared.writable.load(Ordering::SeqCst)
+        let shared = &self.shared;
+        shared.writable.load(Ordering::SeqCst) && !shared.progress.stalled(shared.stall_bound)
     }
 
     /// Flushes and fsyncs everything accepted so far, then stops the writer. Idempotent:
@@ -674,6 +715,8 @@ struct Writer {
     /// Never goes backwards, so `ts` is monotonic with `seq` even if the clock steps back.
     last_ts: OffsetDateTime,
     writable: Arc<AtomicBool>,
+    /// When the batch in progress started (see `stall`).
+    progress: Arc<Progress>,
     /// The batch being written.
     buf: Vec<u8>,
     /// The last formatted `ts`.
@@ -738,28 +781,19 @@ struct Encoded {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Request>, done: watch::Sender<Outcome>) {
+    fn run(mut self, queue: &Queue, done: watch::Sender<Outcome>) {
         let mut events = Vec::with_capacity(MAX_BATCH);
         let mut acks = Vec::with_capacity(MAX_BATCH);
         let mut checked = Instant::now();
-        while let Some(first) = self.next_request(&rx, &mut checked) {
-            // The first record woke this thread, usually in the middle of a turn of the
-            // runtime that is about to send more; step aside once so that they join this
-            // batch instead of waiting for the fsync after it.
-            std::thread::yield_now();
-            let batch = std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1));
-            for Request { event, ack } in batch {
-                events.push(event);
-                acks.push(ack);
-            }
-            let committed = self.commit(&events);
+        let path = self.path.clone();
+        while self.next_batch(queue, &mut events, &mut acks, &mut checked) {
+            // Reachable by the watchdog while the batch is written.
+            queue.hand_over(&mut acks);
+            self.commit_and_rotate(&events, |outcomes| {
+                queue.take_back(&mut acks);
+                stall::acknowledge(&mut acks, outcomes, &path);
+            });
             events.clear();
-            AckRelay::send_all(acks.drain(..).zip(committed.outcomes).collect());
-            // After the acknowledgements: a rotation (fsyncs, a rename, a new file) then
-            // delays only the next batch.
-            if committed.written {
-                self.maybe_rotate();
-            }
             // Under a steady load the wait for a request never times out.
             if checked.elapsed() >= PROBE_INTERVAL {
                 self.check();
@@ -771,29 +805,78 @@ impl Writer {
         done.send_replace(Some(outcome));
     }
 
-    /// Blocks for the next record, waking up to [`check`](Self::check) once per
-    /// [`PROBE_INTERVAL`] since `checked`. `None` once every sender is gone and the channel
-    /// is drained.
-    fn next_request(&mut self, rx: &Receiver<Request>, checked: &mut Instant) -> Option<Request> {
+    /// Collects the next batch into `events` and `acks`: first the records the watchdog
+    /// answered while the last batch was stuck (queued before the rest), then what the
+    /// channel holds. Blocks while there is nothing, waking up to [`check`](Self::check)
+    /// once per [`PROBE_INTERVAL`] since `checked`. False once every sender is gone and
+    /// nothing is left.
+    fn next_batch(
+        &mut self,
+        queue: &Queue,
+        events: &mut Vec<AuditEvent>,
+        acks: &mut Vec<stall::Pending>,
+        checked: &mut Instant,
+    ) -> bool {
         loop {
-            match rx.recv_timeout(PROBE_INTERVAL.saturating_sub(checked.elapsed())) {
-                Ok(req) => return Some(req),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.check();
-                    *checked = Instant::now();
+            let rx = queue.lock_rx();
+            queue.take_answered(events, acks);
+            if events.is_empty() {
+                match rx.recv_timeout(PROBE_INTERVAL.saturating_sub(checked.elapsed())) {
+                    Ok(Request { event, ack }) => {
+                        // The first record woke this thread, usually in the middle of a
+                        // turn of the runtime that is about to send more; step aside once
+                        // so that they join this batch instead of waiting for the fsync
+                        // after it.
+                        std::thread::yield_now();
+                        events.push(event);
+                        acks.push(Some(ack));
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Not holding the queue: the check does I/O, which may get stuck.
+                        drop(rx);
+                        self.check();
+                        *checked = Instant::now();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return false,
                 }
-                Err(RecvTimeoutError::Disconnected) => return None,
             }
+            let room = MAX_BATCH.saturating_sub(events.len());
+            for Request { event, ack } in rx.try_iter().take(room) {
+                events.push(event);
+                acks.push(Some(ack));
+            }
+            return true;
         }
+    }
+
+    /// Writes a batch, hands its outcomes to `deliver` and then, if it was written,
+    /// rotates when due (a rotation then delays only the next batch), all timed by
+    /// `progress` so that a stuck disk shows.
+    fn commit_and_rotate(
+        &mut self,
+        batch: &[AuditEvent],
+        deliver: impl FnOnce(Vec<Result<u64, AuditError>>),
+    ) {
+        self.progress.start();
+        let committed = self.commit(batch);
+        deliver(committed.outcomes);
+        if committed.written {
+            self.maybe_rotate();
+        }
+        self.progress.end();
     }
 
     /// The periodic check, once per [`PROBE_INTERVAL`]: follows a live file moved away
     /// and, while the log is not writable, probes whether the disk takes writes again.
+    /// Timed like a batch: it writes and fsyncs too.
     fn check(&mut self) {
+        self.progress.start();
         self.follow_path();
         if !self.writable.load(Ordering::SeqCst) {
             self.probe();
         }
+        self.progress.end();
     }
 
     /// Writes one batch. Rotation is the caller's, once the outcomes are delivered and if
@@ -1164,5 +1247,6 @@ impl Writer {
     }
 }
 
+mod stall;
 #[cfg(test)]
 mod tests;

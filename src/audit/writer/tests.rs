@@ -1374,3 +1374,188 @@ async fn a_restart_after_the_live_file_was_moved_away_continues_the_chain() {
     );
     assert_eq!(intact(dir.path(), None), 3);
 }
+
+/// A disk that stops answering, on demand: while the gate is closed, a file's `sync`
+/// (or `append`) waits.
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+/// Opens its gate when dropped, so that a failing test lets go of the threads waiting
+/// at it (a runtime waits for its blocked worker threads when it shuts down).
+struct OpenOnDrop(Gate);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+impl Gate {
+    /// Closes the gate until [`Gate::open`], or until the returned guard is dropped.
+    fn close(&self) -> OpenOnDrop {
+        *lock_unpoisoned(&self.0 .0) = true;
+        OpenOnDrop(self.clone())
+    }
+    fn open(&self) {
+        *lock_unpoisoned(&self.0 .0) = false;
+        self.0 .1.notify_all();
+    }
+    fn pass(&self) {
+        let mut closed = lock_unpoisoned(&self.0 .0);
+        while *closed {
+            closed = self.0 .1.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// An opener whose files' fsyncs (`on_sync`) or writes wait at `gate`.
+struct Stuck {
+    gate: Gate,
+    on_sync: bool,
+}
+
+struct StuckFile {
+    file: File,
+    gate: Gate,
+    on_sync: bool,
+}
+
+impl Opener for Stuck {
+    fn open(&self, path: &Path) -> io::Result<segment::Opened> {
+        let (file, created) = segment::open_append(path)?;
+        let len = file.metadata()?.len();
+        let file = StuckFile {
+            file,
+            gate: self.gate.clone(),
+            on_sync: self.on_sync,
+        };
+        Ok(segment::Opened {
+            file: Box::new(file),
+            len,
+            created,
+        })
+    }
+}
+
+impl LiveFile for StuckFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if !self.on_sync {
+            self.gate.pass();
+        }
+        std::io::Write::write_all(&mut self.file, bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        if self.on_sync {
+            self.gate.pass();
+        }
+        self.file.sync_all()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+}
+
+/// The bound the stuck-disk tests give the writer instead of [`STALL_BOUND`].
+const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
+
+/// Opens a log at `path` whose files wait at `gate` (fsync or write), with
+/// [`TEST_STALL_BOUND`].
+fn open_stuck(path: &Path, fsync: Fsync, gate: &Gate) -> AuditLog {
+    let stuck = Stuck {
+        gate: gate.clone(),
+        on_sync: fsync == Fsync::Always,
+    };
+    AuditLog::open_bounded(
+        settings(path, fsync, 1 << 20),
+        Box::new(stuck),
+        TEST_STALL_BOUND,
+    )
+    .expect("open")
+}
+
+/// A forward-like record and the `denied` record the gateway writes when it failed.
+fn denied_after(forward: &AuditEvent) -> AuditEvent {
+    AuditEvent {
+        event: EventKind::Denied,
+        status: Some(503),
+        reason: Some("audit-unavailable".into()),
+        ..forward.clone()
+    }
+}
+
+/// `fsync: always` on a disk whose fsync stops returning: the log turns not writable
+/// (so `/readyz` 503) once a batch has been in progress longer than the bound, and a
+/// caller waiting for its record, in the stuck batch or queued behind it, gets a write
+/// error instead of waiting for ever. The records are still written, in order, when the
+/// disk answers again: a `forward` refused this way is followed by the `denied` record
+/// the gateway then writes, as after any failed `forward` record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_fsync_turns_the_log_unready_and_fails_waiting_appends_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let gate = Gate::default();
+    let log = open_stuck(&path, Fsync::Always, &gate);
+    log.append(event(0)).await.expect("append");
+    let _closed = gate.close();
+    let in_time = Duration::from_secs(3);
+
+    let started = std::time::Instant::now();
+    let forward = event(1);
+    let refused = tokio::time::timeout(in_time, log.append(forward.clone())).await;
+    let err = refused.expect("answered within the bound").expect_err("not written");
+    assert!(matches!(err, AuditError::WriteFailed { .. }), "{err}");
+    assert!(!log.is_writable(), "still ready with a stuck disk");
+    // Queued behind the stuck batch: answered too, and kept in order.
+    let denied = tokio::time::timeout(in_time, log.append(denied_after(&forward))).await;
+    denied.expect("answered within the bound").expect_err("not written");
+    assert!(started.elapsed() < in_time);
+
+    gate.open();
+    assert!(writable_within(&log, true).await, "not ready again");
+    assert_eq!(log.append(event(2)).await.expect("append"), 4);
+    log.close().await.expect("close");
+    let events: Vec<_> = lines(&path)
+        .iter()
+        .map(|l| (member(l, "event"), member(l, "request_id")))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("forward", "req-0"),
+            ("forward", "req-1"),
+            ("denied", "req-1"),
+            ("forward", "req-2"),
+        ]
+        .map(|(e, r)| (serde_json::json!(e), serde_json::json!(r)))
+    );
+    assert_eq!(intact(dir.path(), None), 4);
+}
+
+/// `fsync: never` writes on the caller's thread, so a write that stops returning holds
+/// that caller (nothing bounds it), but readiness still tells: not writable once the
+/// write has been in progress longer than the bound, writable again once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_inline_write_turns_the_log_unready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let gate = Gate::default();
+    let log = open_stuck(&path, Fsync::Never, &gate);
+    log.append(event(0)).await.expect("append");
+    let _closed = gate.close();
+    let stuck = tokio::spawn({
+        let log = log.clone();
+        async move { log.append(event(1)).await }
+    });
+    let started = std::time::Instant::now();
+    assert!(writable_within(&log, false).await, "still ready");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    gate.open();
+    let seq = stuck.await.expect("task").expect("written once the disk answers");
+    assert_eq!(seq, 2);
+    assert!(writable_within(&log, true).await, "not ready again");
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 2);
+}
