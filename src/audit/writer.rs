@@ -1161,7 +1161,8 @@ impl Writer {
 
     fn rotate(&mut self) -> io::Result<()> {
         // Never rename a file that is not the writer's: a live file moved away already
-        // left the path to a new one (or to someone else's file).
+        // left the path to a new one (or to someone else's file). Only a swap within
+        // the one syscall between this check and the rename goes unseen.
         if self.follow_path() {
             return Ok(());
         }

@@ -1215,7 +1215,11 @@ async fn an_empty_newest_rotated_file_is_removed_and_the_set_verifies() {
     let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("reopen");
     let next = log.append(event(0)).await.expect("append");
     log.close().await.expect("close");
-    assert_eq!(Some(next - 1), older_last.as_u64(), "continues from the older file");
+    assert_eq!(
+        Some(next - 1),
+        older_last.as_u64(),
+        "continues from the older file"
+    );
     assert!(!newest.exists(), "the empty file is removed");
     assert_eq!(intact(dir.path(), None), next);
 }
@@ -1253,7 +1257,10 @@ async fn a_removed_live_file_takes_no_acknowledged_record_and_a_new_file_continu
                 "{fsync:?}: {err}"
             ),
         }
-        let next = log.append(event(2)).await.expect("the next append is written");
+        let next = log
+            .append(event(2))
+            .await
+            .expect("the next append is written");
         log.close().await.expect("close");
         let seqs = seqs_in(&path);
         assert_eq!(seqs.last(), Some(&next), "{fsync:?}");
@@ -1505,12 +1512,16 @@ async fn a_stuck_fsync_turns_the_log_unready_and_fails_waiting_appends_in_time()
     let started = std::time::Instant::now();
     let forward = event(1);
     let refused = tokio::time::timeout(in_time, log.append(forward.clone())).await;
-    let err = refused.expect("answered within the bound").expect_err("not written");
+    let err = refused
+        .expect("answered within the bound")
+        .expect_err("not written");
     assert!(matches!(err, AuditError::WriteFailed { .. }), "{err}");
     assert!(!log.is_writable(), "still ready with a stuck disk");
     // Queued behind the stuck batch: answered too, and kept in order.
     let denied = tokio::time::timeout(in_time, log.append(denied_after(&forward))).await;
-    denied.expect("answered within the bound").expect_err("not written");
+    denied
+        .expect("answered within the bound")
+        .expect_err("not written");
     assert!(started.elapsed() < in_time);
 
     gate.open();
@@ -1553,7 +1564,10 @@ async fn a_stuck_inline_write_turns_the_log_unready() {
     assert!(writable_within(&log, false).await, "still ready");
     assert!(started.elapsed() < Duration::from_secs(2));
     gate.open();
-    let seq = stuck.await.expect("task").expect("written once the disk answers");
+    let seq = stuck
+        .await
+        .expect("task")
+        .expect("written once the disk answers");
     assert_eq!(seq, 2);
     assert!(writable_within(&log, true).await, "not ready again");
     log.close().await.expect("close");
