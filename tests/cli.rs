@@ -1097,11 +1097,11 @@ fn with_fsync_never(yaml: &str) -> String {
     replaced(yaml, "  fsync: always\n", "  fsync: never\n")
 }
 
-/// With `fsync: never` records are written, not fsynced, before they are acknowledged,
-/// and the flush at exit is the only one: a real SIGTERM right after a burst of 50 ends
-/// (5 callers at once, each request on its own connection) must leave every request's
-/// `forward` and `result` in the file, in one intact chain that `audit verify` accepts,
-/// and exit 0.
+/// With `fsync: never` records are acknowledged once written, not fsynced: a real
+/// SIGTERM right after a burst of 50 ends (5 callers at once, each request on its own
+/// connection) must leave every request's `forward` and `result` in the file, in one
+/// intact chain that `audit verify` accepts, and exit 0. (Whether the exit fsynced them
+/// is beyond what a file read back can tell; the writer's unit tests count fsyncs.)
 #[test]
 fn sigterm_right_after_a_burst_keeps_every_record_with_fsync_never() {
     const CALLERS: usize = 5;

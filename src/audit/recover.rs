@@ -327,6 +327,17 @@ fn last_of_rotated(
     let file = File::open(path).map_err(io_err("read"))?;
     let len = file.metadata().map_err(io_err("read"))?.len();
     if len == 0 {
+        // With `fsync: never` a power loss soon after a rotation can keep the file's
+        // name (the new live file's creation synced the directory) but none of its
+        // data. It is passed over like a file torn down to nothing, and removed like
+        // one: left, `audit verify` would report its records missing for ever, although
+        // the chain continues right after the file before it.
+        tracing::warn!(
+            path = %path.display(),
+            named_seq = named,
+            "a rotated audit file is empty: its records never reached the disk (power loss after an `fsync: never` rotation?); removing it, the chain continues from the file before it"
+        );
+        std::fs::remove_file(path).map_err(io_err("remove"))?;
         return Ok(None);
     }
     if last_byte(&file, len).map_err(io_err("read"))? == b'\n' {

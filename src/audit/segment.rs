@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::path::{AuditPath, ROTATED_DIGITS};
@@ -22,6 +22,25 @@ pub(crate) trait LiveFile: Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts the file back to `len` bytes.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// `fstat`: which file the handle writes to, and whether it still has a name.
+    fn metadata(&self) -> io::Result<std::fs::Metadata>;
+}
+
+/// A file's identity (device and inode), whatever its name: tells whether `audit.path`
+/// still names the file the writer writes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
 }
 
 /// Opens the live file for the writer; returns the handle, its current length and
@@ -67,6 +86,9 @@ impl LiveFile for FsFile {
     }
     fn truncate(&mut self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.0.metadata()
     }
 }
 
@@ -216,6 +238,9 @@ pub(crate) mod fault {
         }
         fn truncate(&mut self, len: u64) -> io::Result<()> {
             self.0.set_len(len)
+        }
+        fn metadata(&self) -> io::Result<std::fs::Metadata> {
+            self.0.metadata()
         }
     }
 }

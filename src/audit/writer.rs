@@ -16,17 +16,35 @@
 //! A failed write or fsync is undone (the file is cut back to its length before the
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
 //! log reports not writable until a later write or a periodic probe succeeds.
+//!
+//! The live file may be removed or moved away under the writer (by hand, by logrotate
+//! without `copytruncate`). A batch that finds its file removed (`fstat`: no name left)
+//! fails like any failed write; a file moved away is noticed by a check of `audit.path`
+//! once per `PROBE_INTERVAL` (1 s) and before every rotation. Either way the writer stops
+//! writing to it and continues the chain in a new file at `audit.path`, as after a
+//! rotation; records acknowledged before stay where the file went. A non-empty file
+//! put in its place by someone else is neither written to nor rotated: the log is not
+//! writable until the path is free (see `Writer::ensure_open`).
+//!
+//! A disk that stops answering (a `write` or `fsync` that does not return) makes the log
+//! not writable once a batch has been in progress for `STALL_BOUND` (5 s); with
+//! [`Fsync::Always`] the callers waiting for it are then refused (see `stall`).
+//!
+//! With [`Fsync::Never`] a rotation does not fsync the file it renames (that could stall
+//! the request path behind the writeback of 100 MiB); the file is fsynced later, off the
+//! request path, by the probe thread, and at the latest by [`AuditLog::close`], so that
+//! a clean exit leaves every file of the log fsynced (DESIGN §5), not only the live one.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
@@ -36,14 +54,22 @@ use super::path::AuditPath;
 use super::record::{self, AuditEvent, Body, TsText};
 use super::recover::{recover, ChainHead};
 use super::saved_head::{self, Durability, SavedHead};
-use super::segment::{self, FsOpener, LiveFile, Opener};
+use super::segment::{self, FileId, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
 use crate::sync::lock_unpoisoned;
+use stall::{Progress, Queue};
 
 /// Upper bound of one group commit, so one batch cannot grow without limit.
 const MAX_BATCH: usize = 512;
-/// How often a not-writable log checks whether the disk accepts writes again.
+/// How often a not-writable log checks whether the disk accepts writes again, and any
+/// log whether `audit.path` still names its live file.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a batch (a write, with `fsync: always` its fsync) may be in progress before
+/// the log reports not writable and, with `fsync: always`, its waiting callers are
+/// refused (see `stall`). A healthy disk answers in milliseconds and a busy one well
+/// within a second; 5 s is a disk (or network volume) that stopped answering, and still
+/// below the timeouts callers and readiness probes are usually given.
+const STALL_BOUND: Duration = Duration::from_secs(5);
 /// Size of the probe write: large enough to notice a full disk.
 const PROBE_BYTES: usize = 4096;
 
@@ -141,6 +167,9 @@ pub struct AuditLog {
 struct Shared {
     path: AuditPath,
     writable: Arc<AtomicBool>,
+    /// When the batch in progress started: not writable while it is stuck.
+    progress: Arc<Progress>,
+    stall_bound: Duration,
     mode: Mode,
 }
 
@@ -156,7 +185,8 @@ enum Mode {
     /// `fsync: never`: nothing to wait for but a write into the page cache, so callers
     /// write under a mutex themselves; handing each record to another thread would cost
     /// more (two context switches) than the write. Records appended in the same turn of
-    /// the runtime share one write (see [`InlineTicket`]). A small thread only probes
+    /// the runtime share one write (see [`InlineTicket`]). A small thread does the
+    /// periodic work: fsyncing rotated files, following a live file moved away, probing
     /// while the log is not writable.
     Inline(Arc<Mutex<InlineState>>),
 }
@@ -193,24 +223,18 @@ impl InlineState {
         // Out of `pending` before anything is written, so that no record can be written
         // twice, whatever happens after the write.
         let mut events = std::mem::take(&mut self.pending);
-        let committed = match self.writer.as_mut() {
-            Some(writer) => writer.commit(&events),
-            None => Committed {
-                outcomes: events.iter().map(|_| Err(AuditError::Closed)).collect(),
-                written: false,
-            },
+        let settled = &mut self.settled;
+        let mut settle = |outcomes: Vec<Result<u64, AuditError>>| {
+            // Tickets are positions: one outcome per record, in order.
+            debug_assert_eq!(outcomes.len(), events.len());
+            settled.extend(outcomes.into_iter().map(Some));
         };
-        // Tickets are positions: one outcome per record, in order.
-        debug_assert_eq!(committed.outcomes.len(), events.len());
-        self.settled
-            .extend(committed.outcomes.into_iter().map(Some));
+        match self.writer.as_mut() {
+            Some(writer) => writer.commit_and_rotate(&events, settle),
+            None => settle(events.iter().map(|_| Err(AuditError::Closed)).collect()),
+        }
         events.clear();
         self.pending = events;
-        // Once every outcome is there to collect; a rotation (a rename and a new file)
-        // then delays only the next batch.
-        if let (true, Some(writer)) = (committed.written, self.writer.as_mut()) {
-            writer.maybe_rotate();
-        }
     }
 
     /// The outcome of `ticket`'s record, flushing first if it is still pending. Each
@@ -294,6 +318,16 @@ impl AuditLog {
         settings: AuditSettings,
         opener: Box<dyn Opener>,
     ) -> Result<AuditLog, AuditError> {
+        Self::open_bounded(settings, opener, STALL_BOUND)
+    }
+
+    /// [`open_with`](Self::open_with), with the time a batch may take before the log
+    /// counts as stuck (tests shorten it).
+    fn open_bounded(
+        settings: AuditSettings,
+        opener: Box<dyn Opener>,
+        stall_bound: Duration,
+    ) -> Result<AuditLog, AuditError> {
         let AuditSettings {
             path,
             fsync,
@@ -313,6 +347,7 @@ impl AuditLog {
             );
         }
         let writable = Arc::new(AtomicBool::new(true));
+        let progress = Arc::new(Progress::new());
         let mut writer = Writer {
             path: path.clone(),
             fsync,
@@ -320,6 +355,8 @@ impl AuditLog {
             hasher,
             opener,
             file: None,
+            // The file recovery repaired, if any, is the writer's to continue.
+            live_id: std::fs::metadata(&path).ok().map(|meta| FileId::of(&meta)),
             len: 0,
             undo_to: None,
             next_seq: head.next_seq,
@@ -329,10 +366,12 @@ impl AuditLog {
             })?,
             last_ts: head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH),
             writable: writable.clone(),
+            progress: Arc::clone(&progress),
             buf: Vec::new(),
             ts_cache: None,
             lock: Some(lock),
             dir_needs_sync: false,
+            unsynced: Arc::default(),
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
@@ -340,30 +379,48 @@ impl AuditLog {
             source,
         })?;
         let mode = match fsync {
-            Fsync::Always => Self::start_thread(writer)?,
+            Fsync::Always => Self::start_thread(writer, stall_bound)?,
             Fsync::Never => Self::start_inline(writer)?,
         };
         Ok(AuditLog {
             shared: Arc::new(Shared {
                 path,
                 writable,
+                progress,
+                stall_bound,
                 mode,
             }),
         })
     }
 
-    fn start_thread(writer: Writer) -> Result<Mode, AuditError> {
-        let path = writer.path.to_path_buf();
+    /// Starts the writer thread and its watchdog, which ends with it.
+    fn start_thread(writer: Writer, stall_bound: Duration) -> Result<Mode, AuditError> {
+        let path = writer.path.clone();
+        let progress = Arc::clone(&writer.progress);
         let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::new(rx));
+        let watched = Arc::downgrade(&queue);
         let (done_tx, done) = watch::channel(None);
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer.run(rx, done_tx))
-            .map_err(|source| AuditError::Io {
+        let spawn_error = |path: &AuditPath| {
+            let path = path.to_path_buf();
+            move |source| AuditError::Io {
                 op: "start the writer thread for",
                 path,
                 source,
-            })?;
+            }
+        };
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(&queue, done_tx))
+            .map_err(spawn_error(&path))?;
+        // Failing here drops the sender: the writer thread then finishes.
+        std::thread::Builder::new()
+            .name("audit-watchdog".into())
+            .spawn({
+                let path = path.clone();
+                move || stall::watchdog(&watched, &progress, stall_bound, &path)
+            })
+            .map_err(spawn_error(&path))?;
         Ok(Mode::Threaded {
             tx: Mutex::new(Some(tx)),
             done,
@@ -372,6 +429,8 @@ impl AuditLog {
 
     fn start_inline(writer: Writer) -> Result<Mode, AuditError> {
         let path = writer.path.to_path_buf();
+        let unsynced = Arc::clone(&writer.unsynced);
+        let audit_path = writer.path.clone();
         let state = Arc::new(Mutex::new(InlineState {
             writer: Some(writer),
             settled: VecDeque::new(),
@@ -382,7 +441,7 @@ impl AuditLog {
         let weak = Arc::downgrade(&state);
         std::thread::Builder::new()
             .name("audit-probe".into())
-            .spawn(move || probe_while_open(&weak))
+            .spawn(move || probe_while_open(&weak, &unsynced, &audit_path))
             .map_err(|source| AuditError::Io {
                 op: "start the probe thread for",
                 path,
@@ -455,9 +514,11 @@ impl AuditLog {
     }
 
     /// False after a failed write, until a later write (or a probe) succeeds; false
-    /// after [`close`](Self::close).
+    /// while a write (or fsync) has been in progress for longer than the stall bound (a
+    /// disk that stopped answering); false after [`close`](Self::close).
     pub fn is_writable(&self) -> bool {
-        self.shared.writable.load(Ordering::SeqCst)
+        let shared = &self.shared;
+        shared.writable.load(Ordering::SeqCst) && !shared.progress.stalled(shared.stall_bound)
     }
 
     /// Flushes and fsyncs everything accepted so far, then stops the writer. Idempotent:
@@ -506,11 +567,18 @@ fn cached_ts_text(cache: &mut Option<(OffsetDateTime, TsText)>, ts: OffsetDateTi
     &cache.get_or_insert_with(|| (ts, record::format_ts(ts))).1
 }
 
-/// The inline mode's probe loop: while the log is open but not writable, checks once
-/// per [`PROBE_INTERVAL`] whether the disk takes writes again. Ends with the log.
-fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
+/// The inline mode's background thread: once per [`PROBE_INTERVAL`], fsyncs the files
+/// rotated since (outside the state's lock, so appends go on meanwhile) and runs the
+/// periodic [`Writer::check`]. Ends with the log.
+fn probe_while_open(
+    state: &std::sync::Weak<Mutex<InlineState>>,
+    unsynced: &Unsynced,
+    path: &AuditPath,
+) {
     loop {
         std::thread::sleep(PROBE_INTERVAL);
+        // Failures are logged here and reported by close.
+        let _ = unsynced.sync_all(path);
         let Some(state) = state.upgrade() else {
             return;
         };
@@ -518,9 +586,7 @@ fn probe_while_open(state: &std::sync::Weak<Mutex<InlineState>>) {
         let Some(writer) = state.writer.as_mut() else {
             return;
         };
-        if !writer.writable.load(Ordering::SeqCst) {
-            writer.probe();
-        }
+        writer.check();
     }
 }
 
@@ -636,6 +702,10 @@ struct Writer {
     opener: Box<dyn Opener>,
     /// `None` after a rotation whose new file could not be created yet.
     file: Option<Box<dyn LiveFile>>,
+    /// The live file the writer last wrote to, which it may reopen with records in it
+    /// (after a failed undo); `None` once it stopped using it (rotated, moved away or
+    /// removed), when only a new or empty file at the path is taken.
+    live_id: Option<FileId>,
     /// Length of the live file as far as committed records go.
     len: u64,
     /// A failed batch that could not be cut off yet: cut to this length before writing.
@@ -645,6 +715,8 @@ struct Writer {
     /// Never goes backwards, so `ts` is monotonic with `seq` even if the clock steps back.
     last_ts: OffsetDateTime,
     writable: Arc<AtomicBool>,
+    /// When the batch in progress started (see `stall`).
+    progress: Arc<Progress>,
     /// The batch being written.
     buf: Vec<u8>,
     /// The last formatted `ts`.
@@ -653,6 +725,42 @@ struct Writer {
     lock: Option<File>,
     /// A file was created whose directory entry is not yet known to be on disk.
     dir_needs_sync: bool,
+    /// Files this writer no longer writes to whose records no fsync covers yet.
+    unsynced: Arc<Unsynced>,
+}
+
+/// With `fsync: never`, the handles of files the writer stopped writing to (rotated
+/// away) while their records were not yet fsynced. They are fsynced in the background
+/// (the inline mode's probe thread) and at the latest on close, never on the request path.
+#[derive(Default)]
+struct Unsynced {
+    /// Handed over by rotations. Locked only to push or take, never across an fsync, so
+    /// a rotation on the request path never waits for the disk.
+    queue: Mutex<Vec<Box<dyn LiveFile>>>,
+    /// Held across the fsyncs, so that close waits for a background fsync in flight
+    /// instead of reporting the log fsynced before it is. Holds the first failure, which
+    /// close reports: a failed fsync cannot be trusted to succeed when retried.
+    syncing: Mutex<Option<Arc<io::Error>>>,
+}
+
+impl Unsynced {
+    fn push(&self, file: Box<dyn LiveFile>) {
+        lock_unpoisoned(&self.queue).push(file);
+    }
+
+    /// fsyncs (and lets go of) every file handed over so far. Err with the first failure
+    /// of this or any earlier call.
+    fn sync_all(&self, path: &AuditPath) -> Result<(), Arc<io::Error>> {
+        let mut failure = lock_unpoisoned(&self.syncing);
+        let files = std::mem::take(&mut *lock_unpoisoned(&self.queue));
+        for mut file in files {
+            if let Err(e) = file.sync() {
+                tracing::error!(path = %path.display(), error = %e, "cannot fsync a rotated audit file; its last records may not survive a power loss");
+                failure.get_or_insert(Arc::new(e));
+            }
+        }
+        failure.clone().map_or(Ok(()), Err)
+    }
 }
 
 /// What [`Writer::commit`] did with a batch.
@@ -673,26 +781,23 @@ struct Encoded {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Request>, done: watch::Sender<Outcome>) {
+    fn run(mut self, queue: &Queue, done: watch::Sender<Outcome>) {
         let mut events = Vec::with_capacity(MAX_BATCH);
         let mut acks = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = self.next_request(&rx) {
-            // The first record woke this thread, usually in the middle of a turn of the
-            // runtime that is about to send more; step aside once so that they join this
-            // batch instead of waiting for the fsync after it.
-            std::thread::yield_now();
-            let batch = std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1));
-            for Request { event, ack } in batch {
-                events.push(event);
-                acks.push(ack);
-            }
-            let committed = self.commit(&events);
+        let mut checked = Instant::now();
+        let path = self.path.clone();
+        while self.next_batch(queue, &mut events, &mut acks, &mut checked) {
+            // Reachable by the watchdog while the batch is written.
+            queue.hand_over(&mut acks);
+            self.commit_and_rotate(&events, |outcomes| {
+                queue.take_back(&mut acks);
+                stall::acknowledge(&mut acks, outcomes, &path);
+            });
             events.clear();
-            AckRelay::send_all(acks.drain(..).zip(committed.outcomes).collect());
-            // After the acknowledgements: a rotation (fsyncs, a rename, a new file) then
-            // delays only the next batch.
-            if committed.written {
-                self.maybe_rotate();
+            // Under a steady load the wait for a request never times out.
+            if checked.elapsed() >= PROBE_INTERVAL {
+                self.check();
+                checked = Instant::now();
             }
         }
         let outcome = self.finish();
@@ -700,19 +805,78 @@ impl Writer {
         done.send_replace(Some(outcome));
     }
 
-    /// Blocks for the next record; while not writable, wakes up every second to probe.
-    /// `None` once every sender is gone and the channel is drained.
-    fn next_request(&mut self, rx: &Receiver<Request>) -> Option<Request> {
+    /// Collects the next batch into `events` and `acks`: first the records the watchdog
+    /// answered while the last batch was stuck (queued before the rest), then what the
+    /// channel holds. Blocks while there is nothing, waking up to [`check`](Self::check)
+    /// once per [`PROBE_INTERVAL`] since `checked`. False once every sender is gone and
+    /// nothing is left.
+    fn next_batch(
+        &mut self,
+        queue: &Queue,
+        events: &mut Vec<AuditEvent>,
+        acks: &mut Vec<stall::Pending>,
+        checked: &mut Instant,
+    ) -> bool {
         loop {
-            if self.writable.load(Ordering::SeqCst) {
-                return rx.recv().ok();
+            let rx = queue.lock_rx();
+            queue.take_answered(events, acks);
+            if events.is_empty() {
+                match rx.recv_timeout(PROBE_INTERVAL.saturating_sub(checked.elapsed())) {
+                    Ok(Request { event, ack }) => {
+                        // The first record woke this thread, usually in the middle of a
+                        // turn of the runtime that is about to send more; step aside once
+                        // so that they join this batch instead of waiting for the fsync
+                        // after it.
+                        std::thread::yield_now();
+                        events.push(event);
+                        acks.push(Some(ack));
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Not holding the queue: the check does I/O, which may get stuck.
+                        drop(rx);
+                        self.check();
+                        *checked = Instant::now();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return false,
+                }
             }
-            match rx.recv_timeout(PROBE_INTERVAL) {
-                Ok(req) => return Some(req),
-                Err(RecvTimeoutError::Timeout) => self.probe(),
-                Err(RecvTimeoutError::Disconnected) => return None,
+            let room = MAX_BATCH.saturating_sub(events.len());
+            for Request { event, ack } in rx.try_iter().take(room) {
+                events.push(event);
+                acks.push(Some(ack));
             }
+            return true;
         }
+    }
+
+    /// Writes a batch, hands its outcomes to `deliver` and then, if it was written,
+    /// rotates when due (a rotation then delays only the next batch), all timed by
+    /// `progress` so that a stuck disk shows.
+    fn commit_and_rotate(
+        &mut self,
+        batch: &[AuditEvent],
+        deliver: impl FnOnce(Vec<Result<u64, AuditError>>),
+    ) {
+        self.progress.start();
+        let committed = self.commit(batch);
+        deliver(committed.outcomes);
+        if committed.written {
+            self.maybe_rotate();
+        }
+        self.progress.end();
+    }
+
+    /// The periodic check, once per [`PROBE_INTERVAL`]: follows a live file moved away
+    /// and, while the log is not writable, probes whether the disk takes writes again.
+    /// Timed like a batch: it writes and fsyncs too.
+    fn check(&mut self) {
+        self.progress.start();
+        self.follow_path();
+        if !self.writable.load(Ordering::SeqCst) {
+            self.probe();
+        }
+        self.progress.end();
     }
 
     /// Writes one batch. Rotation is the caller's, once the outcomes are delivered and if
@@ -813,13 +977,26 @@ impl Writer {
         let Some(file) = self.file.as_mut() else {
             return Err(io::Error::other("live file is not open"));
         };
+        // The `fstat` after the write: a file removed under the writer takes writes
+        // that nobody can ever read, and they must not be acknowledged.
         let written = file
             .append(&self.buf)
-            .and_then(|()| if always { file.sync() } else { Ok(()) });
+            .and_then(|()| if always { file.sync() } else { Ok(()) })
+            .and_then(|()| file.metadata());
         match written {
-            Ok(()) => {
+            Ok(meta) if meta.nlink() > 0 => {
                 self.len += self.buf.len() as u64;
                 Ok(())
+            }
+            Ok(_) => {
+                tracing::error!(path = %self.path.display(), "the audit log's live file was removed under the writer; the records of this write are rejected, and the chain continues in a new file at audit.path");
+                // Nothing to undo in a file without a name, nor to fsync.
+                self.file = None;
+                self.leave_live_file();
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the live file was removed while it was written to",
+                ))
             }
             Err(e) => {
                 self.undo(start);
@@ -848,11 +1025,26 @@ impl Writer {
     }
 
     /// Opens the live file when it is not open, finishing a pending undo first, and
-    /// fsyncs the directory when the file had to be created.
+    /// fsyncs the directory when the file had to be created. Only the writer's own file
+    /// or a new or empty one is taken: a non-empty file someone else put at the path is
+    /// not the chain's to continue (appending to it would break the chain, or their
+    /// file), so it is refused until the path is free again.
     fn ensure_open(&mut self) -> io::Result<()> {
         if self.file.is_none() {
             let opened = self.opener.open(self.path.as_path())?;
             self.dir_needs_sync |= opened.created;
+            let id = FileId::of(&opened.file.metadata()?);
+            if self.live_id != Some(id) {
+                if opened.len > 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "audit.path names a file with content that this writer did not write (its own file was moved away); move that file aside and the log continues in a new one",
+                    ));
+                }
+                // A new file: a failed batch left nothing in it to cut.
+                self.undo_to = None;
+                self.live_id = Some(id);
+            }
             self.file = Some(opened.file);
             self.len = opened.len;
         }
@@ -905,6 +1097,51 @@ impl Writer {
         }
     }
 
+    /// Whether `audit.path` still names the live file; if the file was moved away or
+    /// removed (and no write noticed it yet), stops writing to it and starts a new live
+    /// file at the path, which continues the chain as after a rotation. Records already
+    /// acknowledged stay where the file went. Returns whether it had gone.
+    fn follow_path(&mut self) -> bool {
+        let Some(ours) = self.live_id.filter(|_| self.file.is_some()) else {
+            return false;
+        };
+        let at_path = match std::fs::metadata(&self.path) {
+            Ok(meta) => Some(FileId::of(&meta)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot check that audit.path still names the live file");
+                return false;
+            }
+        };
+        if at_path == Some(ours) {
+            return false;
+        }
+        tracing::error!(path = %self.path.display(), path_names_a_file = at_path.is_some(), "the audit log's live file was moved away or removed; the records written to it stay where it went, and the chain continues in a new file at audit.path");
+        self.retire_file();
+        self.leave_live_file();
+        // Now, not at the next write: readiness then tells whether records can be written.
+        if let Err(e) = self.ensure_open() {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot start a new audit file; not writable until it can");
+            self.set_writable(false);
+        }
+        true
+    }
+
+    /// The live file is gone from `audit.path` (its handle already let go of): the next
+    /// records start a new file there, and the chain head is saved, as at a rotation, so
+    /// that a restart before they are written continues from the last record, which is
+    /// no longer at the path.
+    fn leave_live_file(&mut self) {
+        self.live_id = None;
+        self.len = 0;
+        self.undo_to = None;
+        if let Some(last_seq) = self.next_seq.checked_sub(1).filter(|&seq| seq > 0) {
+            if let Err(e) = self.save_head(last_seq) {
+                tracing::error!(path = %self.path.display(), error = %e, "a restart before the next record would not continue the chain from the last one");
+            }
+        }
+    }
+
     /// Rotates once the live file reached `rotate_bytes`. A failed rotation is logged and
     /// retried after the next write; the records already written are safe either way.
     fn maybe_rotate(&mut self) {
@@ -923,6 +1160,12 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
+        // Never rename a file that is not the writer's: a live file moved away already
+        // left the path to a new one (or to someone else's file). Only a swap within
+        // the one syscall between this check and the rename goes unseen.
+        if self.follow_path() {
+            return Ok(());
+        }
         let last_seq = self.next_seq.saturating_sub(1);
         let target = self.path.rotated(last_seq);
         if target.exists() {
@@ -933,7 +1176,8 @@ impl Writer {
         }
         // With `fsync: always` every record is already synced and this is cheap; with
         // `never` the caller chose not to wait for the disk, and syncing a 100 MiB file
-        // here would stall every request behind the rotation.
+        // here would stall every request behind the rotation: it is fsynced later
+        // (`retire_file`).
         if self.fsync == Fsync::Always {
             if let Some(file) = self.file.as_mut() {
                 file.sync()?;
@@ -946,7 +1190,7 @@ impl Writer {
         self.save_head(last_seq)?;
         std::fs::rename(&self.path, &target)?;
         // From here on the records are in `target`; the next ones go to a fresh file.
-        self.file = None;
+        self.retire_file();
         self.len = 0;
         self.undo_to = None;
         if self.fsync == Fsync::Always {
@@ -954,6 +1198,16 @@ impl Writer {
         }
         tracing::info!(path = %self.path.display(), rotated_to = %target.display(), last_seq, "audit log rotated");
         self.ensure_open()
+    }
+
+    /// Stops writing through the live file's handle. With `fsync: never` its records may
+    /// not be on disk yet, so it goes to be fsynced off the request path ([`Unsynced`]).
+    fn retire_file(&mut self) {
+        if let Some(file) = self.file.take() {
+            if self.fsync == Fsync::Never {
+                self.unsynced.push(file);
+            }
+        }
     }
 
     /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`).
@@ -976,18 +1230,24 @@ impl Writer {
         })
     }
 
-    /// The final flush on close: fsync the file and its directory.
+    /// The final flush on close: fsync the files rotated and not yet fsynced, the live
+    /// file and their directory.
     fn finish(&mut self) -> Result<(), Arc<io::Error>> {
+        let rotated = self.unsynced.sync_all(&self.path);
         let synced = match self.file.as_mut() {
             Some(file) => file.sync(),
             None => Ok(()),
         };
-        let finished = synced.and_then(|()| segment::sync_dir(self.path.dir()));
+        let finished = synced
+            .and_then(|()| segment::sync_dir(self.path.dir()))
+            .map_err(Arc::new)
+            .and(rotated);
         // Closed: another gateway may take the log over.
         self.lock = None;
-        finished.map_err(Arc::new)
+        finished
     }
 }
 
+mod stall;
 #[cfg(test)]
 mod tests;

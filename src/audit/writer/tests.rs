@@ -1078,3 +1078,498 @@ async fn writable_within(log: &AuditLog, want: bool) -> bool {
     }
     log.is_writable() == want
 }
+
+/// An opener whose files report, per handle opened, whether it holds writes that no
+/// fsync has covered yet.
+#[derive(Clone, Default)]
+struct Tracked {
+    /// By handle, in the order opened: written since its last fsync.
+    dirty: Arc<Mutex<Vec<bool>>>,
+}
+
+impl Tracked {
+    /// How many handles were opened, and which of them hold unsynced writes.
+    fn unsynced(&self) -> (usize, Vec<usize>) {
+        let dirty = lock_unpoisoned(&self.dirty);
+        let unsynced = (0..dirty.len()).filter(|&i| dirty[i]).collect();
+        (dirty.len(), unsynced)
+    }
+}
+
+impl Opener for Tracked {
+    fn open(&self, path: &Path) -> io::Result<segment::Opened> {
+        let (file, created) = segment::open_append(path)?;
+        let len = file.metadata()?.len();
+        let id = {
+            let mut dirty = lock_unpoisoned(&self.dirty);
+            dirty.push(false);
+            dirty.len() - 1
+        };
+        let file = TrackedFile {
+            file,
+            id,
+            tracked: self.clone(),
+        };
+        Ok(segment::Opened {
+            file: Box::new(file),
+            len,
+            created,
+        })
+    }
+}
+
+struct TrackedFile {
+    file: File,
+    id: usize,
+    tracked: Tracked,
+}
+
+impl TrackedFile {
+    fn set_dirty(&self, dirty: bool) {
+        lock_unpoisoned(&self.tracked.dirty)[self.id] = dirty;
+    }
+}
+
+impl LiveFile for TrackedFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.set_dirty(true);
+        std::io::Write::write_all(&mut self.file, bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        self.set_dirty(false);
+        Ok(())
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+}
+
+/// DESIGN §5: a clean close leaves the log "flushed and fsynced". With `fsync: never`
+/// that covers the files rotated during the run too, not only the live one: every
+/// handle the writer wrote through is fsynced after its last write by `close()`, the
+/// rotated ones already in the background, off the request path.
+#[tokio::test(flavor = "multi_thread")]
+async fn close_fsyncs_the_files_rotated_during_the_run_with_fsync_never() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let tracked = Tracked::default();
+    let log = AuditLog::open_with(
+        settings(&path, Fsync::Never, 1024),
+        Box::new(tracked.clone()),
+    )
+    .expect("open");
+    for i in 0..30 {
+        log.append(event(i)).await.expect("append");
+    }
+    // In the background already: only the live file (the newest handle) is left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (opened, unsynced) = tracked.unsynced();
+        if unsynced.iter().all(|&handle| handle + 1 == opened) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotated files not fsynced in the background: {unsynced:?} of {opened}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log.close().await.expect("close");
+    assert!(rotated_files(dir.path()).len() >= 2, "rotated a few times");
+    let (opened, unsynced) = tracked.unsynced();
+    assert!(opened >= 3, "one handle per file: {opened}");
+    assert_eq!(unsynced, Vec::<usize>::new(), "handles never fsynced");
+    assert_eq!(intact(dir.path(), None), 30);
+}
+
+/// `fsync: never` and a power loss soon after a rotation: the newest rotated file's name
+/// reached the disk (the new live file's creation synced the directory) but not its
+/// data, so it is empty. Start-up removes it like a rotated file torn down to nothing,
+/// and the chain continues from the file before it, so the set verifies intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_newest_rotated_file_is_removed_and_the_set_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    let mut last = 0;
+    while rotated_files(dir.path()).len() < 2 {
+        last = log.append(event(last as usize)).await.expect("append");
+        assert!(last < 100, "no second rotation after {last} records");
+    }
+    log.close().await.expect("close");
+    let rotated = rotated_files(dir.path());
+    let (older, newest) = (&rotated[0], &rotated[1]);
+    assert_eq!(newest, &audit_path(&path).rotated(last));
+    let older_last = member(&lines(older).pop().expect("a record"), "seq");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(newest)
+        .expect("open");
+    file.set_len(0).expect("the power loss");
+    drop(file);
+
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("reopen");
+    let next = log.append(event(0)).await.expect("append");
+    log.close().await.expect("close");
+    assert_eq!(
+        Some(next - 1),
+        older_last.as_u64(),
+        "continues from the older file"
+    );
+    assert!(!newest.exists(), "the empty file is removed");
+    assert_eq!(intact(dir.path(), None), next);
+}
+
+/// The seqs of the records in the file at `path` (none when there is no file).
+fn seqs_in(path: &Path) -> Vec<u64> {
+    if !path.exists() {
+        return Vec::new();
+    }
+    lines(path)
+        .iter()
+        .filter_map(|line| member(line, "seq").as_u64())
+        .collect()
+}
+
+/// A live file removed under the writer (by hand, a clean-up script) would take every
+/// later record, acknowledged, into a file nobody can read. The write that finds it
+/// removed fails instead, and the chain continues in a new file at `audit.path` from
+/// the last record acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_live_file_takes_no_acknowledged_record_and_a_new_file_continues_the_chain() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("open");
+        log.append(event(0)).await.expect("append");
+        let last_hash = member(&lines(&path)[0], "hash");
+        std::fs::remove_file(&path).expect("remove");
+        // Refused; unless the periodic check found the removal first and started the new
+        // file, which then holds it.
+        match log.append(event(1)).await {
+            Ok(seq) => assert_eq!(seqs_in(&path), vec![seq], "{fsync:?}: acknowledged"),
+            Err(err) => assert!(
+                matches!(err, AuditError::WriteFailed { .. }),
+                "{fsync:?}: {err}"
+            ),
+        }
+        let next = log
+            .append(event(2))
+            .await
+            .expect("the next append is written");
+        log.close().await.expect("close");
+        let seqs = seqs_in(&path);
+        assert_eq!(seqs.last(), Some(&next), "{fsync:?}");
+        assert_eq!(seqs, (2..=next).collect::<Vec<_>>(), "{fsync:?}");
+        assert_eq!(member(&lines(&path)[0], "prev"), last_hash, "{fsync:?}");
+        assert_eq!(intact(dir.path(), None), next - 1, "{fsync:?}");
+    }
+}
+
+/// The live file moved away (logrotate without `copytruncate`, an operator), with or
+/// without an empty file made in its place (logrotate's `create`): the records already
+/// written stay where it was moved, and the chain continues in the file at
+/// `audit.path`, so that the directory verifies intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_file_moved_away_is_left_there_and_the_chain_continues_at_the_path() {
+    for (fsync, create) in [
+        (Fsync::Always, false),
+        (Fsync::Never, false),
+        (Fsync::Never, true),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let moved = dir.path().join("moved-away.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1 << 20)).expect("open");
+        log.append(event(0)).await.expect("append");
+        std::fs::rename(&path, &moved).expect("move");
+        if create {
+            std::fs::write(&path, "").expect("create");
+        }
+        // Records written before the writer notices go with the moved file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let last = loop {
+            let seq = log.append(event(1)).await.expect("append");
+            if seqs_in(&path).contains(&seq) {
+                break seq;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{fsync:?}: records still go to the moved file"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        log.close().await.expect("close");
+        let in_moved = lines(&moved);
+        let at_path = lines(&path);
+        assert_eq!(member(&in_moved[0], "seq"), 1, "{fsync:?}");
+        assert_eq!(
+            member(&at_path[0], "prev"),
+            member(in_moved.last().expect("a record"), "hash"),
+            "{fsync:?}"
+        );
+        assert_eq!(intact(dir.path(), None), last, "{fsync:?}");
+    }
+}
+
+/// The live file moved away and a file of someone else's put at `audit.path`: the writer
+/// neither rotates (renames) that file nor appends to it; it reports not writable until
+/// the path is free again, and then continues the chain in a new file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_file_at_the_path_is_neither_rotated_nor_written_into() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let moved = dir.path().join("moved-away.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    log.append(event(0)).await.expect("append");
+    std::fs::rename(&path, &moved).expect("move");
+    std::fs::write(&path, "someone else's\n").expect("write");
+    // Past `rotate_bytes`, so that a rotation is due, whether or not the periodic check
+    // noticed the move first.
+    for i in 1..10 {
+        let _ = log.append(event(i)).await;
+    }
+    assert!(writable_within(&log, false).await, "still writable");
+    assert!(log.append(event(10)).await.is_err(), "written somewhere");
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("still there"),
+        "someone else's\n"
+    );
+    for file in rotated_files(dir.path()) {
+        assert!(
+            lines(&file).iter().all(|l| member(l, "seq").is_u64()),
+            "{} holds the foreign file",
+            file.display()
+        );
+    }
+    std::fs::remove_file(&path).expect("free the path");
+    assert!(writable_within(&log, true).await, "not writable again");
+    let last = log.append(event(11)).await.expect("append");
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), last);
+}
+
+/// A restart after the live file was moved away, before a record was written to the new
+/// one: no file at hand holds the chain's last record, so it continues from the head
+/// saved when the writer left the moved file, not from seq 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_the_live_file_was_moved_away_continues_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let moved = dir.path().join("moved-away.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("open");
+    log.append(event(0)).await.expect("append");
+    log.append(event(1)).await.expect("append");
+    std::fs::rename(&path, &moved).expect("move");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no new live file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log.close().await.expect("close");
+
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("reopen");
+    assert_eq!(log.append(event(2)).await.expect("append"), 3);
+    log.close().await.expect("close");
+    assert_eq!(
+        member(&lines(&path)[0], "prev"),
+        member(&lines(&moved)[1], "hash")
+    );
+    assert_eq!(intact(dir.path(), None), 3);
+}
+
+/// A disk that stops answering, on demand: while the gate is closed, a file's `sync`
+/// (or `append`) waits.
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+/// Opens its gate when dropped, so that a failing test lets go of the threads waiting
+/// at it (a runtime waits for its blocked worker threads when it shuts down).
+struct OpenOnDrop(Gate);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+impl Gate {
+    /// Closes the gate until [`Gate::open`], or until the returned guard is dropped.
+    fn close(&self) -> OpenOnDrop {
+        *lock_unpoisoned(&self.0 .0) = true;
+        OpenOnDrop(self.clone())
+    }
+    fn open(&self) {
+        *lock_unpoisoned(&self.0 .0) = false;
+        self.0 .1.notify_all();
+    }
+    fn pass(&self) {
+        let mut closed = lock_unpoisoned(&self.0 .0);
+        while *closed {
+            closed = self.0 .1.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// An opener whose files' fsyncs (`on_sync`) or writes wait at `gate`.
+struct Stuck {
+    gate: Gate,
+    on_sync: bool,
+}
+
+struct StuckFile {
+    file: File,
+    gate: Gate,
+    on_sync: bool,
+}
+
+impl Opener for Stuck {
+    fn open(&self, path: &Path) -> io::Result<segment::Opened> {
+        let (file, created) = segment::open_append(path)?;
+        let len = file.metadata()?.len();
+        let file = StuckFile {
+            file,
+            gate: self.gate.clone(),
+            on_sync: self.on_sync,
+        };
+        Ok(segment::Opened {
+            file: Box::new(file),
+            len,
+            created,
+        })
+    }
+}
+
+impl LiveFile for StuckFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if !self.on_sync {
+            self.gate.pass();
+        }
+        std::io::Write::write_all(&mut self.file, bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        if self.on_sync {
+            self.gate.pass();
+        }
+        self.file.sync_all()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+}
+
+/// The bound the stuck-disk tests give the writer instead of [`STALL_BOUND`].
+const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
+
+/// Opens a log at `path` whose files wait at `gate` (fsync or write), with
+/// [`TEST_STALL_BOUND`].
+fn open_stuck(path: &Path, fsync: Fsync, gate: &Gate) -> AuditLog {
+    let stuck = Stuck {
+        gate: gate.clone(),
+        on_sync: fsync == Fsync::Always,
+    };
+    AuditLog::open_bounded(
+        settings(path, fsync, 1 << 20),
+        Box::new(stuck),
+        TEST_STALL_BOUND,
+    )
+    .expect("open")
+}
+
+/// A forward-like record and the `denied` record the gateway writes when it failed.
+fn denied_after(forward: &AuditEvent) -> AuditEvent {
+    AuditEvent {
+        event: EventKind::Denied,
+        status: Some(503),
+        reason: Some("audit-unavailable".into()),
+        ..forward.clone()
+    }
+}
+
+/// `fsync: always` on a disk whose fsync stops returning: the log turns not writable
+/// (so `/readyz` 503) once a batch has been in progress longer than the bound, and a
+/// caller waiting for its record, in the stuck batch or queued behind it, gets a write
+/// error instead of waiting for ever. The records are still written, in order, when the
+/// disk answers again: a `forward` refused this way is followed by the `denied` record
+/// the gateway then writes, as after any failed `forward` record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_fsync_turns_the_log_unready_and_fails_waiting_appends_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let gate = Gate::default();
+    let log = open_stuck(&path, Fsync::Always, &gate);
+    log.append(event(0)).await.expect("append");
+    let _closed = gate.close();
+    let in_time = Duration::from_secs(3);
+
+    let started = std::time::Instant::now();
+    let forward = event(1);
+    let refused = tokio::time::timeout(in_time, log.append(forward.clone())).await;
+    let err = refused
+        .expect("answered within the bound")
+        .expect_err("not written");
+    assert!(matches!(err, AuditError::WriteFailed { .. }), "{err}");
+    assert!(!log.is_writable(), "still ready with a stuck disk");
+    // Queued behind the stuck batch: answered too, and kept in order.
+    let denied = tokio::time::timeout(in_time, log.append(denied_after(&forward))).await;
+    denied
+        .expect("answered within the bound")
+        .expect_err("not written");
+    assert!(started.elapsed() < in_time);
+
+    gate.open();
+    assert!(writable_within(&log, true).await, "not ready again");
+    assert_eq!(log.append(event(2)).await.expect("append"), 4);
+    log.close().await.expect("close");
+    let events: Vec<_> = lines(&path)
+        .iter()
+        .map(|l| (member(l, "event"), member(l, "request_id")))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("forward", "req-0"),
+            ("forward", "req-1"),
+            ("denied", "req-1"),
+            ("forward", "req-2"),
+        ]
+        .map(|(e, r)| (serde_json::json!(e), serde_json::json!(r)))
+    );
+    assert_eq!(intact(dir.path(), None), 4);
+}
+
+/// `fsync: never` writes on the caller's thread, so a write that stops returning holds
+/// that caller (nothing bounds it), but readiness still tells: not writable once the
+/// write has been in progress longer than the bound, writable again once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_inline_write_turns_the_log_unready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let gate = Gate::default();
+    let log = open_stuck(&path, Fsync::Never, &gate);
+    log.append(event(0)).await.expect("append");
+    let _closed = gate.close();
+    let stuck = tokio::spawn({
+        let log = log.clone();
+        async move { log.append(event(1)).await }
+    });
+    let started = std::time::Instant::now();
+    assert!(writable_within(&log, false).await, "still ready");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    gate.open();
+    let seq = stuck
+        .await
+        .expect("task")
+        .expect("written once the disk answers");
+    assert_eq!(seq, 2);
+    assert!(writable_within(&log, true).await, "not ready again");
+    log.close().await.expect("close");
+    assert_eq!(intact(dir.path(), None), 2);
+}
