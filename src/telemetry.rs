@@ -221,7 +221,7 @@ impl Metrics {
         );
         registry.register(
             "mpc_gateway_upstream_requests",
-            "Calls to Plivo, by Plivo's final status (error when no answer came)",
+            "Requests sent to Plivo, every attempt and by-uuid lookup included, by Plivo's status (error when no answer came)",
             upstream.clone(),
         );
         registry.register(
@@ -241,7 +241,7 @@ impl Metrics {
         );
         registry.register(
             "mpc_gateway_http_rejected",
-            "Data connections that ended in the HTTP layer on an error or a timeout, by kind: a request head refused (too-large, malformed) or not sent in time (header-timeout), a failed TLS handshake (tls-handshake), a kept-alive connection gone silent (idle-timeout), a failed connection (io, other)",
+            "Data connections that ended in the HTTP layer on an error or a timeout, by kind: a request head refused (too-large, malformed) or not sent in time (header-timeout), a failed TLS handshake (tls-handshake), a kept-alive connection gone silent (idle-timeout), a failed connection (io, other); and HTTP/2 streams refused because the process had as many in progress as it takes (streams-exhausted)",
             http_rejected.clone(),
         );
         registry.register(

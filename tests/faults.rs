@@ -472,6 +472,8 @@ async fn upstream_502_and_504_are_retried_like_503() {
     let result = last_result(&h);
     assert_eq!(result["attempts"], 3);
     assert_eq!(result["upstream_status"], 204);
+    // The metric counts every request Plivo got, by its own status.
+    assert_eq!(upstream_requests(&h).await, [1.0, 1.0, 1.0, 0.0]);
 
     // Only 502s or only 504s: the attempts run out and the last one decides. Plivo's 504
     // is an answer, so it is `502 upstream-error`, not the gateway's own timeout.
@@ -491,6 +493,7 @@ async fn upstream_502_and_504_are_retried_like_503() {
         assert_eq!(result["upstream_status"], status);
         assert_eq!(result["plivo_api_id"], "last-1");
     }
+    assert_eq!(upstream_requests(&h).await, [4.0, 4.0, 1.0, 0.0]);
 
     // Other 5xx are not retried.
     for status in [500u16, 501, 505] {
@@ -742,4 +745,13 @@ async fn a_deadline_that_passes_during_backoff_is_504() {
     assert_eq!(result["attempts"], 6);
     drop(upstream);
     h.shutdown().await;
+}
+
+/// `mpc_gateway_upstream_requests_total` for statuses 502, 504, 204 and `error`.
+async fn upstream_requests(h: &Harness) -> [f64; 4] {
+    let text = metrics_text(h).await;
+    ["502", "504", "204", "error"].map(|status| {
+        let series = format!("mpc_gateway_upstream_requests_total{{status=\"{status}\"}}");
+        mpc_gateway::telemetry::sample(&text, &series).unwrap_or(0.0)
+    })
 }

@@ -1355,6 +1355,116 @@ async fn h2c_with_prior_knowledge_is_served() {
     h.shutdown().await;
 }
 
+/// The process holds at most `MAX_H2_STREAMS_IN_PROGRESS` HTTP/2 streams at once, however
+/// many connections carry them. Unauthenticated streams whose bodies never come fill
+/// every slot; a stream beyond them is refused at once with `REFUSED_STREAM` (not after
+/// the body timeout), is neither audited nor forwarded, and is counted; its connection
+/// stays usable and is served again once the stalled streams are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_in_progress_are_capped_across_connections() {
+    let h = Harness::start().await;
+    let per_connection = mpc_gateway::server::H2_MAX_CONCURRENT_STREAMS as usize;
+    let cap = mpc_gateway::server::MAX_H2_STREAMS_IN_PROGRESS;
+    let started = std::time::Instant::now();
+    let mut stalled = Vec::new();
+    let mut opened = 0;
+    while opened < cap {
+        let stream = tokio::net::TcpStream::connect(h.addr())
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        let driver = tokio::spawn(conn);
+        let mut answers = Vec::new();
+        for _ in 0..per_connection.min(cap - opened) {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(format!("http://{}/mpc/billing-flood/end", h.addr()))
+                .body(StalledBody)
+                .expect("request");
+            // Sent now; the answer (a 408 after the body timeout) is never awaited.
+            answers.push(sender.send_request(request));
+            opened += 1;
+        }
+        stalled.push((sender, driver, answers));
+    }
+
+    // Anonymous probes on a connection of their own are answered (401) while slots are
+    // free, until every slot is held by a stalled stream.
+    let (mut probe, probe_driver) = h2c_connect(h.addr()).await;
+    let mut answered_probes = 0;
+    let refusal = loop {
+        assert!(
+            started.elapsed() < mpc_gateway::gateway::BODY_READ_TIMEOUT / 2,
+            "no stream was refused while {cap} were stalled"
+        );
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/mpc/billing-probe/end", h.addr()))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        match tokio::time::timeout(WAIT, probe.send_request(request))
+            .await
+            .expect("the probe was answered or refused in time")
+        {
+            Ok(answer) => {
+                assert_eq!(answer.status().as_u16(), 401);
+                answered_probes += 1;
+            }
+            Err(err) => break err,
+        }
+    };
+    let reason = std::error::Error::source(&refusal)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{refusal:?}");
+    assert_eq!(
+        metric(
+            &h,
+            "mpc_gateway_http_rejected_total{kind=\"streams-exhausted\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // The stalled callers go away; their streams end, free their slots, and the probe's
+    // connection is served again.
+    drop(stalled);
+    assert!(
+        eventually_async(WAIT, || async {
+            h.records().len() == cap + answered_probes
+        })
+        .await,
+        "one denied record per stalled stream and answered probe, none for the refused one"
+    );
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/mpc/billing-after/end", h.addr()))
+        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let after = tokio::time::timeout(WAIT, probe.send_request(request))
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    assert_eq!(after.status().as_u16(), 204);
+    assert_eq!(
+        h.sim.request_count(),
+        1,
+        "only the last request was forwarded"
+    );
+    let records = h.records();
+    assert!(records[..cap + answered_probes]
+        .iter()
+        .all(|record| record["event"] == "denied"));
+    drop(probe);
+    probe_driver.abort();
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 /// HTTP/2 callers get the contract's head limits, as HTTP/1.1 callers do: a 20 KiB header
 /// block is served (the h2 library alone would refuse anything above 16 KiB), a header
 /// block over 32 KiB or with more than 100 fields is `431` and a `:path` over 8 KiB `414`,

@@ -285,6 +285,7 @@ impl Gateway {
                     &admitted.credentials,
                     MpcRef::Name(name),
                     runtime.upstream.deadline(),
+                    &self.inner.metrics,
                 );
                 call.await
             }
@@ -349,15 +350,18 @@ impl Gateway {
         ticket: &Ticket,
     ) -> UpstreamReport {
         let deadline = runtime.upstream.deadline();
-        let (name, lookup_attempts, lookup_status) =
-            match runtime.upstream.lookup_name(account, uuid, deadline).await {
-                Lookup::Found {
-                    name,
-                    attempts,
-                    status,
-                } => (name, attempts, status),
-                Lookup::Failed(report) => return report,
-            };
+        let (name, lookup_attempts, lookup_status) = match runtime
+            .upstream
+            .lookup_name(account, uuid, deadline, &self.inner.metrics)
+            .await
+        {
+            Lookup::Found {
+                name,
+                attempts,
+                status,
+            } => (name, attempts, status),
+            Lookup::Failed(report) => return report,
+        };
         let name_shared: Arc<str> = Arc::from(name.as_str());
         self.inner.forwarded.name_learned(ticket, &name_shared);
         trail.mpc = Some(name_shared);
@@ -379,7 +383,7 @@ impl Gateway {
         }
         let mut report = runtime
             .upstream
-            .end_mpc(account, MpcRef::Uuid(uuid), deadline)
+            .end_mpc(account, MpcRef::Uuid(uuid), deadline, &self.inner.metrics)
             .await;
         report.attempts += lookup_attempts;
         report
@@ -547,7 +551,6 @@ impl Gateway {
         trail.upstream_status = report.status;
         trail.plivo_api_id = report.api_id().map(Arc::from);
         trail.attempts = Some(report.attempts);
-        self.inner.metrics.upstream_answer(report.status);
         let result = trail.event(EventKind::Result);
         let submitted = self
             .inner

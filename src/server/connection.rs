@@ -5,7 +5,6 @@
 //! timeout, the graceful close of a TLS connection whose client CAs a reload replaced,
 //! and the count of what the HTTP layer ended itself ([`Rejection`]).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -35,8 +34,8 @@ use super::idle::{FirstHead, H2Activity};
 use super::rejection::Rejection;
 use super::sniff::{sniff_version, HttpVersion, NoVersion};
 use super::{
-    FORCED_CLOSE_WAIT, H2_IDLE_TIMEOUT, H2_MAX_HEADER_LIST_BYTES, HEADER_READ_TIMEOUT,
-    MAX_CONNECTIONS, MAX_HEAD_BYTES,
+    FORCED_CLOSE_WAIT, H2_IDLE_TIMEOUT, H2_MAX_CONCURRENT_STREAMS, H2_MAX_HEADER_LIST_BYTES,
+    HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_H2_STREAMS_IN_PROGRESS, MAX_HEAD_BYTES,
 };
 
 /// Accepts data connections and serves each in its own task until `stop` says so; then
@@ -50,6 +49,7 @@ pub(super) async fn serve_data(
     let builders = Arc::new(Builders::new());
     let drain = Drain::new();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let h2_streams = Arc::new(Semaphore::new(MAX_H2_STREAMS_IN_PROGRESS));
     loop {
         let accepted = tokio::select! {
             accepted = accept_within(&listener, &connections, "data") => accepted,
@@ -64,6 +64,7 @@ pub(super) async fn serve_data(
             builders: Arc::clone(&builders),
             watcher: drain.watcher(),
             requests_watcher: drain.watcher(),
+            h2_streams: Arc::clone(&h2_streams),
             peer,
         };
         // When `shutdown_grace` runs out, every connection still open is dropped, here
@@ -138,7 +139,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
@@ -152,6 +153,9 @@ struct Connection {
     watcher: Watcher,
     /// Keeps the drain waiting for the connection's detached HTTP/2 requests.
     requests_watcher: Watcher,
+    /// The HTTP/2 streams in progress on all connections; see
+    /// [`MAX_H2_STREAMS_IN_PROGRESS`].
+    h2_streams: Arc<Semaphore>,
     peer: SocketAddr,
 }
 
@@ -223,6 +227,7 @@ impl Connection {
             HttpVersion::Http2 => Some(H2Requests {
                 watcher: Arc::new(self.requests_watcher),
                 activity: Arc::new(H2Activity::new()),
+                slots: self.h2_streams,
             }),
         };
         let activity = detach.as_ref().map(|h2| Arc::clone(&h2.activity));
@@ -277,12 +282,21 @@ fn trust_replaced(mut trust_changed: watch::Receiver<Option<ClientTrust>>) -> Su
     })
 }
 
-/// What each HTTP/2 request's task holds: the drain waits for it, and the idle timer
-/// counts it as activity.
+/// What each HTTP/2 request's task holds: the drain waits for it, the idle timer
+/// counts it as activity, and it has one of the process's stream slots.
 #[derive(Clone)]
 struct H2Requests {
     watcher: Arc<Watcher>,
     activity: Arc<H2Activity>,
+    slots: Arc<Semaphore>,
+}
+
+/// How a stream is refused when every stream slot is taken: `RST_STREAM` with
+/// `REFUSED_STREAM`, which tells the client the request was not processed at all and may
+/// be sent again (RFC 9113 §8.7). hyper resets a stream with the reason of the error its
+/// service returns.
+fn refused_stream() -> h2::Error {
+    h2::Error::from(h2::Reason::REFUSED_STREAM)
 }
 
 /// Counts the error a served connection ended with, if it ended with one.
@@ -311,7 +325,7 @@ fn data_service(
     impl tower::Service<
             Request<Incoming>,
             Response = http::Response<http_body_util::Full<bytes::Bytes>>,
-            Error = Infallible,
+            Error = h2::Error,
             Future = impl Send,
         > + Clone,
 > {
@@ -329,15 +343,20 @@ fn data_service(
             // Counted from here, before the task exists, so the idle timer never sees a
             // gap between the head's arrival and the request.
             let in_flight = detach.as_ref().map(|h2| h2.activity.begin());
+            let slot = detach.as_ref().map(|h2| stream_slot(h2, &gateway));
             async move {
                 let Some(H2Requests { watcher, .. }) = detach else {
-                    return Ok::<_, Infallible>(gateway.handle(request, &peer).await);
+                    return Ok(gateway.handle(request, &peer).await);
+                };
+                let Some(Ok(slot)) = slot else {
+                    return Err(refused_stream());
                 };
                 // For the reply if the task is cancelled (the request goes with it).
                 let caller_id = request.headers().get(&X_REQUEST_ID).cloned();
                 let detached = tokio::spawn(async move {
                     let _drain_waits = watcher;
                     let _busy = in_flight;
+                    let _slot = slot;
                     gateway.handle(request, &peer).await
                 });
                 match detached.await {
@@ -350,6 +369,14 @@ fn data_service(
             }
         });
     TowerToHyperService::new(stack)
+}
+
+/// One of the process's HTTP/2 stream slots for a new stream, or `Err` (counted) when
+/// all are taken.
+fn stream_slot(h2: &H2Requests, gateway: &Gateway) -> Result<OwnedSemaphorePermit, ()> {
+    Arc::clone(&h2.slots).try_acquire_owned().map_err(|_| {
+        gateway.metrics().http_rejected(Rejection::StreamsExhausted);
+    })
 }
 
 /// The reply to a request whose task the runtime cancelled while shutting down: the

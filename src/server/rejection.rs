@@ -22,6 +22,10 @@ pub enum Rejection {
     Io,
     /// An error that did not come from hyper.
     Other,
+    /// An HTTP/2 stream refused (`REFUSED_STREAM`) because the process already had
+    /// [`MAX_H2_STREAMS_IN_PROGRESS`](super::MAX_H2_STREAMS_IN_PROGRESS) in progress:
+    /// not processed, so not audited. The connection stays open.
+    StreamsExhausted,
 }
 
 impl Rejection {
@@ -35,6 +39,7 @@ impl Rejection {
             Rejection::IdleTimeout => "idle-timeout",
             Rejection::Io => "io",
             Rejection::Other => "other",
+            Rejection::StreamsExhausted => "streams-exhausted",
         }
     }
 
@@ -75,6 +80,7 @@ mod tests {
             Rejection::IdleTimeout,
             Rejection::Io,
             Rejection::Other,
+            Rejection::StreamsExhausted,
         ]
         .map(|rejection| rejection.as_str());
         assert_eq!(
@@ -86,7 +92,8 @@ mod tests {
                 "tls-handshake",
                 "idle-timeout",
                 "io",
-                "other"
+                "other",
+                "streams-exhausted"
             ]
         );
     }

@@ -26,6 +26,7 @@ use crate::config::{Account, BaseUrl, UpstreamSettings};
 use crate::millis::{millis, Throttle};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
+use crate::telemetry::Metrics;
 
 /// Plivo's error bodies are small; anything bigger is not worth reading.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -166,6 +167,16 @@ enum Attempt {
     Fatal,
 }
 
+impl Attempt {
+    /// Plivo's status, `None` when no answer came.
+    fn status(&self) -> Option<u16> {
+        match self {
+            Attempt::Answered { status, .. } => Some(status.as_u16()),
+            Attempt::Retriable | Attempt::Fatal => None,
+        }
+    }
+}
+
 impl PlivoClient {
     pub fn new(settings: &UpstreamSettings) -> Result<PlivoClient, UpstreamBuildError> {
         let tls = client_tls_config(settings)?;
@@ -231,30 +242,39 @@ impl PlivoClient {
         Instant::now() + self.timeout
     }
 
-    /// Ends the MPC, retrying as the contract allows, never past `deadline`.
+    /// Ends the MPC, retrying as the contract allows, never past `deadline`. Each
+    /// attempt is counted in `metrics` by Plivo's status.
     pub async fn end_mpc(
         &self,
         account: &AccountCredentials,
         mpc: MpcRef<'_>,
         deadline: Instant,
+        metrics: &Metrics,
     ) -> UpstreamReport {
         let path = PlivoClient::mpc_path(&account.auth_id, mpc);
-        match self.call(Method::DELETE, path, account, deadline).await {
+        match self
+            .call(Method::DELETE, path, account, deadline, metrics)
+            .await
+        {
             Ok((attempt, attempts)) => self.conclude_logged(account, attempt, attempts),
             Err(timed_out) => timed_out,
         }
     }
 
     /// Reads an MPC by uuid to learn its friendly name (for authorization), never past
-    /// `deadline`.
+    /// `deadline`. Each attempt is counted in `metrics` by Plivo's status.
     pub async fn lookup_name(
         &self,
         account: &AccountCredentials,
         uuid: &MpcUuid,
         deadline: Instant,
+        metrics: &Metrics,
     ) -> Lookup {
         let path = PlivoClient::mpc_path(&account.auth_id, MpcRef::Uuid(uuid));
-        let (attempt, attempts) = match self.call(Method::GET, path, account, deadline).await {
+        let called = self
+            .call(Method::GET, path, account, deadline, metrics)
+            .await;
+        let (attempt, attempts) = match called {
             Ok(done) => done,
             Err(timed_out) => return Lookup::Failed(timed_out),
         };
@@ -291,14 +311,17 @@ impl PlivoClient {
         }
     }
 
-    /// Sends `method path` with retries until `deadline`. `Err` is the report of a call
-    /// that ended with no attempt to conclude: it ran out of time, or was never sent.
+    /// Sends `method path` with retries until `deadline`, counting every attempt sent
+    /// in `metrics` (Plivo's status, or `error` when no answer came). `Err` is the
+    /// report of a call that ended with no attempt to conclude: it ran out of time, or
+    /// was never sent.
     async fn call(
         &self,
         method: Method,
         path: String,
         account: &AccountCredentials,
         deadline: Instant,
+        metrics: &Metrics,
     ) -> Result<(Attempt, u32), UpstreamReport> {
         let uri = match self.uri_of(path) {
             Ok(uri) => uri,
@@ -318,8 +341,10 @@ impl PlivoClient {
             attempts += 1;
             let attempt = self.attempt(method.clone(), uri.clone(), account, deadline, attempts);
             let Ok(attempt) = tokio::time::timeout_at(deadline, attempt).await else {
+                metrics.upstream_answer(None);
                 return Err(self.timed_out(attempts));
             };
+            metrics.upstream_answer(attempt.status());
             if attempts >= self.max_attempts || !is_retriable(&attempt) {
                 return Ok((attempt, attempts));
             }
