@@ -396,7 +396,11 @@ fn env_secrets_are_read_from_the_process_environment() {
     c.write(&yaml);
     let config = c.config_path();
     let config = config.to_str().expect("UTF-8 path");
-    let vars = [(ID_VAR, AUTH_ID), (TOKEN_VAR, ENV_TOKEN), (KEY_VAR, ENV_KEY)];
+    let vars = [
+        (ID_VAR, AUTH_ID),
+        (TOKEN_VAR, ENV_TOKEN),
+        (KEY_VAR, ENV_KEY),
+    ];
 
     let mut check = command(&["check-config", "--config", config]);
     for name in [ID_VAR, TOKEN_VAR, KEY_VAR] {
@@ -422,8 +426,7 @@ fn env_secrets_are_read_from_the_process_environment() {
     assert_eq!(end(&served, "billing-env").0, 204);
     let sent = sim.sim.requests();
     assert_eq!(sent.len(), 1);
-    let basic =
-        base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{ENV_TOKEN}"));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{ENV_TOKEN}"));
     assert_eq!(
         sent[0].header("authorization"),
         Some(format!("Basic {basic}").as_str())
@@ -1852,7 +1855,9 @@ struct Held8080 {
 fn hold_8080() -> Held8080 {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     // A test that failed while holding it poisons the lock, not the port.
-    let turn = TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = match std::net::TcpListener::bind("127.0.0.1:8080") {
         Ok(listener) => Some(listener),
         Err(err) => {

@@ -611,8 +611,10 @@ async fn when_the_attempts_run_out_the_last_attempts_outcome_decides() {
     assert_eq!(upstream_series(&text, "error"), 2.0, "two resets: {text}");
     assert_eq!(upstream_series(&text, "503"), 1.0, "{text}");
 
-    h.sim.push_fault(Fault::status(503, r#"{"api_id":"early-503"}"#));
-    h.sim.push_fault(Fault::status(503, r#"{"api_id":"early-503"}"#));
+    h.sim
+        .push_fault(Fault::status(503, r#"{"api_id":"early-503"}"#));
+    h.sim
+        .push_fault(Fault::status(503, r#"{"api_id":"early-503"}"#));
     h.sim.push_fault(Fault::Reset);
     let reply = h.end("billing-503-first", BILLING_TOKEN).await;
     reply.assert_problem(502, "upstream-unavailable");
@@ -628,7 +630,11 @@ async fn when_the_attempts_run_out_the_last_attempts_outcome_decides() {
     );
     assert_eq!(result["plivo_api_id"], serde_json::Value::Null);
     let text = metrics_text(&h).await;
-    assert_eq!(upstream_series(&text, "error"), 3.0, "one more reset: {text}");
+    assert_eq!(
+        upstream_series(&text, "error"),
+        3.0,
+        "one more reset: {text}"
+    );
     assert_eq!(upstream_series(&text, "503"), 3.0, "two more 503s: {text}");
 
     // A hang to the deadline is no answer either.
@@ -740,7 +746,10 @@ async fn hanging_attempts_end_at_the_deadline() {
     let result = last_result(&h);
     assert_eq!(result["status"], 504);
     assert_eq!(result["reason"], "upstream-timeout");
-    assert_eq!(result["attempts"], 1, "the hanging attempt was the only one");
+    assert_eq!(
+        result["attempts"], 1,
+        "the hanging attempt was the only one"
+    );
     assert_eq!(result["upstream_status"], serde_json::Value::Null);
     assert_eq!(result["plivo_api_id"], serde_json::Value::Null);
     h.assert_chain();

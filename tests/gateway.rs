@@ -18,10 +18,13 @@ async fn happy_path_sends_exactly_the_contract_request_upstream() {
         .send(
             Method::POST,
             "/mpc/billing-42/end?ignored=1",
-            &[("authorization", auth.as_str()), ("x-request-id", "caller-req-1")]
-                .into_iter()
-                .chain(LEAKY_HEADERS)
-                .collect::<Vec<_>>(),
+            &[
+                ("authorization", auth.as_str()),
+                ("x-request-id", "caller-req-1"),
+            ]
+            .into_iter()
+            .chain(LEAKY_HEADERS)
+            .collect::<Vec<_>>(),
             b"{\"ignored\": true}",
         )
         .await;
@@ -420,7 +423,11 @@ async fn account_limit_is_shared_by_the_tenants_of_an_account() {
         Some("\"account\";q=1;w=1")
     );
     assert_eq!(refused.header("ratelimit"), Some("\"account\";r=0;t=1"));
-    assert_eq!(refused.json()["retry_after"], 1, "the body repeats Retry-After");
+    assert_eq!(
+        refused.json()["retry_after"],
+        1,
+        "the body repeats Retry-After"
+    );
     assert_eq!(h.sim.request_count(), 1);
     let records = h.records();
     assert_eq!(records.len(), 3, "forward, result, denied: {records:?}");
@@ -924,7 +931,11 @@ async fn request_ids_are_kept_when_valid_and_made_otherwise() {
         let response = answer.single();
         assert_eq!(response.status, 400, "{sent:?}: {response:?}");
     }
-    assert_eq!(h.records().len(), records_before, "nothing parsed, nothing audited");
+    assert_eq!(
+        h.records().len(),
+        records_before,
+        "nothing parsed, nothing audited"
+    );
     let text = metrics_text(&h).await;
     assert!(
         text.contains("mpc_gateway_http_rejected_total{kind=\"malformed\"} 2"),

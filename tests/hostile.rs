@@ -171,7 +171,11 @@ async fn request_line_far_over_8_kib_is_414_too() {
         );
     }
     assert_eq!(h.records().len(), 3, "one denied record each");
-    assert_eq!(metric(&h, TOO_LARGE).await, 0.0, "the gateway answered those");
+    assert_eq!(
+        metric(&h, TOO_LARGE).await,
+        0.0,
+        "the gateway answered those"
+    );
 
     let target = format!("/mpc/billing-1/end?pad={}", "q".repeat(64 * 1024));
     let outcome = raw_send(h.addr(), post(&target).as_bytes(), WAIT).await;
@@ -1349,7 +1353,11 @@ async fn h2c_stream_with_a_body_that_never_ends_is_408() {
         took >= mpc_gateway::gateway::BODY_READ_TIMEOUT - Duration::from_secs(1),
         "{took:?}"
     );
-    assert_eq!(h.sim.request_count(), 1, "only the other stream was forwarded");
+    assert_eq!(
+        h.sim.request_count(),
+        1,
+        "only the other stream was forwarded"
+    );
     let records = h.records();
     assert_eq!(records.len(), 3, "{records:?}");
     assert_eq!(

@@ -114,7 +114,10 @@ async fn sdk_route_without_the_trailing_slash_ends_the_mpc() {
     assert_eq!(result["mpc"], "billing-noslash");
     assert_eq!(result["tenant"], "billing");
     assert_eq!(result["upstream_status"], 204);
-    assert_eq!(result["request_id"], reply.header("x-request-id").expect("id"));
+    assert_eq!(
+        result["request_id"],
+        reply.header("x-request-id").expect("id")
+    );
     h.assert_chain();
     h.shutdown().await;
 }
@@ -497,7 +500,11 @@ async fn by_uuid_lookup_whose_body_never_ends_is_504() {
     assert_eq!(result["reason"], "upstream-timeout", "{result}");
     assert_eq!(result["status"], 504);
     assert_eq!(result["path"], format!("/mpc/by-uuid/{uuid}/end"));
-    assert_eq!(result["mpc"], serde_json::Value::Null, "the name never came");
+    assert_eq!(
+        result["mpc"],
+        serde_json::Value::Null,
+        "the name never came"
+    );
     assert_eq!(result["attempts"], 1);
     h.assert_chain();
     h.shutdown().await;
@@ -519,7 +526,11 @@ fn assert_by_uuid_result(
     let request_id = reply.header("x-request-id").expect("request id");
     for record in [forward, &result] {
         assert_eq!(record["request_id"], request_id, "{record}");
-        assert_eq!(record["path"], format!("/mpc/by-uuid/{uuid}/end"), "{record}");
+        assert_eq!(
+            record["path"],
+            format!("/mpc/by-uuid/{uuid}/end"),
+            "{record}"
+        );
         assert_eq!(record["tenant"], "billing", "{record}");
         assert_eq!(record["account"], "default", "{record}");
         assert_eq!(record["mpc"], serde_json::Value::Null, "{record}");
@@ -583,7 +594,10 @@ async fn by_uuid_refusals_unknown_and_lookup_failures() {
     assert_eq!(denied["account"], "default");
     assert_eq!(denied["path"], format!("/mpc/by-uuid/{uuid}/end"));
     assert_eq!(denied["mpc"], serde_json::Value::Null);
-    assert_eq!(denied["request_id"], refused.header("x-request-id").expect("id"));
+    assert_eq!(
+        denied["request_id"],
+        refused.header("x-request-id").expect("id")
+    );
     // The refusal took nothing: the one call left in the budget is still there.
     h.sim.add_mpc("billing-after");
     assert_eq!(h.end("billing-after", BILLING_TOKEN).await.status, 204);

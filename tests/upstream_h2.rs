@@ -79,10 +79,13 @@ async fn the_contract_request_goes_upstream_over_http2() {
         .send(
             Method::POST,
             "/mpc/billing-h2/end",
-            &[("authorization", auth.as_str()), ("x-request-id", "caller-h2-1")]
-                .into_iter()
-                .chain(LEAKY_HEADERS)
-                .collect::<Vec<_>>(),
+            &[
+                ("authorization", auth.as_str()),
+                ("x-request-id", "caller-h2-1"),
+            ]
+            .into_iter()
+            .chain(LEAKY_HEADERS)
+            .collect::<Vec<_>>(),
             b"{\"ignored\": true}",
         )
         .await;
