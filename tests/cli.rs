@@ -330,6 +330,24 @@ fn the_default_config_is_config_gateway_yaml() {
         "{}",
         text(&out.stderr)
     );
+    // `serve` reads the same default: with no file there it refuses to start, exit 1,
+    // saying which file it could not read.
+    let mut serve = command(&["serve"]);
+    serve.current_dir(cwd.path());
+    let out = run_command(serve, b"");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("error: config/gateway.yaml: ") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(cwd.path())
+            .expect("read cwd")
+            .next()
+            .is_none(),
+        "a serve that did not start left nothing behind"
+    );
     std::fs::create_dir(cwd.path().join("config")).expect("mkdir");
     std::fs::write(cwd.path().join("config/gateway.yaml"), c.yaml(BASE, ALLOW)).expect("write");
     let mut check = command(&["check-config"]);
@@ -341,6 +359,102 @@ fn the_default_config_is_config_gateway_yaml() {
         "{}",
         text(&out.stdout)
     );
+}
+
+/// `{env: NAME}` secrets (DESIGN §2) resolved from the child's environment, set with
+/// `Command::env` (the test process's own environment is shared by every test and never
+/// touched): `check-config` accepts them and prints none of them, `serve` sends the Basic
+/// header made of the auth id and token from the environment, and keys its audit chain
+/// with the HMAC key from the environment. Without the variables, `check-config` refuses.
+#[test]
+fn env_secrets_are_read_from_the_process_environment() {
+    const ID_VAR: &str = "MPCGW_CLI_TEST_AUTH_ID";
+    const TOKEN_VAR: &str = "MPCGW_CLI_TEST_AUTH_TOKEN";
+    const KEY_VAR: &str = "MPCGW_CLI_TEST_HMAC_KEY";
+    // Not the values of the config directory's files: only the environment has them.
+    const ENV_TOKEN: &str = "env-plivo-token-not-real";
+    const ENV_KEY: &str = "env-hmac-key-not-real";
+    let sim = BackgroundSim::start(SimulatorConfig::new(AUTH_ID, ENV_TOKEN), 1);
+    let c = ConfigDir::new();
+    let dir = c.path().display().to_string();
+    let yaml = c.yaml(&sim.base_url(), ALLOW);
+    let yaml = replaced(
+        &yaml,
+        &format!("auth_id: {AUTH_ID}"),
+        &format!("auth_id: {{env: {ID_VAR}}}"),
+    );
+    let yaml = replaced(
+        &yaml,
+        &format!("auth_token: {{file: \"{dir}/plivo-token\"}}"),
+        &format!("auth_token: {{env: {TOKEN_VAR}}}"),
+    );
+    let yaml = replaced(
+        &yaml,
+        &format!("hmac_key: {{file: \"{dir}/hmac-key\"}}"),
+        &format!("hmac_key: {{env: {KEY_VAR}}}"),
+    );
+    c.write(&yaml);
+    let config = c.config_path();
+    let config = config.to_str().expect("UTF-8 path");
+    let vars = [
+        (ID_VAR, AUTH_ID),
+        (TOKEN_VAR, ENV_TOKEN),
+        (KEY_VAR, ENV_KEY),
+    ];
+
+    let mut check = command(&["check-config", "--config", config]);
+    for name in [ID_VAR, TOKEN_VAR, KEY_VAR] {
+        check.env_remove(name);
+    }
+    let out = run_command(check, b"");
+    assert!(!out.status.success(), "unset variables are an error");
+    assert!(text(&out.stderr).contains(ID_VAR), "{}", text(&out.stderr));
+
+    let mut check = command(&["check-config", "--config", config]);
+    check.envs(vars);
+    let out = run_command(check, b"");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout {stdout}\nstderr {stderr}");
+    for secret in [ENV_TOKEN, ENV_KEY] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "check-config printed a secret: {stdout}{stderr}"
+        );
+    }
+
+    let mut served = Served::start_with_env(c.config_path().as_path(), &vars);
+    assert_eq!(end(&served, "billing-env").0, 204);
+    let sent = sim.sim.requests();
+    assert_eq!(sent.len(), 1);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{ENV_TOKEN}"));
+    assert_eq!(
+        sent[0].header("authorization"),
+        Some(format!("Basic {basic}").as_str())
+    );
+    served.signal("TERM");
+    assert!(served.wait_exit(Duration::from_secs(20)).success());
+    assert_eq!(assert_chain(&[c.audit_path()], Some(ENV_KEY.as_bytes())), 2);
+    let audit = c.audit_path();
+    let mut verify = command(&[
+        "audit",
+        "verify",
+        audit.to_str().expect("UTF-8"),
+        "--hmac-key-env",
+        KEY_VAR,
+    ]);
+    verify.env(KEY_VAR, ENV_KEY);
+    let verified = run_command(verify, b"");
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    // The file's key is not the one the chain was made with.
+    let mut wrong = command(&[
+        "audit",
+        "verify",
+        audit.to_str().expect("UTF-8"),
+        "--hmac-key-env",
+        KEY_VAR,
+    ]);
+    wrong.env(KEY_VAR, HMAC_KEY);
+    assert_eq!(run_command(wrong, b"").status.code(), Some(1));
 }
 
 #[test]
@@ -866,17 +980,27 @@ fn sighup_rotating_a_tenant_token_refuses_the_old_one_and_admits_the_new() {
 
 #[test]
 fn sigterm_lets_a_slow_in_flight_request_finish() {
-    sigterm_drains_with(0);
+    drains_on_signal("TERM", 0);
 }
 
 /// `worker_threads: 1` runs everything on the main thread (a current-thread runtime):
 /// serving, signals and the drain must work the same.
 #[test]
 fn sigterm_drains_on_a_single_worker_thread_too() {
-    sigterm_drains_with(1);
+    drains_on_signal("TERM", 1);
 }
 
-fn sigterm_drains_with(worker_threads: usize) {
+/// DESIGN §5 treats `SIGINT` (an operator's Ctrl-C) like `SIGTERM`.
+#[test]
+fn sigint_drains_like_sigterm() {
+    drains_on_signal("INT", 0);
+}
+
+/// Sends `signal` while a request is with Plivo: `/readyz` turns 503, the data listener
+/// stops accepting, the request finishes, the process exits 0. Plivo's answer takes 4 s
+/// (within the config's 5 s grace and 5 s timeout), longer than the polls below can take
+/// (2 s each at most), so the request is still in flight when they are done.
+fn drains_on_signal(signal: &str, worker_threads: usize) {
     let sim = start_sim();
     let c = ConfigDir::new();
     c.write(&format!(
@@ -887,8 +1011,7 @@ fn sigterm_drains_with(worker_threads: usize) {
     let local = served.local;
     assert_eq!(end(&served, "billing-1").0, 204);
 
-    sim.sim
-        .push_fault(Fault::Delay(Duration::from_millis(1500)));
+    sim.sim.push_fault(Fault::Delay(Duration::from_secs(4)));
     let in_flight = std::thread::spawn(move || {
         try_http(local, "POST", "/mpc/billing-slow/end", Some(CALLER_TOKEN))
     });
@@ -896,7 +1019,7 @@ fn sigterm_drains_with(worker_threads: usize) {
         eventually(Duration::from_secs(5), || sim.sim.request_count() >= 2),
         "the simulator received the slow request"
     );
-    served.signal("TERM");
+    served.signal(signal);
 
     assert!(
         eventually(Duration::from_secs(2), || {
@@ -910,15 +1033,23 @@ fn sigterm_drains_with(worker_threads: usize) {
         }),
         "the data listener stops accepting"
     );
-    assert!(!in_flight.is_finished(), "still in flight while draining");
+    assert!(
+        !in_flight.is_finished(),
+        "SIG{signal}: still in flight while draining"
+    );
 
     let (status, body) = in_flight
         .join()
         .expect("request thread")
         .expect("the in-flight request got an answer");
-    assert_eq!(status, 204, "{body}");
+    assert_eq!(status, 204, "SIG{signal}: {body}");
     let exit = served.wait_exit(Duration::from_secs(15));
-    assert_eq!(exit.code(), Some(0), "log:\n{}", served.log_text());
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "SIG{signal}: log:\n{}",
+        served.log_text()
+    );
 
     let records = read_records(&c.audit_path());
     assert_eq!(
@@ -1317,6 +1448,40 @@ fn refused_credentials_and_plivo_server_errors_are_logged_once_per_interval() {
     assert!(lines[0].contains("\"status\":500"), "{}", lines[0]);
 }
 
+/// Plivo's `403` is a refusal of the gateway's credentials too (DESIGN §1: "401/403 →
+/// 502 upstream-credentials-rejected (and an error in the operational log)"): the caller
+/// gets the 502, the call is not retried, the audit records Plivo's 403, and the log has
+/// the error naming the account.
+#[test]
+fn plivo_403_is_refused_credentials_with_an_error_in_the_log() {
+    let sim = start_sim();
+    sim.sim.push_fault(Fault::Status {
+        status: 403,
+        headers: Vec::new(),
+        body: r#"{"api_id":"forbidden-1","error":"not allowed"}"#.to_owned(),
+    });
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let served = Served::start(&c.config_path());
+    assert_each_ends_with_502(&served, &["billing-403"], "upstream-credentials-rejected");
+    assert_eq!(sim.sim.request_count(), 1, "a 403 is not retried");
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, "Plivo rejected the gateway's credentials");
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("\"level\":\"ERROR\""), "{}", lines[0]);
+    assert!(lines[0].contains("\"account\":\"default\""), "{}", lines[0]);
+    assert!(lines[0].contains("\"status\":403"), "{}", lines[0]);
+    assert_no_plivo_secret(&log);
+    let records = read_records(&c.audit_path());
+    let result = records.last().expect("records");
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["status"], 502);
+    assert_eq!(result["reason"], "upstream-credentials-rejected");
+    assert_eq!(result["upstream_status"], 403);
+    assert_eq!(result["plivo_api_id"], "forbidden-1");
+    assert_eq!(result["attempts"], 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // The audit log on a full disk
 // ---------------------------------------------------------------------------------------
@@ -1677,6 +1842,38 @@ impl Drop for Demo {
     }
 }
 
+/// Port 8080 (the demo's default) held by this test binary, so the demo has to move to
+/// free ports. The demo tests take it in turn: were two to run at once, the one whose
+/// bind failed would rely on the other's hold, which ends with the other test.
+struct Held8080 {
+    _turn: std::sync::MutexGuard<'static, ()>,
+    /// `None` when another process holds 8080 (then it is busy too, but not for certain
+    /// until this test ends).
+    listener: Option<std::net::TcpListener>,
+}
+
+fn hold_8080() -> Held8080 {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisons the lock, not the port.
+    let turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let listener = match std::net::TcpListener::bind("127.0.0.1:8080") {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            eprintln!(
+                "port 8080 is held by another process ({err}): the demo still has to move, \
+                 but the checks that rely on this test holding it are skipped"
+            );
+            None
+        }
+    };
+    Held8080 {
+        _turn: turn,
+        listener,
+    }
+}
+
 /// Ctrl-C: the demo stops with exit 0.
 fn interrupt_and_expect_a_clean_exit(child: &mut std::process::Child) {
     let interrupt = Command::new("kill")
@@ -1712,8 +1909,7 @@ fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rec
 #[test]
 fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Busy already (then the demo moves anyway) or held by us until the test ends.
-    let _held = std::net::TcpListener::bind("127.0.0.1:8080");
+    let held = hold_8080();
 
     let stderr_path = dir.path().join("demo.stderr");
     let stderr = std::fs::File::create(&stderr_path).expect("create");
@@ -1748,7 +1944,9 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
         .and_then(|rest| rest.split_once('/'))
         .expect("http://ADDR/PATH");
     let addr: SocketAddr = addr.parse().expect("a socket address");
-    assert_ne!(addr.port(), 8080, "8080 was taken; the demo moved");
+    if held.listener.is_some() {
+        assert_ne!(addr.port(), 8080, "8080 was taken; the demo moved");
+    }
     let path = format!("/{path}");
 
     let (status, body) = http(addr, "POST", &path, Some(token));
@@ -1779,7 +1977,7 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
 fn demo_keeps_running_when_its_stdout_has_no_reader() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Held so that the demo also writes its "in use" line (see the test above).
-    let _held = std::net::TcpListener::bind("127.0.0.1:8080");
+    let _held = hold_8080();
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
     let mut child = command(&["demo"])

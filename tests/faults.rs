@@ -65,6 +65,12 @@ struct RawUpstream {
 /// A serving raw upstream: counts accepted connections; stops when dropped.
 struct RawServing {
     accepted: Arc<AtomicUsize>,
+    /// [`Behaviour::HandshakeOnly`]: connections whose TLS handshake completed on the
+    /// server's side, and the bytes of application data read on them.
+    handshakes: Arc<AtomicUsize>,
+    app_bytes: Arc<AtomicUsize>,
+    /// [`Behaviour::HandshakeOnly`]: connections whose handling has ended.
+    finished: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -77,6 +83,21 @@ impl Drop for RawServing {
 impl RawServing {
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most 10 s: each connection's handling is bounded by 5 s plus 1 s) until
+    /// every accepted connection's handling ended; returns (completed handshakes,
+    /// application bytes read).
+    async fn handshake_outcome(&self) -> (usize, usize) {
+        let done = eventually_async(Duration::from_secs(10), || async {
+            self.finished.load(Ordering::SeqCst) == self.accepted()
+        })
+        .await;
+        assert!(done, "the raw upstream's connections did not end");
+        (
+            self.handshakes.load(Ordering::SeqCst),
+            self.app_bytes.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -97,6 +118,14 @@ impl RawUpstream {
         let acceptor = tls_acceptor(&tls);
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&accepted);
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let app_bytes = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let (handshakes_, app_bytes_, finished_) = (
+            Arc::clone(&handshakes),
+            Arc::clone(&app_bytes),
+            Arc::clone(&finished),
+        );
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             // Bounded: a test makes a handful of connections.
@@ -109,11 +138,33 @@ impl RawUpstream {
                     Behaviour::Silent => held.push(tcp),
                     Behaviour::HandshakeOnly => {
                         let acceptor = acceptor.clone();
+                        let (handshakes, app_bytes, finished) = (
+                            Arc::clone(&handshakes_),
+                            Arc::clone(&app_bytes_),
+                            Arc::clone(&finished_),
+                        );
                         // Per-connection tasks end on their own within their timeouts.
                         tokio::spawn(async move {
-                            let _ =
+                            let accepted =
                                 tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp))
                                     .await;
+                            if let Ok(Ok(mut tls)) = accepted {
+                                handshakes.fetch_add(1, Ordering::SeqCst);
+                                // Whatever request crosses a completed handshake is read.
+                                let mut buf = [0u8; 4096];
+                                let read = async {
+                                    loop {
+                                        match tls.read(&mut buf).await {
+                                            Ok(0) | Err(_) => break,
+                                            Ok(n) => {
+                                                app_bytes.fetch_add(n, Ordering::SeqCst);
+                                            }
+                                        }
+                                    }
+                                };
+                                let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+                            }
+                            finished.fetch_add(1, Ordering::SeqCst);
                         });
                     }
                     Behaviour::TornResponse(close) => {
@@ -123,7 +174,13 @@ impl RawUpstream {
                 }
             }
         });
-        RawServing { accepted, task }
+        RawServing {
+            accepted,
+            handshakes,
+            app_bytes,
+            finished,
+            task,
+        }
     }
 }
 
@@ -249,7 +306,8 @@ async fn an_upstream_that_dies_mid_response_is_502_unavailable_and_never_hangs()
 // ---------------------------------------------------------------------------------------
 
 /// A certificate issued by the trusted CA, but for another host (or expired): a TLS
-/// failure, `502 upstream-unavailable`, one attempt, no request crosses the handshake.
+/// failure, `502 upstream-unavailable`, one attempt; the gateway refuses the certificate,
+/// so the upstream's side of the handshake never completes and no request byte reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_for_the_wrong_host_or_expired_is_unavailable_and_not_retried() {
     for what in ["wrong host", "expired"] {
@@ -270,6 +328,11 @@ async fn a_certificate_for_the_wrong_host_or_expired_is_unavailable_and_not_retr
         );
         assert_eq!(result["upstream_status"], serde_json::Value::Null);
         assert_eq!(serving.accepted(), 1, "{what}: one connection");
+        assert_eq!(
+            serving.handshake_outcome().await,
+            (0, 0),
+            "{what}: (completed handshakes, request bytes) at the upstream"
+        );
         drop(serving);
         h.shutdown().await;
     }
@@ -420,14 +483,17 @@ impl FullBacklog {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_that_gets_no_syn_ack_times_out_and_is_retried() {
     let connect_timeout = Duration::from_millis(300);
-    let Some(upstream) = FullBacklog::bind().await else {
-        eprintln!(
-            "SKIPPED a_connect_that_gets_no_syn_ack_times_out_and_is_retried: on this \
-             kernel 8 connects to a never-accepting listener of backlog 1 all completed, \
-             or one was refused at once: no connect could be made to hang"
-        );
-        return;
-    };
+    // Linux queues backlog + 1 connections and then drops SYNs (with
+    // `tcp_abort_on_overflow` 0, its default); a kernel that does not is reported, not
+    // skipped over: this test must not pass without running.
+    let upstream = FullBacklog::bind().await.unwrap_or_else(|| {
+        panic!(
+            "on this kernel 8 connects to a never-accepting listener of backlog 1 all \
+             completed, or one was refused at once: no connect could be made to hang \
+             (net.ipv4.tcp_abort_on_overflow = {:?})",
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_abort_on_overflow")
+        )
+    });
     let h = Harness::with(Options {
         base_url: Some(upstream.base_url()),
         connect_timeout: "300ms",
@@ -504,6 +570,84 @@ async fn upstream_502_and_504_are_retried_like_503() {
         assert_eq!(h.sim.request_count() - before, 1, "{status} is not retried");
         assert_eq!(last_result(&h)["attempts"], 1);
     }
+    h.assert_chain();
+    h.shutdown().await;
+}
+
+/// `mpc_gateway_upstream_requests_total{status}`: one count per attempt, by its outcome.
+fn upstream_series(text: &str, status: &str) -> f64 {
+    let series = format!("mpc_gateway_upstream_requests_total{{status=\"{status}\"}}");
+    mpc_gateway::telemetry::sample(text, &series).unwrap_or(0.0)
+}
+
+/// DESIGN §1: "When the attempts run out first, the last attempt's outcome decides",
+/// whatever the earlier attempts were: resets then a 503 is Plivo's answer (`502
+/// upstream-error`, its status and api_id in the record), 503s then a reset is no answer
+/// (`502 upstream-unavailable`, no upstream status). Every attempt that got no answer (a
+/// reset, or a hang to the deadline) counts as `status="error"` in
+/// `mpc_gateway_upstream_requests_total` (which counts attempts, not calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_attempts_run_out_the_last_attempts_outcome_decides() {
+    let h = Harness::with(Options {
+        timeout: "2s",
+        fsync: NO_FSYNC,
+        ..Options::default()
+    })
+    .await;
+
+    h.sim.push_fault(Fault::Reset);
+    h.sim.push_fault(Fault::Reset);
+    h.sim.push_fault(Fault::status(
+        503,
+        r#"{"api_id":"last-503","error":"busy"}"#,
+    ));
+    let reply = h.end("billing-reset-first", BILLING_TOKEN).await;
+    reply.assert_problem(502, "upstream-error");
+    assert_eq!(h.sim.request_count(), 3, "max_attempts");
+    let result = last_result(&h);
+    assert_eq!(result["status"], 502);
+    assert_eq!(result["reason"], "upstream-error");
+    assert_eq!(result["attempts"], 3);
+    assert_eq!(result["upstream_status"], 503);
+    assert_eq!(result["plivo_api_id"], "last-503");
+    let text = metrics_text(&h).await;
+    assert_eq!(upstream_series(&text, "error"), 2.0, "two resets: {text}");
+    assert_eq!(upstream_series(&text, "503"), 1.0, "{text}");
+
+    h.sim
+        .push_fault(Fault::status(503, r#"{"api_id":"early-503"}"#));
+    h.sim
+        .push_fault(Fault::status(503, r#"{"api_id":"early-503"}"#));
+    h.sim.push_fault(Fault::Reset);
+    let reply = h.end("billing-503-first", BILLING_TOKEN).await;
+    reply.assert_problem(502, "upstream-unavailable");
+    assert_eq!(h.sim.request_count(), 6, "max_attempts");
+    let result = last_result(&h);
+    assert_eq!(result["status"], 502);
+    assert_eq!(result["reason"], "upstream-unavailable");
+    assert_eq!(result["attempts"], 3);
+    assert_eq!(
+        result["upstream_status"],
+        serde_json::Value::Null,
+        "the last attempt got no answer"
+    );
+    assert_eq!(result["plivo_api_id"], serde_json::Value::Null);
+    let text = metrics_text(&h).await;
+    assert_eq!(
+        upstream_series(&text, "error"),
+        3.0,
+        "one more reset: {text}"
+    );
+    assert_eq!(upstream_series(&text, "503"), 3.0, "two more 503s: {text}");
+
+    // A hang to the deadline is no answer either.
+    h.sim.push_fault(Fault::Hang);
+    let reply = h.end("billing-hang", BILLING_TOKEN).await;
+    reply.assert_problem(504, "upstream-timeout");
+    assert_eq!(last_result(&h)["upstream_status"], serde_json::Value::Null);
+    let text = metrics_text(&h).await;
+    assert_eq!(upstream_series(&text, "error"), 4.0, "the hang: {text}");
+    assert_eq!(upstream_series(&text, "503"), 3.0, "{text}");
     h.assert_chain();
     h.shutdown().await;
 }
@@ -602,6 +746,16 @@ async fn hanging_attempts_end_at_the_deadline() {
         "answered after {took:?}"
     );
     assert_eq!(h.sim.request_count(), 1);
+    let result = last_result(&h);
+    assert_eq!(result["status"], 504);
+    assert_eq!(result["reason"], "upstream-timeout");
+    assert_eq!(
+        result["attempts"], 1,
+        "the hanging attempt was the only one"
+    );
+    assert_eq!(result["upstream_status"], serde_json::Value::Null);
+    assert_eq!(result["plivo_api_id"], serde_json::Value::Null);
+    h.assert_chain();
     h.shutdown().await;
 }
 

@@ -19,12 +19,12 @@ async fn happy_path_sends_exactly_the_contract_request_upstream() {
             Method::POST,
             "/mpc/billing-42/end?ignored=1",
             &[
-                ("authorization", &auth),
+                ("authorization", auth.as_str()),
                 ("x-request-id", "caller-req-1"),
-                LEAKY_HEADERS[0],
-                LEAKY_HEADERS[1],
-                LEAKY_HEADERS[2],
-            ],
+            ]
+            .into_iter()
+            .chain(LEAKY_HEADERS)
+            .collect::<Vec<_>>(),
             b"{\"ignored\": true}",
         )
         .await;
@@ -423,9 +423,36 @@ async fn account_limit_is_shared_by_the_tenants_of_an_account() {
         Some("\"account\";q=1;w=1")
     );
     assert_eq!(refused.header("ratelimit"), Some("\"account\";r=0;t=1"));
+    assert_eq!(
+        refused.json()["retry_after"],
+        1,
+        "the body repeats Retry-After"
+    );
     assert_eq!(h.sim.request_count(), 1);
+    let records = h.records();
+    assert_eq!(records.len(), 3, "forward, result, denied: {records:?}");
+    let denied = &records[2];
+    assert_eq!(denied["event"], "denied");
+    assert_eq!(denied["status"], 429);
+    assert_eq!(denied["reason"], "rate-limited");
+    assert_eq!(denied["tenant"], "ops");
+    assert_eq!(denied["account"], "default");
+    assert_eq!(denied["mpc"], "ops-1");
+    assert_eq!(
+        denied["request_id"].as_str(),
+        refused.header("x-request-id"),
+        "the record is the refused request's"
+    );
+    assert_eq!(denied["upstream_status"], serde_json::Value::Null);
+    assert_eq!(denied["attempts"], serde_json::Value::Null);
+    let text = metrics_text(&h).await;
+    assert!(
+        text.contains("mpc_gateway_rate_limited_total{tenant=\"ops\",limit=\"account\"} 1"),
+        "{text}"
+    );
     h.clock.advance(Duration::from_secs(1));
     assert_eq!(h.end("ops-2", OPS_TOKEN).await.status, 204);
+    h.assert_chain();
     h.shutdown().await;
 }
 
@@ -665,9 +692,15 @@ async fn an_upstream_that_never_answers_times_out_with_504() {
         started.elapsed() < Duration::from_secs(3),
         "timeout bounds the call"
     );
-    let record = h.records().pop().expect("record");
+    let record = last_result(&h);
+    assert_eq!(record["status"], 504);
     assert_eq!(record["reason"], "upstream-timeout");
     assert_eq!(record["upstream_status"], serde_json::Value::Null);
+    assert_eq!(
+        record["attempts"], 1,
+        "the one hanging attempt used the whole timeout"
+    );
+    assert_eq!(h.sim.request_count(), 1, "no retry after the deadline");
     h.shutdown().await;
 }
 
@@ -783,9 +816,13 @@ async fn a_reset_whose_retry_finds_the_mpc_gone_is_404_with_two_attempts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_port_is_upstream_unavailable() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Bound but never listening, and held for the whole test: no other socket can take
+    // the port, and a SYN to it is answered with a reset (connection refused).
+    let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+    closed
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
     let port = closed.local_addr().expect("addr").port();
-    drop(closed);
     let h = Harness::with(Options {
         base_url: Some(format!("https://127.0.0.1:{port}")),
         ..Options::default()
@@ -795,7 +832,9 @@ async fn closed_port_is_upstream_unavailable() {
     reply.assert_problem(502, "upstream-unavailable");
     let record = h.records().pop().expect("record");
     assert_eq!(record["attempts"], 3, "connect errors are retried");
+    assert_eq!(record["upstream_status"], serde_json::Value::Null);
     h.shutdown().await;
+    drop(closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,6 +856,17 @@ async fn an_untrusted_upstream_certificate_is_unavailable_and_not_retried() {
     h.shutdown().await;
 }
 
+/// A fresh request id is a UUID of version 4 or 7 (DESIGN §1), in its usual text form.
+fn assert_fresh_request_id(id: &str) {
+    let parsed = uuid::Uuid::parse_str(id).unwrap_or_else(|err| panic!("{id:?}: {err}"));
+    assert!(
+        matches!(parsed.get_version_num(), 4 | 7),
+        "{id}: version {}",
+        parsed.get_version_num()
+    );
+    assert_eq!(parsed.hyphenated().to_string(), id.to_ascii_lowercase());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_kept_when_valid_and_made_otherwise() {
     let h = Harness::start().await;
@@ -825,6 +875,8 @@ async fn request_ids_are_kept_when_valid_and_made_otherwise() {
         ("abc-DEF_123", true),
         (too_long.as_str(), false),
         ("has space", false),
+        ("", false),
+        ("tab\tinside", false),
     ] {
         let reply = h
             .send(
@@ -838,18 +890,62 @@ async fn request_ids_are_kept_when_valid_and_made_otherwise() {
         if kept {
             assert_eq!(id, sent);
         } else {
-            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+            assert_fresh_request_id(&id);
         }
         assert_eq!(
             h.records().pop().expect("record")["request_id"],
             id.as_str()
         );
     }
+    // What a client library refuses to send goes as raw bytes: a control character, DEL
+    // and non-ASCII (UTF-8, and a lone Latin-1 byte).
+    for sent in ["caf\u{e9}".as_bytes(), b"caf\xe9", b"\xff\xfe"] {
+        let mut request = b"POST /mpc/billing-raw/end HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nConnection: close\r\nX-Request-Id: ".to_vec();
+        request.extend_from_slice(sent);
+        request.extend_from_slice(b"\r\n\r\n");
+        let answer = raw_send(h.addr(), &request, Duration::from_secs(5)).await;
+        let response = answer.single();
+        let id = response
+            .header("x-request-id")
+            .unwrap_or_else(|| panic!("{sent:?}: no X-Request-Id: {response:?}"))
+            .to_owned();
+        assert_eq!(response.status, 401, "{sent:?}: {response:?}");
+        assert_fresh_request_id(&id);
+        assert_eq!(
+            h.records().pop().expect("record")["request_id"],
+            id.as_str(),
+            "{sent:?}"
+        );
+    }
+    // A control character or DEL is not a legal field value (RFC 9110 §5.5): hyper's
+    // parser refuses the whole head, so the HTTP layer answers a bare `400`, closes, and
+    // counts it (DESIGN §1: what the HTTP layer refuses is counted in a metric, not
+    // audited). No request id can be made for a request that was never parsed.
+    let records_before = h.records().len();
+    for sent in [&b"ctl\x01char"[..], b"del\x7f"] {
+        let mut request = b"POST /mpc/billing-raw/end HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nX-Request-Id: ".to_vec();
+        request.extend_from_slice(sent);
+        request.extend_from_slice(b"\r\n\r\n");
+        let answer = raw_send(h.addr(), &request, Duration::from_secs(5)).await;
+        assert!(answer.closed, "{sent:?}: the connection is closed");
+        let response = answer.single();
+        assert_eq!(response.status, 400, "{sent:?}: {response:?}");
+    }
+    assert_eq!(
+        h.records().len(),
+        records_before,
+        "nothing parsed, nothing audited"
+    );
+    let text = metrics_text(&h).await;
+    assert!(
+        text.contains("mpc_gateway_http_rejected_total{kind=\"malformed\"} 2"),
+        "{text}"
+    );
     // An MPC ended with no id sent: a fresh one on the 204 and in both of its records.
     let reply = h.end("billing-2", BILLING_TOKEN).await;
     assert_eq!(reply.status, 204);
     let id = reply.header("x-request-id").expect("request id").to_owned();
-    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_fresh_request_id(&id);
     let records = h.records();
     let [.., forward, result] = records.as_slice() else {
         panic!("two records for the ended MPC");
@@ -971,5 +1067,12 @@ async fn explicit_liveness_unknown_mpc_is_404() {
     h.end("billing-unknown", BILLING_TOKEN)
         .await
         .assert_problem(404, "mpc-not-found");
+    let result = last_result(&h);
+    assert_eq!(result["status"], 404);
+    assert_eq!(result["reason"], "mpc-not-found");
+    assert_eq!(result["mpc"], "billing-unknown");
+    assert_eq!(result["upstream_status"], 404, "Plivo's own 404");
+    assert_eq!(result["attempts"], 1);
+    assert_eq!(h.sim.request_count(), 2);
     h.shutdown().await;
 }

@@ -147,23 +147,46 @@ async fn request_line_of_exactly_8_kib_is_served_and_one_byte_more_is_414() {
 
 /// "Request line over 8 KiB → 414" has no upper end: a line far over 8 KiB — also one
 /// longer than the HTTP layer's whole read buffer — is still `414`, never forwarded.
+/// Below hyper's own URI limit of 64 KiB (src/server/mod.rs, `MAX_HEAD_BYTES`) the
+/// gateway answers: a problem body and a `denied` record with a bounded path. Above it
+/// hyper answers a bare `414` itself: no record, one `http_rejected_total{kind="too-large"}`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_line_far_over_8_kib_is_414_too() {
     let h = Harness::start().await;
-    let mut answers = Vec::new();
-    for size in [16 * 1024, 40 * 1024, 48 * 1024, 64 * 1024] {
+    const TOO_LARGE: &str = "mpc_gateway_http_rejected_total{kind=\"too-large\"}";
+    for size in [16 * 1024, 40 * 1024, 48 * 1024] {
         let target = format!("/mpc/billing-1/end?pad={}", "q".repeat(size));
-        let line = "POST ".len() + target.len() + " HTTP/1.1".len();
-        let outcome = raw_send(h.addr(), post(&target).as_bytes(), WAIT).await;
-        let statuses: Vec<u16> = outcome.responses().iter().map(|r| r.status).collect();
-        answers.push((line, statuses));
+        let response = raw_send(h.addr(), post(&target).as_bytes(), WAIT)
+            .await
+            .single();
+        assert_raw_problem(&response, 414, "uri-too-long");
+        let denied = h.records().pop().expect("a denied record");
+        assert_eq!(denied["event"], "denied", "{size}: {denied}");
+        assert_eq!(denied["status"], 414, "{size}");
+        assert_eq!(denied["reason"], "uri-too-long", "{size}");
+        assert_eq!(
+            denied["request_id"].as_str(),
+            response.header("x-request-id"),
+            "{size}: the record is this request's"
+        );
     }
-    assert!(
-        answers.iter().all(|(_, statuses)| statuses == &[414]),
-        "(request line bytes, answers): {answers:?}"
+    assert_eq!(h.records().len(), 3, "one denied record each");
+    assert_eq!(
+        metric(&h, TOO_LARGE).await,
+        0.0,
+        "the gateway answered those"
     );
+
+    let target = format!("/mpc/billing-1/end?pad={}", "q".repeat(64 * 1024));
+    let outcome = raw_send(h.addr(), post(&target).as_bytes(), WAIT).await;
+    let statuses: Vec<u16> = outcome.responses().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [414], "{:?}", truncated(&outcome.text(), 300));
+    assert_eq!(h.records().len(), 3, "hyper's own 414 has no record");
+    assert_eq!(metric(&h, TOO_LARGE).await, 1.0, "it is counted instead");
+
     assert_eq!(h.sim.request_count(), 0);
     assert_paths_bounded(&h);
+    h.assert_chain();
     h.shutdown().await;
 }
 
@@ -1239,10 +1262,13 @@ async fn an_idle_h2c_connection_is_closed_after_the_idle_timeout() {
     h.shutdown().await;
 }
 
-/// A request body that never ends: always pending, never at its end.
-struct StalledBody;
+/// A request body: one that never ends (always pending), or none at all.
+enum TestBody {
+    Stalled,
+    Empty,
+}
 
-impl http_body::Body for StalledBody {
+impl http_body::Body for TestBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
@@ -1250,12 +1276,20 @@ impl http_body::Body for StalledBody {
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Pending
+        match *self {
+            TestBody::Stalled => std::task::Poll::Pending,
+            TestBody::Empty => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, TestBody::Empty)
     }
 }
 
-/// Over HTTP/2 a stream whose body never ends is answered `408` by the body timeout (the
-/// connection and its other streams are not held by it), and audited as `denied`.
+/// Over HTTP/2 a stream whose body never ends is answered `408` by the body timeout, and
+/// audited as `denied`; the connection and its other streams are not held by it: a
+/// second stream on the same connection, opened while the first stalls, gets its `204`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_stream_with_a_body_that_never_ends_is_408() {
     let h = Harness::start().await;
@@ -1271,24 +1305,70 @@ async fn h2c_stream_with_a_body_that_never_ends_is_408() {
         .method(Method::POST)
         .uri(format!("http://{}/mpc/billing-h2/end", h.addr()))
         .header("authorization", format!("Bearer {BILLING_TOKEN}"))
-        .body(StalledBody)
+        .header("x-request-id", "h2-stalled")
+        .body(TestBody::Stalled)
         .expect("request");
     let started = std::time::Instant::now();
-    let answer = tokio::time::timeout(Duration::from_secs(15), sender.send_request(request))
-        .await
-        .expect("answered within 15 s")
-        .expect("answered");
+    // `send_request` hands the request to the connection at once (not on first poll),
+    // so its HEADERS go out before the second stream's below.
+    let stalled = sender.send_request(request);
+    let stalled = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(15), stalled)
+            .await
+            .expect("answered within 15 s")
+            .expect("answered")
+    });
+
+    // A second stream on the same connection is served while the first one stalls.
+    let other = {
+        let mut second = sender.clone();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/mpc/billing-h2-other/end", h.addr()))
+            .header("authorization", format!("Bearer {BILLING_TOKEN}"))
+            .header("x-request-id", "h2-other")
+            .body(TestBody::Empty)
+            .expect("request");
+        let answer = tokio::time::timeout(Duration::from_secs(10), second.send_request(request))
+            .await
+            .expect("the other stream answered within 10 s")
+            .expect("answered");
+        answer
+    };
+    assert_eq!(other.status().as_u16(), 204, "the other stream is served");
+    assert!(
+        !stalled.is_finished(),
+        "the stalled stream was still open when the other one was answered"
+    );
+    assert!(
+        started.elapsed() < mpc_gateway::gateway::BODY_READ_TIMEOUT,
+        "answered before the body timeout: {:?}",
+        started.elapsed()
+    );
+
+    let answer = stalled.await.expect("stalled request task");
     let took = started.elapsed();
     assert_eq!(answer.status().as_u16(), 408);
     assert!(
         took >= mpc_gateway::gateway::BODY_READ_TIMEOUT - Duration::from_secs(1),
         "{took:?}"
     );
-    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    assert_eq!(
+        h.sim.request_count(),
+        1,
+        "only the other stream was forwarded"
+    );
     let records = h.records();
-    assert_eq!(records.len(), 1, "{records:?}");
-    assert_eq!(records[0]["event"], "denied");
-    assert_eq!(records[0]["reason"], "request-timeout");
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(
+        (&records[0]["event"], &records[1]["event"]),
+        (&"forward".into(), &"result".into())
+    );
+    assert_eq!(records[1]["request_id"], "h2-other");
+    assert_eq!(records[1]["status"], 204);
+    assert_eq!(records[2]["event"], "denied");
+    assert_eq!(records[2]["reason"], "request-timeout");
+    assert_eq!(records[2]["request_id"], "h2-stalled");
     drop(sender);
     driver.abort();
     h.assert_chain();
@@ -1580,11 +1660,15 @@ async fn h2c_heads_get_the_contracts_limits_not_the_h2_librarys() {
 // Callers that go away mid-request
 // ---------------------------------------------------------------------------------------
 
-/// Waits until the audit log holds a `result` for `request_id`, and returns it.
+/// Waits until the audit log holds a `result` for `request_id`, and returns it. While
+/// polling, a line the writer has not finished yet is skipped rather than parsed (and
+/// the final read, after the result was seen, is strict again).
 async fn wait_for_result(h: &Harness, request_id: &str) -> serde_json::Value {
     let found = eventually_async(WAIT, || async {
-        h.records()
-            .iter()
+        std::fs::read_to_string(&h.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .any(|r| r["event"] == "result" && r["request_id"] == request_id)
     })
     .await;

@@ -478,6 +478,34 @@ async fn a_client_certificate_authenticates_its_tenant() {
     g.gateway.shutdown().await.expect("shutdown");
 }
 
+/// The last record is the `denied` 401 that `answer` got for `path`: no tenant, the
+/// presented certificate's fingerprint (`token_fp`), its request id.
+fn assert_refused_before_auth(g: &MtlsGateway, answer: &Answer, path: &str, token_fp: &str) {
+    assert_eq!(
+        answer
+            .headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["event"], "denied", "{record}");
+    assert_eq!(record["status"], 401, "{record}");
+    assert_eq!(record["reason"], "unauthenticated", "{record}");
+    assert_eq!(record["tenant"], serde_json::Value::Null, "{record}");
+    assert_eq!(record["mpc"], serde_json::Value::Null, "{record}");
+    assert_eq!(record["path"], path, "{record}");
+    assert_eq!(record["token_fp"], token_fp, "{record}");
+    assert_eq!(
+        record["request_id"].as_str(),
+        answer
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        "{record}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_without_tokens_is_served_by_its_certificate_alone() {
     let g = MtlsGateway::start(false).await;
@@ -488,13 +516,35 @@ async fn a_tenant_without_tokens_is_served_by_its_certificate_alone() {
     let record = g.audit().pop().expect("record");
     assert_eq!(record["tenant"], "robot");
     assert_eq!(record["token_fp"], fingerprint(&cert));
+    assert_eq!(g.sim.requests().len(), 1);
     // Another tenant's token alongside its certificate is refused.
     let mixed = end_over_tls(&g, config, "robot-2", Some(BILLING_TOKEN)).await;
-    assert_eq!(mixed.expect("served").status, 401);
-    // Without the certificate the tenant has no way in.
+    let mixed = mixed.expect("served");
+    assert_eq!(mixed.status, 401);
+    assert_refused_before_auth(&g, &mixed, "/mpc/robot-2/end", &fingerprint(&cert));
+    assert_eq!(g.sim.requests().len(), 1, "a 401 is not forwarded");
+    // Without the tenant's certificate it has no way in: a valid certificate from the
+    // same CA whose SAN belongs to no tenant authenticates nobody, and this tenant has
+    // no token to send instead.
+    let stranger = g
+        .pki
+        .issue_client_cert(&["spiffe://prod/ns/nobody/sa/unknown"])
+        .expect("cert");
+    let as_stranger = client_config(&g.pki.ca_cert_pem, Some(&stranger));
+    let refused = end_over_tls(&g, as_stranger, "robot-3", None).await;
+    let refused = refused.expect("the handshake succeeds: the certificate is valid");
+    assert_eq!(refused.status, 401);
+    assert_refused_before_auth(&g, &refused, "/mpc/robot-3/end", &fingerprint(&stranger));
+    // Nor with no certificate at all.
     let anonymous = client_config(&g.pki.ca_cert_pem, None);
-    let refused = end_over_tls(&g, anonymous, "robot-3", None).await;
-    assert_eq!(refused.expect("served").status, 401);
+    let refused = end_over_tls(&g, anonymous, "robot-4", None).await;
+    let refused = refused.expect("served");
+    assert_eq!(refused.status, 401);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["event"], "denied");
+    assert_eq!(record["path"], "/mpc/robot-4/end");
+    assert_eq!(record["token_fp"], serde_json::Value::Null, "no credential");
+    assert_eq!(g.sim.requests().len(), 1, "none of the 401s was forwarded");
     g.gateway.shutdown().await.expect("shutdown");
 }
 

@@ -350,12 +350,14 @@ async fn a_token_revoked_while_its_request_holds_back_the_body_is_refused() {
     let h = Harness::start().await;
     let mut conn = TcpStream::connect(h.addr()).await.expect("connect");
     let head = format!(
-        "POST /mpc/billing-1/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{"
+        "POST /mpc/billing-1/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.expect("write head");
-    // Time for the gateway to parse the head and start on the request: one that took its
-    // configuration then would authenticate against the token directory of before.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // hyper sends `100 Continue` when the service first polls the body, which the gateway
+    // does after routing and before authenticating (src/gateway/mod.rs, `admit`): from
+    // here on the request is under way, and one that had taken its configuration with
+    // its head would authenticate against the token directory of before.
+    expect_100_continue(&mut conn).await;
     let revoked = replaced(
         &h.config_yaml(),
         &token_hash(BILLING_TOKEN),
@@ -363,9 +365,7 @@ async fn a_token_revoked_while_its_request_holds_back_the_body_is_refused() {
     );
     write_config(&h, &revoked);
     h.running().reload_from(&h.config_path).expect("reload");
-    conn.write_all(b"}")
-        .await
-        .expect("write the last body byte");
+    conn.write_all(b"{}").await.expect("write the body");
 
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(15), conn.read_to_end(&mut answer))
@@ -547,13 +547,16 @@ async fn account_limiter_state_survives_a_reload_unless_the_limit_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_calls_in_flight_are_capped() {
     let cap = mpc_gateway::upstream::MAX_IN_FLIGHT;
+    // `fsync: never` and a hold of 8 s: 257 calls' records and handshakes on two loaded
+    // cores must fit well inside the hold, or a slot frees before the check.
     let h = Harness::with(Options {
         tenant_limit: (1000, 1000),
-        timeout: "10s",
+        timeout: "15s",
+        fsync: "never",
         ..Options::default()
     })
     .await;
-    let hold = Duration::from_secs(3);
+    let hold = Duration::from_secs(8);
     for _ in 0..cap {
         h.sim.push_fault(Fault::Delay(hold));
     }
@@ -604,6 +607,21 @@ async fn upstream_calls_in_flight_are_capped() {
     h.shutdown().await;
 }
 
+/// Reads exactly `HTTP/1.1 100 Continue` and its empty header block from `conn` (within
+/// 10 s), nothing more: the gateway's service has started reading the request's body.
+async fn expect_100_continue(conn: &mut TcpStream) {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; CONTINUE.len()];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut got))
+        .await
+        .expect("100 Continue within 10 s")
+        .expect("read 100 Continue");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(CONTINUE)
+    );
+}
+
 /// Whether the audit log holds a `forward` record for `mpc`. Read while the gateway
 /// writes, so a line still being written is skipped rather than parsed.
 fn has_forward_record(h: &Harness, mpc: &str) -> bool {
@@ -640,6 +658,10 @@ async fn shutdown_lets_a_slow_in_flight_request_finish_and_refuses_new_connectio
         })
         .await,
         "new connections are refused once shutdown started"
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request is still in flight: the probes below see a drain under way"
     );
     assert_eq!(
         admin_status(admin, "/readyz").await,
@@ -805,17 +827,12 @@ async fn a_request_not_yet_forwarded_when_the_grace_runs_out_gets_a_denied_recor
     let mut h = Harness::start().await;
     let mut waiting = TcpStream::connect(h.addr()).await.expect("connect");
     let head = format!(
-        "POST /mpc/billing-waiting/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 10\r\n\r\n"
+        "POST /mpc/billing-waiting/end HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
     );
     waiting.write_all(head.as_bytes()).await.expect("write");
-    // The head is read and the request is waiting for its body.
-    assert!(
-        eventually_async(Duration::from_secs(5), || async {
-            value(&metrics_text(&h).await, "mpc_gateway_open_connections") >= 1.0
-        })
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The head is read and the gateway is waiting for the body: `100 Continue` is sent
+    // when it first polls the body (src/gateway/mod.rs, `read_bounded_body`).
+    expect_100_continue(&mut waiting).await;
     tokio::time::timeout(Duration::from_secs(5), h.stop_gateway())
         .await
         .expect("the drain ends");

@@ -514,10 +514,14 @@ async fn sdk_basic_username_must_match_the_path_auth_id() {
     h.shutdown().await;
 }
 
+/// The Python SDK answers a 5xx by retrying on its two fallback base URLs. The test's
+/// script points all three at the gateway (tests/python/stop_mpc.py), as a deployment
+/// must, or the retries would carry the virtual credentials to api.plivo.com. What this
+/// checks is the gateway's side of that: a `502` from it is one the SDK does retry, and
+/// each of the SDK's three attempts arrives as a call of its own, forwarded once
+/// (`max_attempts: 1`) and recorded with its `502` on the SDK route's path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_retries_of_5xx_stay_on_the_gateway() {
-    // The SDK retries a 5xx on its two fallback base URLs: they must point at the gateway
-    // too, or the retries would carry the virtual credentials to api.plivo.com.
+async fn each_sdk_retry_of_a_gateway_502_is_a_call_of_its_own() {
     let h = Harness::with(Options {
         max_attempts: 1,
         ..Options::default()

@@ -22,7 +22,8 @@ fn store_yaml_with_timeout(redis: &RedisServer, on_error: &str, timeout: &str) -
 }
 
 /// Sends requests from `workers` tasks per address until `duration` passes (and at most
-/// `max` in all); returns (admitted, refused, elapsed seconds).
+/// `max` in all); returns (admitted, refused, seconds from the start to the last answer,
+/// which came after the last limit check).
 async fn hammer(
     h: &Arc<Harness>,
     addrs: &[SocketAddr],
@@ -50,17 +51,24 @@ async fn hammer(
                         other => panic!("unexpected status {other}"),
                     }
                 }
-                (ok, refused)
+                (ok, refused, started.elapsed())
             }));
         }
     }
-    let (mut ok, mut refused) = (0, 0);
+    let (mut ok, mut refused, mut last) = (0, 0, Duration::ZERO);
     for task in tasks {
-        let (o, r) = task.await.expect("worker");
+        let (o, r, l) = task.await.expect("worker");
         ok += o;
         refused += r;
+        last = last.max(l);
     }
-    (ok, refused, started.elapsed().as_secs_f64())
+    (ok, refused, last.as_secs_f64())
+}
+
+/// The most a GCRA of `rate` per second and `burst` admits within `elapsed` seconds of
+/// its first request: the burst, plus one per emission interval begun.
+fn gcra_ceiling(rate: f64, burst: f64, elapsed: f64) -> usize {
+    (burst + (elapsed * rate).ceil()) as usize
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,6 +77,7 @@ async fn three_replicas_share_one_tenant_limit() {
     let h = Harness::with(Options {
         tenant_limit: (10, 10),
         extra_yaml: store_yaml(&redis, "deny"),
+        fsync: "never",
         ..Options::default()
     })
     .await;
@@ -78,11 +87,15 @@ async fn three_replicas_share_one_tenant_limit() {
     let h = Arc::new(h);
     let (admitted, refused, elapsed) =
         hammer(&h, &addrs, BILLING_TOKEN, Duration::from_secs(2), 3000).await;
-    let allowed = 10.0 + 10.0 * elapsed;
     assert!(refused > 0, "the load exceeded the limit");
+    // Upper: never more than one limit allows, whatever the machine's speed (`elapsed`
+    // runs to the last answer, past the last check). Lower: the burst, and, with requests
+    // refused all along, most of what the rate added meanwhile.
+    let ceiling = gcra_ceiling(10.0, 10.0, elapsed);
+    let floor = 10 + (10.0 * elapsed / 2.0) as usize;
     assert!(
-        (admitted as f64 - allowed).abs() <= 0.1 * allowed,
-        "admitted {admitted}, the limit allows {allowed:.1} in {elapsed:.2}s"
+        (floor..=ceiling).contains(&admitted),
+        "admitted {admitted}; within {elapsed:.2}s the limit allows {floor}..={ceiling}"
     );
     assert_eq!(
         h.sim.request_count(),
@@ -99,23 +112,45 @@ async fn the_account_limit_holds_across_replicas() {
     let h = Harness::with(Options {
         account_limit: (1, 5),
         extra_yaml: store_yaml(&redis, "deny"),
+        fsync: "never",
         ..Options::default()
     })
     .await;
     let b = h.start_replica("b").await;
-    let mut statuses = Vec::new();
+    let started = Instant::now();
+    let mut replies = Vec::new();
     for i in 0..4 {
-        statuses.push(h.end(&format!("billing-a{i}"), BILLING_TOKEN).await.status);
-        statuses.push(
+        replies.push(h.end(&format!("billing-a{i}"), BILLING_TOKEN).await);
+        replies.push(
             h.end_at(b.local_addr(), &format!("billing-b{i}"), OPS_TOKEN)
-                .await
-                .status,
+                .await,
         );
     }
+    replies.push(h.end_at(b.local_addr(), "billing-x", OPS_TOKEN).await);
+    let elapsed = started.elapsed().as_secs_f64();
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
     let admitted = statuses.iter().filter(|s| **s == 204).count();
-    // Burst 5 at 1/s: the eight requests take well under a second, so 5 (6 at most).
-    assert!((5..=6).contains(&admitted), "{statuses:?}");
-    let refused = h.end_at(b.local_addr(), "billing-x", OPS_TOKEN).await;
+    // Burst 5 at 1/s, shared by both replicas: the burst, and at most one more per second
+    // begun since the first request (however slow the machine was).
+    let ceiling = gcra_ceiling(1.0, 5.0, elapsed);
+    assert!(
+        (5..=ceiling).contains(&admitted),
+        "{statuses:?} in {elapsed:.2}s: 5..={ceiling} admitted"
+    );
+    assert!(
+        ceiling < replies.len(),
+        "the nine requests took {elapsed:.2}s: long enough for the limit to admit them all"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        replies.len() - admitted,
+        "{statuses:?}"
+    );
+    let refused = replies
+        .iter()
+        .rev()
+        .find(|r| r.status == 429)
+        .expect("a refusal");
     refused.assert_problem(429, "rate-limited");
     assert_eq!(
         refused.header("ratelimit-policy"),

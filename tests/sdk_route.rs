@@ -88,6 +88,40 @@ async fn sdk_route_by_name_sends_the_same_upstream_request_as_the_native_route()
     h.shutdown().await;
 }
 
+/// DESIGN §7: the trailing slash of the Plivo-compatible route is optional. Upstream the
+/// contract's path (with its slash) is sent; the audit log keeps the caller's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_route_without_the_trailing_slash_ends_the_mpc() {
+    let h = Harness::with_explicit_liveness().await;
+    h.sim.add_mpc("billing-noslash");
+    let auth = basic(BILLING_SDK_AUTH_ID, BILLING_TOKEN);
+    let path = format!("/v1/Account/{BILLING_SDK_AUTH_ID}/MultiPartyCall/name_billing-noslash");
+    let reply = sdk_delete(&h, &path, &auth, b"").await;
+    assert_eq!(reply.status, 204, "{:?}", reply.body);
+    assert!(reply.body.is_empty());
+    assert!(!h.sim.is_live("billing-noslash"), "ended");
+
+    let sent = h.sim.requests();
+    assert_eq!(sent.len(), 1);
+    assert_contract_upstream_request(&sent[0], "billing-noslash");
+
+    let result = last_result(&h);
+    assert_eq!(h.records().len(), 2);
+    assert_eq!(result["status"], 204);
+    assert_eq!(result["reason"], "ended");
+    assert_eq!(result["method"], "DELETE");
+    assert_eq!(result["path"], path.as_str());
+    assert_eq!(result["mpc"], "billing-noslash");
+    assert_eq!(result["tenant"], "billing");
+    assert_eq!(result["upstream_status"], 204);
+    assert_eq!(
+        result["request_id"],
+        reply.header("x-request-id").expect("id")
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_route_refusals_are_plivo_shaped_with_the_native_status() {
     let h = Harness::with(Options {
@@ -460,10 +494,52 @@ async fn by_uuid_lookup_whose_body_never_ends_is_504() {
     );
     let methods: Vec<String> = h.sim.requests().into_iter().map(|r| r.method).collect();
     assert_eq!(methods, ["GET"], "no DELETE without the name");
-    let denied = h.records().pop().expect("a terminal record");
-    assert_eq!(denied["reason"], "upstream-timeout", "{denied}");
-    assert_eq!(denied["status"], 504);
+    // The lookup was forwarded: its `forward` is followed by a `result`, not a `denied`.
+    let result = last_result(&h);
+    assert_eq!(h.records().len(), 2, "forward and result only");
+    assert_eq!(result["reason"], "upstream-timeout", "{result}");
+    assert_eq!(result["status"], 504);
+    assert_eq!(result["path"], format!("/mpc/by-uuid/{uuid}/end"));
+    assert_eq!(
+        result["mpc"],
+        serde_json::Value::Null,
+        "the name never came"
+    );
+    assert_eq!(result["attempts"], 1);
+    h.assert_chain();
     h.shutdown().await;
+}
+
+/// The last two records are the `forward` and `result` of the by-uuid request `reply`
+/// answered: the uuid in `path`, no name (the lookup never gave one), `reason` and
+/// `upstream_status` as given.
+fn assert_by_uuid_result(
+    h: &Harness,
+    reply: &Reply,
+    uuid: &str,
+    reason: &str,
+    upstream_status: u16,
+) {
+    let result = last_result(h);
+    let records = h.records();
+    let forward = &records[records.len() - 2];
+    let request_id = reply.header("x-request-id").expect("request id");
+    for record in [forward, &result] {
+        assert_eq!(record["request_id"], request_id, "{record}");
+        assert_eq!(
+            record["path"],
+            format!("/mpc/by-uuid/{uuid}/end"),
+            "{record}"
+        );
+        assert_eq!(record["tenant"], "billing", "{record}");
+        assert_eq!(record["account"], "default", "{record}");
+        assert_eq!(record["mpc"], serde_json::Value::Null, "{record}");
+    }
+    assert_eq!(forward["status"], serde_json::Value::Null);
+    assert_eq!(result["status"], reply.status, "{result}");
+    assert_eq!(result["reason"], reason, "{result}");
+    assert_eq!(result["upstream_status"], upstream_status, "{result}");
+    assert_eq!(result["attempts"], 1, "{result}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,6 +566,9 @@ async fn by_uuid_refusals_unknown_and_lookup_failures() {
         .await;
     unknown.assert_problem(404, "mpc-not-found");
     assert_eq!(h.sim.request_count(), 1, "a lookup, no DELETE");
+    assert_eq!(h.sim.requests()[0].method, "GET");
+    let uuid = "12345678-90ab-cdef-1234-567890abcdef";
+    assert_by_uuid_result(&h, &unknown, uuid, "mpc-not-found", 404);
 
     // The account budget of 3 had 2 taken by that by-uuid request: the next by-uuid needs
     // 2 more and is refused by the account limit.
@@ -506,6 +585,19 @@ async fn by_uuid_refusals_unknown_and_lookup_failures() {
     );
     // One cell is left (the two it needs are there within the interval of 1 s).
     assert_eq!(refused.header("ratelimit"), Some("\"account\";r=1;t=1"));
+    assert_eq!(h.sim.request_count(), 1, "refused before the lookup");
+    let denied = h.records().pop().expect("denied record");
+    assert_eq!(denied["event"], "denied", "{denied}");
+    assert_eq!(denied["status"], 429);
+    assert_eq!(denied["reason"], "rate-limited");
+    assert_eq!(denied["tenant"], "billing");
+    assert_eq!(denied["account"], "default");
+    assert_eq!(denied["path"], format!("/mpc/by-uuid/{uuid}/end"));
+    assert_eq!(denied["mpc"], serde_json::Value::Null);
+    assert_eq!(
+        denied["request_id"],
+        refused.header("x-request-id").expect("id")
+    );
     // The refusal took nothing: the one call left in the budget is still there.
     h.sim.add_mpc("billing-after");
     assert_eq!(h.end("billing-after", BILLING_TOKEN).await.status, 204);
@@ -519,5 +611,13 @@ async fn by_uuid_refusals_unknown_and_lookup_failures() {
         )
         .await;
     failed.assert_problem(502, "upstream-error");
+    assert_eq!(
+        h.sim.request_count(),
+        3,
+        "the failed lookup, not retried, and no DELETE"
+    );
+    assert_eq!(h.sim.requests()[2].method, "GET");
+    assert_by_uuid_result(&h, &failed, uuid, "upstream-error", 500);
+    h.assert_chain();
     h.shutdown().await;
 }

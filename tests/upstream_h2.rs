@@ -80,12 +80,12 @@ async fn the_contract_request_goes_upstream_over_http2() {
             Method::POST,
             "/mpc/billing-h2/end",
             &[
-                ("authorization", &auth),
+                ("authorization", auth.as_str()),
                 ("x-request-id", "caller-h2-1"),
-                LEAKY_HEADERS[0],
-                LEAKY_HEADERS[1],
-                LEAKY_HEADERS[2],
-            ],
+            ]
+            .into_iter()
+            .chain(LEAKY_HEADERS)
+            .collect::<Vec<_>>(),
             b"{\"ignored\": true}",
         )
         .await;

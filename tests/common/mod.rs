@@ -142,6 +142,24 @@ impl Reply {
             Some(header),
             "request_id in body and header: {body}"
         );
+        // DESIGN §1 "Error bodies": every response that carries `Retry-After` also has
+        // `"retry_after": <same seconds>` in its body, and only those do.
+        match self.header("retry-after") {
+            Some(seconds) => {
+                let seconds: u64 = seconds
+                    .parse()
+                    .unwrap_or_else(|_| panic!("Retry-After is whole seconds: {seconds:?}"));
+                assert_eq!(
+                    body["retry_after"].as_u64(),
+                    Some(seconds),
+                    "retry_after in the body equals Retry-After: {body}"
+                );
+            }
+            None => assert!(
+                body.get("retry_after").is_none(),
+                "retry_after in a body without Retry-After: {body}"
+            ),
+        }
     }
 }
 
@@ -945,11 +963,17 @@ pub fn last_result(h: &Harness) -> serde_json::Value {
 }
 
 /// Headers a caller may send that must never reach Plivo.
-pub const LEAKY_HEADERS: [(&str, &str); 3] = [
+pub const LEAKY_HEADERS: [(&str, &str); 6] = [
     ("cookie", "session=secret-cookie"),
     ("x-forwarded-for", "10.1.2.3"),
     ("content-type", "application/json"),
+    ("x-anything", "caller-custom-header"),
+    ("forwarded", "for=10.1.2.3;proto=https"),
+    ("origin", "https://caller.example"),
 ];
+
+/// Every header name the upstream may receive from the gateway.
+pub const UPSTREAM_HEADERS: [&str; 4] = ["host", "authorization", "user-agent", "accept"];
 
 /// Asserts the contract's upstream request for ending `name` on the default account:
 /// `DELETE` to its path, Basic auth, our User-Agent, `Accept: application/json`, no body,
@@ -973,6 +997,16 @@ pub fn assert_contract_upstream_request(
     );
     assert_eq!(sent.header("accept"), Some("application/json"));
     assert!(sent.body.is_empty(), "{:?}", sent.body);
+    // An allow-list, not a deny-list: a header the test did not think of must not pass
+    // either. `host` is what HTTP/1.1 carries the authority in (HTTP/2 has `:authority`,
+    // not a header); the other three are the ones the gateway sets (src/upstream/mod.rs).
+    for (name, value) in &sent.headers {
+        assert!(
+            UPSTREAM_HEADERS.contains(&name.as_str()),
+            "header {name}: {value:?} reached the upstream; all: {:?}",
+            sent.headers
+        );
+    }
     for (leaked, _) in LEAKY_HEADERS.iter().chain(&[("x-request-id", "")]) {
         assert_eq!(sent.header(leaked), None, "{leaked} leaked upstream");
     }

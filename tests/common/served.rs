@@ -58,6 +58,15 @@ impl Served {
         Served::spawn(command)
     }
 
+    /// Like [`Served::start`], with these variables set in the child's environment only
+    /// (never in the test process, whose environment all tests share).
+    pub fn start_with_env(config: &Path, vars: &[(&str, &str)]) -> Served {
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--config", config.to_str().expect("UTF-8 path")]);
+        command.envs(vars.iter().copied());
+        Served::spawn(command)
+    }
+
     /// Like [`Served::start`], with the process's umask set to `umask` (octal, e.g.
     /// `"000"`) first, so that a test sees the modes the gateway asks for rather than
     /// what the test runner's umask happens to leave of them. `sh` execs the gateway, so
