@@ -1462,7 +1462,7 @@ async fn h2_streams_in_progress_are_capped_across_connections() {
             let request = Request::builder()
                 .method(Method::POST)
                 .uri(format!("http://{}/mpc/billing-flood/end", h.addr()))
-                .body(StalledBody)
+                .body(TestBody::Stalled)
                 .expect("request");
             // Sent now; the answer (a 408 after the body timeout) is never awaited.
             answers.push(sender.send_request(request));

@@ -672,10 +672,12 @@ fn validate_tokens<'a>(
         match text.parse::<TokenHash>() {
             Ok(hash) => {
                 if let Some(other) = owner_of.insert(hash, tenant) {
-                    errors.push(
-                        key,
-                        format!("the same token hash is also listed for tenant {other}"),
-                    );
+                    let clash = if other == tenant {
+                        "the same token hash is listed twice in this tenant's tokens".to_owned()
+                    } else {
+                        format!("the same token hash is also listed for tenant {other}")
+                    };
+                    errors.push(key, clash);
                 } else {
                     tokens.push(hash);
                 }

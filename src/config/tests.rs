@@ -206,6 +206,22 @@ fn same_token_for_two_tenants_is_refused() {
     );
 }
 
+/// A hash repeated within one tenant is named as such, not as a clash with another.
+#[test]
+fn same_token_twice_in_one_tenant_is_refused_as_such() {
+    let fixture = Fixture::new();
+    let hash = "\"sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\"";
+    let yaml = MINIMAL.replacen(&format!("[{hash}]"), &format!("[{hash}, {hash}]"), 1);
+    assert_ne!(yaml, MINIMAL, "the fixture lists the hash once");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.contains(
+            "tenants.billing.tokens[1]: the same token hash is listed twice in this tenant's tokens"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn upstream_timeouts_are_bounded() {
     let fixture = Fixture::new();
