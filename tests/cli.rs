@@ -435,26 +435,25 @@ fn env_secrets_are_read_from_the_process_environment() {
     assert!(served.wait_exit(Duration::from_secs(20)).success());
     assert_eq!(assert_chain(&[c.audit_path()], Some(ENV_KEY.as_bytes())), 2);
     let audit = c.audit_path();
+    let verified = verify_keyed_by_env(&audit, KEY_VAR, ENV_KEY);
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    // The file's key is not the one the chain was made with.
+    let wrong = verify_keyed_by_env(&audit, KEY_VAR, HMAC_KEY);
+    assert_eq!(wrong.status.code(), Some(1));
+}
+
+/// `audit verify PATH --hmac-key-env VAR` with `key` in VAR (in the child's environment
+/// only).
+fn verify_keyed_by_env(path: &Path, var: &str, key: &str) -> Output {
     let mut verify = command(&[
         "audit",
         "verify",
-        audit.to_str().expect("UTF-8"),
+        path.to_str().expect("UTF-8"),
         "--hmac-key-env",
-        KEY_VAR,
+        var,
     ]);
-    verify.env(KEY_VAR, ENV_KEY);
-    let verified = run_command(verify, b"");
-    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
-    // The file's key is not the one the chain was made with.
-    let mut wrong = command(&[
-        "audit",
-        "verify",
-        audit.to_str().expect("UTF-8"),
-        "--hmac-key-env",
-        KEY_VAR,
-    ]);
-    wrong.env(KEY_VAR, HMAC_KEY);
-    assert_eq!(run_command(wrong, b"").status.code(), Some(1));
+    verify.env(var, key);
+    run_command(verify, b"")
 }
 
 #[test]
@@ -1289,17 +1288,7 @@ fn sigterm_right_after_a_burst_keeps_every_record_with_fsync_never() {
         assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
         2 * CALLERS * EACH
     );
-    let key_env = "MPC_GATEWAY_CLI_TEST_AUDIT_KEY";
-    let audit = c.audit_path();
-    let mut verify = command(&[
-        "audit",
-        "verify",
-        audit.to_str().expect("UTF-8"),
-        "--hmac-key-env",
-        key_env,
-    ]);
-    verify.env(key_env, HMAC_KEY);
-    let verified = run_command(verify, b"");
+    let verified = verify_keyed_by_env(&c.audit_path(), "MPC_GATEWAY_CLI_TEST_AUDIT_KEY", HMAC_KEY);
     assert_eq!(verified.status.code(), Some(0), "{verified:?}");
     assert_eq!(
         text(&verified.stdout),

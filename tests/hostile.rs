@@ -1227,6 +1227,17 @@ async fn h2c_connect(
     (sender, tokio::spawn(conn))
 }
 
+/// `POST /mpc/{name}/end` for an HTTP/2 sender to `h`, with `token` as Bearer if any.
+fn h2_end_request(h: &Harness, name: &str, token: Option<&str>) -> Request<Empty<Bytes>> {
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/mpc/{name}/end", h.addr()));
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    builder.body(Empty::<Bytes>::new()).expect("request")
+}
+
 /// hyper's HTTP/2 server has no idle timeout of its own: once its last answer is out, an
 /// h2c connection with nothing in flight is closed after `H2_IDLE_TIMEOUT`, instead of
 /// holding a connection slot for as long as the client answers pings.
@@ -1234,12 +1245,7 @@ async fn h2c_connect(
 async fn an_idle_h2c_connection_is_closed_after_the_idle_timeout() {
     let h = Harness::start().await;
     let (mut sender, driver) = h2c_connect(h.addr()).await;
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{}/mpc/billing-idle/end", h.addr()))
-        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
-        .body(Empty::<Bytes>::new())
-        .expect("request");
+    let request = h2_end_request(&h, "billing-idle", Some(BILLING_TOKEN));
     let answer = tokio::time::timeout(WAIT, sender.send_request(request))
         .await
         .expect("answered in time")
@@ -1480,11 +1486,7 @@ async fn h2_streams_in_progress_are_capped_across_connections() {
             started.elapsed() < mpc_gateway::gateway::BODY_READ_TIMEOUT / 2,
             "no stream was refused while {cap} were stalled"
         );
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/mpc/billing-probe/end", h.addr()))
-            .body(Empty::<Bytes>::new())
-            .expect("request");
+        let request = h2_end_request(&h, "billing-probe", None);
         match tokio::time::timeout(WAIT, probe.send_request(request))
             .await
             .expect("the probe was answered or refused in time")
@@ -1519,12 +1521,7 @@ async fn h2_streams_in_progress_are_capped_across_connections() {
         .await,
         "one denied record per stalled stream and answered probe, none for the refused one"
     );
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{}/mpc/billing-after/end", h.addr()))
-        .header("authorization", format!("Bearer {BILLING_TOKEN}"))
-        .body(Empty::<Bytes>::new())
-        .expect("request");
+    let request = h2_end_request(&h, "billing-after", Some(BILLING_TOKEN));
     let after = tokio::time::timeout(WAIT, probe.send_request(request))
         .await
         .expect("answered in time")
