@@ -75,6 +75,11 @@ enum AuditCommand {
 
 /// Parses the command line and runs it.
 pub fn run() -> ExitCode {
+    // Before any secret is read. Not fatal: a host that forbids these calls has not made
+    // the process any less safe than it was.
+    if let Err(err) = crate::hardening::forbid_core_dumps() {
+        write_stderr(&format!("warning: cannot turn core dumps off: {err}\n"));
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(arg) => report(crate::server::run_serve(arg.config)),

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod hardening;
 mod millis;
 pub mod mpc_name;
 pub mod problem;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::served::{wait_bounded, BackgroundSim, Served, BIN};
-use common::{assert_chain, read_records, token_hash};
+use common::{assert_chain, read_records, token_hash, write_secret};
 use mpc_gateway::simulator::{generate_pki, Fault, SimulatorConfig};
 use sha2::{Digest, Sha256};
 
@@ -154,8 +154,8 @@ struct ConfigDir {
 impl ConfigDir {
     fn new() -> ConfigDir {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("plivo-token"), format!("{PLIVO_TOKEN}\n")).expect("write");
-        std::fs::write(dir.path().join("hmac-key"), HMAC_KEY).expect("write");
+        write_secret(&dir.path().join("plivo-token"), format!("{PLIVO_TOKEN}\n"));
+        write_secret(&dir.path().join("hmac-key"), HMAC_KEY);
         std::fs::create_dir(dir.path().join("audit")).expect("mkdir");
         ConfigDir { dir }
     }
@@ -1749,6 +1749,30 @@ fn mode_of(path: &Path) -> u32 {
         .permissions()
         .mode()
         & 0o777
+}
+
+/// The gateway turns core dumps off for itself, whatever limit it inherits: a core of it
+/// would hold the Plivo credentials and the audit key.
+#[test]
+fn serve_runs_with_core_dumps_off_whatever_it_inherits() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let mut served = Served::start_after(&c.config_path(), "ulimit -c unlimited");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", served.pid()))
+        .expect("the gateway's limits");
+    let core = limits
+        .lines()
+        .find(|line| line.starts_with("Max core file size"))
+        .expect("a core size line");
+    let (soft, hard) = {
+        let mut values = core.split_whitespace().skip(4);
+        (values.next(), values.next())
+    };
+    assert_eq!((soft, hard), (Some("0"), Some("0")), "{core}");
+    assert_eq!(end(&served, "billing-1").0, 204, "and it serves");
+    served.signal("TERM");
+    assert_eq!(served.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
 /// DESIGN §3: audit files are mode 0600. `serve` runs with umask 000, so a file created

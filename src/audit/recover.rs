@@ -19,7 +19,7 @@ use super::chain::{self, GENESIS};
 use super::path::AuditPath;
 use super::record::format_ts;
 use super::saved_head::{self, Durability, SavedHead};
-use super::segment::{rotated_siblings, sync_dir};
+use super::segment::{open_regular, rotated_siblings, sync_dir};
 use super::writer::AuditError;
 
 /// A record longer than this is not one the writer produced.
@@ -92,7 +92,8 @@ fn find_head(live: &AuditPath) -> Result<ChainHead, AuditError> {
             source,
         }
     };
-    let kept = match OpenOptions::new().read(true).write(true).open(live) {
+    let read_write = read_write();
+    let kept = match open_regular(&read_write, live.as_path()) {
         Ok(file) => {
             enforce_owner_only(&file, live.as_path()).map_err(io_err("set mode 0600 on"))?;
             cut_torn_tail(&file, live.as_path()).map_err(io_err("repair"))?
@@ -101,15 +102,22 @@ fn find_head(live: &AuditPath) -> Result<ChainHead, AuditError> {
         Err(e) => return Err(io_err("open")(e)),
     };
     if kept > 0 {
-        let file = File::open(live).map_err(io_err("read"))?;
+        let file =
+            open_regular(OpenOptions::new().read(true), live.as_path()).map_err(io_err("read"))?;
         return head_from_line(&file, kept, live.as_path());
     }
     beyond_live_file(live)
 }
 
+fn read_write() -> OpenOptions {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true);
+    opts
+}
+
 /// The contract wants mode 0600; a file created by hand (or by an older version) with a
 /// wider mode is narrowed rather than refused, with a warning.
-fn enforce_owner_only(file: &File, path: &Path) -> io::Result<()> {
+pub(crate) fn enforce_owner_only(file: &File, path: &Path) -> io::Result<()> {
     let mode = file.metadata()?.permissions().mode() & 0o777;
     if mode != 0o600 {
         tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "audit log had a mode other than 0600; setting 0600");
@@ -416,7 +424,7 @@ thread_local! {
 fn open_for_repair(path: &Path) -> io::Result<File> {
     #[cfg(test)]
     REPAIR_OPENS.with(|n| n.set(n.get() + 1));
-    OpenOptions::new().read(true).write(true).open(path)
+    open_regular(&read_write(), path)
 }
 
 #[cfg(test)]

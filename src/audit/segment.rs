@@ -94,14 +94,66 @@ impl LiveFile for FsFile {
 
 /// Opens `path` for appending with mode 0600, creating it when missing. Tries
 /// `create_new` first so that the caller knows whether a directory entry was added.
+/// An existing file must be a regular file, not reached through a symbolic link (see
+/// [`open_regular`]).
 pub(crate) fn open_append(path: &Path) -> io::Result<(File, bool)> {
     let mut opts = OpenOptions::new();
     opts.append(true).mode(0o600);
+    // `O_CREAT | O_EXCL` follows no link: a link at `path`, even a dangling one, is
+    // "already there" and gets the checks below.
     match opts.clone().create_new(true).open(path) {
         Ok(f) => Ok((f, true)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((opts.open(path)?, false)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Ok((open_regular(&opts, path)?, false))
+        }
         Err(e) => Err(e),
     }
+}
+
+/// Opens an audit file (the live file, a rotated file, the lock file) with `opts`, only
+/// if it is a regular file at `path` itself: never through a symbolic link, which would
+/// have the gateway narrow the mode of, cut the tail of, or append to whatever file the
+/// link names (anyone who can add a name to the audit directory could point one at a
+/// file only the gateway's user may write). Checked before the open (so a FIFO does not
+/// block it), by `O_NOFOLLOW` in it (so a link swapped in meanwhile fails), and on the
+/// opened file.
+pub(crate) fn open_regular(opts: &OpenOptions, path: &Path) -> io::Result<File> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_file() => return Err(not_regular(&meta)),
+        // A missing file is `opts`'s to create or to report.
+        Ok(_) | Err(_) => {}
+    }
+    let mut opts = opts.clone();
+    opts.custom_flags(NO_FOLLOW);
+    let file = opts.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+            io::Error::new(
+                e.kind(),
+                "it is a symbolic link; audit files are never opened through one",
+            )
+        } else {
+            e
+        }
+    })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(file)
+}
+
+/// `O_NOFOLLOW`, as `custom_flags` takes it (the flag fits in 31 bits).
+const NO_FOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+
+fn not_regular(meta: &std::fs::Metadata) -> io::Error {
+    let what = if meta.file_type().is_symlink() {
+        "it is a symbolic link; audit files are never opened through one"
+    } else if meta.is_dir() {
+        "it is a directory, not a regular file"
+    } else {
+        "it is not a regular file (a FIFO, socket or device)"
+    };
+    io::Error::new(io::ErrorKind::InvalidInput, what)
 }
 
 /// fsync of a directory, so that a rename or a new file in it survives a crash.

@@ -52,7 +52,7 @@ use tokio::sync::{oneshot, watch};
 use super::chain::{self, ChainHasher, HexDigest};
 use super::path::AuditPath;
 use super::record::{self, AuditEvent, Body, TsText};
-use super::recover::{recover, ChainHead};
+use super::recover::{enforce_owner_only, recover, ChainHead};
 use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{self, FileId, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
@@ -615,13 +615,12 @@ fn lock_exclusively(path: &AuditPath) -> Result<File, AuditError> {
         path: lock_path.clone(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| io_err("open the lock file", e))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).truncate(false).write(true).mode(0o600);
+    let file =
+        segment::open_regular(&opts, &lock_path).map_err(|e| io_err("open the lock file", e))?;
+    enforce_owner_only(&file, &lock_path)
+        .map_err(|e| io_err("set mode 0600 on the lock file", e))?;
     let give_up = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match file.try_lock() {
@@ -683,10 +682,8 @@ pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
         .open(&probe)
         .map_err(io_err("create a file in", dir))?;
     std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
-    if path.as_path().exists() {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
+    if std::fs::symlink_metadata(path.as_path()).is_ok() {
+        segment::open_regular(std::fs::OpenOptions::new().append(true), path.as_path())
             .map_err(io_err("open for appending", path.as_path()))?;
     }
     Ok(())

@@ -43,6 +43,9 @@ pub struct Config {
     pub tenants: BTreeMap<String, Tenant>,
     pub audit: AuditSettings,
     pub log: LogSettings,
+    /// Secrets read from files every user of the host may read, by key path: warned
+    /// about with [`Config::warnings`].
+    pub(crate) exposed_secret_files: Vec<ConfigWarning>,
 }
 
 /// A Plivo account or subaccount and the credentials only the gateway holds.
@@ -211,6 +214,7 @@ impl Config {
                 });
             }
         }
+        warnings.extend(self.exposed_secret_files.iter().cloned());
         if shutdown_grace <= self.upstream.timeout {
             warnings.push(ConfigWarning {
                 key: "shutdown_grace".into(),
@@ -356,6 +360,7 @@ impl TryFrom<RawConfig> for Config {
                     tenants,
                     audit,
                     log,
+                    exposed_secret_files: exposed_secret_files(&raw),
                 })
             }
             _ => Err(ConfigError::Invalid(errors.0)),
@@ -445,6 +450,47 @@ impl Errors {
             message: message.to_string(),
         });
     }
+}
+
+/// Every secret read from a file that every user of the host may read, as a warning:
+/// Plivo auth tokens, the audit key, a Redis URL given by file, the TLS private key.
+fn exposed_secret_files(raw: &RawConfig) -> Vec<ConfigWarning> {
+    let mut sources: Vec<(String, ValueSource)> = raw
+        .accounts
+        .iter()
+        .map(|(name, account)| {
+            (
+                format!("accounts.{name}.auth_token"),
+                account.auth_token.clone(),
+            )
+        })
+        .collect();
+    sources.extend(
+        raw.audit
+            .hmac_key
+            .clone()
+            .map(|key| ("audit.hmac_key".to_owned(), key)),
+    );
+    sources.extend(
+        raw.rate_limit_store
+            .url
+            .clone()
+            .map(|url| ("rate_limit_store.url".to_owned(), url)),
+    );
+    sources.extend(raw.listen_tls.as_ref().map(|tls| {
+        (
+            "listen_tls.key_file".to_owned(),
+            ValueSource::File(tls.key_file.clone()),
+        )
+    }));
+    sources
+        .into_iter()
+        .filter_map(|(key, source)| {
+            source
+                .world_readable_warning()
+                .map(|message| ConfigWarning { key, message })
+        })
+        .collect()
 }
 
 fn rate_limit(raw: RawRateLimit) -> RateLimit {

@@ -3,7 +3,7 @@
 //! `secrecy` wrappers so they never reach a `Debug` or log line.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -19,13 +19,45 @@ pub enum ValueSource {
 }
 
 impl fmt::Debug for ValueSource {
-    // A literal may be a secret someone pasted by mistake: never print it.
+    // A literal may be a secret someone pasted by mistake: never print it. Nor a name or
+    // path that may be one (see [`shown_env_name`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ValueSource::Literal(_) => f.write_str("Literal(<redacted>)"),
-            ValueSource::Env(name) => write!(f, "Env({name})"),
-            ValueSource::File(path) => write!(f, "File({})", path.display()),
+            ValueSource::Env(name) => write!(f, "Env({})", shown_env_name(name)),
+            ValueSource::File(path) => write!(f, "File({})", shown_path(path)),
         }
+    }
+}
+
+/// An environment variable's name as messages show it. The likeliest slip with a secret
+/// is writing the secret itself where its variable's name belongs (`{env: <token>}`),
+/// and a config error then goes to the terminal and, on a reload, to the log. So a name
+/// is shown only when it looks like a conventional one (upper-case letters, digits and
+/// `_`, not starting with a digit), which Plivo's mixed-case tokens, the gateway's own
+/// `mpcgw_` tokens and numbers do not.
+pub(crate) fn shown_env_name(name: &str) -> &str {
+    let conventional = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_uppercase() || c == '_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if conventional {
+        name
+    } else {
+        "(name not shown: not an upper-case variable name, so it may be a secret written in the wrong place)"
+    }
+}
+
+/// A secret file's path as messages show it: the same slip in `{file: ...}`. A path is
+/// shown when it has a `/` or a `.` (a directory or an extension), which tokens do not.
+pub(crate) fn shown_path(path: &Path) -> String {
+    let text = path.display().to_string();
+    if text.contains(['/', '.']) {
+        text
+    } else {
+        "(path not shown: without a '/' or '.', it may be a secret written in the wrong place)"
+            .to_owned()
     }
 }
 
@@ -63,19 +95,35 @@ impl ValueSource {
     fn read_reference(&self) -> Result<String, ResolveError> {
         match self {
             ValueSource::Literal(value) => Ok(value.clone()),
-            ValueSource::Env(name) => {
-                std::env::var(name).map_err(|_| ResolveError::MissingEnv(name.clone()))
-            }
+            ValueSource::Env(name) => std::env::var(name)
+                .map_err(|_| ResolveError::MissingEnv(shown_env_name(name).to_owned())),
             // Files written by editors and secret managers often end in a newline.
             // The untrimmed text is wiped when dropped.
             ValueSource::File(path) => std::fs::read_to_string(path)
                 .map(Zeroizing::new)
                 .map(|text| text.trim().to_owned())
                 .map_err(|err| ResolveError::File {
-                    path: path.display().to_string(),
+                    path: shown_path(path),
                     reason: err.to_string(),
                 }),
         }
+    }
+
+    /// For a secret read from a file: a warning when every user of the host may read
+    /// that file. Group-readable is fine (Kubernetes secret volumes are 0440 with
+    /// `fsGroup`).
+    pub fn world_readable_warning(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let ValueSource::File(path) = self else {
+            return None;
+        };
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o004 != 0).then(|| {
+            format!(
+                "{} is readable by every user of the host (mode {mode:o}); make it 0600 (or 0640/0440 for a group that needs it)",
+                shown_path(path)
+            )
+        })
     }
 }
 
@@ -221,6 +269,58 @@ mod tests {
         std::fs::write(&path, "  s3cret\n").expect("write");
         let secret = ValueSource::File(path).resolve_secret().expect("resolves");
         assert_eq!(secret.expose_secret(), "s3cret");
+    }
+
+    /// A secret written where its variable's name or its file's path belongs is not
+    /// echoed by the error (which a reload logs); conventional names and paths are.
+    #[test]
+    fn a_name_or_path_that_may_be_the_secret_is_not_shown() {
+        for token in [
+            "ZDQ3MzBkOGUxNzc4NjEwMjFiOTdhNjI1NmQ4Yj",
+            "98765432109876",
+            "mpcgw_RW67YF26afF-UI4DyGgvwbYS_7e1PxFOBNy54m96fCU",
+        ] {
+            for source in [
+                ValueSource::Env(token.into()),
+                ValueSource::File(token.into()),
+            ] {
+                let err = source
+                    .resolve_secret()
+                    .expect_err("unresolvable")
+                    .to_string();
+                assert!(!err.contains(token), "{token} echoed: {err}");
+                assert!(err.contains("not shown"), "{err}");
+                assert!(!format!("{source:?}").contains(token));
+            }
+        }
+        let err = ValueSource::Env("PLIVO_AUTH_TOKEN_SURELY_UNSET_1".into())
+            .resolve_secret()
+            .expect_err("unset")
+            .to_string();
+        assert!(err.contains("PLIVO_AUTH_TOKEN_SURELY_UNSET_1"), "{err}");
+        let err = ValueSource::File("/nonexistent/token".into())
+            .resolve_secret()
+            .expect_err("missing")
+            .to_string();
+        assert!(err.contains("/nonexistent/token"), "{err}");
+    }
+
+    #[test]
+    fn a_world_readable_secret_file_is_warned_about_and_a_group_readable_one_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        let source = ValueSource::File(path.clone());
+        for (mode, warned) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let warning = source.world_readable_warning();
+            assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
+            if let Some(warning) = warning {
+                assert!(warning.contains(&format!("{mode:o}")), "{warning}");
+            }
+        }
+        assert_eq!(ValueSource::Env("X".into()).world_readable_warning(), None);
     }
 
     #[test]

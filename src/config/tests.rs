@@ -9,10 +9,15 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Secret files owner-only, as they should be (a wider mode is a warning).
     fn new() -> Fixture {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("token"), "plivo-secret\n").expect("write");
-        std::fs::write(dir.path().join("key"), "audit-key").expect("write");
+        for (name, text) in [("token", "plivo-secret\n"), ("key", "audit-key")] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
         Fixture { dir }
     }
 
@@ -611,4 +616,26 @@ fn a_token_in_place_of_its_hash_is_refused_without_showing_it() {
         assert!(err.contains("tenants.billing.tokens"), "{err}");
         assert!(!err.contains(secret), "{tokens}: {err}");
     }
+}
+
+/// A secret file every user may read is warned about under its key path (the fixture's
+/// files are owner-only, so the warning is this file's alone).
+#[test]
+fn a_world_readable_secret_file_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = Fixture::new();
+    let token = fixture.dir.path().join("token");
+    let keyed = format!("{MINIMAL}  hmac_key: {{file: \"{{dir}}/key\"}}\n");
+    let owner_only = fixture.load(&keyed).expect("valid");
+    assert!(
+        owner_only.warnings().is_empty(),
+        "{:?}",
+        owner_only.warnings()
+    );
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let warnings = fixture.load(&keyed).expect("still valid").warnings();
+    let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
+    assert_eq!(keys, ["accounts.default.auth_token"], "{warnings:?}");
+    assert!(warnings[0].message.contains("mode 644"), "{}", warnings[0]);
 }

@@ -219,9 +219,9 @@ impl Harness {
 
     fn write_files(&self) {
         let dir = self.dir.path();
-        std::fs::write(dir.join("plivo-token"), format!("{AUTH_TOKEN}\n")).expect("write");
-        std::fs::write(dir.join("second-token"), SECOND_AUTH_TOKEN).expect("write");
-        std::fs::write(dir.join("hmac-key"), HMAC_KEY).expect("write");
+        write_secret(&dir.join("plivo-token"), format!("{AUTH_TOKEN}\n"));
+        write_secret(&dir.join("second-token"), SECOND_AUTH_TOKEN);
+        write_secret(&dir.join("hmac-key"), HMAC_KEY);
         let ca_path = dir.join("ca.pem");
         let ca_pem = if self.options.trust_simulator {
             self.pki.ca_cert_pem.clone()
@@ -916,6 +916,21 @@ pub async fn raw_send(addr: SocketAddr, request: &[u8], wait: Duration) -> RawOu
         write_error,
         read_error,
     }
+}
+
+/// Writes a secret file owner-only (0600), as an operator should: a file every user may
+/// read is a config warning.
+pub fn write_secret(path: &Path, text: impl AsRef<[u8]>) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_ref()))
+        .expect("write a secret file");
 }
 
 /// The admin listener's `/metrics` text.

@@ -72,10 +72,17 @@ impl Served {
     /// what the test runner's umask happens to leave of them. `sh` execs the gateway, so
     /// the pid is the gateway's.
     pub fn start_with_umask(config: &Path, umask: &str) -> Served {
+        Served::start_after(config, &format!("umask {umask}"))
+    }
+
+    /// Like [`Served::start`], after the shell command `prelude` (e.g. `ulimit -c
+    /// unlimited`) has changed what the process inherits. `sh` execs the gateway, so the
+    /// pid is the gateway's.
+    pub fn start_after(config: &Path, prelude: &str) -> Served {
         let mut command = Command::new("sh");
         command.args([
             "-c",
-            &format!("umask {umask} && exec \"$0\" serve --config \"$1\""),
+            &format!("{prelude} && exec \"$0\" serve --config \"$1\""),
             BIN,
             config.to_str().expect("UTF-8 path"),
         ]);

@@ -1573,3 +1573,83 @@ async fn a_stuck_inline_write_turns_the_log_unready() {
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), 2);
 }
+
+/// A file outside the audit directory that a symbolic link in it points to: its mode and
+/// content, to show that the gateway left it alone.
+fn victim(dir: &Path) -> (PathBuf, impl Fn() -> (u32, String)) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("victim.txt");
+    std::fs::write(&path, "important line 1\nimportant line 2 (no newline)").expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let seen = path.clone();
+    let state = move || {
+        let mode = std::fs::metadata(&seen)
+            .expect("victim")
+            .permissions()
+            .mode()
+            & 0o777;
+        (mode, std::fs::read_to_string(&seen).expect("read victim"))
+    };
+    (path, state)
+}
+
+/// A symbolic link at `audit.path` is refused at start-up and by `check-config`, and the
+/// file it names keeps its mode and its (torn-looking) tail: the gateway never narrows,
+/// cuts or appends to a file through a link planted in its directory.
+#[test]
+fn a_symbolic_link_at_the_audit_path_is_refused_and_its_target_left_alone() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let (target, state) = victim(outside.path());
+    let before = state();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    std::os::unix::fs::symlink(&target, &path).expect("symlink");
+
+    let err = AuditLog::open(settings(&path, Fsync::Always, 1 << 20))
+        .expect_err("a link is not an audit log");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    let err = check_writable(&audit_path(&path)).expect_err("check-config refuses it too");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(state(), before, "the link's target was changed");
+}
+
+/// The lock file is not followed through a link either (a dangling one would otherwise
+/// create its target), and one made by hand with a wider mode is narrowed to 0600.
+#[test]
+fn the_lock_file_follows_no_link_and_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let lock = dir.path().join(".audit.jsonl.lock");
+    let planted = outside.path().join("created-by-the-lock");
+    std::os::unix::fs::symlink(&planted, &lock).expect("symlink");
+    let err = AuditLog::open(settings(&path, Fsync::Always, 1 << 20))
+        .expect_err("a linked lock file is refused");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert!(!planted.exists(), "the link's target was created");
+
+    std::fs::remove_file(&lock).expect("remove the link");
+    std::fs::write(&lock, "").expect("a lock file made by hand");
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let log = AuditLog::open(settings(&path, Fsync::Always, 1 << 20)).expect("open");
+    let mode = std::fs::metadata(&lock).expect("lock").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    drop(log);
+}
+
+/// A FIFO at `audit.path` is refused at once rather than blocking the open (a FIFO
+/// opened for writing waits for a reader).
+#[test]
+fn a_fifo_at_the_audit_path_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let err = AuditLog::open(settings(&path, Fsync::Never, 1 << 20))
+        .expect_err("a FIFO is not an audit log");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
