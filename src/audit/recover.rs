@@ -115,12 +115,13 @@ fn read_write() -> OpenOptions {
     opts
 }
 
-/// The contract wants mode 0600; a file created by hand (or by an older version) with a
-/// wider mode is narrowed rather than refused, with a warning.
+/// The contract wants mode 0600 for the audit log; a file of it (or its lock file)
+/// created by hand or by an older version with a wider mode is narrowed rather than
+/// refused, with a warning.
 pub(crate) fn enforce_owner_only(file: &File, path: &Path) -> io::Result<()> {
     let mode = file.metadata()?.permissions().mode() & 0o777;
     if mode != 0o600 {
-        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "audit log had a mode other than 0600; setting 0600");
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "audit file had a mode other than 0600; setting 0600");
         file.set_permissions(Permissions::from_mode(0o600))?;
     }
     Ok(())
@@ -332,7 +333,7 @@ fn last_of_rotated(
             source,
         }
     };
-    let file = File::open(path).map_err(io_err("read"))?;
+    let file = open_regular(OpenOptions::new().read(true), path).map_err(io_err("read"))?;
     let len = file.metadata().map_err(io_err("read"))?.len();
     if len == 0 {
         // With `fsync: never` a power loss soon after a rotation can keep the file's

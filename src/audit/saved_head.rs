@@ -9,7 +9,7 @@
 //! the lock file would swap the inode that another gateway's `flock` waits on. Its name
 //! starts with a dot, so `audit verify DIR` and `audit query DIR` skip it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use super::chain::HexDigest;
 use super::path::AuditPath;
-use super::segment::sync_dir;
+use super::segment::{open_regular, sync_dir};
 
 /// The last record written before a rotation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,7 +91,8 @@ pub(crate) fn load(live: &AuditPath) -> Option<SavedHead> {
 }
 
 fn read(path: &Path) -> Result<Option<SavedHead>, String> {
-    let file = match File::open(path) {
+    // Not through a link, and never blocking on a FIFO: see `open_regular`.
+    let file = match open_regular(OpenOptions::new().read(true), path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),

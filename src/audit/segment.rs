@@ -110,13 +110,14 @@ pub(crate) fn open_append(path: &Path) -> io::Result<(File, bool)> {
     }
 }
 
-/// Opens an audit file (the live file, a rotated file, the lock file) with `opts`, only
-/// if it is a regular file at `path` itself: never through a symbolic link, which would
-/// have the gateway narrow the mode of, cut the tail of, or append to whatever file the
-/// link names (anyone who can add a name to the audit directory could point one at a
-/// file only the gateway's user may write). Checked before the open (so a FIFO does not
-/// block it), by `O_NOFOLLOW` in it (so a link swapped in meanwhile fails), and on the
-/// opened file.
+/// Opens an audit file (the live file, a rotated file, the lock file, the saved head)
+/// with `opts`, only if it is a regular file at `path` itself: never through a symbolic
+/// link, which would have the gateway narrow the mode of, cut the tail of, append to or
+/// trust whatever file the link names (anyone who can add a name to the audit directory
+/// could point one at a file only the gateway's user may write). Checked before the open
+/// (for a clear message), by `O_NOFOLLOW` in it (a link swapped in meanwhile fails), and
+/// on the opened file; `O_NONBLOCK` keeps a FIFO swapped in meanwhile from blocking the
+/// open (on a regular file it changes nothing).
 pub(crate) fn open_regular(opts: &OpenOptions, path: &Path) -> io::Result<File> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_file() => return Err(not_regular(&meta)),
@@ -124,7 +125,7 @@ pub(crate) fn open_regular(opts: &OpenOptions, path: &Path) -> io::Result<File> 
         Ok(_) | Err(_) => {}
     }
     let mut opts = opts.clone();
-    opts.custom_flags(NO_FOLLOW);
+    opts.custom_flags(NO_FOLLOW_NO_BLOCK);
     let file = opts.open(path).map_err(|e| {
         if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
             io::Error::new(
@@ -142,8 +143,10 @@ pub(crate) fn open_regular(opts: &OpenOptions, path: &Path) -> io::Result<File> 
     Ok(file)
 }
 
-/// `O_NOFOLLOW`, as `custom_flags` takes it (the flag fits in 31 bits).
-const NO_FOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+/// `O_NOFOLLOW | O_NONBLOCK`, as `custom_flags` takes them (both fit in 31 bits).
+const NO_FOLLOW_NO_BLOCK: i32 = rustix::fs::OFlags::NOFOLLOW
+    .union(rustix::fs::OFlags::NONBLOCK)
+    .bits() as i32;
 
 fn not_regular(meta: &std::fs::Metadata) -> io::Error {
     let what = if meta.file_type().is_symlink() {

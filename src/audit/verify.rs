@@ -118,10 +118,12 @@ fn key_from_env(name: &str) -> Result<ChainHasher, String> {
         .map_err(|err| format!("environment variable {name} (--hmac-key-env): {err}"))
 }
 
+/// The path was typed on the command line, so errors name it (config errors do not).
 fn key_from_file(path: &Path) -> Result<ChainHasher, String> {
+    let named = |err: &dyn std::fmt::Display| format!("--hmac-key-file {}: {err}", path.display());
     let key = crate::config::resolve_key(&ValueSource::File(path.to_path_buf()))
-        .map_err(|err| format!("--hmac-key-file: {err}"))?;
-    ChainHasher::new(Some(key)).map_err(|err| format!("--hmac-key-file: {err}"))
+        .map_err(|err| named(&err))?;
+    ChainHasher::new(Some(key)).map_err(|err| named(&err))
 }
 
 /// A place in the set of files.

@@ -682,9 +682,24 @@ pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
         .open(&probe)
         .map_err(io_err("create a file in", dir))?;
     std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
-    if std::fs::symlink_metadata(path.as_path()).is_ok() {
-        segment::open_regular(std::fs::OpenOptions::new().append(true), path.as_path())
-            .map_err(io_err("open for appending", path.as_path()))?;
+    // `serve` opens both with `open_regular`: a link, FIFO or directory at either name is
+    // refused here as it would be there.
+    let lock_file = path.lock_file();
+    for (file, opts, op) in [
+        (
+            path.as_path(),
+            std::fs::OpenOptions::new().append(true).clone(),
+            "open for appending",
+        ),
+        (
+            &lock_file,
+            std::fs::OpenOptions::new().write(true).clone(),
+            "open the lock file",
+        ),
+    ] {
+        if std::fs::symlink_metadata(file).is_ok() {
+            segment::open_regular(&opts, file).map_err(io_err(op, file))?;
+        }
     }
     Ok(())
 }

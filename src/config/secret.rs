@@ -20,44 +20,36 @@ pub enum ValueSource {
 
 impl fmt::Debug for ValueSource {
     // A literal may be a secret someone pasted by mistake: never print it. Nor a name or
-    // path that may be one (see [`shown_env_name`]).
+    // a path that may be one: the likeliest slip with a secret is writing the secret
+    // itself where its variable's name or its file's path belongs, and a config error
+    // goes to the terminal and, on a reload, to the log. The key path that every error
+    // carries says which entry it is.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ValueSource::Literal(_) => f.write_str("Literal(<redacted>)"),
             ValueSource::Env(name) => write!(f, "Env({})", shown_env_name(name)),
-            ValueSource::File(path) => write!(f, "File({})", shown_path(path)),
+            ValueSource::File(_) => f.write_str("File(<not shown>)"),
         }
     }
 }
 
-/// An environment variable's name as messages show it. The likeliest slip with a secret
-/// is writing the secret itself where its variable's name belongs (`{env: <token>}`),
-/// and a config error then goes to the terminal and, on a reload, to the log. So a name
-/// is shown only when it looks like a conventional one (upper-case letters, digits and
-/// `_`, not starting with a digit), which Plivo's mixed-case tokens, the gateway's own
-/// `mpcgw_` tokens and numbers do not.
+/// An environment variable's name as messages show it (see [`ValueSource`]'s `Debug`):
+/// only when it looks like a conventional name: upper-case words joined by `_`
+/// (`PLIVO_AUTH_TOKEN`), at most 64 characters. Plivo's mixed-case tokens, the gateway's
+/// own `mpcgw_` tokens, numbers and upper-case base32 or hex secrets (no `_`) do not.
+/// A file's path is never shown, since paths and secrets (base64, URLs) share too many
+/// characters to tell apart.
 pub(crate) fn shown_env_name(name: &str) -> &str {
     let conventional = name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_uppercase() || c == '_')
+        && name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name.contains('_')
         && name
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
     if conventional {
         name
     } else {
-        "(name not shown: not an upper-case variable name, so it may be a secret written in the wrong place)"
-    }
-}
-
-/// A secret file's path as messages show it: the same slip in `{file: ...}`. A path is
-/// shown when it has a `/` or a `.` (a directory or an extension), which tokens do not.
-pub(crate) fn shown_path(path: &Path) -> String {
-    let text = path.display().to_string();
-    if text.contains(['/', '.']) {
-        text
-    } else {
-        "(path not shown: without a '/' or '.', it may be a secret written in the wrong place)"
-            .to_owned()
+        "(name not shown: not an upper-case NAME_LIKE_THIS, so it may be a secret written in the wrong place)"
     }
 }
 
@@ -68,8 +60,9 @@ pub enum ResolveError {
     LiteralSecret,
     #[error("environment variable {0} is not set or not valid UTF-8")]
     MissingEnv(String),
-    #[error("cannot read {path}: {reason}")]
-    File { path: String, reason: String },
+    /// The path is not shown: see [`ValueSource`]'s `Debug`.
+    #[error("cannot read the file it names: {reason}")]
+    File { reason: String },
     #[error("is empty")]
     Empty,
 }
@@ -103,28 +96,37 @@ impl ValueSource {
                 .map(Zeroizing::new)
                 .map(|text| text.trim().to_owned())
                 .map_err(|err| ResolveError::File {
-                    path: shown_path(path),
                     reason: err.to_string(),
                 }),
         }
     }
 
     /// For a secret read from a file: a warning when every user of the host may read
-    /// that file. Group-readable is fine (Kubernetes secret volumes are 0440 with
-    /// `fsGroup`).
+    /// that file: its mode lets others read it and every directory above it lets them
+    /// through. Group-readable is fine (Kubernetes secret volumes are 0440 with
+    /// `fsGroup`). The file exists, so its path is a path and is shown.
     pub fn world_readable_warning(&self) -> Option<String> {
-        use std::os::unix::fs::PermissionsExt;
         let ValueSource::File(path) = self else {
             return None;
         };
-        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-        (mode & 0o004 != 0).then(|| {
+        let path = std::fs::canonicalize(path).ok()?;
+        let mode = mode_of(&path)?;
+        let reachable = path
+            .ancestors()
+            .skip(1)
+            .all(|dir| mode_of(dir).is_some_and(|dir_mode| dir_mode & 0o001 != 0));
+        (mode & 0o004 != 0 && reachable).then(|| {
             format!(
                 "{} is readable by every user of the host (mode {mode:o}); make it 0600 (or 0640/0440 for a group that needs it)",
-                shown_path(path)
+                path.display()
             )
         })
     }
+}
+
+fn mode_of(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Some(std::fs::metadata(path).ok()?.permissions().mode() & 0o777)
 }
 
 fn non_empty(value: String) -> Result<String, ResolveError> {
@@ -279,6 +281,10 @@ mod tests {
             "ZDQ3MzBkOGUxNzc4NjEwMjFiOTdhNjI1NmQ4Yj",
             "98765432109876",
             "mpcgw_RW67YF26afF-UI4DyGgvwbYS_7e1PxFOBNy54m96fCU",
+            "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP",
+            "redis://:hunter2@127.0.0.1:6379/0",
+            "Ab3/x9Kq.Zt+Q0==",
+            "/Ab3x9KqZtQ0",
         ] {
             for source in [
                 ValueSource::Env(token.into()),
@@ -289,7 +295,9 @@ mod tests {
                     .expect_err("unresolvable")
                     .to_string();
                 assert!(!err.contains(token), "{token} echoed: {err}");
-                assert!(err.contains("not shown"), "{err}");
+                if matches!(source, ValueSource::Env(_)) {
+                    assert!(err.contains("name not shown"), "{err}");
+                }
                 assert!(!format!("{source:?}").contains(token));
             }
         }
@@ -302,24 +310,33 @@ mod tests {
             .resolve_secret()
             .expect_err("missing")
             .to_string();
-        assert!(err.contains("/nonexistent/token"), "{err}");
+        assert!(err.contains("No such file"), "{err}");
     }
 
     #[test]
     fn a_world_readable_secret_file_is_warned_about_and_a_group_readable_one_is_not() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
+        let chmod = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        // tempdir makes its directory 0700, which would keep every user out anyway.
+        chmod(dir.path(), 0o755);
         let path = dir.path().join("token");
         std::fs::write(&path, "s3cret\n").expect("write");
         let source = ValueSource::File(path.clone());
         for (mode, warned) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            chmod(&path, mode);
             let warning = source.world_readable_warning();
             assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
             if let Some(warning) = warning {
                 assert!(warning.contains(&format!("{mode:o}")), "{warning}");
             }
         }
+        // A directory above it that others cannot pass through keeps them out.
+        chmod(&path, 0o644);
+        chmod(dir.path(), 0o750);
+        assert_eq!(source.world_readable_warning(), None);
         assert_eq!(ValueSource::Env("X".into()).world_readable_warning(), None);
     }
 

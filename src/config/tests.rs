@@ -624,6 +624,9 @@ fn a_token_in_place_of_its_hash_is_refused_without_showing_it() {
 fn a_world_readable_secret_file_is_a_warning() {
     use std::os::unix::fs::PermissionsExt;
     let fixture = Fixture::new();
+    // tempdir makes its directory 0700, which would keep every user out anyway.
+    std::fs::set_permissions(fixture.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
     let token = fixture.dir.path().join("token");
     let keyed = format!("{MINIMAL}  hmac_key: {{file: \"{{dir}}/key\"}}\n");
     let owner_only = fixture.load(&keyed).expect("valid");

@@ -53,16 +53,21 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const H2_IDLE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
 /// Connections beyond this wait in the kernel's accept queue instead of costing memory.
 pub const MAX_CONNECTIONS: usize = 4096;
-/// Requests in progress at once on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Requests in progress at once on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS,
+/// nginx's default): an eighth of [`MAX_H2_STREAMS_IN_PROGRESS`], so one connection
+/// cannot take the process's whole share.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 /// HTTP/2 streams in progress at once on all connections together. Each costs about
 /// 12 KiB until answered, and one whose body never comes is held for the body timeout
 /// before anyone is authenticated: without this cap every connection slot could hold
 /// `H2_MAX_CONCURRENT_STREAMS` of them (gigabytes). A stream beyond it is refused at
 /// once (`REFUSED_STREAM`: not processed, safe to retry) and counted as
-/// `streams-exhausted`. An HTTP/1.1 connection has one request at a time and is bounded
-/// by [`MAX_CONNECTIONS`] instead. Plivo allows an account 60 requests a second, so
-/// legitimate callers stay far below this.
+/// `streams-exhausted`. The trade-off: callers that hold this many streams (eight
+/// connections' worth of stalled bodies, or a long Plivo outage under heavy HTTP/2
+/// traffic) get other HTTP/2 callers' new streams refused until theirs end, where
+/// without it they would exhaust memory. An HTTP/1.1 connection has one request at a
+/// time and is bounded by [`MAX_CONNECTIONS`] instead, so HTTP/1.1 callers are not
+/// affected.
 pub const MAX_H2_STREAMS_IN_PROGRESS: usize = 1024;
 /// Hyper's read buffer: room for a request line up to hyper's own URI limit (64 KiB, above
 /// which hyper answers 414 itself) plus the largest header block the contract allows, so

@@ -649,7 +649,8 @@ fn a_key_file_is_read_as_the_gateway_reads_it() {
     let r = execute(&with_file(&key));
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("--hmac-key-file: is empty"),
+        r.stderr
+            .contains(&format!("--hmac-key-file {}: is empty", key.display())),
         "{}",
         r.stderr
     );
@@ -657,7 +658,10 @@ fn a_key_file_is_read_as_the_gateway_reads_it() {
     let r = execute(&with_file(&dir.path().join("missing")));
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("--hmac-key-file: cannot read"),
+        r.stderr.contains(&format!(
+            "--hmac-key-file {}: cannot read",
+            dir.path().join("missing").display()
+        )),
         "{}",
         r.stderr
     );

@@ -1548,7 +1548,12 @@ async fn a_stuck_fsync_turns_the_log_unready_and_fails_waiting_appends_in_time()
 /// `fsync: never` writes on the caller's thread, so a write that stops returning holds
 /// that caller (nothing bounds it), but readiness still tells: not writable once the
 /// write has been in progress longer than the bound, writable again once it returns.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// The stuck caller has a thread (and runtime) of its own: blocked inside a task of the
+/// test's runtime, it would block one of its workers, and the timers the test's own
+/// waits need could then stall with it (the test hung that way about once in a few
+/// hundred runs).
+#[tokio::test]
 async fn a_stuck_inline_write_turns_the_log_unready() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
@@ -1556,17 +1561,24 @@ async fn a_stuck_inline_write_turns_the_log_unready() {
     let log = open_stuck(&path, Fsync::Never, &gate);
     log.append(event(0)).await.expect("append");
     let _closed = gate.close();
-    let stuck = tokio::spawn({
+    let (done, stuck) = tokio::sync::oneshot::channel();
+    std::thread::spawn({
         let log = log.clone();
-        async move { log.append(event(1)).await }
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let _ = done.send(runtime.block_on(log.append(event(1))));
+        }
     });
     let started = std::time::Instant::now();
     assert!(writable_within(&log, false).await, "still ready");
     assert!(started.elapsed() < Duration::from_secs(2));
     gate.open();
-    let seq = stuck
+    let seq = tokio::time::timeout(Duration::from_secs(5), stuck)
         .await
-        .expect("task")
+        .expect("the write returned once the disk answered")
+        .expect("the caller's thread answered")
         .expect("written once the disk answers");
     assert_eq!(seq, 2);
     assert!(writable_within(&log, true).await, "not ready again");
@@ -1627,6 +1639,8 @@ fn the_lock_file_follows_no_link_and_is_owner_only() {
     let err = AuditLog::open(settings(&path, Fsync::Always, 1 << 20))
         .expect_err("a linked lock file is refused");
     assert!(err.to_string().contains("symbolic link"), "{err}");
+    let err = check_writable(&audit_path(&path)).expect_err("check-config refuses it too");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
     assert!(!planted.exists(), "the link's target was created");
 
     std::fs::remove_file(&lock).expect("remove the link");
@@ -1649,7 +1663,59 @@ fn a_fifo_at_the_audit_path_is_refused_without_blocking() {
         .status()
         .expect("mkfifo");
     assert!(made.success());
-    let err = AuditLog::open(settings(&path, Fsync::Never, 1 << 20))
-        .expect_err("a FIFO is not an audit log");
+    // On a thread of its own, so that an open that blocks fails the test instead of
+    // hanging it.
+    let (done, opened) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).err());
+    });
+    let err = opened
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the open returned instead of blocking")
+        .expect("a FIFO is not an audit log");
     assert!(err.to_string().contains("not a regular file"), "{err}");
+    let err = check_writable(&audit_path(&dir.path().join("audit.jsonl")))
+        .expect_err("check-config refuses it too");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
+
+/// The saved chain head (read when the live file is empty or missing) is not read through
+/// a link nor from a FIFO, which would hang start-up: it is ignored with a warning, and
+/// the chain starts from what the files hold (here nothing: seq 1), not from the seq 41
+/// the linked file claims.
+#[tokio::test]
+async fn a_saved_head_that_is_a_fifo_or_a_link_is_ignored_without_blocking() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let forged = outside.path().join("forged-head");
+    let hash = "ab".repeat(32);
+    std::fs::write(
+        &forged,
+        format!(r#"{{"seq":41,"ts":"2026-11-28T00:00:00.000Z","hash":"{hash}"}}"#),
+    )
+    .expect("write");
+    for planted in ["fifo", "link"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let head = audit_path(&path).saved_head();
+        if planted == "fifo" {
+            let made = std::process::Command::new("mkfifo")
+                .arg(&head)
+                .status()
+                .expect("mkfifo");
+            assert!(made.success());
+        } else {
+            std::os::unix::fs::symlink(&forged, &head).expect("symlink");
+        }
+        let (done, opened) = std::sync::mpsc::channel();
+        let settings = settings(&path, Fsync::Never, 1 << 20);
+        std::thread::spawn(move || {
+            let _ = done.send(AuditLog::open(settings));
+        });
+        let log = opened
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the open returned instead of blocking")
+            .expect("opens");
+        assert_eq!(log.append(event(0)).await.expect("append"), 1, "{planted}");
+        log.close().await.expect("close");
+    }
 }
