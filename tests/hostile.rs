@@ -1211,14 +1211,19 @@ log:
 // HTTP/2 with prior knowledge (h2c)
 // ---------------------------------------------------------------------------------------
 
-/// An HTTP/2 connection with prior knowledge (h2c) to `addr`: its sender, and the task
-/// that drives it.
-async fn h2c_connect(
+/// An HTTP/2 connection with prior knowledge (h2c) to `addr`, for request bodies of type
+/// `B`: its sender, and the task that drives it.
+async fn h2c_connect<B>(
     addr: std::net::SocketAddr,
 ) -> (
-    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    hyper::client::conn::http2::SendRequest<B>,
     tokio::task::JoinHandle<hyper::Result<()>>,
-) {
+)
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -1299,14 +1304,7 @@ impl http_body::Body for TestBody {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_stream_with_a_body_that_never_ends_is_408() {
     let h = Harness::start().await;
-    let stream = tokio::net::TcpStream::connect(h.addr())
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let driver = tokio::spawn(conn);
+    let (mut sender, driver) = h2c_connect::<TestBody>(h.addr()).await;
     let request = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{}/mpc/billing-h2/end", h.addr()))
@@ -1461,14 +1459,7 @@ async fn h2_streams_in_progress_are_capped_across_connections() {
     let mut stalled = Vec::new();
     let mut opened = 0;
     while opened < cap {
-        let stream = tokio::net::TcpStream::connect(h.addr())
-            .await
-            .expect("connect");
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .expect("h2 handshake");
-        let driver = tokio::spawn(conn);
+        let (mut sender, driver) = h2c_connect::<TestBody>(h.addr()).await;
         let mut answers = Vec::new();
         for _ in 0..per_connection.min(cap - opened) {
             let request = Request::builder()
