@@ -128,10 +128,7 @@ pub(crate) fn open_regular(opts: &OpenOptions, path: &Path) -> io::Result<File> 
     opts.custom_flags(NO_FOLLOW_NO_BLOCK);
     let file = opts.open(path).map_err(|e| {
         if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-            io::Error::new(
-                e.kind(),
-                "it is a symbolic link; audit files are never opened through one",
-            )
+            io::Error::new(e.kind(), A_LINK)
         } else {
             e
         }
@@ -148,9 +145,13 @@ const NO_FOLLOW_NO_BLOCK: i32 = rustix::fs::OFlags::NOFOLLOW
     .union(rustix::fs::OFlags::NONBLOCK)
     .bits() as i32;
 
+/// Why a symbolic link at an audit file's name is refused, whether found before the open
+/// or by `O_NOFOLLOW` in it.
+const A_LINK: &str = "it is a symbolic link; audit files are never opened through one";
+
 fn not_regular(meta: &std::fs::Metadata) -> io::Error {
     let what = if meta.file_type().is_symlink() {
-        "it is a symbolic link; audit files are never opened through one"
+        A_LINK
     } else if meta.is_dir() {
         "it is a directory, not a regular file"
     } else {

@@ -1,6 +1,7 @@
-//! Why the HTTP layer ended a data connection itself, before or between requests: the
-//! vocabulary of `mpc_gateway_http_rejected_total{kind}`, and the one place a connection's
-//! error is sorted into it. The label values are part of the operating contract (README,
+//! Why the HTTP layer ended a data connection itself, before or between requests, or
+//! refused an HTTP/2 stream without processing it: the vocabulary of
+//! `mpc_gateway_http_rejected_total{kind}`, and the one place a connection's error is
+//! sorted into it. The label values are part of the operating contract (README,
 //! "Metrics"): a variant may be added, never renamed.
 
 /// One `kind` of `mpc_gateway_http_rejected_total`.
