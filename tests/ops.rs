@@ -20,12 +20,6 @@ use tokio::net::TcpStream;
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-async fn metrics_text(h: &Harness) -> String {
-    let reply = h.admin_get("/metrics").await;
-    assert_eq!(reply.status, 200);
-    String::from_utf8(reply.body.to_vec()).expect("metrics are UTF-8")
-}
-
 /// The value of one series; panics with the whole exposition when it is absent.
 fn value(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or_else(|| panic!("series {series} missing in\n{text}"))

@@ -682,23 +682,16 @@ pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
         .open(&probe)
         .map_err(io_err("create a file in", dir))?;
     std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
-    // `serve` opens both with `open_regular`: a link, FIFO or directory at either name is
-    // refused here as it would be there.
-    let lock_file = path.lock_file();
-    for (file, opts, op) in [
-        (
-            path.as_path(),
-            std::fs::OpenOptions::new().append(true).clone(),
-            "open for appending",
-        ),
-        (
-            &lock_file,
-            std::fs::OpenOptions::new().write(true).clone(),
-            "open the lock file",
-        ),
+    // `serve` opens both with `open_regular` (writing): a link, FIFO or directory at
+    // either name is refused here as it would be there.
+    let mut for_writing = std::fs::OpenOptions::new();
+    for_writing.write(true);
+    for (file, op) in [
+        (path.as_path(), "open for appending"),
+        (path.lock_file().as_path(), "open the lock file"),
     ] {
         if std::fs::symlink_metadata(file).is_ok() {
-            segment::open_regular(&opts, file).map_err(io_err(op, file))?;
+            segment::open_regular(&for_writing, file).map_err(io_err(op, file))?;
         }
     }
     Ok(())

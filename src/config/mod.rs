@@ -455,40 +455,33 @@ impl Errors {
 /// Every secret read from a file that every user of the host may read, as a warning:
 /// Plivo auth tokens, the audit key, a Redis URL given by file, the TLS private key.
 fn exposed_secret_files(raw: &RawConfig) -> Vec<ConfigWarning> {
-    let mut sources: Vec<(String, ValueSource)> = raw
-        .accounts
-        .iter()
-        .map(|(name, account)| {
-            (
-                format!("accounts.{name}.auth_token"),
-                account.auth_token.clone(),
-            )
-        })
-        .collect();
-    sources.extend(
-        raw.audit
-            .hmac_key
-            .clone()
-            .map(|key| ("audit.hmac_key".to_owned(), key)),
-    );
-    sources.extend(
-        raw.rate_limit_store
-            .url
-            .clone()
-            .map(|url| ("rate_limit_store.url".to_owned(), url)),
-    );
-    sources.extend(raw.listen_tls.as_ref().map(|tls| {
+    let accounts = raw.accounts.iter().filter_map(|(name, account)| {
+        let file = account.auth_token.file()?;
+        Some((format!("accounts.{name}.auth_token"), file))
+    });
+    let others = [
         (
-            "listen_tls.key_file".to_owned(),
-            ValueSource::File(tls.key_file.clone()),
-        )
-    }));
-    sources
-        .into_iter()
-        .filter_map(|(key, source)| {
-            source
-                .world_readable_warning()
-                .map(|message| ConfigWarning { key, message })
+            "audit.hmac_key",
+            raw.audit.hmac_key.as_ref().and_then(ValueSource::file),
+        ),
+        (
+            "rate_limit_store.url",
+            raw.rate_limit_store
+                .url
+                .as_ref()
+                .and_then(ValueSource::file),
+        ),
+        (
+            "listen_tls.key_file",
+            raw.listen_tls.as_ref().map(|tls| tls.key_file.as_path()),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, file)| Some((key.to_owned(), file?)));
+    accounts
+        .chain(others)
+        .filter_map(|(key, file)| {
+            secret::world_readable_warning(file).map(|message| ConfigWarning { key, message })
         })
         .collect()
 }

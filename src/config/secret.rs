@@ -101,27 +101,32 @@ impl ValueSource {
         }
     }
 
-    /// For a secret read from a file: a warning when every user of the host may read
-    /// that file: its mode lets others read it and every directory above it lets them
-    /// through. Group-readable is fine (Kubernetes secret volumes are 0440 with
-    /// `fsGroup`). The file exists, so its path is a path and is shown.
-    pub fn world_readable_warning(&self) -> Option<String> {
-        let ValueSource::File(path) = self else {
-            return None;
-        };
-        let path = std::fs::canonicalize(path).ok()?;
-        let mode = mode_of(&path)?;
-        let reachable = path
-            .ancestors()
-            .skip(1)
-            .all(|dir| mode_of(dir).is_some_and(|dir_mode| dir_mode & 0o001 != 0));
-        (mode & 0o004 != 0 && reachable).then(|| {
-            format!(
-                "{} is readable by every user of the host (mode {mode:o}); make it 0600 (or 0640/0440 for a group that needs it)",
-                path.display()
-            )
-        })
+    /// The file a value is read from, if it is.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            ValueSource::File(path) => Some(path),
+            ValueSource::Literal(_) | ValueSource::Env(_) => None,
+        }
     }
+}
+
+/// For a secret read from the file at `path`: a warning when every user of the host may
+/// read it: its mode lets others read it and every directory above it lets them through.
+/// Group-readable is fine (Kubernetes secret volumes are 0440 with `fsGroup`). The file
+/// exists, so its path is a path and is shown.
+pub fn world_readable_warning(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mode = mode_of(&path)?;
+    let reachable = path
+        .ancestors()
+        .skip(1)
+        .all(|dir| mode_of(dir).is_some_and(|dir_mode| dir_mode & 0o001 != 0));
+    (mode & 0o004 != 0 && reachable).then(|| {
+        format!(
+            "{} is readable by every user of the host (mode {mode:o}); make it 0600 (or 0640/0440 for a group that needs it)",
+            path.display()
+        )
+    })
 }
 
 fn mode_of(path: &Path) -> Option<u32> {
@@ -324,10 +329,9 @@ mod tests {
         chmod(dir.path(), 0o755);
         let path = dir.path().join("token");
         std::fs::write(&path, "s3cret\n").expect("write");
-        let source = ValueSource::File(path.clone());
         for (mode, warned) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
             chmod(&path, mode);
-            let warning = source.world_readable_warning();
+            let warning = world_readable_warning(&path);
             assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
             if let Some(warning) = warning {
                 assert!(warning.contains(&format!("{mode:o}")), "{warning}");
@@ -336,8 +340,8 @@ mod tests {
         // A directory above it that others cannot pass through keeps them out.
         chmod(&path, 0o644);
         chmod(dir.path(), 0o750);
-        assert_eq!(source.world_readable_warning(), None);
-        assert_eq!(ValueSource::Env("X".into()).world_readable_warning(), None);
+        assert_eq!(world_readable_warning(&path), None);
+        assert_eq!(ValueSource::Env("X".into()).file(), None);
     }
 
     #[test]
