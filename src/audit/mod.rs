@@ -30,6 +30,8 @@ pub use query::{run_query, OutputFormat, QueryArgs};
 pub use record::{AuditEvent, EventKind};
 pub use verify::{run_verify, VerifyArgs};
 pub use writer::{check_writable, AuditError, AuditLog};
+#[cfg(test)]
+pub(crate) use {segment::fault::Gate, writer::TEST_STALL_BOUND};
 
 /// Whether the writer fsyncs before acknowledging (config `audit.fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -203,9 +203,11 @@ pub(crate) fn rotated_siblings(live: &AuditPath) -> io::Result<Vec<(u64, PathBuf
 
 #[cfg(test)]
 pub(crate) mod fault {
-    //! A live file whose writes and fsyncs can be made to fail on demand, like a full disk.
+    //! Live files whose writes and fsyncs can be made to fail on demand, like a full disk,
+    //! or to hang, like a disk that stopped answering.
 
     use super::*;
+    use crate::sync::lock_unpoisoned;
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -272,6 +274,89 @@ pub(crate) mod fault {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             sync_dir(dir)
+        }
+    }
+
+    /// A disk that stops answering, on demand: while the gate is closed, a [`Stuck`]
+    /// file's `sync` (or `append`) waits.
+    #[derive(Clone, Default)]
+    pub(crate) struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+    /// Opens its gate when dropped, so that a failing test lets go of the threads waiting
+    /// at it (a runtime waits for its blocked worker threads when it shuts down).
+    pub(crate) struct OpenOnDrop(Gate);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+
+    impl Gate {
+        /// Closes the gate until [`Gate::open`], or until the returned guard is dropped.
+        pub(crate) fn close(&self) -> OpenOnDrop {
+            *lock_unpoisoned(&self.0 .0) = true;
+            OpenOnDrop(self.clone())
+        }
+        pub(crate) fn open(&self) {
+            *lock_unpoisoned(&self.0 .0) = false;
+            self.0 .1.notify_all();
+        }
+        fn pass(&self) {
+            let mut closed = lock_unpoisoned(&self.0 .0);
+            while *closed {
+                closed = self.0 .1.wait(closed).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// An opener whose files' fsyncs (`on_sync`) or writes wait at `gate`.
+    pub(crate) struct Stuck {
+        pub(crate) gate: Gate,
+        pub(crate) on_sync: bool,
+    }
+
+    struct StuckFile {
+        file: File,
+        gate: Gate,
+        on_sync: bool,
+    }
+
+    impl Opener for Stuck {
+        fn open(&self, path: &Path) -> io::Result<Opened> {
+            let (file, created) = open_append(path)?;
+            let len = file.metadata()?.len();
+            let file = StuckFile {
+                file,
+                gate: self.gate.clone(),
+                on_sync: self.on_sync,
+            };
+            Ok(Opened {
+                file: Box::new(file),
+                len,
+                created,
+            })
+        }
+    }
+
+    impl LiveFile for StuckFile {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            if !self.on_sync {
+                self.gate.pass();
+            }
+            self.file.write_all(bytes)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            if self.on_sync {
+                self.gate.pass();
+            }
+            self.file.sync_all()
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn metadata(&self) -> io::Result<std::fs::Metadata> {
+            self.file.metadata()
         }
     }
 

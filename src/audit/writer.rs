@@ -70,6 +70,10 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// within a second; 5 s is a disk (or network volume) that stopped answering, and still
 /// below the timeouts callers and readiness probes are usually given.
 const STALL_BOUND: Duration = Duration::from_secs(5);
+
+/// The bound the stuck-disk tests give the writer instead of [`STALL_BOUND`].
+#[cfg(test)]
+pub(crate) const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
 /// Size of the probe write: large enough to notice a full disk.
 const PROBE_BYTES: usize = 4096;
 
@@ -391,6 +395,18 @@ impl AuditLog {
                 mode,
             }),
         })
+    }
+
+    /// A log whose files hang at `gate` (their fsyncs with [`Fsync::Always`], their
+    /// writes with [`Fsync::Never`]) and that counts as stuck after
+    /// [`TEST_STALL_BOUND`]: the stuck-disk tests of the writer and of the gateway.
+    #[cfg(test)]
+    pub(crate) fn open_stuck(settings: AuditSettings, gate: &segment::fault::Gate) -> AuditLog {
+        let stuck = segment::fault::Stuck {
+            gate: gate.clone(),
+            on_sync: settings.fsync == Fsync::Always,
+        };
+        Self::open_bounded(settings, Box::new(stuck), TEST_STALL_BOUND).expect("open")
     }
 
     /// Starts the writer thread and its watchdog, which ends with it.

@@ -804,10 +804,17 @@ fn validate_log(raw: &raw::RawLog, errors: &mut Errors) -> Option<LogSettings> {
 /// `audit_extra` (indented YAML lines) added to its `audit` block.
 #[cfg(test)]
 pub(crate) fn for_tests(dir: &Path, audit_extra: &str) -> Config {
+    for_tests_with(dir, "", audit_extra)
+}
+
+/// [`for_tests`], with `top_extra` (YAML lines: other top-level keys) added.
+#[cfg(test)]
+pub(crate) fn for_tests_with(dir: &Path, top_extra: &str, audit_extra: &str) -> Config {
     std::fs::write(dir.join("token"), "plivo-secret").expect("write");
     let d = dir.display();
     Config::from_yaml(&format!(
         r#"
+{top_extra}
 accounts:
   default:
     auth_id: MAXXXXXXXXXXXXXXXXXX

@@ -728,42 +728,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parts(target: &str, headers: &[(&str, &str)]) -> http::request::Parts {
-        let mut builder = Request::post(target);
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        builder.body(()).expect("request").into_parts().0
-    }
-
-    #[test]
-    fn framing_refusals() {
-        assert!(check_framing(&parts("/mpc/a/end", &[])).is_ok());
-        assert!(matches!(
-            check_framing(&parts("/mpc/a/end", &[("transfer-encoding", "chunked")])),
-            Err(Problem::BadRequest(_))
-        ));
-        let long = format!("/mpc/{}/end", "a".repeat(8200));
-        assert_eq!(check_framing(&parts(&long, &[])), Err(Problem::UriTooLong));
-        let value = "v".repeat(1000);
-        let names: Vec<String> = (0..40).map(|i| format!("x-h{i}")).collect();
-        let big: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), value.as_str())).collect();
-        assert_eq!(
-            check_framing(&parts("/mpc/a/end", &big)),
-            Err(Problem::HeadersTooLarge)
-        );
-    }
-
-    #[test]
-    fn http2_targets_are_the_path_only() {
-        let uri: http::Uri = "http://evil.example/mpc/a/end?x".parse().expect("uri");
-        assert_eq!(request_target(http::Version::HTTP_2, &uri), "/mpc/a/end?x");
-        assert_eq!(
-            request_target(http::Version::HTTP_11, &uri),
-            "http://evil.example/mpc/a/end?x"
-        );
-    }
-}
+mod tests;

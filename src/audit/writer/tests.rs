@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::audit::chain::GENESIS;
 use crate::audit::record::EventKind;
-use crate::audit::segment::fault::{self, Faults, FaultyOpener};
+use crate::audit::segment::fault::{self, Faults, FaultyOpener, Gate};
 use crate::audit::verify::{verify_paths, Verdict};
 
 fn audit_path(path: &Path) -> AuditPath {
@@ -1382,107 +1382,6 @@ async fn a_restart_after_the_live_file_was_moved_away_continues_the_chain() {
     assert_eq!(intact(dir.path(), None), 3);
 }
 
-/// A disk that stops answering, on demand: while the gate is closed, a file's `sync`
-/// (or `append`) waits.
-#[derive(Clone, Default)]
-struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
-
-/// Opens its gate when dropped, so that a failing test lets go of the threads waiting
-/// at it (a runtime waits for its blocked worker threads when it shuts down).
-struct OpenOnDrop(Gate);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open();
-    }
-}
-
-impl Gate {
-    /// Closes the gate until [`Gate::open`], or until the returned guard is dropped.
-    fn close(&self) -> OpenOnDrop {
-        *lock_unpoisoned(&self.0 .0) = true;
-        OpenOnDrop(self.clone())
-    }
-    fn open(&self) {
-        *lock_unpoisoned(&self.0 .0) = false;
-        self.0 .1.notify_all();
-    }
-    fn pass(&self) {
-        let mut closed = lock_unpoisoned(&self.0 .0);
-        while *closed {
-            closed = self.0 .1.wait(closed).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
-
-/// An opener whose files' fsyncs (`on_sync`) or writes wait at `gate`.
-struct Stuck {
-    gate: Gate,
-    on_sync: bool,
-}
-
-struct StuckFile {
-    file: File,
-    gate: Gate,
-    on_sync: bool,
-}
-
-impl Opener for Stuck {
-    fn open(&self, path: &Path) -> io::Result<segment::Opened> {
-        let (file, created) = segment::open_append(path)?;
-        let len = file.metadata()?.len();
-        let file = StuckFile {
-            file,
-            gate: self.gate.clone(),
-            on_sync: self.on_sync,
-        };
-        Ok(segment::Opened {
-            file: Box::new(file),
-            len,
-            created,
-        })
-    }
-}
-
-impl LiveFile for StuckFile {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if !self.on_sync {
-            self.gate.pass();
-        }
-        std::io::Write::write_all(&mut self.file, bytes)
-    }
-    fn sync(&mut self) -> io::Result<()> {
-        if self.on_sync {
-            self.gate.pass();
-        }
-        self.file.sync_all()
-    }
-    fn truncate(&mut self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
-    }
-    fn metadata(&self) -> io::Result<std::fs::Metadata> {
-        self.file.metadata()
-    }
-}
-
-/// The bound the stuck-disk tests give the writer instead of [`STALL_BOUND`].
-const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
-
-/// Opens a log at `path` whose files wait at `gate` (fsync or write), with
-/// [`TEST_STALL_BOUND`].
-fn open_stuck(path: &Path, fsync: Fsync, gate: &Gate) -> AuditLog {
-    let stuck = Stuck {
-        gate: gate.clone(),
-        on_sync: fsync == Fsync::Always,
-    };
-    AuditLog::open_bounded(
-        settings(path, fsync, 1 << 20),
-        Box::new(stuck),
-        TEST_STALL_BOUND,
-    )
-    .expect("open")
-}
-
 /// A forward-like record and the `denied` record the gateway writes when it failed.
 fn denied_after(forward: &AuditEvent) -> AuditEvent {
     AuditEvent {
@@ -1504,7 +1403,7 @@ async fn a_stuck_fsync_turns_the_log_unready_and_fails_waiting_appends_in_time()
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let gate = Gate::default();
-    let log = open_stuck(&path, Fsync::Always, &gate);
+    let log = AuditLog::open_stuck(settings(&path, Fsync::Always, 1 << 20), &gate);
     log.append(event(0)).await.expect("append");
     let _closed = gate.close();
     let in_time = Duration::from_secs(3);
@@ -1558,7 +1457,7 @@ async fn a_stuck_inline_write_turns_the_log_unready() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let gate = Gate::default();
-    let log = open_stuck(&path, Fsync::Never, &gate);
+    let log = AuditLog::open_stuck(settings(&path, Fsync::Never, 1 << 20), &gate);
     log.append(event(0)).await.expect("append");
     let _closed = gate.close();
     let (done, stuck) = tokio::sync::oneshot::channel();
