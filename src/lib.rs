@@ -13,6 +13,7 @@ mod causes;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod files;
 pub mod gateway;
 pub mod hardening;
 mod millis;

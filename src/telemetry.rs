@@ -42,7 +42,23 @@ pub fn parse_log_filter(filter: &str) -> Result<Targets, LogFilterError> {
     {
         return Err(LogFilterError::NotATarget(target.to_owned()));
     }
+    // `Targets` reads a bare word as a target to enable at every level, so a misspelt
+    // level (`warning`) would silently turn every other log line off.
+    if let Some(word) = filter
+        .split(',')
+        .map(str::trim)
+        .find(|directive| !directive.is_empty() && !directive.contains('=') && !is_level(directive))
+    {
+        return Err(LogFilterError::NotALevel(word.to_owned()));
+    }
     filter.parse().map_err(LogFilterError::Invalid)
+}
+
+/// The levels a directive without `=` may name.
+fn is_level(word: &str) -> bool {
+    ["trace", "debug", "info", "warn", "error", "off"]
+        .iter()
+        .any(|level| word.eq_ignore_ascii_case(level))
 }
 
 /// What a module path (`mpc_gateway::server`) or a custom target (`audit.verify`) holds.
@@ -57,6 +73,8 @@ pub enum LogFilterError {
     NotAscii,
     #[error("{0:?} is not a target: only levels and target=level directives are supported")]
     NotATarget(String),
+    #[error("{0:?} is not a level (trace, debug, info, warn, error or off); a target takes one: target=level")]
+    NotALevel(String),
     #[error("{0}")]
     Invalid(ParseError),
 }
@@ -515,6 +533,7 @@ mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
         assert!(debug.would_enable("anything", &Level::DEBUG));
         assert!(!debug.would_enable("anything", &Level::TRACE));
 
+        parse_log_filter("INFO").expect("a level in capitals");
         let off = parse_log_filter("off").expect("valid");
         assert!(!off.would_enable("anything", &Level::ERROR));
     }
@@ -526,6 +545,9 @@ mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
             "info,[span]=debug",
             "info,mpc_gateway[conn{peer}]=debug",
             "info, é=debug",
+            "warning",
+            "verbose",
+            "info,mpc_gateway",
         ] {
             assert!(parse_log_filter(bad).is_err(), "{bad:?} accepted");
         }

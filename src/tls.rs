@@ -11,8 +11,10 @@ use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::Zeroizing;
 
 use crate::auth::Fingerprint;
+use crate::files::{read_limited, PEM_LIMIT};
 
 /// Validated `listen_tls` settings with the rustls server config built from them.
 #[derive(Clone)]
@@ -159,8 +161,8 @@ fn client_verifier(
 
 /// Every certificate in a PEM file; at least one.
 pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem =
-        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let pem = read_limited(path, PEM_LIMIT)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?;
@@ -171,8 +173,11 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem =
-        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    // The key's PEM is wiped once parsed.
+    let pem = Zeroizing::new(
+        read_limited(path, PEM_LIMIT)
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))?,
+    );
     rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|err| format!("{} is not valid PEM: {err}", path.display()))?
         .ok_or_else(|| format!("{} holds no private key", path.display()))

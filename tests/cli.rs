@@ -911,6 +911,43 @@ fn serve_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     }
 }
 
+/// A secret file replaced by a FIFO that nothing writes to (or a device): a reload
+/// refuses it at once instead of waiting for a writer, so the gateway keeps serving,
+/// stays ready and still drains on SIGTERM. Before, the read blocked the runtime.
+#[test]
+fn serve_refuses_a_fifo_secret_on_reload_and_keeps_serving() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let mut served = Served::start(&c.config_path());
+    assert_eq!(end(&served, "billing-1").0, 204);
+
+    let token = c.path().join("plivo-token");
+    std::fs::remove_file(&token).expect("remove the token file");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&token)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    served.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&served, "error") >= 1.0),
+        "the reload fails at once; log:\n{}",
+        served.log_text()
+    );
+    assert!(
+        served.log_text().contains("not a regular file"),
+        "the reload error says why:\n{}",
+        served.log_text()
+    );
+    assert_eq!(http(served.admin, "GET", "/readyz", None).0, 200);
+    assert_eq!(end(&served, "billing-2").0, 204);
+
+    served.signal("TERM");
+    let status = served.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "log:\n{}", served.log_text());
+}
+
 /// The caller token that replaces [`CALLER_TOKEN`] in a rotation.
 const ROTATED_TOKEN: &str = "cli-test-rotated-caller-token";
 

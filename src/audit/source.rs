@@ -64,6 +64,14 @@ pub(crate) struct AuditFile {
 }
 
 impl AuditFile {
+    /// A live file (not rotated) that holds no byte.
+    pub(crate) fn is_empty_live_file(&self) -> bool {
+        self.file
+            .as_ref()
+            .and_then(|file| file.metadata().ok())
+            .is_some_and(|meta| meta.len() == 0)
+    }
+
     /// `None` for a rotated file that is gone (retention deleted it since the listing).
     fn listed(path: &Path) -> Result<Option<Self>, SourceError> {
         let name_seq = rotated_seq(path);

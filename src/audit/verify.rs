@@ -105,17 +105,19 @@ fn usage(msg: String) -> Report {
     }
 }
 
+/// Names the variable as the config loader does: not if it looks like a pasted secret.
 fn key_from_env(name: &str) -> Result<ChainHasher, String> {
+    let shown = crate::config::secret::shown_env_name(name);
     let value: OsString = std::env::var_os(name)
-        .ok_or_else(|| format!("environment variable {name} (--hmac-key-env) is not set"))?;
+        .ok_or_else(|| format!("environment variable {shown} (--hmac-key-env) is not set"))?;
     let bytes = value.into_vec();
     if bytes.is_empty() {
         return Err(format!(
-            "environment variable {name} (--hmac-key-env) is empty"
+            "environment variable {shown} (--hmac-key-env) is empty"
         ));
     }
     ChainHasher::new(Some(SecretSlice::from(bytes)))
-        .map_err(|err| format!("environment variable {name} (--hmac-key-env): {err}"))
+        .map_err(|err| format!("environment variable {shown} (--hmac-key-env): {err}"))
 }
 
 /// The path was typed on the command line, so errors name it (config errors do not).
@@ -219,9 +221,7 @@ pub(crate) fn verify_files(
 ) -> Result<Verdict, SourceError> {
     let mut chain = Chain::new(hasher);
     for (i, file) in files.iter().enumerate() {
-        // A rotated file was complete when it was renamed: a torn line in it is not
-        // what a crash leaves.
-        let may_be_torn = i + 1 == files.len() && file.name_seq.is_none();
+        let may_be_torn = may_end_torn(&files[i..]);
         let records_before = chain.records;
         let mut last_line = 0;
         let mut lines = LineReader::open(file)?;
@@ -264,6 +264,20 @@ pub(crate) fn verify_files(
         }
     }
     Ok(chain.finish(files.len()))
+}
+
+/// Whether the first of `rest` (the files from it to the end, in chain order) may end
+/// in a torn line: the live file may, when a crash cut its last write. A rotated file
+/// was complete when it was renamed, so a torn line in it is tampering, except in the
+/// newest one while the live file after it is still empty: with `fsync: never` a power
+/// loss right after a rotation can take the renamed file's tail (README; `serve` cuts
+/// it at start). A rotated file checked alone keeps its stricter reading.
+fn may_end_torn(rest: &[AuditFile]) -> bool {
+    match rest {
+        [only] => only.name_seq.is_none(),
+        [rotated, live] => rotated.name_seq.is_some() && live.is_empty_live_file(),
+        _ => false,
+    }
 }
 
 /// What a final line without its newline is called: one a crash may leave, or (in a

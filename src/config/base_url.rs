@@ -32,7 +32,7 @@ pub enum InvalidBaseUrl {
     Credentials,
     #[error("invalid port {0:?}: expected 1-65535")]
     InvalidPort(String),
-    #[error("expected scheme and host only, without a path or query")]
+    #[error("expected scheme and host only, without a path, query or fragment")]
     PathOrQuery,
     #[error("must be https (plain http is allowed only to a loopback address)")]
     NotHttps,
@@ -51,7 +51,8 @@ impl TryFrom<&str> for BaseUrl {
             return Err(InvalidBaseUrl::NotAbsolute);
         };
         check_authority(authority)?;
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        // `http::Uri` drops a fragment without a word: refuse it like a path.
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() || text.contains('#') {
             return Err(InvalidBaseUrl::PathOrQuery);
         }
         let plain_http_to_loopback = *scheme == Scheme::HTTP && is_loopback_host(authority.host());

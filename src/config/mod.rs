@@ -18,6 +18,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::audit::{AuditPath, AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
+use crate::files::{read_text_limited, CONFIG_LIMIT};
 use crate::rate_limit::RateLimit;
 use crate::tls::{load_listen_tls, read_certs, ListenTls};
 pub use base_url::{BaseUrl, InvalidBaseUrl};
@@ -169,7 +170,7 @@ impl std::fmt::Display for ConfigWarning {
 impl Config {
     /// Reads, parses, validates and resolves the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_text_limited(path, CONFIG_LIMIT).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
@@ -215,6 +216,16 @@ impl Config {
             }
         }
         warnings.extend(self.exposed_secret_files.iter().cloned());
+        if self.upstream.connect_timeout > self.upstream.timeout {
+            warnings.push(ConfigWarning {
+                key: "upstream.connect_timeout".into(),
+                message: format!(
+                    "{} is longer than upstream.timeout ({}), which bounds the whole call: a connect is cut off at upstream.timeout",
+                    humantime::format_duration(self.upstream.connect_timeout),
+                    humantime::format_duration(self.upstream.timeout)
+                ),
+            });
+        }
         if shutdown_grace <= self.upstream.timeout {
             warnings.push(ConfigWarning {
                 key: "shutdown_grace".into(),
@@ -250,6 +261,14 @@ impl Config {
         );
         let _ = writeln!(out, "admin_listen: {}", self.admin_listen);
         let _ = writeln!(out, "upstream: {}", self.upstream.base_url);
+        let _ = writeln!(
+            out,
+            "rate limits: {}",
+            match &self.rate_limit_store {
+                RateLimitStoreSettings::Local => "this process's own (rate_limit_store: local)",
+                RateLimitStoreSettings::Redis(_) => "shared by every replica in Redis",
+            }
+        );
         for (name, account) in &self.accounts {
             let _ = writeln!(
                 out,
@@ -299,13 +318,19 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
+/// The most worker threads `worker_threads` may ask for. A sidecar is given one or two;
+/// thousands would fail to start (tokio aborts when the OS refuses a thread) and are a
+/// typo, not a plan.
+const MAX_WORKER_THREADS: usize = 256;
+
 /// Whether the two listeners would fight over one port: `serve` would then fail to bind
 /// the second, so `check-config` says so first. A wildcard address takes the port on
 /// every address (an IPv6 one, by default, on IPv4 too); port 0 is a fresh port each.
 fn listeners_collide(listen: SocketAddr, admin: SocketAddr) -> bool {
     listen.port() != 0
         && listen.port() == admin.port()
-        && (listen.ip() == admin.ip()
+        // `[::ffff:127.0.0.1]` is 127.0.0.1 to the kernel.
+        && (listen.ip().to_canonical() == admin.ip().to_canonical()
             || listen.ip().is_unspecified()
             || admin.ip().is_unspecified())
 }
@@ -334,6 +359,12 @@ impl TryFrom<RawConfig> for Config {
         let rate_limit_store = validate_store(&raw.rate_limit_store, &mut errors);
         if raw.shutdown_grace.0 > MAX_SHUTDOWN_GRACE {
             errors.push("shutdown_grace", "expected at most 1h");
+        }
+        if raw.worker_threads > MAX_WORKER_THREADS {
+            errors.push(
+                "worker_threads",
+                format!("expected at most {MAX_WORKER_THREADS} (0 is one per CPU)"),
+            );
         }
         if listeners_collide(raw.listen, raw.admin_listen) {
             errors.push(
@@ -379,6 +410,15 @@ fn validate_store(
     errors: &mut Errors,
 ) -> Option<RateLimitStoreSettings> {
     match raw.kind {
+        // A url with `kind: local` most likely means `kind: redis` was forgotten: each
+        // replica would then apply the limits alone.
+        StoreKind::Local if raw.url.is_some() => {
+            errors.push(
+                "rate_limit_store.url",
+                "only used with kind: redis; set kind: redis to share the limits between replicas, or remove the url",
+            );
+            None
+        }
         StoreKind::Local => Some(RateLimitStoreSettings::Local),
         StoreKind::Redis => {
             let url = match raw.url.as_ref().map(ValueSource::resolve_plain) {

@@ -10,6 +10,8 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::files::{read_text_limited, SECRET_LIMIT};
+
 /// A value as written in the YAML file, before it is resolved.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ValueSource {
@@ -92,7 +94,7 @@ impl ValueSource {
                 .map_err(|_| ResolveError::MissingEnv(shown_env_name(name).to_owned())),
             // Files written by editors and secret managers often end in a newline.
             // The untrimmed text is wiped when dropped.
-            ValueSource::File(path) => std::fs::read_to_string(path)
+            ValueSource::File(path) => read_text_limited(path, SECRET_LIMIT)
                 .map(Zeroizing::new)
                 .map(|text| text.trim().to_owned())
                 .map_err(|err| ResolveError::File {
@@ -134,8 +136,10 @@ fn mode_of(path: &Path) -> Option<u32> {
     Some(std::fs::metadata(path).ok()?.permissions().mode() & 0o777)
 }
 
+/// Whitespace alone counts as empty: a file's value is trimmed, and a variable set to
+/// blanks is the same mistake.
 fn non_empty(value: String) -> Result<String, ResolveError> {
-    if value.is_empty() {
+    if value.trim().is_empty() {
         Err(ResolveError::Empty)
     } else {
         Ok(value)

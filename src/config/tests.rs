@@ -576,6 +576,7 @@ fn listeners_on_one_port_are_a_config_error() {
         ("127.0.0.1:8080", "127.0.0.1:9090", false),
         ("127.0.0.1:8080", "127.0.0.2:8080", false),
         ("127.0.0.1:0", "127.0.0.1:0", false),
+        ("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080", true),
     ] {
         let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n{MINIMAL}");
         match fixture.load(&yaml) {
@@ -641,4 +642,135 @@ fn a_world_readable_secret_file_is_a_warning() {
     let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
     assert_eq!(keys, ["accounts.default.auth_token"], "{warnings:?}");
     assert!(warnings[0].message.contains("mode 644"), "{}", warnings[0]);
+}
+
+#[test]
+fn worker_threads_are_bounded() {
+    let fixture = Fixture::new();
+    fixture
+        .load(&format!("worker_threads: 256\n{MINIMAL}"))
+        .expect("256 is allowed");
+    let err = messages(
+        fixture
+            .load(&format!("worker_threads: 100000\n{MINIMAL}"))
+            .err()
+            .expect("invalid"),
+    );
+    assert!(
+        err.contains("worker_threads: expected at most 256"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_base_url_fragment_is_refused_not_dropped() {
+    let fixture = Fixture::new();
+    let yaml = format!("{MINIMAL}upstream:\n  base_url: \"https://api.plivo.com#frag\"\n");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("upstream.base_url"), "{err}");
+    assert!(err.contains("fragment"), "{err}");
+}
+
+#[test]
+fn a_redis_url_with_a_local_store_is_refused() {
+    let fixture = Fixture::new();
+    let yaml = format!(
+        "{MINIMAL}rate_limit_store:\n  kind: local\n  url: \"redis://:hunter2@127.0.0.1:6379/0\"\n"
+    );
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.contains("rate_limit_store.url: only used with kind: redis"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn warns_of_a_connect_timeout_above_the_call_timeout() {
+    let fixture = Fixture::new();
+    let yaml = format!("{MINIMAL}upstream:\n  timeout: 2s\n  connect_timeout: 3s\n");
+    let warnings = fixture.load(&yaml).expect("valid, if unwise").warnings();
+    let found = warnings
+        .iter()
+        .find(|w| w.key == "upstream.connect_timeout")
+        .expect("a warning");
+    assert!(
+        found
+            .message
+            .starts_with("3s is longer than upstream.timeout (2s)"),
+        "{found}"
+    );
+}
+
+#[test]
+fn a_log_level_that_is_not_a_level_names_the_key() {
+    let fixture = Fixture::new();
+    let yaml = format!("{MINIMAL}log:\n  level: warning\n");
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(err.contains("log.level"), "{err}");
+    assert!(err.contains("\"warning\" is not a level"), "{err}");
+}
+
+/// A secret file that is a FIFO (nothing ever writes to it), a device or too large is
+/// refused at once, naming the key and not the file.
+#[test]
+fn a_secret_file_that_is_not_a_small_regular_file_is_refused() {
+    let fixture = Fixture::new();
+    let fifo = fixture.dir.path().join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let big = fixture.dir.path().join("big");
+    std::fs::write(&big, vec![b'a'; 64 * 1024 + 1]).expect("write");
+    for (source, why) in [
+        (fifo.display().to_string(), "not a regular file"),
+        ("/dev/zero".to_owned(), "not a regular file"),
+        (big.display().to_string(), "larger than 65536 bytes"),
+    ] {
+        let yaml = MINIMAL.replace("{dir}/token", &source);
+        let err = messages(fixture.load(&yaml).err().expect("invalid"));
+        assert!(
+            err.contains("accounts.default.auth_token: cannot read the file it names"),
+            "{err}"
+        );
+        assert!(err.contains(why), "{err}");
+        assert!(!err.contains(&source), "{err}");
+    }
+}
+
+#[test]
+fn a_secret_of_whitespace_alone_is_empty_from_env_too() {
+    let fixture = Fixture::new();
+    std::env::set_var("MPC_GATEWAY_TEST_BLANK_TOKEN", "   ");
+    let yaml = MINIMAL.replace(
+        "{file: \"{dir}/token\"}",
+        "{env: MPC_GATEWAY_TEST_BLANK_TOKEN}",
+    );
+    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    assert!(
+        err.contains("accounts.default.auth_token: is empty"),
+        "{err}"
+    );
+}
+
+/// The config file itself: a FIFO in its place is refused without waiting for a writer.
+#[test]
+fn a_config_path_that_is_a_fifo_is_refused_at_once() {
+    let fixture = Fixture::new();
+    let fifo = fixture.dir.path().join("gateway.yaml");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let err = messages(Config::load(&fifo).err().expect("a FIFO"));
+    assert!(err.contains("not a regular file"), "{err}");
 }

@@ -259,7 +259,14 @@ impl RunningGateway {
 
     /// Re-reads the config file and its secrets; on any error the running config stays.
     pub fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
-        let result = Config::load(path)
+        self.apply_reload(Config::load(path))
+    }
+
+    /// Applies a config read for a reload ([`Config::load`], which `serve` runs on a
+    /// blocking thread: files on a hung mount must not stop the runtime), or reports why
+    /// it could not be read; on any error the running config stays.
+    pub fn apply_reload(&self, loaded: Result<Config, ConfigError>) -> Result<(), ReloadError> {
+        let result = loaded
             .map_err(ReloadError::from)
             .and_then(|config| self.reload(&config));
         self.gateway.metrics().config_reload(result.is_ok());

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::Config;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
 
 use super::{RunningGateway, StartOptions};
 
@@ -104,14 +106,31 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
     let mut interrupt = signal(SignalKind::interrupt())?;
     let running = RunningGateway::start(&config, StartOptions::default()).await?;
     drop(config);
+    // The config being read for a reload, on a blocking thread: a file on a hung mount
+    // then holds up only that reload, never requests, the admin port or a drain.
+    // SIGHUPs that arrive meanwhile wait (tokio keeps one) and start the next reload.
+    let mut reading: Option<JoinHandle<Result<Config, ConfigError>>> = None;
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
-                let _ = running.reload_from(&config_path);
+            _ = hangup.recv(), if reading.is_none() => {
+                let path = config_path.clone();
+                reading = Some(tokio::task::spawn_blocking(move || Config::load(&path)));
+            }
+            read = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                reading = None;
+                match read {
+                    Ok(loaded) => {
+                        let _ = running.apply_reload(loaded);
+                    }
+                    Err(err) => tracing::error!(error = %err, "the config could not be read for a reload; keeping the running configuration"),
+                }
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+    }
+    if reading.is_some() {
+        tracing::warn!("a reload was still reading the config; it is abandoned");
     }
     tracing::info!("draining");
     running.shutdown().await?;

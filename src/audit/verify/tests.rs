@@ -288,6 +288,40 @@ fn records_cut_from_the_end_of_a_rotated_file_are_missing() {
     assert!(r.stdout.contains(&expected), "{}", r.stdout);
 }
 
+/// With `fsync: never` a power loss right after a rotation can leave the newest rotated
+/// file without its tail and the new live file empty: a torn line there is a crash's
+/// (exit 3), as in the live file. Checked alone, or with records after it, such a
+/// rotated file is tampered with (exit 1).
+#[test]
+fn a_torn_tail_in_the_newest_rotated_file_before_an_empty_live_file_exits_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    let newest = rotated.last().expect("newest");
+    let mut bytes = std::fs::read(newest).expect("read");
+    bytes.truncate(bytes.len() - 30);
+    std::fs::write(newest, &bytes).expect("write");
+    let name = newest
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stdout.contains(&format!("{name}:")), "{}", r.stdout);
+    assert!(r.stdout.contains("torn final line"), "{}", r.stdout);
+
+    // The newest rotated file checked alone: nothing says a crash came after it.
+    let r = execute(&args(&[newest.as_path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+
+    // A live file that holds records after it: the rotated file was complete once.
+    let live = dir.path().join("audit.jsonl");
+    std::fs::write(&live, b"{}\n").expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains(&format!("{name}:")), "{}", r.stdout);
+}
+
 #[test]
 fn empty_and_renamed_rotated_files_are_broken() {
     // Every file emptied.
