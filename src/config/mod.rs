@@ -314,8 +314,17 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
             return ConfigError::Parse(message);
         }
         let message = strip_yaml_path(&message, &path);
-        ConfigError::Parse(format!("{path}: {message}"))
+        ConfigError::Parse(format!("{path}: {message}{}", hint_for(&message)))
     })
+}
+
+/// What to add to a parser's message that does not say what it wanted.
+fn hint_for(message: &str) -> &'static str {
+    if message.starts_with("invalid socket address syntax") {
+        " (expected IP:port, such as 127.0.0.1:8080 or [::1]:8080; host names are not resolved)"
+    } else {
+        ""
+    }
 }
 
 /// The most worker threads `worker_threads` may ask for. A sidecar is given one or two;

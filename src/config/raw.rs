@@ -344,8 +344,12 @@ impl Visitor<'_> for PositiveIntVisitor {
     fn visit_u64<E: de::Error>(self, value: u64) -> Result<PositiveInt, E> {
         match u32::try_from(value) {
             Ok(v) if v >= 1 => Ok(PositiveInt(v)),
-            _ => Err(E::custom(format!(
+            Ok(_) => Err(E::custom(format!(
                 "expected a positive integer, got {value}"
+            ))),
+            Err(_) => Err(E::custom(format!(
+                "expected a positive integer of at most {}, got {value}",
+                u32::MAX
             ))),
         }
     }

@@ -774,3 +774,29 @@ fn a_config_path_that_is_a_fifo_is_refused_at_once() {
     let err = messages(Config::load(&fifo).err().expect("a FIFO"));
     assert!(err.contains("not a regular file"), "{err}");
 }
+
+#[test]
+fn a_listen_address_error_says_what_is_expected() {
+    let fixture = Fixture::new();
+    let err = messages(
+        fixture
+            .load(&format!("listen: \"localhost:8080\"\n{MINIMAL}"))
+            .err()
+            .expect("invalid"),
+    );
+    assert!(
+        err.contains("listen: invalid socket address syntax"),
+        "{err}"
+    );
+    assert!(err.contains("host names are not resolved"), "{err}");
+    let err = messages(
+        fixture
+            .load(&MINIMAL.replace("burst: 10", "burst: 99999999999"))
+            .err()
+            .expect("invalid"),
+    );
+    assert!(
+        err.contains("expected a positive integer of at most 4294967295, got 99999999999"),
+        "{err}"
+    );
+}
