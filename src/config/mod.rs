@@ -314,7 +314,7 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
             return ConfigError::Parse(message);
         }
         let message = strip_yaml_path(&message, &path);
-        ConfigError::Parse(format!("{path}: {message}{}", hint_for(&message)))
+        ConfigError::Parse(format!("{path}: {message}{}", hint_for(message)))
     })
 }
 
