@@ -77,6 +77,19 @@ fn too_large(limit: u64) -> io::Error {
     )
 }
 
+/// Makes a FIFO at `path`, for the tests of every reader of operator-named files.
+#[cfg(test)]
+pub(crate) fn make_fifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,14 +108,7 @@ mod tests {
     fn a_fifo_a_device_or_a_directory_is_refused_without_blocking() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fifo = dir.path().join("fifo");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .expect("mkfifo");
+        make_fifo(&fifo);
         // No writer ever opens the FIFO: a blocking open would hang the test.
         let err = read_limited(&fifo, SECRET_LIMIT).expect_err("a FIFO");
         assert!(err.to_string().contains("not a regular file"), "{err}");

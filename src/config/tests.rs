@@ -28,6 +28,11 @@ impl Fixture {
     fn load(&self, body: &str) -> Result<Config, ConfigError> {
         Config::from_yaml(&self.yaml(body))
     }
+
+    /// The message of the error `body` must give.
+    fn error_of(&self, body: &str) -> String {
+        messages(self.load(body).err().expect("invalid"))
+    }
 }
 
 const MINIMAL: &str = r#"
@@ -650,12 +655,7 @@ fn worker_threads_are_bounded() {
     fixture
         .load(&format!("worker_threads: 256\n{MINIMAL}"))
         .expect("256 is allowed");
-    let err = messages(
-        fixture
-            .load(&format!("worker_threads: 100000\n{MINIMAL}"))
-            .err()
-            .expect("invalid"),
-    );
+    let err = fixture.error_of(&format!("worker_threads: 100000\n{MINIMAL}"));
     assert!(
         err.contains("worker_threads: expected at most 256"),
         "{err}"
@@ -666,7 +666,7 @@ fn worker_threads_are_bounded() {
 fn a_base_url_fragment_is_refused_not_dropped() {
     let fixture = Fixture::new();
     let yaml = format!("{MINIMAL}upstream:\n  base_url: \"https://api.plivo.com#frag\"\n");
-    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    let err = fixture.error_of(&yaml);
     assert!(err.contains("upstream.base_url"), "{err}");
     assert!(err.contains("fragment"), "{err}");
 }
@@ -677,7 +677,7 @@ fn a_redis_url_with_a_local_store_is_refused() {
     let yaml = format!(
         "{MINIMAL}rate_limit_store:\n  kind: local\n  url: \"redis://:hunter2@127.0.0.1:6379/0\"\n"
     );
-    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    let err = fixture.error_of(&yaml);
     assert!(
         err.contains("rate_limit_store.url: only used with kind: redis"),
         "{err}"
@@ -706,7 +706,7 @@ fn warns_of_a_connect_timeout_above_the_call_timeout() {
 fn a_log_level_that_is_not_a_level_names_the_key() {
     let fixture = Fixture::new();
     let yaml = format!("{MINIMAL}log:\n  level: warning\n");
-    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    let err = fixture.error_of(&yaml);
     assert!(err.contains("log.level"), "{err}");
     assert!(err.contains("\"warning\" is not a level"), "{err}");
 }
@@ -717,14 +717,7 @@ fn a_log_level_that_is_not_a_level_names_the_key() {
 fn a_secret_file_that_is_not_a_small_regular_file_is_refused() {
     let fixture = Fixture::new();
     let fifo = fixture.dir.path().join("fifo");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .expect("mkfifo");
+    crate::files::make_fifo(&fifo);
     let big = fixture.dir.path().join("big");
     std::fs::write(&big, vec![b'a'; 64 * 1024 + 1]).expect("write");
     for (source, why) in [
@@ -733,7 +726,7 @@ fn a_secret_file_that_is_not_a_small_regular_file_is_refused() {
         (big.display().to_string(), "larger than 65536 bytes"),
     ] {
         let yaml = MINIMAL.replace("{dir}/token", &source);
-        let err = messages(fixture.load(&yaml).err().expect("invalid"));
+        let err = fixture.error_of(&yaml);
         assert!(
             err.contains("accounts.default.auth_token: cannot read the file it names"),
             "{err}"
@@ -751,7 +744,7 @@ fn a_secret_of_whitespace_alone_is_empty_from_env_too() {
         "{file: \"{dir}/token\"}",
         "{env: MPC_GATEWAY_TEST_BLANK_TOKEN}",
     );
-    let err = messages(fixture.load(&yaml).err().expect("invalid"));
+    let err = fixture.error_of(&yaml);
     assert!(
         err.contains("accounts.default.auth_token: is empty"),
         "{err}"
@@ -763,14 +756,7 @@ fn a_secret_of_whitespace_alone_is_empty_from_env_too() {
 fn a_config_path_that_is_a_fifo_is_refused_at_once() {
     let fixture = Fixture::new();
     let fifo = fixture.dir.path().join("gateway.yaml");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .expect("mkfifo");
+    crate::files::make_fifo(&fifo);
     let err = messages(Config::load(&fifo).err().expect("a FIFO"));
     assert!(err.contains("not a regular file"), "{err}");
 }
@@ -778,23 +764,13 @@ fn a_config_path_that_is_a_fifo_is_refused_at_once() {
 #[test]
 fn a_listen_address_error_says_what_is_expected() {
     let fixture = Fixture::new();
-    let err = messages(
-        fixture
-            .load(&format!("listen: \"localhost:8080\"\n{MINIMAL}"))
-            .err()
-            .expect("invalid"),
-    );
+    let err = fixture.error_of(&format!("listen: \"localhost:8080\"\n{MINIMAL}"));
     assert!(
         err.contains("listen: invalid socket address syntax"),
         "{err}"
     );
     assert!(err.contains("host names are not resolved"), "{err}");
-    let err = messages(
-        fixture
-            .load(&MINIMAL.replace("burst: 10", "burst: 99999999999"))
-            .err()
-            .expect("invalid"),
-    );
+    let err = fixture.error_of(&MINIMAL.replace("burst: 10", "burst: 99999999999"));
     assert!(
         err.contains("expected a positive integer of at most 4294967295, got 99999999999"),
         "{err}"
