@@ -19,9 +19,15 @@
 //! --all-targets` it says so and succeeds at once. Run a built copy as `e2e-… --bench`.
 //!
 //! Safety: every child process is registered and killed when its guard drops, at the end of
-//! `main`, and from the panic hook (the bench profile inherits `panic = "abort"`, so drops do
-//! not run on a panic). All traffic goes to 127.0.0.1; every loop is bounded by a count and
-//! a deadline.
+//! `main`, and from the panic hook. Cargo ignores the release profile's `panic = "abort"`
+//! for bench targets, so a panic unwinds: on the main thread the guards' drops run too; in
+//! a load task it becomes a `JoinError`, counted as an error that invalidates the row (the
+//! hook has killed the children by then, so the row fails). Every child is also started
+//! under `setpriv --pdeathsig KILL` (when util-linux's `setpriv` is there): the kernel
+//! SIGKILLs it when the process that started it dies, even by SIGKILL, so no simulator,
+//! gateway, nginx or redis-server is left behind, and the pinned run itself dies with the
+//! unpinned parent that started it. All traffic goes to 127.0.0.1; every loop is bounded
+//! by a count and a deadline.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -31,7 +37,7 @@ use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -54,6 +60,13 @@ const FIXED_RATES: [u64; 2] = [2_000, 10_000];
 const WARMUP: Duration = Duration::from_millis(1_000);
 /// How long a fixed-rate run may take to drain after its last scheduled send.
 const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+/// How long the load generator's connections may take to close after the last phase.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+/// How long the process under test idles, its callers gone, before the second idle RSS.
+const SETTLE: Duration = Duration::from_secs(2);
+/// How long the simulator may take to print its count after SIGTERM (its own shutdown
+/// grace is 2 s, twice that at most).
+const SIM_STOP_LIMIT: Duration = Duration::from_secs(10);
 /// Upper bound on requests per connection in one closed-loop run (a count bound on top of
 /// the deadline).
 const MAX_PER_CONNECTION: u64 = 10_000_000;
@@ -150,10 +163,29 @@ fn nice_value() -> Option<i32> {
         .filter(|v| (-20..=19).contains(v))
 }
 
-/// `[taskset -c CPU] [nice -n N] program`: each wrapper execs, so the child's pid is the
-/// program's pid.
+/// Whether util-linux's `setpriv --pdeathsig` works here (checked once).
+fn have_pdeathsig() -> bool {
+    static HAVE: OnceLock<bool> = OnceLock::new();
+    *HAVE.get_or_init(|| {
+        Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// `[setpriv --pdeathsig KILL] [taskset -c CPU] [nice -n N] program`: each wrapper execs,
+/// so the child's pid is the program's pid. `setpriv` sets the parent-death signal (what
+/// `prctl(PR_SET_PDEATHSIG)` in a `pre_exec` hook would, without `unsafe`), which exec
+/// keeps: if this process dies, even by SIGKILL, the kernel SIGKILLs the child. Every
+/// child is spawned from the main thread, whose end is the process's.
 fn launcher(cpu: Option<u32>, program: &Path) -> Command {
     let mut words: Vec<std::ffi::OsString> = Vec::new();
+    if have_pdeathsig() {
+        words.extend(["setpriv".into(), "--pdeathsig".into(), "KILL".into()]);
+    }
     if let Some(cpu) = cpu {
         words.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
     }
@@ -167,8 +199,9 @@ fn launcher(cpu: Option<u32>, program: &Path) -> Command {
 }
 
 /// Spawns `bin args` pinned to `cpu` (via taskset when available). Stdout and stderr are
-/// read by threads: the first stdout line and every stderr line matching `stderr_marker`
-/// are sent on the returned channel; the rest is drained so pipes never fill.
+/// read by threads: every stdout line and every stderr line matching `stderr_marker` are
+/// sent on the returned channel; the rest is drained so pipes never fill (and once the
+/// channel is dropped, stdout too).
 fn spawn(
     name: &'static str,
     bin: &Path,
@@ -203,12 +236,8 @@ fn spawn(
     if let Some(stdout) = stdout {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let mut first = true;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if first {
-                    let _ = tx.send(line);
-                    first = false;
-                }
+                let _ = tx.send(line);
             }
         });
     }
@@ -227,6 +256,19 @@ fn spawn(
         });
     }
     Ok((proc, rx))
+}
+
+/// `kill -SIGNAL pid` (the crate forbids the `unsafe` of calling `kill(2)` directly).
+fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed ({status})");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -451,7 +493,8 @@ struct PhaseResult {
     /// Nanoseconds; for fixed-rate runs measured from the intended send time.
     latencies: Vec<u64>,
     elapsed: Duration,
-    /// Fixed rate only: how long after the last scheduled send the last answer came.
+    /// Fixed rate only: how long after the last scheduled send the last answer came (each
+    /// task notes when its answer came, so joining and recording are not counted).
     drain: Duration,
     timed_out: bool,
 }
@@ -484,6 +527,14 @@ impl PhaseResult {
                 self.first_problem.get_or_insert_with(|| format!("{err:#}"));
             }
         }
+    }
+
+    /// A load task that panicked (or was cancelled): an error, so the run is invalid. Its
+    /// requests are not in [`PhaseResult::total`].
+    fn task_failed(&mut self, err: &tokio::task::JoinError) {
+        self.errors += 1;
+        self.first_problem
+            .get_or_insert_with(|| format!("load task failed: {err}"));
     }
 
     fn total(&self) -> u64 {
@@ -545,9 +596,12 @@ async fn closed_loop(
     )
     .await
     {
-        if let Ok((conn, result)) = joined {
-            conns.push(conn);
-            total.merge(result);
+        match joined {
+            Ok((conn, result)) => {
+                conns.push(conn);
+                total.merge(result);
+            }
+            Err(err) => total.task_failed(&err),
         }
     }
     if !tasks.is_empty() {
@@ -580,6 +634,7 @@ async fn fixed_rate(
     let spin_limit = t0 + duration + Duration::from_secs(5);
     let mut tasks = tokio::task::JoinSet::new();
     let mut result = PhaseResult::default();
+    let mut last_due = t0;
     let mut i = 0u64;
     while i < count {
         let due = t0 + Duration::from_nanos((i as f64 * interval_ns) as u64);
@@ -595,31 +650,41 @@ async fn fixed_rate(
         let pool = Arc::clone(&pool);
         let idle = Arc::clone(&idle);
         let target = target.clone();
+        // Each task returns when its answer was read, for the drain time.
         tasks.spawn(async move {
             let Ok(_permit) = idle.acquire().await else {
-                return (Err(anyhow!("semaphore closed")), Duration::ZERO);
+                return (
+                    Err(anyhow!("semaphore closed")),
+                    Duration::ZERO,
+                    Instant::now(),
+                );
             };
             let taken = pool
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop_front();
             let Some(mut conn) = taken else {
-                return (Err(anyhow!("no idle connection")), Duration::ZERO);
+                return (
+                    Err(anyhow!("no idle connection")),
+                    Duration::ZERO,
+                    Instant::now(),
+                );
             };
             let outcome = match target.request() {
                 Ok(request) => exchange(&mut conn, request).await,
                 Err(err) => Err(err),
             };
-            let latency = due.elapsed();
+            let answered = Instant::now();
             pool.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push_back(conn);
-            (outcome, latency)
+            (outcome, answered - due, answered)
         });
+        last_due = due;
         i += 1;
     }
-    let last_due = Instant::now();
-    let drain_deadline = last_due + DRAIN_LIMIT;
+    let drain_deadline = Instant::now() + DRAIN_LIMIT;
+    let mut last_answer = last_due;
     while let Ok(Some(joined)) = tokio::time::timeout(
         drain_deadline.saturating_duration_since(Instant::now()),
         tasks.join_next(),
@@ -627,8 +692,11 @@ async fn fixed_rate(
     .await
     {
         match joined {
-            Ok((outcome, latency)) => result.record(outcome, latency),
-            Err(err) => result.record(Err(anyhow!("task: {err}")), Duration::ZERO),
+            Ok((outcome, latency, answered)) => {
+                result.record(outcome, latency);
+                last_answer = last_answer.max(answered);
+            }
+            Err(err) => result.task_failed(&err),
         }
     }
     if !tasks.is_empty() {
@@ -638,7 +706,7 @@ async fn fixed_rate(
             .get_or_insert_with(|| format!("{} requests still open after the drain", tasks.len()));
         tasks.abort_all();
     }
-    result.drain = last_due.elapsed();
+    result.drain = last_answer - last_due;
     result.elapsed = t0.elapsed();
     let conns = std::mem::take(&mut *pool.lock().unwrap_or_else(PoisonError::into_inner));
     (conns.into(), result)
@@ -763,7 +831,7 @@ fn installed(program: &str) -> bool {
 
 /// A redis-server for the Redis row, on CPU 1 beside the gateway; killed on drop.
 struct Redis {
-    _proc: Proc,
+    proc: Proc,
     port: u16,
 }
 
@@ -792,7 +860,7 @@ fn start_redis(env: &Env) -> anyhow::Result<Redis> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Redis { _proc: proc, port })
+    Ok(Redis { proc, port })
 }
 
 /// The `rate_limit_store` section for the Redis row: `deny` on errors, so a run that
@@ -833,10 +901,16 @@ struct RowResult {
     cpu_us: f64,
     /// Simulator CPU µs/request in gateway rows.
     sim_cpu_us: Option<f64>,
-    /// CPU µs/request of the process under test during the 2,000/s run.
-    cpu_us_at_2k: f64,
+    /// redis-server CPU µs/request in the Redis row.
+    redis_cpu_us: Option<f64>,
+    /// CPU µs/request of the process under test during the 2,000/s run, and what one
+    /// clock tick is worth there (its resolution).
+    cpu_us_at_2k: (f64, f64),
     peak_rss_mib: f64,
+    /// Right after the process became ready, before any load.
     idle_rss_mib: f64,
+    /// After the last phase, the load generator's connections closed and [`SETTLE`].
+    idle_rss_after_mib: f64,
     ready_ms: f64,
     sent: u64,
     checks: Vec<String>,
@@ -872,7 +946,39 @@ fn client_tls(pki: &mpc_gateway::simulator::TestPki) -> anyhow::Result<tokio_rus
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-fn start_simulator(env: &Env, kind: Kind) -> anyhow::Result<(Proc, String, Duration)> {
+/// The standalone simulator, and the rest of its stdout: the `requests N` line it prints
+/// once stopped.
+struct Sim {
+    proc: Proc,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Sim {
+    /// SIGTERM, then the number of requests it received, from the `requests N` line it
+    /// prints once its shutdown is done (bounded by [`SIM_STOP_LIMIT`]).
+    fn stop_and_count(self) -> anyhow::Result<u64> {
+        send_signal(self.proc.pid(), "TERM")?;
+        let deadline = Instant::now() + SIM_STOP_LIMIT;
+        for _ in 0..100 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                break;
+            };
+            if let Some(n) = line.strip_prefix("requests ") {
+                return n
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("simulator count {line:?}"));
+            }
+        }
+        bail!(
+            "the simulator printed no `requests N` line within {SIM_STOP_LIMIT:?} of SIGTERM; stderr:\n{}",
+            self.proc.tail()
+        )
+    }
+}
+
+fn start_simulator(env: &Env, kind: Kind) -> anyhow::Result<(Sim, String, Duration)> {
     let mut args: Vec<String> = [
         "simulator",
         "--listen",
@@ -914,7 +1020,7 @@ fn start_simulator(env: &Env, kind: Kind) -> anyhow::Result<(Proc, String, Durat
         .ok_or_else(|| anyhow!("unexpected simulator output: {line:?}"))?
         .trim()
         .to_owned();
-    Ok((proc, base_url, ready))
+    Ok((Sim { proc, lines }, base_url, ready))
 }
 
 fn port_of(base_url: &str) -> anyhow::Result<u16> {
@@ -1110,7 +1216,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     }
     let dir = tempfile::Builder::new().prefix("mpc-e2e-").tempdir()?;
     let (sim, base_url, sim_ready) = start_simulator(env, kind)?;
-    let sim_pid = sim.pid().to_string();
+    let sim_pid = sim.proc.pid().to_string();
     let sim_port = port_of(&base_url)?;
     let tls_connector = if kind.tls() {
         Some(client_tls(&env.pki)?)
@@ -1198,19 +1304,24 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
 
     // Closed loop.
     let self_pid = std::process::id().to_string();
-    let (cpu0, sim0, me0) = (
+    // redis-server is part of the Redis row: its CPU is the row's, not another process's.
+    let redis_pid = redis.as_ref().map(|r| r.proc.pid().to_string());
+    let redis_ticks = || redis_pid.as_deref().map_or(Ok(0), cpu_ticks);
+    let (cpu0, sim0, me0, redis0) = (
         cpu_ticks(&pid)?,
         cpu_ticks(&sim_pid)?,
         cpu_ticks(&self_pid)?,
+        redis_ticks()?,
     );
     let core0 = cpu_busy(1)?;
     let zero0 = cpu_busy(0)?;
     let switches0 = context_switches(&pid)?.0;
     let (conns, mut closed) = rt.block_on(closed_loop(conns, &target, env.closed));
-    let (cpu1, sim1, me1) = (
+    let (cpu1, sim1, me1, redis1) = (
         cpu_ticks(&pid)?,
         cpu_ticks(&sim_pid)?,
         cpu_ticks(&self_pid)?,
+        redis_ticks()?,
     );
     let core1 = cpu_busy(1)?;
     let zero1 = cpu_busy(0)?;
@@ -1221,7 +1332,7 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     let cpu1_busy_pct = server_pct(core1.0 - core0.0);
     let cpu1_steal_pct = server_pct(core1.1 - core0.1);
     let cpu1_ours_pct = if kind.proxied() {
-        server_pct((cpu1 - cpu0) + (sim1 - sim0))
+        server_pct((cpu1 - cpu0) + (sim1 - sim0) + (redis1 - redis0))
     } else {
         server_pct(cpu1 - cpu0)
     };
@@ -1240,6 +1351,9 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     let closed_rps = closed.ok as f64 / closed.elapsed.as_secs_f64();
     let cpu_us = per_req_us(cpu1 - cpu0, closed.ok);
     let sim_cpu_us = kind.proxied().then(|| per_req_us(sim1 - sim0, closed.ok));
+    let redis_cpu_us = redis_pid
+        .is_some()
+        .then(|| per_req_us(redis1 - redis0, closed.ok));
     let loadgen_cpu_pct =
         (me1 - me0) as f64 / env.ticks as f64 / closed.elapsed.as_secs_f64() * 100.0;
     // CPU time other processes took on our two cores (builds, other benchmarks...).
@@ -1263,14 +1377,14 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     std::thread::sleep(Duration::from_millis(250));
     let mut fixed = Vec::new();
     let mut conns = conns;
-    let mut cpu_us_at_2k = 0.0;
+    let mut cpu_us_at_2k = (0.0, 0.0);
     for rate in FIXED_RATES {
         let c0 = cpu_ticks(&pid)?;
         let (back, mut run) = rt.block_on(fixed_rate(conns, &target, rate, env.fixed));
         let c1 = cpu_ticks(&pid)?;
         conns = back;
         if rate == 2_000 {
-            cpu_us_at_2k = per_req_us(c1 - c0, run.ok);
+            cpu_us_at_2k = (per_req_us(c1 - c0, run.ok), per_req_us(1, run.ok));
         }
         sent += run.total();
         all_clean &= run.clean();
@@ -1293,10 +1407,14 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         );
         fixed.push((rate, p50, p99, p999, run.drain));
     }
+    let peak_rss = status_kib(&pid, "VmHWM:")?;
+    // Idle again: the load generator's connections closed, then a short settle.
     drop(conns);
+    close_connections(rt, target.addr.port())?;
+    std::thread::sleep(SETTLE);
+    let idle_rss_after = status_kib(&pid, "VmRSS:")?;
     let closed_p50 = closed.percentile_ms(0.50);
     let closed_p99 = closed.percentile_ms(0.99);
-    let peak_rss = status_kib(&pid, "VmHWM:")?;
 
     // Verification.
     let mut valid = all_clean;
@@ -1338,22 +1456,28 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         ));
         valid &= audit_ok;
     } else if let Some(proxy) = nginx.take() {
-        let (lines, ok) = proxy.stop_and_count()?;
-        let log_ok = lines == sent && ok == sent;
+        let log = proxy.stop_and_count()?;
+        let log_ok = log.lines == sent && log.ok == sent && log.one_upstream_204 == sent;
         checks.push(format!(
-            "nginx access log: {lines} lines, {ok} with status 204 (expected {sent} each): {}",
+            "nginx access log: {} lines, {} with status 204, {} with upstream_status \"204\" (one upstream attempt) (expected {sent} each): {}",
+            log.lines,
+            log.ok,
+            log.one_upstream_204,
             if log_ok { "match" } else { "MISMATCH" }
         ));
         valid &= log_ok;
-    } else {
-        checks.push(format!(
-            "simulator answered all {sent} requests 204 itself (it is the server under load)"
-        ));
     }
+    // Last, with nothing left to send to it: the simulator's own count.
+    let received = sim.stop_and_count()?;
+    let received_ok = received == sent;
+    checks.push(format!(
+        "simulator: {received} requests received (expected {sent}): {}",
+        if received_ok { "match" } else { "MISMATCH" }
+    ));
+    valid &= received_ok;
     for p in &problems {
         checks.push(format!("problem: {p}"));
     }
-    drop(sim);
     Ok(RowResult {
         kind,
         closed_rps,
@@ -1370,9 +1494,11 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
         fixed,
         cpu_us,
         sim_cpu_us,
+        redis_cpu_us,
         cpu_us_at_2k,
         peak_rss_mib: mib(peak_rss),
         idle_rss_mib: mib(idle_rss),
+        idle_rss_after_mib: mib(idle_rss_after),
         ready_ms: ready.as_secs_f64() * 1e3,
         sent,
         checks,
@@ -1380,8 +1506,23 @@ fn run_row(env: &Env, rt: &tokio::runtime::Runtime, kind: Kind) -> anyhow::Resul
     })
 }
 
-/// Established IPv4 TCP connections to 127.0.0.1:`port` (from `/proc/net/tcp`), i.e. the
-/// gateway's upstream connections to the simulator.
+/// Drives the runtime (the connections' tasks live on it) until none of the load
+/// generator's connections to `port` is established any more, at most [`CLOSE_LIMIT`].
+fn close_connections(rt: &tokio::runtime::Runtime, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CLOSE_LIMIT;
+    while established_to(port)? > 0 {
+        if Instant::now() > deadline {
+            bail!(
+                "the load generator's connections to port {port} still open after {CLOSE_LIMIT:?}"
+            );
+        }
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(5)).await });
+    }
+    Ok(())
+}
+
+/// Established IPv4 TCP connections to 127.0.0.1:`port` (from `/proc/net/tcp`): the
+/// gateway's upstream connections to the simulator, or the load generator's to `port`.
 fn established_to(port: u16) -> anyhow::Result<usize> {
     let table = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
     let wanted = format!(":{port:04X}");
@@ -1434,7 +1575,7 @@ fn machine_description(pinned: bool) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     format!(
-        "- date: {date}\n- nproc: {cpus}\n- CPU: {model}\n- kernel: {kernel}\n- memory: {mem}\n- {rustc}\n- pinning: {}\n- priority: {}\n",
+        "- date: {date}\n- nproc: {cpus}\n- CPU: {model}\n- kernel: {kernel}\n- memory: {mem}\n- {rustc}\n- pinning: {}\n- priority: {}\n- orphan guard: {}\n",
         if pinned {
             "taskset: load generator CPU 0; gateway + simulator CPU 1"
         } else {
@@ -1443,6 +1584,11 @@ fn machine_description(pinned: bool) -> String {
         match nice_value() {
             Some(n) => format!("nice {n} for the load generator, gateway and simulator (E2E_NICE)"),
             None => "normal (nice 0)".to_owned(),
+        },
+        if have_pdeathsig() {
+            "setpriv --pdeathsig KILL on every child"
+        } else {
+            "NONE (setpriv missing): children outlive a killed run"
         }
     )
 }
@@ -1490,7 +1636,7 @@ fn report(rows: &[RowResult], env: &Env) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| setup | req/s closed-loop (64 conns, {}s) | p50 / p99 ms @2k/s | p50 / p99 ms @10k/s | CPU µs/req | peak RSS MiB | idle RSS MiB | ready ms | valid |",
+        "| setup | req/s closed-loop (64 conns, {}s) | p50 / p99 ms @2k/s | p50 / p99 ms @10k/s | CPU µs/req | peak RSS MiB | idle RSS MiB (start / after load) | ready ms | valid |",
         env.closed.as_secs_f64()
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
@@ -1500,13 +1646,16 @@ fn report(rows: &[RowResult], env: &Env) -> String {
             .iter()
             .map(|(_, p50, p99, _, _)| format!("{} / {}", fmt_ms(*p50), fmt_ms(*p99)))
             .collect();
-        let cpu = match row.sim_cpu_us {
-            Some(sim) => format!("{:.1} (sim {:.1})", row.cpu_us, sim),
-            None => format!("{:.1}", row.cpu_us),
+        let cpu = match (row.sim_cpu_us, row.redis_cpu_us) {
+            (Some(sim), Some(redis)) => {
+                format!("{:.1} (sim {sim:.1}, redis {redis:.1})", row.cpu_us)
+            }
+            (Some(sim), None) => format!("{:.1} (sim {sim:.1})", row.cpu_us),
+            _ => format!("{:.1}", row.cpu_us),
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {:.1} | {:.1} / {:.1} | {:.1} | {} |",
             row.kind.label(),
             row.closed_rps,
             fixed.first().map_or("-", String::as_str),
@@ -1514,6 +1663,7 @@ fn report(rows: &[RowResult], env: &Env) -> String {
             cpu,
             row.peak_rss_mib,
             row.idle_rss_mib,
+            row.idle_rss_after_mib,
             row.ready_ms,
             match (row.valid, row.noisy) {
                 (true, false) => "yes",
@@ -1531,11 +1681,12 @@ fn details(rows: &[RowResult]) -> String {
         let _ = writeln!(out, "- {} ({}):", row.kind.label(), row.kind.id());
         let _ = writeln!(
             out,
-            "  - closed loop: latency p50 {} ms, p99 {} ms; load generator CPU {:.0}%; CPU µs/req at 2,000/s: {:.1}",
+            "  - closed loop: latency p50 {} ms, p99 {} ms; load generator CPU {:.0}%; CPU µs/req at 2,000/s: ~{:.0} (one clock tick is {:.2} µs/req there)",
             fmt_ms(row.closed_p50),
             fmt_ms(row.closed_p99),
             row.loadgen_cpu_pct,
-            row.cpu_us_at_2k
+            row.cpu_us_at_2k.0,
+            row.cpu_us_at_2k.1
         );
         let _ = writeln!(
             out,

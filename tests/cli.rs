@@ -2063,3 +2063,64 @@ fn demo_keeps_running_when_its_stdout_has_no_reader() {
     }
     interrupt_and_expect_a_clean_exit(&mut demo.0);
 }
+
+// ---------------------------------------------------------------------------------------
+// simulator (the benchmark's)
+// ---------------------------------------------------------------------------------------
+
+/// The standalone simulator prints `requests N` on stdout once stopped by SIGTERM, N
+/// counting every request it received (answered 401 here as much as 204): the benchmark
+/// checks it against what it sent.
+#[test]
+fn the_standalone_simulator_prints_its_request_count_when_stopped() {
+    let child = command(&[
+        "simulator",
+        "--auth-id",
+        AUTH_ID,
+        "--auth-token-env",
+        "CLI_TEST_SIM_TOKEN",
+    ])
+    .env("CLI_TEST_SIM_TOKEN", PLIVO_TOKEN)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn simulator");
+    // Killed and reaped on drop, like the demo.
+    let mut sim = Demo(child);
+    let lines = lines_of(sim.0.stdout.take().expect("stdout"));
+    let first = lines
+        .recv_timeout(PROCESS_TIMEOUT)
+        .expect("the simulator's first line");
+    let addr: SocketAddr = first
+        .strip_prefix("simulator listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .parse()
+        .expect("an address");
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{PLIVO_TOKEN}"));
+    let path = format!("/v1/Account/{AUTH_ID}/MultiPartyCall/name_counted/");
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    write!(
+        stream,
+        "DELETE {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer:?}");
+    assert_eq!(http(addr, "DELETE", &path, None).0, 401);
+
+    let term = Command::new("kill")
+        .args(["-TERM", &sim.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let exit = wait_bounded(&mut sim.0, PROCESS_TIMEOUT).expect("the simulator stops on SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    let rest: Vec<String> = lines.iter().take(10).collect();
+    assert_eq!(rest, ["requests 2"]);
+}

@@ -36,8 +36,10 @@ pub struct SimulatorArgs {
     pub http2: bool,
 }
 
-/// Run the simulator in the foreground until SIGINT or SIGTERM. Prints exactly one line,
-/// `simulator listening on <base_url>`, to stdout once it accepts connections.
+/// Run the simulator in the foreground until SIGINT or SIGTERM. Prints exactly two lines
+/// to stdout: `simulator listening on <base_url>` once it accepts connections, and
+/// `requests <N>` (every request it received, answered or not) once it has stopped on
+/// SIGINT or SIGTERM, so the benchmark can check that it saw exactly what was sent.
 /// Requests are counted but not recorded, so memory stays flat under load.
 pub async fn run_standalone(args: SimulatorArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -83,11 +85,19 @@ pub async fn run_standalone(args: SimulatorArgs) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     wait_for_stop_signal().await?;
-    tracing::info!(
-        requests = simulator.request_count(),
-        "plivo simulator shutting down"
-    );
+    // Read after the shutdown: a request that arrived on an open connection during the
+    // grace period is counted too.
+    let shared = std::sync::Arc::clone(&simulator.shared);
     simulator.shutdown().await;
+    let mut stdout = io::stdout().lock();
+    writeln!(
+        stdout,
+        "requests {}",
+        shared
+            .request_count
+            .load(std::sync::atomic::Ordering::SeqCst)
+    )?;
+    stdout.flush()?;
     Ok(())
 }
 
