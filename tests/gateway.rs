@@ -333,6 +333,12 @@ async fn every_refusal_has_its_status_slug_and_denied_record_and_forwards_nothin
         assert_eq!(record["reason"], case.slug, "{}", case.what);
         assert_eq!(record["request_id"].as_str(), reply.header("x-request-id"));
         assert_eq!(record["upstream_status"], serde_json::Value::Null);
+        // Refused after authentication: the tenant's account is known.
+        let account = match case.slug {
+            "forbidden" | "invalid-mpc-name" => serde_json::json!("default"),
+            _ => serde_json::Value::Null,
+        };
+        assert_eq!(record["account"], account, "{}", case.what);
     }
     assert_eq!(h.sim.request_count(), 0, "nothing may be forwarded");
     assert_eq!(

@@ -322,9 +322,11 @@ impl Gateway {
         let policy =
             identify::authenticate(&runtime, &parts.headers, peer.certificate(), &route, trail)?;
         let tenant = &policy.name;
-        let (mpc, upstream_calls) = check_target(&route, &policy, tenant, trail)?;
+        // Known once the tenant is: a `denied` record for a bad or forbidden name names
+        // the account too, like one refused by a limit.
         let account = &policy.account;
         trail.account = Some(Arc::clone(&account.name));
+        let (mpc, upstream_calls) = check_target(&route, &policy, tenant, trail)?;
         trail.ended_requests = Some(Arc::clone(&policy.ended_requests));
         // A by-uuid request makes two Plivo calls, so it costs the account two, taken
         // together or not at all.
