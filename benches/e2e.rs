@@ -13,7 +13,8 @@
 //! for a quiet machine, default 30), `E2E_NICE` (nice value for every benchmarked process,
 //! e.g. -10 on a shared machine; needs root), `E2E_RETRIES` (how often a row disturbed by
 //! other processes is measured again, default 2), `E2E_ROTATE_BYTES` (audit `rotate_bytes`,
-//! default 104857600 as shipped), `E2E_BIN` (skip the build, use this binary).
+//! default 104857600 as shipped), `E2E_BIN` (skip the build, use this binary),
+//! `E2E_NGINX_TLS` (the TLS versions nginx offers upstream, default `TLSv1.2 TLSv1.3`).
 //!
 //! It runs only with `--bench` (as `cargo bench` passes it): under `cargo test
 //! --all-targets` it says so and succeeds at once. Run a built copy as `e2e-… --bench`.

@@ -37,7 +37,8 @@ pub fn start(env: &Env, dir: &Path, sim_port: u16) -> anyhow::Result<Nginx> {
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, config(env, dir, port, sim_port))?;
+    let protocols = upstream_tls_protocols()?;
+    std::fs::write(&conf, config(env, dir, port, sim_port, &protocols))?;
     let args: Vec<String> = [
         "-p",
         &dir.display().to_string(),
@@ -117,7 +118,21 @@ fn error_log(dir: &Path) -> String {
     format!("nginx error.log:\n{text}")
 }
 
-fn config(env: &Env, dir: &Path, port: u16, sim_port: u16) -> String {
+/// `E2E_NGINX_TLS`: the TLS versions nginx offers the simulator. Default `TLSv1.2
+/// TLSv1.3`, what the gateway's client offers; `TLSv1.2` is nginx 1.22's own default
+/// (less TLSv1 and TLSv1.1), for comparing with runs made before it was set.
+fn upstream_tls_protocols() -> anyhow::Result<String> {
+    let Ok(protocols) = std::env::var("E2E_NGINX_TLS") else {
+        return Ok("TLSv1.2 TLSv1.3".to_owned());
+    };
+    let known = |word: &str| matches!(word, "TLSv1.2" | "TLSv1.3");
+    if protocols.split_whitespace().next().is_none() || !protocols.split_whitespace().all(known) {
+        anyhow::bail!("E2E_NGINX_TLS: expected TLSv1.2 and/or TLSv1.3, got {protocols:?}");
+    }
+    Ok(protocols)
+}
+
+fn config(env: &Env, dir: &Path, port: u16, sim_port: u16, protocols: &str) -> String {
     let dir = dir.display();
     let basic =
         base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{}", env.sim_token));
@@ -182,7 +197,7 @@ http {{
             proxy_ssl_verify on;
             # nginx 1.22's default is TLSv1 TLSv1.1 TLSv1.2; the gateway's rustls client
             # offers 1.2 and 1.3 (and gets 1.3 from the simulator).
-            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_protocols {protocols};
             proxy_ssl_name localhost;
             proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
