@@ -315,6 +315,37 @@ fn serve_refuses_a_bad_config_and_names_its_key_path() {
     );
 }
 
+/// A start-up failure after the config loaded (here the listen port is taken) is an
+/// ERROR event in the JSON operational log, where a log pipeline looks for it, and the
+/// plain `error:` line as well; exit 1.
+#[test]
+fn serve_logs_a_start_up_failure_as_a_json_error_too() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port();
+    let c = ConfigDir::new();
+    c.write(&replaced(
+        &c.yaml(BASE, ALLOW),
+        "listen: 127.0.0.1:0\nadmin_listen",
+        &format!("listen: 127.0.0.1:{port}\nadmin_listen"),
+    ));
+    let config = c.config_path();
+    let out = run(&["serve", "--config", config.to_str().expect("UTF-8")], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let event = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["message"] == "serve failed")
+        .unwrap_or_else(|| panic!("no JSON error event:\n{stderr}"));
+    assert_eq!(event["level"], "ERROR", "{event}");
+    let error = event["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&port.to_string()), "{event}");
+    assert!(
+        stderr.lines().any(|line| line.starts_with("error: ")),
+        "{stderr}"
+    );
+}
+
 /// Without `--config`, both commands read `config/gateway.yaml` under the current
 /// directory (DESIGN §2).
 #[test]

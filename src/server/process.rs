@@ -27,6 +27,11 @@ pub fn run_serve(config_path: PathBuf) -> anyhow::Result<()> {
     // cancelled: dropping the runtime would wait for the resolver's own timeouts, past
     // `shutdown_grace`, into the supervisor's SIGKILL.
     runtime.shutdown_timeout(EXIT_WAIT_FOR_BLOCKING);
+    // In the operational log too, where a log pipeline (JSON lines) looks for errors; the
+    // caller also prints it plainly, for a terminal or a log set to `off`.
+    if let Err(err) = &served {
+        tracing::error!(error = %crate::causes::one_line(err.chain()), "serve failed");
+    }
     served
 }
 
