@@ -21,8 +21,7 @@ pub const PEM_LIMIT: u64 = 4 << 20;
 
 /// The bytes of the regular file at `path`, if it holds at most `limit` of them.
 pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let file = open_regular(path)?;
-    let len = file.metadata()?.len();
+    let (file, len) = open_regular(path)?;
     if len > limit {
         return Err(too_large(limit));
     }
@@ -44,16 +43,18 @@ pub fn read_text_limited(path: &Path, limit: u64) -> io::Result<String> {
     })
 }
 
-/// Opens `path` for reading if it is a regular file. `O_NONBLOCK` keeps the open of a
-/// FIFO from waiting for a writer; on a regular file it changes nothing.
-fn open_regular(path: &Path) -> io::Result<File> {
+/// Opens `path` for reading if it is a regular file, and says how long it is.
+/// `O_NONBLOCK` keeps the open of a FIFO from waiting for a writer; on a regular file it
+/// changes nothing.
+fn open_regular(path: &Path) -> io::Result<(File, u64)> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(NON_BLOCKING)
         .open(path)?;
-    let kind = file.metadata()?.file_type();
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
     if kind.is_file() {
-        Ok(file)
+        Ok((file, meta.len()))
     } else if kind.is_dir() {
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -33,25 +33,26 @@ pub fn parse_log_filter(filter: &str) -> Result<Targets, LogFilterError> {
     if !filter.is_ascii() {
         return Err(LogFilterError::NotAscii);
     }
+    for directive in filter.split(',').map(str::trim) {
+        check_directive(directive)?;
+    }
+    filter.parse().map_err(LogFilterError::Invalid)
+}
+
+/// Refuses what `Targets` would accept but not apply as written.
+fn check_directive(directive: &str) -> Result<(), LogFilterError> {
     // `Targets` would take `[span]` or `{field}` for a target name that matches nothing;
     // say so instead of silently logging less than asked.
-    if let Some(target) = filter
-        .split(',')
-        .map(|directive| directive.split('=').next().unwrap_or_default().trim())
-        .find(|target| !target.chars().all(is_target_char))
-    {
+    let target = directive.split('=').next().unwrap_or_default().trim();
+    if !target.chars().all(is_target_char) {
         return Err(LogFilterError::NotATarget(target.to_owned()));
     }
     // `Targets` reads a bare word as a target to enable at every level, so a misspelt
     // level (`warning`) would silently turn every other log line off.
-    if let Some(word) = filter
-        .split(',')
-        .map(str::trim)
-        .find(|directive| !directive.is_empty() && !directive.contains('=') && !is_level(directive))
-    {
-        return Err(LogFilterError::NotALevel(word.to_owned()));
+    if !directive.is_empty() && !directive.contains('=') && !is_level(directive) {
+        return Err(LogFilterError::NotALevel(directive.to_owned()));
     }
-    filter.parse().map_err(LogFilterError::Invalid)
+    Ok(())
 }
 
 /// The levels a directive without `=` may name.

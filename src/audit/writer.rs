@@ -74,6 +74,7 @@ const STALL_BOUND: Duration = Duration::from_secs(5);
 /// The bound the stuck-disk tests give the writer instead of [`STALL_BOUND`].
 #[cfg(test)]
 pub(crate) const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
+
 /// Size of the probe write: large enough to notice a full disk.
 const PROBE_BYTES: usize = 4096;
 
