@@ -982,6 +982,95 @@ fn serve_refuses_a_fifo_secret_on_reload_and_keeps_serving() {
 /// The caller token that replaces [`CALLER_TOKEN`] in a rotation.
 const ROTATED_TOKEN: &str = "cli-test-rotated-caller-token";
 
+/// Under systemd (`Type=notify`): `READY=1` once both listeners are bound, `RELOADING=1`
+/// then `READY=1` with a status saying whether a SIGHUP reload applied, `STOPPING=1` at
+/// the drain; a second SIGTERM during the drain is logged, and the drain still finishes.
+#[test]
+fn serve_reports_its_state_to_the_service_manager_and_a_second_signal_does_not_cut_the_drain() {
+    use std::os::unix::net::UnixDatagram;
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&sim.base_url(), ALLOW));
+    let socket_path = c.path().join("notify.sock");
+    let manager = UnixDatagram::bind(&socket_path).expect("bind the manager's socket");
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let next = || {
+        let mut buf = [0u8; 1024];
+        let n = manager.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut served = Served::start_with_env(
+        &c.config_path(),
+        &[("NOTIFY_SOCKET", socket_path.to_str().expect("UTF-8"))],
+    );
+
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert!(ready.contains(&served.local.to_string()), "{ready}");
+    assert!(
+        ready.contains(&format!("MAINPID={}", served.pid())),
+        "{ready}"
+    );
+    assert_eq!(http(served.admin, "GET", "/readyz", None).0, 200);
+
+    c.write(&c.yaml(&sim.base_url(), "\"billing-*\", \"sales-*\""));
+    served.signal("HUP");
+    assert!(next().starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    assert_eq!(next(), "READY=1\nSTATUS=serving; configuration reloaded");
+
+    c.write(&replaced(
+        &c.yaml(&sim.base_url(), ALLOW),
+        "burst: 20",
+        "burst: 0",
+    ));
+    served.signal("HUP");
+    assert!(next().starts_with("RELOADING=1\n"));
+    let refused = next();
+    assert!(
+        refused.starts_with("READY=1\nSTATUS=serving; reload refused")
+            && refused.contains("tenants.billing.rate_limit.burst"),
+        "{refused}"
+    );
+
+    sim.sim.push_fault(Fault::Delay(Duration::from_secs(2)));
+    let local = served.local;
+    let in_flight = std::thread::spawn(move || {
+        try_http(local, "POST", "/mpc/sales-slow/end", Some(CALLER_TOKEN))
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || sim.sim.request_count() >= 1),
+        "the simulator received the slow request"
+    );
+    served.signal("TERM");
+    assert_eq!(next(), "STOPPING=1\nSTATUS=draining");
+    assert!(
+        eventually(Duration::from_secs(2), || served
+            .log_text()
+            .contains("\"draining\"")),
+        "the drain began:\n{}",
+        served.log_text()
+    );
+    served.signal("TERM");
+    assert!(
+        eventually(Duration::from_secs(2), || served
+            .log_text()
+            .contains("already draining")),
+        "the second signal is acknowledged:\n{}",
+        served.log_text()
+    );
+    let (status, _) = in_flight
+        .join()
+        .expect("request thread")
+        .expect("the in-flight request got an answer");
+    assert_eq!(
+        status, 204,
+        "the second SIGTERM did not cut the drain short"
+    );
+    assert_eq!(served.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}
+
 /// DESIGN §5: SIGHUP re-reads the config, and that is how a leaked caller token is
 /// revoked: the file's hash for billing changes from the old token's to a new one's.
 /// Until the reload the old token is admitted and the new one is not; once the reload is

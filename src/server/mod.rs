@@ -16,6 +16,7 @@ pub(crate) mod accept;
 mod connection;
 mod drain;
 mod idle;
+mod notify;
 mod process;
 mod rejection;
 mod sniff;
@@ -255,6 +256,11 @@ impl RunningGateway {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    /// How long a drain lets in-flight requests run (`shutdown_grace` at start-up).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace
     }
 
     /// Re-reads the config file and its secrets; on any error the running config stays.

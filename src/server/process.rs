@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 
+use super::notify::Notifier;
 use super::{RunningGateway, StartOptions};
 
 /// `mpc-gateway serve`: runs until SIGTERM/SIGINT; SIGHUP reloads.
@@ -111,6 +112,14 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
     let mut interrupt = signal(SignalKind::interrupt())?;
     let running = RunningGateway::start(&config, StartOptions::default()).await?;
     drop(config);
+    let manager = Notifier::from_env();
+    if let Some(manager) = &manager {
+        manager.ready(&format!(
+            "serving on {}, admin on {}",
+            running.local_addr(),
+            running.admin_addr()
+        ));
+    }
     // The config being read for a reload, on a blocking thread: a file on a hung mount
     // then holds up only that reload, never requests, the admin port or a drain.
     // SIGHUPs that arrive meanwhile wait (tokio keeps one) and start the next reload.
@@ -118,16 +127,26 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
     loop {
         tokio::select! {
             _ = hangup.recv(), if reading.is_none() => {
+                if let Some(manager) = &manager {
+                    manager.reloading();
+                }
                 let path = config_path.clone();
                 reading = Some(tokio::task::spawn_blocking(move || Config::load(&path)));
             }
             read = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
                 reading = None;
-                match read {
-                    Ok(loaded) => {
-                        let _ = running.apply_reload(loaded);
+                let status = match read {
+                    Ok(loaded) => match running.apply_reload(loaded) {
+                        Ok(()) => "serving; configuration reloaded".to_owned(),
+                        Err(err) => format!("serving; reload refused, the running configuration stays: {err}"),
+                    },
+                    Err(err) => {
+                        tracing::error!(error = %err, "the config could not be read for a reload; keeping the running configuration");
+                        "serving; reload failed, the running configuration stays".to_owned()
                     }
-                    Err(err) => tracing::error!(error = %err, "the config could not be read for a reload; keeping the running configuration"),
+                };
+                if let Some(manager) = &manager {
+                    manager.reloaded(&status);
                 }
             }
             _ = terminate.recv() => break,
@@ -138,7 +157,31 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
         tracing::warn!("a reload was still reading the config; it is abandoned");
     }
     tracing::info!("draining");
-    running.shutdown().await?;
+    if let Some(manager) = &manager {
+        manager.stopping();
+    }
+    let grace = running.shutdown_grace();
+    let drain = running.shutdown();
+    tokio::pin!(drain);
+    // A second signal does not cut the drain short (that would lose the `result`
+    // records of requests Plivo is still answering); say so, rather than look hung.
+    loop {
+        tokio::select! {
+            drained = &mut drain => {
+                drained?;
+                break;
+            }
+            _ = terminate.recv() => already_draining(grace),
+            _ = interrupt.recv() => already_draining(grace),
+        }
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn already_draining(grace: Duration) {
+    tracing::warn!(
+        shutdown_grace = %humantime::format_duration(grace),
+        "already draining: in-flight requests get up to shutdown_grace from the first signal; SIGKILL stops now but loses the result records of requests still with Plivo"
+    );
 }
