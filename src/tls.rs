@@ -110,6 +110,9 @@ pub fn load_listen_tls(
         .map_err(|err| format!("{}: {err}", cert_file.display()))
         .map_err(at("cert_file"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if client_ca_file.is_some() {
+        without_resumption(&mut config);
+    }
     Ok(ListenTls {
         cert_file: cert_file.to_owned(),
         key_file: key_file.to_owned(),
@@ -122,6 +125,16 @@ pub fn load_listen_tls(
             required: require_client_cert,
         },
     })
+}
+
+/// Turns TLS session resumption off: no TLS 1.2 session cache and no TLS 1.3 tickets
+/// (the ticketer is rustls' default, which never makes stateless tickets). A resumed
+/// session skips the client-certificate check and carries the first handshake's
+/// certificate along, even past its expiry or to a client that never held it; without
+/// resumption every connection's certificate is verified, validity included.
+fn without_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
 }
 
 /// SHA-256 over the certificates' DER, each preceded by its length.
@@ -200,11 +213,61 @@ fn valid_until(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
     Ok(validity.not_after.timestamp())
 }
 
+/// A subject alternative name as `client_cert_sans` and a client certificate are
+/// matched: a URI exactly (a SPIFFE ID is case-sensitive), a DNS name in ASCII lower
+/// case, since DNS names do not depend on case (RFC 4343). The kinds never match each
+/// other.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CertSan {
+    Uri(String),
+    Dns(String),
+}
+
+impl CertSan {
+    pub fn uri(uri: &str) -> CertSan {
+        CertSan::Uri(uri.to_owned())
+    }
+
+    pub fn dns(name: &str) -> CertSan {
+        CertSan::Dns(name.to_ascii_lowercase())
+    }
+
+    /// A `client_cert_sans` entry: a URI when it starts with a scheme (`spiffe:`), else
+    /// a DNS name (which has no `:`).
+    pub fn from_config(entry: &str) -> CertSan {
+        if has_uri_scheme(entry) {
+            CertSan::uri(entry)
+        } else {
+            CertSan::dns(entry)
+        }
+    }
+
+    /// The name as matched (a DNS name lower-cased).
+    pub fn as_str(&self) -> &str {
+        match self {
+            CertSan::Uri(text) | CertSan::Dns(text) => text,
+        }
+    }
+}
+
+/// Whether `text` begins with a URI scheme and its `:` (RFC 3986 §3.1: a letter, then
+/// letters, digits, `+`, `-` or `.`).
+fn has_uri_scheme(text: &str) -> bool {
+    let Some((scheme, _)) = text.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
 /// A client certificate the TLS handshake verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
     /// URI and DNS subject alternative names.
-    pub sans: Vec<String>,
+    pub sans: Vec<CertSan>,
     /// The certificate's fingerprint (the first 12 hex digits of its SHA-256): made once
     /// per connection, cloned per request.
     pub fingerprint: Fingerprint,
@@ -225,8 +288,8 @@ impl ClientCertificate {
                     .general_names
                     .iter()
                     .filter_map(|name| match name {
-                        GeneralName::URI(uri) => Some((*uri).to_owned()),
-                        GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                        GeneralName::URI(uri) => Some(CertSan::uri(uri)),
+                        GeneralName::DNSName(dns) => Some(CertSan::dns(dns)),
                         _ => None,
                     })
                     .collect()
@@ -328,8 +391,8 @@ mod tests {
         assert_eq!(
             identity.sans,
             vec![
-                "spiffe://prod/ns/billing/sa/api".to_owned(),
-                "billing.internal".to_owned()
+                CertSan::Uri("spiffe://prod/ns/billing/sa/api".to_owned()),
+                CertSan::Dns("billing.internal".to_owned())
             ]
         );
         assert_eq!(
@@ -337,5 +400,68 @@ mod tests {
             hex::encode(&Sha256::digest(der[0].as_ref())[..6])
         );
         assert_eq!(ClientCertificate::from_peer(None), None);
+    }
+
+    #[test]
+    fn dns_sans_are_lower_cased_and_uri_sans_kept_exactly() {
+        let pki = generate_pki(&["localhost"]).expect("pki");
+        let client = pki
+            .issue_client_cert(&["spiffe://Prod/ns/Billing", "Billing.INTERNAL"])
+            .expect("client cert");
+        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("pem");
+        let identity = ClientCertificate::from_peer(Some(&der)).expect("identity");
+        assert_eq!(
+            identity.sans,
+            [
+                CertSan::uri("spiffe://Prod/ns/Billing"),
+                CertSan::Dns("billing.internal".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_config_entry_with_a_scheme_is_a_uri_and_any_other_a_dns_name() {
+        let cases = [
+            (
+                "spiffe://Prod/x",
+                CertSan::Uri("spiffe://Prod/x".to_owned()),
+            ),
+            ("urn:Example:A", CertSan::Uri("urn:Example:A".to_owned())),
+            ("OPS.Internal", CertSan::Dns("ops.internal".to_owned())),
+            ("ops.internal", CertSan::Dns("ops.internal".to_owned())),
+            ("1x:y", CertSan::Dns("1x:y".to_owned())),
+            (":a", CertSan::Dns(":a".to_owned())),
+        ];
+        for (entry, expected) in cases {
+            assert_eq!(CertSan::from_config(entry), expected, "{entry}");
+        }
+        assert_ne!(
+            CertSan::from_config("spiffe://x"),
+            CertSan::dns("spiffe://x"),
+            "a DNS SAN never matches a URI entry"
+        );
+    }
+
+    #[test]
+    fn resumption_is_off_only_when_client_certificates_are_verified() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_pki(&["localhost"]).expect("pki");
+        let cert = write(dir.path(), "cert.pem", &pki.server_cert_pem);
+        let key = write(dir.path(), "key.pem", &pki.server_key_pem);
+        let ca = write(dir.path(), "ca.pem", &pki.ca_cert_pem);
+        for required in [false, true] {
+            let tls = load_listen_tls(&cert, &key, Some(&ca), required).expect("valid");
+            let config = &tls.server_config;
+            assert!(!config.session_storage.can_cache(), "no session cache");
+            assert_eq!(config.send_tls13_tickets, 0, "no TLS 1.3 tickets");
+            assert!(!config.ticketer.enabled(), "no stateless tickets");
+        }
+        let plain = load_listen_tls(&cert, &key, None, false).expect("valid");
+        assert!(
+            plain.server_config.session_storage.can_cache(),
+            "without client certificates resumption stays"
+        );
     }
 }

@@ -1273,6 +1273,71 @@ async fn an_idle_h2c_connection_is_closed_after_the_idle_timeout() {
     h.shutdown().await;
 }
 
+/// An answer to HEAD has its status and headers and no content (RFC 9110 §9.3.2), over
+/// HTTP/2 as over HTTP/1.1: content on a HEAD answer is a malformed HTTP/2 response
+/// (RFC 9113 §8.1.1), which the client resets, so the caller would see a protocol error
+/// instead of its 404 or 405. Each request is audited as any refused one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_request_is_answered_without_content_over_h2c_and_http1() {
+    let h = Harness::start().await;
+    let sdk_path = format!("/v1/Account/{BILLING_SDK_AUTH_ID}/MultiPartyCall/name_billing-1/");
+    let cases = [
+        ("/nowhere", 404, "not-found", None),
+        (
+            "/mpc/billing-1/end",
+            405,
+            "method-not-allowed",
+            Some("POST"),
+        ),
+        (sdk_path.as_str(), 405, "method-not-allowed", Some("DELETE")),
+    ];
+    let (mut sender, _driver) = h2c_connect::<Empty<Bytes>>(h.addr()).await;
+    for (path, status, reason, allow) in cases {
+        let request = Request::builder()
+            .method(Method::HEAD)
+            .uri(format!("http://{}{path}", h.addr()))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let answer = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        assert_eq!(answer.status().as_u16(), status, "h2 {path}");
+        assert_eq!(
+            answer
+                .headers()
+                .get("allow")
+                .map(|v| v.to_str().expect("ascii")),
+            allow,
+            "h2 {path}"
+        );
+        assert!(answer.headers().contains_key("x-request-id"), "h2 {path}");
+        let body = tokio::time::timeout(WAIT, answer.into_body().collect())
+            .await
+            .expect("the stream ends in time")
+            .unwrap_or_else(|err| panic!("h2 {path}: the stream is broken: {err}"))
+            .to_bytes();
+        assert!(body.is_empty(), "h2 {path}: {body:?}");
+
+        let reply = h.send(Method::HEAD, path, &[], b"").await;
+        assert_eq!(reply.status, status, "HTTP/1.1 {path}");
+        assert_eq!(reply.header("allow"), allow, "HTTP/1.1 {path}");
+        assert!(reply.header("content-length").is_some(), "HTTP/1.1 {path}");
+        assert!(reply.body.is_empty(), "HTTP/1.1 {path}");
+
+        let records = h.records();
+        for record in &records[records.len() - 2..] {
+            assert_eq!(record["event"], "denied", "{path}");
+            assert_eq!(record["method"], "HEAD", "{path}");
+            assert_eq!(record["status"], status, "{path}");
+            assert_eq!(record["reason"], reason, "{path}");
+        }
+    }
+    assert_eq!(h.records().len(), 2 * cases.len(), "one record per request");
+    assert_eq!(h.sim.request_count(), 0, "nothing forwarded");
+    h.shutdown().await;
+}
+
 /// A request body: one that never ends (always pending), or none at all.
 enum TestBody {
     Stalled,

@@ -27,6 +27,7 @@ use mpc_gateway::simulator::{
     generate_pki, IssuedCert, LeafSpec, Simulator, SimulatorConfig, TestPki,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::HandshakeKind;
 use sha2::{Digest, Sha256};
 
 const BILLING_SAN: &str = "spiffe://prod/ns/billing/sa/api";
@@ -223,11 +224,35 @@ fn client_config(ca_pem: &str, client: Option<&IssuedCert>) -> Arc<rustls::Clien
     Arc::new(config)
 }
 
+/// A TLS client limited to `version`, presenting `client`, that keeps the sessions its
+/// servers offer (in memory, as rustls does by default) and offers them again.
+fn resuming_client_config(
+    ca_pem: &str,
+    client: &IssuedCert,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in der_certs(ca_pem) {
+        roots.add(cert).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(der_certs(&client.cert_pem), der_key(&client.key_pem))
+        .expect("client cert");
+    config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    Arc::new(config)
+}
+
 struct Answer {
     status: u16,
     headers: http::HeaderMap,
     /// SHA-256 (hex) of the certificate the listener presented.
     server_cert_fp: String,
+    /// Whether the TLS handshake was full or resumed a session.
+    handshake: Option<HandshakeKind>,
 }
 
 /// Connects over TLS and ends `name`; `Err` when the handshake or the exchange fails.
@@ -296,6 +321,7 @@ async fn tls_request(
         .and_then(|chain| chain.first())
         .map(|cert| hex::encode(Sha256::digest(cert.as_ref())))
         .unwrap_or_default();
+    let handshake = tls.get_ref().1.handshake_kind();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
             .await
@@ -335,6 +361,7 @@ async fn tls_request(
         status,
         headers,
         server_cert_fp,
+        handshake,
     })
 }
 
@@ -975,6 +1002,82 @@ async fn a_dns_san_authenticates_its_tenant_and_other_sans_do_not() {
         assert_eq!(record["token_fp"], fingerprint(&cert), "{what}");
     }
     assert_eq!(g.sim.requests().len(), 1, "no refused request is forwarded");
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// DNS names do not depend on case (RFC 4343): a certificate whose DNS SAN is spelt in
+/// upper case authenticates the tenant that lists it in lower case. A URI SAN (a SPIFFE
+/// ID) is matched exactly, case included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_san_matches_in_any_case_and_a_uri_san_only_exactly() {
+    let g = MtlsGateway::start(false).await;
+    let ca = &g.pki.ca_cert_pem;
+    let upper = g
+        .pki
+        .issue_client_cert(&["REPORTS.Internal"])
+        .expect("cert");
+    let answer = end_over_tls(&g, client_config(ca, Some(&upper)), "reports-1", None).await;
+    assert_eq!(answer.expect("served").status, 204);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["event"], "result");
+    assert_eq!(record["tenant"], "reports");
+    assert_eq!(record["token_fp"], fingerprint(&upper));
+
+    let uri = BILLING_SAN.replace("billing", "BILLING");
+    let other_case = g.pki.issue_client_cert(&[&uri]).expect("cert");
+    let answer = end_over_tls(&g, client_config(ca, Some(&other_case)), "billing-1", None).await;
+    assert_eq!(answer.expect("served").status, 401);
+    let record = g.audit().pop().expect("record");
+    assert_eq!(record["event"], "denied");
+    assert_eq!(record["tenant"], serde_json::Value::Null);
+    assert_eq!(g.sim.requests().len(), 1, "reports-1 only");
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
+/// While client certificates are verified no TLS session is resumed, with TLS 1.2
+/// (session ids) or TLS 1.3 (tickets): a resumed session skips the certificate check and
+/// carries the first handshake's identity on, past the certificate's expiry or to a
+/// client that never held it. A client that keeps sessions makes a full handshake, and
+/// presents its certificate, on every connection. The same client does resume with a
+/// server that allows it (the TLS simulator), so the check is not vacuous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_is_resumed_while_client_certificates_are_verified() {
+    let g = MtlsGateway::start(false).await;
+    let cert = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let versions = [
+        ("tls12", &rustls::version::TLS12),
+        ("tls13", &rustls::version::TLS13),
+    ];
+    for (label, version) in versions {
+        let config = resuming_client_config(&g.pki.ca_cert_pem, &cert, version);
+        for connection in 1..=3 {
+            let name = format!("billing-{label}-{connection}");
+            let answer = end_over_tls(&g, Arc::clone(&config), &name, None)
+                .await
+                .expect("served");
+            assert_eq!(answer.status, 204, "{name}");
+            assert_eq!(
+                answer.handshake,
+                Some(HandshakeKind::Full),
+                "{label}: connection {connection} must not resume a session"
+            );
+            let record = g.audit().pop().expect("record");
+            assert_eq!(record["tenant"], "billing", "{name}");
+            assert_eq!(record["token_fp"], fingerprint(&cert), "{name}");
+        }
+        let to_simulator = || {
+            let config = Arc::clone(&config);
+            tls_request(g.sim.local_addr(), config, Method::GET, "/", &[])
+        };
+        let first = to_simulator().await.expect("the simulator answers");
+        assert_eq!(first.handshake, Some(HandshakeKind::Full), "{label}");
+        let second = to_simulator().await.expect("the simulator answers");
+        assert_eq!(
+            second.handshake,
+            Some(HandshakeKind::Resumed),
+            "{label}: this client resumes where the server allows it"
+        );
+    }
     g.gateway.shutdown().await.expect("shutdown");
 }
 

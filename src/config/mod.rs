@@ -20,7 +20,7 @@ use crate::audit::{AuditPath, AuditSettings, Fsync};
 use crate::auth::{NamePattern, TokenHash};
 use crate::files::{read_text_limited, CONFIG_LIMIT};
 use crate::rate_limit::RateLimit;
-use crate::tls::{load_listen_tls, read_certs, ListenTls};
+use crate::tls::{load_listen_tls, read_certs, CertSan, ListenTls};
 pub use base_url::{BaseUrl, InvalidBaseUrl};
 pub use raw::OnStoreError;
 use raw::{LogFormat, RawAccount, RawConfig, RawRateLimit, RawTenant, RawUpstream, StoreKind};
@@ -70,8 +70,9 @@ pub struct UpstreamSettings {
 
 pub struct Tenant {
     pub tokens: Vec<TokenHash>,
-    /// URI or DNS SANs of client certificates that authenticate this tenant.
-    pub client_cert_sans: Vec<String>,
+    /// URI or DNS SANs of client certificates that authenticate this tenant (DNS names
+    /// lower-cased, as certificates' are before they are looked up).
+    pub client_cert_sans: Vec<CertSan>,
     /// The virtual auth id the official SDKs present as Basic username on the
     /// Plivo-compatible route.
     pub sdk_auth_id: Option<String>,
@@ -641,7 +642,7 @@ fn validate_tenants(
         errors.push("tenants", "at least one tenant is required");
     }
     let mut owner_of: HashMap<TokenHash, &str> = HashMap::new();
-    let mut san_owner: HashMap<&str, &str> = HashMap::new();
+    let mut san_owner: HashMap<CertSan, &str> = HashMap::new();
     let mut sdk_owner: HashMap<&str, &str> = HashMap::new();
     let mut tenants = BTreeMap::new();
     for (name, tenant) in raw {
@@ -674,20 +675,13 @@ fn validate_tenants(
                 );
             }
         }
-        for (index, san) in tenant.client_cert_sans.iter().enumerate() {
-            let key = format!("{path}.client_cert_sans[{index}]");
-            if san.is_empty() {
-                errors.push(key, "must not be empty");
-            } else if san.parse::<std::net::IpAddr>().is_ok() {
-                // It would be accepted and never match: only URI and DNS SANs are read.
-                errors.push(key, "an IP address; only URI and DNS SANs are matched");
-            } else if let Some(other) = san_owner.insert(san, name) {
-                errors.push(
-                    key,
-                    format!("the same SAN is also listed for tenant {other}"),
-                );
-            }
-        }
+        let client_cert_sans = validate_client_cert_sans(
+            &path,
+            name,
+            &tenant.client_cert_sans,
+            &mut san_owner,
+            errors,
+        );
         if !accounts.contains_key(&tenant.account) {
             errors.push(
                 format!("{path}.account"),
@@ -698,7 +692,7 @@ fn validate_tenants(
             name.clone(),
             Tenant {
                 tokens,
-                client_cert_sans: tenant.client_cert_sans.clone(),
+                client_cert_sans,
                 sdk_auth_id: tenant.sdk_auth_id.clone(),
                 allow,
                 rate_limit: rate_limit(tenant.rate_limit),
@@ -707,6 +701,39 @@ fn validate_tenants(
         );
     }
     tenants
+}
+
+/// A tenant's `client_cert_sans`, DNS names lower-cased. A SAN listed twice is refused
+/// as it will be matched: `ops.internal` and `OPS.INTERNAL` are the same SAN.
+fn validate_client_cert_sans<'a>(
+    path: &str,
+    tenant: &'a str,
+    entries: &[String],
+    san_owner: &mut HashMap<CertSan, &'a str>,
+    errors: &mut Errors,
+) -> Vec<CertSan> {
+    let mut sans = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let key = format!("{path}.client_cert_sans[{index}]");
+        if entry.is_empty() {
+            errors.push(key, "must not be empty");
+            continue;
+        }
+        if entry.parse::<std::net::IpAddr>().is_ok() {
+            // It would be accepted and never match: only URI and DNS SANs are read.
+            errors.push(key, "an IP address; only URI and DNS SANs are matched");
+            continue;
+        }
+        let san = CertSan::from_config(entry);
+        if let Some(other) = san_owner.insert(san.clone(), tenant) {
+            errors.push(
+                key,
+                format!("the same SAN is also listed for tenant {other}"),
+            );
+        }
+        sans.push(san);
+    }
+    sans
 }
 
 /// `client_cert_sans` only means something when client certificates are verified: without

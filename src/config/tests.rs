@@ -331,9 +331,9 @@ fn summary_holds_no_secret_or_hash() {
 const BILLING_TOKEN_LINE: &str =
     "    tokens: [\"sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\"]\n";
 
-#[test]
-fn a_tenant_may_authenticate_by_client_certificate_only() {
-    let fixture = Fixture::new();
+/// Writes a listener certificate, key and client CA into the fixture's dir; returns the
+/// `listen_tls` block (verifying client certificates) that names them.
+fn listen_tls_with_client_ca(fixture: &Fixture) -> &'static str {
     let pki = crate::simulator::generate_pki(&["localhost"]).expect("pki");
     for (file, pem) in [
         ("server.pem", &pki.server_cert_pem),
@@ -342,8 +342,30 @@ fn a_tenant_may_authenticate_by_client_certificate_only() {
     ] {
         std::fs::write(fixture.dir.path().join(file), pem).expect("write");
     }
+    "listen_tls:\n  cert_file: \"{dir}/server.pem\"\n  key_file: \"{dir}/server-key.pem\"\n  client_ca_file: \"{dir}/clients-ca.pem\"\n"
+}
+
+/// MINIMAL behind `listen_tls` with a client CA; billing lists `billing_sans` beside its
+/// token, and a tenant `ops` lists `ops_sans` (YAML flow sequences).
+fn with_client_cert_sans(fixture: &Fixture, billing_sans: &str, ops_sans: &str) -> String {
+    let tenants = MINIMAL
+        .replace(
+            BILLING_TOKEN_LINE,
+            &format!("{BILLING_TOKEN_LINE}    client_cert_sans: {billing_sans}\n"),
+        )
+        .replace(
+            "audit:\n",
+            &format!("  ops:\n    client_cert_sans: {ops_sans}\n    allow: [\"*\"]\naudit:\n"),
+        );
+    format!("{}{tenants}", listen_tls_with_client_ca(fixture))
+}
+
+#[test]
+fn a_tenant_may_authenticate_by_client_certificate_only() {
+    let fixture = Fixture::new();
     let yaml = format!(
-        "listen_tls:\n  cert_file: \"{{dir}}/server.pem\"\n  key_file: \"{{dir}}/server-key.pem\"\n  client_ca_file: \"{{dir}}/clients-ca.pem\"\n{}",
+        "{}{}",
+        listen_tls_with_client_ca(&fixture),
         MINIMAL.replace(
             BILLING_TOKEN_LINE,
             "    client_cert_sans: [\"spiffe://prod/ns/billing/sa/api\"]\n"
@@ -354,7 +376,60 @@ fn a_tenant_may_authenticate_by_client_certificate_only() {
     assert!(billing.tokens.is_empty());
     assert_eq!(
         billing.client_cert_sans,
-        ["spiffe://prod/ns/billing/sa/api"]
+        [CertSan::uri("spiffe://prod/ns/billing/sa/api")]
+    );
+}
+
+/// DNS names do not depend on case (RFC 4343): a DNS entry is lower-cased at load, as a
+/// certificate's DNS SAN is before it is looked up. A URI entry is kept exactly.
+#[test]
+fn dns_entries_of_client_cert_sans_are_lower_cased_and_uris_kept() {
+    let fixture = Fixture::new();
+    let yaml = with_client_cert_sans(
+        &fixture,
+        r#"["OPS.Internal", "spiffe://Prod/ns/Billing"]"#,
+        r#"["spiffe://prod/ns/billing"]"#,
+    );
+    let config = fixture
+        .load(&yaml)
+        .expect("valid: URIs differing in case are two SANs");
+    assert_eq!(
+        config.tenants["billing"].client_cert_sans,
+        [
+            CertSan::Dns("ops.internal".to_owned()),
+            CertSan::Uri("spiffe://Prod/ns/Billing".to_owned())
+        ]
+    );
+    assert_eq!(
+        config.tenants["ops"].client_cert_sans,
+        [CertSan::Uri("spiffe://prod/ns/billing".to_owned())]
+    );
+}
+
+/// The duplicate check compares SANs as they are matched: one DNS name in two tenants,
+/// spelt in different case, is refused (it would name both).
+#[test]
+fn a_dns_san_in_two_tenants_differing_only_in_case_is_an_error() {
+    let fixture = Fixture::new();
+    let yaml = with_client_cert_sans(&fixture, r#"["ops.internal"]"#, r#"["OPS.INTERNAL"]"#);
+    let err = fixture.error_of(&yaml);
+    assert!(
+        err.contains(
+            "tenants.ops.client_cert_sans[0]: the same SAN is also listed for tenant billing"
+        ),
+        "{err}"
+    );
+    let within_one = with_client_cert_sans(
+        &fixture,
+        r#"["billing.internal", "Billing.Internal"]"#,
+        r#"["ops.internal"]"#,
+    );
+    let err = fixture.error_of(&within_one);
+    assert!(
+        err.contains(
+            "tenants.billing.client_cert_sans[1]: the same SAN is also listed for tenant billing"
+        ),
+        "{err}"
     );
 }
 

@@ -15,6 +15,7 @@ use crate::config::{
 use crate::rate_limit::redis::{RedisLimiter, StoreError};
 use crate::rate_limit::{Limiter, LimiterClock, LimiterSet};
 use crate::telemetry::CachedSeries;
+use crate::tls::CertSan;
 use crate::upstream::{AccountCredentials, PlivoClient, UpstreamBuildError};
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -22,7 +23,7 @@ pub(super) struct Runtime {
     /// Token hash → its tenant's policy, so authentication needs no further lookup.
     pub(super) tokens: TokenDirectory<Arc<TenantPolicy>>,
     /// Client-certificate SAN → its tenant's policy (`client_cert_sans`).
-    pub(super) sans: HashMap<String, Arc<TenantPolicy>>,
+    pub(super) sans: HashMap<CertSan, Arc<TenantPolicy>>,
     /// The data listener's TLS, when `listen_tls` is set; rebuilt from files on reload.
     pub(super) tls: Option<TlsAcceptor>,
     /// By name: what a by-uuid request re-checks once Plivo has told it the MPC's name.

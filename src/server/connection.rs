@@ -30,6 +30,7 @@ use crate::tls::{ClientCertificate, ClientTrust};
 
 use super::accept::accept_within;
 use super::drain::{Drain, Superseded, Watcher};
+use super::head::fit_to_method;
 use super::idle::{FirstHead, H2Activity};
 use super::rejection::Rejection;
 use super::sniff::{sniff_version, HttpVersion, NoVersion};
@@ -315,6 +316,9 @@ fn record_result(metrics: &Metrics, result: Result<(), Box<dyn std::error::Error
 /// finish (its upstream call and its audit record) whatever the caller does. The task
 /// holds the watcher, so the drain waits for it as for a connection. HTTP/1.1 needs no
 /// task: with `half_close`, hyper never drops a request mid-flight.
+///
+/// Every answer leaves fitted to its request's method ([`fit_to_method`]): an answer to
+/// `HEAD` has no content, whichever HTTP version carries it.
 fn data_service(
     gateway: &Gateway,
     addr: SocketAddr,
@@ -344,7 +348,8 @@ fn data_service(
             // gap between the head's arrival and the request.
             let in_flight = detach.as_ref().map(|h2| h2.activity.begin());
             let slot = detach.as_ref().map(|h2| stream_slot(h2, &gateway));
-            async move {
+            let method = request.method().clone();
+            let answered = async move {
                 let Some(H2Requests { watcher, .. }) = detach else {
                     return Ok(gateway.handle(request, &peer).await);
                 };
@@ -366,6 +371,10 @@ fn data_service(
                     // Cancelled: only by the runtime shutting down, when no one reads this.
                     Err(_) => Ok(shutting_down(caller_id.as_ref())),
                 }
+            };
+            async move {
+                let response = answered.await?;
+                Ok(fit_to_method(&method, response))
             }
         });
     TowerToHyperService::new(stack)

@@ -8,6 +8,7 @@
 //! - `sniff`: telling HTTP/1.1 from h2c on a plain connection;
 //! - `idle`: the first head's deadline and HTTP/2's idle timeout;
 //! - `drain`: graceful shutdown of the data connections;
+//! - `head`: answers to `HEAD` without content (HTTP/2 included);
 //! - `accept`: accepting under a connection cap (the admin listener's too);
 //! - `rejection`: what the HTTP layer ended itself, as counted in the metrics;
 //! - `process`: the `serve` command's runtime and signals.
@@ -15,6 +16,7 @@
 pub(crate) mod accept;
 mod connection;
 mod drain;
+mod head;
 mod idle;
 mod notify;
 mod process;
