@@ -66,8 +66,9 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check every hash-chain link. Exit 0: intact; 1: tampering or a broken chain;
-    /// 2: usage or I/O error; 3: intact but for a torn final line.
+    /// Check every hash-chain link from seq 1 (or --from-seq). Exit 0: intact;
+    /// 1: tampering or a broken chain; 2: usage or I/O error; 3: intact but for a torn
+    /// final line.
     Verify(VerifyArgs),
     /// Select audit records (exit 2 on a usage or I/O error).
     Query(QueryArgs),

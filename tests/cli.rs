@@ -1900,6 +1900,32 @@ fn audit_verify_accepts_the_log_serve_wrote_and_rejects_a_tampered_copy() {
         report.contains("tampered.jsonl:4"),
         "names the file and line 4: {report}"
     );
+
+    // A copy without its first record: records missing (exit 1), unless `--from-seq`
+    // says the set starts at seq 2 (retention pruned seq 1).
+    let headless = c.path().join("headless.jsonl");
+    std::fs::write(
+        &headless,
+        original.lines().skip(1).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .expect("write");
+    let headless_arg = headless.to_str().expect("UTF-8");
+    let (code, stdout, stderr) = verify(&[headless_arg, "--hmac-key-env", key_env]);
+    assert_eq!(code, Some(1), "stdout {stdout}\nstderr {stderr}");
+    assert!(
+        stdout.contains("headless.jsonl:1: records missing: the chain starts at seq 2, not 1")
+            && stdout.contains("pass --from-seq 2"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) =
+        verify(&[headless_arg, "--hmac-key-env", key_env, "--from-seq", "2"]);
+    assert_eq!(code, Some(0), "stdout {stdout}\nstderr {stderr}");
+    assert_eq!(
+        stdout,
+        "verified 4 records in 1 files, chain intact from seq 2 (--from-seq 2: its link to the pruned records before it was not checked)\n"
+    );
+    let (code, _, stderr) = verify(&[headless_arg, "--from-seq", "0"]);
+    assert_eq!(code, Some(2), "a usage error: {stderr}");
 }
 
 /// The mode of `path` (permission bits only).

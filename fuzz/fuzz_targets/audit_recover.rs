@@ -57,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
             paths: vec![dir.to_path_buf()],
             hmac_key_env: None,
             hmac_key_file: None,
+            from_seq: 1,
         })
     };
     let intact_before = single && verify() == ExitCode::SUCCESS;

@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         paths,
         hmac_key_env: (flags & 1 != 0).then(|| AUDIT_KEY_ENV.to_string()),
         hmac_key_file: None,
+        from_seq: 1,
     };
     let _ = run_verify(&args);
 });

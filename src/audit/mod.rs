@@ -17,6 +17,7 @@ mod recover;
 mod saved_head;
 mod segment;
 mod source;
+mod torn;
 
 pub mod query;
 pub mod record;

@@ -7,6 +7,11 @@
 //! over-long line is skipped with a warning naming file and line. `--since` and
 //! `--until` are inclusive and take RFC 3339 or an age like `30m`, `1h`, `2d`
 //! (s, m, h, d, w), meaning that long before now. Exit 0, or 2 on a usage or I/O error.
+//!
+//! Files whose records' seq ranges overlap (a stray copy such as `audit.jsonl.bak`
+//! beside the rotated file it copies) get a warning naming them: their common records
+//! are listed, and counted by `--summary`, twice. `audit verify` says which file is not
+//! part of the chain.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Write};
@@ -117,6 +122,10 @@ impl From<io::Error> for Failure {
 /// The fields a query looks at; everything else in the line is ignored.
 #[derive(Deserialize)]
 struct Row {
+    /// Only for spotting files that hold the same records; a line without a numeric
+    /// `seq` is still selected.
+    #[serde(default, deserialize_with = "any_seq")]
+    seq: Option<u64>,
     ts: String,
     event: String,
     request_id: String,
@@ -170,8 +179,10 @@ pub(crate) fn query(
     let count_forward = args.event.as_deref() == Some("forward");
     let mut sink = Sink::new(args.format, args.summary, count_forward);
     sink.start(out)?;
+    let mut spans = Vec::with_capacity(files.len());
     for file in &files {
         let path = &file.path;
+        let mut span: Option<(u64, u64)> = None;
         let mut lines = LineReader::open(file)?;
         while let Some(line) = lines.next_line()? {
             let skip = |why: &str| {
@@ -186,6 +197,9 @@ pub(crate) fn query(
             } else {
                 parse_row(line.bytes)
             };
+            if let Ok((Row { seq: Some(seq), .. }, _)) = &parsed {
+                span = Some(span.map_or((*seq, *seq), |(lo, hi)| (lo.min(*seq), hi.max(*seq))));
+            }
             match parsed {
                 Ok((row, ts)) if filter.matches(&row, ts) => sink.record(out, line.bytes, &row)?,
                 Ok(_) => {}
@@ -193,8 +207,54 @@ pub(crate) fn query(
                 Err(why) => writeln!(warn, "{}", skip(&why))?,
             }
         }
+        if let Some((first, last)) = span {
+            spans.push(SeqSpan { path, first, last });
+        }
     }
+    warn_overlaps(&mut spans, args.summary, warn)?;
     sink.finish(out)
+}
+
+/// The lowest and highest seq one file holds.
+struct SeqSpan<'a> {
+    path: &'a std::path::Path,
+    first: u64,
+    last: u64,
+}
+
+/// Warns, naming both files, for each file whose seqs overlap those of a file before
+/// it (by first seq): their common records were selected twice.
+fn warn_overlaps(spans: &mut [SeqSpan<'_>], summary: bool, warn: &mut dyn Write) -> io::Result<()> {
+    spans.sort_by_key(|span| (span.first, span.last));
+    let effect = if summary {
+        "counts may include them twice"
+    } else {
+        "they may be listed twice"
+    };
+    let mut widest: Option<&SeqSpan<'_>> = None;
+    for span in spans.iter() {
+        if let Some(before) = widest.filter(|before| span.first <= before.last) {
+            writeln!(
+                warn,
+                "audit query: warning: {} (seq {} to {}) and {} (seq {} to {}) hold records of the same seqs (a stray copy?): {effect}",
+                before.path.display(),
+                before.first,
+                before.last,
+                span.path.display(),
+                span.first,
+                span.last
+            )?;
+        }
+        if widest.is_none_or(|before| span.last > before.last) {
+            widest = Some(span);
+        }
+    }
+    Ok(())
+}
+
+/// `seq` when it is a number; anything else there does not make the line unreadable.
+fn any_seq<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_u64())
 }
 
 fn parse_row(bytes: &[u8]) -> Result<(Row, OffsetDateTime), String> {

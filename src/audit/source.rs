@@ -253,7 +253,7 @@ struct SeqOnly {
 }
 
 /// The seq of the first line, when that line is a readable record.
-fn first_seq(file: &AuditFile) -> Result<Option<u64>, SourceError> {
+pub(crate) fn first_seq(file: &AuditFile) -> Result<Option<u64>, SourceError> {
     let mut lines = LineReader::open(file)?;
     Ok(match lines.next_line()? {
         Some(line) if !line.too_long => serde_json::from_slice::<SeqOnly>(line.bytes)

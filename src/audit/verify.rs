@@ -12,15 +12,23 @@
 //! expanded).
 //!
 //! Exit codes: 0 chain intact; 1 tampering or a broken chain (file, line and what broke
-//! go to stdout), also when a key was given and no record verifies with it (the key may
-//! be wrong, but a whole rewritten log looks the same, so it must not pass as a usage
-//! error); 2 usage or I/O error, and also a keyed log checked without a key
-//! (links hold, no hash is plain SHA-256: a key is needed); 3 intact except a torn final
-//! line of the last file (a crash mid-write). A set without any record is intact (a
-//! live file right after start-up) with a warning on stderr.
+//! go to stdout), also when no record's hash matches while every link holds, with a key
+//! (the key may be wrong) or without one (the log may be keyed): a whole rewritten log
+//! looks the same, so it must not pass as a usage error; 2 usage or I/O error; 3 intact
+//! except a torn final line of the last file: a prefix of the next record, as a crash
+//! mid-write leaves (see the `torn` module), or a whole record that lost only its
+//! newline and still verifies. A set without any record is intact (a live file right
+//! after start-up) with a warning on stderr.
 //!
-//! When the set does not start at seq 1 (older files removed by retention), the chain is
-//! verified from its first record on and the summary says so on a second line.
+//! The set must start at seq 1 with a `prev` of 64 zeros: a set starting later has lost
+//! its oldest records, which is tampering unless retention pruned them. For that case
+//! `--from-seq N` says where the kept records start: the first record must then have seq
+//! N exactly, its link to the pruned record before it is not checked, and the summary
+//! says so.
+//!
+//! Two files holding records of the same seqs (a stray copy such as `audit.jsonl.bak`
+//! beside the rotated file it copies) are reported naming the file that is not a rotated
+//! file, with the other one, rather than as a seq gap in the untouched rotated file.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -37,6 +45,7 @@ use time::OffsetDateTime;
 use super::chain::{self, ChainHasher, GENESIS};
 use super::record::MEMBERS;
 use super::source::{self, AuditFile, Line, LineReader, SourceError};
+use super::torn::{self, TornTail};
 use crate::config::secret::ValueSource;
 
 /// Arguments of `mpc-gateway audit verify`.
@@ -54,6 +63,17 @@ pub struct VerifyArgs {
     /// `{file: PATH}` form of `audit.hmac_key`): keeps the key out of the environment.
     #[arg(long, value_name = "PATH")]
     pub hmac_key_file: Option<PathBuf>,
+    /// The seq the set must start at. 1 (the default) checks the whole chain from its
+    /// first record; after retention pruned the oldest files, pass the first kept seq
+    /// (the seq in the name of the last pruned rotated file + 1): the first record must
+    /// have exactly that seq, and its link to the pruned record before it is not checked.
+    #[arg(
+        long,
+        value_name = "SEQ",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub from_seq: u64,
 }
 
 /// Runs `audit verify`, printing the verdict, and returns the process exit code.
@@ -91,7 +111,7 @@ pub(crate) fn execute(args: &VerifyArgs) -> Report {
         Ok(f) => f,
         Err(e) => return usage(e.to_string()),
     };
-    match verify_files(&files, &hasher) {
+    match verify_files(&files, &hasher, args.from_seq) {
         Ok(verdict) => render(&verdict),
         Err(e) => usage(e.to_string()),
     }
@@ -166,6 +186,8 @@ pub(crate) enum Verdict {
         at: Location,
         what: String,
     },
+    /// No key given, and no record's hash matches plain SHA-256 while every link holds:
+    /// altered, or HMAC-keyed. Exit 1 like `Broken`.
     KeyProblem {
         at: Location,
         what: String,
@@ -179,12 +201,14 @@ fn render(v: &Verdict) -> Report {
             files,
             first_seq,
         } => {
-            let mut out = format!("verified {records} records in {files} files, chain intact\n");
+            let mut out = format!("verified {records} records in {files} files, chain intact");
+            // Only with `--from-seq`: a set starting after seq 1 is broken otherwise.
             if let Some(s) = first_seq.filter(|s| *s > 1) {
                 out.push_str(&format!(
-                    "note: the chain starts at seq {s}, not 1: earlier records are not in the given files (removed by retention?), so the link to them was not checked\n"
+                    " from seq {s} (--from-seq {s}: its link to the pruned records before it was not checked)"
                 ));
             }
+            out.push('\n');
             // Right after start-up a live file is legitimately empty; anything else
             // with no records deserves a look, so say it rather than fail.
             let warn = if *records == 0 {
@@ -205,7 +229,8 @@ fn render(v: &Verdict) -> Report {
             String::new(),
         ),
         Verdict::Broken { at, what } => (1, format!("{at}: {what}\nchain broken\n"), String::new()),
-        Verdict::KeyProblem { at, what } => (2, String::new(), format!("audit verify: {at}: {what}\n")),
+        // Altered or keyed: the verifier cannot tell, so it fails closed.
+        Verdict::KeyProblem { at, what } => (1, format!("{at}: {what}\nchain broken\n"), String::new()),
     };
     Report {
         code,
@@ -214,15 +239,17 @@ fn render(v: &Verdict) -> Report {
     }
 }
 
-/// Verifies `files` (already in chain order) as one chain.
+/// Verifies `files` (already in chain order) as one chain starting at seq `from_seq`.
 pub(crate) fn verify_files(
     files: &[AuditFile],
     hasher: &ChainHasher,
+    from_seq: u64,
 ) -> Result<Verdict, SourceError> {
-    let mut chain = Chain::new(hasher);
+    let mut chain = Chain::new(hasher, from_seq);
     for (i, file) in files.iter().enumerate() {
         let may_be_torn = may_end_torn(&files[i..]);
         let records_before = chain.records;
+        chain.begin_file(file);
         let mut last_line = 0;
         let mut lines = LineReader::open(file)?;
         while let Some(line) = lines.next_line()? {
@@ -233,6 +260,11 @@ pub(crate) fn verify_files(
             };
             let parsed = parse_line(&line);
             let terminated = line.terminated;
+            // The last line of the file (at most 1 MiB), kept for `fragment`.
+            let unterminated = (!terminated).then(|| Fragment {
+                bytes: line.bytes.to_vec(),
+                too_long: line.too_long,
+            });
             let crash_tail = !terminated && may_be_torn && lines.at_eof()?;
             let verdict = match parsed {
                 Ok(rec) if terminated => chain.push(at, rec),
@@ -245,10 +277,10 @@ pub(crate) fn verify_files(
                     what: NO_NEWLINE.into(),
                 }),
                 // A crash mid-write leaves a final line without its newline (start-up
-                // recovery cuts exactly that); a complete line that is not a record is
-                // not a crash artefact.
+                // recovery cuts exactly that), if it is the beginning of the next
+                // record; a complete line that is not a record is not a crash artefact.
                 Err(Bad::Unreadable(_)) if crash_tail => {
-                    Some(chain.torn(at, NO_NEWLINE.into(), files.len()))
+                    unterminated.map(|tail| chain.fragment(at, &tail, files.len()))
                 }
                 Err(Bad::Unreadable(what) | Bad::Invalid(what)) => {
                     Some(Verdict::Broken { at, what })
@@ -262,6 +294,7 @@ pub(crate) fn verify_files(
         if let Some(v) = chain.check_name(file, held_records, last_line) {
             return Ok(v);
         }
+        chain.end_file();
     }
     Ok(chain.finish(files.len()))
 }
@@ -278,6 +311,13 @@ fn may_end_torn(rest: &[AuditFile]) -> bool {
         [rotated, live] => rotated.name_seq.is_some() && live.is_empty_live_file(),
         _ => false,
     }
+}
+
+/// A final line without its newline.
+struct Fragment {
+    bytes: Vec<u8>,
+    /// Longer than 1 MiB (`bytes` is then empty).
+    too_long: bool,
 }
 
 /// What a final line without its newline is called: one a crash may leave, or (in a
@@ -415,12 +455,32 @@ fn check_type(name: &str, v: &Value) -> Result<(), String> {
     }
 }
 
+/// The seqs one file held, for naming both files when another file holds them too.
+struct Span {
+    path: PathBuf,
+    rotated: bool,
+    first: u64,
+    last: u64,
+}
+
+/// The file being read: where it is and the seq of its first record, once read.
+struct Current {
+    path: PathBuf,
+    rotated: bool,
+    first: Option<u64>,
+}
+
 /// The running state of the chain across files.
 struct Chain<'h> {
     hasher: &'h ChainHasher,
+    /// The seq the set must start at (`--from-seq`).
+    from_seq: u64,
     records: u64,
     first_seq: Option<u64>,
     last: Option<(u64, String)>,
+    /// Files read so far that held records, and the one being read.
+    spans: Vec<Span>,
+    current: Option<Current>,
     /// The first record's hash did not match. Tampering, or a key problem? The rest of
     /// the set decides: one matching hash makes it tampering; a broken link is reported
     /// where it is, with the hint; see `unresolved_suspect` for when every hash fails
@@ -429,18 +489,46 @@ struct Chain<'h> {
 }
 
 impl<'h> Chain<'h> {
-    fn new(hasher: &'h ChainHasher) -> Self {
+    fn new(hasher: &'h ChainHasher, from_seq: u64) -> Self {
         Chain {
             hasher,
+            from_seq,
             records: 0,
             first_seq: None,
             last: None,
+            spans: Vec::new(),
+            current: None,
             suspect: None,
+        }
+    }
+
+    fn begin_file(&mut self, file: &AuditFile) {
+        self.current = Some(Current {
+            path: file.path.clone(),
+            rotated: file.name_seq.is_some(),
+            first: None,
+        });
+    }
+
+    fn end_file(&mut self) {
+        let Some(current) = self.current.take() else {
+            return;
+        };
+        if let (Some(first), Some((last, _))) = (current.first, &self.last) {
+            self.spans.push(Span {
+                path: current.path,
+                rotated: current.rotated,
+                first,
+                last: *last,
+            });
         }
     }
 
     /// Adds one record; `Some` when the verification ends here.
     fn push(&mut self, at: Location, rec: Parsed) -> Option<Verdict> {
+        if let Some(overlap) = self.overlap(&at, rec.seq) {
+            return Some(overlap);
+        }
         let hash_ok = self.hasher.digest_hex(&rec.body) == rec.claimed;
         let mut problems = self.link_problems(&rec);
         if let Some(suspect) = &self.suspect {
@@ -461,6 +549,12 @@ impl<'h> Chain<'h> {
         } else if !hash_ok {
             if self.records == 0 && problems.is_empty() {
                 self.suspect = Some((at.clone(), rec.body.clone(), rec.claimed.clone()));
+            } else if self.records == 0 {
+                // Nothing before it shows whether the hash mode is right.
+                problems.push(format!(
+                    "its hash does not match either: it was altered, or {}",
+                    self.hash_mode_cause()
+                ));
             } else {
                 problems.insert(0, ALTERED.into());
             }
@@ -473,19 +567,60 @@ impl<'h> Chain<'h> {
         }
         self.records += 1;
         self.first_seq.get_or_insert(rec.seq);
+        if let Some(current) = &mut self.current {
+            current.first.get_or_insert(rec.seq);
+        }
         self.last = Some((rec.seq, rec.claimed));
         None
+    }
+
+    /// The first record of a file going back to a seq an earlier file held: two files
+    /// hold records of the same seqs. A rotated file's name is the writer's, so when the
+    /// other one is not a rotated file, that one is the stray (a copy such as
+    /// `audit.jsonl.bak`, which sorts before the rotated file it copies): it is named
+    /// at the record, and the rotated file beside it. Otherwise the report is here, and
+    /// names the other file.
+    fn overlap(&self, at: &Location, seq: u64) -> Option<Verdict> {
+        let current = self.current.as_ref().filter(|c| c.first.is_none())?;
+        let (last, _) = self.last.as_ref().filter(|(last, _)| seq <= *last)?;
+        let held = self
+            .spans
+            .iter()
+            .rev()
+            .find(|span| span.first <= seq && seq <= span.last)?;
+        let name = |path: &Path| {
+            path.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        };
+        let held_at = Location {
+            file: held.path.clone(),
+            line: seq - held.first + 1,
+        };
+        let stray_hint = "a stray copy? Move it out of the verified files";
+        if current.rotated && !held.rotated {
+            return Some(Verdict::Broken {
+                at: held_at,
+                what: format!(
+                    "records {seq} to {} are also in rotated file {}: this file is not a rotated file and not part of the chain ({stray_hint})",
+                    held.last,
+                    name(&current.path)
+                ),
+            });
+        }
+        Some(Verdict::Broken {
+            at: at.clone(),
+            what: format!(
+                "seq {seq} again after seq {last}: records from seq {seq} on are also in {held_at}; two files hold records of the same seqs ({stray_hint})"
+            ),
+        })
     }
 
     fn link_problems(&self, rec: &Parsed) -> Vec<String> {
         let mut problems = Vec::new();
         match &self.last {
-            None if rec.seq == 1 && rec.prev != GENESIS => {
-                problems.push(
-                    "broken link: the first record (seq 1) must have a prev of 64 zeros".into(),
-                );
-            }
-            None => {}
+            None => problems.extend(self.start_problem(rec)),
             Some((seq, hash)) => {
                 let expected = seq.saturating_add(1);
                 if rec.seq != expected {
@@ -503,17 +638,52 @@ impl<'h> Chain<'h> {
         problems
     }
 
+    /// What is wrong with the first record of the set, if anything: it must have the
+    /// seq the set starts at (`--from-seq`, 1 by default), and seq 1 links to 64 zeros.
+    /// After `--from-seq N` above 1 its `prev` is not checked: it is the hash of a record
+    /// retention pruned.
+    fn start_problem(&self, rec: &Parsed) -> Option<String> {
+        let (seq, from) = (rec.seq, self.from_seq);
+        match seq.cmp(&from) {
+            std::cmp::Ordering::Equal if from == 1 && rec.prev != GENESIS => Some(
+                "broken link: the first record (seq 1) must have a prev of 64 zeros".into(),
+            ),
+            std::cmp::Ordering::Equal => None,
+            std::cmp::Ordering::Greater => {
+                let missing = if seq - 1 == from {
+                    format!("record {from} is")
+                } else {
+                    format!("records {from} to {} are", seq - 1)
+                };
+                Some(if from == 1 {
+                    format!("records missing: the chain starts at seq {seq}, not 1: {missing} not in the given files (if retention pruned them, pass --from-seq {seq})")
+                } else {
+                    format!("records missing: the chain starts at seq {seq}, not at --from-seq {from}: {missing} not in the given files")
+                })
+            }
+            // seq is at least 1, so --from-seq was given.
+            std::cmp::Ordering::Less => Some(format!(
+                "the chain starts at seq {seq}, before --from-seq {from}: pass --from-seq {seq} to verify it from there"
+            )),
+        }
+    }
+
+    /// Why a hash may fail other than by an alteration: the hash mode.
+    fn hash_mode_cause(&self) -> &'static str {
+        if self.hasher.is_keyed() {
+            "this log is not keyed with the given key"
+        } else {
+            "this log is HMAC-keyed (pass --hmac-key-env NAME or --hmac-key-file PATH)"
+        }
+    }
+
     /// The hint for a broken link found while every hash, from the first record's on,
     /// has failed: the hash mode may be what is wrong, or all of those records were
     /// altered too.
     fn no_hash_matches_since(&self, first: &Location) -> String {
-        let cause = if self.hasher.is_keyed() {
-            "this log is not keyed with the given key"
-        } else {
-            "this log is HMAC-keyed (pass --hmac-key-env NAME or --hmac-key-file PATH)"
-        };
         format!(
-            "hash mismatch, as for every record from {first} on: either {cause}, or all of them were altered too"
+            "hash mismatch, as for every record from {first} on: either {}, or all of them were altered too",
+            self.hash_mode_cause()
         )
     }
 
@@ -579,6 +749,34 @@ impl<'h> Chain<'h> {
         self.torn(at, "a whole record without its newline".into(), files)
     }
 
+    /// A final line without its newline that is not a whole record: torn (exit 3, if
+    /// all before it holds) only if it is the beginning of the next record, as a crash
+    /// mid-write leaves; anything else there was not left by a crash (exit 1).
+    fn fragment(&mut self, at: Location, line: &Fragment, files: usize) -> Verdict {
+        let next = match &self.last {
+            Some((seq, _)) => seq.checked_add(1),
+            None => Some(self.from_seq),
+        };
+        let class = match next {
+            _ if line.too_long => TornTail::NotARecordPrefix {
+                why: "longer than 1 MiB, the most a record can take".into(),
+            },
+            None => TornTail::NotARecordPrefix {
+                why: "no record can follow the largest possible seq".into(),
+            },
+            Some(next) => torn::classify_unterminated_tail(&line.bytes, next),
+        };
+        match class {
+            TornTail::Plausible => self.torn(at, "a partial record".into(), files),
+            TornTail::NotARecordPrefix { why } => Verdict::Broken {
+                at,
+                what: format!(
+                    "the final line is not a partial record: {why}; it has no newline, but a crash mid-write leaves only the beginning of the next record there"
+                ),
+            },
+        }
+    }
+
     fn torn(&mut self, at: Location, why: String, files: usize) -> Verdict {
         if let Some(v) = self.unresolved_suspect() {
             return v;
@@ -605,9 +803,9 @@ impl<'h> Chain<'h> {
     /// Every hash of the set failed while every link held. With a key given that is a
     /// broken chain (exit 1), with the hint that the key may be wrong: a forger who
     /// rewrote the whole log, with any key or none, must not get away with a usage
-    /// error. Without a key, two or more such records mean a keyed log checked without
-    /// its key (exit 2); a single one cannot be told apart, so it is reported broken
-    /// with the hint.
+    /// error. Without a key it is a keyed log checked without its key, or a log whose
+    /// every record was edited (links untouched): the verifier cannot tell them apart,
+    /// so it fails closed (exit 1) and says both, however many records there are.
     fn unresolved_suspect(&mut self) -> Option<Verdict> {
         let (at, body, claimed) = self.suspect.take()?;
         if self.hasher.is_keyed() {
@@ -616,26 +814,27 @@ impl<'h> Chain<'h> {
                 what: format!("hash mismatch: {}", Self::keyed_hint(&body, &claimed)),
             });
         }
-        if self.records >= 2 {
-            return Some(Verdict::KeyProblem {
-                at,
-                what: "no hash matches plain SHA-256 while every link holds: this log appears to be HMAC-keyed; pass --hmac-key-env NAME or --hmac-key-file PATH".into(),
-            });
-        }
-        Some(Verdict::Broken {
+        Some(Verdict::KeyProblem {
             at,
-            what: format!("{ALTERED} (or this log is HMAC-keyed: pass --hmac-key-env NAME or --hmac-key-file PATH)"),
+            what: "every record's hash fails under plain SHA-256 while every prev link holds: either the records were altered, or the log is HMAC-keyed and needs --hmac-key-env NAME or --hmac-key-file PATH".into(),
         })
     }
 }
 
-/// For tests elsewhere in the module: verify one directory or file set.
+/// For tests elsewhere in the crate: verify one directory or file set from whatever seq
+/// it starts at (as `--from-seq` with the first record's seq). The writer's tests check
+/// that the chain continues, also after they removed records on purpose (a live file
+/// removed under the writer); `audit verify` itself wants the start (`execute`).
 #[cfg(test)]
 pub(crate) fn verify_paths(paths: &[&std::path::Path], key: Option<&[u8]>) -> Verdict {
     let hasher = ChainHasher::new(key.map(|k| SecretSlice::from(k.to_vec()))).expect("any key");
     let owned: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
     let files = source::collect(&owned).expect("collect");
-    verify_files(&files, &hasher).expect("verify")
+    let from_seq = match files.first() {
+        Some(first) => source::first_seq(first).expect("read").unwrap_or(1),
+        None => 1,
+    };
+    verify_files(&files, &hasher, from_seq).expect("verify")
 }
 
 #[cfg(test)]

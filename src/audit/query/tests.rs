@@ -263,6 +263,53 @@ total 4
     );
 }
 
+/// The review's F5: a stray copy of a file beside it (`audit.jsonl.bak`) doubles the
+/// counts of the records it repeats; the query says so, naming both files, and says
+/// nothing when no two files share a seq.
+#[test]
+fn files_holding_the_same_seqs_are_named_in_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = sample(dir.path());
+    std::fs::rename(
+        dir.path().join("audit.jsonl"),
+        dir.path().join("audit.jsonl.00000000000000000003"),
+    )
+    .expect("rotate");
+    std::fs::write(
+        dir.path().join("audit.jsonl.00000000000000000003"),
+        lines[..3].join("\n") + "\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("audit.jsonl"), lines[3..].join("\n") + "\n").expect("write");
+    let mut a = args(dir.path());
+    a.summary = true;
+    a.format = OutputFormat::Table;
+    let (out, warn) = run(&a);
+    assert!(out.ends_with("total 4\n"), "{out}");
+    assert_eq!(warn, "", "no two files share a seq");
+
+    let copy = dir.path().join("audit.jsonl.bak");
+    std::fs::write(&copy, lines[1..3].join("\n") + "\n").expect("write");
+    let (out, warn) = run(&a);
+    assert!(
+        out.ends_with("total 5\n"),
+        "the copy's result counts again: {out}"
+    );
+    assert_eq!(
+        warn,
+        format!(
+            "audit query: warning: {} (seq 1 to 3) and {} (seq 2 to 3) hold records of the same seqs (a stray copy?): counts may include them twice\n",
+            dir.path().join("audit.jsonl.00000000000000000003").display(),
+            copy.display()
+        )
+    );
+    // Listing the records: the same warning, for what it means there.
+    a.summary = false;
+    a.format = OutputFormat::Json;
+    let (_, warn) = run(&a);
+    assert!(warn.contains("they may be listed twice"), "{warn}");
+}
+
 #[test]
 fn bad_lines_are_skipped_with_a_warning() {
     let dir = tempfile::tempdir().expect("tempdir");

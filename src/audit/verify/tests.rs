@@ -55,6 +55,15 @@ fn args(paths: &[&Path], key_env: Option<&str>) -> VerifyArgs {
         paths: paths.iter().map(|p| p.to_path_buf()).collect(),
         hmac_key_env: key_env.map(String::from),
         hmac_key_file: None,
+        from_seq: 1,
+    }
+}
+
+/// `args` with `--from-seq`.
+fn args_from(paths: &[&Path], from_seq: u64) -> VerifyArgs {
+    VerifyArgs {
+        from_seq,
+        ..args(paths, None)
     }
 }
 
@@ -175,43 +184,131 @@ fn torn_tail_exits_3_and_torn_line_elsewhere_is_broken() {
     assert_eq!(execute(&args(&[dir.path()], None)).code, 1);
 }
 
+/// Oldest files removed: records missing, exit 1, with the hint to pass `--from-seq`;
+/// with `--from-seq` set to the first kept seq the rest verifies (exit 0) and the summary
+/// says from where; any other `--from-seq` is exit 1.
 #[test]
-fn rotated_set_verifies_and_retention_gap_is_noted() {
+fn a_set_without_its_oldest_records_is_broken_unless_from_seq_says_where_it_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 60, None, 2048);
     let r = execute(&args(&[dir.path()], None));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(
-        r.stdout.starts_with("verified 60 records in "),
+        r.stdout.starts_with("verified 60 records in ") && r.stdout.ends_with("chain intact\n"),
         "{}",
         r.stdout
+    );
+    assert_eq!(execute(&args_from(&[dir.path()], 1)).code, 0);
+    assert_eq!(
+        execute(&args_from(&[dir.path()], 2)).code,
+        1,
+        "starts before"
     );
 
     let mut files = source::collect(&[dir.path().to_path_buf()]).expect("collect");
     assert!(files.len() >= 3);
-    std::fs::remove_file(files.remove(0).path).expect("retention");
+    let pruned = files.remove(0);
+    let kept = pruned.name_seq.expect("rotated") + 1;
+    std::fs::remove_file(&pruned.path).expect("retention");
+    let first = files[0].path.display().to_string();
     let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{first}:1: records missing: the chain starts at seq {kept}, not 1: records 1 to {} are not in the given files (if retention pruned them, pass --from-seq {kept})\nchain broken\n",
+            kept - 1
+        )
+    );
+
+    let r = execute(&args_from(&[dir.path()], kept));
     assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!(
+            "verified {} records in {} files, chain intact from seq {kept} (--from-seq {kept}: its link to the pruned records before it was not checked)\n",
+            61 - kept,
+            files.len()
+        )
+    );
+    let r = execute(&args_from(&[dir.path()], kept - 1));
+    assert_eq!(r.code, 1, "{r:?}");
     assert!(
-        r.stdout.contains("note: the chain starts at seq"),
+        r.stdout.contains(&format!(
+            "{first}:1: records missing: the chain starts at seq {kept}, not at --from-seq {}: record {} is not in the given files\n",
+            kept - 1,
+            kept - 1
+        )),
+        "{}",
+        r.stdout
+    );
+    let r = execute(&args_from(&[dir.path()], kept + 1));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(&format!(
+            "{first}:1: the chain starts at seq {kept}, before --from-seq {}: pass --from-seq {kept} to verify it from there\n",
+            kept + 1
+        )),
         "{}",
         r.stdout
     );
 
-    // A missing middle file breaks the chain.
-    std::fs::remove_file(&files[0].path).expect("remove middle");
-    assert_eq!(
-        execute(&args(&[dir.path()], None)).code,
-        0,
-        "still a suffix"
-    );
-    let dir2 = tempfile::tempdir().expect("tempdir");
-    write_log(dir2.path(), 60, None, 2048);
-    let files2 = source::collect(&[dir2.path().to_path_buf()]).expect("collect");
-    std::fs::remove_file(&files2[1].path).expect("remove middle");
-    let r = execute(&args(&[dir2.path()], None));
+    // A missing middle file breaks the chain, whatever --from-seq says.
+    std::fs::remove_file(&files[1].path).expect("remove middle");
+    let r = execute(&args_from(&[dir.path()], kept));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("seq gap"), "{}", r.stdout);
+}
+
+/// The review's reproduction: the first records deleted from a log that never rotated
+/// (nothing retention could explain) is not intact; `--from-seq` does not excuse a
+/// first record whose seq is 1 but whose prev is not 64 zeros either.
+#[test]
+fn records_deleted_from_the_head_of_a_single_file_are_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 8, Some(b"k3y"), 1 << 20);
+    let env = "MPC_GATEWAY_TEST_VERIFY_KEY_HEAD";
+    std::env::set_var(env, "k3y");
+    edit_lines(&live, |l| {
+        l.drain(..5);
+    });
+    let r = execute(&args(&[dir.path()], Some(env)));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("audit.jsonl:1: records missing: the chain starts at seq 6, not 1"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("pass --from-seq 6"), "{}", r.stdout);
+    let r = execute(&VerifyArgs {
+        from_seq: 6,
+        ..args(&[dir.path()], Some(env))
+    });
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("chain intact from seq 6"), "{}", r.stdout);
+    // Without the key as well: the start is reported, with both explanations of the hash.
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("starts at seq 6, not 1"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("it was altered, or this log is HMAC-keyed"),
+        "{}",
+        r.stdout
+    );
+
+    // seq 1 whose prev is not 64 zeros.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 2, None, 1 << 20);
+    edit_lines(&live, |l| l[0] = l[0].replacen(GENESIS, &"1".repeat(64), 1));
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("must have a prev of 64 zeros"),
+        "{}",
+        r.stdout
+    );
 }
 
 /// The seq of the last record of `path`.
@@ -239,7 +336,7 @@ fn a_rotation_between_listing_and_reading_keeps_the_chain() {
     std::fs::rename(&live, audit_path(&live).rotated(end)).expect("rotate");
     write_log(dir.path(), 3, None, 1 << 20);
     assert_eq!(last_seq(&live), 64, "the new live file continues the chain");
-    let verdict = verify_files(&files, &ChainHasher::Plain).expect("verify");
+    let verdict = verify_files(&files, &ChainHasher::Plain, 1).expect("verify");
     assert!(
         matches!(verdict, Verdict::Intact { records: 61, .. }),
         "{verdict:?}"
@@ -340,17 +437,40 @@ fn empty_and_renamed_rotated_files_are_broken() {
     std::fs::write(&rotated[1], b"").expect("empty");
     assert_eq!(execute(&args(&[dir.path()], None)).code, 1);
 
-    // Two rotated files' names swapped: read in the order of their names, the first
-    // one's last record is not the seq its name says.
+    // Two rotated files' names swapped: read in the order of their names, the chain
+    // breaks where the first of them begins.
     let dir = tempfile::tempdir().expect("tempdir");
     let rotated = rotated_set_with_empty_live(dir.path());
     let swap = dir.path().join("swap");
-    std::fs::rename(&rotated[0], &swap).expect("rename");
-    std::fs::rename(&rotated[1], &rotated[0]).expect("rename");
-    std::fs::rename(&swap, &rotated[1]).expect("rename");
+    std::fs::rename(&rotated[1], &swap).expect("rename");
+    std::fs::rename(&rotated[2], &rotated[1]).expect("rename");
+    std::fs::rename(&swap, &rotated[2]).expect("rename");
     let r = execute(&args(&[dir.path()], None));
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.contains("its name says seq"), "{}", r.stdout);
+    let name = rotated[1].file_name().expect("name").to_string_lossy();
+    assert!(
+        r.stdout.contains(&format!("{name}:1: seq gap")),
+        "{}",
+        r.stdout
+    );
+
+    // A rotated file renamed for a seq below its last record's, still in its place:
+    // its last record is not the seq its name says.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    let named = last_seq(&rotated[1]);
+    let renamed = audit_path(&dir.path().join("audit.jsonl")).rotated(named - 1);
+    std::fs::rename(&rotated[1], &renamed).expect("rename");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(&format!(
+            "its name says seq {}, its last record is {named}",
+            named - 1
+        )),
+        "{}",
+        r.stdout
+    );
 
     // A rotated file was complete when renamed: a torn tail in it, even in the last
     // file given, is not a crash artefact (exit 1, not 3).
@@ -366,21 +486,25 @@ fn empty_and_renamed_rotated_files_are_broken() {
 }
 
 #[test]
-fn keyed_log_without_its_key_is_exit_2_and_with_a_wrong_key_exit_1() {
+fn keyed_log_without_its_key_and_with_a_wrong_key_are_exit_1() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 3, Some(b"k3y"), 1 << 20);
     let env = "MPC_GATEWAY_TEST_VERIFY_KEY_A";
     std::env::set_var(env, "k3y");
     assert_eq!(execute(&args(&[dir.path()], Some(env))).code, 0);
 
+    // Without the key every hash fails while every link holds: altered, or keyed; the
+    // verifier cannot tell, so it fails closed (exit 1) and says both.
     let r = execute(&args(&[dir.path()], None));
-    assert_eq!(r.code, 2, "{r:?}");
-    assert!(
-        r.stderr
-            .contains("appears to be HMAC-keyed; pass --hmac-key-env"),
-        "{}",
-        r.stderr
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{}:1: every record's hash fails under plain SHA-256 while every prev link holds: either the records were altered, or the log is HMAC-keyed and needs --hmac-key-env NAME or --hmac-key-file PATH\nchain broken\n",
+            dir.path().join("audit.jsonl").display()
+        )
     );
+    assert_eq!(r.stderr, "");
 
     // A wrong key looks exactly like a log rewritten under another key: exit 1, with
     // the hint that the key may be wrong.
@@ -419,12 +543,40 @@ fn unkeyed_log_checked_with_a_key_is_broken_and_says_so() {
     let r = execute(&args(&[forged.path()], Some(env)));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("not HMAC-keyed"), "{}", r.stdout);
-    // A single keyed record without the key cannot be told apart: hint, exit 1.
+    // A single keyed record without the key: the same as two or more, exit 1.
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), 1, Some(b"k"), 1 << 20);
-    let v = verify_paths(&[dir.path()], None);
-    let (_, what) = broken_at(&v);
-    assert!(what.contains("--hmac-key-env"), "{what}");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(
+            "either the records were altered, or the log is HMAC-keyed and needs --hmac-key-env"
+        ),
+        "{}",
+        r.stdout
+    );
+}
+
+/// The review's F3: every record of an unkeyed log edited, no `prev` or `hash` touched.
+/// That is tampering as much as a keyed log without its key: exit 1, not a usage error.
+#[test]
+fn an_unkeyed_log_with_every_record_edited_is_exit_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 5, None, 1 << 20);
+    edit_lines(&live, |l| {
+        for line in l.iter_mut() {
+            *line = line.replacen("\"method\":\"POST\"", "\"method\":\"PUT\"", 1);
+        }
+    });
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("audit.jsonl:1: every record's hash fails"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.ends_with("chain broken\n"), "{}", r.stdout);
 }
 
 #[test]
@@ -441,21 +593,25 @@ fn bad_input_never_panics() {
 
     let live = write_log(d, 3, None, 1 << 20);
     let good = std::fs::read(&live).expect("read");
-    let cases: [(&str, Vec<u8>, &str); 4] = [
+    // The exit code each gets as the final line without its newline: 3 only for the
+    // beginning of the next record (seq 4), as a crash mid-write leaves.
+    let cases: [(&str, Vec<u8>, &str, u8); 4] = [
         (
             "binary",
             b"\xff\xfe\x00garbage\n".to_vec(),
             "not valid UTF-8",
+            1,
         ),
-        ("json", b"{\"seq\":\n".to_vec(), "malformed JSON"),
-        ("array", b"[1,2]\n".to_vec(), "malformed JSON"),
+        ("json", b"{\"seq\":\n".to_vec(), "malformed JSON", 3),
+        ("array", b"[1,2]\n".to_vec(), "malformed JSON", 1),
         (
             "huge",
             [vec![b'x'; 2 << 20], b"\n".to_vec()].concat(),
             "longer than 1 MiB",
+            1,
         ),
     ];
-    for (name, bad, expect) in cases {
+    for (name, bad, expect, torn_code) in cases {
         // Bad line in the middle: tampering (exit 1) naming the line.
         let mut bytes = bad.clone();
         bytes.extend_from_slice(&good);
@@ -475,10 +631,21 @@ fn bad_input_never_panics() {
         bytes.extend_from_slice(&bad);
         std::fs::write(&f, &bytes).expect("w");
         assert_eq!(execute(&args(&[&f], None)).code, 1, "{name}");
-        // Without its newline: what a crash mid-write can leave, exit 3.
+        // Without its newline: what a crash mid-write can leave (exit 3) if it begins
+        // as the next record does; anything else is not a torn write (exit 1).
         bytes.pop();
         std::fs::write(&f, &bytes).expect("w");
-        assert_eq!(execute(&args(&[&f], None)).code, 3, "{name}");
+        let r = execute(&args(&[&f], None));
+        assert_eq!(r.code, torn_code, "{name}: {r:?}");
+        if torn_code == 1 {
+            assert!(
+                r.stdout.contains(&format!(
+                    "{name}.jsonl:4: the final line is not a partial record: "
+                )),
+                "{name}: {}",
+                r.stdout
+            );
+        }
     }
 
     let r = execute(&args(&[&d.join("missing.jsonl")], None));
@@ -519,6 +686,15 @@ fn cli_arguments_parse() {
         Cli::try_parse_from(["verify"]).is_err(),
         "a PATH is required"
     );
+    assert_eq!(cli.v.from_seq, 1, "from seq 1 by default");
+    let cli = Cli::try_parse_from(["verify", "d", "--from-seq", "7"]).expect("parse");
+    assert_eq!(cli.v.from_seq, 7);
+    for bad in ["0", "-1", "x", ""] {
+        assert!(
+            Cli::try_parse_from(["verify", "d", "--from-seq", bad]).is_err(),
+            "--from-seq {bad}"
+        );
+    }
 }
 
 /// 25 records split as a rotating writer leaves them: `audit.jsonl.…10` (seqs 1–10),
@@ -587,9 +763,10 @@ fn a_torn_live_tail_after_rotated_files_exits_3() {
         );
     }
 
-    std::fs::write(&live, torn).expect("write");
+    // The torn line is all the live file holds, after retention pruned the oldest file.
+    std::fs::write(&live, br#"{"seq":21,"ts":"2026-01"#).expect("write");
     std::fs::remove_file(&rotated[0]).expect("retention");
-    let r = execute(&args(&[dir.path()], None));
+    let r = execute(&args_from(&[dir.path()], 11));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(
         r.stdout.contains("audit.jsonl:1: torn final line"),
@@ -670,6 +847,7 @@ fn a_key_file_is_read_as_the_gateway_reads_it() {
         paths: vec![logs.clone()],
         hmac_key_env: None,
         hmac_key_file: Some(path.to_path_buf()),
+        from_seq: 1,
     };
 
     std::fs::write(&key, "  k3y\n").expect("write");
@@ -698,5 +876,141 @@ fn a_key_file_is_read_as_the_gateway_reads_it() {
         )),
         "{}",
         r.stderr
+    );
+}
+
+/// The review's F4: bytes without a newline at the end of the live file are a torn
+/// write (exit 3) only if they are the beginning of the next record; junk, a record of
+/// another seq, a rewritten last record and more than a record can hold are exit 1.
+#[test]
+fn only_the_beginning_of_the_next_record_is_a_torn_final_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = write_log(dir.path(), 4, None, 1 << 20);
+    let intact = std::fs::read(&live).expect("read");
+    let with_tail = |tail: &[u8]| {
+        let mut bytes = intact.clone();
+        bytes.extend_from_slice(tail);
+        std::fs::write(&live, bytes).expect("write");
+        execute(&args(&[dir.path()], None))
+    };
+
+    let r = with_tail(br#"{"seq":5,"ts":"2026-"#);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("audit.jsonl:5: torn final line (a partial record)"),
+        "{}",
+        r.stdout
+    );
+
+    let not_torn: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "c27 junk",
+            b"I was never here".to_vec(),
+            "does not begin as record seq 5 would",
+        ),
+        (
+            "c29 another seq",
+            br#"{"seq":1,"ts":"1999-"#.to_vec(),
+            "does not begin as record seq 5 would",
+        ),
+        (
+            "a record's beginning, over 1 MiB",
+            [
+                br#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":"denied","request_id":""#
+                    .to_vec(),
+                vec![b'A'; 1 << 20],
+            ]
+            .concat(),
+            "longer than 1 MiB",
+        ),
+        (
+            "not a record's member order",
+            br#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","tenant":"#.to_vec(),
+            "member 3 is not `event`",
+        ),
+    ];
+    for (case, tail, why) in not_torn {
+        let r = with_tail(&tail);
+        assert_eq!(r.code, 1, "{case}: {r:?}");
+        assert!(
+            r.stdout
+                .contains("audit.jsonl:5: the final line is not a partial record: ")
+                && r.stdout.contains(why)
+                && r.stdout.ends_with("chain broken\n"),
+            "{case}: {}",
+            r.stdout
+        );
+    }
+
+    // c31: the last record (a denied 403) rewritten to claim success and left without
+    // the rest and its newline.
+    let text = String::from_utf8(intact.clone()).expect("utf-8");
+    let last_start = text[..text.len() - 1].rfind('\n').expect("lines") + 1;
+    let reason = text.rfind("\"reason\"").expect("reason");
+    assert!(last_start < reason, "in the last record");
+    let c31 = format!("{}\"reason\":\"ended\"", &text[..reason]);
+    std::fs::write(&live, c31).expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("audit.jsonl:4: the final line is not a partial record: a `denied` record with reason `ended`"),
+        "{}",
+        r.stdout
+    );
+    // The same record only cut there is what a crash leaves.
+    std::fs::write(&live, &text.as_bytes()[..reason + 12]).expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 3, "{r:?}");
+}
+
+/// Junk after the newest rotated file while the live file is empty: not what a power
+/// loss after a rotation leaves either.
+#[test]
+fn junk_at_the_end_of_the_newest_rotated_file_is_not_torn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rotated = rotated_set_with_empty_live(dir.path());
+    let newest = rotated.last().expect("newest");
+    let mut bytes = std::fs::read(newest).expect("read");
+    bytes.extend_from_slice(b"I was never here");
+    std::fs::write(newest, &bytes).expect("write");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("not a partial record"), "{}", r.stdout);
+}
+
+/// The review's F5: a stray copy of a rotated file under a name that is not a rotated
+/// name sorts before the file it copies; the report names the copy (and the rotated
+/// file), not the untouched rotated file as a seq gap. A copy of the live file is named
+/// where it repeats the seqs.
+#[test]
+fn a_stray_copy_is_named_not_the_file_it_copies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rotated, live) = split_into_rotated_set(dir.path());
+    let copy = dir.path().join("audit.jsonl.bak");
+    std::fs::copy(&rotated[1], &copy).expect("copy");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    let rotated_name = rotated[1].file_name().expect("name").to_string_lossy();
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{}:1: records 11 to 20 are also in rotated file {rotated_name}: this file is not a rotated file and not part of the chain (a stray copy? Move it out of the verified files)\nchain broken\n",
+            copy.display()
+        )
+    );
+    std::fs::remove_file(&copy).expect("remove");
+
+    let copy = dir.path().join("audit.jsonl.old");
+    std::fs::copy(&live, &copy).expect("copy");
+    let r = execute(&args(&[dir.path()], None));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{}:1: seq 21 again after seq 25: records from seq 21 on are also in {}:1; two files hold records of the same seqs (a stray copy? Move it out of the verified files)\nchain broken\n",
+            copy.display(),
+            live.display()
+        )
     );
 }

@@ -1,0 +1,299 @@
+//! Whether the bytes after the last newline of an audit file could be what a crash
+//! mid-write leaves (DESIGN.md §3, "a torn last line"): the beginning of the next record.
+//!
+//! The writer appends whole records, each serialized in one piece in the contract's
+//! member order, so a crash can leave only a prefix of the record it was writing: one
+//! that starts `{"seq":<the next seq>,"ts":"` and then follows the members of §3 in order,
+//! with values shaped as the writer writes them, the last one possibly cut anywhere (in
+//! a string, an escape, a number, `null`, even inside a UTF-8 character). Anything else
+//! without a newline at the end of a file (junk, a record with another seq, a rewritten
+//! record, more than a record can hold) was not left by a crash: `audit verify` reports
+//! it as such rather than as torn, and start-up recovery should not cut it as a torn
+//! write.
+//!
+//! The check is on bytes only: it cannot tell a real torn write from the same bytes
+//! forged, and a whole record ending in `}` (one that lost only its newline) is
+//! plausible here but must still verify (hash and link), which is the caller's part.
+//! Besides the grammar it applies one rule of meaning: `reason` `ended` belongs to a
+//! `result` record only (success is a forwarded request's outcome).
+
+use super::record::MEMBERS;
+
+/// The most bytes a record (its line without the newline) can take; a longer tail is no
+/// record's beginning. The same bound as the tools' line cap and recovery's.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// What an unterminated final line is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TornTail {
+    /// A prefix of the record with the expected seq, as a crash mid-write leaves (or the
+    /// whole record without its newline, which must then still verify).
+    Plausible,
+    /// Not something a crash could leave; `why` says what gives it away (for messages).
+    NotARecordPrefix { why: String },
+}
+
+/// Classifies `tail`, the bytes after the last newline of an audit file (not empty in
+/// practice), given the seq the next record would have (the last complete record's
+/// seq + 1, or the first seq expected when there is none).
+pub fn classify_unterminated_tail(tail: &[u8], next_seq: u64) -> TornTail {
+    if tail.len() > MAX_RECORD_BYTES {
+        return not_a_prefix(format!(
+            "{} bytes, more than the 1 MiB a record can take",
+            tail.len()
+        ));
+    }
+    if let Err(e) = std::str::from_utf8(tail) {
+        // A crash can cut a character in two, but only at the very end.
+        if e.error_len().is_some() {
+            return not_a_prefix(format!("not valid UTF-8 at byte {}", e.valid_up_to()));
+        }
+    }
+    let mut cursor = Cursor { tail, at: 0 };
+    match record(&mut cursor, next_seq) {
+        Ok(()) | Err(Stop::End) => TornTail::Plausible,
+        Err(Stop::Bad(why)) => not_a_prefix(why),
+    }
+}
+
+fn not_a_prefix(why: String) -> TornTail {
+    TornTail::NotARecordPrefix { why }
+}
+
+/// Why reading stopped before the record's end: the bytes ran out consistently (a
+/// plausible cut), or they went wrong (the reason, with the byte offset).
+enum Stop {
+    End,
+    Bad(String),
+}
+
+type Step<T = ()> = Result<T, Stop>;
+
+/// How a member's value is written (DESIGN.md §3 and the writer's `Body`).
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    Ts,
+    /// `denied`, `forward` or `result`.
+    Event,
+    /// A JSON string (`request_id`, `method`, `path`).
+    Text,
+    /// A JSON string or `null`.
+    TextOrNull,
+    /// A non-negative integer or `null`.
+    NumberOrNull,
+    /// 64 lower-case hex digits (`prev`, `hash`).
+    Hex,
+}
+
+fn shape(member: &str) -> Shape {
+    match member {
+        "ts" => Shape::Ts,
+        "event" => Shape::Event,
+        "request_id" | "method" | "path" => Shape::Text,
+        "status" | "upstream_status" | "attempts" | "duration_ms" => Shape::NumberOrNull,
+        "prev" | "hash" => Shape::Hex,
+        _ => Shape::TextOrNull,
+    }
+}
+
+const TS_TEMPLATE: &[u8] = b"dddd-dd-ddTdd:dd:dd.dddZ";
+const EVENTS: [&str; 3] = ["denied", "forward", "result"];
+const HEX_LEN: usize = 64;
+/// u64::MAX has 20 digits.
+const MAX_DIGITS: usize = 20;
+
+/// The record's members in order; `Ok` once the closing `}` is read and nothing follows.
+fn record(c: &mut Cursor<'_>, next_seq: u64) -> Step {
+    let head = format!("{{\"seq\":{next_seq},");
+    c.literal(head.as_bytes(), || {
+        format!("it does not begin as record seq {next_seq} would (`{head}`)")
+    })?;
+    let mut event = None;
+    for (i, name) in MEMBERS.iter().enumerate().skip(1) {
+        if i > 1 {
+            c.literal(b",", || format!("no `,` after member `{}`", MEMBERS[i - 1]))?;
+        }
+        let key = format!("\"{name}\":");
+        c.literal(key.as_bytes(), || {
+            format!("member {} is not `{name}` (the contract's order)", i + 1)
+        })?;
+        let value = c.value(name, shape(name))?;
+        match *name {
+            "event" => event = value,
+            "reason" if value.as_deref() == Some("ended") && event.as_deref() != Some("result") => {
+                return Err(c.bad(&format!(
+                    "a `{}` record with reason `ended` (only a `result` has it)",
+                    event.as_deref().unwrap_or("?")
+                )));
+            }
+            _ => {}
+        }
+    }
+    c.literal(b"}", || "no `}` after the hash".into())?;
+    if c.at < c.tail.len() {
+        return Err(c.bad("bytes after the end of the record"));
+    }
+    Ok(())
+}
+
+/// Reads `tail` from `at` on.
+struct Cursor<'a> {
+    tail: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn bad(&self, what: &str) -> Stop {
+        Stop::Bad(format!("{what}, at byte {}", self.at))
+    }
+
+    fn next(&mut self) -> Step<u8> {
+        let b = *self.tail.get(self.at).ok_or(Stop::End)?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn peek(&self) -> Step<u8> {
+        self.tail.get(self.at).copied().ok_or(Stop::End)
+    }
+
+    /// `lit`, or as much of it as there is before the end.
+    fn literal(&mut self, lit: &[u8], what: impl FnOnce() -> String) -> Step {
+        let rest = &self.tail[self.at..];
+        let n = lit.len().min(rest.len());
+        if rest[..n] != lit[..n] {
+            return Err(self.bad(&what()));
+        }
+        self.at += n;
+        if n < lit.len() {
+            return Err(Stop::End);
+        }
+        Ok(())
+    }
+
+    /// One member's value; the text of a string (`None` for `null` or a number), for the
+    /// rule on `reason`.
+    fn value(&mut self, name: &str, shape: Shape) -> Step<Option<String>> {
+        let first = self.peek()?;
+        let null_allowed = matches!(shape, Shape::TextOrNull | Shape::NumberOrNull);
+        if first == b'n' && null_allowed {
+            self.literal(b"null", || format!("`{name}` is not `null`"))?;
+            return Ok(None);
+        }
+        if let Shape::NumberOrNull = shape {
+            self.number(name)?;
+            return Ok(None);
+        }
+        if first != b'"' {
+            let or_null = if null_allowed { " or null" } else { "" };
+            return Err(self.bad(&format!("`{name}` is not a string{or_null}")));
+        }
+        self.at += 1;
+        match shape {
+            Shape::Ts => self.plain(name, matches_template),
+            Shape::Event => self.plain(name, |s, closed| {
+                EVENTS.iter().any(|e| {
+                    if closed {
+                        e.as_bytes() == s
+                    } else {
+                        e.as_bytes().starts_with(s)
+                    }
+                })
+            }),
+            Shape::Hex => self.plain(name, |s, closed| {
+                s.len() <= HEX_LEN
+                    && (!closed || s.len() == HEX_LEN)
+                    && s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            }),
+            _ => self.text(name),
+        }
+        .map(Some)
+    }
+
+    /// A non-negative integer as the writer writes it: digits, no leading zero.
+    fn number(&mut self, name: &str) -> Step {
+        let rest = &self.tail[self.at..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err(self.bad(&format!("`{name}` is not a number or null")));
+        }
+        if digits > 1 && rest[0] == b'0' {
+            return Err(self.bad(&format!("`{name}` has a leading zero")));
+        }
+        if digits > MAX_DIGITS {
+            return Err(self.bad(&format!("`{name}` is too large a number")));
+        }
+        self.at += digits;
+        Ok(())
+    }
+
+    /// A string the writer writes without escapes (`ts`, `event`, hashes), after its
+    /// opening quote: `fits(content, closed)` says whether its content so far (or, once
+    /// closed, all of it) is as that member's is.
+    fn plain(&mut self, name: &str, fits: impl Fn(&[u8], bool) -> bool) -> Step<String> {
+        let rest = &self.tail[self.at..];
+        let close = rest.iter().position(|&b| b == b'"');
+        let content = &rest[..close.unwrap_or(rest.len())];
+        if !fits(content, close.is_some()) {
+            return Err(self.bad(&format!("`{name}` is not as the writer writes it")));
+        }
+        self.at += content.len();
+        match close {
+            Some(_) => {
+                self.at += 1;
+                Ok(String::from_utf8_lossy(content).into_owned())
+            }
+            None => Err(Stop::End),
+        }
+    }
+
+    /// A JSON string after its opening quote, escapes and all, up to its closing quote.
+    fn text(&mut self, name: &str) -> Step<String> {
+        let start = self.at;
+        loop {
+            match self.next()? {
+                b'"' => {
+                    let content = &self.tail[start..self.at - 1];
+                    return Ok(String::from_utf8_lossy(content).into_owned());
+                }
+                b'\\' => self.escape(name)?,
+                b if b < 0x20 => {
+                    return Err(self.bad(&format!(
+                        "`{name}` holds a raw control character (the writer escapes them)"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The rest of an escape after its backslash.
+    fn escape(&mut self, name: &str) -> Step {
+        match self.next()? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(()),
+            b'u' => {
+                for _ in 0..4 {
+                    if !self.next()?.is_ascii_hexdigit() {
+                        return Err(self.bad(&format!("`{name}` has a bad \\u escape")));
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(self.bad(&format!("`{name}` has a bad escape"))),
+        }
+    }
+}
+
+/// Whether `s` is (a prefix of, while not `closed`) a `ts` as the writer writes it.
+fn matches_template(s: &[u8], closed: bool) -> bool {
+    s.len() <= TS_TEMPLATE.len()
+        && (!closed || s.len() == TS_TEMPLATE.len())
+        && s.iter().zip(TS_TEMPLATE).all(|(&b, &t)| match t {
+            b'd' => b.is_ascii_digit(),
+            t => b == t,
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,250 @@
+//! The torn-tail classifier: every prefix of a real record is plausible; what the
+//! review of `audit verify` appended or rewrote (junk, another seq, a rewritten record,
+//! more than a record can hold) is not.
+
+use time::macros::datetime;
+
+use super::*;
+use crate::audit::chain::{self, ChainHasher, HexDigest, GENESIS};
+use crate::audit::record::{format_ts, AuditEvent, Body, EventKind};
+
+/// A record line as the writer writes it, without its newline.
+fn line(seq: u64, ev: &AuditEvent) -> Vec<u8> {
+    let ts = format_ts(datetime!(2026-11-28 14:01:13.271 UTC));
+    let prev = HexDigest::parse(GENESIS).expect("hex");
+    let mut body = Vec::new();
+    Body::new(seq, &ts, &prev, ev)
+        .write_json(&mut body)
+        .expect("serialize");
+    let hash = ChainHasher::Plain.digest_hex(&body);
+    let mut out = Vec::new();
+    chain::seal_into(&body, &hash, &mut out);
+    assert_eq!(out.pop(), Some(b'\n'));
+    out
+}
+
+/// Records with every shape of value: nulls, numbers, plain and escaped strings,
+/// multi-byte characters (cut in two by some prefixes), `\u` escapes.
+fn records() -> Vec<(u64, Vec<u8>)> {
+    let denied = AuditEvent {
+        event: EventKind::Denied,
+        request_id: "90a73fca-f232-4fcd-a20c-c03fc5b47db1".into(),
+        method: "POST".into(),
+        path: "/mpc/a-ok5/end".into(),
+        status: Some(429),
+        reason: Some("rate-limited".into()),
+        duration_ms: Some(0),
+        ..AuditEvent::default()
+    };
+    let hostile = "q\"b\\s/\u{0}\u{1f}\n\tä€😀\u{2028}\u{202e}\u{9b}";
+    let result = AuditEvent {
+        event: EventKind::Result,
+        request_id: hostile.into(),
+        tenant: Some("billing".into()),
+        token_fp: Some("0123456789ab".into()),
+        client: Some("[::1]:65535".into()),
+        method: "DELETE".into(),
+        path: format!("/mpc/{hostile}/end").into(),
+        mpc: Some(hostile.into()),
+        account: Some("default".into()),
+        status: Some(204),
+        reason: Some("ended".into()),
+        upstream_status: Some(204),
+        plivo_api_id: Some(hostile.into()),
+        attempts: Some(1),
+        duration_ms: Some(u64::MAX),
+    };
+    let forward = AuditEvent {
+        event: EventKind::Forward,
+        status: None,
+        reason: None,
+        upstream_status: None,
+        plivo_api_id: None,
+        attempts: None,
+        duration_ms: None,
+        ..result.clone()
+    };
+    vec![
+        (1, line(1, &denied)),
+        (75, line(75, &result)),
+        (u64::MAX, line(u64::MAX, &forward)),
+        (10, line(10, &AuditEvent::default())),
+    ]
+}
+
+fn why(class: TornTail) -> String {
+    match class {
+        TornTail::NotARecordPrefix { why } => why,
+        TornTail::Plausible => panic!("expected not a record prefix"),
+    }
+}
+
+#[test]
+fn every_prefix_of_a_real_record_is_plausible() {
+    for (seq, record) in records() {
+        for end in 0..=record.len() {
+            assert_eq!(
+                classify_unterminated_tail(&record[..end], seq),
+                TornTail::Plausible,
+                "seq {seq}, prefix {:?}",
+                String::from_utf8_lossy(&record[..end])
+            );
+        }
+    }
+}
+
+#[test]
+fn a_prefix_of_another_seq_is_not() {
+    for (seq, record) in records() {
+        for other in [
+            seq.wrapping_add(1),
+            seq.wrapping_sub(1),
+            seq.wrapping_mul(10),
+        ] {
+            let at = format!("{{\"seq\":{seq}").len();
+            // Cut after the seq's digits: the other seq might still be its prefix.
+            let tail = &record[..at + 1];
+            assert!(
+                why(classify_unterminated_tail(tail, other))
+                    .contains("does not begin as record seq"),
+                "{seq} given {other}"
+            );
+        }
+    }
+}
+
+/// The review's cases (c27, c29, c31, and the 300 MB line), verbatim or in shape.
+#[test]
+fn the_reviewed_forgeries_are_not_plausible() {
+    let c27 = classify_unterminated_tail(b"I was never here", 75);
+    assert!(why(c27).contains("does not begin as record seq 75"));
+
+    let c29 = classify_unterminated_tail(br#"{"seq":1,"ts":"1999-"#, 75);
+    assert!(why(c29).contains("`{\"seq\":75,`"));
+
+    // c31: the last record (seq 74, a `denied` 429) cut before `reason` and given the
+    // reason of a success.
+    let (_, record) = records().remove(0);
+    let record = String::from_utf8(record).expect("utf-8");
+    let cut = record.rfind("\"reason\"").expect("reason");
+    let c31 = format!("{}\"reason\":\"ended\"", &record[..cut]);
+    let c31 = classify_unterminated_tail(c31.as_bytes(), 1);
+    assert!(why(c31).contains("`denied` record with reason `ended`"));
+
+    // 300 MB of `{"seq":999999,"x":"AAAA…` in shape: over 1 MiB, and not a record.
+    let mut huge = br#"{"seq":999999,"x":""#.to_vec();
+    huge.resize(MAX_RECORD_BYTES + 1, b'A');
+    assert!(why(classify_unterminated_tail(&huge, 999_999)).contains("more than the 1 MiB"));
+    // Over 1 MiB even though every byte fits the grammar.
+    let mut long =
+        br#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":"denied","request_id":""#.to_vec();
+    assert_eq!(
+        classify_unterminated_tail(&long, 5),
+        TornTail::Plausible,
+        "the same, short"
+    );
+    long.resize(MAX_RECORD_BYTES + 1, b'A');
+    assert!(why(classify_unterminated_tail(&long, 5)).contains("1 MiB"));
+}
+
+#[test]
+fn prefixes_off_the_grammar_are_not_plausible() {
+    let head = r#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":"denied","request_id":"r","#;
+    let cases: [(&str, &str); 16] = [
+        (r#"{"seq":5,"event":"#, "member 2 is not `ts`"),
+        (r#"{"seq": 5,"#, "does not begin"),
+        (
+            r#"{"seq":5,"ts":"2026-11-28 14"#,
+            "`ts` is not as the writer writes it",
+        ),
+        (r#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z+"#, "`ts` is not"),
+        (r#"{"seq":5,"ts":"2026-11-28T14:01:13Z""#, "`ts` is not"),
+        (
+            r#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":"ended""#,
+            "`event` is not",
+        ),
+        (
+            r#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":null"#,
+            "`event` is not a string",
+        ),
+        (
+            r#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":"denied","request_id":null"#,
+            "`request_id` is not a string",
+        ),
+        (&format!("{head}\"tenant\":nul!"), "`tenant` is not `null`"),
+        (&format!("{head}\"tenant\":5"), "`tenant` is not a string"),
+        (&format!("{head}\"tenant\":\"a\\x"), "bad escape"),
+        (&format!("{head}\"tenant\":\"a\\u12g"), "bad \\u escape"),
+        (&format!("{head}\"tenant\":\"a\tb"), "raw control character"),
+        (
+            &format!("{head}\"tenant\":\"a\",\"client\""),
+            "member 6 is not `token_fp`",
+        ),
+        (
+            &format!("{head}\"tenant\":\"a\" "),
+            "no `,` after member `tenant`",
+        ),
+        (
+            &format!("{head}\"tenant\":null}}"),
+            "no `,` after member `tenant`",
+        ),
+    ];
+    for (tail, expected) in cases {
+        let got = why(classify_unterminated_tail(tail.as_bytes(), 5));
+        assert!(got.contains(expected), "{tail}: {got}");
+        assert!(got.contains("at byte"), "{tail}: {got}");
+    }
+
+    // Numbers, hashes and what follows the record.
+    let (seq, record) = records().remove(0);
+    let record = String::from_utf8(record).expect("utf-8");
+    let edits = [
+        ("\"status\":429", "\"status\":0429", "leading zero"),
+        (
+            "\"status\":429",
+            "\"status\":\"429\"",
+            "`status` is not a number or null",
+        ),
+        (
+            "\"status\":429",
+            "\"status\":-1",
+            "`status` is not a number",
+        ),
+        (
+            "\"duration_ms\":0",
+            "\"duration_ms\":123456789012345678901",
+            "too large",
+        ),
+        ("\"prev\":\"0000", "\"prev\":\"000A", "`prev` is not"),
+    ];
+    for (from, to, expected) in edits {
+        let edited = record.replacen(from, to, 1);
+        let got = why(classify_unterminated_tail(edited.as_bytes(), seq));
+        assert!(got.contains(expected), "{to}: {got}");
+    }
+    let short_hash = format!("{}\"}}", &record[..record.len() - 3]);
+    assert!(why(classify_unterminated_tail(short_hash.as_bytes(), seq)).contains("`hash` is not"));
+    let trailing = format!("{record} ");
+    assert!(why(classify_unterminated_tail(trailing.as_bytes(), seq)).contains("after the end"));
+    let hash_only = format!("{}}}", &record[..record.rfind(",\"hash\"").expect("hash")]);
+    assert!(
+        why(classify_unterminated_tail(hash_only.as_bytes(), seq))
+            .contains("no `,` after member `prev`"),
+        "a record without its hash member"
+    );
+}
+
+#[test]
+fn utf8_may_be_cut_only_at_the_very_end() {
+    let head = r#"{"seq":5,"ts":"2026-11-28T14:01:13.271Z","event":"denied","request_id":""#;
+    let euro = "€".as_bytes();
+    let mut cut = head.as_bytes().to_vec();
+    cut.extend_from_slice(&euro[..2]);
+    assert_eq!(classify_unterminated_tail(&cut, 5), TornTail::Plausible);
+    cut.push(b'x');
+    assert!(why(classify_unterminated_tail(&cut, 5)).contains("not valid UTF-8"));
+    // A cut character outside a string is off the grammar anyway.
+    let mut outside = br#"{"seq":5,"#.to_vec();
+    outside.extend_from_slice(&euro[..1]);
+    assert!(why(classify_unterminated_tail(&outside, 5)).contains("member 2"));
+}
