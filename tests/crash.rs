@@ -371,8 +371,9 @@ fn assert_every_reply_is_recorded(sent: &[Sent], records: &[serde_json::Value], 
     }
 }
 
-/// A torn record, as a crash in the middle of a write leaves it.
-fn append_torn_tail(live: &Path) {
+/// A torn record `seq`, as a crash in the middle of its write leaves it (start-up cuts
+/// only the start of the record that comes next).
+fn append_torn_tail(live: &Path, seq: u64) {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .append(true)
@@ -380,8 +381,8 @@ fn append_torn_tail(live: &Path) {
         .mode(0o600)
         .open(live)
         .expect("open live audit file");
-    file.write_all(br#"{"seq":999999,"ts":"2026-01-01T00:00:00.000Z","event":"forw"#)
-        .expect("append torn tail");
+    let torn = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00.000Z","event":"forw"#);
+    file.write_all(torn.as_bytes()).expect("append torn tail");
     file.sync_all().expect("fsync");
 }
 
@@ -447,7 +448,7 @@ fn crash_and_recover(rotate_bytes: u64, tag: &'static str, verify_dir: bool) {
 
     // Make sure the restart has a torn tail to cut, whether or not the kill left one.
     if !torn_by_kill {
-        append_torn_tail(&setup.live_file());
+        append_torn_tail(&setup.live_file(), last_seq_before + 1);
     }
     let (code, report) = audit_verify(&verify_path);
     assert_eq!(
