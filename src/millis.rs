@@ -44,6 +44,33 @@ impl Throttle {
     }
 }
 
+/// A [`Throttle`] that also counts the events it held back, so that the line it lets
+/// through can say how many were not logged.
+pub(crate) struct CountingThrottle {
+    throttle: Throttle,
+    suppressed: AtomicU64,
+}
+
+impl CountingThrottle {
+    pub(crate) fn new(interval: Duration) -> CountingThrottle {
+        CountingThrottle {
+            throttle: Throttle::new(interval),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last event let through)` when this event is the one
+    /// let through for the current interval; `None` (and counted) otherwise.
+    pub(crate) fn ready(&self) -> Option<u64> {
+        if self.throttle.ready() {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +82,26 @@ mod tests {
         assert!(!throttle.ready());
         let every_time = Throttle::new(Duration::ZERO);
         assert!(every_time.ready() && every_time.ready());
+    }
+
+    #[test]
+    fn a_counting_throttle_says_how_many_it_held_back() {
+        let throttle = CountingThrottle::new(Duration::from_secs(3600));
+        assert_eq!(throttle.ready(), Some(0));
+        assert_eq!(throttle.ready(), None);
+        assert_eq!(throttle.ready(), None);
+        let every_time = CountingThrottle::new(Duration::ZERO);
+        assert_eq!(every_time.ready(), Some(0));
+        assert_eq!(every_time.ready(), Some(0));
+        // The count restarts with each line let through.
+        let held = CountingThrottle::new(Duration::from_millis(30));
+        assert_eq!(held.ready(), Some(0));
+        for _ in 0..3 {
+            assert_eq!(held.ready(), None);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(held.ready(), Some(3));
+        assert_eq!(held.ready(), None);
     }
 
     #[test]

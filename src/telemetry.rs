@@ -7,8 +7,11 @@ use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -18,6 +21,7 @@ use tracing_subscriber::filter::{LevelFilter, ParseError, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+use crate::audit::RotationFailures;
 use crate::config::raw::LogFormat;
 use crate::config::LogSettings;
 use crate::server::Rejection;
@@ -176,6 +180,7 @@ pub struct Metrics {
     upstream: Family<UpstreamLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
     audit_failures: Counter,
+    audit_rotation_failures: AuditRotationFailures,
     reloads: Family<ResultLabels, Counter>,
     http_rejected: Family<KindLabels, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
@@ -187,6 +192,25 @@ pub struct Metrics {
     no_tenant: Arc<str>,
     /// The series of Plivo's answer to every MPC ended.
     upstream_no_content: CachedSeries,
+}
+
+/// `mpc_gateway_audit_rotation_failures_total`, read at each scrape from the audit log's
+/// own count (see [`Metrics::count_audit_rotation_failures`]); 0 until a log is given.
+/// The writer counts on its own thread and knows nothing of metrics.
+#[derive(Debug, Clone, Default)]
+struct AuditRotationFailures(Arc<OnceLock<RotationFailures>>);
+
+impl Collector for AuditRotationFailures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let count = ConstCounter::new(self.0.get().map_or(0, RotationFailures::get));
+        let metric = encoder.encode_descriptor(
+            "mpc_gateway_audit_rotation_failures",
+            "Audit log rotations that failed (retried after each write; records are still written, to the file that did not rotate)",
+            None,
+            count.metric_type(),
+        )?;
+        count.encode(metric)
+    }
 }
 
 /// Plivo's status for an MPC ended.
@@ -223,6 +247,7 @@ impl Metrics {
         let upstream = Family::<UpstreamLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
         let audit_failures = Counter::default();
+        let audit_rotation_failures = AuditRotationFailures::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let http_rejected = Family::<KindLabels, Counter>::default();
         let open_connections = Gauge::<i64, AtomicI64>::default();
@@ -253,6 +278,7 @@ impl Metrics {
             "Audit records that could not be written",
             audit_failures.clone(),
         );
+        registry.register_collector(Box::new(audit_rotation_failures.clone()));
         registry.register(
             "mpc_gateway_config_reloads",
             "Config reloads, by result",
@@ -302,6 +328,7 @@ impl Metrics {
             upstream,
             rate_limited,
             audit_failures,
+            audit_rotation_failures,
             reloads,
             http_rejected,
             open_connections,
@@ -384,6 +411,12 @@ impl Metrics {
 
     pub fn audit_failure(&self) {
         self.audit_failures.inc();
+    }
+
+    /// Exports `failures`, the audit log's count of failed rotations. One audit log per
+    /// process: a second call keeps the first.
+    pub fn count_audit_rotation_failures(&self, failures: RotationFailures) {
+        let _ = self.audit_rotation_failures.0.set(failures);
     }
 
     pub fn config_reload(&self, ok: bool) {
@@ -659,6 +692,7 @@ mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
             "mpc_gateway_upstream_requests_total{status=\"error\"} 1",
             "mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"} 1",
             "mpc_gateway_audit_failures_total 1",
+            "mpc_gateway_audit_rotation_failures_total 0",
             "mpc_gateway_config_reloads_total{result=\"ok\"} 1",
             "mpc_gateway_http_rejected_total{kind=\"idle-timeout\"} 1",
             concat!(

@@ -346,6 +346,45 @@ fn serve_logs_a_start_up_failure_as_a_json_error_too() {
     );
 }
 
+/// Review F4 (audit): bytes after the live file's last newline that no crash leaves
+/// (here not the start of the next record) stop `serve` with exit 1, naming the file and
+/// the offset; the file keeps them. A torn start of the next record is cut, as before.
+#[test]
+fn serve_refuses_a_live_file_ending_in_bytes_no_crash_leaves() {
+    let c = ConfigDir::new();
+    c.write(&c.yaml(BASE, ALLOW));
+    let served = Served::start(&c.config_path());
+    assert_eq!(end_as(&served, "billing-1", "not-a-token").0, 401);
+    drop(stop_and_read_log(served));
+    let audit = c.audit_path();
+    let complete = std::fs::read(&audit).expect("live file");
+    let config = c.config_path();
+    let serve = || run(&["serve", "--config", config.to_str().expect("UTF-8")], b"");
+
+    for junk in [&b"I was never here"[..], br#"{"seq":1,"ts":"1999-"#] {
+        let content = [&complete[..], junk].concat();
+        std::fs::write(&audit, &content).expect("append junk");
+        let out = serve();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let offset = format!("from byte offset {}", complete.len());
+        assert!(
+            stderr.contains(&audit.display().to_string())
+                && stderr.contains(&offset)
+                && stderr.contains("move it aside"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&audit).expect("read"), content, "kept");
+    }
+
+    std::fs::write(&audit, [&complete[..], br#"{"seq":2,"ts":"20"#].concat()).expect("tear");
+    let served = Served::start(&c.config_path());
+    assert_eq!(end_as(&served, "billing-2", "not-a-token").0, 401);
+    let log = stop_and_read_log(served);
+    assert_eq!(lines_with(&log, "torn record").len(), 1, "{log}");
+    assert_eq!(assert_chain(&[audit], Some(HMAC_KEY.as_bytes())), 2);
+}
+
 /// Without `--config`, both commands read `config/gateway.yaml` under the current
 /// directory (DESIGN §2).
 #[test]
@@ -1772,6 +1811,111 @@ fn a_result_record_that_cannot_be_written_is_an_error_in_the_operational_log() {
 
 // ---------------------------------------------------------------------------------------
 // audit verify
+/// Review F1 (ops): the audit directory on a full filesystem. `check-config` (the
+/// systemd unit's `ExecStartPre=`) fails, naming the directory and the cause: creating an
+/// empty file needs no data block, so it writes one. `serve` starts, but `/readyz` is
+/// `503` from the start, before any request, and `200` once space returns.
+#[test]
+fn a_full_audit_filesystem_fails_check_config_and_is_not_ready_from_the_start() {
+    let sim = start_sim();
+    let c = ConfigDir::new();
+    let audit_dir = c.path().join("audit");
+    let Some(mount) = common::TmpfsMount::try_mount(&audit_dir, "64k") else {
+        return;
+    };
+    common::fill_filesystem(&mount.path.join("filler"));
+
+    let out = c.check(&c.yaml(&sim.base_url(), ALLOW));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "check-config passed: {stderr}");
+    assert!(
+        stderr.contains("audit.path")
+            && stderr.contains(&audit_dir.display().to_string())
+            && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&audit_dir)
+        .expect("list")
+        .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
+        .filter(|name| name != "filler")
+        .collect();
+    assert!(leftovers.is_empty(), "check-config left {leftovers:?}");
+
+    let served = Served::start(&c.config_path());
+    let (status, body) = http(served.admin, "GET", "/readyz", None);
+    assert_eq!(
+        (status, body.trim()),
+        (503, "not ready: audit log not writable")
+    );
+    std::fs::remove_file(mount.path.join("filler")).expect("remove filler");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            matches!(try_http(served.admin, "GET", "/readyz", None), Ok((200, _)))
+        }),
+        "ready once space returns"
+    );
+    assert_eq!(end(&served, "billing-1").0, 204);
+    let log = stop_and_read_log(served);
+    let lines = lines_with(&log, "the audit log cannot be written");
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("No space left on device"), "{}", lines[0]);
+    assert_eq!(
+        assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
+        2
+    );
+}
+
+/// Review F2 (ops): a rotation that keeps failing (every name it would take is taken)
+/// is retried after each write. It is logged once per 10 s, not once per write, and
+/// counted in `mpc_gateway_audit_rotation_failures_total`; `/readyz` stays `200`, as
+/// every record is still written.
+#[test]
+fn a_failing_rotation_is_logged_once_per_interval_and_counted() {
+    let c = ConfigDir::new();
+    c.write(&with_rotate_bytes(&c.yaml(BASE, ALLOW), 1024));
+    let served = Served::start(&c.config_path());
+    let audit = c.audit_path();
+    const REQUESTS: u64 = 25;
+    for seq in 1..=REQUESTS {
+        let name = format!("audit.jsonl.{seq:020}");
+        std::fs::write(audit.with_file_name(name), "taken\n").expect("take the name");
+    }
+    for i in 0..REQUESTS {
+        let (status, _) = end_as(&served, &format!("billing-{i}"), "not-a-token");
+        assert_eq!(status, 401);
+    }
+    // One record per request, one write each: a rotation was due (and failed) after
+    // every write that left the live file at 1024 bytes or more.
+    let mut end_of_record = 0;
+    let mut due = 0;
+    for line in std::fs::read_to_string(&audit).expect("live file").lines() {
+        end_of_record += line.len() as u64 + 1;
+        due += u64::from(end_of_record >= 1024);
+    }
+    assert!(due >= 10, "only {due} rotations were due");
+    let failures = || {
+        mpc_gateway::telemetry::sample(
+            &metrics(&served),
+            "mpc_gateway_audit_rotation_failures_total",
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || failures() == Some(due as f64)),
+        "counted {:?} of {due}",
+        failures()
+    );
+    assert_eq!(http(served.admin, "GET", "/readyz", None).0, 200);
+    let log = stop_and_read_log(served);
+    let logged = lines_with(&log, "audit log rotation failed");
+    assert_eq!(logged.len(), 1, "{log}");
+    assert!(logged[0].contains("\"suppressed\":0"), "{}", logged[0]);
+    assert!(logged[0].contains("already exists"), "{}", logged[0]);
+    assert_eq!(
+        assert_chain(&[audit], Some(HMAC_KEY.as_bytes())),
+        usize::try_from(REQUESTS).expect("small")
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// `audit query` through the binary, on a log `serve` wrote: filters, JSON Lines, the

@@ -30,7 +30,7 @@ pub use path::{AuditPath, InvalidAuditPath};
 pub use query::{run_query, OutputFormat, QueryArgs};
 pub use record::{AuditEvent, EventKind};
 pub use verify::{run_verify, VerifyArgs};
-pub use writer::{check_writable, AuditError, AuditLog};
+pub use writer::{check_writable, AuditError, AuditLog, RotationFailures};
 #[cfg(test)]
 pub(crate) use {segment::fault::Gate, writer::TEST_STALL_BOUND};
 

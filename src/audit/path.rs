@@ -7,7 +7,7 @@
 //!   rotated files start with the live file's name and sort by seq as plain strings);
 //! - `.<name>.lock`: the lock one writer holds (see `writer`);
 //! - `.<name>.head`, and `.<name>.head.tmp` while it is replaced: the chain head saved
-//!   at the last rotation (see `saved_head`).
+//!   at the last rotation or clean shutdown (see `saved_head`).
 //!
 //! The dot files are skipped by `audit verify DIR` and `audit query DIR`.
 
@@ -110,7 +110,7 @@ impl AuditPath {
         self.sibling(&format!(".{}.lock", self.name))
     }
 
-    /// The chain head saved at the last rotation.
+    /// The chain head saved at the last rotation or clean shutdown.
     pub(crate) fn saved_head(&self) -> PathBuf {
         self.sibling(&format!(".{}.head", self.name))
     }

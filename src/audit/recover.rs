@@ -1,8 +1,15 @@
-//! Start-up recovery of the chain (DESIGN.md §3, "Restarts"): cut a torn last line of the
-//! live file (a crash mid-write) with a warning, then find the last complete record —
-//! in the live file, or, when the live file is empty or missing, in the newest rotated
-//! sibling or the head saved at the last rotation (see `saved_head`) — so that `seq`
-//! and `prev` continue from it.
+//! Start-up recovery of the chain (DESIGN.md §3, "Restarts"): find the last complete
+//! record — in the live file, or, when the live file holds none, in the newest rotated
+//! sibling or the head saved at the last rotation or clean shutdown (see `saved_head`) —
+//! so that `seq` and `prev` continue from it, and cut a torn last line (a crash
+//! mid-write) with a warning.
+//!
+//! Only what a crash can leave is cut: the start of the next record or the blanks of a
+//! write test cut short (`torn::classify_unterminated_tail`, which `audit verify` uses
+//! too). Any other bytes after the last newline make start-up refuse, naming the file and the offset: they are
+//! evidence, not the gateway's to destroy. A rotated file is never torn by a crash with
+//! `fsync: always` (its records were fsynced before the rename), so there it is refused
+//! too.
 //!
 //! Recovery only reads the tail of files; it never loads a whole file.
 
@@ -15,12 +22,14 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::chain::{self, GENESIS};
+use super::chain::{self, ChainHasher, GENESIS};
 use super::path::AuditPath;
 use super::record::format_ts;
 use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{open_regular, rotated_siblings, sync_dir};
+use super::torn::{classify_unterminated_tail, TornTail};
 use super::writer::AuditError;
+use super::Fsync;
 
 /// A record longer than this is not one the writer produced.
 const MAX_RECORD: u64 = 1 << 20;
@@ -35,6 +44,14 @@ pub(crate) struct ChainHead {
     /// The last record's hashed bytes (`None` for a new chain), to check `prev` against
     /// the configured key.
     pub(crate) last_body: Option<Vec<u8>>,
+}
+
+/// What recovery needs besides the files: how the chain is hashed (to tell the configured
+/// key from the one a saved head was made with), and whether the previous run fsynced
+/// records before a rotation renamed their file (assumed to be this run's setting).
+pub(crate) struct StartUp<'a> {
+    pub(crate) hasher: &'a ChainHasher,
+    pub(crate) fsync: Fsync,
 }
 
 impl ChainHead {
@@ -56,8 +73,8 @@ impl ChainHead {
 const MAX_TS_AHEAD: time::Duration = time::Duration::minutes(1);
 
 /// Repairs the live file's tail and returns where the chain continues.
-pub(crate) fn recover(live: &AuditPath) -> Result<ChainHead, AuditError> {
-    let head = find_head(live)?;
+pub(crate) fn recover(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, AuditError> {
+    let head = find_head(live, how)?;
     Ok(without_future_ts(
         head,
         OffsetDateTime::now_utc(),
@@ -83,8 +100,9 @@ fn without_future_ts(mut head: ChainHead, now: OffsetDateTime, live: &Path) -> C
     head
 }
 
-/// Repairs the live file's tail and finds the last record the chain continues from.
-fn find_head(live: &AuditPath) -> Result<ChainHead, AuditError> {
+/// Finds the last record the chain continues from and repairs the live file's tail. The
+/// head comes first: whether a tail is the start of the next record depends on its seq.
+fn find_head(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, AuditError> {
     let io_err = |op: &'static str| {
         move |source: io::Error| AuditError::Io {
             op,
@@ -92,21 +110,20 @@ fn find_head(live: &AuditPath) -> Result<ChainHead, AuditError> {
             source,
         }
     };
-    let read_write = read_write();
-    let kept = match open_regular(&read_write, live.as_path()) {
-        Ok(file) => {
-            enforce_owner_only(&file, live.as_path()).map_err(io_err("set mode 0600 on"))?;
-            cut_torn_tail(&file, live.as_path()).map_err(io_err("repair"))?
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+    let file = match open_regular(&read_write(), live.as_path()) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return beyond_live_file(live, how),
         Err(e) => return Err(io_err("open")(e)),
     };
-    if kept > 0 {
-        let file =
-            open_regular(OpenOptions::new().read(true), live.as_path()).map_err(io_err("read"))?;
-        return head_from_line(&file, kept, live.as_path());
-    }
-    beyond_live_file(live)
+    enforce_owner_only(&file, live.as_path()).map_err(io_err("set mode 0600 on"))?;
+    let ending = Ending::of(&file).map_err(io_err("read"))?;
+    let head = if ending.kept > 0 {
+        head_from_line(&file, ending.kept, live.as_path())?
+    } else {
+        beyond_live_file(live, how)?
+    };
+    cut_torn_tail(&file, live.as_path(), &ending, head.next_seq)?;
+    Ok(head)
 }
 
 fn read_write() -> OpenOptions {
@@ -127,21 +144,95 @@ pub(crate) fn enforce_owner_only(file: &File, path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Cuts everything after the last newline (a torn record) and returns the kept length.
-fn cut_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
-    let len = file.metadata()?.len();
-    if len == 0 || last_byte(file, len)? == b'\n' {
-        return Ok(len);
+/// Where a file's last complete line ends, and its length.
+struct Ending {
+    /// The length up to and including the last newline (0 when there is none).
+    kept: u64,
+    len: u64,
+}
+
+impl Ending {
+    fn of(file: &File) -> io::Result<Ending> {
+        let len = file.metadata()?.len();
+        let kept = if len == 0 || last_byte(file, len)? == b'\n' {
+            len
+        } else {
+            newline_before(file, len, 0)?.unwrap_or(0)
+        };
+        Ok(Ending { kept, len })
     }
-    let kept = newline_before(file, len, 0)?.unwrap_or(0);
-    tracing::warn!(
-        path = %path.display(),
-        cut_bytes = len - kept,
-        "audit log ended with a torn record (crash mid-write); cutting it off"
-    );
-    file.set_len(kept)?;
-    file.sync_all()?;
-    Ok(kept)
+
+    /// Bytes follow the last newline.
+    fn is_torn(&self) -> bool {
+        self.kept < self.len
+    }
+
+    /// The bytes after the last newline; `None` when they are more than a record can be.
+    fn tail(&self, file: &File) -> io::Result<Option<Vec<u8>>> {
+        let tail_len = self.len - self.kept;
+        if tail_len > MAX_RECORD {
+            return Ok(None);
+        }
+        // At most MAX_RECORD (1 MiB): fits in usize on every target.
+        let mut tail = vec![0u8; usize::try_from(tail_len).unwrap_or(0)];
+        file.read_exact_at(&mut tail, self.kept)?;
+        Ok(Some(tail))
+    }
+}
+
+/// Cuts what follows the last newline of `file` when a crash can have left it there (the
+/// beginning of record `next_seq`, or the blanks of the writer's write test; see
+/// [`classify_unterminated_tail`]), with a warning; refuses anything else: those bytes
+/// were put there by someone, and they are evidence the gateway must not destroy.
+fn cut_torn_tail(
+    file: &File,
+    path: &Path,
+    ending: &Ending,
+    next_seq: u64,
+) -> Result<(), AuditError> {
+    if !ending.is_torn() {
+        return Ok(());
+    }
+    let io_err = |op| {
+        move |source| AuditError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let kind = match ending.tail(file).map_err(io_err("read"))? {
+        Some(tail) => classify_unterminated_tail(&tail, next_seq),
+        None => TornTail::NotARecordPrefix {
+            why: "longer than any record (1 MiB)".to_owned(),
+        },
+    };
+    let cut_bytes = ending.len - ending.kept;
+    match kind {
+        TornTail::NotARecordPrefix { why } => {
+            return Err(unexpected_tail(path, ending, next_seq, &why))
+        }
+        TornTail::Plausible => tracing::warn!(
+            path = %path.display(),
+            cut_bytes,
+            "audit log ended with a torn record (crash mid-write); cutting it off"
+        ),
+        TornTail::WriteTestBlanks => tracing::warn!(
+            path = %path.display(),
+            cut_bytes,
+            "audit log ended with the blanks of a write test cut short (a crash while the writer tested the disk); cutting them off"
+        ),
+    }
+    file.set_len(ending.kept).map_err(io_err("repair"))?;
+    file.sync_all().map_err(io_err("repair"))
+}
+
+/// The refusal of a tail that no crash leaves, naming where it starts.
+fn unexpected_tail(path: &Path, ending: &Ending, next_seq: u64, why: &str) -> AuditError {
+    let (bytes, offset) = (ending.len - ending.kept, ending.kept);
+    corrupt(
+        path,
+        &format!("its last {bytes} bytes, from byte offset {offset}, have no newline and are not the start of record seq {next_seq}, all that a crash mid-write leaves ({why}); inspect them"),
+    )
 }
 
 fn last_byte(file: &File, len: u64) -> io::Result<u8> {
@@ -229,10 +320,10 @@ fn corrupt(path: &Path, why: &str) -> AuditError {
 }
 
 /// The live file holds no record: the chain continues after the newest rotated file's
-/// last record or after the head saved at the last rotation, whichever is later. The
-/// saved head is what is left when the newest rotated files were moved off the host; it
-/// never wins over a record actually in a file. With neither, this is a new log.
-fn beyond_live_file(live: &AuditPath) -> Result<ChainHead, AuditError> {
+/// last record or after the saved head, whichever is later. The saved head is what is
+/// left when the newest files were moved off the host; it never wins over a record
+/// actually in a file. With neither, this is a new log.
+fn beyond_live_file(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, AuditError> {
     let siblings = rotated_siblings(live).map_err(|source| AuditError::Io {
         op: "list the directory of",
         path: live.to_path_buf(),
@@ -243,36 +334,54 @@ fn beyond_live_file(live: &AuditPath) -> Result<ChainHead, AuditError> {
     // then the cut files are still the truth and the chain continues before the lost
     // record, as for the live file; the saved head is for records whose file is gone.
     let newest_name = siblings.first().map(|(seq, _)| *seq).unwrap_or(0);
-    let in_files = from_rotated(live, siblings)?;
-    let saved = saved_head::load(live).map(head_from_saved);
+    let in_files = from_rotated(live, siblings, how)?;
+    let saved = saved_head::load(live);
     match (in_files, saved) {
-        (Some(files), Some(saved)) if saved.next_seq - 1 > newest_name.max(files.next_seq - 1) => {
-            Ok(continue_from_saved(live, saved, Some(files.next_seq - 1)))
-        }
-        (None, Some(saved)) => Ok(continue_from_saved(live, saved, None)),
+        (Some(files), Some(saved)) if saved.seq > newest_name.max(files.next_seq - 1) => Ok(
+            continue_from_saved(live, saved, Some(files.next_seq - 1), how),
+        ),
+        (None, Some(saved)) => Ok(continue_from_saved(live, saved, None, how)),
         (Some(files), saved) => {
-            if saved.is_none_or(|saved| saved.next_seq != files.next_seq) {
-                resave(live, &files);
-            }
+            resave(live, &files, saved.as_ref(), how.hasher);
             Ok(files)
         }
         (None, None) => Ok(ChainHead::genesis()),
     }
 }
 
-/// Operators learn that the files on the host no longer hold the chain's last record.
+/// Where the chain continues when only the saved head knows its last record. Operators
+/// learn that the files on the host no longer hold it. When the head was made with
+/// another key than the configured one, the old chain was archived for a key change (the
+/// README's procedure): continued under the new key it would take seqs the archive
+/// already holds, so a new chain starts at seq 1. A head of unknown key (saved by an
+/// older version) is continued from, as before.
 fn continue_from_saved(
     live: &AuditPath,
-    saved: ChainHead,
+    saved: SavedHead,
     newest_in_files: Option<u64>,
+    how: &StartUp<'_>,
 ) -> ChainHead {
+    let configured = saved_head::key_id(how.hasher);
+    if saved
+        .key_id
+        .as_ref()
+        .is_some_and(|made_with| *made_with != configured)
+    {
+        tracing::warn!(
+            path = %live.saved_head().display(),
+            old_chain_last_seq = saved.seq,
+            newest_seq_in_files = newest_in_files,
+            "the audit key (audit.hmac_key) changed and no audit file holds the old chain's last record (its files were moved away): starting a new chain at seq 1"
+        );
+        return ChainHead::genesis();
+    }
     tracing::warn!(
         path = %live.saved_head().display(),
-        seq = saved.next_seq - 1,
+        seq = saved.seq,
         newest_seq_in_files = newest_in_files,
-        "no audit file holds the chain's last record (rotated files moved away?); continuing after it from the head saved at the last rotation"
+        "no audit file holds the chain's last record (files moved away?); continuing after it from the head saved at the last rotation or shutdown"
     );
-    saved
+    head_from_saved(saved)
 }
 
 /// Where a saved head continues the chain. Its record is not at hand, so the key check
@@ -287,30 +396,44 @@ fn head_from_saved(saved: SavedHead) -> ChainHead {
     }
 }
 
-/// Saves the head found in a rotated file when the saved one is missing, damaged or
-/// older (written by a version without it, or restored from a backup), so that it is
-/// there when the rotated files are moved away before the next rotation. Best effort:
-/// the chain is intact on disk either way.
-fn resave(live: &AuditPath, head: &ChainHead) {
-    let saved = SavedHead {
+/// Saves the head found in a rotated file when the saved one differs (missing, damaged,
+/// older, written by a version without it or without a key id, restored from a backup),
+/// so that it is there when the rotated files are moved away before the next rotation.
+/// Its key id is the configured key's only when the record verifies under it. Best
+/// effort: the chain is intact on disk either way.
+fn resave(live: &AuditPath, head: &ChainHead, saved: Option<&SavedHead>, hasher: &ChainHasher) {
+    let current = SavedHead {
         seq: head.next_seq - 1,
         ts: format_ts(head.last_ts.unwrap_or(OffsetDateTime::UNIX_EPOCH))
             .as_str()
             .to_owned(),
         hash: head.prev.clone(),
+        key_id: continues_under(head, hasher).then(|| saved_head::key_id(hasher)),
     };
-    if let Err(e) = saved_head::save(live, &saved, Durability::Synced) {
+    if saved == Some(&current) {
+        return;
+    }
+    if let Err(e) = saved_head::save(live, &current, Durability::Synced) {
         tracing::warn!(path = %live.saved_head().display(), error = %e, "cannot save the audit chain head; the chain continues, but if the rotated files are moved away before the next rotation, a restart starts a new chain");
     }
+}
+
+/// Whether the record the chain continues from verifies under `hasher` (trivially, for a
+/// new chain or a saved head, whose record is not at hand).
+pub(crate) fn continues_under(head: &ChainHead, hasher: &ChainHasher) -> bool {
+    head.last_body
+        .as_ref()
+        .is_none_or(|body| hasher.digest(body).as_str() == head.prev)
 }
 
 /// The head in the newest of `siblings` (newest first) that holds a complete record.
 fn from_rotated(
     live: &AuditPath,
     siblings: Vec<(u64, PathBuf)>,
+    how: &StartUp<'_>,
 ) -> Result<Option<ChainHead>, AuditError> {
     for (named, path) in siblings {
-        if let Some(head) = last_of_rotated(live, named, &path)? {
+        if let Some(head) = last_of_rotated(live, named, &path, how.fsync)? {
             return Ok(Some(head));
         }
     }
@@ -325,6 +448,7 @@ fn last_of_rotated(
     live: &AuditPath,
     named: u64,
     path: &Path,
+    fsync: Fsync,
 ) -> Result<Option<ChainHead>, AuditError> {
     let io_err = |op| {
         move |source| AuditError::Io {
@@ -349,20 +473,35 @@ fn last_of_rotated(
         std::fs::remove_file(path).map_err(io_err("remove"))?;
         return Ok(None);
     }
-    if last_byte(&file, len).map_err(io_err("read"))? == b'\n' {
+    let ending = Ending::of(&file).map_err(io_err("read"))?;
+    if !ending.is_torn() {
         return head_from_line(&file, len, path).map(Some);
+    }
+    // With `fsync: always` every record of a rotated file was fsynced before the rename:
+    // no crash tears it, so the tail is not the gateway's to cut.
+    if fsync == Fsync::Always {
+        return Err(AuditError::TornRotatedFile {
+            path: path.to_path_buf(),
+            offset: ending.kept,
+        });
     }
     // With `fsync: never` a file is not synced before it is rotated, so a crash can
     // leave the newest rotated file with a torn tail: it is cut like the live file's,
-    // or `audit verify` would find a torn line in the middle of the set.
+    // or `audit verify` would find a torn line in the middle of the set. The torn record
+    // follows the last complete one; in a file holding only it, it is the one the file
+    // is named for.
+    let head = match ending.kept {
+        0 => None,
+        kept => Some(head_from_line(&file, kept, path)?),
+    };
+    let torn_seq = head.as_ref().map_or(named, |head| head.next_seq);
     let file = open_for_repair(path).map_err(io_err("repair"))?;
-    let end = cut_torn_tail(&file, path).map_err(io_err("repair"))?;
-    if end == 0 {
+    cut_torn_tail(&file, path, &ending, torn_seq)?;
+    let Some(head) = head else {
         // It never held a record; left empty, its name could block a rotation.
         std::fs::remove_file(path).map_err(io_err("remove"))?;
         return Ok(None);
-    }
-    let head = head_from_line(&file, end, path)?;
+    };
     name_after_last_record(live, path, named, head.next_seq.saturating_sub(1))?;
     Ok(Some(head))
 }
@@ -431,8 +570,22 @@ fn open_for_repair(path: &Path) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::writer::PROBE_BYTES;
     use std::cell::Cell;
     use std::io::Write;
+
+    /// Recovery of an unkeyed log written with `fsync: never`.
+    fn recover_never(live: &AuditPath) -> Result<ChainHead, AuditError> {
+        recover_as(live, Fsync::Never, &ChainHasher::Plain)
+    }
+
+    fn recover_as(
+        live: &AuditPath,
+        fsync: Fsync,
+        hasher: &ChainHasher,
+    ) -> Result<ChainHead, AuditError> {
+        recover(live, &StartUp { hasher, fsync })
+    }
 
     /// `audit.jsonl` in `dir`.
     fn live_in(dir: &Path) -> AuditPath {
@@ -450,7 +603,7 @@ mod tests {
     #[test]
     fn missing_file_and_no_siblings_is_genesis() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let head = recover(&live_in(dir.path())).expect("recover");
+        let head = recover_never(&live_in(dir.path())).expect("recover");
         assert_eq!(head, ChainHead::genesis());
     }
 
@@ -463,7 +616,7 @@ mod tests {
         let mut f = std::fs::File::create(&path).expect("create");
         write!(f, "{l1}{l2}{{\"seq\":3,\"ts\":\"20").expect("write");
         drop(f);
-        let head = recover(&path).expect("recover");
+        let head = recover_never(&path).expect("recover");
         assert_eq!(head.next_seq, 3);
         assert_eq!(head.prev, h2);
         assert!(head.last_ts.is_some());
@@ -481,8 +634,8 @@ mod tests {
         let (l7, h7) = sealed(7, "b");
         std::fs::write(dir.path().join("audit.jsonl.00000000000000000001"), &l1).expect("w");
         std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), &l7).expect("w");
-        std::fs::write(&live, "only a torn line").expect("w");
-        let head = recover(&live).expect("recover");
+        std::fs::write(&live, r#"{"seq":8,"ts":"2026-01-01T"#).expect("w");
+        let head = recover_never(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         assert_eq!(std::fs::metadata(&live).expect("meta").len(), 0);
@@ -503,7 +656,7 @@ mod tests {
         let newest = dir.path().join("audit.jsonl.00000000000000000009");
         std::fs::write(&older, format!("{l6}{l7}{{\"seq\":8,\"ts")).expect("w");
         std::fs::write(&newest, "{\"seq\":9,").expect("w");
-        let head = recover(&live).expect("recover");
+        let head = recover_never(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         let renamed = dir.path().join("audit.jsonl.00000000000000000007");
@@ -531,9 +684,10 @@ mod tests {
             seq: 9,
             ts: "2026-01-01T00:00:09.000Z".into(),
             hash: "c".repeat(64),
+            key_id: Some("sha256".into()),
         };
         saved_head::save(&live, &saved, Durability::Synced).expect("save");
-        let head = recover(&live).expect("recover");
+        let head = recover_never(&live).expect("recover");
         assert_eq!(head.next_seq, 10);
         assert_eq!(head.prev, saved.hash);
         assert_eq!(head.last_ts, parse_ts(&saved.ts));
@@ -552,9 +706,10 @@ mod tests {
             seq: 5,
             ts: "2026-01-01T00:00:00.000Z".into(),
             hash: "c".repeat(64),
+            key_id: None,
         };
         saved_head::save(&live, &stale, Durability::Synced).expect("save");
-        let head = recover(&live).expect("recover");
+        let head = recover_never(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         let saved = saved_head::load(&live).expect("saved again");
@@ -572,7 +727,7 @@ mod tests {
         let taken = dir.path().join("audit.jsonl.00000000000000000007");
         std::fs::write(&cut, format!("{l7}{{\"seq\":8,\"ts")).expect("w");
         std::fs::write(&taken, "someone else's\n").expect("w");
-        let head = recover(&live).expect("recover");
+        let head = recover_never(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         assert_eq!(std::fs::read_to_string(&cut).expect("kept"), l7);
@@ -596,7 +751,7 @@ mod tests {
         std::fs::write(&rotated, format!("{l6}{l7}")).expect("w");
         std::fs::set_permissions(&rotated, Permissions::from_mode(0o400)).expect("chmod");
         std::fs::write(&live, "").expect("w");
-        let head = recover(&live).expect("recover");
+        let head = recover_never(&live).expect("recover");
         assert_eq!(head.next_seq, 8);
         assert_eq!(head.prev, h7);
         assert_eq!(REPAIR_OPENS.with(Cell::get), 0, "opened for writing");
@@ -623,12 +778,162 @@ mod tests {
         assert_eq!(without_future_ts(head_at(last), now, live).last_ts, None);
     }
 
+    /// Writes `complete` then `tail` to the live file; recovery must refuse, name the file
+    /// and the offset where the tail starts, and leave the file as it was.
+    fn assert_tail_refused(complete: &str, tail: &[u8], why: &str) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = live_in(dir.path());
+        let content = [complete.as_bytes(), tail].concat();
+        std::fs::write(&live, &content).expect("w");
+        let err = recover_never(&live).expect_err("must refuse");
+        let text = err.to_string();
+        assert!(matches!(err, AuditError::Corrupt { .. }), "{text}");
+        assert!(text.contains(&live.display().to_string()), "{text}");
+        let offset = format!("from byte offset {}", complete.len());
+        assert!(text.contains(&offset), "{text}");
+        assert!(text.contains(why), "{text}");
+        assert!(text.contains("move it aside"), "{text}");
+        assert_eq!(std::fs::read(&live).expect("read"), content, "untouched");
+    }
+
+    /// Review F4: bytes after the last newline that no crash can leave (junk, a record
+    /// start for another seq, a line longer than any record) are refused, not cut.
+    #[test]
+    fn a_tail_that_is_not_the_next_record_is_refused_and_kept() {
+        let (l1, h1) = sealed(1, GENESIS);
+        let (l2, _) = sealed(2, &h1);
+        let both = format!("{l1}{l2}");
+        assert_tail_refused(&both, b"I was never here", "not the start of record seq 3");
+        assert_tail_refused(&both, b"{\"seq\":1,\"ts\":\"1999-", "seq 3");
+        let huge = [&b"{\"seq\":3,\"ts\":\""[..], &vec![b'A'; 1 << 20]].concat();
+        assert_tail_refused(&both, &huge, "longer than any record");
+        // A complete record altered and its newline removed.
+        assert_tail_refused(
+            &l1,
+            l2.trim_end().replace("\"seq\":2", "\"seq\":9").as_bytes(),
+            "seq 2",
+        );
+        // With no complete line, the seq comes from the files before it: a new log.
+        assert_tail_refused("", b"{\"seq\":5,", "seq 1");
+    }
+
+    /// A crash during the writer's disk test leaves some of its blanks: cut, with the
+    /// chain continuing from the last record.
+    #[test]
+    fn the_blanks_of_an_interrupted_probe_are_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = live_in(dir.path());
+        let (l1, h1) = sealed(1, GENESIS);
+        std::fs::write(&live, format!("{l1}{}", " ".repeat(PROBE_BYTES))).expect("w");
+        let head = recover_never(&live).expect("recover");
+        assert_eq!((head.next_seq, head.prev.as_str()), (2, h1.as_str()));
+        assert_eq!(std::fs::read_to_string(&live).expect("read"), l1);
+        // More blanks than the probe writes are not its.
+        std::fs::write(&live, format!("{l1}{}", " ".repeat(PROBE_BYTES + 1))).expect("w");
+        recover_never(&live).expect_err("not a probe's");
+    }
+
+    /// With `fsync: always` a rotated file's records were fsynced before the rename: a
+    /// torn one is refused (and left as it is), whatever the tail.
+    #[test]
+    fn a_torn_rotated_file_is_refused_with_fsync_always() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = live_in(dir.path());
+        let (l6, _) = sealed(6, "a");
+        let (l7, _) = sealed(7, "b");
+        let rotated = dir.path().join("audit.jsonl.00000000000000000008");
+        let content = format!("{l6}{l7}{{\"seq\":8,\"ts");
+        std::fs::write(&rotated, &content).expect("w");
+        let err = recover_as(&live, Fsync::Always, &ChainHasher::Plain).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            matches!(err, AuditError::TornRotatedFile { offset, .. } if offset == (l6.len() + l7.len()) as u64),
+            "{text}"
+        );
+        assert!(text.contains("audit.jsonl.00000000000000000008"), "{text}");
+        assert!(text.contains("start once with `fsync: never`"), "{text}");
+        assert_eq!(std::fs::read_to_string(&rotated).expect("kept"), content);
+        assert_eq!(REPAIR_OPENS.with(Cell::get), 0, "opened for writing");
+    }
+
+    /// With `fsync: never` a rotated file is cut only when its tail is the start of the
+    /// record after its last complete one.
+    #[test]
+    fn a_rotated_file_with_a_foreign_tail_is_refused_with_fsync_never() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = live_in(dir.path());
+        let (l7, _) = sealed(7, "b");
+        let rotated = dir.path().join("audit.jsonl.00000000000000000008");
+        let content = format!("{l7}{{\"seq\":1,\"ts");
+        std::fs::write(&rotated, &content).expect("w");
+        let err = recover_never(&live).expect_err("refused");
+        assert!(err.to_string().contains("seq 8"), "{err}");
+        assert_eq!(std::fs::read_to_string(&rotated).expect("kept"), content);
+    }
+
+    fn saved_with_key(key_id: Option<&str>) -> SavedHead {
+        SavedHead {
+            seq: 9,
+            ts: "2026-01-01T00:00:09.000Z".into(),
+            hash: "c".repeat(64),
+            key_id: key_id.map(str::to_owned),
+        }
+    }
+
+    /// Review F2: the old chain's files were moved away. Under the key the saved head
+    /// was made with (or an unknown one: an older version's head) the chain continues
+    /// after it; under another key a new chain starts at seq 1.
+    #[test]
+    fn a_saved_head_of_another_key_starts_a_new_chain() {
+        let new_key = ChainHasher::new(Some(b"new key".to_vec().into())).expect("key");
+        let old_key = ChainHasher::new(Some(b"old key".to_vec().into())).expect("key");
+        let old_id = saved_head::key_id(&old_key);
+        for (saved_key, hasher, continued) in [
+            (Some(old_id.as_str()), &old_key, true),
+            (None, &new_key, true),
+            (Some(old_id.as_str()), &new_key, false),
+            (Some("sha256"), &new_key, false),
+            (Some(old_id.as_str()), &ChainHasher::Plain, false),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let live = live_in(dir.path());
+            let saved = saved_with_key(saved_key);
+            saved_head::save(&live, &saved, Durability::Synced).expect("save");
+            let head = recover_as(&live, Fsync::Always, hasher).expect("recover");
+            let expected = if continued {
+                head_from_saved(saved)
+            } else {
+                ChainHead::genesis()
+            };
+            assert_eq!(head, expected, "{saved_key:?}");
+        }
+    }
+
+    /// A head resaved from the files carries the configured key's id only when the last
+    /// record verifies under it.
+    #[test]
+    fn a_resaved_head_names_the_key_only_when_the_record_verifies_under_it() {
+        let keyed = ChainHasher::new(Some(b"k".to_vec().into())).expect("key");
+        for (hasher, key_id) in [
+            (&ChainHasher::Plain, Some("sha256".to_owned())),
+            (&keyed, None),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let live = live_in(dir.path());
+            let (l7, _) = sealed(7, "b");
+            std::fs::write(dir.path().join("audit.jsonl.00000000000000000007"), l7).expect("w");
+            recover_as(&live, Fsync::Always, hasher).expect("recover");
+            let saved = saved_head::load(&live).expect("resaved");
+            assert_eq!((saved.seq, saved.key_id), (7, key_id));
+        }
+    }
+
     #[test]
     fn corrupt_last_record_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let live = live_in(dir.path());
         std::fs::write(&live, "not json at all\n").expect("w");
-        let err = recover(&live).expect_err("must refuse");
+        let err = recover_never(&live).expect_err("must refuse");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");
     }
 }

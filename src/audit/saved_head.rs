@@ -1,8 +1,11 @@
-//! The chain head saved beside the log at every rotation, in `.<file name>.head`: the
-//! last record's `seq`, `ts` and `hash`. Right after a rotation the live file is empty,
-//! and log shippers move rotated files off the host; without this file a restart then
-//! would start a new chain at seq 1 although DESIGN.md §3 says `seq` continues across
-//! restarts and rotations.
+//! The chain head saved beside the log at every rotation and at a clean shutdown, in
+//! `.<file name>.head`: the last record's `seq`, `ts` and `hash`, and an identifier of the
+//! key the chain is hashed with. Right after a rotation the live file is empty, and log
+//! shippers move rotated files off the host (operators archive every file while the
+//! gateway is stopped); without this file a restart then would start a new chain at seq 1
+//! although DESIGN.md §3 says `seq` continues across restarts and rotations. The key
+//! identifier tells a restart under a new key (the old chain archived) from one that
+//! continues the old chain.
 //!
 //! It is a file of its own rather than the lock file: it is replaced by a rename, so a
 //! crash leaves the old head or the new one and never half of each, and a rename over
@@ -18,17 +21,54 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::chain::HexDigest;
+use super::chain::{ChainHasher, HexDigest};
 use super::path::AuditPath;
 use super::segment::{open_regular, sync_dir};
 
-/// The last record written before a rotation.
+/// The last record written before a rotation or a clean shutdown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedHead {
     pub(crate) seq: u64,
     pub(crate) ts: String,
     pub(crate) hash: String,
+    /// The [`key_id`] of the key `hash` was made with; `None` when unknown (a head saved
+    /// by a version without it, or a record that does not verify under the configured
+    /// key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key_id: Option<String>,
+}
+
+/// The key id of an unkeyed (plain SHA-256) chain.
+const UNKEYED: &str = "sha256";
+/// What the key id of a keyed chain is the HMAC of.
+const KEY_ID_MESSAGE: &[u8] = b"mpc-gateway head key id";
+/// Hex digits of that HMAC kept: enough to tell keys apart, far too few to matter as
+/// key material (and an HMAC output reveals nothing of the key anyway).
+const KEY_ID_HEX: usize = 16;
+
+/// Identifies the key a chain is hashed with, never the key itself: `sha256` for an
+/// unkeyed chain, else the first 16 hex digits of HMAC-SHA256(key, "mpc-gateway head key
+/// id").
+pub(crate) fn key_id(hasher: &ChainHasher) -> String {
+    if !hasher.is_keyed() {
+        return UNKEYED.to_owned();
+    }
+    let digest = hasher.digest(KEY_ID_MESSAGE);
+    // Always 64 hex digits; an empty id would fail `validate` rather than panic here.
+    digest
+        .as_str()
+        .get(..KEY_ID_HEX)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn is_key_id(text: &str) -> bool {
+    text == UNKEYED
+        || (text.len() == KEY_ID_HEX
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 /// Far more than a saved head takes; a larger file is not one.
@@ -120,6 +160,9 @@ fn validate(head: &SavedHead) -> Result<(), &'static str> {
     if OffsetDateTime::parse(&head.ts, &Rfc3339).is_err() {
         return Err("its ts is not an RFC 3339 time");
     }
+    if head.key_id.as_deref().is_some_and(|id| !is_key_id(id)) {
+        return Err("its key_id is neither sha256 nor 16 lower-case hex digits");
+    }
     Ok(())
 }
 
@@ -162,7 +205,42 @@ mod tests {
             seq,
             ts: "2026-01-01T00:00:00.000Z".into(),
             hash: "ab".repeat(32),
+            key_id: Some(UNKEYED.into()),
         }
+    }
+
+    /// The id is HMAC-SHA256(key, "mpc-gateway head key id") cut to 16 hex digits, as an
+    /// independent HMAC computes it; `sha256` without a key.
+    #[test]
+    fn the_key_id_names_the_key_without_revealing_it() {
+        use hmac::{Hmac, Mac};
+        let key = b"a key for the key id test";
+        let keyed = ChainHasher::new(Some(key.to_vec().into())).expect("key");
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("key");
+        mac.update(b"mpc-gateway head key id");
+        let expected = hex::encode(mac.finalize().into_bytes());
+        assert_eq!(key_id(&keyed), expected[..16]);
+        assert_eq!(key_id(&ChainHasher::Plain), "sha256");
+        let other = ChainHasher::new(Some(b"another key".to_vec().into())).expect("key");
+        assert_ne!(key_id(&other), key_id(&keyed));
+    }
+
+    /// A head saved by a version without `key_id` is still read: its key is unknown.
+    #[test]
+    fn a_head_of_the_old_format_is_read_with_an_unknown_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = AuditPath::try_from(dir.path().join("audit.jsonl")).expect("valid");
+        let hash = "ab".repeat(32);
+        let old = format!(r#"{{"seq":3,"ts":"2026-01-01T00:00:00.000Z","hash":"{hash}"}}"#);
+        std::fs::write(live.saved_head(), old).expect("write");
+        let loaded = load(&live).expect("read");
+        assert_eq!((loaded.seq, loaded.key_id), (3, None));
+        let keyed = SavedHead {
+            key_id: Some("0123456789abcdef".into()),
+            ..head(4)
+        };
+        save(&live, &keyed, Durability::Written).expect("save");
+        assert_eq!(load(&live), Some(keyed));
     }
 
     #[test]
@@ -201,6 +279,9 @@ mod tests {
             ),
             r#"{"seq":3,"ts":"2026-01-01T00:00:00.000Z","hash":"AB"}"#.to_string(),
             format!(r#"{{"seq":3,"ts":"yesterday","hash":"{hash}"}}"#),
+            format!(
+                r#"{{"seq":3,"ts":"2026-01-01T00:00:00.000Z","hash":"{hash}","key_id":"the key itself"}}"#
+            ),
             " ".repeat(5000),
         ] {
             std::fs::write(&path, &text).expect("write");

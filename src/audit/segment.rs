@@ -240,6 +240,10 @@ pub(crate) mod fault {
         pub(crate) fn appends(&self) -> usize {
             self.appends.load(Ordering::SeqCst)
         }
+        /// Starts the count of appends again (after the write test at open, say).
+        pub(crate) fn reset_appends(&self) {
+            self.appends.store(0, Ordering::SeqCst);
+        }
         /// Directory fsyncs asked for after a file was created, failed ones included.
         pub(crate) fn dir_syncs(&self) -> usize {
             self.dir_syncs.load(Ordering::SeqCst)

@@ -18,6 +18,7 @@
 //! `result` record only (success is a forwarded request's outcome).
 
 use super::record::MEMBERS;
+use super::writer::PROBE_BYTES;
 
 /// The most bytes a record (its line without the newline) can take; a longer tail is no
 /// record's beginning. The same bound as the tools' line cap and recovery's.
@@ -29,6 +30,10 @@ pub enum TornTail {
     /// A prefix of the record with the expected seq, as a crash mid-write leaves (or the
     /// whole record without its newline, which must then still verify).
     Plausible,
+    /// Blanks only, no more than the writer's disk write test appends (it writes them,
+    /// syncs and cuts them off again; see `Writer::test_write`): what a crash during
+    /// that test leaves.
+    WriteTestBlanks,
     /// Not something a crash could leave; `why` says what gives it away (for messages).
     NotARecordPrefix { why: String },
 }
@@ -42,6 +47,9 @@ pub fn classify_unterminated_tail(tail: &[u8], next_seq: u64) -> TornTail {
             "{} bytes, more than the 1 MiB a record can take",
             tail.len()
         ));
+    }
+    if !tail.is_empty() && tail.len() <= PROBE_BYTES && tail.iter().all(|&b| b == b' ') {
+        return TornTail::WriteTestBlanks;
     }
     if let Err(e) = std::str::from_utf8(tail) {
         // A crash can cut a character in two, but only at the very end.

@@ -768,6 +768,11 @@ impl<'h> Chain<'h> {
         };
         match class {
             TornTail::Plausible => self.torn(at, "a partial record".into(), files),
+            TornTail::WriteTestBlanks => self.torn(
+                at,
+                "the blanks of the writer's disk write test, cut short by a crash".into(),
+                files,
+            ),
             TornTail::NotARecordPrefix { why } => Verdict::Broken {
                 at,
                 what: format!(

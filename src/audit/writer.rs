@@ -15,7 +15,10 @@
 //!
 //! A failed write or fsync is undone (the file is cut back to its length before the
 //! batch, `seq`/`prev` do not advance), every record of the batch gets an error, and the
-//! log reports not writable until a later write or a periodic probe succeeds.
+//! log reports not writable until a later write or a periodic probe succeeds. The probe
+//! (a 4 KiB write cut off again) also runs once at open, so that a disk that takes no
+//! data is reported from the start. A failed rotation is retried after each write,
+//! counted, and logged at most once per 10 s; the records still go to the live file.
 //!
 //! The live file may be removed or moved away under the writer (by hand, by logrotate
 //! without `copytruncate`). A batch that finds its file removed (`fstat`: no name left)
@@ -52,10 +55,11 @@ use tokio::sync::{oneshot, watch};
 use super::chain::{self, ChainHasher, HexDigest};
 use super::path::AuditPath;
 use super::record::{self, AuditEvent, Body, TsText};
-use super::recover::{enforce_owner_only, recover, ChainHead};
+use super::recover::{continues_under, enforce_owner_only, recover, StartUp};
 use super::saved_head::{self, Durability, SavedHead};
 use super::segment::{self, FileId, FsOpener, LiveFile, Opener};
 use super::{AuditSettings, Fsync};
+use crate::millis::CountingThrottle;
 use crate::sync::lock_unpoisoned;
 use stall::{Progress, Queue};
 
@@ -76,7 +80,9 @@ const STALL_BOUND: Duration = Duration::from_secs(5);
 pub(crate) const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
 
 /// Size of the probe write: large enough to notice a full disk.
-const PROBE_BYTES: usize = 4096;
+pub(crate) const PROBE_BYTES: usize = 4096;
+/// How often a rotation that keeps failing is logged: it is retried after every write.
+const ROTATION_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why the audit log could not open, write or close.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +100,10 @@ pub enum AuditError {
     NotADirectory { dir: PathBuf },
     #[error("audit log: {} cannot be continued: {detail}; check it with `mpc-gateway audit verify` and move it aside to start a new file", path.display())]
     Corrupt { path: PathBuf, detail: String },
+    /// A rotated file ends without a newline although, with `fsync: always`, its records
+    /// were fsynced before it was renamed: no crash leaves that.
+    #[error("audit log: rotated file {} ends with a partial record (from byte offset {offset}); with `fsync: always` its records were fsynced before it was rotated, so no crash leaves that: it was altered, or the previous run used `fsync: never`. If it did, start once with `fsync: never` (start-up then cuts the partial record); otherwise inspect the file and truncate it after its last newline by hand", path.display())]
+    TornRotatedFile { path: PathBuf, offset: u64 },
     #[error("audit log: a record could not be serialized: {detail}")]
     Encode { detail: String },
     #[error("audit log: the HMAC key (audit.hmac_key) cannot be used: {source}")]
@@ -172,6 +182,7 @@ pub struct AuditLog {
 struct Shared {
     path: AuditPath,
     writable: Arc<AtomicBool>,
+    rotation_failures: RotationFailures,
     /// When the batch in progress started: not writable while it is stuck.
     progress: Arc<Progress>,
     stall_bound: Duration,
@@ -310,10 +321,11 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// Opens (creating with mode 0600, creating parent dirs is NOT done: a missing dir is
     /// an error), recovers the chain (continues seq/prev from the last complete record,
-    /// also from the newest rotated sibling or the head saved at the last rotation when
-    /// the live file is empty or missing), cuts
-    /// a torn last line with a `tracing::warn!`, and starts the writer thread (`fsync:
-    /// always`) or the probe thread (`fsync: never`).
+    /// also from the newest rotated sibling or the saved head when the live file holds
+    /// no record), cuts a torn last line with a `tracing::warn!` (refusing bytes no crash
+    /// leaves: see `recover`), tests that the disk takes a write (the log starts not
+    /// writable when it does not), and starts the writer thread (`fsync: always`) or the
+    /// probe thread (`fsync: never`).
     /// Callable from inside or outside a tokio runtime (it never blocks on async work).
     pub fn open(settings: AuditSettings) -> Result<AuditLog, AuditError> {
         Self::open_with(settings, Box::new(FsOpener))
@@ -341,9 +353,17 @@ impl AuditLog {
         } = settings;
         existing_dir(&path)?;
         let lock = lock_exclusively(&path)?;
-        let head = recover(&path)?;
         let hasher =
             ChainHasher::new(hmac_key).map_err(|source| AuditError::UnusableHmacKey { source })?;
+        let head = recover(
+            &path,
+            &StartUp {
+                hasher: &hasher,
+                fsync,
+            },
+        )?;
+        // Not refused: refusing would let whoever can edit the log stop the gateway, and
+        // `audit verify` finds the break anyway.
         if !continues_under(&head, &hasher) {
             tracing::error!(
                 path = %path.display(),
@@ -353,10 +373,12 @@ impl AuditLog {
         }
         let writable = Arc::new(AtomicBool::new(true));
         let progress = Arc::new(Progress::new());
+        let rotation_failures = RotationFailures::default();
         let mut writer = Writer {
             path: path.clone(),
             fsync,
             rotate_bytes,
+            key_id: saved_head::key_id(&hasher),
             hasher,
             opener,
             file: None,
@@ -377,12 +399,15 @@ impl AuditLog {
             lock: Some(lock),
             dir_needs_sync: false,
             unsynced: Arc::default(),
+            rotation_failures: rotation_failures.clone(),
+            rotation_failure_log: CountingThrottle::new(ROTATION_FAILURE_LOG_INTERVAL),
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
             path: path.to_path_buf(),
             source,
         })?;
+        writer.probe_at_start();
         let mode = match fsync {
             Fsync::Always => Self::start_thread(writer, stall_bound)?,
             Fsync::Never => Self::start_inline(writer)?,
@@ -391,6 +416,7 @@ impl AuditLog {
             shared: Arc::new(Shared {
                 path,
                 writable,
+                rotation_failures,
                 progress,
                 stall_bound,
                 mode,
@@ -530,7 +556,14 @@ impl AuditLog {
         })
     }
 
-    /// False after a failed write, until a later write (or a probe) succeeds; false
+    /// How many rotations failed since the log was opened, as a handle that reads the
+    /// count (for the metrics).
+    pub fn rotation_failures(&self) -> RotationFailures {
+        self.shared.rotation_failures.clone()
+    }
+
+    /// False when the write test at open failed, and after a failed write, until a later
+    /// write (or a probe) succeeds; false
     /// while a write (or fsync) has been in progress for longer than the stall bound (a
     /// disk that stopped answering); false after [`close`](Self::close).
     pub fn is_writable(&self) -> bool {
@@ -607,15 +640,6 @@ fn probe_while_open(
     }
 }
 
-/// Whether the record the chain continues from verifies under `hasher` (trivially, for a
-/// new chain). It is not refused when it does not: refusing would let whoever can edit
-/// the log stop the gateway, and `audit verify` finds the break anyway.
-fn continues_under(head: &ChainHead, hasher: &ChainHasher) -> bool {
-    head.last_body
-        .as_ref()
-        .is_none_or(|body| hasher.digest(body).as_str() == head.prev)
-}
-
 /// How long opening waits for another holder of the lock to let go (a gateway in this
 /// process shutting down, or one on this host finishing its drain) before giving up.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -675,9 +699,10 @@ fn existing_dir(path: &AuditPath) -> Result<&Path, AuditError> {
     }
 }
 
-/// Used by `check-config`: verifies that the directory of `path` exists and is writable
-/// (creates and removes a temporary file), and that an existing audit file can be opened
-/// for appending. Writes nothing to the audit file itself.
+/// Used by `check-config`: verifies that the directory of `path` exists and takes data
+/// (writes 4 KiB to a temporary file in it, fsyncs and removes it: creating an empty file
+/// needs no data block, so only a write notices a full disk), and that an existing audit
+/// file can be opened for appending. Writes nothing to the audit file itself.
 pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
     let dir = existing_dir(path)?;
     let probe = dir.join(format!(
@@ -693,12 +718,22 @@ pub fn check_writable(path: &AuditPath) -> Result<(), AuditError> {
             source,
         }
     };
-    std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&probe)
         .map_err(io_err("create a file in", dir))?;
-    std::fs::remove_file(&probe).map_err(io_err("remove", &probe))?;
+    let wrote =
+        io::Write::write_all(&mut file, &[b' '; PROBE_BYTES]).and_then(|()| file.sync_all());
+    drop(file);
+    // Removed whether or not the write succeeded: a full disk must not keep it.
+    let removed = std::fs::remove_file(&probe);
+    wrote.map_err(io_err(
+        "write 4 KiB (a test write, removed again) to a file in",
+        dir,
+    ))?;
+    removed.map_err(io_err("remove", &probe))?;
     // `serve` opens both with `open_regular` (writing): a link, FIFO or directory at
     // either name is refused here as it would be there.
     let mut for_writing = std::fs::OpenOptions::new();
@@ -749,6 +784,28 @@ struct Writer {
     dir_needs_sync: bool,
     /// Files this writer no longer writes to whose records no fsync covers yet.
     unsynced: Arc<Unsynced>,
+    /// Identifies the key of [`hasher`](Self::hasher) in the saved head (see `saved_head`).
+    key_id: String,
+    /// Counts failed rotations, for the metrics.
+    rotation_failures: RotationFailures,
+    /// A failing rotation is retried after every write: its error is logged once per
+    /// [`ROTATION_FAILURE_LOG_INTERVAL`], with the number of failures not logged.
+    rotation_failure_log: CountingThrottle,
+}
+
+/// How many rotations of a log failed since it was opened: a cheap handle, shared by
+/// the writer (which counts) and whoever reports the count.
+#[derive(Debug, Clone, Default)]
+pub struct RotationFailures(Arc<std::sync::atomic::AtomicU64>);
+
+impl RotationFailures {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add_one(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// With `fsync: never`, the handles of files the writer stopped writing to (rotated
@@ -1085,17 +1142,35 @@ impl Writer {
         Ok(())
     }
 
-    /// Checks whether the disk takes writes again: appends 4 KiB of spaces, fsyncs and
-    /// cuts them off again. Never leaves bytes behind (a crash in between leaves a tail
-    /// without newline, which start-up cuts like any torn line).
+    /// Checks whether the disk takes writes again (see [`test_write`](Self::test_write)).
     fn probe(&mut self) {
-        if let Err(e) = self.ensure_open() {
-            tracing::debug!(path = %self.path.display(), error = %e, "audit log still not writable");
-            return;
+        match self.test_write() {
+            Ok(()) => self.set_writable(true),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "audit log still not writable");
+            }
         }
+    }
+
+    /// The same test once at open, so that readiness tells from the start whether records
+    /// can be written (a full disk), not only after a request was refused. A failure is
+    /// not fatal: the log starts not writable and the periodic probe finds out when the
+    /// disk takes writes again.
+    fn probe_at_start(&mut self) {
+        if let Err(e) = self.test_write() {
+            tracing::error!(path = %self.path.display(), error = %e, "the audit log cannot be written (a test write failed); requests are refused with 503 and /readyz reports not ready until it can");
+            self.set_writable(false);
+        }
+    }
+
+    /// Appends 4 KiB of spaces to the live file, fsyncs and cuts them off again. Never
+    /// leaves bytes behind (a crash in between leaves blanks after the last newline,
+    /// which start-up recognizes and cuts).
+    fn test_write(&mut self) -> io::Result<()> {
+        self.ensure_open()?;
         let start = self.len;
         let Some(file) = self.file.as_mut() else {
-            return;
+            return Err(io::Error::other("live file is not open"));
         };
         let wrote = file.append(&[b' '; PROBE_BYTES]).and_then(|()| file.sync());
         // Cut unconditionally: a failed append may still have left some bytes.
@@ -1104,12 +1179,7 @@ impl Writer {
             self.undo_to = Some(start);
             self.file = None;
         }
-        match wrote.and(cut) {
-            Ok(()) => self.set_writable(true),
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e, "audit log still not writable");
-            }
-        }
+        wrote.and(cut)
     }
 
     fn set_writable(&self, ok: bool) {
@@ -1171,7 +1241,11 @@ impl Writer {
             return;
         }
         if let Err(e) = self.rotate() {
-            tracing::error!(path = %self.path.display(), error = %e, "audit log rotation failed; will retry after the next write");
+            self.rotation_failures.add_one();
+            // Retried after every write: one line per interval, not one per request.
+            if let Some(suppressed) = self.rotation_failure_log.ready() {
+                tracing::error!(path = %self.path.display(), error = %e, suppressed, "audit log rotation failed; will retry after the next write (logged at most once per 10 s; `suppressed` failures since the last such line were not logged)");
+            }
             // Renamed, but the new file could not be created: nothing can be written
             // until it is, so readiness says so now rather than at the next request's
             // 503. The probe (or the next write) creates it and restores writability.
@@ -1232,16 +1306,22 @@ impl Writer {
         }
     }
 
-    /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`).
+    /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`), synced
+    /// as the records are.
     fn save_head(&self, last_seq: u64) -> io::Result<()> {
+        let durability = match self.fsync {
+            Fsync::Always => Durability::Synced,
+            Fsync::Never => Durability::Written,
+        };
+        self.save_head_as(last_seq, durability)
+    }
+
+    fn save_head_as(&self, last_seq: u64, durability: Durability) -> io::Result<()> {
         let head = SavedHead {
             seq: last_seq,
             ts: record::format_ts(self.last_ts).as_str().to_owned(),
             hash: self.prev.as_str().to_owned(),
-        };
-        let durability = match self.fsync {
-            Fsync::Always => Durability::Synced,
-            Fsync::Never => Durability::Written,
+            key_id: Some(self.key_id.clone()),
         };
         saved_head::save(&self.path, &head, durability).map_err(|e| {
             let path = self.path.saved_head();
@@ -1253,7 +1333,7 @@ impl Writer {
     }
 
     /// The final flush on close: fsync the files rotated and not yet fsynced, the live
-    /// file and their directory.
+    /// file and their directory; then save the chain head.
     fn finish(&mut self) -> Result<(), Arc<io::Error>> {
         let rotated = self.unsynced.sync_all(&self.path);
         let synced = match self.file.as_mut() {
@@ -1264,9 +1344,23 @@ impl Writer {
             .and_then(|()| segment::sync_dir(self.path.dir()))
             .map_err(Arc::new)
             .and(rotated);
+        self.save_head_at_shutdown();
         // Closed: another gateway may take the log over.
         self.lock = None;
         finished
+    }
+
+    /// Saves the head once more, synced: operators archive every file while the gateway
+    /// is stopped (`mv audit.jsonl* elsewhere/`), and a head from the last rotation would
+    /// then continue the chain at a seq the archive already holds. Not a failure of the
+    /// close: every record is on disk, and a restart with the files in place needs no head.
+    fn save_head_at_shutdown(&self) {
+        let Some(last_seq) = self.next_seq.checked_sub(1).filter(|&seq| seq > 0) else {
+            return;
+        };
+        if let Err(e) = self.save_head_as(last_seq, Durability::Synced) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot save the audit chain head at shutdown; if every audit file is moved away before the next start, the chain continues from an older head");
+        }
     }
 }
 

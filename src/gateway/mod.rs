@@ -163,6 +163,7 @@ impl Gateway {
         let runtime = Runtime::build(config, None, &clock)?;
         declare_tenants(&metrics, config);
         export_listener_certificate(&metrics, config);
+        metrics.count_audit_rotation_failures(audit.rotation_failures());
         Ok(Gateway {
             inner: Arc::new(Inner {
                 runtime: ArcSwap::from_pointee(runtime),

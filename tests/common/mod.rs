@@ -1040,6 +1040,32 @@ pub struct TmpfsMount {
 }
 
 impl TmpfsMount {
+    /// [`TmpfsMount::mount`] for tests that can only run where mounting works: `None`,
+    /// with the reason printed, when it does not (not root, no `mount`, a sandbox).
+    pub fn try_mount(path: &Path, size: &str) -> Option<TmpfsMount> {
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(TmpfsMount {
+                path: path.to_path_buf(),
+            }),
+            Ok(output) => {
+                eprintln!(
+                    "skipped: cannot mount a tmpfs at {} (needs root): {}",
+                    path.display(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                None
+            }
+            Err(err) => {
+                eprintln!("skipped: cannot run mount: {err}");
+                None
+            }
+        }
+    }
+
     pub fn mount(path: &Path, size: &str) -> TmpfsMount {
         let output = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])

@@ -75,8 +75,29 @@ fn records() -> Vec<(u64, Vec<u8>)> {
 fn why(class: TornTail) -> String {
     match class {
         TornTail::NotARecordPrefix { why } => why,
-        TornTail::Plausible => panic!("expected not a record prefix"),
+        other => panic!("expected not a record prefix, got {other:?}"),
     }
+}
+
+/// The writer's disk write test appends blanks and cuts them off again; a crash in
+/// between leaves them, and nothing else made of blanks alone is a crash's.
+#[test]
+fn the_blanks_of_an_interrupted_write_test_are_left_by_a_crash() {
+    for len in [1, 100, PROBE_BYTES] {
+        assert_eq!(
+            classify_unterminated_tail(&vec![b' '; len], 75),
+            TornTail::WriteTestBlanks
+        );
+    }
+    let more = vec![b' '; PROBE_BYTES + 1];
+    assert!(matches!(
+        classify_unterminated_tail(&more, 75),
+        TornTail::NotARecordPrefix { .. }
+    ));
+    assert!(matches!(
+        classify_unterminated_tail(b"  x", 75),
+        TornTail::NotARecordPrefix { .. }
+    ));
 }
 
 #[test]

@@ -39,7 +39,8 @@ fn event(i: usize) -> AuditEvent {
     }
 }
 
-/// A log whose file fails on demand; also counts the file's writes.
+/// A log whose file fails on demand; also counts the file's writes, from after the write
+/// test at open.
 fn open_with_faults(path: &Path, fsync: Fsync) -> (AuditLog, Faults) {
     let faults = Faults::default();
     let log = AuditLog::open_with(
@@ -47,6 +48,8 @@ fn open_with_faults(path: &Path, fsync: Fsync) -> (AuditLog, Faults) {
         Box::new(FaultyOpener(faults.clone())),
     )
     .expect("open");
+    assert_eq!(faults.appends(), 1, "the write test at open");
+    faults.reset_appends();
     (log, faults)
 }
 
@@ -585,6 +588,13 @@ async fn inline_appends_outstanding_at_close_are_written_by_it() {
 /// Appends until a rotation (at 1024 bytes) leaves the live file empty, closes; returns
 /// the last seq.
 async fn append_until_rotated(log: &AuditLog, path: &Path) -> u64 {
+    let n = fill_until_rotated(log, path).await;
+    log.close().await.expect("close");
+    n
+}
+
+/// [`append_until_rotated`], leaving the log open.
+async fn fill_until_rotated(log: &AuditLog, path: &Path) -> u64 {
     let mut n = 0;
     loop {
         n += 1;
@@ -594,7 +604,6 @@ async fn append_until_rotated(log: &AuditLog, path: &Path) -> u64 {
         }
         assert!(n < 100, "no rotation after {n} records");
     }
-    log.close().await.expect("close");
     n as u64
 }
 
@@ -659,21 +668,104 @@ async fn the_chain_continues_from_the_saved_head_when_the_rotated_files_are_move
 
 /// A rotation saves the chain head in both modes, waiting for the disk only as the
 /// records do: with `fsync: never` a rotation runs inside a request's append, where an
-/// fsync could wait for the writeback of everything written before it.
+/// fsync could wait for the writeback of everything written before it. A clean shutdown
+/// saves it again, synced in both modes, as everything else then is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_saves_the_head_synced_only_with_fsync_always() {
     for (fsync, synced) in [(Fsync::Always, true), (Fsync::Never, false)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(settings(&path, fsync, 1024)).expect("open");
-        let n = append_until_rotated(&log, &path).await;
+        let n = fill_until_rotated(&log, &path).await;
+        let saved = saved_head::load(&audit_path(&path)).expect("saved at the rotation");
+        assert_eq!(saved.seq, n, "{fsync:?}");
+        assert_eq!(saved.key_id.as_deref(), Some("sha256"), "{fsync:?}");
+        assert_eq!(saved_head::sync_count::of(&path) > 0, synced, "{fsync:?}");
+        let synced_before_close = saved_head::sync_count::of(&path);
         log.close().await.expect("close");
         assert_eq!(
-            saved_head::load(&audit_path(&path)).map(|head| head.seq),
-            Some(n),
+            saved_head::load(&audit_path(&path)),
+            Some(saved),
             "{fsync:?}"
         );
-        assert_eq!(saved_head::sync_count::of(&path) > 0, synced, "{fsync:?}");
+        assert_eq!(
+            saved_head::sync_count::of(&path),
+            synced_before_close + 1,
+            "{fsync:?}: saved, synced, at shutdown"
+        );
+    }
+}
+
+/// Review F2: every file of the log archived while the gateway is stopped (`mv
+/// audit.jsonl* elsewhere/`, which leaves the dot files). The head saved at the clean
+/// shutdown continues the chain at the true last seq, not at the last rotation's, so the
+/// archive and the new files verify as one chain.
+#[tokio::test(flavor = "multi_thread")]
+async fn archiving_every_file_after_a_clean_shutdown_continues_the_chain_at_its_last_seq() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(settings(&path, fsync, 1024)).expect("open");
+        let rotated_at = fill_until_rotated(&log, &path).await;
+        log.append(event(0)).await.expect("append");
+        log.close().await.expect("close");
+        let last = rotated_at + 1;
+        assert!(
+            !audit_path(&path).rotated(last).exists(),
+            "{fsync:?}: the last record is in the live file"
+        );
+        for file in rotated_files(dir.path()).into_iter().chain([path.clone()]) {
+            let name = file.file_name().expect("name");
+            std::fs::rename(&file, archive.path().join(name)).expect("archive");
+        }
+
+        let log = AuditLog::open(settings(&path, fsync, 1024)).expect("reopen");
+        assert_eq!(log.append(event(9)).await.expect("append"), last + 1);
+        log.close().await.expect("close");
+        let first = lines(&path).remove(0);
+        let archived_last = std::fs::read_dir(archive.path())
+            .expect("list")
+            .flat_map(|entry| lines(&entry.expect("entry").path()))
+            .find(|line| member(line, "seq") == last)
+            .expect("the last record is archived");
+        assert_eq!(member(&first, "prev"), member(&archived_last, "hash"));
+        match verify_paths(&[archive.path(), dir.path()], None) {
+            Verdict::Intact { records, .. } => assert_eq!(records, last + 1, "{fsync:?}"),
+            other => panic!("{fsync:?}: chain not intact: {other:?}"),
+        }
+    }
+}
+
+/// Review F2, the README's key rotation: stop, archive every file, start under a new
+/// key. The saved head names the old key, so the new chain starts at seq 1 (prev 64
+/// zeros) instead of continuing the old chain's seqs under the new key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_key_after_archiving_every_file_starts_a_new_chain_at_seq_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let keyed = |key: &[u8]| AuditSettings {
+        hmac_key: Some(SecretSlice::from(key.to_vec())),
+        ..settings(&path, Fsync::Always, 1024)
+    };
+    let log = AuditLog::open(keyed(b"old key")).expect("open");
+    fill_until_rotated(&log, &path).await;
+    log.append(event(0)).await.expect("append");
+    log.close().await.expect("close");
+    for file in rotated_files(dir.path()).into_iter().chain([path.clone()]) {
+        let name = file.file_name().expect("name");
+        std::fs::rename(&file, archive.path().join(name)).expect("archive");
+    }
+
+    let log = AuditLog::open(keyed(b"new key")).expect("open under the new key");
+    assert_eq!(log.append(event(1)).await.expect("append"), 1);
+    log.close().await.expect("close");
+    let first = lines(&path).remove(0);
+    assert_eq!(member(&first, "prev"), GENESIS);
+    match verify_paths(&[dir.path()], Some(b"new key")) {
+        Verdict::Intact { records: 1, .. } => {}
+        other => panic!("the new chain does not verify from seq 1: {other:?}"),
     }
 }
 
@@ -688,13 +780,14 @@ async fn a_damaged_saved_head_is_replaced_from_the_rotated_files() {
     std::fs::write(audit_path(&path).saved_head(), "{\"seq\":").expect("damage");
 
     let log = AuditLog::open(settings(&path, Fsync::Always, 1024)).expect("reopen");
+    assert_eq!(
+        saved_head::load(&audit_path(&path)).map(|head| head.seq),
+        Some(n),
+        "saved again at start-up"
+    );
     assert_eq!(log.append(event(0)).await.expect("append"), n + 1);
     log.close().await.expect("close");
     assert_eq!(intact(dir.path(), None), n + 1);
-    assert_eq!(
-        saved_head::load(&audit_path(&path)).map(|head| head.seq),
-        Some(n)
-    );
 }
 
 /// `fsync: never` rotates without syncing: a crash can leave the newest rotated file
@@ -1022,13 +1115,17 @@ async fn the_record_the_chain_continues_from_is_checked_under_the_key() {
     let path = dir.path().join("audit.jsonl");
     let plain = ChainHasher::new(None).expect("plain");
     let keyed = ChainHasher::new(Some(SecretSlice::from(b"k3y".to_vec()))).expect("keyed");
-    let fresh = recover(&audit_path(&path)).expect("recover");
+    let start_up = StartUp {
+        hasher: &plain,
+        fsync: Fsync::Never,
+    };
+    let fresh = recover(&audit_path(&path), &start_up).expect("recover");
     assert!(continues_under(&fresh, &plain) && continues_under(&fresh, &keyed));
 
     let log = AuditLog::open(settings(&path, Fsync::Never, 1 << 20)).expect("open");
     log.append(event(1)).await.expect("append");
     log.close().await.expect("close");
-    let head = recover(&audit_path(&path)).expect("recover");
+    let head = recover(&audit_path(&path), &start_up).expect("recover");
     assert!(continues_under(&head, &plain));
     assert!(!continues_under(&head, &keyed), "a key added since");
 }
@@ -1617,4 +1714,102 @@ async fn a_saved_head_that_is_a_fifo_or_a_link_is_ignored_without_blocking() {
         assert_eq!(log.append(event(0)).await.expect("append"), 1, "{planted}");
         log.close().await.expect("close");
     }
+}
+
+/// Review F1 (ops): a disk that takes no data (full) is found by a write test when the
+/// log opens: not writable from the start, so `/readyz` says so before any request is
+/// refused. The periodic probe finds out when it takes data again; neither leaves bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_that_takes_no_data_at_open_makes_the_log_not_writable_from_the_start() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let faults = Faults::default();
+        faults.set(fault::PARTIAL_WRITE);
+        let log = AuditLog::open_with(
+            settings(&path, fsync, 1 << 20),
+            Box::new(FaultyOpener(faults.clone())),
+        )
+        .expect("opens all the same");
+        assert!(!log.is_writable(), "{fsync:?}: not writable from the start");
+        assert_eq!(faults.appends(), 1, "{fsync:?}: one test write");
+        let len = || std::fs::metadata(&path).expect("live file").len();
+        assert_eq!(len(), 0, "{fsync:?}: the failed test left nothing");
+        faults.set(fault::NONE);
+        assert!(
+            writable_within(&log, true).await,
+            "{fsync:?}: the probe finds the disk taking data again"
+        );
+        assert_eq!(len(), 0, "{fsync:?}: the probe left nothing");
+        assert_eq!(log.append(event(0)).await.expect("append"), 1);
+        log.close().await.expect("close");
+        assert_eq!(intact(dir.path(), None), 1);
+    }
+}
+
+/// Operational log lines, captured for a test.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        lock_unpoisoned(&self.0).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// A subscriber writing into this capture, for `tracing::subscriber::set_default`.
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        let sink = self.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&lock_unpoisoned(&self.0)).into_owned()
+    }
+}
+
+/// Review F2 (ops): a rotation that keeps failing (here every name it would take is
+/// taken) is retried after every write. Each failure is counted (the metrics read the
+/// count), the error is logged at most once per 10 s instead of once per write, and the
+/// log stays writable: the records still go to the file that did not rotate.
+/// `fsync: never` rotates inside the append, on this thread, whose log lines are captured.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failing_rotation_is_counted_logged_once_per_interval_and_stays_writable() {
+    let captured = Captured::default();
+    let _logging = tracing::subscriber::set_default(captured.subscriber());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(settings(&path, Fsync::Never, 1024)).expect("open");
+    const RECORDS: usize = 40;
+    for seq in 1..=RECORDS as u64 {
+        std::fs::write(audit_path(&path).rotated(seq), "taken\n").expect("take the name");
+    }
+    let mut attempts = 0;
+    for i in 0..RECORDS {
+        log.append(event(i)).await.expect("append");
+        if std::fs::metadata(&path).expect("live file").len() >= 1024 {
+            attempts += 1;
+        }
+    }
+    assert!(attempts >= 20, "only {attempts} rotations were due");
+    assert_eq!(log.rotation_failures().get(), attempts);
+    assert!(log.is_writable(), "records are still written");
+    log.close().await.expect("close");
+    let text = captured.text();
+    let logged: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("audit log rotation failed"))
+        .collect();
+    assert_eq!(logged.len(), 1, "{text}");
+    assert!(logged[0].contains("suppressed=0"), "{}", logged[0]);
+    assert_eq!(intact(&path, None), RECORDS as u64);
 }
