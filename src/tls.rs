@@ -378,16 +378,22 @@ mod tests {
         assert_ne!(trust(Some(&ca), false), first, "another CA in the file");
     }
 
-    #[test]
-    fn reads_uri_and_dns_sans_and_fingerprints() {
+    /// A client certificate with these SANs from a fresh test CA, and the identity the
+    /// listener reads from it.
+    fn client_identity(sans: &[&str]) -> (Vec<CertificateDer<'static>>, ClientCertificate) {
         let pki = generate_pki(&["localhost"]).expect("pki");
-        let client = pki
-            .issue_client_cert(&["spiffe://prod/ns/billing/sa/api", "billing.internal"])
-            .expect("client cert");
+        let client = pki.issue_client_cert(sans).expect("client cert");
         let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .expect("pem");
         let identity = ClientCertificate::from_peer(Some(&der)).expect("identity");
+        (der, identity)
+    }
+
+    #[test]
+    fn reads_uri_and_dns_sans_and_fingerprints() {
+        let (der, identity) =
+            client_identity(&["spiffe://prod/ns/billing/sa/api", "billing.internal"]);
         assert_eq!(
             identity.sans,
             vec![
@@ -404,14 +410,7 @@ mod tests {
 
     #[test]
     fn dns_sans_are_lower_cased_and_uri_sans_kept_exactly() {
-        let pki = generate_pki(&["localhost"]).expect("pki");
-        let client = pki
-            .issue_client_cert(&["spiffe://Prod/ns/Billing", "Billing.INTERNAL"])
-            .expect("client cert");
-        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("pem");
-        let identity = ClientCertificate::from_peer(Some(&der)).expect("identity");
+        let (_, identity) = client_identity(&["spiffe://Prod/ns/Billing", "Billing.INTERNAL"]);
         assert_eq!(
             identity.sans,
             [
