@@ -385,6 +385,70 @@ fn serve_refuses_a_live_file_ending_in_bytes_no_crash_leaves() {
     assert_eq!(assert_chain(&[audit], Some(HMAC_KEY.as_bytes())), 2);
 }
 
+/// Every audit file moved away after the gateway was killed (no clean stop, so the head
+/// saved at the last rotation is older than the moved live file's records): start-up
+/// refuses rather than give new records the seqs the moved file holds, and says how to
+/// go on; with the head file moved away too a new chain starts at seq 1.
+#[test]
+fn serve_refuses_to_reuse_seqs_of_files_moved_away_after_a_kill() {
+    let c = ConfigDir::new();
+    c.write(&replaced(
+        &c.yaml(BASE, ALLOW),
+        "  fsync: always\n",
+        "  fsync: always\n  rotate_bytes: 1024\n",
+    ));
+    let mut served = Served::start(&c.config_path());
+    for i in 0..8 {
+        assert_eq!(
+            end_as(&served, &format!("billing-{i}"), "not-a-token").0,
+            401
+        );
+    }
+    served.kill_hard();
+    let audit_dir = c.audit_path().parent().expect("dir").to_path_buf();
+    let archive = c.path().join("archive");
+    std::fs::create_dir(&archive).expect("mkdir");
+    let mut moved = 0;
+    for entry in std::fs::read_dir(&audit_dir).expect("list") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with("audit.jsonl") {
+            std::fs::rename(&path, archive.join(&name)).expect("archive");
+            moved += 1;
+        }
+    }
+    assert!(moved >= 2, "rotated at least once");
+
+    let config = c.config_path();
+    let out = run(&["serve", "--config", config.to_str().expect("UTF-8")], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(".audit.jsonl.head") && stderr.contains("Put them back"),
+        "{stderr}"
+    );
+    assert!(
+        !c.audit_path().exists(),
+        "nothing written before the refusal"
+    );
+
+    std::fs::rename(
+        audit_dir.join(".audit.jsonl.head"),
+        archive.join(".audit.jsonl.head"),
+    )
+    .expect("move the head away too");
+    let served = Served::start(&c.config_path());
+    assert_eq!(end_as(&served, "billing-new", "not-a-token").0, 401);
+    drop(stop_and_read_log(served));
+    let first = &read_records(&c.audit_path())[0];
+    assert_eq!(first["seq"], 1, "a new chain");
+    assert_eq!(first["prev"], "0".repeat(64));
+}
+
 /// Without `--config`, both commands read `config/gateway.yaml` under the current
 /// directory (DESIGN §2).
 #[test]

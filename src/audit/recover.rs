@@ -112,7 +112,9 @@ fn find_head(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, AuditErro
     };
     let file = match open_regular(&read_write(), live.as_path()) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return beyond_live_file(live, how),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return beyond_live_file(live, how, LiveFile::Missing)
+        }
         Err(e) => return Err(io_err("open")(e)),
     };
     enforce_owner_only(&file, live.as_path()).map_err(io_err("set mode 0600 on"))?;
@@ -120,7 +122,7 @@ fn find_head(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, AuditErro
     let head = if ending.kept > 0 {
         head_from_line(&file, ending.kept, live.as_path())?
     } else {
-        beyond_live_file(live, how)?
+        beyond_live_file(live, how, LiveFile::Empty)?
     };
     cut_torn_tail(&file, live.as_path(), &ending, head.next_seq)?;
     Ok(head)
@@ -323,7 +325,11 @@ fn corrupt(path: &Path, why: &str) -> AuditError {
 /// last record or after the saved head, whichever is later. The saved head is what is
 /// left when the newest files were moved off the host; it never wins over a record
 /// actually in a file. With neither, this is a new log.
-fn beyond_live_file(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, AuditError> {
+fn beyond_live_file(
+    live: &AuditPath,
+    how: &StartUp<'_>,
+    live_file: LiveFile,
+) -> Result<ChainHead, AuditError> {
     let siblings = rotated_siblings(live).map_err(|source| AuditError::Io {
         op: "list the directory of",
         path: live.to_path_buf(),
@@ -337,10 +343,10 @@ fn beyond_live_file(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, Au
     let in_files = from_rotated(live, siblings, how)?;
     let saved = saved_head::load(live);
     match (in_files, saved) {
-        (Some(files), Some(saved)) if saved.seq > newest_name.max(files.next_seq - 1) => Ok(
-            continue_from_saved(live, saved, Some(files.next_seq - 1), how),
-        ),
-        (None, Some(saved)) => Ok(continue_from_saved(live, saved, None, how)),
+        (Some(files), Some(saved)) if saved.seq > newest_name.max(files.next_seq - 1) => {
+            continue_from_saved(live, saved, Some(files.next_seq - 1), how, live_file)
+        }
+        (None, Some(saved)) => continue_from_saved(live, saved, None, how, live_file),
         (Some(files), saved) => {
             resave(live, &files, saved.as_ref(), how.hasher);
             Ok(files)
@@ -355,12 +361,20 @@ fn beyond_live_file(live: &AuditPath, how: &StartUp<'_>) -> Result<ChainHead, Au
 /// README's procedure): continued under the new key it would take seqs the archive
 /// already holds, so a new chain starts at seq 1. A head of unknown key (saved by an
 /// older version) is continued from, as before.
+///
+/// A head marked as followed by records, with the live file gone too, means every file
+/// was moved away after a run that did not stop cleanly (a clean stop saves the exact
+/// head): the records after the head are elsewhere, and continuing would give the next
+/// records their seqs, a fork `audit verify` reports as broken. Start-up refuses that and
+/// says how to go on. An empty live file instead is what a power loss leaves with
+/// `fsync: never` (those records are lost, not moved): the chain continues, as before.
 fn continue_from_saved(
     live: &AuditPath,
     saved: SavedHead,
     newest_in_files: Option<u64>,
     how: &StartUp<'_>,
-) -> ChainHead {
+    live_file: LiveFile,
+) -> Result<ChainHead, AuditError> {
     let configured = saved_head::key_id(how.hasher);
     if saved
         .key_id
@@ -373,7 +387,16 @@ fn continue_from_saved(
             newest_seq_in_files = newest_in_files,
             "the audit key (audit.hmac_key) changed and no audit file holds the old chain's last record (its files were moved away): starting a new chain at seq 1"
         );
-        return ChainHead::genesis();
+        return Ok(ChainHead::genesis());
+    }
+    if saved.records_may_follow && live_file == LiveFile::Missing {
+        return Err(corrupt(
+            &live.saved_head(),
+            &format!(
+                "records were written after seq {} (the head saved there), and no audit file here holds them: the files were moved away after a run that did not stop cleanly. Put them back (the chain then continues after their last record), or move this head file away as well to start a new chain at seq 1",
+                saved.seq
+            ),
+        ));
     }
     tracing::warn!(
         path = %live.saved_head().display(),
@@ -381,7 +404,16 @@ fn continue_from_saved(
         newest_seq_in_files = newest_in_files,
         "no audit file holds the chain's last record (files moved away?); continuing after it from the head saved at the last rotation or shutdown"
     );
-    head_from_saved(saved)
+    Ok(head_from_saved(saved))
+}
+
+/// The state of the live file when the chain's last record is not in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiveFile {
+    /// No file at `audit.path`: moved away or removed.
+    Missing,
+    /// A file with no complete record: a new file, or one a power loss emptied.
+    Empty,
 }
 
 /// Where a saved head continues the chain. Its record is not at hand, so the key check
@@ -409,6 +441,7 @@ fn resave(live: &AuditPath, head: &ChainHead, saved: Option<&SavedHead>, hasher:
             .to_owned(),
         hash: head.prev.clone(),
         key_id: continues_under(head, hasher).then(|| saved_head::key_id(hasher)),
+        records_may_follow: false,
     };
     if saved == Some(&current) {
         return;
@@ -685,6 +718,7 @@ mod tests {
             ts: "2026-01-01T00:00:09.000Z".into(),
             hash: "c".repeat(64),
             key_id: Some("sha256".into()),
+            records_may_follow: false,
         };
         saved_head::save(&live, &saved, Durability::Synced).expect("save");
         let head = recover_never(&live).expect("recover");
@@ -707,6 +741,7 @@ mod tests {
             ts: "2026-01-01T00:00:00.000Z".into(),
             hash: "c".repeat(64),
             key_id: None,
+            records_may_follow: true,
         };
         saved_head::save(&live, &stale, Durability::Synced).expect("save");
         let head = recover_never(&live).expect("recover");
@@ -877,7 +912,54 @@ mod tests {
             ts: "2026-01-01T00:00:09.000Z".into(),
             hash: "c".repeat(64),
             key_id: key_id.map(str::to_owned),
+            records_may_follow: false,
         }
+    }
+
+    /// Every file moved away after a run that did not stop cleanly: the head saved at the
+    /// last rotation was followed by records that are now elsewhere. Without a live file
+    /// start-up refuses (continuing would reuse their seqs) and leaves the head in place;
+    /// an empty live file (a power loss with `fsync: never`) or an unmarked head (a clean
+    /// stop) continues after the head; moving the head away too starts a new chain.
+    #[test]
+    fn a_head_followed_by_records_that_are_gone_is_not_continued_from() {
+        let followed = SavedHead {
+            records_may_follow: true,
+            ..saved_with_key(Some("sha256"))
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = live_in(dir.path());
+        saved_head::save(&live, &followed, Durability::Synced).expect("save");
+        let err = recover_never(&live).expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains(".audit.jsonl.head"), "{text}");
+        assert!(text.contains("records were written after seq 9"), "{text}");
+        assert!(text.contains("Put them back"), "{text}");
+        assert_eq!(
+            saved_head::load(&live),
+            Some(followed.clone()),
+            "left in place"
+        );
+
+        std::fs::write(live.as_path(), "").expect("an empty live file");
+        assert_eq!(
+            recover_never(&live).expect("continued"),
+            head_from_saved(followed.clone())
+        );
+
+        std::fs::remove_file(live.as_path()).expect("rm");
+        let clean = saved_with_key(Some("sha256"));
+        saved_head::save(&live, &clean, Durability::Synced).expect("save");
+        assert_eq!(
+            recover_never(&live).expect("continued"),
+            head_from_saved(clean)
+        );
+
+        std::fs::remove_file(live.saved_head()).expect("rm head");
+        assert_eq!(
+            recover_never(&live).expect("new chain"),
+            ChainHead::genesis()
+        );
     }
 
     /// Review F2: the old chain's files were moved away. Under the key the saved head

@@ -1,6 +1,6 @@
 //! The chain head saved beside the log at every rotation and at a clean shutdown, in
-//! `.<file name>.head`: the last record's `seq`, `ts` and `hash`, and an identifier of the
-//! key the chain is hashed with. Right after a rotation the live file is empty, and log
+//! `.<file name>.head`: the last record's `seq`, `ts` and `hash`, an identifier of the
+//! key the chain is hashed with, and whether records may have been written after it. Right after a rotation the live file is empty, and log
 //! shippers move rotated files off the host (operators archive every file while the
 //! gateway is stopped); without this file a restart then would start a new chain at seq 1
 //! although DESIGN.md §3 says `seq` continues across restarts and rotations. The key
@@ -37,6 +37,13 @@ pub(crate) struct SavedHead {
     /// key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) key_id: Option<String>,
+    /// Records may have been written after this one: set by the writer before the first
+    /// write that follows a save ([`mark_records_may_follow`]), cleared by the next save
+    /// (a rotation, a clean shutdown, start-up). A head with it set, and no file holding
+    /// those records, means files were moved away after a run that did not stop cleanly:
+    /// continuing from it would reuse their seqs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) records_may_follow: bool,
 }
 
 /// The key id of an unkeyed (plain SHA-256) chain.
@@ -114,6 +121,24 @@ pub(crate) fn save(live: &AuditPath, head: &SavedHead, durability: Durability) -
         sync_dir(live.dir())?;
     }
     Ok(())
+}
+
+/// Marks the saved head as followed by records (see
+/// [`SavedHead::records_may_follow`]), before the writer's first write after it; no head
+/// saved yet (a new log) is nothing to mark.
+pub(crate) fn mark_records_may_follow(live: &AuditPath, durability: Durability) -> io::Result<()> {
+    match read(&live.saved_head()) {
+        Ok(Some(head)) if !head.records_may_follow => save(
+            live,
+            &SavedHead {
+                records_may_follow: true,
+                ..head
+            },
+            durability,
+        ),
+        Ok(_) => Ok(()),
+        Err(why) => Err(io::Error::new(io::ErrorKind::InvalidData, why)),
+    }
 }
 
 /// The saved head, `None` when there is none. One that cannot be read or is not valid is
@@ -206,7 +231,32 @@ mod tests {
             ts: "2026-01-01T00:00:00.000Z".into(),
             hash: "ab".repeat(32),
             key_id: Some(UNKEYED.into()),
+            records_may_follow: false,
         }
+    }
+
+    /// The mark survives a reload and changes nothing else; the next save clears it; a
+    /// head of the old format (no member) reads as not followed.
+    #[test]
+    fn records_may_follow_is_marked_once_and_cleared_by_the_next_save() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = AuditPath::try_from(dir.path().join("audit.jsonl")).expect("valid");
+        mark_records_may_follow(&live, Durability::Written).expect("no head: nothing to mark");
+        assert_eq!(load(&live), None);
+        save(&live, &head(7), Durability::Written).expect("save");
+        mark_records_may_follow(&live, Durability::Written).expect("mark");
+        let marked = load(&live).expect("head");
+        assert_eq!(
+            marked,
+            SavedHead {
+                records_may_follow: true,
+                ..head(7)
+            }
+        );
+        save(&live, &head(9), Durability::Written).expect("save");
+        assert!(!load(&live).expect("head").records_may_follow);
+        let text = std::fs::read_to_string(live.saved_head()).expect("read");
+        assert!(!text.contains("records_may_follow"), "{text}");
     }
 
     /// The id is HMAC-SHA256(key, "mpc-gateway head key id") cut to 16 hex digits, as an

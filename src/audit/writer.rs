@@ -399,6 +399,8 @@ impl AuditLog {
             lock: Some(lock),
             dir_needs_sync: false,
             unsynced: Arc::default(),
+            // Recovery left the saved head at the chain's last record, unmarked.
+            head_marked_followed: false,
             rotation_failures: rotation_failures.clone(),
             rotation_failure_log: CountingThrottle::new(ROTATION_FAILURE_LOG_INTERVAL),
         };
@@ -786,6 +788,9 @@ struct Writer {
     unsynced: Arc<Unsynced>,
     /// Identifies the key of [`hasher`](Self::hasher) in the saved head (see `saved_head`).
     key_id: String,
+    /// The saved head is marked as followed by records (or there is none): see
+    /// `SavedHead::records_may_follow`. Cleared by each save of the head.
+    head_marked_followed: bool,
     /// Counts failed rotations, for the metrics.
     rotation_failures: RotationFailures,
     /// A failing rotation is retried after every write: its error is logged once per
@@ -1051,6 +1056,9 @@ impl Writer {
     /// is cut back so that no partial line remains.
     fn write_batch(&mut self) -> io::Result<()> {
         self.ensure_open()?;
+        if !self.head_marked_followed {
+            self.mark_head_followed();
+        }
         let start = self.len;
         let always = self.fsync == Fsync::Always;
         let Some(file) = self.file.as_mut() else {
@@ -1306,23 +1314,39 @@ impl Writer {
         }
     }
 
-    /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`), synced
-    /// as the records are.
-    fn save_head(&self, last_seq: u64) -> io::Result<()> {
-        let durability = match self.fsync {
-            Fsync::Always => Durability::Synced,
-            Fsync::Never => Durability::Written,
-        };
-        self.save_head_as(last_seq, durability)
+    /// Before the first write after the head was saved: from now on records the head
+    /// does not know of may exist, and a restart that finds neither them nor a newer head
+    /// must not continue from it. Once per start and per rotation, synced as the records
+    /// are. Best effort: a head that cannot be marked leaves today's continuation.
+    fn mark_head_followed(&mut self) {
+        self.head_marked_followed = true;
+        if let Err(e) = saved_head::mark_records_may_follow(&self.path, self.head_durability()) {
+            tracing::warn!(path = %self.path.saved_head().display(), error = %e, "cannot mark the saved audit chain head as followed by records");
+        }
     }
 
-    fn save_head_as(&self, last_seq: u64, durability: Durability) -> io::Result<()> {
+    fn head_durability(&self) -> Durability {
+        match self.fsync {
+            Fsync::Always => Durability::Synced,
+            Fsync::Never => Durability::Written,
+        }
+    }
+
+    /// Saves the chain head, record `last_seq`, beside the log (see `saved_head`), synced
+    /// as the records are.
+    fn save_head(&mut self, last_seq: u64) -> io::Result<()> {
+        self.save_head_as(last_seq, self.head_durability())
+    }
+
+    fn save_head_as(&mut self, last_seq: u64, durability: Durability) -> io::Result<()> {
         let head = SavedHead {
             seq: last_seq,
             ts: record::format_ts(self.last_ts).as_str().to_owned(),
             hash: self.prev.as_str().to_owned(),
             key_id: Some(self.key_id.clone()),
+            records_may_follow: false,
         };
+        self.head_marked_followed = false;
         saved_head::save(&self.path, &head, durability).map_err(|e| {
             let path = self.path.saved_head();
             io::Error::new(
@@ -1354,7 +1378,7 @@ impl Writer {
     /// is stopped (`mv audit.jsonl* elsewhere/`), and a head from the last rotation would
     /// then continue the chain at a seq the archive already holds. Not a failure of the
     /// close: every record is on disk, and a restart with the files in place needs no head.
-    fn save_head_at_shutdown(&self) {
+    fn save_head_at_shutdown(&mut self) {
         let Some(last_seq) = self.next_seq.checked_sub(1).filter(|&seq| seq > 0) else {
             return;
         };

@@ -737,6 +737,37 @@ async fn archiving_every_file_after_a_clean_shutdown_continues_the_chain_at_its_
     }
 }
 
+/// The head saved at a rotation is marked as followed by records before the first
+/// record after it is written (so a restart that finds neither those records nor a newer
+/// head refuses, rather than reusing their seqs), and the head saved at a clean shutdown
+/// is exact again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_saved_head_is_marked_before_records_follow_it_and_exact_after_a_clean_stop() {
+    for fsync in [Fsync::Always, Fsync::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let live = audit_path(&path);
+        let log = AuditLog::open(settings(&path, fsync, 1024)).expect("open");
+        let rotated_at = fill_until_rotated(&log, &path).await;
+        let saved = saved_head::load(&live).expect("saved at the rotation");
+        assert_eq!((saved.seq, saved.records_may_follow), (rotated_at, false));
+        let next = log.append(event(0)).await.expect("append");
+        let marked = saved_head::load(&live).expect("head");
+        assert_eq!(
+            (marked.seq, marked.records_may_follow),
+            (rotated_at, true),
+            "{fsync:?}: marked by the first write after the rotation"
+        );
+        log.close().await.expect("close");
+        let exact = saved_head::load(&live).expect("head");
+        assert_eq!(
+            (exact.seq, exact.records_may_follow),
+            (next, false),
+            "{fsync:?}"
+        );
+    }
+}
+
 /// Review F2, the README's key rotation: stop, archive every file, start under a new
 /// key. The saved head names the old key, so the new chain starts at seq 1 (prev 64
 /// zeros) instead of continuing the old chain's seqs under the new key.
