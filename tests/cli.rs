@@ -1905,11 +1905,28 @@ fn a_full_audit_filesystem_fails_check_config_and_is_not_ready_from_the_start() 
         .collect();
     assert!(leftovers.is_empty(), "check-config left {leftovers:?}");
 
-    let served = Served::start(&c.config_path());
+    // Under systemd the unit starts (the process is up), and its status line says why
+    // it takes no requests.
+    let socket_path = c.path().join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let served = Served::start_with_env(
+        &c.config_path(),
+        &[("NOTIFY_SOCKET", socket_path.to_str().expect("UTF-8"))],
+    );
     let (status, body) = http(served.admin, "GET", "/readyz", None);
     assert_eq!(
         (status, body.trim()),
         (503, "not ready: audit log not writable")
+    );
+    let mut buf = [0u8; 512];
+    let n = manager.recv(&mut buf).expect("READY=1");
+    let ready = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        ready.starts_with("READY=1\n") && ready.contains("; not ready: audit log not writable"),
+        "{ready}"
     );
     std::fs::remove_file(mount.path.join("filler")).expect("remove filler");
     assert!(

@@ -114,8 +114,14 @@ async fn serve_until_signalled(config: Config, config_path: PathBuf) -> anyhow::
     drop(config);
     let manager = Notifier::from_env();
     if let Some(manager) = &manager {
+        // READY=1 says the process is up (units ordered after it may start); whether it
+        // takes requests is /readyz's, and the status line says so when it does not.
+        let readiness = match crate::admin::readiness(running.gateway()) {
+            Ok(()) => String::new(),
+            Err(why) => format!("; not ready: {why}"),
+        };
         manager.ready(&format!(
-            "serving on {}, admin on {}",
+            "serving on {}, admin on {}{readiness}",
             running.local_addr(),
             running.admin_addr()
         ));
