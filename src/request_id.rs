@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const MAX_LEN: usize = 128;
+pub(crate) const MAX_LEN: usize = 128;
 
 /// The id of one request: its text, and the header value that carries it on the reply.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,6 +18,43 @@ pub const MAX_PATH_BYTES: usize = 256;
 /// (512 bytes), but one Plivo returned for a by-uuid request is as long as Plivo made it.
 pub const MAX_MPC_BYTES: usize = 512;
 
+/// The most bytes a record keeps of each of its other text members. What the gateway puts
+/// there is within these already (request ids of at most 128 characters, names the config
+/// checked, fingerprints, socket addresses, problem slugs, Plivo's `api_id` cut to 256
+/// characters); the writer cuts to them anyway, so that a record's size is bounded by the
+/// writer's own code and a crash's partial record can be told from more than a record
+/// holds (the `torn` module). Bytes of the text, before JSON escaping.
+pub(crate) const MAX_REQUEST_ID_BYTES: usize = crate::request_id::MAX_LEN;
+/// Tenant and account names (the config allows 1–64 characters).
+pub(crate) const MAX_NAME_BYTES: usize = 64;
+/// `token_fp`: exactly this many lower-case hex digits.
+pub(crate) const TOKEN_FP_BYTES: usize = 12;
+/// `client`: the longest `ip:port`, `[v6%scope]:65535`, takes 58.
+pub(crate) const MAX_CLIENT_BYTES: usize = 64;
+/// HTTP puts no bound on a method token; without one an unauthenticated caller could make
+/// every record of its requests as large as its head.
+pub(crate) const MAX_METHOD_BYTES: usize = 32;
+/// Problem slugs and `ended`.
+pub(crate) const MAX_REASON_BYTES: usize = 64;
+/// 256 characters of at most 4 bytes each.
+pub(crate) const MAX_PLIVO_API_ID_BYTES: usize = 1024;
+
+/// The most bytes of `member`'s text a record holds (see [`MAX_REQUEST_ID_BYTES`]), for
+/// the members whose value is free text.
+pub(crate) fn max_text_bytes(member: &str) -> Option<usize> {
+    Some(match member {
+        "request_id" => MAX_REQUEST_ID_BYTES,
+        "tenant" | "account" => MAX_NAME_BYTES,
+        "client" => MAX_CLIENT_BYTES,
+        "method" => MAX_METHOD_BYTES,
+        "path" => MAX_PATH_BYTES,
+        "mpc" => MAX_MPC_BYTES,
+        "reason" => MAX_REASON_BYTES,
+        "plivo_api_id" => MAX_PLIVO_API_ID_BYTES,
+        _ => return None,
+    })
+}
+
 /// Every member of a line, in the contract order.
 pub(crate) const MEMBERS: [&str; 19] = [
     "seq",
@@ -124,25 +161,26 @@ pub(crate) struct Body<'a> {
 
 impl<'a> Body<'a> {
     pub(crate) fn new(seq: u64, ts: &'a TsText, prev: &'a HexDigest, ev: &'a AuditEvent) -> Self {
+        let cut = |text: &'a str, max| truncate_on_char_boundary(text, max);
         Body {
             seq,
             ts,
             event: ev.event,
-            request_id: &ev.request_id,
-            tenant: ev.tenant.as_deref(),
-            token_fp: ev.token_fp.as_deref(),
-            client: ev.client.as_deref(),
-            method: &ev.method,
-            path: truncate_on_char_boundary(&ev.path, MAX_PATH_BYTES),
-            mpc: ev
-                .mpc
-                .as_deref()
-                .map(|mpc| truncate_on_char_boundary(mpc, MAX_MPC_BYTES)),
-            account: ev.account.as_deref(),
+            request_id: cut(&ev.request_id, MAX_REQUEST_ID_BYTES),
+            tenant: ev.tenant.as_deref().map(|t| cut(t, MAX_NAME_BYTES)),
+            token_fp: ev.token_fp.as_deref().map(|fp| cut(fp, TOKEN_FP_BYTES)),
+            client: ev.client.as_deref().map(|c| cut(c, MAX_CLIENT_BYTES)),
+            method: cut(&ev.method, MAX_METHOD_BYTES),
+            path: cut(&ev.path, MAX_PATH_BYTES),
+            mpc: ev.mpc.as_deref().map(|mpc| cut(mpc, MAX_MPC_BYTES)),
+            account: ev.account.as_deref().map(|a| cut(a, MAX_NAME_BYTES)),
             status: ev.status,
-            reason: ev.reason.as_deref(),
+            reason: ev.reason.as_deref().map(|r| cut(r, MAX_REASON_BYTES)),
             upstream_status: ev.upstream_status,
-            plivo_api_id: ev.plivo_api_id.as_deref(),
+            plivo_api_id: ev
+                .plivo_api_id
+                .as_deref()
+                .map(|id| cut(id, MAX_PLIVO_API_ID_BYTES)),
             attempts: ev.attempts,
             duration_ms: ev.duration_ms,
             prev,
@@ -480,6 +518,44 @@ mod tests {
         let ts = format_ts(datetime!(2026-11-26 09:03:32.123 UTC));
         let body = Body::new(1, &ts, &prev, &ev);
         assert_eq!(body.mpc, Some(&long[..MAX_MPC_BYTES]));
+    }
+
+    /// Whatever a caller hands over, no text member of a record is longer than
+    /// `max_text_bytes` says (which `torn` holds partial records to), and `token_fp` no
+    /// longer than a fingerprint.
+    #[test]
+    fn every_text_member_is_cut_to_what_a_record_keeps() {
+        let long: Arc<str> = "x".repeat(4096).into();
+        let ev = AuditEvent {
+            request_id: Arc::clone(&long),
+            tenant: Some(Arc::clone(&long)),
+            token_fp: Some(Arc::clone(&long)),
+            client: Some(Arc::clone(&long)),
+            method: long.to_string().into(),
+            path: Arc::clone(&long),
+            mpc: Some(Arc::clone(&long)),
+            account: Some(Arc::clone(&long)),
+            reason: Some(long.to_string().into()),
+            plivo_api_id: Some(Arc::clone(&long)),
+            ..AuditEvent::default()
+        };
+        let prev = HexDigest::parse(&"0".repeat(64)).expect("hex");
+        let ts = format_ts(datetime!(2026-11-26 09:03:32.123 UTC));
+        let mut line = Vec::new();
+        Body::new(1, &ts, &prev, &ev)
+            .write_json(&mut line)
+            .expect("serialize");
+        let record: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        for member in MEMBERS {
+            let Some(cap) = max_text_bytes(member) else {
+                continue;
+            };
+            assert_eq!(record[member].as_str().map(str::len), Some(cap), "{member}");
+        }
+        assert_eq!(
+            record["token_fp"].as_str().map(str::len),
+            Some(TOKEN_FP_BYTES)
+        );
     }
 
     #[test]

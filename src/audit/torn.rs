@@ -14,14 +14,23 @@
 //! The check is on bytes only: it cannot tell a real torn write from the same bytes
 //! forged, and a whole record ending in `}` (one that lost only its newline) is
 //! plausible here but must still verify (hash and link), which is the caller's part.
-//! Besides the grammar it applies one rule of meaning: `reason` `ended` belongs to a
-//! `result` record only (success is a forwarded request's outcome).
+//! Besides the grammar it holds values to what the writer can write: a `ts` that is a
+//! real date and time, a `token_fp` of 12 hex digits, no text longer than a record keeps
+//! of it (`record::max_text_bytes`, so no tail of free text passes for a record's
+//! beginning), and `reason` `ended` in a `result` record only (success is a forwarded
+//! request's outcome). It does not hold `ts` to the previous record's: the writer keeps
+//! `ts` from going back, except after a restart that found the last record's `ts` far in
+//! the future, when it writes the host's time again (see `recover`).
 
-use super::record::MEMBERS;
+use time::{util::days_in_month, Month};
+
+use super::record::{max_text_bytes, MEMBERS, TOKEN_FP_BYTES};
 use super::writer::PROBE_BYTES;
 
-/// The most bytes a record (its line without the newline) can take; a longer tail is no
-/// record's beginning. The same bound as the tools' line cap and recovery's.
+/// A quick bound on a record (its line without the newline); a longer tail is no record's
+/// beginning. The same bound as the tools' line cap and recovery's. The members' own caps
+/// bound a record far more tightly (to some 14 KiB with every character escaped), and
+/// the grammar below holds each member to its cap.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
 /// What an unterminated final line is.
@@ -90,8 +99,10 @@ enum Shape {
     TextOrNull,
     /// A non-negative integer or `null`.
     NumberOrNull,
-    /// 64 lower-case hex digits (`prev`, `hash`).
-    Hex,
+    /// This many lower-case hex digits (`prev`, `hash`).
+    Hex(usize),
+    /// This many lower-case hex digits, or `null` (`token_fp`).
+    HexOrNull(usize),
 }
 
 fn shape(member: &str) -> Shape {
@@ -100,7 +111,8 @@ fn shape(member: &str) -> Shape {
         "event" => Shape::Event,
         "request_id" | "method" | "path" => Shape::Text,
         "status" | "upstream_status" | "attempts" | "duration_ms" => Shape::NumberOrNull,
-        "prev" | "hash" => Shape::Hex,
+        "prev" | "hash" => Shape::Hex(HEX_LEN),
+        "token_fp" => Shape::HexOrNull(TOKEN_FP_BYTES),
         _ => Shape::TextOrNull,
     }
 }
@@ -184,7 +196,10 @@ impl Cursor<'_> {
     /// rule on `reason`.
     fn value(&mut self, name: &str, shape: Shape) -> Step<Option<String>> {
         let first = self.peek()?;
-        let null_allowed = matches!(shape, Shape::TextOrNull | Shape::NumberOrNull);
+        let null_allowed = matches!(
+            shape,
+            Shape::TextOrNull | Shape::NumberOrNull | Shape::HexOrNull(_)
+        );
         if first == b'n' && null_allowed {
             self.literal(b"null", || format!("`{name}` is not `null`"))?;
             return Ok(None);
@@ -199,7 +214,7 @@ impl Cursor<'_> {
         }
         self.at += 1;
         match shape {
-            Shape::Ts => self.plain(name, matches_template),
+            Shape::Ts => self.plain(name, is_ts),
             Shape::Event => self.plain(name, |s, closed| {
                 EVENTS.iter().any(|e| {
                     if closed {
@@ -209,9 +224,9 @@ impl Cursor<'_> {
                     }
                 })
             }),
-            Shape::Hex => self.plain(name, |s, closed| {
-                s.len() <= HEX_LEN
-                    && (!closed || s.len() == HEX_LEN)
+            Shape::Hex(digits) | Shape::HexOrNull(digits) => self.plain(name, |s, closed| {
+                s.len() <= digits
+                    && (!closed || s.len() == digits)
                     && s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             }),
             _ => self.text(name),
@@ -256,11 +271,14 @@ impl Cursor<'_> {
         }
     }
 
-    /// A JSON string after its opening quote, escapes and all, up to its closing quote.
+    /// A JSON string after its opening quote, escapes and all, up to its closing quote;
+    /// no longer, unescaped, than a record keeps of `name`.
     fn text(&mut self, name: &str) -> Step<String> {
         let start = self.at;
+        let cap = max_text_bytes(name).unwrap_or(usize::MAX);
+        let mut text_bytes = 0usize;
         loop {
-            match self.next()? {
+            text_bytes += match self.next()? {
                 b'"' => {
                     let content = &self.tail[start..self.at - 1];
                     return Ok(String::from_utf8_lossy(content).into_owned());
@@ -271,29 +289,74 @@ impl Cursor<'_> {
                         "`{name}` holds a raw control character (the writer escapes them)"
                     )))
                 }
-                _ => {}
+                _ => 1,
+            };
+            if text_bytes > cap {
+                return Err(self.bad(&format!(
+                    "`{name}` is longer than the {cap} bytes a record keeps of it"
+                )));
             }
         }
     }
 
-    /// The rest of an escape after its backslash.
-    fn escape(&mut self, name: &str) -> Step {
+    /// The rest of an escape after its backslash; the bytes of the text it stands for.
+    fn escape(&mut self, name: &str) -> Step<usize> {
         match self.next()? {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(()),
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(1),
             b'u' => {
+                let mut code = 0u32;
                 for _ in 0..4 {
-                    if !self.next()?.is_ascii_hexdigit() {
+                    let digit = char::from(self.next()?).to_digit(16);
+                    let Some(digit) = digit else {
                         return Err(self.bad(&format!("`{name}` has a bad \\u escape")));
-                    }
+                    };
+                    code = code * 16 + digit;
                 }
-                Ok(())
+                // Half of a surrogate pair: the pair stands for a 4-byte character.
+                Ok(char::from_u32(code).map_or(2, char::len_utf8))
             }
             _ => Err(self.bad(&format!("`{name}` has a bad escape"))),
         }
     }
 }
 
-/// Whether `s` is (a prefix of, while not `closed`) a `ts` as the writer writes it.
+/// Whether `s` is (a prefix of, while not `closed`) a `ts` as the writer writes it: the
+/// template's shape, and a date and time that exist.
+fn is_ts(s: &[u8], closed: bool) -> bool {
+    matches_template(s, closed) && fields_in_range(s)
+}
+
+/// Whether the two-digit fields of a `ts` that `s` holds (all of them, or the first
+/// digit of the last) are in range: a month, a day of that month, hours, minutes and
+/// seconds. `s` matches the template.
+fn fields_in_range(s: &[u8]) -> bool {
+    let two_digits = |at: usize| -> Option<(u8, Option<u8>)> {
+        let first = s.get(at)? - b'0';
+        Some((first, s.get(at + 1).map(|b| b - b'0')))
+    };
+    let in_range = |at: usize, min: u8, max: u8| match two_digits(at) {
+        None => true,
+        Some((first, None)) => first * 10 <= max,
+        Some((first, Some(second))) => (min..=max).contains(&(first * 10 + second)),
+    };
+    let month = match two_digits(5) {
+        Some((first, Some(second))) => Month::try_from(first * 10 + second).ok(),
+        _ => None,
+    };
+    let days = match (std::str::from_utf8(&s[..s.len().min(4)]), month) {
+        (Ok(year), Some(month)) => year
+            .parse::<i32>()
+            .map_or(31, |year| days_in_month(month, year)),
+        _ => 31,
+    };
+    in_range(5, 1, 12)
+        && in_range(8, 1, days)
+        && in_range(11, 0, 23)
+        && in_range(14, 0, 59)
+        && in_range(17, 0, 59)
+}
+
+/// Whether `s` has the shape of (a prefix of, while not `closed`) a `ts`.
 fn matches_template(s: &[u8], closed: bool) -> bool {
     s.len() <= TS_TEMPLATE.len()
         && (!closed || s.len() == TS_TEMPLATE.len())

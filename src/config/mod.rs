@@ -554,6 +554,12 @@ fn validate_accounts(
     let mut accounts = BTreeMap::new();
     for (name, account) in raw {
         let path = format!("accounts.{name}");
+        if !is_valid_name(name) {
+            errors.push(
+                &path,
+                "account names are 1-64 characters of letters, digits, '-', '_' and '.'",
+            );
+        }
         let auth_id = match account.auth_id.resolve_plain() {
             Ok(id) if is_valid_auth_id(&id) => Some(id),
             Ok(_) => {
@@ -647,7 +653,7 @@ fn validate_tenants(
     let mut tenants = BTreeMap::new();
     for (name, tenant) in raw {
         let path = format!("tenants.{name}");
-        if !is_valid_tenant_name(name) {
+        if !is_valid_name(name) {
             errors.push(
                 &path,
                 "tenant names are 1-64 characters of letters, digits, '-', '_' and '.'",
@@ -766,8 +772,9 @@ fn is_valid_sdk_auth_id(id: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
-/// Tenant names appear in metrics labels and audit records: keep them boring.
-fn is_valid_tenant_name(name: &str) -> bool {
+/// Tenant and account names appear in metrics labels and audit records (which keep at
+/// most `record::MAX_NAME_BYTES` of them): keep them boring.
+fn is_valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()

@@ -851,3 +851,34 @@ fn a_listen_address_error_says_what_is_expected() {
         "{err}"
     );
 }
+
+/// Account names end up in metrics labels and audit records, as tenant names do, and are
+/// held to the same rule: a record keeps at most 64 bytes of either.
+#[test]
+fn account_names_are_boring_like_tenant_names() {
+    let fixture = Fixture::new();
+    let long = "a".repeat(65);
+    for bad in [long.as_str(), "\"bill ing\"", "\"ü\""] {
+        let body = MINIMAL
+            .replace("  default:\n", &format!("  {bad}:\n"))
+            .replace(
+                "rate_limit: {per_second: 5, burst: 10}",
+                &format!("rate_limit: {{per_second: 5, burst: 10}}\n    account: {bad}"),
+            );
+        let err = fixture.error_of(&body);
+        assert!(
+            err.contains("account names are 1-64 characters"),
+            "{bad}: {err}"
+        );
+    }
+    let body = MINIMAL
+        .replace("  default:\n", &format!("  {}:\n", "a".repeat(64)))
+        .replace(
+            "rate_limit: {per_second: 5, burst: 10}",
+            &format!(
+                "rate_limit: {{per_second: 5, burst: 10}}\n    account: {}",
+                "a".repeat(64)
+            ),
+        );
+    fixture.load(&body).expect("64 characters is a name");
+}

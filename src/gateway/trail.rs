@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Method, Request};
 
-use crate::audit::record::{truncate_on_char_boundary, MAX_PATH_BYTES};
+use crate::audit::record::{truncate_on_char_boundary, MAX_METHOD_BYTES, MAX_PATH_BYTES};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::millis::millis;
 use crate::request_id::{RequestId, X_REQUEST_ID};
@@ -126,11 +126,6 @@ impl Drop for Trail {
         }
     }
 }
-
-/// The most of an unusual method's name a record keeps: HTTP puts no bound on a method
-/// token, and without one an unauthenticated caller could make every record of its
-/// requests as large as its head.
-pub(crate) const MAX_METHOD_BYTES: usize = 32;
 
 /// The method's name, static for the methods callers actually use; any other cut to
 /// [`MAX_METHOD_BYTES`] (a method is ASCII, so any cut is on a character boundary).

@@ -6,6 +6,7 @@ use time::macros::datetime;
 
 use super::*;
 use crate::audit::chain::{self, ChainHasher, HexDigest, GENESIS};
+use crate::audit::record::max_text_bytes;
 use crate::audit::record::{format_ts, AuditEvent, Body, EventKind};
 
 /// A record line as the writer writes it, without its newline.
@@ -268,4 +269,169 @@ fn utf8_may_be_cut_only_at_the_very_end() {
     let mut outside = br#"{"seq":5,"#.to_vec();
     outside.extend_from_slice(&euro[..1]);
     assert!(why(classify_unterminated_tail(&outside, 5)).contains("member 2"));
+}
+
+/// `bytes` bytes of NULs, each of which the writer writes as six (`\u0000`): the most
+/// room a text of that many bytes can take in a record.
+fn escaped_text_of(bytes: usize) -> String {
+    "\0".repeat(bytes)
+}
+
+/// A record with every text member at the most a record keeps of it, every character
+/// escaped: the largest record the writer writes, and every prefix of it is plausible.
+#[test]
+fn every_prefix_of_the_largest_record_is_plausible() {
+    let cap = |member| escaped_text_of(max_text_bytes(member).expect("a text member"));
+    let largest = AuditEvent {
+        event: EventKind::Result,
+        request_id: cap("request_id").into(),
+        tenant: Some(cap("tenant").into()),
+        token_fp: Some("0123456789ab".into()),
+        client: Some(cap("client").into()),
+        method: cap("method").into(),
+        path: cap("path").into(),
+        mpc: Some(cap("mpc").into()),
+        account: Some(cap("account").into()),
+        status: Some(u16::MAX),
+        reason: Some(cap("reason").into()),
+        upstream_status: Some(u16::MAX),
+        plivo_api_id: Some(cap("plivo_api_id").into()),
+        attempts: Some(u32::MAX),
+        duration_ms: Some(u64::MAX),
+    };
+    let record = line(u64::MAX, &largest);
+    assert!(record.len() > 6 * 2200, "escaped: {} bytes", record.len());
+    for end in 0..=record.len() {
+        assert_eq!(
+            classify_unterminated_tail(&record[..end], u64::MAX),
+            TornTail::Plausible,
+            "prefix of {end} bytes"
+        );
+    }
+}
+
+/// A record cut just after `"<member>":`, from a record with a value in every member.
+fn head_before(member: &str) -> String {
+    let (_, record) = records().swap_remove(1);
+    let record = String::from_utf8(record).expect("utf-8");
+    let key = format!("\"{member}\":");
+    let at = record.find(&key).expect("member") + key.len();
+    record[..at].to_owned()
+}
+
+/// A free-text tail (recheck N2: ~990 KB of text inside `request_id` passed for a torn
+/// record): no member holds more than a record keeps of it, counted unescaped.
+#[test]
+fn no_text_member_holds_more_than_a_record_keeps() {
+    for member in MEMBERS {
+        let Some(cap) = max_text_bytes(member) else {
+            continue;
+        };
+        let head = head_before(member);
+        let fits = format!("{head}\"{}", "a".repeat(cap));
+        assert_eq!(
+            classify_unterminated_tail(fits.as_bytes(), 75),
+            TornTail::Plausible,
+            "{member} at its cap"
+        );
+        let closed = format!("{fits}\",");
+        assert_eq!(
+            classify_unterminated_tail(closed.as_bytes(), 75),
+            TornTail::Plausible,
+            "{member} at its cap, closed"
+        );
+        let over = format!("{head}\"{}", "a".repeat(cap + 1));
+        let got = why(classify_unterminated_tail(over.as_bytes(), 75));
+        assert!(
+            got.contains(&format!("`{member}` is longer than the {cap} bytes")),
+            "{member}: {got}"
+        );
+        // Escapes count as the bytes they stand for: `\u20ac` is three.
+        let escaped = format!("{head}\"{}", "\\u20ac".repeat(cap / 3 + 1));
+        let got = why(classify_unterminated_tail(escaped.as_bytes(), 75));
+        assert!(got.contains("is longer than"), "{member} escaped: {got}");
+        let escaped_fits = format!("{head}\"{}", "\\u20ac".repeat(cap / 3));
+        assert_eq!(
+            classify_unterminated_tail(escaped_fits.as_bytes(), 75),
+            TornTail::Plausible,
+            "{member} escaped at its cap"
+        );
+    }
+    let mut request_id = head_before("request_id").into_bytes();
+    request_id.push(b'"');
+    request_id.resize(990_000, b'A');
+    let got = why(classify_unterminated_tail(&request_id, 75));
+    assert!(
+        got.contains("`request_id` is longer than the 128 bytes"),
+        "{got}"
+    );
+}
+
+#[test]
+fn a_token_fp_is_twelve_lower_case_hex_digits_or_null() {
+    let head = head_before("token_fp");
+    for plausible in ["null", "\"0123456789ab\"", "\"0123", "\"", "nu"] {
+        let tail = format!("{head}{plausible}");
+        assert_eq!(
+            classify_unterminated_tail(tail.as_bytes(), 75),
+            TornTail::Plausible,
+            "{plausible}"
+        );
+    }
+    for bad in [
+        "\"0123456789abc",
+        "\"0123456789aB\"",
+        "\"012345\"",
+        "\"token\"",
+        "12",
+    ] {
+        let tail = format!("{head}{bad}");
+        let got = why(classify_unterminated_tail(tail.as_bytes(), 75));
+        assert!(got.contains("`token_fp` is not"), "{bad}: {got}");
+    }
+}
+
+#[test]
+fn a_ts_is_a_date_and_time_that_exist() {
+    let head = r#"{"seq":5,"ts":""#;
+    let plausible = [
+        "2026-1",
+        "2026-12-31T23:59:59.999Z",
+        "2028-02-29T00:00:00.000Z",
+        "2026-04-3",
+        "2026-04-30T2",
+        "2026-02-2",
+        "2026-0",
+    ];
+    for ts in plausible {
+        let tail = format!("{head}{ts}");
+        assert_eq!(
+            classify_unterminated_tail(tail.as_bytes(), 5),
+            TornTail::Plausible,
+            "{ts}"
+        );
+    }
+    let impossible = [
+        "2026-2",
+        "2026-13",
+        "2026-00",
+        "2026-11-00",
+        "2026-02-29",
+        "2026-02-3",
+        "2026-04-31",
+        "2026-11-28T24",
+        "2026-11-28T3",
+        "2026-11-28T23:60",
+        "2026-11-28T23:6",
+        "2026-11-28T23:59:60.000Z",
+        "2026-11-28T23:59:7",
+    ];
+    for ts in impossible {
+        let tail = format!("{head}{ts}");
+        let got = why(classify_unterminated_tail(tail.as_bytes(), 5));
+        assert!(
+            got.contains("`ts` is not as the writer writes it"),
+            "{ts}: {got}"
+        );
+    }
 }
