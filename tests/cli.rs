@@ -1928,6 +1928,17 @@ fn a_full_audit_filesystem_fails_check_config_and_is_not_ready_from_the_start() 
         ready.starts_with("READY=1\n") && ready.contains("; not ready: audit log not writable"),
         "{ready}"
     );
+    // Every request is refused and counted; the log says so once, not once per record.
+    const REFUSED: usize = 12;
+    for n in 0..REFUSED {
+        let (status, body) = end(&served, &format!("billing-full-{n}"));
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("audit-unavailable"), "{body}");
+    }
+    assert!(
+        mpc_gateway::telemetry::sample(&metrics(&served), "mpc_gateway_audit_failures_total")
+            >= Some(REFUSED as f64)
+    );
     std::fs::remove_file(mount.path.join("filler")).expect("remove filler");
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -1940,6 +1951,16 @@ fn a_full_audit_filesystem_fails_check_config_and_is_not_ready_from_the_start() 
     let lines = lines_with(&log, "the audit log cannot be written");
     assert_eq!(lines.len(), 1, "{log}");
     assert!(lines[0].contains("No space left on device"), "{}", lines[0]);
+    // Once per 10 s: one line each, two if this machine took over 10 s for the requests.
+    for message in [
+        "audit write failed; records rejected",
+        "audit record failed; request refused",
+    ] {
+        let lines = lines_with(&log, message);
+        assert!((1..=2).contains(&lines.len()), "{message}: {log}");
+        assert!(lines[0].contains("\"suppressed\":0"), "{}", lines[0]);
+        assert!(lines[0].contains("No space left on device"), "{}", lines[0]);
+    }
     assert_eq!(
         assert_chain(&[c.audit_path()], Some(HMAC_KEY.as_bytes())),
         2

@@ -507,6 +507,46 @@ async fn the_tenant_limit_comes_first_and_its_refusal_spends_no_account_cell() {
     h.shutdown().await;
 }
 
+/// The other way round: a request the account's limit refuses takes nothing from its
+/// tenant either. The account refills in half a second, the tenant in one; half a second
+/// after the refusal the tenant's only cell is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_refusal_spends_no_tenant_cell() {
+    let h = Harness::with(Options {
+        tenant_limit: (1, 1),
+        account_limit: (2, 1),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(h.end("ops-1", OPS_TOKEN).await.status, 204);
+    let account_refused = h.end("billing-1", BILLING_TOKEN).await;
+    account_refused.assert_problem(429, "rate-limited");
+    assert_eq!(
+        account_refused.header("ratelimit-policy"),
+        Some("\"account\";q=1;w=1")
+    );
+    h.clock.advance(Duration::from_millis(500));
+    let admitted = h.end("billing-2", BILLING_TOKEN).await;
+    assert_eq!(admitted.status, 204, "billing's tenant cell was not spent");
+    assert_eq!(
+        admitted.header("ratelimit"),
+        Some("\"tenant\";r=0;t=1"),
+        "and this request took it"
+    );
+    assert_eq!(h.sim.request_count(), 2);
+    let text = metrics_text(&h).await;
+    assert!(
+        text.contains("mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"account\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mpc_gateway_rate_limited_total{tenant=\"billing\",limit=\"tenant\"} 0"),
+        "{text}"
+    );
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_twice_maps_plivo_404_to_mpc_not_found() {
     let h = Harness::start().await;

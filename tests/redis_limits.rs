@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::RedisServer;
 use mpc_gateway::config::{OnStoreError, RedisStoreSettings};
-use mpc_gateway::rate_limit::redis::{Bucket, PairDecision, RedisLimiter, StoreError};
-use mpc_gateway::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RateLimit};
+use mpc_gateway::rate_limit::redis::{Bucket, RedisLimiter, StoreError};
+use mpc_gateway::rate_limit::{
+    Decision, LimitKind, Limiter, LimiterClock, PairDecision, RateLimit,
+};
 
 /// The cost of an ordinary request.
 const ONE: NonZeroU32 = NonZeroU32::MIN;
@@ -222,18 +224,12 @@ async fn check_pair(limiter: &RedisLimiter, first: Bucket<'_>, second: Bucket<'_
 /// What two local limiters decide when called one after the other, the second only if
 /// the first admits: the meaning of a shared pair check.
 fn local_pair(first: &Limiter, second: &Limiter, second_cells: NonZeroU32) -> PairDecision {
-    match first.check() {
-        refused @ Decision::Refused { .. } => PairDecision::FirstRefused(refused),
-        admitted => PairDecision::Both {
-            first: admitted,
-            second: second.check_n(second_cells),
-        },
-    }
+    first.check_pair(ONE, || second.check_n(second_cells))
 }
 
-/// A tenant and its account in one round trip decide as two checks in a row: the
-/// account is charged only when the tenant admits, and a refused account still leaves
-/// the tenant charged (as the local limiters do).
+/// A tenant and its account in one round trip decide as the local limiters do: the
+/// account is asked only when the tenant admits, and a request either refuses is charged
+/// to neither.
 #[tokio::test]
 async fn a_pair_decides_as_two_checks_in_a_row() {
     let server = RedisServer::start();
@@ -243,7 +239,7 @@ async fn a_pair_decides_as_two_checks_in_a_row() {
     let tenant = Limiter::new(LimitKind::Tenant, tenant_limit, LimiterClock::monotonic());
     let account = Limiter::new(LimitKind::Account, account_limit, LimiterClock::monotonic());
     // Tenant 3 cells, account 4: two by-uuid requests empty the account while the tenant
-    // has one left; the third is refused by the account, the fourth by the tenant.
+    // has one left, which the account's refusals of the next requests leave there.
     for step in 0..5 {
         let expected = local_pair(&tenant, &account, two);
         let got = check_pair(
@@ -294,12 +290,11 @@ async fn a_pair_decides_as_two_checks_in_a_row() {
 }
 
 /// An account cost above its burst never fits (as locally: the Retry-After of a whole
-/// refill), without a Redis call of its own: the tenant is still checked and charged in
-/// Redis, and the account's key is never touched. (Cost 3 against a burst of 2: the
-/// script would have answered a wait of one emission interval, 1 s, not the 2 s of a
-/// whole refill.)
+/// refill, not the script's one emission interval), and charges neither bucket: the
+/// tenant keeps both its cells and the account's key is never written. (Cost 3 against
+/// a burst of 2: a plain wait would have said 1 s, not the 2 s of a whole refill.)
 #[tokio::test]
-async fn a_pair_whose_account_cost_never_fits_still_charges_the_tenant() {
+async fn a_pair_whose_account_cost_never_fits_charges_neither() {
     let server = RedisServer::start();
     let shared = limiter(&server);
     let three = NonZeroU32::new(3).expect("three");
@@ -334,20 +329,50 @@ async fn a_pair_whose_account_cost_never_fits_still_charges_the_tenant() {
         }
     );
     let mut con = admin(&server).await;
-    let account_key = shared.key(LimitKind::Account, "a");
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(&account_key)
-        .query_async(&mut con)
-        .await
-        .expect("EXISTS");
-    assert!(!exists, "the account's bucket was not touched");
+    for (kind, name) in [(LimitKind::Tenant, "t"), (LimitKind::Account, "a")] {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(shared.key(kind, name))
+            .query_async(&mut con)
+            .await
+            .expect("EXISTS");
+        assert!(!exists, "the {kind:?} bucket was not written");
+    }
     assert_eq!(
         check(&shared, LimitKind::Tenant, "t", limit(1, 2)).await,
+        Decision::Allowed {
+            remaining: 1,
+            reset_secs: 0
+        },
+        "the tenant was not charged"
+    );
+}
+
+/// The account's refusal puts nothing on the tenant in Redis either: a tenant with one
+/// cell whose account is empty still holds that cell.
+#[tokio::test]
+async fn a_pair_the_account_refuses_leaves_the_tenant_uncharged() {
+    let server = RedisServer::start();
+    let shared = limiter(&server);
+    let tenant = bucket(LimitKind::Tenant, "t", limit(1, 1), ONE);
+    let account = bucket(LimitKind::Account, "a", limit(1, 1), ONE);
+    assert!(matches!(
+        check(&shared, LimitKind::Account, "a", limit(1, 1)).await,
+        Decision::Allowed { .. }
+    ));
+    assert!(matches!(
+        check_pair(&shared, tenant, account).await,
+        PairDecision::Both {
+            first: Decision::Allowed { .. },
+            second: Decision::Refused { .. },
+        }
+    ));
+    assert_eq!(
+        check(&shared, LimitKind::Tenant, "t", limit(1, 1)).await,
         Decision::Allowed {
             remaining: 0,
             reset_secs: 1
         },
-        "the tenant was charged once"
+        "the tenant's only cell is still there"
     );
 }
 

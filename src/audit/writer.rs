@@ -83,6 +83,9 @@ pub(crate) const TEST_STALL_BOUND: Duration = Duration::from_millis(200);
 pub(crate) const PROBE_BYTES: usize = 4096;
 /// How often a rotation that keeps failing is logged: it is retried after every write.
 const ROTATION_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often failed writes are logged: on a full disk every request's records fail, and
+/// `mpc_gateway_audit_failures_total` and `/readyz` already say so for each.
+const WRITE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why the audit log could not open, write or close.
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +406,7 @@ impl AuditLog {
             head_marked_followed: false,
             rotation_failures: rotation_failures.clone(),
             rotation_failure_log: CountingThrottle::new(ROTATION_FAILURE_LOG_INTERVAL),
+            write_failure_log: CountingThrottle::new(WRITE_FAILURE_LOG_INTERVAL),
         };
         writer.ensure_open().map_err(|source| AuditError::Io {
             op: "open",
@@ -796,6 +800,9 @@ struct Writer {
     /// A failing rotation is retried after every write: its error is logged once per
     /// [`ROTATION_FAILURE_LOG_INTERVAL`], with the number of failures not logged.
     rotation_failure_log: CountingThrottle,
+    /// Failed writes are logged once per [`WRITE_FAILURE_LOG_INTERVAL`], with the number
+    /// not logged.
+    write_failure_log: CountingThrottle,
 }
 
 /// How many rotations of a log failed since it was opened: a cheap handle, shared by
@@ -984,7 +991,9 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), "audit write failed; records rejected");
+                if let Some(suppressed) = self.write_failure_log.ready() {
+                    tracing::error!(path = %self.path.display(), error = %e, records = batch.len(), suppressed, "audit write failed; records rejected (logged at most once per 10 s; `suppressed` failed writes since the last such line were not logged)");
+                }
                 self.set_writable(false);
                 let e = Arc::new(e);
                 Committed {

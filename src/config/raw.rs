@@ -206,7 +206,6 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// A duration written the humantime way (`500ms`, `2s`, `1m`).
 /// A map whose keys must each appear once. YAML lets a key repeat, and serde's map types
 /// keep the last value: a second `billing:` block under `tenants` would silently replace
 /// the first, its tokens and its allow list with it, and a second `default:` under
@@ -291,6 +290,8 @@ impl<'de> Visitor<'de> for TokenList {
     }
 }
 
+/// A duration written the humantime way (`500ms`, `2s`, `1m`, also `1m 30s` or
+/// `2 seconds`). A bare number is refused: its unit would be a guess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -312,6 +313,13 @@ impl Visitor<'_> for HumanDurationVisitor {
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+        let number = text.trim();
+        if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            // humantime's own hint would suggest `15sec`, a form the docs never show.
+            return Err(E::custom(format!(
+                "expected a duration like 500ms, 2s or 1m, got {number}: a number needs a unit, for example {number}s or {number}ms"
+            )));
+        }
         humantime::parse_duration(text)
             .map(HumanDuration)
             .map_err(|err| {

@@ -51,7 +51,7 @@ pub(crate) fn shown_env_name(name: &str) -> &str {
     if conventional {
         name
     } else {
-        "(name not shown: not an upper-case NAME_LIKE_THIS, so it may be a secret written in the wrong place)"
+        "(name not shown: only names of upper-case words joined by `_`, like PLIVO_AUTH_TOKEN, are shown; any other may be a secret written in the wrong place)"
     }
 }
 
@@ -310,6 +310,16 @@ mod tests {
                 assert!(!format!("{source:?}").contains(token));
             }
         }
+        // One upper-case word is hidden too (it may be a base32 secret), and the message
+        // says what is shown rather than calling it lower case.
+        let err = ValueSource::Env("NOPE".into())
+            .resolve_secret()
+            .expect_err("unset")
+            .to_string();
+        assert!(
+            !err.contains("NOPE") && err.contains("words joined by `_`"),
+            "{err}"
+        );
         let err = ValueSource::Env("PLIVO_AUTH_TOKEN_SURELY_UNSET_1".into())
             .resolve_secret()
             .expect_err("unset")

@@ -531,8 +531,36 @@ fn a_bad_duration_names_its_line() {
         + 1;
     let err = messages(f.load(&text).err().expect("a number without a unit"));
     assert!(err.contains("upstream.timeout"), "{err}");
-    assert!(err.contains("got \"20\""), "{err}");
+    assert!(
+        err.contains("got 20: a number needs a unit, for example 20s or 20ms"),
+        "{err}"
+    );
+    assert!(!err.contains("sec"), "humantime's `20sec` hint: {err}");
     assert!(err.contains(&format!("line {line} ")), "{err}");
+}
+
+/// humantime's longer forms are durations too (the README says so); anything it cannot
+/// read is refused with its own reason.
+#[test]
+fn durations_take_humantimes_syntax() {
+    let f = Fixture::new();
+    for (text, expected) in [
+        ("1s 500ms", Duration::from_millis(1500)),
+        ("2 seconds", Duration::from_secs(2)),
+        ("250ms", Duration::from_millis(250)),
+    ] {
+        let yaml = format!("{MINIMAL}upstream:\n  timeout: {text}\n");
+        let config = f.load(&yaml).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        assert_eq!(config.upstream.timeout, expected, "{text}");
+    }
+    for text in ["1.5", "-2s", "2 fortnights"] {
+        let yaml = format!("{MINIMAL}upstream:\n  timeout: \"{text}\"\n");
+        let err = messages(f.load(&yaml).err().expect("invalid"));
+        assert!(
+            err.starts_with("upstream.timeout: expected a duration"),
+            "{text}: {err}"
+        );
+    }
 }
 
 /// The example configs list 64 zeros where a hash goes; one left in place is said, so

@@ -36,11 +36,13 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{AuditError, AuditLog, EventKind};
 use crate::config::{Config, OnStoreError, BY_UUID_CALLS};
-use crate::millis::Throttle;
+use crate::millis::{CountingThrottle, Throttle};
 use crate::mpc_name::{InvalidMpcName, InvalidMpcUuid, MpcName, MpcUuid};
 use crate::problem::Problem;
-use crate::rate_limit::redis::{Bucket, PairDecision, StoreError};
-use crate::rate_limit::{Decision, LimitKind, Limiter, LimiterClock, RATELIMIT, RATELIMIT_POLICY};
+use crate::rate_limit::redis::{Bucket, StoreError};
+use crate::rate_limit::{
+    Decision, LimitKind, Limiter, LimiterClock, PairDecision, RATELIMIT, RATELIMIT_POLICY,
+};
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{route, Route, Target};
 use crate::telemetry::{Metrics, ENDED};
@@ -112,6 +114,9 @@ struct Inner {
     forwarded: Forwarded,
     clock: LimiterClock,
     store_error_log: Throttle,
+    /// Requests refused because their audit record failed: one line per
+    /// [`AUDIT_REFUSAL_LOG_INTERVAL`], as on a full disk every request fails alike.
+    audit_refusal_log: CountingThrottle,
     /// Which client certificates the data listener accepts (`None` without TLS),
     /// changed only by a reload that changes it: TLS connections opened before then
     /// close gracefully (see [`DataTls`]).
@@ -135,6 +140,10 @@ pub struct DataTls {
 
 /// At most one log line about rate-limit store failures per this interval.
 const STORE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often a request refused for a failed audit record is logged. A `result` record
+/// that fails after forwarding is always logged: that request reached Plivo.
+const AUDIT_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a request that passed every check asks to end.
 enum Mpc {
@@ -173,6 +182,7 @@ impl Gateway {
                 forwarded: Forwarded::default(),
                 clock,
                 store_error_log: Throttle::new(STORE_ERROR_LOG_INTERVAL),
+                audit_refusal_log: CountingThrottle::new(AUDIT_REFUSAL_LOG_INTERVAL),
                 client_trust: watch::Sender::new(client_trust_of(config)),
             }),
         })
@@ -420,13 +430,7 @@ impl Gateway {
                 cells: account_cells,
             };
             match shared.store.check_pair(tenant_bucket, account_bucket).await {
-                Ok(PairDecision::FirstRefused(refused)) => {
-                    return self.enforce(tenant_limiter, refused, trail);
-                }
-                Ok(PairDecision::Both { first, second }) => {
-                    self.enforce(tenant_limiter, first, trail)?;
-                    return self.enforce(&account.limiter, second, trail);
-                }
+                Ok(pair) => return self.enforce_pair(policy, pair, trail),
                 Err(err) => match self.store_failed(shared, &err) {
                     OnStoreError::Local => {}
                     OnStoreError::Deny => return Err(Problem::RateLimitStoreUnavailable),
@@ -438,12 +442,24 @@ impl Gateway {
                 },
             }
         }
-        self.enforce(tenant_limiter, tenant_limiter.check_n(ONE_CELL), trail)?;
-        self.enforce(
-            &account.limiter,
-            account.limiter.check_n(account_cells),
-            trail,
-        )
+        let pair = tenant_limiter.check_pair(ONE_CELL, || account.limiter.check_n(account_cells));
+        self.enforce_pair(policy, pair, trail)
+    }
+
+    /// Answers for the decisions on a request's tenant and account buckets.
+    fn enforce_pair(
+        &self,
+        policy: &TenantPolicy,
+        pair: PairDecision,
+        trail: &mut Trail,
+    ) -> Result<(), Problem> {
+        match pair {
+            PairDecision::FirstRefused(refused) => self.enforce(&policy.limiter, refused, trail),
+            PairDecision::Both { first, second } => {
+                self.enforce(&policy.limiter, first, trail)?;
+                self.enforce(&policy.account.limiter, second, trail)
+            }
+        }
     }
 
     /// Counts a failure of the shared store, logs it at most once per
@@ -505,8 +521,7 @@ impl Gateway {
         {
             Ok(_) => problem,
             Err(err) => {
-                tracing::error!(request_id = %trail.request_id, error = %err, "audit denied record failed");
-                self.inner.metrics.audit_failure();
+                self.audit_refused(&trail, &err, EventKind::Denied);
                 Problem::AuditUnavailable
             }
         };
@@ -522,13 +537,21 @@ impl Gateway {
         ticket: Ticket,
         err: &AuditError,
     ) -> Response<Full<Bytes>> {
-        tracing::error!(request_id = %trail.request_id, error = %err, "audit forward record failed; not forwarding");
-        self.inner.metrics.audit_failure();
+        self.audit_refused(&trail, err, EventKind::Forward);
         let problem = Problem::AuditUnavailable;
         if self.inner.forwarded.settle(ticket, || ()).is_some() {
             return self.deny(trail, problem).await;
         }
         self.reply(trail, &problem)
+    }
+
+    /// Counts a request's `record` that the audit log refused (the request is answered
+    /// `503 audit-unavailable`, never forwarded) and logs it, once per interval.
+    fn audit_refused(&self, trail: &Trail, err: &AuditError, record: EventKind) {
+        self.inner.metrics.audit_failure();
+        if let Some(suppressed) = self.inner.audit_refusal_log.ready() {
+            tracing::error!(request_id = %trail.request_id, record = record.as_str(), error = %err, suppressed, "audit record failed; request refused with 503 audit-unavailable, not forwarded (logged at most once per 10 s; `suppressed` such requests since the last such line were not logged)");
+        }
     }
 
     fn reply(&self, trail: Trail, problem: &Problem) -> Response<Full<Bytes>> {

@@ -1,17 +1,21 @@
 //! Per-tenant and per-account GCRA limits (governor), the `RateLimit`/`RateLimit-Policy`
 //! header values of draft-ietf-httpapi-ratelimit-headers, and the limiter set that keeps
 //! its state across config reloads. The clock is injectable so tests never sleep.
+//!
+//! A request is charged to its tenant's bucket and its account's bucket, or to neither:
+//! a request either limit refuses is never forwarded, so it spends nothing
+//! ([`Limiter::check_pair`], and the same rule in Redis).
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, Reference};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::state::{NotKeyed, StateStore};
 use governor::{NotUntil, Quota, RateLimiter};
 use http::{HeaderName, HeaderValue};
 
@@ -140,7 +144,61 @@ pub enum Decision {
     },
 }
 
-type GcraLimiter = RateLimiter<NotKeyed, InMemoryState, LimiterClock, StateInformationMiddleware>;
+/// What a check of two buckets in a row decided: a request's tenant and then its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairDecision {
+    /// The first bucket refused; the second was neither checked nor charged.
+    FirstRefused(Decision),
+    /// The first bucket admitted, and the second decided. When the second refused, the
+    /// first was not charged either: `first` says what it would have left.
+    Both { first: Decision, second: Decision },
+}
+
+/// A bucket's whole GCRA state, its theoretical arrival time (nanoseconds from the
+/// limiter's start; 0 for a fresh bucket), as governor's own `InMemoryState` keeps it,
+/// but shared: the [`Limiter`] holds a handle too, to put back a charge that must not
+/// stand ([`Limiter::check_pair`]).
+#[derive(Debug, Clone, Default)]
+struct SharedTat(Arc<AtomicU64>);
+
+impl SharedTat {
+    fn load(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Puts `before` back if the state is still `after`; a later write stands.
+    fn restore(&self, after: u64, before: u64) {
+        let _ = self
+            .0
+            .compare_exchange(after, before, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl StateStore for SharedTat {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut prev = self.load();
+        loop {
+            let tat = NonZeroU64::new(prev).map(|tat| Nanos::from(tat.get()));
+            let (outcome, next) = f(tat)?;
+            match self.0.compare_exchange_weak(
+                prev,
+                next.into(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(outcome),
+                Err(current) => prev = current,
+            }
+        }
+    }
+}
+
+type GcraLimiter = RateLimiter<NotKeyed, SharedTat, LimiterClock, StateInformationMiddleware>;
 
 /// One GCRA bucket (one tenant or one account).
 #[derive(Debug)]
@@ -149,19 +207,25 @@ pub struct Limiter {
     limit: RateLimit,
     clock: LimiterClock,
     gcra: GcraLimiter,
+    tat: SharedTat,
+    /// Held by [`Limiter::check_pair`] from its charge to its decision, so that putting
+    /// the charge back cannot undo another request's.
+    pairing: Mutex<()>,
     /// `RateLimit-Policy` never changes for a limiter: made once, cloned per response.
     policy: HeaderValue,
 }
 
 impl Limiter {
     pub fn new(kind: LimitKind, limit: RateLimit, clock: LimiterClock) -> Limiter {
-        let gcra = RateLimiter::direct_with_clock(limit.quota(), clock.clone())
-            .with_middleware::<StateInformationMiddleware>();
+        let tat = SharedTat::default();
+        let gcra: GcraLimiter = RateLimiter::new(limit.quota(), tat.clone(), clock.clone());
         Limiter {
             kind,
             limit,
             clock,
             gcra,
+            tat,
+            pairing: Mutex::new(()),
             policy: policy_header(kind, limit),
         }
     }
@@ -189,6 +253,28 @@ impl Limiter {
             Ok(Err(not_until)) => self.refused(cells, &not_until),
             Err(_insufficient) => self.limit.never_fits(),
         }
+    }
+
+    /// Takes `cells` from this bucket and then asks `second` (the account's check, which
+    /// charges it only if it admits). If `second` refuses, the cells are put back: a
+    /// refused request is charged to neither bucket.
+    ///
+    /// The charge is put back exactly while no other request has charged this bucket
+    /// since; the lock makes that so for all requests that charge it through here, which
+    /// for a tenant's bucket is every request.
+    pub fn check_pair(&self, cells: NonZeroU32, second: impl FnOnce() -> Decision) -> PairDecision {
+        let _pairing = self.pairing.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = self.tat.load();
+        let first = self.check_n(cells);
+        if matches!(first, Decision::Refused { .. }) {
+            return PairDecision::FirstRefused(first);
+        }
+        let after = self.tat.load();
+        let second = second();
+        if matches!(second, Decision::Refused { .. }) {
+            self.tat.restore(after, before);
+        }
+        PairDecision::Both { first, second }
     }
 
     fn allowed(&self, snapshot: &StateSnapshot) -> Decision {
@@ -463,6 +549,98 @@ mod tests {
             }
         );
         assert!(matches!(tiny.check(), Decision::Allowed { .. }));
+    }
+
+    fn refused(retry_after_secs: u64) -> Decision {
+        Decision::Refused {
+            remaining: 0,
+            retry_after_secs,
+        }
+    }
+
+    /// The tenant's cell comes back when the account refuses: the tenant's second request
+    /// is still admitted (with one cell, a kept charge would refuse it).
+    #[test]
+    fn a_pair_the_second_refuses_charges_neither() {
+        let (_, clock) = manual();
+        let tenant = Limiter::new(LimitKind::Tenant, limit(1, 1), clock.clone());
+        let account = Limiter::new(LimitKind::Account, limit(1, 1), clock);
+        assert!(matches!(account.check(), Decision::Allowed { .. }));
+        let refused_by_account = tenant.check_pair(NonZeroU32::MIN, || account.check());
+        assert_eq!(
+            refused_by_account,
+            PairDecision::Both {
+                first: Decision::Allowed {
+                    remaining: 0,
+                    reset_secs: 1
+                },
+                second: refused(1),
+            }
+        );
+        assert_eq!(
+            tenant.check(),
+            Decision::Allowed {
+                remaining: 0,
+                reset_secs: 1
+            },
+            "the tenant's only cell was put back"
+        );
+    }
+
+    /// A refusal of the first bucket never asks the second; an admitted pair charges both.
+    #[test]
+    fn a_pair_the_first_refuses_never_asks_the_second() {
+        let (time, clock) = manual();
+        let tenant = Limiter::new(LimitKind::Tenant, limit(1, 1), clock.clone());
+        let account = Limiter::new(LimitKind::Account, limit(1, 2), clock);
+        let both = tenant.check_pair(NonZeroU32::MIN, || account.check());
+        assert!(matches!(
+            both,
+            PairDecision::Both {
+                first: Decision::Allowed { .. },
+                second: Decision::Allowed { remaining: 1, .. }
+            }
+        ));
+        let first_refused = tenant.check_pair(NonZeroU32::MIN, || {
+            panic!("the second bucket was asked after the first refused")
+        });
+        assert_eq!(first_refused, PairDecision::FirstRefused(refused(1)));
+        time.advance(Duration::from_secs(1));
+        assert!(matches!(
+            tenant.check_pair(NonZeroU32::MIN, || account.check()),
+            PairDecision::Both {
+                second: Decision::Allowed { .. },
+                ..
+            }
+        ));
+        assert!(
+            matches!(tenant.check(), Decision::Refused { .. }),
+            "an admitted pair keeps its charge"
+        );
+    }
+
+    /// A cost the account can never hold (a by-uuid request against a burst of one)
+    /// leaves the tenant uncharged, also from a bucket that was already part used.
+    #[test]
+    fn a_pair_whose_second_never_fits_charges_neither() {
+        let two = NonZeroU32::new(2).expect("two");
+        let (_, clock) = manual();
+        let tenant = Limiter::new(LimitKind::Tenant, limit(1, 2), clock.clone());
+        let account = Limiter::new(LimitKind::Account, limit(1, 1), clock);
+        assert!(matches!(tenant.check(), Decision::Allowed { .. }));
+        let pair = tenant.check_pair(NonZeroU32::MIN, || account.check_n(two));
+        assert!(matches!(
+            pair,
+            PairDecision::Both {
+                second: Decision::Refused { .. },
+                ..
+            }
+        ));
+        assert!(
+            matches!(tenant.check(), Decision::Allowed { remaining: 0, .. }),
+            "the tenant's second cell is still there"
+        );
+        assert!(matches!(account.check(), Decision::Allowed { .. }));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use super::{ceil_secs, Decision, LimitKind, RateLimit};
+use super::{ceil_secs, Decision, LimitKind, PairDecision, RateLimit};
 use crate::config::RedisStoreSettings;
 use crate::millis::millis;
 
@@ -36,12 +36,14 @@ use crate::millis::millis;
 /// round trip.
 ///
 /// `KEYS[i]`: bucket i. For each, three `ARGV`: emission interval T (µs, >= 1), tolerance
-/// TAU = T * (burst - 1) (µs), and the weight beyond one cell, T * (cells - 1) (µs; at
-/// most TAU). The stored value is the bucket's theoretical arrival time (TAT). Reply: a
-/// pair per bucket checked, `1, remaining burst` when admitted and `0, wait in µs` when
-/// refused. The first refusal ends the check, so the buckets after it are neither checked
-/// nor charged, as when the local limiters are called one after the other. Within a
-/// bucket all cells or none are taken, as governor's `check_n`.
+/// TAU = T * (burst - 1) (µs), and the weight beyond one cell, T * (cells - 1) (µs). The
+/// stored value is the bucket's theoretical arrival time (TAT). Reply: a pair per bucket
+/// checked, `1, remaining burst` when admitted, `0, wait in µs` when refused, and `0, -1`
+/// when the cost is above the burst and no wait admits it. The first refusal ends the
+/// check, and then no bucket is charged: a refused request is charged to neither its
+/// tenant nor its account, as with the local limiters. Only when every bucket admits are
+/// they all written. Within a bucket all cells or none are taken, as governor's
+/// `check_n`.
 ///
 /// Lua numbers are doubles: microsecond timestamps (~1.7e15) stay exact below 2^53, while
 /// nanoseconds would not. Numbers are written with `%.0f` because Lua's default `%.14g`
@@ -53,10 +55,16 @@ redis.replicate_commands()
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local reply = {}
+local charged = {}
 for i = 1, #KEYS do
   local t = tonumber(ARGV[3 * i - 2])
   local tau = tonumber(ARGV[3 * i - 1])
   local extra = tonumber(ARGV[3 * i])
+  if extra > tau then
+    reply[#reply + 1] = 0
+    reply[#reply + 1] = -1
+    return reply
+  end
   local stored = redis.call('GET', KEYS[i])
   -- A missing (or unreadable) bucket is a full one: governor starts a fresh key at TAT = now.
   local tat = (stored and tonumber(stored)) or now
@@ -73,12 +81,15 @@ for i = 1, #KEYS do
     return reply
   end
   local new_tat = math.max(tat, now) + t + extra
-  -- Once TAT is in the past the bucket behaves exactly like a missing key, so it may
-  -- vanish then: the expiry is the time until the bucket is full again.
-  local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
-  redis.call('SET', KEYS[i], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
+  charged[i] = new_tat
   reply[#reply + 1] = 1
   reply[#reply + 1] = math.floor((now + tau + t - new_tat) / t)
+end
+for i = 1, #KEYS do
+  -- Once TAT is in the past the bucket behaves exactly like a missing key, so it may
+  -- vanish then: the expiry is the time until the bucket is full again.
+  local ttl_ms = math.max(1, math.ceil((charged[i] - now) / 1000))
+  redis.call('SET', KEYS[i], string.format('%.0f', charged[i]), 'PX', string.format('%.0f', ttl_ms))
 end
 return reply
 ";
@@ -125,15 +136,6 @@ pub struct Bucket<'a> {
     pub name: &'a str,
     pub limit: RateLimit,
     pub cells: NonZeroU32,
-}
-
-/// What [`RedisLimiter::check_pair`] decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PairDecision {
-    /// The first bucket refused; the second was neither checked nor charged.
-    FirstRefused(Decision),
-    /// The first bucket admitted, and the second decided.
-    Both { first: Decision, second: Decision },
 }
 
 /// A bucket's script arguments, in microseconds (the resolution of Redis' `TIME`).
@@ -267,9 +269,6 @@ impl RedisLimiter {
         limit: RateLimit,
         cells: NonZeroU32,
     ) -> Result<Decision, StoreError> {
-        if cells > limit.burst {
-            return Ok(limit.never_fits());
-        }
         let bucket = Bucket {
             kind,
             name,
@@ -283,33 +282,20 @@ impl RedisLimiter {
             .ok_or_else(|| StoreError::Reply("no decision".into()))
     }
 
-    /// Checks `first` and, if it admits, `second`, in one atomic round trip: the same
-    /// decisions as two [`check`](Self::check)s one after the other, at half the cost
-    /// (a request checks its tenant's limit and then its account's). Slower than
-    /// `timeout` is `Err(StoreError::Timeout)`, and then both buckets may still have
+    /// Checks `first` and, if it admits, `second`, in one atomic round trip, with the
+    /// decisions of the local [`Limiter::check_pair`](super::Limiter::check_pair): a
+    /// request is charged to both buckets or, when either refuses, to neither. Slower
+    /// than `timeout` is `Err(StoreError::Timeout)`, and then both buckets may still have
     /// been charged in Redis.
     pub async fn check_pair(
         &self,
         first: Bucket<'_>,
         second: Bucket<'_>,
     ) -> Result<PairDecision, StoreError> {
-        // A cost above the burst is refused without asking Redis, as in `check`.
-        if first.cells > first.limit.burst {
-            return Ok(PairDecision::FirstRefused(first.limit.never_fits()));
-        }
-        let second_fits = second.cells <= second.limit.burst;
-        let decisions = if second_fits {
-            self.run(&[first, second]).await?
-        } else {
-            self.run(&[first]).await?
-        };
-        match (decisions.as_slice(), second_fits) {
-            ([refused @ Decision::Refused { .. }], _) => Ok(PairDecision::FirstRefused(*refused)),
-            ([admitted], false) => Ok(PairDecision::Both {
-                first: *admitted,
-                second: second.limit.never_fits(),
-            }),
-            ([admitted, decided], true) => Ok(PairDecision::Both {
+        let decisions = self.run(&[first, second]).await?;
+        match decisions.as_slice() {
+            [refused @ Decision::Refused { .. }] => Ok(PairDecision::FirstRefused(*refused)),
+            [admitted, decided] => Ok(PairDecision::Both {
                 first: *admitted,
                 second: *decided,
             }),
@@ -320,11 +306,9 @@ impl RedisLimiter {
         }
     }
 
-    /// Runs the script over `buckets` (each of which fits its burst), bounded by
-    /// `timeout`: one decision per bucket checked.
+    /// Runs the script over `buckets`, bounded by `timeout`: one decision per bucket
+    /// checked.
     async fn run(&self, buckets: &[Bucket<'_>]) -> Result<Vec<Decision>, StoreError> {
-        // The script would refuse such a bucket with a shorter wait than `never_fits`.
-        debug_assert!(buckets.iter().all(|b| b.cells <= b.limit.burst));
         let asked_ms = self.now_ms();
         if self.paused_at(asked_ms) {
             return Err(StoreError::Unavailable);
@@ -480,6 +464,8 @@ fn decision_from(
                 reset_secs,
             })
         }
+        // A cost above the burst: as the local limiter, the Retry-After of a whole refill.
+        [0, -1] => Ok(limit.never_fits()),
         [0, wait_us] => {
             let wait_us =
                 u64::try_from(wait_us).map_err(|_| StoreError::Reply(format!("wait {wait_us}")))?;
@@ -596,7 +582,12 @@ mod tests {
             }
         );
         assert!(decision_from(&[1, 3], l, one).is_err());
-        assert!(decision_from(&[0, -1], l, one).is_err());
+        assert_eq!(
+            decision_from(&[0, -1], l, one).expect("ok"),
+            l.never_fits(),
+            "the script's mark for a cost above the burst"
+        );
+        assert!(decision_from(&[0, -2], l, one).is_err());
         assert!(decision_from(&[7], l, one).is_err());
     }
 

@@ -543,24 +543,30 @@ fn conclude(attempt: Attempt, attempts: u32) -> UpstreamReport {
     report(outcome, Some(code), attempts)
 }
 
-/// Plivo's `Retry-After` in whole seconds, at least 1: delay-seconds, or an HTTP-date
-/// (RFC 9110 §10.2.3) counted from `now` and rounded up. Anything else, or a date already
-/// past, is 1.
+/// The longest `Retry-After` passed on: Plivo's limits refill in seconds, so a longer
+/// wait is a fault on its side, and a caller told to wait days would stop for days.
+const MAX_RETRY_AFTER_SECS: u64 = 3600;
+
+/// Plivo's `Retry-After` in whole seconds, from 1 to [`MAX_RETRY_AFTER_SECS`]:
+/// delay-seconds, or an HTTP-date (RFC 9110 §10.2.3) counted from `now` and rounded up.
+/// Anything else, or a date already past, is 1.
 fn retry_after_secs(headers: &HeaderMap, now: SystemTime) -> u64 {
     let Some(text) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) else {
         return 1;
     };
     let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return secs.max(1);
-    }
-    httpdate::parse_http_date(text)
-        .ok()
-        .and_then(|at| at.duration_since(now).ok())
-        .map_or(1, |wait| {
-            let rounded_up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            rounded_up.max(1)
-        })
+    let secs = if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() {
+        // Digits beyond u64 are a wait beyond the cap too.
+        text.parse::<u64>().unwrap_or(u64::MAX)
+    } else {
+        httpdate::parse_http_date(text)
+            .ok()
+            .and_then(|at| at.duration_since(now).ok())
+            .map_or(1, |wait| {
+                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+            })
+    };
+    secs.clamp(1, MAX_RETRY_AFTER_SECS)
 }
 
 /// `friendly_name` of Plivo's MPC object (also accepted under `objects[0]`, the list form).
@@ -680,7 +686,18 @@ mod tests {
             "a date already past"
         );
         assert_eq!(after("soon"), 1);
+        assert_eq!(after("-5"), 1);
         assert_eq!(retry_after_secs(&HeaderMap::new(), now), 1);
+        // A wait of days (or more than u64 holds) is passed on as an hour.
+        assert_eq!(after("3600"), 3600);
+        assert_eq!(after("3601"), MAX_RETRY_AFTER_SECS);
+        assert_eq!(after("999999999999"), MAX_RETRY_AFTER_SECS);
+        assert_eq!(after("99999999999999999999999"), MAX_RETRY_AFTER_SECS);
+        assert_eq!(
+            after("Sat, 28 Nov 2026 04:00:00 GMT"),
+            MAX_RETRY_AFTER_SECS,
+            "a date a day away"
+        );
     }
 
     #[test]
