@@ -44,9 +44,11 @@ pub struct Config {
     pub tenants: BTreeMap<String, Tenant>,
     pub audit: AuditSettings,
     pub log: LogSettings,
-    /// Secrets read from files every user of the host may read, by key path: warned
-    /// about with [`Config::warnings`].
-    pub(crate) exposed_secret_files: Vec<ConfigWarning>,
+    /// Secrets kept where others may read them (a file every user of the host may read,
+    /// a password written into the config itself), by key path: warned about with
+    /// [`Config::warnings`]. Found while the raw file, which says how each value was
+    /// given, is at hand.
+    pub(crate) exposed_secrets: Vec<ConfigWarning>,
 }
 
 /// A Plivo account or subaccount and the credentials only the gateway holds.
@@ -216,7 +218,8 @@ impl Config {
                 });
             }
         }
-        warnings.extend(self.exposed_secret_files.iter().cloned());
+        warnings.extend(self.exposed_secrets.iter().cloned());
+        warnings.extend(self.sdk_auth_ids_like_plivos());
         if self.upstream.connect_timeout > self.upstream.timeout {
             warnings.push(ConfigWarning {
                 key: "upstream.connect_timeout".into(),
@@ -238,6 +241,25 @@ impl Config {
             });
         }
         warnings
+    }
+
+    /// A tenant's `sdk_auth_id` that is also a real account's `auth_id`: the SDK
+    /// configs of the services would then look like they hold Plivo's own id, and logs
+    /// could not tell the two apart. (Not a leak: an auth id is not a secret.)
+    fn sdk_auth_ids_like_plivos(&self) -> impl Iterator<Item = ConfigWarning> + '_ {
+        self.tenants.iter().filter_map(|(name, tenant)| {
+            let id = tenant.sdk_auth_id.as_deref()?;
+            let (account, _) = self
+                .accounts
+                .iter()
+                .find(|(_, account)| account.auth_id == id)?;
+            Some(ConfigWarning {
+                key: format!("tenants.{name}.sdk_auth_id"),
+                message: format!(
+                    "is also the auth_id of accounts.{account}, a real Plivo account: pick a made-up one (MA or SA and 18 upper-case letters or digits, as the SDKs require), so that SDK configs and logs tell the tenant's id from Plivo's"
+                ),
+            })
+        })
     }
 
     /// A human summary for `check-config`: shapes and counts, never a secret or hash.
@@ -401,7 +423,7 @@ impl TryFrom<RawConfig> for Config {
                     tenants,
                     audit,
                     log,
-                    exposed_secret_files: exposed_secret_files(&raw),
+                    exposed_secrets: exposed_secrets(&raw),
                 })
             }
             _ => Err(ConfigError::Invalid(errors.0)),
@@ -500,6 +522,32 @@ impl Errors {
             message: message.to_string(),
         });
     }
+}
+
+/// Every secret kept where others may read it, as a warning: see [`exposed_secret_files`]
+/// and [`literal_redis_password`].
+fn exposed_secrets(raw: &RawConfig) -> Vec<ConfigWarning> {
+    let mut warnings = exposed_secret_files(raw);
+    warnings.extend(literal_redis_password(&raw.rate_limit_store));
+    warnings
+}
+
+/// A Redis URL written into the config with its password in it. Allowed (a Redis on
+/// loopback often has a throwaway password), but the config is then a secret too:
+/// auth tokens and the audit key written so are refused outright.
+fn literal_redis_password(store: &raw::RawRateLimitStore) -> Option<ConfigWarning> {
+    let Some(ValueSource::Literal(url)) = &store.url else {
+        return None;
+    };
+    let client = redis::Client::open(url.as_str()).ok()?;
+    client
+        .get_connection_info()
+        .redis_settings()
+        .password()
+        .map(|_| ConfigWarning {
+            key: "rate_limit_store.url".into(),
+            message: "holds a password written into the config file (not shown): give the URL as {env: NAME} or {file: PATH} so the config itself is not a secret".into(),
+        })
 }
 
 /// Every secret read from a file that every user of the host may read, as a warning:

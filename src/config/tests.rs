@@ -910,3 +910,68 @@ fn account_names_are_boring_like_tenant_names() {
         );
     fixture.load(&body).expect("64 characters is a name");
 }
+
+/// A Redis password written into the config is allowed but said (auth tokens so written
+/// are refused); the same URL from a file, or one without a password, is not.
+#[test]
+fn warns_of_a_redis_password_written_into_the_config() {
+    let f = Fixture::new();
+    let store = |url: &str| format!("{MINIMAL}rate_limit_store:\n  kind: redis\n  url: {url}\n");
+    let config = f
+        .load(&store("redis://:hunter2@127.0.0.1:6379/0"))
+        .expect("valid");
+    let warnings = config.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].key, "rate_limit_store.url");
+    assert!(
+        warnings[0].message.contains("{env: NAME}"),
+        "{}",
+        warnings[0]
+    );
+    assert!(!warnings[0].to_string().contains("hunter2"));
+    let with_user = f
+        .load(&store("redis://gateway:hunter2@127.0.0.1:6379/0"))
+        .expect("valid");
+    assert_eq!(with_user.warnings().len(), 1);
+
+    for quiet in [
+        "redis://127.0.0.1:6379/0",
+        "redis://gateway@127.0.0.1:6379/0",
+    ] {
+        let config = f.load(&store(quiet)).expect("valid");
+        assert_eq!(config.warnings(), [], "{quiet}");
+    }
+    let url_file = f.dir.path().join("redis-url");
+    std::fs::write(&url_file, "redis://:hunter2@127.0.0.1:6379/0").expect("write");
+    let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&url_file, owner_only).expect("chmod");
+    let from_file = f
+        .load(&store("{file: \"{dir}/redis-url\"}"))
+        .expect("valid");
+    assert_eq!(from_file.warnings(), []);
+}
+
+/// A tenant's SDK auth id equal to a real account's auth id is said, naming the account
+/// and not the id.
+#[test]
+fn warns_of_an_sdk_auth_id_that_is_plivos() {
+    let f = Fixture::new();
+    let tenant = |id: &str| {
+        MINIMAL.replace(
+            "    allow: [\"billing-*\"]\n",
+            &format!("    allow: [\"billing-*\"]\n    sdk_auth_id: {id}\n"),
+        )
+    };
+    let config = f.load(&tenant("MAXXXXXXXXXXXXXXXXXX")).expect("valid");
+    let warnings = config.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].key, "tenants.billing.sdk_auth_id");
+    assert!(
+        warnings[0].message.contains("accounts.default")
+            && !warnings[0].message.contains("MAXXXXXXXXXXXXXXXXXX"),
+        "{}",
+        warnings[0]
+    );
+    let made_up = f.load(&tenant("MABILLING00000000001")).expect("valid");
+    assert_eq!(made_up.warnings(), []);
+}
