@@ -75,6 +75,10 @@ pub enum Problem {
     UpstreamUnavailable,
     #[error("Plivo did not answer in time")]
     UpstreamTimeout,
+    /// Plivo answered with a status worth retrying, and the wait before the next
+    /// attempt would have passed `upstream.timeout`.
+    #[error("Plivo answered {status}, and no further attempt fitted in upstream.timeout")]
+    UpstreamOutOfTime { status: u16 },
 }
 
 // The size limits as the refusals state them, from the limits the gateway enforces, so
@@ -126,7 +130,9 @@ impl Problem {
             Problem::UpstreamCredentialsRejected { .. }
             | Problem::UpstreamError { .. }
             | Problem::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Problem::UpstreamTimeout | Problem::UpstreamOutOfTime { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 
@@ -153,7 +159,7 @@ impl Problem {
             Problem::UpstreamCredentialsRejected { .. } => "upstream-credentials-rejected",
             Problem::UpstreamError { .. } => "upstream-error",
             Problem::UpstreamUnavailable => "upstream-unavailable",
-            Problem::UpstreamTimeout => "upstream-timeout",
+            Problem::UpstreamTimeout | Problem::UpstreamOutOfTime { .. } => "upstream-timeout",
         }
     }
 
@@ -179,7 +185,7 @@ impl Problem {
             Problem::UpstreamCredentialsRejected { .. } => "Upstream rejected credentials",
             Problem::UpstreamError { .. } => "Upstream error",
             Problem::UpstreamUnavailable => "Upstream unavailable",
-            Problem::UpstreamTimeout => "Upstream timeout",
+            Problem::UpstreamTimeout | Problem::UpstreamOutOfTime { .. } => "Upstream timeout",
         }
     }
 
@@ -356,6 +362,9 @@ mod tests {
         );
         assert_eq!(problem.status(), 404);
         assert_eq!(Problem::UpstreamTimeout.status(), 504);
+        let out_of_time = Problem::UpstreamOutOfTime { status: 503 };
+        assert_eq!(out_of_time.status(), 504);
+        assert_eq!(out_of_time.slug(), "upstream-timeout");
         let not_allowed = Problem::MethodNotAllowed { allow: "POST" };
         assert_eq!(
             not_allowed.to_response("r", Flavor::Native).headers()[ALLOW],

@@ -837,7 +837,8 @@ impl RawUpstream {
 }
 
 /// `503`s, retried with backoff, until the deadline passes during a backoff: the call
-/// ends `504` at the deadline, neither before it nor after sleeping the backoff out.
+/// ends `504` at the deadline, neither before it nor after sleeping the backoff out,
+/// and its record and detail keep the `503` Plivo last answered.
 ///
 /// Why the numbers: backoffs are jittered (half to all of 100 ms, 200, 400, 800, 1600,
 /// then 2 s), so only a late attempt's backoff is long enough to tell "ended at the
@@ -873,6 +874,11 @@ async fn a_deadline_that_passes_during_backoff_is_504() {
     let replied = std::time::Instant::now();
 
     reply.assert_problem(504, "upstream-timeout");
+    assert_eq!(
+        reply.json()["detail"],
+        "Plivo answered 503, and no further attempt fitted in upstream.timeout",
+        "Plivo did answer; the detail says with what"
+    );
     let took = replied - started;
     assert!(
         took >= timeout,
@@ -895,7 +901,7 @@ async fn a_deadline_that_passes_during_backoff_is_504() {
     );
     let result = last_result(&h);
     assert_eq!(result["reason"], "upstream-timeout");
-    assert_eq!(result["upstream_status"], serde_json::Value::Null);
+    assert_eq!(result["upstream_status"], 503, "the last answer Plivo gave");
     assert_eq!(result["attempts"], 6);
     drop(upstream);
     h.shutdown().await;

@@ -350,8 +350,13 @@ impl PlivoClient {
             }
             let backoff = backoff_delay(attempts);
             if Instant::now() + backoff >= deadline {
+                // The contract's 504 at the deadline; but Plivo did answer, and the
+                // record and the detail say what.
                 tokio::time::sleep_until(deadline).await;
-                return Err(self.timed_out(attempts));
+                return Err(match attempt.status() {
+                    Some(status) => self.out_of_time(status, attempts),
+                    None => self.timed_out(attempts),
+                });
             }
             tokio::time::sleep(backoff).await;
         }
@@ -466,6 +471,25 @@ impl PlivoClient {
             );
         }
         report(Err(Problem::UpstreamTimeout), None, attempts)
+    }
+
+    /// The report of a call whose last attempt Plivo answered with `status` (worth
+    /// retrying), when the next attempt would have started past the deadline.
+    fn out_of_time(&self, status: u16, attempts: u32) -> UpstreamReport {
+        if self.timeout_log.ready() {
+            tracing::warn!(
+                origin = %self.origin,
+                timeout = ?self.timeout,
+                attempts,
+                status,
+                "Plivo kept answering with a status worth retrying until the timeout"
+            );
+        }
+        report(
+            Err(Problem::UpstreamOutOfTime { status }),
+            Some(status),
+            attempts,
+        )
     }
 }
 
