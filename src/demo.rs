@@ -2,6 +2,7 @@
 //! loopback, so anyone can watch an MPC being ended without Plivo credentials.
 
 use std::io;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -100,6 +101,7 @@ fn point_at_simulator(
 fn print_instructions(running: &RunningGateway, simulator: &Simulator, config: &Config) {
     let addr = running.local_addr();
     let audit = config.audit.path.display();
+    let verify = verify_command(config.audit.path.as_path());
     let text = format!(
         "
 mpc-gateway demo is running (Ctrl-C to stop)
@@ -111,11 +113,71 @@ End an MPC through the gateway (any name starting with demo-; a second call give
   curl -i -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{addr}/mpc/demo-standup/end
 
 Then check the audit chain:
-  cargo run --release -- audit verify {audit}
+  {verify}
 
 ",
         admin = running.admin_addr(),
         sim = simulator.base_url(),
     );
     let _ = write_stdout(&text);
+}
+
+/// `audit verify` as a command that works from any directory: this binary and the audit
+/// log by absolute paths (`cargo run` would need the repository as working directory).
+fn verify_command(audit: &Path) -> String {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("mpc-gateway"));
+    let audit = std::path::absolute(audit).unwrap_or_else(|_| audit.to_path_buf());
+    format!(
+        "{} audit verify {}",
+        shell_quoted(&exe),
+        shell_quoted(&audit)
+    )
+}
+
+/// A path as a shell word: as it is when it holds only characters no shell treats
+/// specially, else in single quotes.
+fn shell_quoted(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@%".contains(&b));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_quoted_only_when_a_shell_would_split_or_expand_them() {
+        let quoted = |p: &str| shell_quoted(Path::new(p));
+        assert_eq!(
+            quoted("/work/target/demo/audit.jsonl"),
+            "/work/target/demo/audit.jsonl"
+        );
+        assert_eq!(
+            quoted("/home/me/my demo/a.jsonl"),
+            "'/home/me/my demo/a.jsonl'"
+        );
+        assert_eq!(quoted("/tmp/$HOME"), "'/tmp/$HOME'");
+        assert_eq!(quoted("/tmp/it's"), r"'/tmp/it'\''s'");
+    }
+
+    #[test]
+    fn the_verify_command_names_the_log_by_its_absolute_path() {
+        let command = verify_command(Path::new("target/demo/audit.jsonl"));
+        let cwd = std::env::current_dir().expect("cwd");
+        assert!(
+            command.ends_with(&format!(
+                " audit verify {}",
+                shell_quoted(&cwd.join("target/demo/audit.jsonl"))
+            )),
+            "{command}"
+        );
+    }
 }

@@ -2378,6 +2378,10 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
             break line;
         }
     };
+    // The instructions end with the `audit verify` line.
+    let verify_line = std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(10)).ok())
+        .take(16)
+        .find(|line| line.contains(" audit verify "));
     // curl -i -X POST -H 'Authorization: Bearer TOKEN' http://ADDR/mpc/demo-standup/end
     let token = curl
         .split("Bearer ")
@@ -2407,8 +2411,14 @@ fn demo_prints_a_curl_line_that_ends_an_mpc_and_stops_on_ctrl_c() {
     assert!(log.contains("listening"), "{log}");
     assert!(!log.contains('\u{1b}'), "{log:?}");
 
-    let mut verify = command(&["audit", "verify", "target/demo/audit.jsonl"]);
-    verify.current_dir(dir.path());
+    // The printed command works as printed, from another directory.
+    let printed = verify_line.expect("the demo printed how to verify its audit log");
+    assert!(
+        printed.contains(&format!("{}/target/demo/audit.jsonl", dir.path().display())),
+        "{printed}"
+    );
+    let mut verify = Command::new("sh");
+    verify.args(["-c", printed.trim()]).current_dir("/");
     let verify = run_command(verify, b"");
     assert!(verify.status.success(), "{verify:?}");
     assert_eq!(
