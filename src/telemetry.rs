@@ -182,6 +182,12 @@ pub struct Metrics {
     audit_failures: Counter,
     audit_rotation_failures: AuditRotationFailures,
     reloads: Family<ResultLabels, Counter>,
+    /// 1 until a reload fails, 0 from then until one succeeds: "the process runs an
+    /// older config than its file" as one series to alert on.
+    last_reload_successful: Gauge<i64, AtomicI64>,
+    /// 1 while the config last applied differs from the running one in settings that
+    /// take effect only after a restart.
+    restart_pending: Gauge<i64, AtomicI64>,
     http_rejected: Family<KindLabels, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
     store_errors: Counter,
@@ -249,6 +255,9 @@ impl Metrics {
         let audit_failures = Counter::default();
         let audit_rotation_failures = AuditRotationFailures::default();
         let reloads = Family::<ResultLabels, Counter>::default();
+        let last_reload_successful = Gauge::<i64, AtomicI64>::default();
+        last_reload_successful.set(1);
+        let restart_pending = Gauge::<i64, AtomicI64>::default();
         let http_rejected = Family::<KindLabels, Counter>::default();
         let open_connections = Gauge::<i64, AtomicI64>::default();
         let store_errors = Counter::default();
@@ -283,6 +292,16 @@ impl Metrics {
             "mpc_gateway_config_reloads",
             "Config reloads, by result",
             reloads.clone(),
+        );
+        registry.register(
+            "mpc_gateway_config_last_reload_successful",
+            "1 unless the last config reload failed (the process then runs the config it had before)",
+            last_reload_successful.clone(),
+        );
+        registry.register(
+            "mpc_gateway_config_restart_pending",
+            "1 when the config last loaded changed settings that take effect only after a restart (listen, admin_listen, worker_threads, shutdown_grace, log.*, audit.*)",
+            restart_pending.clone(),
         );
         registry.register(
             "mpc_gateway_http_rejected",
@@ -330,6 +349,8 @@ impl Metrics {
             audit_failures,
             audit_rotation_failures,
             reloads,
+            last_reload_successful,
+            restart_pending,
             http_rejected,
             open_connections,
         }
@@ -422,6 +443,12 @@ impl Metrics {
     pub fn config_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" }.to_owned();
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.last_reload_successful.set(i64::from(ok));
+    }
+
+    /// Whether the config just applied leaves settings waiting for a restart.
+    pub fn config_restart_pending(&self, pending: bool) {
+        self.restart_pending.set(i64::from(pending));
     }
 
     /// A data connection the HTTP layer ended on an error or a timeout.
@@ -608,11 +635,30 @@ mpc_gateway_wait_bucket{le=\"+Inf\"} 1\n";
         ] {
             assert_eq!(sample(&text, series), Some(0.0), "{series} in\n{text}");
         }
+        assert_eq!(
+            sample(&text, "mpc_gateway_config_last_reload_successful"),
+            Some(1.0),
+            "no reload has failed"
+        );
+        assert_eq!(
+            sample(&text, "mpc_gateway_config_restart_pending"),
+            Some(0.0)
+        );
         metrics.config_reload(false);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(&text, "mpc_gateway_config_reloads_total{result=\"error\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "mpc_gateway_config_last_reload_successful"),
+            Some(0.0)
+        );
+        metrics.config_reload(true);
         assert_eq!(
             sample(
                 &metrics.encode(),
-                "mpc_gateway_config_reloads_total{result=\"error\"}"
+                "mpc_gateway_config_last_reload_successful"
             ),
             Some(1.0)
         );

@@ -955,6 +955,9 @@ fn serve_holds_a_reloaded_upstream_timeout_to_the_running_grace() {
         "shutdown_grace: 6s",
         "shutdown_grace: 20s",
     );
+    let restart_pending =
+        || mpc_gateway::telemetry::sample(&metrics(&served), "mpc_gateway_config_restart_pending");
+    assert_eq!(restart_pending(), Some(0.0), "nothing waits at start");
     c.write(&raised);
     served.signal("HUP");
     assert!(
@@ -962,6 +965,19 @@ fn serve_holds_a_reloaded_upstream_timeout_to_the_running_grace() {
         "reload counted; log:\n{}",
         served.log_text()
     );
+    assert_eq!(
+        restart_pending(),
+        Some(1.0),
+        "the new grace waits for a restart"
+    );
+    // Back to the config it started with: nothing waits any more (and nothing to warn of).
+    c.write(&fine);
+    served.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&served, "ok") >= 2.0),
+        "second reload counted"
+    );
+    assert_eq!(restart_pending(), Some(0.0));
     let log = stop_and_read_log(served);
     let lines = lines_with(&log, warning);
     assert_eq!(lines.len(), 1, "none at start, one after the reload: {log}");

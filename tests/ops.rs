@@ -293,6 +293,20 @@ async fn reload_applies_a_good_config_and_keeps_serving_on_a_broken_one() {
         value(&text, "mpc_gateway_config_reloads_total{result=\"error\"}"),
         4.0
     );
+    assert_eq!(
+        value(&text, "mpc_gateway_config_last_reload_successful"),
+        0.0,
+        "the last reload failed"
+    );
+    h.running()
+        .reload_from(&h.config_path)
+        .expect("the token file is back");
+    let text = metrics_text(&h).await;
+    assert_eq!(
+        value(&text, "mpc_gateway_config_last_reload_successful"),
+        1.0
+    );
+    assert_eq!(value(&text, "mpc_gateway_config_restart_pending"), 0.0);
     h.assert_chain();
     h.shutdown().await;
 }

@@ -299,6 +299,9 @@ impl RunningGateway {
             );
         }
         self.gateway.reload(config)?;
+        self.gateway
+            .metrics()
+            .config_restart_pending(!changed.is_empty());
         log_warnings(config.warnings_with_grace(self.shutdown_grace));
         Ok(())
     }
