@@ -44,8 +44,8 @@ enum Command {
     /// Verify or query audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Run the Plivo simulator alone (for benchmarks).
-    #[command(hide = true)]
+    /// Run the Plivo simulator alone: for the benchmark, and to try a caller against
+    /// Plivo's faults (`--fault`).
     Simulator(SimulatorArgs),
 }
 

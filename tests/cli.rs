@@ -2486,25 +2486,24 @@ fn demo_keeps_running_when_its_stdout_has_no_reader() {
 // simulator (the benchmark's)
 // ---------------------------------------------------------------------------------------
 
-/// The standalone simulator prints `requests N` on stdout once stopped by SIGTERM, N
-/// counting every request it received (answered 401 here as much as 204): the benchmark
-/// checks it against what it sent.
-#[test]
-fn the_standalone_simulator_prints_its_request_count_when_stopped() {
-    let child = command(&[
+/// `mpc-gateway simulator` with `extra` arguments, once it listens: the process (killed
+/// and reaped on drop, like the demo), its stdout lines after the first, and its address.
+fn standalone_simulator(extra: &[&str]) -> (Demo, std::sync::mpsc::Receiver<String>, SocketAddr) {
+    let mut args = vec![
         "simulator",
         "--auth-id",
         AUTH_ID,
         "--auth-token-env",
         "CLI_TEST_SIM_TOKEN",
-    ])
-    .env("CLI_TEST_SIM_TOKEN", PLIVO_TOKEN)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("spawn simulator");
-    // Killed and reaped on drop, like the demo.
+    ];
+    args.extend_from_slice(extra);
+    let child = command(&args)
+        .env("CLI_TEST_SIM_TOKEN", PLIVO_TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn simulator");
     let mut sim = Demo(child);
     let lines = lines_of(sim.0.stdout.take().expect("stdout"));
     let first = lines
@@ -2515,6 +2514,15 @@ fn the_standalone_simulator_prints_its_request_count_when_stopped() {
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
         .parse()
         .expect("an address");
+    (sim, lines, addr)
+}
+
+/// The standalone simulator prints `requests N` on stdout once stopped by SIGTERM, N
+/// counting every request it received (answered 401 here as much as 204): the benchmark
+/// checks it against what it sent.
+#[test]
+fn the_standalone_simulator_prints_its_request_count_when_stopped() {
+    let (mut sim, lines, addr) = standalone_simulator(&[]);
     let basic =
         base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_ID}:{PLIVO_TOKEN}"));
     let path = format!("/v1/Account/{AUTH_ID}/MultiPartyCall/name_counted/");
@@ -2541,4 +2549,96 @@ fn the_standalone_simulator_prints_its_request_count_when_stopped() {
     assert!(exit.success(), "{exit:?}");
     let rest: Vec<String> = lines.iter().take(10).collect();
     assert_eq!(rest, ["requests 2"]);
+}
+
+/// `simulator --fault NAME=SPEC`: what a caller gets through the gateway when Plivo
+/// rate-limits, fails once, or fails for good for one MPC name, while other names are
+/// answered as usual; the audit records say what Plivo answered and how often.
+#[test]
+fn the_standalone_simulator_fails_the_names_it_is_told_to() {
+    let (_sim, _lines, addr) = standalone_simulator(&[
+        "--forget-ended",
+        "--fault",
+        "billing-busy=429:7",
+        "--fault",
+        "billing-flaky=503*1",
+        "--fault",
+        "billing-down=500",
+    ]);
+    let c = ConfigDir::new();
+    c.write(&c.yaml(&format!("http://{addr}"), ALLOW));
+    let served = Served::start(&c.config_path());
+
+    let (status, body) = end(&served, "billing-busy");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("upstream-rate-limited") && body.contains("\"retry_after\":7"),
+        "{body}"
+    );
+    let (status, body) = end(&served, "billing-flaky");
+    assert_eq!(status, 204, "the gateway's retry got through: {body}");
+    let (status, body) = end(&served, "billing-down");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("upstream-error") && body.contains("Plivo answered 500"),
+        "{body}"
+    );
+    assert_eq!(
+        end(&served, "billing-ok").0,
+        204,
+        "other names are answered"
+    );
+    assert_eq!(
+        end(&served, "billing-busy").0,
+        503,
+        "an unlimited fault stays"
+    );
+
+    let results: Vec<_> = read_records(&c.audit_path())
+        .into_iter()
+        .filter(|r| r["event"] == "result")
+        .map(|r| {
+            (
+                r["mpc"].clone(),
+                r["upstream_status"].clone(),
+                r["attempts"].clone(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("billing-busy", 429, 1),
+        ("billing-flaky", 204, 2),
+        ("billing-down", 500, 1),
+        ("billing-ok", 204, 1),
+        ("billing-busy", 429, 1),
+    ]
+    .map(|(mpc, status, attempts)| (mpc.into(), status.into(), attempts.into()));
+    assert_eq!(results, expected);
+    drop(served);
+}
+
+/// A `--fault` the simulator cannot read is a usage error (exit 2) that says what it
+/// expected.
+#[test]
+fn the_standalone_simulator_refuses_a_fault_it_cannot_read() {
+    let out = command(&[
+        "simulator",
+        "--auth-id",
+        AUTH_ID,
+        "--auth-token-env",
+        "CLI_TEST_SIM_TOKEN",
+        "--fault",
+        "billing-busy=teapot",
+    ])
+    .env("CLI_TEST_SIM_TOKEN", PLIVO_TOKEN)
+    .stdin(Stdio::null())
+    .output()
+    .expect("run simulator");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("--fault") && stderr.contains("\"teapot\" is not a fault spec"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("expected NAME=SPEC"), "{stderr}");
 }

@@ -77,7 +77,7 @@ pub(super) async fn handle(
         lock_unpoisoned(&shared.requests).push(recorded);
     }
 
-    match shared.next_fault() {
+    match shared.next_fault(parts.uri.path()) {
         None => {}
         Some(Fault::Reset) => {
             // The connection task drops the connection (SO_LINGER 0: an RST) without
@@ -224,14 +224,14 @@ fn no_content() -> Response<Full<Bytes>> {
     resp
 }
 
-enum MpcRef {
+pub(super) enum MpcRef {
     Name(String),
     Uuid(Uuid),
 }
 
 /// Parse the part after `MultiPartyCall/`: `name_{pct-encoded}` or `uuid_{uuid}`, with an
 /// optional trailing slash. `None` for anything else (answered `404`).
-fn parse_mpc_ref(rest: &str) -> Option<MpcRef> {
+pub(super) fn parse_mpc_ref(rest: &str) -> Option<MpcRef> {
     let id = rest.strip_suffix('/').unwrap_or(rest);
     if id.contains('/') {
         return None;

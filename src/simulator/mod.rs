@@ -30,6 +30,7 @@
 
 mod conn;
 mod handler;
+mod named_faults;
 mod pki;
 mod registry;
 mod standalone;
@@ -52,6 +53,9 @@ use tokio::sync::{mpsc, watch};
 use crate::sync::lock_unpoisoned;
 
 use conn::{accept_loop, tls_acceptor};
+use handler::MpcRef;
+use named_faults::NamedFaults;
+pub use named_faults::{NamedFaultSpec, SpecError};
 pub use pki::{generate_pki, IssuedCert, LeafSpec, Pki, PkiError, TestPki};
 use registry::Registry;
 pub use standalone::{run_standalone, SimulatorArgs};
@@ -127,6 +131,9 @@ pub struct SimulatorConfig {
     pub latency: Duration,
     /// Keep every request for [`Simulator::requests`]; counting happens regardless.
     pub record: bool,
+    /// Faults for every request (or the first N) about an MPC name, after the queued
+    /// one-shot faults (`simulator --fault`).
+    pub named_faults: Vec<NamedFaultSpec>,
 }
 
 impl SimulatorConfig {
@@ -141,6 +148,7 @@ impl SimulatorConfig {
             liveness: Liveness::default(),
             latency: Duration::ZERO,
             record: true,
+            named_faults: Vec::new(),
         }
     }
 }
@@ -155,6 +163,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("liveness", &self.liveness)
             .field("latency", &self.latency)
             .field("record", &self.record)
+            .field("named_faults", &self.named_faults)
             .finish()
     }
 }
@@ -249,6 +258,7 @@ struct Shared {
     faults: Mutex<VecDeque<Fault>>,
     /// Number of queued faults, read without the lock on the hot path.
     fault_len: AtomicUsize,
+    named_faults: NamedFaults,
     requests: Mutex<Vec<RecordedRequest>>,
     request_count: AtomicU64,
     connection_count: AtomicU64,
@@ -257,7 +267,24 @@ struct Shared {
 }
 
 impl Shared {
-    fn next_fault(&self) -> Option<Fault> {
+    /// The fault for a request to `path`: the next queued one, else the one bound to
+    /// the MPC name in the path.
+    fn next_fault(&self, path: &str) -> Option<Fault> {
+        self.next_queued_fault().or_else(|| self.named_fault(path))
+    }
+
+    fn named_fault(&self, path: &str) -> Option<Fault> {
+        if self.named_faults.is_empty() {
+            return None;
+        }
+        let (_, mpc) = path.split_once("/MultiPartyCall/")?;
+        match handler::parse_mpc_ref(mpc)? {
+            MpcRef::Name(name) => self.named_faults.take(&name),
+            MpcRef::Uuid(_) => None,
+        }
+    }
+
+    fn next_queued_fault(&self) -> Option<Fault> {
         if self.fault_len.load(Ordering::SeqCst) == 0 {
             return None;
         }
@@ -362,6 +389,7 @@ impl Simulator {
             }),
             faults: Mutex::new(VecDeque::new()),
             fault_len: AtomicUsize::new(0),
+            named_faults: NamedFaults::new(config.named_faults),
             requests: Mutex::new(Vec::new()),
             request_count: AtomicU64::new(0),
             connection_count: AtomicU64::new(0),

@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use super::{Liveness, SimTls, Simulator, SimulatorConfig};
+use super::{Liveness, NamedFaultSpec, SimTls, Simulator, SimulatorConfig};
 
 /// Command-line arguments of the standalone simulator.
 #[derive(Clone, Debug, clap::Args)]
@@ -34,6 +34,12 @@ pub struct SimulatorArgs {
     /// With TLS, offer HTTP/2 by ALPN before HTTP/1.1.
     #[arg(long, requires = "tls_cert")]
     pub http2: bool,
+    /// Fail the requests for one MPC name, to see what a caller gets through the
+    /// gateway: NAME=SPEC, SPEC one of STATUS (`503`), STATUS:RETRY_AFTER_SECS
+    /// (`429:7`), delay:DURATION (`delay:3s`), reset, reset-stream, hang, goaway,
+    /// stall:STATUS; `*N` after it fails only the first N (`503*2`). Repeatable.
+    #[arg(long = "fault", value_name = "NAME=SPEC")]
+    pub faults: Vec<NamedFaultSpec>,
 }
 
 /// Run the simulator in the foreground until SIGINT or SIGTERM. Prints exactly two lines
@@ -75,6 +81,7 @@ pub async fn run_standalone(args: SimulatorArgs) -> anyhow::Result<()> {
         },
         latency: args.latency.into(),
         record: false,
+        named_faults: args.faults,
     };
     let simulator = Simulator::start(config)
         .await
