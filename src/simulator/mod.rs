@@ -17,15 +17,17 @@
 //! The trailing slash is optional; a query string is ignored. Errors are Plivo-like JSON:
 //! `{"api_id": "<uuid>", "error": "<message>"}` with `Content-Type: application/json`.
 //!
-//! Test hooks: a FIFO of one-shot [`Fault`]s consumed by the next requests, a constant
-//! latency, and a recording of every request received. Per request the work is an atomic
+//! Test hooks: a FIFO of one-shot [`Fault`]s consumed by the next requests, faults bound
+//! to MPC names (`simulator --fault`), a constant latency, and a recording of every
+//! request received. Per request the work is an atomic
 //! counter and one short critical section (no lock is ever held across an `.await`); it
 //! serves well over 50k req/s on two cores, so it is not the bottleneck of a benchmark.
 //!
 //! Layout: this file holds the public configuration types, the shared state and the
 //! [`Simulator`] handle; `registry.rs` which MPCs are live, `conn.rs` accepting and serving
 //! connections, `stream.rs` the connection's stream with an injectable reset, `handler.rs`
-//! answering one request, `standalone.rs` the `simulator` command, `pki.rs` the test PKI,
+//! answering one request, `named_faults.rs` the faults by name, `standalone.rs` the
+//! `simulator` command, `pki.rs` the test PKI,
 //! and `tests.rs` the unit tests.
 
 mod conn;
