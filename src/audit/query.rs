@@ -131,6 +131,8 @@ struct Row {
     request_id: String,
     tenant: Option<String>,
     mpc: Option<String>,
+    /// For the table: a by-uuid request's uuid is only in its path.
+    path: Option<String>,
     status: Option<u16>,
     reason: Option<String>,
     upstream_status: Option<u16>,
@@ -399,12 +401,26 @@ fn table_cells(row: &Row) -> Vec<String> {
         row.event.clone(),
         row.request_id.clone(),
         opt(&row.tenant),
-        opt(&row.mpc),
+        mpc_cell(row),
         num(row.status.map(u64::from)),
         opt(&row.reason),
         num(row.upstream_status.map(u64::from)),
         num(row.duration_ms),
     ]
+}
+
+/// The MPC's name; before a by-uuid request has learned it (or when it never did),
+/// `uuid:` and the uuid of its path, so that such rows can be told apart.
+fn mpc_cell(row: &Row) -> String {
+    if let Some(name) = &row.mpc {
+        return name.clone();
+    }
+    row.path
+        .as_deref()
+        .and_then(|path| path.strip_prefix("/mpc/by-uuid/"))
+        .and_then(|rest| rest.split('/').next())
+        .filter(|uuid| !uuid.is_empty())
+        .map_or_else(|| "-".into(), |uuid| format!("uuid:{uuid}"))
 }
 
 fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {

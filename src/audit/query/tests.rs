@@ -417,3 +417,33 @@ fn cli_arguments_parse() {
     let cli = Cli::try_parse_from(["query", "a", "--format", "json"]).expect("parse");
     assert_eq!(cli.q.format, OutputFormat::Json);
 }
+
+/// A by-uuid request's rows show its uuid until the name is known, so two of them can
+/// be told apart; a row with neither shows `-`.
+#[test]
+fn the_table_shows_a_by_uuid_requests_uuid_until_its_name_is_known() {
+    let row = |mpc: Option<&str>, path: Option<&str>| Row {
+        seq: Some(1),
+        ts: "2026-11-26T09:00:00.000Z".into(),
+        event: "forward".into(),
+        request_id: "r".into(),
+        tenant: Some("billing".into()),
+        mpc: mpc.map(str::to_owned),
+        path: path.map(str::to_owned),
+        status: None,
+        reason: None,
+        upstream_status: None,
+        duration_ms: None,
+    };
+    let uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    let by_uuid = format!("/mpc/by-uuid/{uuid}/end");
+    assert_eq!(mpc_cell(&row(None, Some(&by_uuid))), format!("uuid:{uuid}"));
+    assert_eq!(
+        mpc_cell(&row(Some("standup"), Some(&by_uuid))),
+        "standup",
+        "the name once the lookup found it"
+    );
+    assert_eq!(mpc_cell(&row(None, Some("/mpc//end"))), "-");
+    assert_eq!(mpc_cell(&row(None, Some("/mpc/by-uuid//end"))), "-");
+    assert_eq!(mpc_cell(&row(None, None)), "-");
+}
