@@ -334,11 +334,43 @@ pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
         let path = err.path().to_string();
         let message = err.into_inner().to_string();
         if path.is_empty() || path == "." {
-            return ConfigError::Parse(message);
+            return ConfigError::Parse(with_top_level_duplicate_lines(message, text));
         }
         let message = strip_yaml_path(&message, &path);
         ConfigError::Parse(format!("{path}: {message}{}", hint_for(message)))
     })
+}
+
+/// serde's "duplicate field `x`" names no line when `x` is a top-level key (the parser
+/// has left the mapping by then): the lines are found in the text, where a top-level
+/// key starts a line.
+fn with_top_level_duplicate_lines(message: String, text: &str) -> String {
+    let Some(key) = message
+        .strip_prefix("duplicate field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    else {
+        return message;
+    };
+    let lines: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            [
+                format!("{key}:"),
+                format!("\"{key}\":"),
+                format!("'{key}':"),
+            ]
+            .iter()
+            .any(|start| line.starts_with(start.as_str()))
+        })
+        .map(|(index, _)| index + 1)
+        .collect();
+    match lines.as_slice() {
+        [first, second, ..] => {
+            format!("{message} at line {second} (given first at line {first}; each key may appear once)")
+        }
+        _ => message,
+    }
 }
 
 /// What to add to a parser's message that does not say what it wanted.

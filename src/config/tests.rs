@@ -975,3 +975,22 @@ fn warns_of_an_sdk_auth_id_that_is_plivos() {
     let made_up = f.load(&tenant("MABILLING00000000001")).expect("valid");
     assert_eq!(made_up.warnings(), []);
 }
+
+/// A top-level key given twice is refused with both its lines (serde's own message
+/// names none at the top level; nested ones it places itself).
+#[test]
+fn a_top_level_key_given_twice_names_both_lines() {
+    let f = Fixture::new();
+    let text = format!("shutdown_grace: 15s\n{MINIMAL}shutdown_grace: 5s\n");
+    let second = text.lines().count();
+    let err = messages(f.load(&text).err().expect("a duplicate"));
+    assert!(
+        err.contains(&format!(
+            "duplicate field `shutdown_grace` at line {second} (given first at line 1"
+        )),
+        "{err}"
+    );
+    let tenants_twice = format!("{MINIMAL}tenants:\n  other:\n    tokens: []\n");
+    let err = messages(f.load(&tenants_twice).err().expect("a duplicate"));
+    assert!(err.contains("duplicate field `tenants` at line"), "{err}");
+}
