@@ -410,17 +410,25 @@ fn table_cells(row: &Row) -> Vec<String> {
 }
 
 /// The MPC's name; before a by-uuid request has learned it (or when it never did),
-/// `uuid:` and the uuid of its path, so that such rows can be told apart.
+/// `uuid:` and the uuid of its path, so that such rows can be told apart: the native
+/// route's `/mpc/by-uuid/<uuid>/end` or the SDK route's `.../MultiPartyCall/uuid_<uuid>/`.
 fn mpc_cell(row: &Row) -> String {
     if let Some(name) = &row.mpc {
         return name.clone();
     }
     row.path
         .as_deref()
-        .and_then(|path| path.strip_prefix("/mpc/by-uuid/"))
-        .and_then(|rest| rest.split('/').next())
-        .filter(|uuid| !uuid.is_empty())
+        .and_then(uuid_of_path)
         .map_or_else(|| "-".into(), |uuid| format!("uuid:{uuid}"))
+}
+
+fn uuid_of_path(path: &str) -> Option<&str> {
+    let path = path.split('?').next().unwrap_or(path);
+    let rest = path.strip_prefix("/mpc/by-uuid/").or_else(|| {
+        path.split_once("/MultiPartyCall/uuid_")
+            .map(|(_, rest)| rest)
+    })?;
+    rest.split('/').next().filter(|uuid| !uuid.is_empty())
 }
 
 fn write_row(out: &mut dyn Write, cells: &[String]) -> io::Result<()> {

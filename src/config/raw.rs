@@ -314,7 +314,10 @@ impl Visitor<'_> for HumanDurationVisitor {
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanDuration, E> {
         let number = text.trim();
-        if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let is_number = number.bytes().any(|b| b.is_ascii_digit())
+            && number.bytes().filter(|b| *b == b'.').count() <= 1
+            && number.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        if is_number {
             // humantime's own hint would suggest `15sec`, a form the docs never show.
             return Err(E::custom(format!(
                 "expected a duration like 500ms, 2s or 1m, got {number}: a number needs a unit, for example {number}s or {number}ms"

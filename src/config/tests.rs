@@ -553,11 +553,23 @@ fn durations_take_humantimes_syntax() {
         let config = f.load(&yaml).unwrap_or_else(|e| panic!("{text}: {e:?}"));
         assert_eq!(config.upstream.timeout, expected, "{text}");
     }
-    for text in ["1.5", "-2s", "2 fortnights"] {
+    for (text, number) in [
+        ("1.5", true),
+        ("-2s", false),
+        ("2 fortnights", false),
+        (".", false),
+        ("1.2.3", false),
+    ] {
         let yaml = format!("{MINIMAL}upstream:\n  timeout: \"{text}\"\n");
         let err = messages(f.load(&yaml).err().expect("invalid"));
         assert!(
             err.starts_with("upstream.timeout: expected a duration"),
+            "{text}: {err}"
+        );
+        // Only a number is told to add a unit (`1.5s` is a duration humantime reads).
+        assert_eq!(
+            err.contains(&format!("for example {text}s or {text}ms")),
+            number,
             "{text}: {err}"
         );
     }

@@ -550,7 +550,7 @@ impl Gateway {
     fn audit_refused(&self, trail: &Trail, err: &AuditError, record: EventKind) {
         self.inner.metrics.audit_failure();
         if let Some(suppressed) = self.inner.audit_refusal_log.ready() {
-            tracing::error!(request_id = %trail.request_id, record = record.as_str(), error = %err, suppressed, "audit record failed; request refused with 503 audit-unavailable, not forwarded (logged at most once per 10 s; `suppressed` such requests since the last such line were not logged)");
+            tracing::error!(request_id = %trail.request_id, record = record.as_str(), error = %err, suppressed, "audit record failed; request refused with 503 audit-unavailable, not forwarded (logged at most once per 10 s; `suppressed` failed records since the last such line were not logged: a request not forwarded has two, its forward and its denied)");
         }
     }
 

@@ -443,6 +443,13 @@ fn the_table_shows_a_by_uuid_requests_uuid_until_its_name_is_known() {
         "standup",
         "the name once the lookup found it"
     );
+    let sdk = format!("/v1/Account/MABILLING00000000001/MultiPartyCall/uuid_{uuid}/?x=1");
+    assert_eq!(mpc_cell(&row(None, Some(&sdk))), format!("uuid:{uuid}"));
+    let sdk_no_slash = format!("/v1/Account/MABILLING00000000001/MultiPartyCall/uuid_{uuid}");
+    assert_eq!(
+        mpc_cell(&row(None, Some(&sdk_no_slash))),
+        format!("uuid:{uuid}")
+    );
     assert_eq!(mpc_cell(&row(None, Some("/mpc//end"))), "-");
     assert_eq!(mpc_cell(&row(None, Some("/mpc/by-uuid//end"))), "-");
     assert_eq!(mpc_cell(&row(None, None)), "-");
