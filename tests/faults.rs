@@ -726,6 +726,38 @@ async fn a_2xx_whose_body_never_ends_is_204_at_the_deadline() {
     }
 }
 
+/// A `503` head in time and a body that never ends: the body is cut at the deadline, no
+/// retry fits after it, and the caller gets `504` then, with the record and the detail
+/// keeping the `503` Plivo sent (not "no answer").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_whose_body_never_ends_is_504_keeping_the_503() {
+    let timeout = Duration::from_millis(800);
+    let h = Harness::with(Options {
+        timeout: "800ms",
+        fsync: NO_FSYNC,
+        ..Options::default()
+    })
+    .await;
+    h.sim.push_fault(Fault::StalledBody(503));
+    let (reply, took) = timed_end(&h, "billing-stalled-503").await;
+    reply.assert_problem(504, "upstream-timeout");
+    assert_eq!(
+        reply.json()["detail"],
+        "Plivo answered 503, and no further attempt fitted in upstream.timeout"
+    );
+    assert!(
+        took >= timeout - Duration::from_millis(50) && took <= timeout + SLACK,
+        "answered after {took:?}"
+    );
+    assert_eq!(h.sim.request_count(), 1, "no attempt after the deadline");
+    let result = last_result(&h);
+    assert_eq!(result["reason"], "upstream-timeout");
+    assert_eq!(result["upstream_status"], 503);
+    assert_eq!(result["attempts"], 1);
+    h.assert_chain();
+    h.shutdown().await;
+}
+
 /// Every attempt hangs: one attempt uses the whole `timeout`, no retry runs past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_attempts_end_at_the_deadline() {
