@@ -1887,3 +1887,39 @@ async fn the_drain_waits_for_a_call_whose_http2_caller_cancelled() {
     assert_eq!(records[1]["status"], 204);
     h.assert_chain();
 }
+
+/// A closed connection lingers (nginx's `lingering_close`): after answering a
+/// `Connection: close` request the gateway keeps reading what the client still sends, so
+/// the client's late writes (an HTTP/2 client's WINDOW_UPDATE or next request after a
+/// GOAWAY) succeed instead of meeting a reset that makes clients such as curl drop the
+/// answers they have not read yet. Without the linger the socket is closed at once, and
+/// the second late write below fails with a broken pipe or a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_keeps_reading_what_the_client_still_sends() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start().await;
+    let mut stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST /mpc/billing-linger/end HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {BILLING_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // The gateway's side is closed; the client's side is still open and writes on.
+    for write in 0..3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream
+            .write_all(b"late bytes the gateway reads and discards\r\n")
+            .await
+            .unwrap_or_else(|err| panic!("late write {write} failed: {err}"));
+    }
+    drop(stream);
+    h.shutdown().await;
+}

@@ -3,7 +3,8 @@
 //! sniff, hyper's HTTP/1.1 or HTTP/2 connection with the gateway as its service (each
 //! HTTP/2 request detached into its own task), the first head's deadline, HTTP/2's idle
 //! timeout, the graceful close of a TLS connection whose client CAs a reload replaced,
-//! and the count of what the HTTP layer ended itself ([`Rejection`]).
+//! the lingering close that follows every one of them (see [`super::linger`]), and the
+//! count of what the HTTP layer ended itself ([`Rejection`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use super::accept::accept_within;
 use super::drain::{Drain, Superseded, Watcher};
 use super::head::fit_to_method;
 use super::idle::{FirstHead, H2Activity};
+use super::linger::{linger, HandBack};
 use super::rejection::Rejection;
 use super::sniff::{sniff_version, HttpVersion, NoVersion};
 use super::{
@@ -177,11 +179,12 @@ impl Connection {
                 // A TCP probe (load balancer, kubelet): nothing was refused.
                 Err(NoVersion::Closed) => return,
             };
-            let io = TokioIo::new(stream);
+            let (stream, returned) = HandBack::new(stream);
             let result = self
-                .serve_http(io, version, None, head_deadline, None)
+                .serve_http(TokioIo::new(stream), version, None, head_deadline, None)
                 .await;
-            return record_result(&metrics, result);
+            record_result(&metrics, result);
+            return linger(returned).await;
         };
         let handshake = tokio::time::timeout_at(head_deadline, tls.acceptor.accept(stream));
         let stream = match handshake.await {
@@ -202,12 +205,19 @@ impl Connection {
             _ => HttpVersion::Http1,
         };
         let certificate = ClientCertificate::from_peer(session.peer_certificates());
-        let io = TokioIo::new(stream);
+        let (stream, returned) = HandBack::new(stream);
         let superseded = trust_replaced(tls.trust_changed);
         let result = self
-            .serve_http(io, version, certificate, head_deadline, Some(superseded))
+            .serve_http(
+                TokioIo::new(stream),
+                version,
+                certificate,
+                head_deadline,
+                Some(superseded),
+            )
             .await;
         record_result(&metrics, result);
+        linger(returned).await;
     }
 
     /// Serves requests until the connection ends; closes it at `head_deadline` if no

@@ -18,6 +18,7 @@ mod connection;
 mod drain;
 mod head;
 mod idle;
+mod linger;
 mod notify;
 mod process;
 mod rejection;
