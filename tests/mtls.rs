@@ -961,6 +961,37 @@ async fn a_reload_that_replaces_the_client_ca_closes_the_connections_it_authenti
     g.gateway.shutdown().await.expect("shutdown");
 }
 
+/// A connection whose handshake the old CAs accepted but that has not sent its first
+/// request yet when the CAs are replaced (its client sent it while the reload ran) gets
+/// that request served and answered, then is closed: closing it at once dropped the
+/// request unanswered, an empty reply its caller could not tell from a lost answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_superseded_before_its_first_request_still_answers_it() {
+    let g = MtlsGateway::start(false).await;
+    let cert = g.pki.issue_client_cert(&[BILLING_SAN]).expect("cert");
+    let config = client_config(&g.pki.ca_cert_pem, Some(&cert));
+    let mut http1 = KeptConnection::open(g.addr(), &config, false).await;
+    let mut http2 = KeptConnection::open(g.addr(), &config, true).await;
+
+    let next = generate_pki(&["localhost"]).expect("next ca");
+    g.write_client_ca(&next.ca_cert_pem);
+    g.gateway.reload_from(&g.config_path).expect("reload");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    assert_eq!(http1.end("billing-first-1").await, 204);
+    assert_eq!(http2.end("billing-first-2").await, 204);
+    assert!(
+        http1.closed_within(Duration::from_secs(5)).await,
+        "HTTP/1.1 closed after its first answer"
+    );
+    assert!(
+        http2.closed_within(Duration::from_secs(5)).await,
+        "HTTP/2 closed after its first answer"
+    );
+    assert_eq!(g.sim.requests().len(), 2);
+    g.gateway.shutdown().await.expect("shutdown");
+}
+
 /// `client_cert_sans` matches URI and DNS SANs (section 7). A DNS SAN names its tenant;
 /// an unlisted DNS name, an IP SAN (not a kind the contract matches; listing one is a
 /// config error) and a certificate whose URI and DNS SANs name two tenants authenticate

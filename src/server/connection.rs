@@ -250,6 +250,8 @@ impl Connection {
             detach,
             Arc::clone(&first_head),
         );
+        let superseded =
+            superseded.map(|superseded| after_first_head(superseded, &first_head, head_deadline));
         let builder = self.builders.for_version(version);
         let connection = builder.serve_connection(io, service).into_owned();
         let mut served = std::pin::pin!(self.watcher.graceful(connection, superseded));
@@ -280,6 +282,23 @@ impl Connection {
             }
         }
     }
+}
+
+/// `superseded`, held until the connection's first request head has arrived (or its
+/// deadline passed). A client whose handshake overlapped a client-CA reload has already
+/// sent its first request; closing the connection before hyper reads it would drop that
+/// request unanswered (an empty reply, which a caller cannot tell from a lost answer).
+/// Held, the request is served and answered, and the connection closes after it.
+fn after_first_head(
+    superseded: Superseded,
+    first_head: &Arc<FirstHead>,
+    head_deadline: Instant,
+) -> Superseded {
+    let first_head = Arc::clone(first_head);
+    Box::pin(async move {
+        superseded.await;
+        first_head.arrives_before(head_deadline).await;
+    })
 }
 
 /// Completes at the first reload after `trust_changed` was taken that changes which

@@ -89,16 +89,25 @@ pub(super) struct FirstHead {
 impl FirstHead {
     /// Called for every request; after the first it costs one load.
     pub(super) fn arrive(&self) {
-        if !self.arrived.load(Ordering::Relaxed) {
-            self.arrived.store(true, Ordering::Relaxed);
-            self.notify.notify_one();
+        if !self.arrived.load(Ordering::Acquire) {
+            self.arrived.store(true, Ordering::Release);
+            self.notify.notify_waiters();
         }
     }
 
+    /// Whether the first head arrives by `deadline` (or already has). Any number of
+    /// waiters, at any time: each registers before it looks at the flag, so an arrival
+    /// in between still wakes it.
     pub(super) async fn arrives_before(&self, deadline: Instant) -> bool {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.arrived.load(Ordering::Acquire) {
+            return true;
+        }
         tokio::select! {
-            () = self.notify.notified() => true,
-            () = tokio::time::sleep_until(deadline) => self.arrived.load(Ordering::Relaxed),
+            () = notified => true,
+            () = tokio::time::sleep_until(deadline) => self.arrived.load(Ordering::Acquire),
         }
     }
 }
@@ -106,6 +115,27 @@ impl FirstHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two waiters, one registered before the arrival and one after: both learn of it at
+    /// once, not at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn every_waiter_learns_that_the_first_head_arrived() {
+        let head = Arc::new(FirstHead::default());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let early = tokio::spawn({
+            let head = Arc::clone(&head);
+            async move { head.arrives_before(deadline).await }
+        });
+        tokio::task::yield_now().await;
+        head.arrive();
+        let started = Instant::now();
+        assert!(early.await.expect("no panic"));
+        assert!(head.arrives_before(deadline).await, "a later waiter");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let never = FirstHead::default();
+        assert!(!never.arrives_before(deadline).await);
+        assert_eq!(Instant::now(), deadline);
+    }
 
     /// Paused time: each wait below passes at once, exactly.
     #[tokio::test(start_paused = true)]
