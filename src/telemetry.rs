@@ -326,7 +326,7 @@ impl Metrics {
         );
         registry.register(
             "mpc_gateway_tls_certificate_expiry_timestamp_seconds",
-            "When the data listener's TLS certificate expires, in Unix time (only with listen_tls)",
+            "When the data listener's TLS certificate chain expires (its earliest certificate), in Unix time (only with listen_tls)",
             certificate_expiry.clone(),
         );
         // Every result from the start: an alert on `increase(...{result="error"}[5m])`

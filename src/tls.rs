@@ -67,7 +67,7 @@ pub fn load_listen_tls(
     require_client_cert: bool,
 ) -> Result<ListenTls, ListenTlsError> {
     let chain = read_certs(cert_file).map_err(at("cert_file"))?;
-    let expires_at = valid_until(cert_file, &chain[0]).map_err(at("cert_file"))?;
+    let expires_at = chain_valid_until(cert_file, &chain).map_err(at("cert_file"))?;
     let key = read_key(key_file).map_err(at("key_file"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let signing_key = provider
@@ -196,15 +196,30 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .ok_or_else(|| format!("{} holds no private key", path.display()))
 }
 
-/// An expired or not-yet-valid server certificate is a config error, not a surprise for
-/// every client. Returns when it expires, in Unix seconds.
-fn valid_until(path: &Path, cert: &CertificateDer<'_>) -> Result<i64, String> {
+/// An expired or not-yet-valid certificate in the served chain (the server's own or an
+/// intermediate: clients reject either) is a config error, not a surprise for every
+/// client. Returns when the chain stops being valid, its earliest expiry, in Unix seconds.
+fn chain_valid_until(path: &Path, chain: &[CertificateDer<'_>]) -> Result<i64, String> {
+    chain
+        .iter()
+        .enumerate()
+        .try_fold(i64::MAX, |earliest, (position, cert)| {
+            Ok(earliest.min(valid_until(path, position, cert)?))
+        })
+}
+
+/// One certificate of the chain, `position` 0 being the server's own.
+fn valid_until(path: &Path, position: usize, cert: &CertificateDer<'_>) -> Result<i64, String> {
+    let which = match position {
+        0 => "the certificate".to_owned(),
+        n => format!("certificate {} of the chain (an intermediate)", n + 1),
+    };
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-        .map_err(|err| format!("{}: cannot parse the certificate: {err}", path.display()))?;
+        .map_err(|err| format!("{}: cannot parse {which}: {err}", path.display()))?;
     let validity = parsed.validity();
     if !validity.is_valid() {
         return Err(format!(
-            "{}: the certificate is valid only from {} to {}",
+            "{}: {which} is valid only from {} to {}",
             path.display(),
             validity.not_before,
             validity.not_after
@@ -355,6 +370,47 @@ mod tests {
             .err()
             .expect("a CA file without certificates");
         assert_eq!(err.key, "client_ca_file");
+    }
+
+    /// Every certificate of the served chain is held to its validity, and the chain
+    /// expires with its earliest certificate, an intermediate's too.
+    #[test]
+    fn an_intermediate_counts_for_validity_and_expiry() {
+        use crate::simulator::LeafSpec;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_pki(&["localhost"]).expect("pki");
+        let key = write(dir.path(), "key.pem", &pki.server_key_pem);
+        let load = |extra: &str| {
+            let chain = format!("{}{extra}", pki.server_cert_pem);
+            let cert = write(dir.path(), "chain.pem", &chain);
+            load_listen_tls(&cert, &key, None, false)
+        };
+        let leaf_only = load("").expect("valid").expires_at;
+
+        let expired = pki
+            .issue_expired_server_cert(&["intermediate"])
+            .expect("expired");
+        let err = load(&expired.cert_pem)
+            .err()
+            .expect("an expired intermediate");
+        assert_eq!(err.key, "cert_file");
+        assert!(
+            err.message
+                .contains("certificate 2 of the chain (an intermediate) is valid only from"),
+            "{err}"
+        );
+
+        let mut spec = LeafSpec::server(&["intermediate"]);
+        spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+        let soon = pki.issue(&spec).expect("short-lived");
+        let expires_at = load(&soon.cert_pem).expect("valid").expires_at;
+        assert_eq!(expires_at, spec.not_after.unix_timestamp());
+        assert!(expires_at < leaf_only);
+        let later = load(&pki.ca_cert_pem).expect("valid").expires_at;
+        assert_eq!(
+            later, leaf_only,
+            "a longer-lived CA leaves the leaf's expiry"
+        );
     }
 
     #[test]

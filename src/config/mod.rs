@@ -303,8 +303,9 @@ impl Config {
             let allow: Vec<&str> = tenant.allow.iter().map(NamePattern::as_str).collect();
             let _ = writeln!(
                 out,
-                "tenant {name}: {} token(s), account {}, allow {:?}, rate limit {}/s burst {}",
+                "tenant {name}: {} token(s), {} client-certificate SAN(s), account {}, allow {:?}, rate limit {}/s burst {}",
                 tenant.tokens.len(),
+                tenant.client_cert_sans.len(),
                 tenant.account,
                 allow,
                 tenant.rate_limit.per_second,

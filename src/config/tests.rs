@@ -323,7 +323,7 @@ fn summary_holds_no_secret_or_hash() {
     let fixture = Fixture::new();
     let config = fixture.load(MINIMAL).expect("valid");
     let summary = config.summary();
-    assert!(summary.contains("tenant billing: 1 token(s)"));
+    assert!(summary.contains("tenant billing: 1 token(s), 0 client-certificate SAN(s)"));
     assert!(!summary.contains("plivo-secret"));
     assert!(!summary.contains("2c26b46b"));
 }
