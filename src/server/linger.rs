@@ -11,7 +11,9 @@
 //!
 //! So the socket is not dropped at once: [`Returned`] hands it back when hyper lets go of
 //! it, and [`linger`] finishes the close, our side shut down and whatever the client still
-//! sends read and discarded, until it closes too or [`LINGER`] has passed.
+//! sends read and discarded, until it closes too or [`LINGER`] has passed. A TLS session
+//! is let go of first (hyper has sent its `close_notify`): the discarded bytes are read
+//! from the TCP socket, so a lingering connection holds no TLS buffers.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 /// The longest a closed connection waits for the client to close its side.
@@ -114,13 +117,34 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HandBack<S> {
     }
 }
 
+/// The socket under a connection's stream.
+pub(super) trait IntoSocket {
+    type Socket: AsyncRead + AsyncWrite + Unpin;
+    fn into_socket(self) -> Self::Socket;
+}
+
+impl IntoSocket for TcpStream {
+    type Socket = TcpStream;
+    fn into_socket(self) -> TcpStream {
+        self
+    }
+}
+
+impl IntoSocket for tokio_rustls::server::TlsStream<TcpStream> {
+    type Socket = TcpStream;
+    fn into_socket(self) -> TcpStream {
+        self.into_inner().0
+    }
+}
+
 /// Finishes closing `stream` once hyper has let go of it: our side shut down (again, if
 /// hyper already did: harmless), then what the client still sends read and discarded
 /// until it closes its side, fails, or [`LINGER`] passes.
-pub(super) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(returned: Returned<S>) {
-    let Ok(mut stream) = returned.await else {
+pub(super) async fn linger<S: IntoSocket>(returned: Returned<S>) {
+    let Ok(stream) = returned.await else {
         return;
     };
+    let mut stream = stream.into_socket();
     let _ = tokio::time::timeout(LINGER, async {
         let _ = stream.shutdown().await;
         let mut discard = [0u8; 1024];
@@ -132,7 +156,14 @@ pub(super) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(returned: Returned
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, DuplexStream};
+
+    impl IntoSocket for DuplexStream {
+        type Socket = DuplexStream;
+        fn into_socket(self) -> DuplexStream {
+            self
+        }
+    }
 
     /// The stream comes back when the wrapper is dropped, and lingering reads what the
     /// peer still sends until it closes.
