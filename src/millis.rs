@@ -1,5 +1,6 @@
 //! Time as whole milliseconds: what atomics hold (instants as milliseconds since an
-//! origin) and what the audit log records (`duration_ms`).
+//! origin) and what the audit log records (`duration_ms`); and as whole seconds rounded
+//! up, as `Retry-After` gives it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -7,6 +8,11 @@ use std::time::{Duration, Instant};
 /// Whole milliseconds, saturating at `u64::MAX` (585 million years) instead of wrapping.
 pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whole seconds, rounded up: a wait told to a caller (`Retry-After`) is never short.
+pub(crate) fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
 /// Lets one event through per interval, from any thread: for log lines about a failure

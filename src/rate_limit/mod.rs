@@ -17,6 +17,8 @@ use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 use governor::{NotUntil, Quota, RateLimiter};
+
+use crate::millis::ceil_secs;
 use http::{HeaderName, HeaderValue};
 
 pub mod redis;
@@ -396,15 +398,6 @@ impl HeaderText {
             }
         }
         self.push(&digits[start..]);
-    }
-}
-
-fn ceil_secs(duration: Duration) -> u64 {
-    let secs = duration.as_secs();
-    if duration.subsec_nanos() > 0 {
-        secs + 1
-    } else {
-        secs
     }
 }
 

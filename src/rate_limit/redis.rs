@@ -27,9 +27,9 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use super::{ceil_secs, Decision, LimitKind, PairDecision, RateLimit};
+use super::{Decision, LimitKind, PairDecision, RateLimit};
 use crate::config::RedisStoreSettings;
-use crate::millis::millis;
+use crate::millis::{ceil_secs, millis};
 
 /// GCRA with governor's semantics, in integer microseconds of the Redis server's clock,
 /// over one or more buckets checked in order: a tenant's and then its account's, in one

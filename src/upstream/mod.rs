@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 use crate::causes;
 use crate::config::{Account, BaseUrl, UpstreamSettings};
-use crate::millis::{millis, Throttle};
+use crate::millis::{ceil_secs, millis, Throttle};
 use crate::mpc_name::{MpcName, MpcUuid};
 use crate::problem::Problem;
 use crate::telemetry::Metrics;
@@ -586,9 +586,7 @@ fn retry_after_secs(headers: &HeaderMap, now: SystemTime) -> u64 {
         httpdate::parse_http_date(text)
             .ok()
             .and_then(|at| at.duration_since(now).ok())
-            .map_or(1, |wait| {
-                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-            })
+            .map_or(1, ceil_secs)
     };
     secs.clamp(1, MAX_RETRY_AFTER_SECS)
 }
